@@ -1,0 +1,91 @@
+"""Backend dispatch: one place that maps a backend name to the function computing each kernel."""
+from __future__ import annotations
+
+import os
+import weakref
+from typing import Optional
+
+import torch
+import torch.nn as nn
+
+from headsteer.kernels import compact, reference
+
+BACKENDS = ("reference", "compact", "triton")
+
+# Head-major weight copies for the compact backend, per attention module, rebuilt whenever the
+# weights change (a Parameter's _version counts its in-place updates: optimizer steps, loads).
+_HEAD_MAJOR_CACHE: "weakref.WeakKeyDictionary[nn.Module, tuple]" = weakref.WeakKeyDictionary()
+
+
+def _norm_or_none(module: nn.Module):
+    return None if isinstance(module, nn.Identity) else module
+
+
+def triton_available(device: torch.device) -> bool:
+    """Triton runs compiled on CUDA tensors, or on CPU tensors under TRITON_INTERPRET=1."""
+    if device.type == "cuda":
+        return True
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def _require_triton(tensor: torch.Tensor) -> None:
+    if not triton_available(tensor.device):
+        raise RuntimeError(
+            "the triton backend needs CUDA tensors (or TRITON_INTERPRET=1 to interpret kernels on the CPU); "
+            "use backend='compact' on the CPU"
+        )
+
+
+def _head_major(attn: nn.Module) -> tuple:
+    qkv, proj = attn.qkv.weight, attn.proj.weight
+    key = (qkv.data_ptr(), qkv._version, proj.data_ptr(), proj._version, qkv.dtype, qkv.device)
+    cached = _HEAD_MAJOR_CACHE.get(attn)
+    if cached is None or cached[0] != key:
+        with torch.no_grad():
+            weights = compact.head_major_weights(qkv, attn.qkv.bias, proj, attn.num_heads)
+        cached = (key, weights)
+        _HEAD_MAJOR_CACHE[attn] = cached
+    return cached[1]
+
+
+def head_attention(
+    backend: str, x: torch.Tensor, keep: torch.Tensor, head_weight: torch.Tensor, attn: nn.Module, training: bool = False
+) -> torch.Tensor:
+    """The attention branch of one gated block (timm `Attention` module `attn`) on input x [B, N, D].
+
+    keep is the bool mask [B, H]; head_weight its float form (straight-through in training,
+    where every backend falls back to the differentiable reference)."""
+    q_norm, k_norm = _norm_or_none(attn.q_norm), _norm_or_none(attn.k_norm)
+    args = (attn.qkv.weight, attn.qkv.bias, attn.proj.weight, attn.proj.bias, attn.num_heads)
+    if backend == "reference" or training:
+        return reference.head_attention(x, head_weight, *args, q_norm=q_norm, k_norm=k_norm)
+    if backend == "compact":
+        return compact.compact_head_attention(x, keep, *args, q_norm=q_norm, k_norm=k_norm, head_major=_head_major(attn))
+    if backend == "triton":
+        _require_triton(x)
+        from headsteer.kernels.triton_head_attention import triton_head_attention
+
+        return triton_head_attention(x, keep, *args, q_norm=q_norm, k_norm=k_norm)
+    raise ValueError(f"unknown backend {backend!r}; expected one of {BACKENDS}")
+
+
+def sae_steer_gate(
+    backend: str,
+    e: torch.Tensor,
+    gate_params: dict,
+    sae_params: Optional[dict],
+    steer_scale: Optional[torch.Tensor],
+    steer_shift: Optional[torch.Tensor],
+    mode: str,
+    budget: Optional[float],
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """SAE -> steer -> gate for one block: (gate logits [B, H], keep [B, H] bool).
+
+    reference and compact share the torch definition (it is a few [B, D] products); triton fuses
+    it into one launch."""
+    if backend == "triton":
+        _require_triton(e)
+        from headsteer.kernels.triton_sae_gate import triton_sae_steer_gate
+
+        return triton_sae_steer_gate(e, gate_params, sae_params, steer_scale, steer_shift, mode, budget)
+    return reference.sae_steer_gate(e, gate_params, sae_params, steer_scale, steer_shift, mode, budget)
