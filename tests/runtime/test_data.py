@@ -1,0 +1,280 @@
+"""Data loading: digits splits, a fake cifar-100-python folder, image folders, and bad input."""
+
+import io
+import os
+import pickle
+import struct
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from headsteer.runtime.data import ImageDataset, Splits, load_data
+from headsteer.runtime.errors import DataError, InputError
+
+
+@pytest.fixture(scope="module")
+def digits() -> Splits:
+    return load_data("digits")
+
+
+def _image_ids(dataset: ImageDataset) -> set[bytes]:
+    """Byte identities of images, to compare splits without relying on indices."""
+    return {image.numpy().tobytes() for image in dataset.images}
+
+
+# --- digits -----------------------------------------------------------------------------------
+
+
+def test_digits_shapes_range_and_class_names(digits):
+    assert digits.class_names == [str(digit) for digit in range(10)]
+    assert len(digits.train) + len(digits.val) + len(digits.test) == 1797
+    for split in (digits.train, digits.val, digits.test):
+        assert split.images.dtype == torch.float32 and split.labels.dtype == torch.int64
+        assert split.images.shape[1:] == (3, 32, 32)
+        assert 0.0 <= split.images.min() and split.images.max() <= 1.0
+        assert torch.equal(split.images[:, 0], split.images[:, 2])  # gray replicated to 3 channels
+    assert digits.image_size == 32
+    assert len(digits.mean) == len(digits.std) == 3 and all(s > 0 for s in digits.std)
+    assert digits.mean[0] == pytest.approx(digits.train.images.mean().item(), abs=1e-5)
+
+
+def test_digits_default_split_is_60_20_20_and_stratified(digits):
+    assert len(digits.test) == pytest.approx(0.2 * 1797, abs=1)
+    assert len(digits.val) == pytest.approx(0.2 * 1797, abs=1)
+    overall = torch.bincount(torch.cat([s.labels for s in (digits.train, digits.val, digits.test)])) / 1797
+    for split in (digits.train, digits.val, digits.test):
+        share = torch.bincount(split.labels, minlength=10) / len(split)
+        assert (share > 0).all()
+        assert torch.allclose(share, overall, atol=0.01)
+
+
+def test_digits_splits_are_disjoint(digits):
+    # The 1797 digits images are pairwise distinct, so image bytes identify them.
+    train, val, test = (_image_ids(s) for s in (digits.train, digits.val, digits.test))
+    assert len(train | val | test) == 1797
+    assert not (train & val) and not (train & test) and not (val & test)
+
+
+def test_digits_split_is_determined_by_seed(digits):
+    same = load_data("digits", seed=0)
+    assert torch.equal(same.test.images, digits.test.images)
+    assert torch.equal(same.val.labels, digits.val.labels)
+    other = load_data("digits", seed=1)
+    assert not torch.equal(other.test.images, digits.test.images)
+
+
+def test_digits_image_size_and_fractions():
+    splits = load_data("digits", image_size=16, val_fraction=0.1, test_fraction=0.3)
+    assert splits.train.images.shape[1:] == (3, 16, 16)
+    assert len(splits.test) == pytest.approx(0.3 * 1797, abs=1)
+    assert len(splits.val) == pytest.approx(0.1 * 1797, abs=1)
+
+
+def test_batches_cover_the_dataset_once(digits):
+    seen = torch.cat([labels for _, labels in digits.test.batches(64, shuffle=True, seed=3)])
+    assert torch.equal(seen.sort().values, digits.test.labels.sort().values)
+    first_images, _ = next(digits.test.batches(64))
+    assert torch.equal(first_images, digits.test.images[:64])
+    images, labels = digits.test.tensor_dataset()[5]
+    assert torch.equal(images, digits.test.images[5]) and labels == digits.test.labels[5]
+
+
+# --- CIFAR-100 --------------------------------------------------------------------------------
+
+
+class _Python2StylePickler(pickle._Pickler):
+    """Writes bytes as Python 2 `str` opcodes (SHORT_BINSTRING/BINSTRING), as cPickle did."""
+
+    dispatch = dict(pickle._Pickler.dispatch)
+
+    def _save_python2_str(self, obj):
+        if len(obj) < 256:
+            self.write(pickle.SHORT_BINSTRING + bytes([len(obj)]) + obj)
+        else:
+            self.write(pickle.BINSTRING + struct.pack("<i", len(obj)) + obj)
+        self.memoize(obj)
+
+    dispatch[bytes] = _save_python2_str
+
+
+def _dump_like_python2(content, path):
+    """Pickle `content` the way the original cifar-100-python files were written (Python 2)."""
+    buffer = io.BytesIO()
+    _Python2StylePickler(buffer, protocol=2).dump(content)
+    path.write_bytes(buffer.getvalue().replace(b"numpy._core.multiarray\n", b"numpy.core.multiarray\n"))
+
+
+def _dump_like_python3(content, path):
+    """Pickle `content` as a Python 3 re-save would (bytes via _codecs.encode at protocol 2)."""
+    with open(path, "wb") as file:
+        pickle.dump(content, file, protocol=2)
+
+
+def _write_fake_cifar100(folder, dump=_dump_like_python2, per_class_train=5, per_class_test=2, classes=4):
+    """A cifar-100-python folder in the original layout: `meta`, `train`, `test` dicts with bytes keys."""
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    names = [f"class{c}".encode() for c in range(classes)]
+    dump({b"fine_label_names": names, b"coarse_label_names": [b"all"]}, folder / "meta")
+    for split, per_class in (("train", per_class_train), ("test", per_class_test)):
+        labels = [c for c in range(classes) for _ in range(per_class)]
+        content = {
+            b"batch_label": f"{split} batch".encode(),
+            b"filenames": [f"{i}.png".encode() for i in range(len(labels))],
+            b"fine_labels": labels,
+            b"coarse_labels": [0] * len(labels),
+            b"data": rng.integers(0, 256, size=(len(labels), 3072), dtype=np.uint8),
+        }
+        dump(content, folder / split)
+
+
+@pytest.mark.parametrize("dump", [_dump_like_python2, _dump_like_python3])
+def test_cifar100_fake_folder_loads(tmp_path, dump):
+    folder = tmp_path / "cifar-100-python"
+    _write_fake_cifar100(folder, dump)
+    splits = load_data(f"cifar100:{folder}", val_fraction=0.2)
+    assert splits.class_names == ["class0", "class1", "class2", "class3"]
+    assert (len(splits.train), len(splits.val), len(splits.test)) == (16, 4, 8)
+    assert splits.train.images.shape[1:] == (3, 32, 32)
+    assert torch.bincount(splits.val.labels).tolist() == [1, 1, 1, 1]
+
+    with open(folder / "test", "rb") as file:
+        raw = pickle.load(file, encoding="bytes")
+    first = torch.from_numpy(raw[b"data"][0].reshape(3, 32, 32)).float() / 255
+    assert torch.allclose(splits.test.images[0], first)  # channel-major rows, scaled to [0, 1]
+
+    resized = load_data(f"cifar100:{folder}", image_size=16)
+    assert resized.test.images.shape[1:] == (3, 16, 16)
+
+
+class _RunsShellCommand:
+    """A pickle payload that would call os.system on load."""
+
+    def __init__(self, command):
+        self.command = command
+
+    def __reduce__(self):
+        return (os.system, (self.command,))
+
+
+def test_cifar100_rejects_pickles_that_run_code(tmp_path):
+    folder = tmp_path / "cifar-100-python"
+    _write_fake_cifar100(folder)
+    marker = tmp_path / "pwned"
+    with open(folder / "meta", "wb") as file:
+        pickle.dump({b"fine_label_names": _RunsShellCommand(f"touch {marker}")}, file, protocol=2)
+    with pytest.raises(DataError, match="refusing to unpickle global .*system"):
+        load_data(f"cifar100:{folder}")
+    assert not marker.exists()
+
+
+def test_cifar100_missing_and_malformed_files(tmp_path):
+    folder = tmp_path / "cifar-100-python"
+    _write_fake_cifar100(folder)
+    (folder / "test").unlink()
+    with pytest.raises(DataError, match="missing CIFAR-100 file .*test"):
+        load_data(f"cifar100:{folder}")
+    (folder / "test").write_bytes(b"not a pickle")
+    with pytest.raises(DataError, match="not a readable cifar-100-python pickle"):
+        load_data(f"cifar100:{folder}")
+    with open(folder / "test", "wb") as file:
+        pickle.dump({b"data": np.zeros((2, 100), np.uint8), b"fine_labels": [0, 1]}, file, protocol=2)
+    with pytest.raises(DataError, match=r"uint8 array \[N, 3072\]"):
+        load_data(f"cifar100:{folder}")
+
+
+# --- image folders ----------------------------------------------------------------------------
+
+
+def _write_png_tree(root, classes=("cat", "dog"), per_class=5, size=(12, 10)):
+    rng = np.random.default_rng(1)
+    for name in classes:
+        (root / name).mkdir(parents=True)
+        for i in range(per_class):
+            pixels = rng.integers(0, 256, size=(size[1], size[0], 3), dtype=np.uint8)
+            Image.fromarray(pixels).save(root / name / f"{i}.png")
+
+
+def test_imagefolder_flat_layout_is_split_three_ways(tmp_path):
+    _write_png_tree(tmp_path, per_class=10)
+    splits = load_data(f"imagefolder:{tmp_path}", image_size=8)
+    assert splits.class_names == ["cat", "dog"]
+    assert (len(splits.train), len(splits.val), len(splits.test)) == (12, 4, 4)
+    assert splits.train.images.shape[1:] == (3, 8, 8)
+    assert 0.0 <= splits.train.images.min() and splits.train.images.max() <= 1.0
+    ids = [_image_ids(s) for s in (splits.train, splits.val, splits.test)]
+    assert len(ids[0] | ids[1] | ids[2]) == 20
+
+
+def test_imagefolder_split_layout_uses_given_splits(tmp_path):
+    _write_png_tree(tmp_path / "train", per_class=6)
+    _write_png_tree(tmp_path / "test", per_class=2)
+    splits = load_data(f"imagefolder:{tmp_path}", image_size=8, val_fraction=0.5)
+    # No val folder: val is carved from train.
+    assert (len(splits.train), len(splits.val), len(splits.test)) == (6, 6, 4)
+    _write_png_tree(tmp_path / "val", per_class=1)
+    splits = load_data(f"imagefolder:{tmp_path}", image_size=8)
+    assert (len(splits.train), len(splits.val), len(splits.test)) == (12, 2, 4)
+
+
+def test_imagefolder_errors(tmp_path):
+    with pytest.raises(DataError, match="no class folders"):
+        load_data(f"imagefolder:{tmp_path}")
+    _write_png_tree(tmp_path / "train", per_class=4)
+    _write_png_tree(tmp_path / "test", classes=("cat", "bird"), per_class=1)
+    with pytest.raises(DataError, match=r"class folders \['bird'\] that the train split lacks"):
+        load_data(f"imagefolder:{tmp_path}", image_size=8)
+    (tmp_path / "test" / "bird" / "0.png").unlink()
+    (tmp_path / "test" / "bird").rmdir()
+    (tmp_path / "train" / "cat" / "0.png").write_bytes(b"not an image")
+    with pytest.raises(DataError, match=r"cannot read image .*0\.png"):
+        load_data(f"imagefolder:{tmp_path}", image_size=8)
+
+
+def test_imagefolder_empty_class_folder(tmp_path):
+    _write_png_tree(tmp_path, per_class=5)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataError, match="at least one image"):
+        load_data(f"imagefolder:{tmp_path}", image_size=8)
+
+
+def test_imagefolder_too_few_images_to_stratify(tmp_path):
+    _write_png_tree(tmp_path, per_class=2)
+    with pytest.raises(DataError, match=r"cannot make a stratified split .*per-class counts \[2, 2\]"):
+        load_data(f"imagefolder:{tmp_path}", image_size=8)
+
+
+# --- specs and arguments ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("spec", ["mnist", "digits:extra", "", "imagenet:/data"])
+def test_unknown_spec_names_the_accepted_ones(spec):
+    with pytest.raises(DataError, match="expected 'digits', 'cifar100:PATH'"):
+        load_data(spec)
+
+
+@pytest.mark.parametrize("spec", ["cifar100", "cifar100:", "imagefolder:  "])
+def test_spec_without_folder(spec):
+    with pytest.raises(DataError, match="names no folder"):
+        load_data(spec)
+
+
+def test_spec_with_missing_folder(tmp_path):
+    with pytest.raises(DataError, match="does not exist"):
+        load_data(f"cifar100:{tmp_path / 'nowhere'}")
+
+
+@pytest.mark.parametrize(
+    "arguments",
+    [
+        {"image_size": 0},
+        {"val_fraction": 0.0},
+        {"test_fraction": 1.5},
+        {"val_fraction": 0.5, "test_fraction": 0.5},
+    ],
+)
+def test_bad_arguments_are_input_errors(arguments):
+    with pytest.raises(InputError):
+        load_data("digits", **arguments)
