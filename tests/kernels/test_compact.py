@@ -1,0 +1,91 @@
+"""kernels/compact.py against kernels/reference.py on random inputs and masks."""
+import pytest
+import torch
+import torch.nn as nn
+
+from headsteer.kernels import compact, reference
+
+
+def _weights(dim, heads, head_dim, out_dim, qkv_bias=True, proj_bias=True, dtype=torch.float32):
+    qkv_weight = torch.randn(3 * heads * head_dim, dim, dtype=dtype) / dim**0.5
+    proj_weight = torch.randn(out_dim, heads * head_dim, dtype=dtype) / (heads * head_dim) ** 0.5
+    return (
+        qkv_weight,
+        torch.randn(3 * heads * head_dim, dtype=dtype) if qkv_bias else None,
+        proj_weight,
+        torch.randn(out_dim, dtype=dtype) if proj_bias else None,
+        heads,
+    )
+
+
+def _masks(kind: str, batch: int, heads: int) -> torch.Tensor:
+    if kind == "none":
+        return torch.zeros(batch, heads, dtype=torch.bool)
+    if kind == "all":
+        return torch.ones(batch, heads, dtype=torch.bool)
+    if kind == "random":
+        return torch.rand(batch, heads) > 0.5
+    if kind == "same_count":  # every sample keeps the same number of heads, different sets
+        return reference.topk_mask(torch.randn(batch, heads), max(1, heads // 2))
+    if kind == "shared":  # every sample keeps the same head set
+        return (torch.rand(1, heads) > 0.5).expand(batch, heads).clone()
+    if kind == "every_count":  # sample b keeps b % (H+1) heads: all groups at once
+        return torch.stack([reference.topk_mask(torch.randn(heads), b % (heads + 1)) for b in range(batch)])
+    raise ValueError(kind)
+
+
+@pytest.mark.parametrize("mask_kind", ["none", "all", "random", "same_count", "shared", "every_count"])
+@pytest.mark.parametrize("batch,tokens", [(1, 5), (3, 17), (8, 50)])
+@pytest.mark.parametrize("heads,head_dim", [(1, 8), (3, 16), (6, 32)])
+def test_compact_matches_reference(mask_kind, batch, tokens, heads, head_dim):
+    dim = 40
+    weights = _weights(dim, heads, head_dim, dim)
+    x = torch.randn(batch, tokens, dim)
+    keep = _masks(mask_kind, batch, heads)
+    expected = reference.head_attention(x, keep.float(), *weights)
+    out = compact.compact_head_attention(x, keep, *weights)
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("qkv_bias,proj_bias", [(False, True), (True, False), (False, False)])
+def test_compact_without_biases(qkv_bias, proj_bias):
+    weights = _weights(24, 4, 8, 24, qkv_bias, proj_bias)
+    x = torch.randn(5, 9, 24)
+    for kind in ("none", "random", "every_count", "shared"):
+        keep = _masks(kind, 5, 4)
+        expected = reference.head_attention(x, keep.float(), *weights)
+        torch.testing.assert_close(compact.compact_head_attention(x, keep, *weights), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_compact_with_qk_norm_and_wider_output():
+    heads, head_dim = 3, 16
+    weights = _weights(48, heads, head_dim, 20)
+    q_norm, k_norm = nn.LayerNorm(head_dim), nn.LayerNorm(head_dim)
+    nn.init.normal_(q_norm.weight), nn.init.normal_(k_norm.bias)
+    x = torch.randn(6, 11, 48)
+    keep = _masks("every_count", 6, heads)
+    with torch.no_grad():
+        expected = reference.head_attention(x, keep.float(), *weights, q_norm=q_norm, k_norm=k_norm)
+        out = compact.compact_head_attention(x, keep, *weights, q_norm=q_norm, k_norm=k_norm)
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_compact_bfloat16_close_to_fp32_reference():
+    weights = _weights(32, 4, 8, 32)
+    x = torch.randn(4, 13, 32)
+    keep = _masks("random", 4, 4)
+    expected = reference.head_attention(x, keep.float(), *weights)
+    low = tuple(w.bfloat16() if isinstance(w, torch.Tensor) else w for w in weights)
+    out = compact.compact_head_attention(x.bfloat16(), keep, *low)
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.float(), expected, atol=0.1, rtol=0.05)
+
+
+def test_head_major_weights_slices_one_head():
+    qkv_weight, qkv_bias, proj_weight, _, heads = _weights(12, 3, 4, 12)
+    qkv_heads, bias_heads, proj_heads = compact.head_major_weights(qkv_weight, qkv_bias, proj_weight, heads)
+    head = 1
+    rows = torch.cat([qkv_weight[part * 12 + head * 4 : part * 12 + head * 4 + 4] for part in range(3)])
+    assert torch.equal(qkv_heads[head], rows)
+    assert torch.equal(proj_heads[head], proj_weight[:, head * 4 : head * 4 + 4].t())
+    assert torch.equal(bias_heads[head], torch.cat([qkv_bias[p * 12 + 4 : p * 12 + 8] for p in range(3)]))

@@ -1,0 +1,235 @@
+"""GatedViT against timm itself: parity with every head kept, gate/SAE/steering semantics."""
+import pytest
+import torch
+import torch.nn as nn
+from timm.models.vision_transformer import ResPostBlock, VisionTransformer
+
+from headsteer.kernels import reference
+from headsteer.runtime import GatedViT, InputError, UnsupportedModelError, identity_steering
+from tests.conftest import tiny_vit_kwargs
+
+# (id, VisionTransformer kwargs, input size) — every variant the wrapper claims to support.
+TIMM_VARIANTS = [
+    ("cls_token", tiny_vit_kwargs(), (32, 32)),
+    ("gap_no_cls", tiny_vit_kwargs(class_token=False, global_pool="avg"), (32, 32)),
+    ("registers_cls", tiny_vit_kwargs(reg_tokens=4), (32, 32)),
+    ("registers_gap", tiny_vit_kwargs(class_token=False, reg_tokens=2, global_pool="avg"), (32, 32)),
+    ("qk_norm", tiny_vit_kwargs(qk_norm=True), (32, 32)),
+    ("layer_scale", tiny_vit_kwargs(init_values=0.1), (32, 32)),
+    ("no_qkv_bias", tiny_vit_kwargs(qkv_bias=False), (32, 32)),
+    ("no_embed_class_pre_norm", tiny_vit_kwargs(no_embed_class=True, pre_norm=True), (32, 32)),
+    ("fc_norm_avg", tiny_vit_kwargs(global_pool="avg", fc_norm=True), (32, 32)),
+    ("avgmax_pool", tiny_vit_kwargs(class_token=False, global_pool="avgmax"), (32, 32)),
+    ("map_pool", tiny_vit_kwargs(global_pool="map", class_token=False), (32, 32)),
+    ("one_head_deep", tiny_vit_kwargs(num_heads=1, depth=5), (32, 32)),
+    ("eight_heads", tiny_vit_kwargs(embed_dim=64, num_heads=8, depth=3), (32, 32)),
+    ("head_dim_32", tiny_vit_kwargs(embed_dim=128, num_heads=4, depth=1), (32, 32)),
+    ("non_square_odd_tokens", tiny_vit_kwargs(img_size=(40, 24), patch_size=8), (40, 24)),
+    ("patch4_many_tokens", tiny_vit_kwargs(img_size=28, patch_size=4), (28, 28)),
+    ("dynamic_img_size", tiny_vit_kwargs(dynamic_img_size=True), (48, 40)),
+]
+
+# timm's registered architectures, shrunk through kwargs so they build in a fraction of a second.
+TIMM_NAMES = [
+    ("vit_tiny_patch16_224", dict(img_size=48, depth=2)),
+    ("vit_small_patch16_224", dict(img_size=32, depth=2)),
+    ("vit_base_patch16_reg4_gap_256", dict(img_size=32, depth=1)),
+    ("vit_medium_patch16_gap_256", dict(img_size=32, depth=1)),
+]
+
+
+def _parity_error(vit: nn.Module, size, backend: str, batch: int = 3) -> float:
+    model = GatedViT.from_timm(vit.eval(), sae_blocks="all").eval()
+    pixels = torch.randn(batch, 3, *size)
+    with torch.no_grad():
+        expected = vit(pixels)
+        scale, shift = identity_steering(batch, model.steer_width)
+        got = model(pixels, scale, shift, budget=1.0, backend=backend)
+    assert got.head_mask.all()
+    return (got.logits - expected).abs().max().item()
+
+
+@pytest.mark.parametrize("backend", ["reference", "compact"])
+@pytest.mark.parametrize("variant,kwargs,size", TIMM_VARIANTS, ids=[v[0] for v in TIMM_VARIANTS])
+def test_all_heads_kept_matches_timm(variant, kwargs, size, backend):
+    assert _parity_error(VisionTransformer(**kwargs), size, backend) <= 1e-5
+
+
+@pytest.mark.parametrize("name,kwargs", TIMM_NAMES, ids=[n for n, _ in TIMM_NAMES])
+def test_named_timm_models_match(name, kwargs):
+    model = GatedViT.from_timm(name, timm_kwargs=dict(kwargs, num_classes=5)).eval()
+    pixels = torch.randn(2, 3, kwargs["img_size"], kwargs["img_size"])
+    with torch.no_grad():
+        expected = model.vit(pixels)
+        got = model(pixels, budget=1.0, backend="compact")
+    assert (got.logits - expected).abs().max().item() <= 1e-5
+    assert model.timm_name == name
+
+
+def test_batch_one_and_ungated_blocks_match_timm():
+    vit = VisionTransformer(**tiny_vit_kwargs(depth=4)).eval()
+    model = GatedViT.from_timm(vit, gate_blocks=[1, 3], sae_blocks=[3]).eval()
+    pixels = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        out = model(pixels, budget=1.0)
+        assert (out.logits - vit(pixels)).abs().max() <= 1e-5
+    assert out.head_mask.shape == (1, 2, 3)
+
+
+def test_no_head_kept_leaves_only_projection_bias():
+    """budget=0: every gated attention branch is exactly its output-projection bias."""
+    vit = VisionTransformer(**tiny_vit_kwargs(init_values=0.5)).eval()
+    model = GatedViT.from_timm(vit).eval()
+    pixels = torch.randn(4, 3, 32, 32)
+    with torch.no_grad():
+        for backend in ("reference", "compact"):
+            out = model(pixels, budget=0.0, backend=backend)
+            assert not out.head_mask.any()
+            assert torch.equal(out.head_usage, torch.zeros(4))
+        for block in vit.blocks:
+            bias = block.attn.proj.bias
+            block.attn.forward = lambda x, bias=bias, **_: bias.expand_as(x)
+        expected = vit(pixels)
+    assert (out.logits - expected).abs().max() <= 1e-5
+
+
+@pytest.mark.parametrize("budget,heads", [(0.0, 0), (0.17, 1), (0.25, 2), (0.34, 2), (0.5, 3), (0.67, 4), (0.92, 6), (1.0, 6)])
+def test_budget_keeps_exactly_round_b_times_h_largest_logits(budget, heads):
+    vit = VisionTransformer(**tiny_vit_kwargs(embed_dim=48, num_heads=6)).eval()
+    model = GatedViT.from_timm(vit, gate_init_bias=0.0).eval()
+    with torch.no_grad():
+        out = model(torch.randn(5, 3, 32, 32), budget=budget)
+    assert (out.head_mask.sum(-1) == heads).all()
+    # Every kept head's logit is at least every pruned head's logit, per sample and block.
+    kept_min = out.gate_logits.masked_fill(~out.head_mask, float("inf")).amin(-1)
+    pruned_max = out.gate_logits.masked_fill(out.head_mask, float("-inf")).amax(-1)
+    assert (kept_min >= pruned_max).all()
+
+
+def test_threshold_mode_keeps_positive_logits():
+    model = GatedViT.from_timm(VisionTransformer(**tiny_vit_kwargs()), gate_init_bias=0.0).eval()
+    with torch.no_grad():
+        out = model(torch.randn(6, 3, 32, 32))
+    assert torch.equal(out.head_mask, out.gate_logits > 0)
+
+
+def test_topk_mask_breaks_ties_toward_lower_index():
+    scores = torch.tensor([[1.0, 2.0, 2.0, 0.5, 2.0]])
+    assert reference.topk_mask(scores, 2).tolist() == [[False, True, True, False, False]]
+    assert reference.heads_for_budget(0.5, 3) == 2 and reference.heads_for_budget(0.25, 6) == 2
+
+
+@pytest.mark.parametrize("activation", ["topk", "relu", "jumprelu"])
+def test_preserve_error_identity_equals_model_without_sae(activation):
+    """Unsteered, preserve-error SAEs are invisible: same gates, same logits as no SAE at all."""
+    vit = VisionTransformer(**tiny_vit_kwargs()).eval()
+    with_sae = GatedViT.from_timm(vit, sae_blocks="all", sae_activation=activation, sae_width=40, sae_k=5, gate_init_bias=0.0)
+    without = GatedViT.from_timm(vit, sae_blocks="none", gate_init_bias=0.0)
+    without.gates.load_state_dict(with_sae.gates.state_dict())
+    pixels = torch.randn(4, 3, 32, 32)
+    with torch.no_grad():
+        a, b = with_sae.eval()(pixels), without.eval()(pixels)
+    assert torch.equal(a.gate_logits, b.gate_logits) and torch.equal(a.logits, b.logits)
+
+
+@pytest.mark.parametrize("mode", ["preserve-error", "reconstruct"])
+@pytest.mark.parametrize("activation", ["topk", "relu", "jumprelu"])
+def test_steering_reaches_gate_as_specified(mode, activation):
+    vit = VisionTransformer(**tiny_vit_kwargs()).eval()
+    model = GatedViT.from_timm(vit, sae_activation=activation, sae_width=32, sae_k=4, steer_mode=mode, gate_init_bias=0.0).eval()
+    sae = model.saes["1"]
+    if activation == "jumprelu":
+        nn.init.uniform_(sae.threshold, -0.1, 0.1)
+    pixels = torch.randn(3, 3, 32, 32)
+    scale = torch.rand(3, model.steer_width) * 4
+    shift = torch.randn(3, model.steer_width)
+    with torch.no_grad():
+        out = model(pixels, scale, shift, return_latents=True)
+        # Recompute the last gate's input by hand from the residual stream entering block 1.
+        tokens = vit.norm_pre(vit.patch_drop(vit._pos_embed(vit.patch_embed(pixels))))
+        keep0 = out.head_mask[:, 0].float()
+        block0 = vit.blocks[0]
+        attn = block0.attn
+        branch = reference.head_attention(block0.norm1(tokens), keep0, attn.qkv.weight, attn.qkv.bias, attn.proj.weight, attn.proj.bias, 3)
+        tokens = tokens + branch
+        tokens = tokens + block0.mlp(block0.norm2(tokens))
+        e = tokens[:, 0]
+        z = sae.encode(e)
+        steered = z * scale + shift
+        g = e + (steered - z) @ sae.decoder_weight if mode == "preserve-error" else steered @ sae.decoder_weight + sae.decoder_bias
+        expected_logits = model.gates["1"](g)
+    assert torch.allclose(out.latents[1], z, atol=1e-6)
+    assert torch.allclose(out.gate_logits[:, 1], expected_logits, atol=1e-5)
+    if activation == "topk":
+        assert ((z > 0).sum(-1) <= 4).all()
+    if activation == "jumprelu":
+        pre = (e - sae.decoder_bias) @ sae.encoder_weight.t() + sae.encoder_bias
+        assert torch.equal(z != 0, pre > sae.threshold)
+
+
+def test_steering_changes_the_gate_only_through_sae_sites():
+    model = GatedViT.from_timm(VisionTransformer(**tiny_vit_kwargs(depth=3)), sae_blocks=[2], gate_init_bias=0.0).eval()
+    pixels = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        base = model(pixels)
+        steered = model(pixels, torch.full((2, model.steer_width), 5.0), torch.randn(2, model.steer_width))
+    assert torch.equal(base.gate_logits[:, :2], steered.gate_logits[:, :2])
+    assert not torch.equal(base.gate_logits[:, 2], steered.gate_logits[:, 2])
+
+
+def test_steer_width_and_offsets_follow_site_order():
+    model = GatedViT.from_timm(VisionTransformer(**tiny_vit_kwargs(depth=3)), sae_blocks=[2, 0], sae_width=10)
+    assert model.sae_blocks == [0, 2] and model.sae_widths == [10, 10]
+    assert model.sae_offsets == [0, 10] and model.steer_width == 20
+
+
+def test_training_mask_is_straight_through_and_differentiable():
+    model = GatedViT.from_timm(VisionTransformer(**tiny_vit_kwargs()), gate_init_bias=0.0).train()
+    out = model(torch.randn(4, 3, 32, 32))
+    assert torch.equal(out.head_weight.detach() > 0.5, out.head_mask)
+    (out.head_weight.mean() + out.logits.square().mean()).backward()
+    assert model.gates["0"].fc2.weight.grad is not None and model.gates["0"].fc2.weight.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize(
+    "make,match",
+    [
+        (lambda: __import__("timm").create_model("resnet10t", num_classes=3), "not a timm VisionTransformer"),
+        (lambda: VisionTransformer(**tiny_vit_kwargs(block_fn=ResPostBlock)), r"blocks\.0 is a ResPostBlock"),
+        (lambda: __import__("timm").create_model("eva02_tiny_patch14_224", img_size=28, depth=1), "not a timm VisionTransformer"),
+        (lambda: VisionTransformer(**tiny_vit_kwargs(scale_attn_norm=True)), r"blocks\.0\.attn\.norm"),
+    ],
+    ids=["resnet", "res_post_block", "eva_rope", "scale_norm"],
+)
+def test_unsupported_models_are_named(make, match):
+    with pytest.raises(UnsupportedModelError, match=match):
+        GatedViT.from_timm(make())
+
+
+def test_unknown_timm_name_is_a_clear_error():
+    with pytest.raises(UnsupportedModelError, match="no model named"):
+        GatedViT.from_timm("vit_does_not_exist")
+
+
+@pytest.mark.parametrize(
+    "pixels,kwargs,match",
+    [
+        (torch.randn(2, 1, 32, 32), {}, "1 channels; the model expects 3"),
+        (torch.randn(2, 3, 30, 32), {}, r"\(30, 32\) pixels; the model expects \(32, 32\)"),
+        (torch.randn(3, 32, 32), {}, r"\[B, C, H, W\]"),
+        (torch.randn(2, 3, 32, 32), dict(steer_scale=torch.ones(2, 5)), "steer_scale must be"),
+        (torch.randn(2, 3, 32, 32), dict(budget=1.5), "budget must be"),
+        (torch.randn(2, 3, 32, 32), dict(backend="cuda-magic"), "unknown backend"),
+    ],
+)
+def test_bad_inputs_are_clear_errors(pixels, kwargs, match):
+    model = GatedViT.from_timm(VisionTransformer(**tiny_vit_kwargs())).eval()
+    with pytest.raises(InputError, match=match):
+        model(pixels, **kwargs)
+
+
+def test_bad_configuration_is_a_clear_error():
+    with pytest.raises(InputError, match="not gated"):
+        GatedViT.from_timm(VisionTransformer(**tiny_vit_kwargs(depth=3)), gate_blocks=[0], sae_blocks=[2])
+    with pytest.raises(InputError, match="out of range"):
+        GatedViT.from_timm(VisionTransformer(**tiny_vit_kwargs()), gate_blocks=[5])
