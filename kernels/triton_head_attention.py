@@ -1,0 +1,291 @@
+"""Head-sparse attention branch in Triton: only kept (sample, head) pairs do any work.
+
+Three launches, all with grids sized from B, H and N alone (never from the mask), so nothing
+waits on the host and the whole branch can be captured in a CUDA graph:
+
+1. `_qkv_kernel`, grid (B*H, token tiles): projects one head's q, k, v rows (and applies the
+   q/k LayerNorm) for a tile of one sample's tokens; a pruned head returns after reading its bit.
+2. `_attention_kernel`, grid (B*H, query tiles): flash attention with an online softmax; pruned
+   heads return at once.
+3. `_proj_kernel`, grid (B * token tiles, output-column tiles): sums `o_h @ W_o[:, h]^T` over the
+   kept heads only (the mask bit guards each head's loads and MMA) and adds the bias.
+
+Scratch buffers (q/k/v and per-head outputs) are `torch.empty`: slots of pruned heads are never
+written and never read. Math matches `reference.head_attention` with head_weight = keep; matmuls
+accumulate in fp32 (exact fp32 products for fp32 inputs, no TF32).
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+from torch import nn
+
+# Tile sizes, tuned on an H100 for ViT shapes (N=197, d=64, bf16); see bench/kernels.py.
+_QKV_BLOCK_N = 64
+_QKV_BLOCK_K = 64
+_ATTN_BLOCK_M = 64
+_ATTN_BLOCK_N = 64
+_PROJ_BLOCK_T = 64
+_PROJ_BLOCK_O = 64
+
+
+@triton.jit
+def _head_layer_norm(x, col_mask, w_ptr, b_ptr, offs_d, eps, HEAD_DIM, HAS_W: tl.constexpr, HAS_B: tl.constexpr):
+    """LayerNorm of each row of a [rows, BLOCK_D] fp32 tile over its first HEAD_DIM columns."""
+    mean = tl.sum(x, axis=1) / HEAD_DIM  # padded columns hold exact zeros
+    centered = tl.where(col_mask[None, :], x - mean[:, None], 0.0)
+    rstd = 1.0 / tl.sqrt(tl.sum(centered * centered, axis=1) / HEAD_DIM + eps)
+    y = centered * rstd[:, None]
+    if HAS_W:
+        y *= tl.load(w_ptr + offs_d, mask=col_mask, other=0.0).to(tl.float32)[None, :]
+    if HAS_B:
+        y += tl.load(b_ptr + offs_d, mask=col_mask, other=0.0).to(tl.float32)[None, :]
+    return y
+
+
+@triton.jit
+def _qkv_kernel(
+    x_ptr, stride_xb, stride_xn, stride_xd,
+    w_ptr, stride_wr, stride_wd, bias_ptr,
+    keep_ptr, stride_keep_b, stride_keep_h,
+    qn_w_ptr, qn_b_ptr, q_eps, kn_w_ptr, kn_b_ptr, k_eps,
+    qkv_ptr,
+    B, N, D, H, HEAD_DIM,
+    HAS_BIAS: tl.constexpr,
+    Q_NORM: tl.constexpr, QN_W: tl.constexpr, QN_B: tl.constexpr,
+    K_NORM: tl.constexpr, KN_W: tl.constexpr, KN_B: tl.constexpr,
+    PRECISION: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    pid_bh = tl.program_id(0)
+    b = pid_bh // H
+    h = pid_bh % H
+    if tl.load(keep_ptr + b * stride_keep_b + h * stride_keep_h) != 0:
+        offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+        offs_k = tl.arange(0, BLOCK_K)
+        offs_d = tl.arange(0, BLOCK_D)
+        n_mask = offs_n < N
+        d_mask = offs_d < HEAD_DIM
+        # timm's qkv rows are ordered (q|k|v, head, dim): this head's q rows start at h*d, its k
+        # rows at (H + h)*d, its v rows at (2H + h)*d. Weight tiles are loaded transposed [K, d].
+        q_rows = h * HEAD_DIM + offs_d
+        k_rows = q_rows + H * HEAD_DIM
+        v_rows = k_rows + H * HEAD_DIM
+        acc_q = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+        acc_k = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+        acc_v = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+        x_row = x_ptr + b * stride_xb + offs_n[:, None] * stride_xn
+        for k0 in range(0, D, BLOCK_K):
+            kk = k0 + offs_k
+            k_mask = kk < D
+            x = tl.load(x_row + kk[None, :] * stride_xd, mask=n_mask[:, None] & k_mask[None, :], other=0.0)
+            w_mask = k_mask[:, None] & d_mask[None, :]
+            w_cols = kk[:, None] * stride_wd
+            wq = tl.load(w_ptr + q_rows[None, :] * stride_wr + w_cols, mask=w_mask, other=0.0)
+            wk = tl.load(w_ptr + k_rows[None, :] * stride_wr + w_cols, mask=w_mask, other=0.0)
+            wv = tl.load(w_ptr + v_rows[None, :] * stride_wr + w_cols, mask=w_mask, other=0.0)
+            acc_q = tl.dot(x, wq, acc_q, input_precision=PRECISION)
+            acc_k = tl.dot(x, wk, acc_k, input_precision=PRECISION)
+            acc_v = tl.dot(x, wv, acc_v, input_precision=PRECISION)
+        if HAS_BIAS:
+            acc_q += tl.load(bias_ptr + q_rows, mask=d_mask, other=0.0).to(tl.float32)[None, :]
+            acc_k += tl.load(bias_ptr + k_rows, mask=d_mask, other=0.0).to(tl.float32)[None, :]
+            acc_v += tl.load(bias_ptr + v_rows, mask=d_mask, other=0.0).to(tl.float32)[None, :]
+        if Q_NORM:
+            acc_q = _head_layer_norm(acc_q, d_mask, qn_w_ptr, qn_b_ptr, offs_d, q_eps, HEAD_DIM, QN_W, QN_B)
+        if K_NORM:
+            acc_k = _head_layer_norm(acc_k, d_mask, kn_w_ptr, kn_b_ptr, offs_d, k_eps, HEAD_DIM, KN_W, KN_B)
+        # Scratch layout [3, B, H, N, d]: each (sample, head) owns a contiguous [N, d] slab.
+        out_dtype = qkv_ptr.dtype.element_ty
+        slab = (b * H + h) * N * HEAD_DIM
+        part = B * H * N * HEAD_DIM
+        offs = slab + offs_n[:, None] * HEAD_DIM + offs_d[None, :]
+        mask = n_mask[:, None] & d_mask[None, :]
+        tl.store(qkv_ptr + offs, acc_q.to(out_dtype), mask=mask)
+        tl.store(qkv_ptr + part + offs, acc_k.to(out_dtype), mask=mask)
+        tl.store(qkv_ptr + 2 * part + offs, acc_v.to(out_dtype), mask=mask)
+
+
+@triton.jit
+def _attention_kernel(
+    qkv_ptr, keep_ptr, stride_keep_b, stride_keep_h, o_ptr,
+    B, N, H, HEAD_DIM, qk_scale,
+    PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    pid_bh = tl.program_id(0)
+    b = pid_bh // H
+    h = pid_bh % H
+    if tl.load(keep_ptr + b * stride_keep_b + h * stride_keep_h) != 0:
+        offs_m = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_n = tl.arange(0, BLOCK_N)
+        offs_d = tl.arange(0, BLOCK_D)
+        d_mask = offs_d < HEAD_DIM
+        slab = (b * H + h) * N * HEAD_DIM
+        part = B * H * N * HEAD_DIM
+        q = tl.load(qkv_ptr + slab + offs_m[:, None] * HEAD_DIM + offs_d[None, :],
+                    mask=(offs_m < N)[:, None] & d_mask[None, :], other=0.0)
+        k_base = qkv_ptr + part + slab
+        v_base = qkv_ptr + 2 * part + slab
+        # Online softmax in base 2: qk_scale = log2(e) / sqrt(d) folds the softmax scale and the
+        # exp -> exp2 change of base into one multiply of the fp32 scores.
+        m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+        l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+        acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+        for start in range(0, N, BLOCK_N):
+            cols = start + offs_n
+            col_mask = cols < N
+            kv_offs = cols[:, None] * HEAD_DIM + offs_d[None, :]
+            kv_mask = col_mask[:, None] & d_mask[None, :]
+            k = tl.load(k_base + kv_offs, mask=kv_mask, other=0.0)
+            v = tl.load(v_base + kv_offs, mask=kv_mask, other=0.0)
+            scores = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
+            scores = tl.where(col_mask[None, :], scores, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(scores, axis=1))  # finite: every block has a real column
+            alpha = tl.math.exp2(m_i - m_new)
+            p = tl.math.exp2(scores - m_new[:, None])
+            l_i = l_i * alpha + tl.sum(p, axis=1)
+            acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=PRECISION)
+            m_i = m_new
+        acc = acc / l_i[:, None]
+        # Head outputs go to [B, N, H, d] (= timm's [B, N, H*d] before the projection).
+        o_offs = ((b * N + offs_m[:, None]) * H + h) * HEAD_DIM + offs_d[None, :]
+        tl.store(o_ptr + o_offs, acc.to(o_ptr.dtype.element_ty), mask=(offs_m < N)[:, None] & d_mask[None, :])
+
+
+@triton.jit
+def _proj_kernel(
+    o_ptr, keep_ptr, stride_keep_b, stride_keep_h,
+    w_ptr, stride_wo, stride_wi, bias_ptr,
+    out_ptr, stride_ob, stride_on, stride_od,
+    N, H, HEAD_DIM, D_OUT,
+    HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    tiles_per_sample = tl.cdiv(N, BLOCK_T)
+    b = tl.program_id(0) // tiles_per_sample
+    offs_t = (tl.program_id(0) % tiles_per_sample) * BLOCK_T + tl.arange(0, BLOCK_T)
+    offs_o = tl.program_id(1) * BLOCK_O + tl.arange(0, BLOCK_O)
+    offs_d = tl.arange(0, BLOCK_D)
+    t_mask = offs_t < N
+    o_mask = offs_o < D_OUT
+    d_mask = offs_d < HEAD_DIM
+    acc = tl.zeros([BLOCK_T, BLOCK_O], dtype=tl.float32)
+    for h in range(0, H):
+        # A pruned head costs this one load: its outputs (never written) and W_o columns are skipped.
+        if tl.load(keep_ptr + b * stride_keep_b + h * stride_keep_h) != 0:
+            heads = tl.load(o_ptr + ((b * N + offs_t[:, None]) * H + h) * HEAD_DIM + offs_d[None, :],
+                            mask=t_mask[:, None] & d_mask[None, :], other=0.0)
+            w = tl.load(w_ptr + offs_o[None, :] * stride_wo + (h * HEAD_DIM + offs_d)[:, None] * stride_wi,
+                        mask=d_mask[:, None] & o_mask[None, :], other=0.0)
+            acc = tl.dot(heads, w, acc, input_precision=PRECISION)
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + offs_o, mask=o_mask, other=0.0).to(tl.float32)[None, :]
+    out_offs = b * stride_ob + offs_t[:, None] * stride_on + offs_o[None, :] * stride_od
+    tl.store(out_ptr + out_offs, acc.to(out_ptr.dtype.element_ty), mask=t_mask[:, None] & o_mask[None, :])
+
+
+def _norm_args(norm: Optional[nn.Module], head_dim: int, which: str, dummy: torch.Tensor) -> tuple:
+    """Kernel arguments (weight, bias, eps, enabled, has_weight, has_bias) for a q/k norm module.
+
+    Only LayerNorm over the head dim is fused; anything else (e.g. an RmsNorm) is refused so the
+    caller can fall back to another backend rather than get silently different math."""
+    if norm is None or isinstance(norm, nn.Identity):
+        return dummy, dummy, 0.0, False, False, False
+    if not isinstance(norm, nn.LayerNorm) or tuple(norm.normalized_shape) != (head_dim,):
+        raise NotImplementedError(
+            f"triton head attention fuses only nn.LayerNorm({head_dim}) as {which}; got {norm!r}"
+        )
+    weight, bias = norm.weight, norm.bias
+    return (
+        weight if weight is not None else dummy,
+        bias if bias is not None else dummy,
+        float(norm.eps),
+        True,
+        weight is not None,
+        bias is not None,
+    )
+
+
+def triton_head_attention(
+    x: torch.Tensor,
+    keep: torch.Tensor,
+    qkv_weight: torch.Tensor,
+    qkv_bias: Optional[torch.Tensor],
+    proj_weight: torch.Tensor,
+    proj_bias: Optional[torch.Tensor],
+    num_heads: int,
+    q_norm: Optional[nn.Module] = None,
+    k_norm: Optional[nn.Module] = None,
+    *,
+    out: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """Triton twin of `reference.head_attention` with head_weight = keep: [B, N, D] -> [B, N, D_out].
+
+    keep is [B, H] (bool; nonzero = kept), read on the device only. x and the weights may be
+    fp32/fp16/bf16 with any strides; the output has x's dtype (or `out`'s, when given: a
+    preallocated [B, N, D_out] tensor, any strides). q_norm/k_norm: None, nn.Identity or
+    nn.LayerNorm over the head dim."""
+    if x.dim() != 3:
+        raise ValueError(f"x must be [B, N, D], got {tuple(x.shape)}")
+    batch, tokens, dim = x.shape
+    if qkv_weight.shape[0] % (3 * num_heads) or qkv_weight.shape[1] != dim:
+        raise ValueError(f"qkv_weight {tuple(qkv_weight.shape)} does not fit D={dim} and {num_heads} heads")
+    head_dim = qkv_weight.shape[0] // (3 * num_heads)
+    d_out = proj_weight.shape[0]
+    if proj_weight.shape[1] != num_heads * head_dim:
+        raise ValueError(f"proj_weight {tuple(proj_weight.shape)} does not take {num_heads}x{head_dim} inputs")
+    if keep.shape != (batch, num_heads):
+        raise ValueError(f"keep must be [{batch}, {num_heads}], got {tuple(keep.shape)}")
+    if out is None:
+        out = torch.empty(batch, tokens, d_out, device=x.device, dtype=x.dtype)
+    elif out.shape != (batch, tokens, d_out):
+        raise ValueError(f"out must be [{batch}, {tokens}, {d_out}], got {tuple(out.shape)}")
+    if x.device.type != "cuda" and torch.bfloat16 in (x.dtype, out.dtype):
+        # Triton's CPU interpreter (3.8) returns garbage from tl.dot on bf16 tiles; refuse loudly.
+        raise NotImplementedError("triton head attention under TRITON_INTERPRET supports fp32/fp16, not bf16")
+    if batch == 0 or tokens == 0:
+        return out
+
+    dummy = out
+    qn = _norm_args(q_norm, head_dim, "q_norm", dummy)
+    kn = _norm_args(k_norm, head_dim, "k_norm", dummy)
+    precision = "ieee" if x.dtype == torch.float32 else None  # fp32: exact products, not TF32
+    block_d = max(16, triton.next_power_of_2(head_dim))  # tl.dot needs every dim >= 16
+    qkv = torch.empty(3, batch, num_heads, tokens, head_dim, device=x.device, dtype=x.dtype)
+    heads = torch.empty(batch, tokens, num_heads, head_dim, device=x.device, dtype=x.dtype)
+    keep_b, keep_h = keep.stride()
+
+    _qkv_kernel[(batch * num_heads, triton.cdiv(tokens, _QKV_BLOCK_N))](
+        x, *x.stride(),
+        qkv_weight, *qkv_weight.stride(), qkv_bias if qkv_bias is not None else dummy,
+        keep, keep_b, keep_h,
+        qn[0], qn[1], qn[2], kn[0], kn[1], kn[2],
+        qkv,
+        batch, tokens, dim, num_heads, head_dim,
+        HAS_BIAS=qkv_bias is not None,
+        Q_NORM=qn[3], QN_W=qn[4], QN_B=qn[5], K_NORM=kn[3], KN_W=kn[4], KN_B=kn[5],
+        PRECISION=precision,
+        BLOCK_N=_QKV_BLOCK_N, BLOCK_K=_QKV_BLOCK_K, BLOCK_D=block_d,
+        num_warps=4,
+    )
+    _attention_kernel[(batch * num_heads, triton.cdiv(tokens, _ATTN_BLOCK_M))](
+        qkv, keep, keep_b, keep_h, heads,
+        batch, tokens, num_heads, head_dim, 1.4426950408889634 / head_dim**0.5,
+        PRECISION=precision,
+        BLOCK_M=_ATTN_BLOCK_M, BLOCK_N=_ATTN_BLOCK_N, BLOCK_D=block_d,
+        num_warps=4,
+    )
+    _proj_kernel[(batch * triton.cdiv(tokens, _PROJ_BLOCK_T), triton.cdiv(d_out, _PROJ_BLOCK_O))](
+        heads, keep, keep_b, keep_h,
+        proj_weight, *proj_weight.stride(), proj_bias if proj_bias is not None else dummy,
+        out, *out.stride(),
+        tokens, num_heads, head_dim, d_out,
+        HAS_BIAS=proj_bias is not None, PRECISION=precision,
+        BLOCK_T=_PROJ_BLOCK_T, BLOCK_O=_PROJ_BLOCK_O, BLOCK_D=block_d,
+        num_warps=4,
+    )
+    return out
