@@ -1,0 +1,281 @@
+"""The bundle: a directory holding everything needed to rebuild, run, steer and export a GatedViT.
+
+    BUNDLE/headsteer.json       format version, timm model, gates, SAE sites, normalization,
+                                class names, steering-table index, file checksums
+    BUNDLE/model.safetensors    GatedViT weights (timm backbone + gates + SAEs)
+    BUNDLE/steering.safetensors per-class `steer_scale` / `steer_shift` rows (optional)
+
+Only safetensors and JSON are read back: loading never unpickles. A bundle is written into a
+temporary sibling directory and renamed into place, so a crash never leaves half a bundle.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional, Sequence, Union
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from headsteer.runtime.errors import BundleError, InputError
+from headsteer.runtime.gated_vit import GatedViT
+
+FORMAT_NAME = "headsteer-bundle"
+FORMAT_VERSION = 1
+CONFIG_FILE = "headsteer.json"
+WEIGHTS_FILE = "model.safetensors"
+STEERING_FILE = "steering.safetensors"
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@dataclass
+class SteeringTable:
+    """Per-class steering rows: row c of `scale`/`shift` [C, S_total] steers toward class c.
+
+    `info` holds per-class provenance (chosen latents, alpha) as JSON-able dicts."""
+
+    class_names: list[str]
+    scale: torch.Tensor
+    shift: torch.Tensor
+    info: list = field(default_factory=list)
+
+    def __post_init__(self):
+        rows = len(self.class_names)
+        if self.scale.dim() != 2 or self.scale.shape != self.shift.shape or self.scale.shape[0] != rows:
+            raise InputError(
+                f"steering table needs scale and shift of shape [{rows}, S_total], "
+                f"got {tuple(self.scale.shape)} and {tuple(self.shift.shape)}"
+            )
+
+    @property
+    def width(self) -> int:
+        return self.scale.shape[1]
+
+    def index_of(self, steer: Union[str, int]) -> int:
+        """Row index for a class name or index; InputError if unknown."""
+        if isinstance(steer, bool) or not isinstance(steer, (str, int)):
+            raise InputError(f"a steering target is a class name or index, got {steer!r}")
+        if isinstance(steer, int):
+            if not 0 <= steer < len(self.class_names):
+                raise InputError(f"steering class index {steer} out of range [0, {len(self.class_names)})")
+            return steer
+        try:
+            return self.class_names.index(steer)
+        except ValueError:
+            shown = ", ".join(self.class_names[:12]) + (", ..." if len(self.class_names) > 12 else "")
+            raise InputError(f"unknown steering class {steer!r}; the steering table has: {shown}") from None
+
+    def rows(self, targets: Sequence[Optional[Union[str, int]]]) -> tuple[torch.Tensor, torch.Tensor]:
+        """[B, S] scale and shift for per-sample targets (None = identity steering)."""
+        scale = torch.ones(len(targets), self.width, dtype=self.scale.dtype)
+        shift = torch.zeros(len(targets), self.width, dtype=self.shift.dtype)
+        for sample, target in enumerate(targets):
+            if target is not None:
+                row = self.index_of(target)
+                scale[sample], shift[sample] = self.scale[row], self.shift[row]
+        return scale, shift
+
+
+@dataclass
+class BundleInfo:
+    """What a bundle records beyond weights (the parsed headsteer.json plus its steering table)."""
+
+    path: Path
+    config: dict
+    class_names: list[str]
+    mean: tuple
+    std: tuple
+    steering: Optional[SteeringTable]
+    extra: dict
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def save_bundle(
+    model: GatedViT,
+    path: Union[str, Path],
+    *,
+    class_names: Optional[Sequence[str]] = None,
+    steering: Optional[SteeringTable] = None,
+    mean: Sequence[float] = IMAGENET_MEAN,
+    std: Sequence[float] = IMAGENET_STD,
+    extra: Optional[dict] = None,
+    overwrite: bool = False,
+) -> Path:
+    """Write `model` (and its steering table) as a bundle directory at `path`; returns the path.
+
+    The bundle appears at `path` complete or not at all. `extra` is JSON-able metadata (e.g. a
+    training report) stored verbatim."""
+    path = Path(path)
+    if model.timm_name is None:
+        raise BundleError(
+            "this GatedViT was built from a model instance; build it with GatedViT.from_timm(name, timm_kwargs=...) "
+            "so the bundle can rebuild the timm model on load"
+        )
+    num_classes = model.vit.num_classes
+    class_names = list(class_names) if class_names is not None else [str(i) for i in range(num_classes)]
+    if len(class_names) != num_classes:
+        raise InputError(f"{len(class_names)} class names for a model with {num_classes} classes")
+    if steering is not None and steering.width != model.steer_width:
+        raise InputError(f"steering table is {steering.width} wide; the model's steer_width is {model.steer_width}")
+    if path.exists() and not overwrite:
+        raise BundleError(f"{path} already exists; pass overwrite=True to replace it")
+    for name, values in (("mean", mean), ("std", std)):
+        if len(values) != model.vit.patch_embed.proj.in_channels:
+            raise InputError(f"normalization {name} needs one value per input channel, got {list(values)}")
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    try:
+        state = {name: tensor.detach().cpu().contiguous() for name, tensor in model.state_dict().items()}
+        save_file(state, staging / WEIGHTS_FILE)
+        files = {WEIGHTS_FILE: _sha256(staging / WEIGHTS_FILE)}
+        steering_index = None
+        if steering is not None:
+            save_file(
+                {"steer_scale": steering.scale.float().contiguous(), "steer_shift": steering.shift.float().contiguous()},
+                staging / STEERING_FILE,
+            )
+            files[STEERING_FILE] = _sha256(staging / STEERING_FILE)
+            steering_index = dict(file=STEERING_FILE, classes=list(steering.class_names), info=list(steering.info))
+        config = dict(
+            format=FORMAT_NAME,
+            format_version=FORMAT_VERSION,
+            model=model.config(),
+            image_size=list(model.image_size),
+            in_chans=model.vit.patch_embed.proj.in_channels,
+            normalization=dict(mean=[float(v) for v in mean], std=[float(v) for v in std]),
+            class_names=class_names,
+            num_heads=model.num_heads,
+            gated_blocks=model.gate_blocks,
+            sae_sites=[
+                dict(block=block, width=width, offset=offset, activation=model.sae_activation, k=model.sae_k)
+                for block, width, offset in zip(model.sae_blocks, model.sae_widths, model.sae_offsets)
+            ],
+            steer_width=model.steer_width,
+            steering=steering_index,
+            files=files,
+            extra=extra or {},
+        )
+        (staging / CONFIG_FILE).write_text(json.dumps(config, indent=2))
+        if path.exists():
+            retired = Path(tempfile.mkdtemp(prefix=f".{path.name}.old.", dir=path.parent))
+            os.replace(path, retired / "bundle")
+            os.replace(staging, path)
+            shutil.rmtree(retired, ignore_errors=True)
+        else:
+            os.replace(staging, path)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return path
+
+
+def read_bundle_config(path: Union[str, Path]) -> dict:
+    """Parse and validate `headsteer.json` (format, version, checksums) without building the model."""
+    path = Path(path)
+    config_path = path / CONFIG_FILE
+    if not path.is_dir():
+        raise BundleError(f"{path} is not a bundle directory (expected a folder holding {CONFIG_FILE})")
+    if not config_path.is_file():
+        raise BundleError(f"{path} has no {CONFIG_FILE}; not a headsteer bundle")
+    try:
+        config = json.loads(config_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise BundleError(f"{config_path} is not valid JSON ({error}); the bundle is corrupt") from None
+    if not isinstance(config, dict) or config.get("format") != FORMAT_NAME:
+        raise BundleError(f"{config_path} is not a {FORMAT_NAME} file")
+    version = config.get("format_version")
+    if not isinstance(version, int):
+        raise BundleError(f"{config_path} has no integer format_version")
+    if version > FORMAT_VERSION:
+        raise BundleError(
+            f"bundle format version {version} is newer than this headsteer supports ({FORMAT_VERSION}); upgrade headsteer"
+        )
+    for key in ("model", "image_size", "normalization", "class_names", "files", "steer_width"):
+        if key not in config:
+            raise BundleError(f"{config_path} lacks the required key {key!r}")
+    for name, digest in config["files"].items():
+        file_path = path / name
+        if not file_path.is_file():
+            raise BundleError(f"bundle file {file_path} is missing")
+        if _sha256(file_path) != digest:
+            raise BundleError(f"bundle file {file_path} does not match its recorded checksum (corrupt or truncated)")
+    return config
+
+
+def _load_tensors(file_path: Path) -> dict:
+    try:
+        return load_file(file_path)
+    except (SafetensorError, OSError, ValueError) as error:
+        raise BundleError(f"cannot read {file_path}: {error}") from None
+
+
+def load_bundle(path: Union[str, Path], map_location: Union[str, torch.device] = "cpu") -> tuple[GatedViT, BundleInfo]:
+    """Rebuild the GatedViT saved at `path` (eval mode) and its BundleInfo."""
+    path = Path(path)
+    config = read_bundle_config(path)
+    model_config = dict(config["model"])
+    name = model_config.pop("timm_name")
+    timm_kwargs = model_config.pop("timm_kwargs")
+    try:
+        model = GatedViT.from_timm(name, timm_kwargs=timm_kwargs, **model_config)
+    except TypeError as error:
+        raise BundleError(f"{path / CONFIG_FILE} has an unusable model section: {error}") from None
+    state = _load_tensors(path / WEIGHTS_FILE)
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    if missing or unexpected:
+        raise BundleError(
+            f"{path / WEIGHTS_FILE} does not match the model in {CONFIG_FILE}: "
+            f"missing tensors {missing[:5]}{'...' if len(missing) > 5 else ''}, "
+            f"unexpected tensors {unexpected[:5]}{'...' if len(unexpected) > 5 else ''}"
+        )
+    for name_, tensor in state.items():
+        if tensor.shape != expected[name_].shape:
+            raise BundleError(
+                f"tensor {name_} in {path / WEIGHTS_FILE} has shape {list(tensor.shape)}; "
+                f"the model expects {list(expected[name_].shape)}"
+            )
+    model.load_state_dict(state)
+    model.eval().to(map_location)
+
+    steering = None
+    if config.get("steering"):
+        index = config["steering"]
+        rows = _load_tensors(path / index["file"])
+        if set(rows) != {"steer_scale", "steer_shift"}:
+            raise BundleError(f"{path / index['file']} must hold exactly steer_scale and steer_shift, has {sorted(rows)}")
+        if rows["steer_scale"].shape[-1] != model.steer_width:
+            raise BundleError(
+                f"steering table is {rows['steer_scale'].shape[-1]} wide; the model's steer_width is {model.steer_width}"
+            )
+        try:
+            steering = SteeringTable(index["classes"], rows["steer_scale"], rows["steer_shift"], index.get("info", []))
+        except InputError as error:
+            raise BundleError(f"{path / index['file']}: {error}") from None
+    norm = config["normalization"]
+    info = BundleInfo(
+        path=path,
+        config=config,
+        class_names=list(config["class_names"]),
+        mean=tuple(norm["mean"]),
+        std=tuple(norm["std"]),
+        steering=steering,
+        extra=config.get("extra", {}),
+    )
+    return model, info

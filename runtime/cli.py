@@ -1,0 +1,147 @@
+"""The `headsteer` command. Each subcommand lives beside the code it drives and exposes
+`add_arguments(parser)` and `run(args) -> int`; this file only mounts them and turns headsteer's
+errors into one-line messages with a non-zero exit status."""
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import sys
+from typing import Optional, Sequence
+
+from headsteer.runtime.errors import HeadsteerError
+
+# (subcommand, module providing add_arguments/run, one-line help)
+SUBCOMMANDS = [
+    ("info", "headsteer.runtime.cli", "describe a bundle: architecture, gates, SAE sites, classes, steering table"),
+    ("predict", "headsteer.runtime.cli", "classify image files with a bundle, optionally steered toward a class"),
+    ("demo", "headsteer.runtime.demo", "train, steer, save and report a pruned model on the embedded digits data"),
+    ("train", "headsteer.runtime.train", "run one training recipe (backbone, gates, sae, steering) on a bundle"),
+    ("eval", "headsteer.runtime.evaluate", "per-class accuracy and head usage of a bundle on a data split"),
+    ("export", "headsteer.export.cli", "export a bundle to ONNX, a TensorRT engine or a Triton model repository"),
+    ("bench", "headsteer.bench.harness", "latency/throughput of every backend against timm dense"),
+]
+
+
+# -- info -----------------------------------------------------------------------------------------
+def add_info_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("bundle", help="bundle directory")
+    parser.add_argument("--json", action="store_true", help="print the bundle's configuration as JSON")
+
+
+def run_info(args: argparse.Namespace) -> int:
+    from headsteer.runtime.bundle import read_bundle_config
+
+    config = read_bundle_config(args.bundle)
+    if args.json:
+        print(json.dumps(config, indent=2))
+        return 0
+    model = config["model"]
+    sites = ", ".join(f"block {s['block']} ({s['width']} latents, {s['activation']})" for s in config.get("sae_sites", []))
+    steering = config.get("steering")
+    names = config["class_names"]
+    lines = [
+        f"bundle        {args.bundle} (format version {config['format_version']})",
+        f"architecture  timm {model['timm_name']} {json.dumps(model['timm_kwargs'])}",
+        f"input         {config.get('in_chans', 3)}x{config['image_size'][0]}x{config['image_size'][1]}, "
+        f"mean {config['normalization']['mean']}, std {config['normalization']['std']}",
+        f"heads         {config.get('num_heads')} per block; gated blocks {config.get('gated_blocks')}",
+        f"SAE sites     {sites or 'none'}; steer width {config['steer_width']}; mode {model.get('steer_mode')}",
+        f"classes       {len(names)}: {', '.join(names[:20])}{' ...' if len(names) > 20 else ''}",
+        "steering      "
+        + (f"{len(steering['classes'])} per-class rows ({', '.join(steering['classes'][:20])})" if steering else "none"),
+    ]
+    print("\n".join(lines))
+    return 0
+
+
+# -- predict --------------------------------------------------------------------------------------
+def add_predict_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("bundle", help="bundle directory")
+    parser.add_argument("images", nargs="+", help="image files (PNG, JPEG, ...)")
+    parser.add_argument("--steer", default=None, help="class name to steer toward (from the bundle's steering table)")
+    parser.add_argument("--backend", default="auto", help="auto, reference, compact, triton, onnxruntime, tensorrt")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--json", action="store_true", help="print one JSON object per image")
+
+
+def run_predict(args: argparse.Namespace) -> int:
+    from PIL import Image, UnidentifiedImageError
+
+    from headsteer.runtime.engine import Engine
+    from headsteer.runtime.errors import InputError
+
+    images = []
+    for name in args.images:  # read every file before loading the model: bad input fails fast
+        try:
+            with Image.open(name) as image:
+                images.append(image.convert("RGB"))
+        except FileNotFoundError:
+            raise InputError(f"image file {name} does not exist") from None
+        except (UnidentifiedImageError, OSError) as error:
+            raise InputError(f"cannot read image {name}: {error}") from None
+    engine = Engine.load(args.bundle, backend=args.backend, device=args.device)
+    result = engine.predict(images, steer=args.steer)
+    for index, name in enumerate(args.images):
+        probabilities = result.logits[index].softmax(-1)
+        row = dict(
+            image=name,
+            label=result.class_names[index],
+            probability=round(float(probabilities.max()), 4),
+            head_usage=round(float(result.head_usage[index]), 4),
+            steer=args.steer,
+        )
+        if args.json:
+            print(json.dumps(row))
+        else:
+            print(f"{name}: {row['label']} (p={row['probability']:.3f}, head usage {row['head_usage']:.3f})")
+    return 0
+
+
+def _mount(subparsers, name: str, module_name: str, help_text: str) -> None:
+    if module_name == __name__:
+        parser = subparsers.add_parser(name, help=help_text, description=help_text)
+        {"info": add_info_arguments, "predict": add_predict_arguments}[name](parser)
+        parser.set_defaults(handler={"info": run_info, "predict": run_predict}[name])
+        return
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as error:
+        if error.name != module_name:
+            raise
+        return  # that part of headsteer is not installed in this build
+    parser = subparsers.add_parser(name, help=help_text, description=help_text)
+    module.add_arguments(parser)
+    parser.set_defaults(handler=module.run)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="headsteer",
+        description="Vision Transformers with per-input head pruning, steered through a Sparse Autoencoder.",
+    )
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, module_name, help_text in SUBCOMMANDS:
+        _mount(subparsers, name, module_name, help_text)
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "handler", None):
+        parser.print_help()
+        return 2
+    try:
+        return int(args.handler(args) or 0)
+    except HeadsteerError as error:
+        print(f"headsteer {args.command}: error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"headsteer {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
+

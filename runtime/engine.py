@@ -1,0 +1,209 @@
+"""Engine: the object a service embeds. Loads a bundle once, validates every request before any
+work, preprocesses raw images with the bundle's own settings, maps class names to steering rows,
+and runs the chosen backend. Safe to call from several threads at once: a request touches no
+shared mutable state (weights are read-only, caches are built at load).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Optional, Sequence, Union
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from headsteer.runtime.bundle import BundleInfo, load_bundle
+from headsteer.runtime.errors import InputError
+from headsteer.runtime.gated_vit import GatedViT
+
+TORCH_BACKENDS = ("reference", "compact", "triton")
+# Backends that run an exported artifact; each maps to "module:function" building a runner
+# `runner(pixel_values, steer_scale, steer_shift) -> (logits, head_mask)` from (info, **options).
+EXTERNAL_BACKENDS = {
+    "onnxruntime": "headsteer.export.onnx_runner:OnnxRunner",
+    "tensorrt": "headsteer.export.tensorrt:TensorRTRunner",
+}
+
+SteerTarget = Optional[Union[str, int]]
+
+
+@dataclass
+class Prediction:
+    """One batch's results: logits [B, C], labels [B], class names, head mask [B, L_gated, H]."""
+
+    logits: torch.Tensor
+    labels: torch.Tensor
+    class_names: list[str]
+    head_mask: torch.Tensor
+
+    @property
+    def head_usage(self) -> torch.Tensor:
+        """Per-sample fraction of gated heads kept, [B]."""
+        return self.head_mask.float().mean(dim=(1, 2))
+
+    @property
+    def block_usage(self) -> torch.Tensor:
+        """Per-sample, per-gated-block fraction of heads kept, [B, L_gated]."""
+        return self.head_mask.float().mean(dim=2)
+
+
+def resolve_backend(backend: str, device: torch.device) -> str:
+    """"auto" means triton on CUDA (when triton imports), compact elsewhere."""
+    if backend != "auto":
+        return backend
+    if device.type == "cuda":
+        try:
+            import triton  # noqa: F401
+        except ImportError:
+            return "compact"
+        return "triton"
+    return "compact"
+
+
+class Engine:
+    """Inference over a bundle: `Engine.load(path).predict(images, steer="cat")`."""
+
+    def __init__(self, model: Optional[GatedViT], info: BundleInfo, backend: str, device: torch.device, runner=None):
+        self.model = model
+        self.info = info
+        self.backend = backend
+        self.device = device
+        self._runner: Optional[Callable] = runner
+        config = info.config
+        self.image_size = tuple(config["image_size"])
+        self.in_chans = int(config.get("in_chans", 3))
+        self.steer_width = int(config["steer_width"])
+        self.num_gated = len(config.get("gated_blocks", []))
+        self._mean = torch.tensor(info.mean, dtype=torch.float32).view(1, -1, 1, 1)
+        self._std = torch.tensor(info.std, dtype=torch.float32).view(1, -1, 1, 1)
+
+    @classmethod
+    def load(cls, path: Union[str, Path], backend: str = "auto", device: Union[str, torch.device] = "cpu", **options) -> "Engine":
+        """Load a bundle for inference. backend: auto, reference, compact, triton, onnxruntime,
+        tensorrt. Options go to external runners (e.g. `onnx_path`, `providers`, `engine_path`)."""
+        device = torch.device(device)
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise InputError("device 'cuda' was asked for but torch sees no CUDA device")
+        backend = resolve_backend(backend, device)
+        known = TORCH_BACKENDS + tuple(EXTERNAL_BACKENDS)
+        if backend not in known:
+            raise InputError(f"unknown backend {backend!r}; expected auto or one of {known}")
+        model, info = load_bundle(path, map_location=device)
+        if backend in TORCH_BACKENDS:
+            if options:
+                raise InputError(f"backend {backend!r} takes no options, got {sorted(options)}")
+            engine = cls(model, info, backend, device)
+            engine._warm_up()
+            return engine
+        module_name, _, class_name = EXTERNAL_BACKENDS[backend].partition(":")
+        import importlib
+
+        runner_cls = getattr(importlib.import_module(module_name), class_name)
+        runner = runner_cls(info, device=device, **options)
+        return cls(model, info, backend, device, runner=runner)
+
+    @property
+    def class_names(self) -> list[str]:
+        return self.info.class_names
+
+    def _warm_up(self) -> None:
+        """One batch-1 forward at load: builds per-module caches before any request thread runs."""
+        self.predict(torch.zeros(1, self.in_chans, *self.image_size))
+
+    # -- input handling -----------------------------------------------------------------------
+    def preprocess(self, images) -> torch.Tensor:
+        """Normalized float32 [B, C, H, W] from a tensor (taken as already normalized), or from
+        raw PIL images / uint8 HWC arrays (resized and normalized with the bundle's settings)."""
+        if isinstance(images, torch.Tensor):
+            return self._check_tensor(images)
+        if isinstance(images, np.ndarray) and images.ndim == 4:
+            images = list(images)
+        if not isinstance(images, (list, tuple)):
+            images = [images]
+        if not images:
+            raise InputError("no images given")
+        batch = torch.stack([self._raw_to_tensor(image, index) for index, image in enumerate(images)])
+        return (batch - self._mean) / self._std
+
+    def _check_tensor(self, pixels: torch.Tensor) -> torch.Tensor:
+        expected = f"[B, {self.in_chans}, {self.image_size[0]}, {self.image_size[1]}]"
+        if pixels.dim() != 4:
+            raise InputError(f"image tensor must be {expected}, got shape {list(pixels.shape)}")
+        if not pixels.is_floating_point():
+            raise InputError(f"image tensor must be floating point (normalized pixels), got {pixels.dtype}")
+        if pixels.shape[1] != self.in_chans:
+            raise InputError(f"image tensor has {pixels.shape[1]} channels; expected {expected}")
+        if tuple(pixels.shape[2:]) != self.image_size:
+            raise InputError(f"image tensor is {list(pixels.shape[2:])} pixels; expected {expected}")
+        if pixels.shape[0] == 0:
+            raise InputError("empty batch")
+        if not bool(torch.isfinite(pixels).all()):
+            raise InputError("image tensor holds NaN or infinite values")
+        return pixels.float()
+
+    def _raw_to_tensor(self, image, index: int) -> torch.Tensor:
+        try:
+            from PIL import Image
+        except ImportError:  # pragma: no cover - pillow is a dependency
+            Image = None
+        if Image is not None and isinstance(image, Image.Image):
+            image = np.asarray(image.convert("RGB" if self.in_chans == 3 else "L"))
+        if not isinstance(image, np.ndarray):
+            raise InputError(f"image {index} is a {type(image).__name__}; expected a PIL image or a uint8 HWC array")
+        if image.dtype != np.uint8:
+            raise InputError(f"image {index} array is {image.dtype}; raw images must be uint8 (HWC, 0-255)")
+        if image.ndim == 2:
+            image = image[:, :, None]
+        if image.ndim != 3 or image.shape[2] not in (1, self.in_chans):
+            raise InputError(f"image {index} has shape {list(image.shape)}; expected HxW, HxWx1 or HxWx{self.in_chans}")
+        pixels = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float().div_(255.0)
+        if pixels.shape[0] != self.in_chans:
+            pixels = pixels.expand(self.in_chans, -1, -1)
+        if tuple(pixels.shape[1:]) != self.image_size:
+            pixels = F.interpolate(pixels[None], size=self.image_size, mode="bilinear", antialias=True, align_corners=False)[0]
+        return pixels
+
+    def steering_vectors(self, steer, batch: int) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
+        """Map a steer request (None, a class name/index, or one per sample) to [B, S] vectors."""
+        if steer is None:
+            return None, None
+        targets: Sequence[SteerTarget] = list(steer) if isinstance(steer, (list, tuple)) else [steer] * batch
+        if len(targets) != batch:
+            raise InputError(f"{len(targets)} steering targets for a batch of {batch}")
+        if all(target is None for target in targets):
+            return None, None
+        if self.info.steering is None:
+            raise InputError("this bundle has no steering table; steer must be None")
+        return self.info.steering.rows(targets)
+
+    # -- inference ----------------------------------------------------------------------------
+    def predict(self, images, steer=None, budget: Optional[float] = None) -> Prediction:
+        """Classify a batch. `steer`: None, a class name or index, or a per-sample list of them
+        (None items = unsteered). `budget`: force round(budget*H) heads per gated block."""
+        pixels = self.preprocess(images)
+        scale, shift = self.steering_vectors(steer, pixels.shape[0])
+        if budget is not None and not (isinstance(budget, (int, float)) and 0.0 <= budget <= 1.0):
+            raise InputError(f"budget must be a number in [0, 1] or None, got {budget!r}")
+        if self._runner is not None:
+            if budget is not None:
+                raise InputError(f"backend {self.backend!r} runs an exported model; a head budget is not an input there")
+            logits, head_mask = self._runner(pixels, scale, shift)
+        else:
+            with torch.inference_mode():
+                to = dict(device=self.device)
+                out = self.model(
+                    pixels.to(**to),
+                    None if scale is None else scale.to(**to),
+                    None if shift is None else shift.to(**to),
+                    budget=budget,
+                    backend=self.backend,
+                )
+            logits, head_mask = out.logits.float().cpu(), out.head_mask.cpu()
+        labels = logits.argmax(dim=-1)
+        return Prediction(
+            logits=logits,
+            labels=labels,
+            class_names=[self.class_names[i] for i in labels.tolist()],
+            head_mask=head_mask,
+        )
