@@ -1,0 +1,195 @@
+"""The fused SAE -> steer -> gate kernel against `reference.sae_steer_gate`.
+
+Runs compiled on CUDA and under TRITON_INTERPRET=1 on the CPU (set by conftest.py)."""
+import zlib
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from headsteer.kernels import reference
+from headsteer.kernels.triton_sae_gate import MAX_SAE_WIDTH, triton_sae_steer_gate
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+cuda_only = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+def make_gate(dim, hidden, heads, seed, dtype=torch.float32):
+    g = torch.Generator().manual_seed(seed)
+    params = dict(
+        norm_weight=1 + 0.2 * torch.randn(dim, generator=g),
+        norm_bias=0.2 * torch.randn(dim, generator=g),
+        norm_eps=1e-6,
+        fc1_weight=torch.randn(hidden, dim, generator=g) / dim**0.5,
+        fc1_bias=0.2 * torch.randn(hidden, generator=g),
+        fc2_weight=torch.randn(heads, hidden, generator=g) / hidden**0.5,
+        fc2_bias=0.2 * torch.randn(heads, generator=g),
+    )
+    return {k: v.to(DEVICE, dtype) if torch.is_tensor(v) else v for k, v in params.items()}
+
+
+def make_sae(dim, width, activation, seed, k=None, dtype=torch.float32):
+    g = torch.Generator().manual_seed(seed)
+    params = dict(
+        enc_weight=torch.randn(width, dim, generator=g) / dim**0.5,
+        enc_bias=0.1 * torch.randn(width, generator=g),
+        dec_weight=F.normalize(torch.randn(width, dim, generator=g), dim=1),
+        dec_bias=0.1 * torch.randn(dim, generator=g),
+        threshold=0.3 * torch.rand(width, generator=g),
+    )
+    params = {k_: v.to(DEVICE, dtype) for k_, v in params.items()}
+    return dict(params, activation=activation, k=k)
+
+
+def make_steering(kind, batch, width, seed):
+    """(steer_scale, steer_shift) for: identity (None), per-sample scale, scale and shift."""
+    g = torch.Generator().manual_seed(seed)
+    if kind == "identity":
+        return None, None
+    scale = (0.5 + 3 * torch.rand(batch, width, generator=g)).to(DEVICE)
+    if kind == "scale":
+        return scale, None
+    return scale, (0.5 * torch.randn(batch, width, generator=g)).to(DEVICE)
+
+
+def upcast(params):
+    return None if params is None else {k: v.float() if torch.is_tensor(v) else v for k, v in params.items()}
+
+
+def run_and_check(e, gate, sae, scale, shift, mode, budget, atol=1e-4):
+    """Run the kernel into poisoned outputs and compare with the fp32 reference on the same values."""
+    ref_logits, ref_keep = reference.sae_steer_gate(e.float(), upcast(gate), upcast(sae), scale, shift, mode, budget)
+    logits = torch.full_like(ref_logits, float("nan"))
+    keep = ~ref_keep  # every element starts wrong, so an unwritten one fails
+    got_logits, got_keep = triton_sae_steer_gate(e, gate, sae, scale, shift, mode, budget, out=(logits, keep))
+    assert got_logits is logits and got_keep is keep
+    torch.testing.assert_close(logits, ref_logits, atol=atol, rtol=1e-4)
+    # The selection rule itself is exact: same as the reference rule applied to our logits ...
+    assert torch.equal(keep, reference.keep_from_logits(logits, budget))
+    # ... and, as random logits are far from ties at this tolerance, the reference's own mask.
+    assert torch.equal(keep, ref_keep)
+
+
+@pytest.mark.parametrize("batch", [1, 3, 5])
+@pytest.mark.parametrize("activation", ["topk", "relu", "jumprelu"])
+@pytest.mark.parametrize("steering", ["identity", "scale", "scale+shift"])
+@pytest.mark.parametrize("mode", reference.STEER_MODES)
+def test_sae_gate_matches_reference(batch, activation, steering, mode):
+    seed = zlib.crc32(repr((batch, activation, steering, mode)).encode())
+    dim, width, hidden, heads = 48, 40, 20, 6  # none a power of two: every tile is masked
+    e = torch.randn(batch, dim, generator=torch.Generator().manual_seed(seed)).to(DEVICE)
+    gate = make_gate(dim, hidden, heads, seed + 1)
+    sae = make_sae(dim, width, activation, seed + 2, k=7 if activation == "topk" else None)
+    scale, shift = make_steering(steering, batch, width, seed + 3)
+    for budget in (None, 0.5):
+        run_and_check(e, gate, sae, scale, shift, mode, budget)
+
+
+@pytest.mark.parametrize("budget", [None, 0.0, 0.17, 0.5, 1.0])
+@pytest.mark.parametrize("heads", [2, 3, 12])
+def test_gate_without_sae(budget, heads):
+    seed = heads * 100 + int(100 * (budget or 0))
+    e = 3 * torch.randn(5, 40, generator=torch.Generator().manual_seed(seed)).to(DEVICE)
+    run_and_check(e, make_gate(40, 24, heads, seed), None, None, None, "preserve-error", budget)
+
+
+def test_identity_steering_preserves_the_unsteered_gate():
+    """preserve-error with identity steering is exactly the gate on e (the SAE is invisible)."""
+    e = torch.randn(3, 32, generator=torch.Generator().manual_seed(5)).to(DEVICE)
+    gate = make_gate(32, 16, 6, 6)
+    plain = triton_sae_steer_gate(e, gate)
+    with_sae = triton_sae_steer_gate(e, gate, make_sae(32, 64, "topk", 7, k=4))
+    torch.testing.assert_close(with_sae[0], plain[0], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("k", [0, 1, 5, 12, 16])
+def test_topk_ties_break_toward_lower_latent(k):
+    """Integer-valued inputs and duplicate encoder rows give exactly tied pre-activations (exact
+    in any summation order); k cuts through the ties, and distinct decoder rows and scales make
+    the choice of latent visible in the logits."""
+    dim, width = 24, 16
+    g = torch.Generator().manual_seed(11)
+    sae = make_sae(dim, width, "topk", 11, k=k)
+    sae["enc_weight"] = torch.randint(-2, 3, (4, dim), generator=g).float().repeat(4, 1).to(DEVICE)
+    sae["enc_bias"] = torch.randint(5, 9, (4,), generator=g).float().repeat(4).to(DEVICE)  # latent i ties i+4, i+8, i+12
+    sae["dec_bias"] = torch.randint(-1, 2, (dim,), generator=g).float().to(DEVICE)
+    e = torch.randint(-3, 4, (3, dim), generator=g).float().to(DEVICE)
+    scale, shift = make_steering("scale+shift", 3, width, 13)
+    run_and_check(e, make_gate(dim, 8, 4, 14), sae, scale, shift, "reconstruct", None)
+
+
+def test_budget_ties_break_toward_lower_head():
+    """Heads 0, 2, 4 get zero fc2 rows and one bias, so their logits tie exactly; the odd heads
+    vary per sample, so the budget cuts through the tie at different places."""
+    gate = make_gate(32, 16, 6, 21)
+    gate["fc2_weight"][0::2] = 0.0
+    gate["fc2_bias"][0::2] = 0.1
+    e = torch.randn(8, 32, generator=torch.Generator().manual_seed(22)).to(DEVICE)
+    for budget in (0.17, 0.33, 0.5, 0.67, 0.83):
+        run_and_check(e, gate, None, None, None, "preserve-error", budget)
+
+
+def test_vit_small_shapes():
+    """ViT-S sizes with the runtime's defaults: D=384, S=4D, k=16, G=D/4, H=6."""
+    dim, batch = 384, 3
+    e = torch.randn(batch, dim, generator=torch.Generator().manual_seed(31)).to(DEVICE)
+    scale, shift = make_steering("scale+shift", batch, 4 * dim, 32)
+    run_and_check(e, make_gate(dim, dim // 4, 6, 33), make_sae(dim, 4 * dim, "topk", 34, k=16), scale, shift,
+                  "preserve-error", 0.33)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_inputs_compute_in_fp32(dtype):
+    """Half-precision storage is only rounding of the inputs: the math must match the fp32
+    reference applied to the same rounded values."""
+    dim, width = 64, 96
+    e = torch.randn(3, dim, generator=torch.Generator().manual_seed(41)).to(DEVICE, dtype)
+    gate = make_gate(dim, 32, 6, 42, dtype)
+    sae = make_sae(dim, width, "topk", 43, k=8, dtype=dtype)
+    scale, shift = make_steering("scale+shift", 3, width, 44)
+    run_and_check(e, gate, sae, scale.to(dtype), shift.to(dtype), "preserve-error", None)
+
+
+def test_broadcast_steering_rows():
+    """One steering row [S] applies to every sample, as broadcasting does in the reference."""
+    dim, width = 32, 48
+    e = torch.randn(5, dim, generator=torch.Generator().manual_seed(51)).to(DEVICE)
+    scale, shift = make_steering("scale+shift", 1, width, 52)
+    run_and_check(e, make_gate(dim, 16, 3, 53), make_sae(dim, width, "relu", 54), scale[0], shift, "preserve-error", None)
+
+
+def test_bad_arguments_are_clear_errors():
+    e = torch.randn(2, 16, device=DEVICE)
+    gate = make_gate(16, 8, 3, 61)
+    with pytest.raises(ValueError, match="steering mode"):
+        triton_sae_steer_gate(e, gate, mode="sideways")
+    with pytest.raises(ValueError, match="activation"):
+        triton_sae_steer_gate(e, gate, make_sae(16, 8, "gelu", 62))
+    with pytest.raises(ValueError, match="k <= 8"):
+        triton_sae_steer_gate(e, gate, make_sae(16, 8, "topk", 63, k=9))
+    with pytest.raises(NotImplementedError, match="registers"):
+        triton_sae_steer_gate(e, gate, make_sae(16, MAX_SAE_WIDTH + 1, "relu", 64))
+
+
+@cuda_only
+def test_no_host_sync_and_graph_replay():
+    dim, width, batch = 64, 128, 5
+    gate = make_gate(dim, 32, 6, 71)
+    sae = make_sae(dim, width, "topk", 72, k=8)
+    e = torch.randn(batch, dim, device=DEVICE)
+    scale, shift = make_steering("scale+shift", batch, width, 73)
+    triton_sae_steer_gate(e, gate, sae, scale, shift, budget=0.5)  # compile outside the checks
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        triton_sae_steer_gate(e, gate, sae, scale, shift, budget=0.5)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        logits, keep = triton_sae_steer_gate(e, gate, sae, scale, shift, budget=0.5)
+    e.copy_(torch.randn(batch, dim, device=DEVICE))
+    graph.replay()
+    ref_logits, ref_keep = reference.sae_steer_gate(e, gate, sae, scale, shift, budget=0.5)
+    torch.testing.assert_close(logits, ref_logits, atol=1e-4, rtol=1e-4)
+    assert torch.equal(keep, ref_keep)
