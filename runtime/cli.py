@@ -99,7 +99,7 @@ def run_predict(args: argparse.Namespace) -> int:
 
 
 def _mount(subparsers, name: str, module_name: str, help_text: str) -> None:
-    if module_name == __name__:
+    if module_name == "headsteer.runtime.cli":  # this module (also when run as __main__)
         parser = subparsers.add_parser(name, help=help_text, description=help_text)
         {"info": add_info_arguments, "predict": add_predict_arguments}[name](parser)
         parser.set_defaults(handler={"info": run_info, "predict": run_predict}[name])

@@ -157,7 +157,7 @@ class Engine:
             image = image[:, :, None]
         if image.ndim != 3 or image.shape[2] not in (1, self.in_chans):
             raise InputError(f"image {index} has shape {list(image.shape)}; expected HxW, HxWx1 or HxWx{self.in_chans}")
-        pixels = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float().div_(255.0)
+        pixels = torch.tensor(image).permute(2, 0, 1).float().div_(255.0)
         if pixels.shape[0] != self.in_chans:
             pixels = pixels.expand(self.in_chans, -1, -1)
         if tuple(pixels.shape[1:]) != self.image_size:

@@ -1,0 +1,68 @@
+"""The headsteer command: help, info, predict, and one-line errors without tracebacks."""
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from headsteer.runtime import GatedViT
+from headsteer.runtime.bundle import SteeringTable, save_bundle
+from headsteer.runtime.cli import main
+from tests.conftest import tiny_vit_kwargs
+
+
+@pytest.fixture(scope="module")
+def bundle_path(tmp_path_factory):
+    model = GatedViT.from_timm("vit_tiny_patch16_224", timm_kwargs=tiny_vit_kwargs(num_classes=3), gate_init_bias=0.0, sae_width=16, sae_k=2)
+    names = ["red", "green", "blue"]
+    steering = SteeringTable(names, torch.rand(3, 16) * 3, torch.zeros(3, 16))
+    return save_bundle(model, tmp_path_factory.mktemp("cli") / "bundle", class_names=names, steering=steering)
+
+
+def test_console_script_help():
+    result = subprocess.run([sys.executable, "-m", "headsteer.runtime.cli", "--help"], capture_output=True, text=True)
+    assert result.returncode == 0
+    for command in ("info", "predict"):
+        assert command in result.stdout
+
+
+def test_info(bundle_path, capsys):
+    assert main(["info", str(bundle_path)]) == 0
+    out = capsys.readouterr().out
+    assert "vit_tiny_patch16_224" in out and "red, green, blue" in out and "block 1 (16 latents, topk)" in out
+    assert main(["info", str(bundle_path), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["class_names"] == ["red", "green", "blue"]
+
+
+def test_predict_image_files(bundle_path, tmp_path, capsys):
+    paths = []
+    for index in range(2):
+        path = tmp_path / f"image{index}.png"
+        Image.fromarray(np.random.default_rng(index).integers(0, 256, (40, 40, 3), dtype=np.uint8)).save(path)
+        paths.append(str(path))
+    assert main(["predict", str(bundle_path), *paths, "--steer", "green", "--json"]) == 0
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [row["image"] for row in rows] == paths
+    assert all(row["label"] in ("red", "green", "blue") and 0 <= row["head_usage"] <= 1 for row in rows)
+
+
+@pytest.mark.parametrize(
+    "argv,message",
+    [
+        (["info", "no/such/bundle"], "not a bundle directory"),
+        (["predict", "{bundle}", "missing.png"], "missing.png does not exist"),
+        (["predict", "{bundle}", "{bundle}/headsteer.json"], "cannot read image"),
+        (["predict", "{bundle}", "{image}", "--steer", "purple"], "unknown steering class 'purple'"),
+    ],
+)
+def test_errors_are_one_line_without_traceback(bundle_path, tmp_path, argv, message):
+    image = tmp_path / "ok.png"
+    Image.fromarray(np.zeros((32, 32, 3), dtype=np.uint8)).save(image)
+    argv = [arg.format(bundle=bundle_path, image=image) for arg in argv]
+    result = subprocess.run([sys.executable, "-m", "headsteer.runtime.cli", *argv], capture_output=True, text=True)
+    assert result.returncode == 2
+    assert message in result.stderr
+    assert "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) == 1

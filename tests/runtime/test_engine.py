@@ -1,0 +1,119 @@
+"""Engine: preprocessing, steering lookup, validation before work, thread safety."""
+import threading
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from headsteer.runtime import GatedViT, InputError
+from headsteer.runtime.bundle import SteeringTable, save_bundle
+from headsteer.runtime.engine import Engine
+from tests.conftest import tiny_vit_kwargs
+
+MEAN, STD = (0.4, 0.5, 0.6), (0.2, 0.25, 0.3)
+
+
+@pytest.fixture(scope="module")
+def bundle_path(tmp_path_factory):
+    torch.manual_seed(0)
+    model = GatedViT.from_timm("vit_tiny_patch16_224", timm_kwargs=tiny_vit_kwargs(num_classes=4), gate_init_bias=0.0, sae_width=24, sae_k=3)
+    names = ["ant", "bee", "cat", "dog"]
+    steering = SteeringTable(names, torch.rand(4, model.steer_width) * 4, torch.randn(4, model.steer_width) * 2)
+    return save_bundle(model, tmp_path_factory.mktemp("engine") / "bundle", class_names=names, steering=steering, mean=MEAN, std=STD)
+
+
+@pytest.fixture(scope="module")
+def engine(bundle_path):
+    return Engine.load(bundle_path, backend="auto")
+
+
+def test_auto_backend_on_cpu_is_compact(engine):
+    assert engine.backend == "compact"
+
+
+def test_predict_matches_model_and_steering_rows(engine):
+    pixels = torch.randn(3, 3, 32, 32)
+    table = engine.info.steering
+    result = engine.predict(pixels, steer=["cat", None, 1])
+    with torch.no_grad():
+        scale, shift = table.rows(["cat", None, 1])
+        expected = engine.model(pixels, scale, shift, backend="reference")
+    torch.testing.assert_close(result.logits, expected.logits, atol=1e-5, rtol=1e-5)
+    assert torch.equal(result.head_mask, expected.head_mask)
+    assert result.labels.tolist() == expected.logits.argmax(-1).tolist()
+    assert result.class_names == [engine.class_names[i] for i in result.labels.tolist()]
+    assert result.head_usage.shape == (3,) and result.block_usage.shape == (3, 2)
+    same = engine.predict(pixels, steer="dog")
+    by_index = engine.predict(pixels, steer=3)
+    assert torch.equal(same.logits, by_index.logits)
+
+
+def test_raw_images_are_resized_and_normalized(engine):
+    rgb = np.random.default_rng(0).integers(0, 256, size=(20, 24, 3), dtype=np.uint8)
+    gray = np.random.default_rng(1).integers(0, 256, size=(32, 32), dtype=np.uint8)
+    result = engine.predict([Image.fromarray(rgb), gray])
+    pixels = engine.preprocess([rgb, gray])
+    assert pixels.shape == (2, 3, 32, 32)
+    expected_gray = (torch.from_numpy(gray).float() / 255 - torch.tensor(MEAN).view(3, 1, 1)) / torch.tensor(STD).view(3, 1, 1)
+    torch.testing.assert_close(pixels[1], expected_gray)
+    torch.testing.assert_close(result.logits, engine.predict(pixels).logits)
+
+
+@pytest.mark.parametrize(
+    "images,kwargs,match",
+    [
+        (torch.randn(2, 3, 30, 32), {}, r"\[30, 32\] pixels; expected \[B, 3, 32, 32\]"),
+        (torch.randn(2, 1, 32, 32), {}, "1 channels"),
+        (torch.randn(3, 32, 32), {}, "must be"),
+        (torch.ones(2, 3, 32, 32, dtype=torch.int64), {}, "floating point"),
+        (torch.full((1, 3, 32, 32), float("nan")), {}, "NaN or infinite"),
+        (torch.randn(2, 3, 32, 32), dict(steer="cow"), "unknown steering class 'cow'"),
+        (torch.randn(2, 3, 32, 32), dict(steer=["ant"]), "1 steering targets for a batch of 2"),
+        (torch.randn(2, 3, 32, 32), dict(steer=7), "out of range"),
+        (torch.randn(2, 3, 32, 32), dict(budget=2), "budget"),
+        (np.zeros((8, 8, 3), dtype=np.float32), {}, "must be uint8"),
+        ([np.zeros((8, 8, 5), dtype=np.uint8)], {}, "expected HxW"),
+        ("cat.png", {}, "expected a PIL image"),
+    ],
+)
+def test_bad_requests_fail_before_any_work(engine, monkeypatch, images, kwargs, match):
+    def no_forward(*args, **kwargs):
+        raise AssertionError("the model ran on a bad request")
+
+    monkeypatch.setattr(engine.model, "forward", no_forward)
+    with pytest.raises(InputError, match=match):
+        engine.predict(images, **kwargs)
+
+
+def test_unknown_backend_and_missing_steering_table(bundle_path, tmp_path):
+    with pytest.raises(InputError, match="unknown backend"):
+        Engine.load(bundle_path, backend="warp-drive")
+    model = GatedViT.from_timm("vit_tiny_patch16_224", timm_kwargs=tiny_vit_kwargs(num_classes=4))
+    plain = Engine.load(save_bundle(model, tmp_path / "plain"))
+    with pytest.raises(InputError, match="no steering table"):
+        plain.predict(torch.randn(1, 3, 32, 32), steer="ant")
+
+
+def test_concurrent_predictions_equal_sequential_ones(engine):
+    torch.manual_seed(1)
+    requests = [(torch.randn(int(b), 3, 32, 32), steer) for b, steer in zip(torch.randint(1, 6, (12,)), ["ant", None, "dog", 2] * 3)]
+    expected = [engine.predict(pixels, steer=steer) for pixels, steer in requests]
+    results, errors = [None] * len(requests), []
+
+    def worker(index):
+        try:
+            for _ in range(3):
+                results[index] = engine.predict(*requests[index][:1], steer=requests[index][1])
+        except Exception as error:  # surfaced below
+            errors.append(error)
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(len(requests))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not errors
+    for got, want in zip(results, expected):
+        torch.testing.assert_close(got.logits, want.logits, atol=1e-6, rtol=1e-6)
+        assert torch.equal(got.head_mask, want.head_mask)
