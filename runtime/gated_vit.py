@@ -324,7 +324,7 @@ class GatedViT(nn.Module):
         in_chans = self.vit.patch_embed.proj.in_channels
         if pixel_values.shape[1] != in_chans:
             raise InputError(f"pixel_values has {pixel_values.shape[1]} channels; the model expects {in_chans}")
-        if not getattr(self.vit.patch_embed, "dynamic_img_size", False) and tuple(pixel_values.shape[2:]) != self.image_size:
+        if not getattr(self.vit, "dynamic_img_size", False) and tuple(pixel_values.shape[2:]) != self.image_size:
             raise InputError(
                 f"pixel_values is {tuple(pixel_values.shape[2:])} pixels; the model expects {self.image_size}"
             )
