@@ -1,0 +1,205 @@
+"""The head-sparse Triton attention branch against `reference.head_attention`.
+
+Runs compiled on CUDA and under TRITON_INTERPRET=1 on the CPU (set by conftest.py)."""
+import zlib
+
+import pytest
+import torch
+from torch import nn
+
+from headsteer.kernels import reference
+from headsteer.kernels.triton_head_attention import triton_head_attention
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+cuda_only = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+TOLERANCE = {torch.float32: 1e-4, torch.float16: 2e-2, torch.bfloat16: 5e-2}
+
+
+def make_branch(batch, tokens, heads, head_dim, seed, dtype=torch.float32, bias=True):
+    """Random block input and attention weights scaled like a trained ViT (outputs O(1))."""
+    g = torch.Generator().manual_seed(seed)
+    dim = heads * head_dim
+    tensors = dict(
+        x=torch.randn(batch, tokens, dim, generator=g),
+        qkv_weight=torch.randn(3 * dim, dim, generator=g) / dim**0.5,
+        qkv_bias=0.2 * torch.randn(3 * dim, generator=g) if bias else None,
+        proj_weight=torch.randn(dim, dim, generator=g) / dim**0.5,
+        proj_bias=0.2 * torch.randn(dim, generator=g) if bias else None,
+    )
+    return {k: v.to(DEVICE, dtype) if v is not None else None for k, v in tensors.items()}
+
+
+def make_mask(kind, batch, heads, seed):
+    if kind == "none":
+        return torch.zeros(batch, heads, dtype=torch.bool, device=DEVICE)
+    if kind == "all":
+        return torch.ones(batch, heads, dtype=torch.bool, device=DEVICE)
+    if kind == "distinct":  # every sample a different subset (binary codes 1, 2, 3, ...)
+        codes = torch.arange(1, batch + 1).remainder(2**heads)
+        return ((codes[:, None] >> torch.arange(heads)) & 1).bool().to(DEVICE)
+    return (torch.rand(batch, heads, generator=torch.Generator().manual_seed(seed)) < 0.5).to(DEVICE)
+
+
+def reference_branch(branch, keep, heads, q_norm=None, k_norm=None):
+    """The fp32 reference on the (possibly half-precision) values the kernel sees."""
+    up = {k: v.float() if v is not None else None for k, v in branch.items()}
+    norms = [None if n is None or isinstance(n, nn.Identity) else nn.LayerNorm(0).float() for n in (q_norm, k_norm)]
+    for mine, theirs in zip(norms, (q_norm, k_norm)):
+        if mine is not None:
+            mine.normalized_shape, mine.eps = theirs.normalized_shape, theirs.eps
+            mine.weight = None if theirs.weight is None else nn.Parameter(theirs.weight.detach().float())
+            mine.bias = None if theirs.bias is None else nn.Parameter(theirs.bias.detach().float())
+    with torch.no_grad():
+        return reference.head_attention(up["x"], keep, up["qkv_weight"], up["qkv_bias"], up["proj_weight"],
+                                        up["proj_bias"], heads, norms[0], norms[1])
+
+
+def run_and_check(branch, keep, heads, q_norm=None, k_norm=None, out=None):
+    expected = reference_branch(branch, keep, heads, q_norm, k_norm)
+    if out is None:
+        out = torch.empty_like(branch["x"], memory_format=torch.contiguous_format)
+    out.fill_(float("nan"))  # poison: an element the kernels forget to write fails the comparison
+    got = triton_head_attention(branch["x"], keep, branch["qkv_weight"], branch["qkv_bias"], branch["proj_weight"],
+                                branch["proj_bias"], heads, q_norm, k_norm, out=out)
+    assert got is out
+    tol = TOLERANCE[branch["x"].dtype]
+    torch.testing.assert_close(got.float(), expected, atol=tol, rtol=tol)
+    return got
+
+
+@pytest.mark.parametrize(
+    "batch,tokens,heads,head_dim",
+    [(1, 5, 2, 32), (3, 17, 3, 64), (5, 50, 6, 32), (3, 70, 2, 64), (1, 17, 2, 128), (2, 9, 3, 80)],
+)
+@pytest.mark.parametrize("mask", ["none", "all", "distinct", "random"])
+def test_matches_reference_fp32(batch, tokens, heads, head_dim, mask):
+    seed = zlib.crc32(repr((batch, tokens, heads, head_dim, mask)).encode())
+    branch = make_branch(batch, tokens, heads, head_dim, seed)
+    run_and_check(branch, make_mask(mask, batch, heads, seed), heads)
+
+
+def dtypes_here():
+    """bf16 runs compiled only: Triton's CPU interpreter miscomputes bf16 tl.dot (see the launcher)."""
+    return [torch.float16, torch.bfloat16] if torch.cuda.is_available() else [torch.float16]
+
+
+@pytest.mark.parametrize("dtype", dtypes_here())
+@pytest.mark.parametrize("batch,tokens,heads,head_dim", [(3, 17, 3, 64), (5, 50, 6, 32)])
+def test_matches_reference_half(dtype, batch, tokens, heads, head_dim):
+    seed = zlib.crc32(repr((dtype, batch, tokens, heads, head_dim)).encode())
+    branch = make_branch(batch, tokens, heads, head_dim, seed, dtype)
+    run_and_check(branch, make_mask("random", batch, heads, seed), heads)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU interpreter's refusal")
+def test_bf16_under_interpreter_is_a_clear_error():
+    branch = make_branch(1, 5, 2, 32, 0, torch.bfloat16)
+    with pytest.raises(NotImplementedError, match="bf16"):
+        run_and_check(branch, make_mask("all", 1, 2, 0), 2)
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_no_head_kept_gives_exactly_the_bias(bias):
+    branch = make_branch(3, 17, 3, 32, 1, bias=bias)
+    got = run_and_check(branch, make_mask("none", 3, 3, 0), 3)
+    expected = branch["proj_bias"].expand_as(got) if bias else torch.zeros_like(got)
+    assert torch.equal(got, expected)
+
+
+def test_without_biases():
+    branch = make_branch(3, 17, 3, 32, 2, bias=False)
+    run_and_check(branch, make_mask("random", 3, 3, 2), 3)
+
+
+def test_pruned_heads_are_never_read():
+    """NaN weights of a head pruned in every sample (its Q/K/V rows and W_o columns) must not
+    reach the output: a kernel that touched them, even to multiply by zero, would yield NaN."""
+    heads, head_dim = 3, 32
+    branch = make_branch(3, 17, heads, head_dim, 3)
+    keep = make_mask("all", 3, heads, 0)
+    keep[:, 1] = False
+    expected = reference_branch(branch, keep, heads)
+    for part in range(3):
+        rows = slice((part * heads + 1) * head_dim, (part * heads + 2) * head_dim)
+        branch["qkv_weight"][rows] = float("nan")
+        branch["qkv_bias"][rows] = float("nan")
+    branch["proj_weight"][:, head_dim : 2 * head_dim] = float("nan")
+    got = triton_head_attention(branch["x"], keep, branch["qkv_weight"], branch["qkv_bias"], branch["proj_weight"],
+                                branch["proj_bias"], heads)
+    torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
+
+
+def layer_norm(head_dim, affine, bias, seed, dtype=torch.float32):
+    norm = nn.LayerNorm(head_dim, eps=1e-5, elementwise_affine=affine, bias=bias)
+    if affine:
+        g = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            norm.weight.copy_(1 + 0.3 * torch.randn(head_dim, generator=g))
+            if bias:
+                norm.bias.copy_(0.3 * torch.randn(head_dim, generator=g))
+    return norm.to(DEVICE, dtype)
+
+
+@pytest.mark.parametrize("affine,bias", [(True, True), (True, False), (False, False)])
+def test_qk_layer_norm(affine, bias):
+    branch = make_branch(3, 17, 3, 64, 4)
+    run_and_check(branch, make_mask("distinct", 3, 3, 4), 3, layer_norm(64, affine, bias, 5), layer_norm(64, affine, bias, 6))
+
+
+def test_q_norm_only_and_identity_norms():
+    branch = make_branch(2, 9, 2, 32, 7)
+    keep = make_mask("all", 2, 2, 0)
+    run_and_check(branch, keep, 2, layer_norm(32, True, True, 8), nn.Identity())
+
+
+def test_unsupported_norm_is_refused():
+    branch = make_branch(1, 5, 2, 32, 9)
+    keep = make_mask("all", 1, 2, 0)
+    for bad in (nn.RMSNorm(32), nn.LayerNorm(64)):
+        with pytest.raises(NotImplementedError, match="LayerNorm"):
+            triton_head_attention(branch["x"], keep, branch["qkv_weight"], branch["qkv_bias"],
+                                  branch["proj_weight"], branch["proj_bias"], 2, bad, None)
+
+
+def test_strided_input_and_output():
+    """x and out as non-contiguous views (e.g. a slice of a larger buffer) are read and written
+    through their strides."""
+    branch = make_branch(3, 17, 2, 32, 10)
+    wide = torch.empty(3, 17, 128, device=DEVICE)
+    branch["x"] = wide.narrow(-1, 0, 64).copy_(branch["x"])  # row stride 128, not 64
+    out = torch.empty(17, 3, 64, device=DEVICE).transpose(0, 1)
+    run_and_check(branch, make_mask("random", 3, 2, 10), 2, out=out)
+
+
+def test_shape_errors():
+    branch = make_branch(2, 5, 2, 32, 11)
+    with pytest.raises(ValueError, match="keep"):
+        triton_head_attention(branch["x"], make_mask("all", 3, 2, 0), branch["qkv_weight"], None,
+                              branch["proj_weight"], None, 2)
+    with pytest.raises(ValueError, match="qkv_weight"):
+        triton_head_attention(branch["x"], make_mask("all", 2, 5, 0), branch["qkv_weight"], None,
+                              branch["proj_weight"], None, 5)
+
+
+@cuda_only
+def test_no_host_sync_and_graph_replay_with_new_mask():
+    heads = 6
+    branch = make_branch(5, 50, heads, 64, 12, torch.bfloat16)
+    args = (branch["qkv_weight"], branch["qkv_bias"], branch["proj_weight"], branch["proj_bias"], heads)
+    keep = make_mask("random", 5, heads, 12)
+    triton_head_attention(branch["x"], keep, *args)  # compile outside the checks
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        triton_head_attention(branch["x"], keep, *args)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = triton_head_attention(branch["x"], keep, *args)
+    for mask in ("distinct", "none", "all"):
+        keep.copy_(make_mask(mask, 5, heads, 0))
+        out.fill_(float("nan"))
+        graph.replay()
+        expected = reference_branch(branch, keep, heads)
+        torch.testing.assert_close(out.float(), expected, atol=5e-2, rtol=5e-2)
