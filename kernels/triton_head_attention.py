@@ -16,6 +16,7 @@ accumulate in fp32 (exact fp32 products for fp32 inputs, no TF32).
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
@@ -23,13 +24,24 @@ import triton
 import triton.language as tl
 from torch import nn
 
-# Tile sizes, tuned on an H100 for ViT shapes (N=197, d=64, bf16); see bench/kernels.py.
-_QKV_BLOCK_N = 64
-_QKV_BLOCK_K = 64
-_ATTN_BLOCK_M = 64
-_ATTN_BLOCK_N = 64
-_PROJ_BLOCK_T = 64
-_PROJ_BLOCK_O = 64
+@dataclass(frozen=True)
+class TileConfig:
+    """Tile sizes and warps of the three kernels (BLOCK_* are rows of the tiles each program owns)."""
+
+    qkv_block_n: int = 64  # tokens per QKV-projection program
+    qkv_block_k: int = 64  # reduction step over D
+    qkv_warps: int = 4
+    attn_block_m: int = 64  # queries per attention program
+    attn_block_n: int = 64  # keys per online-softmax step
+    attn_warps: int = 4
+    proj_block_t: int = 64  # tokens per output-projection program
+    proj_block_o: int = 64  # output columns per output-projection program
+    proj_warps: int = 4
+
+
+# Used by every launch; tuned on an H100 for ViT shapes (N=197, d=64, bf16) with
+# `python -m headsteer.bench.kernels --sweep`, which swaps this module attribute.
+TILES = TileConfig()
 
 
 @triton.jit
@@ -258,8 +270,9 @@ def triton_head_attention(
     qkv = torch.empty(3, batch, num_heads, tokens, head_dim, device=x.device, dtype=x.dtype)
     heads = torch.empty(batch, tokens, num_heads, head_dim, device=x.device, dtype=x.dtype)
     keep_b, keep_h = keep.stride()
+    tiles = TILES
 
-    _qkv_kernel[(batch * num_heads, triton.cdiv(tokens, _QKV_BLOCK_N))](
+    _qkv_kernel[(batch * num_heads, triton.cdiv(tokens, tiles.qkv_block_n))](
         x, *x.stride(),
         qkv_weight, *qkv_weight.stride(), qkv_bias if qkv_bias is not None else dummy,
         keep, keep_b, keep_h,
@@ -269,23 +282,23 @@ def triton_head_attention(
         HAS_BIAS=qkv_bias is not None,
         Q_NORM=qn[3], QN_W=qn[4], QN_B=qn[5], K_NORM=kn[3], KN_W=kn[4], KN_B=kn[5],
         PRECISION=precision,
-        BLOCK_N=_QKV_BLOCK_N, BLOCK_K=_QKV_BLOCK_K, BLOCK_D=block_d,
-        num_warps=4,
+        BLOCK_N=tiles.qkv_block_n, BLOCK_K=tiles.qkv_block_k, BLOCK_D=block_d,
+        num_warps=tiles.qkv_warps,
     )
-    _attention_kernel[(batch * num_heads, triton.cdiv(tokens, _ATTN_BLOCK_M))](
+    _attention_kernel[(batch * num_heads, triton.cdiv(tokens, tiles.attn_block_m))](
         qkv, keep, keep_b, keep_h, heads,
         batch, tokens, num_heads, head_dim, 1.4426950408889634 / head_dim**0.5,
         PRECISION=precision,
-        BLOCK_M=_ATTN_BLOCK_M, BLOCK_N=_ATTN_BLOCK_N, BLOCK_D=block_d,
-        num_warps=4,
+        BLOCK_M=tiles.attn_block_m, BLOCK_N=tiles.attn_block_n, BLOCK_D=block_d,
+        num_warps=tiles.attn_warps,
     )
-    _proj_kernel[(batch * triton.cdiv(tokens, _PROJ_BLOCK_T), triton.cdiv(d_out, _PROJ_BLOCK_O))](
+    _proj_kernel[(batch * triton.cdiv(tokens, tiles.proj_block_t), triton.cdiv(d_out, tiles.proj_block_o))](
         heads, keep, keep_b, keep_h,
         proj_weight, *proj_weight.stride(), proj_bias if proj_bias is not None else dummy,
         out, *out.stride(),
         tokens, num_heads, head_dim, d_out,
         HAS_BIAS=proj_bias is not None, PRECISION=precision,
-        BLOCK_T=_PROJ_BLOCK_T, BLOCK_O=_PROJ_BLOCK_O, BLOCK_D=block_d,
-        num_warps=4,
+        BLOCK_T=tiles.proj_block_t, BLOCK_O=tiles.proj_block_o, BLOCK_D=block_d,
+        num_warps=tiles.proj_warps,
     )
     return out

@@ -1,0 +1,215 @@
+"""GPU benchmark of the Triton kernels: head-sparse attention vs the dense branch, fused gate share.
+
+    python -m headsteer.bench.kernels [--json FILE] [--md FILE] [--sweep]
+
+At B=64, N=197, bf16, for ViT-S (H=6, D=384) and ViT-B (H=12, D=768):
+- the attention branch, dense (F.linear qkv -> flash scaled_dot_product_attention -> F.linear proj)
+  against `triton_head_attention` at head usage 1.0/0.67/0.5/0.33/0.17 (random masks with exactly
+  round(u*H) heads per sample), timed eagerly and as a CUDA-graph replay;
+- the fused SAE -> steer -> gate kernel (without an SAE, and with the runtime's default SAE:
+  S=4D, TopK k=16, per-sample steering) as a share of a dense block (norm1 + attn + norm2 + MLP).
+Times are medians of `triton.testing.do_bench` (which flushes L2 between runs) in microseconds.
+`--sweep` times alternative tile configurations of the attention kernels instead.
+Without CUDA it says so and exits 0 without writing anything.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import json
+import sys
+
+import torch
+import torch.nn.functional as F
+
+BATCH, TOKENS = 64, 197
+MODELS = {"ViT-S": (6, 384), "ViT-B": (12, 768)}
+USAGES = (1.0, 0.67, 0.5, 0.33, 0.17)
+DTYPE = torch.bfloat16
+TARGETS = "usage 0.33: sparse >= 2.5x faster than dense; usage 1.0: at most 5% slower; fused gate < 5% of a block"
+
+
+def random_keep(batch: int, heads: int, usage: float, generator: torch.Generator) -> torch.Tensor:
+    """Bool [B, H] with exactly round(usage*H) randomly chosen heads kept per sample."""
+    from headsteer.kernels.reference import heads_for_budget
+
+    ranks = torch.rand(batch, heads, generator=generator).argsort(dim=1).argsort(dim=1)
+    return (ranks < heads_for_budget(usage, heads)).cuda()
+
+
+def make_block(heads: int, dim: int, generator: torch.Generator) -> dict:
+    """Random bf16 weights of one pre-norm ViT block, scaled like trained ones."""
+
+    def rand(*shape, scale=1.0):
+        return (scale * torch.randn(*shape, generator=generator)).to("cuda", DTYPE)
+
+    return dict(
+        norm1_w=rand(dim) + 1, norm1_b=rand(dim, scale=0.1), norm2_w=rand(dim) + 1, norm2_b=rand(dim, scale=0.1),
+        qkv_w=rand(3 * dim, dim, scale=dim**-0.5), qkv_b=rand(3 * dim, scale=0.1),
+        proj_w=rand(dim, dim, scale=dim**-0.5), proj_b=rand(dim, scale=0.1),
+        fc1_w=rand(4 * dim, dim, scale=dim**-0.5), fc1_b=rand(4 * dim, scale=0.1),
+        fc2_w=rand(dim, 4 * dim, scale=(4 * dim) ** -0.5), fc2_b=rand(dim, scale=0.1),
+    )
+
+
+def dense_attention(x: torch.Tensor, w: dict, heads: int) -> torch.Tensor:
+    """The dense branch as timm computes it, with SDPA pinned to FlashAttention."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    batch, tokens, dim = x.shape
+    q, k, v = F.linear(x, w["qkv_w"], w["qkv_b"]).reshape(batch, tokens, 3, heads, dim // heads).permute(2, 0, 3, 1, 4)
+    with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+        o = F.scaled_dot_product_attention(q, k, v)
+    return F.linear(o.transpose(1, 2).reshape(batch, tokens, dim), w["proj_w"], w["proj_b"])
+
+
+def dense_block(x: torch.Tensor, w: dict, heads: int) -> torch.Tensor:
+    dim = x.shape[-1]
+    x = x + dense_attention(F.layer_norm(x, (dim,), w["norm1_w"], w["norm1_b"]), w, heads)
+    hidden = F.gelu(F.linear(F.layer_norm(x, (dim,), w["norm2_w"], w["norm2_b"]), w["fc1_w"], w["fc1_b"]))
+    return x + F.linear(hidden, w["fc2_w"], w["fc2_b"])
+
+
+def sparse_attention(x: torch.Tensor, keep: torch.Tensor, w: dict, heads: int) -> torch.Tensor:
+    from headsteer.kernels.triton_head_attention import triton_head_attention
+
+    return triton_head_attention(x, keep, w["qkv_w"], w["qkv_b"], w["proj_w"], w["proj_b"], heads)
+
+
+def timed(fn) -> tuple[float, float]:
+    """(eager, CUDA-graph replay) median microseconds of fn."""
+    import triton.testing
+
+    eager = triton.testing.do_bench(fn, warmup=25, rep=200, return_mode="median")
+    with torch.cuda.stream(torch.cuda.Stream()):
+        graph = triton.testing.do_bench_cudagraph(fn, rep=200, return_mode="median")
+    return 1000 * eager, 1000 * graph
+
+
+def gate_params(dim: int, heads: int, generator: torch.Generator, with_sae: bool) -> tuple[dict, dict | None, tuple]:
+    """The runtime's default gate (G = D/4) and, optionally, SAE (S = 4D, TopK k=16) with steering."""
+
+    def rand(*shape, scale=1.0):
+        return (scale * torch.randn(*shape, generator=generator)).to("cuda", DTYPE)
+
+    gate = dict(norm_weight=rand(dim) + 1, norm_bias=rand(dim, scale=0.1), norm_eps=1e-6,
+                fc1_weight=rand(dim // 4, dim, scale=dim**-0.5), fc1_bias=rand(dim // 4, scale=0.1),
+                fc2_weight=rand(heads, dim // 4, scale=(dim // 4) ** -0.5), fc2_bias=rand(heads, scale=0.1))
+    if not with_sae:
+        return gate, None, (None, None)
+    width = 4 * dim
+    sae = dict(enc_weight=rand(width, dim, scale=dim**-0.5), enc_bias=rand(width, scale=0.1),
+               dec_weight=F.normalize(rand(width, dim).float(), dim=1).to(DTYPE), dec_bias=rand(dim, scale=0.1),
+               threshold=None, activation="topk", k=16)
+    return gate, sae, (rand(BATCH, width) + 1, rand(BATCH, width, scale=0.1))
+
+
+def run_benchmark() -> dict:
+    from headsteer.kernels.triton_sae_gate import triton_sae_steer_gate
+
+    generator = torch.Generator().manual_seed(0)
+    results = {"attention": [], "gate": []}
+    for name, (heads, dim) in MODELS.items():
+        w = make_block(heads, dim, generator)
+        x = torch.randn(BATCH, TOKENS, dim, generator=generator).to("cuda", DTYPE)
+        dense = timed(lambda: dense_attention(x, w, heads))
+        for usage in USAGES:
+            keep = random_keep(BATCH, heads, usage, generator)
+            sparse = timed(lambda: sparse_attention(x, keep, w, heads))
+            results["attention"].append(dict(
+                model=name, heads=heads, dim=dim, usage=usage, heads_kept=int(keep[0].sum()),
+                dense_us=dense[0], sparse_us=sparse[0], speedup=dense[0] / sparse[0],
+                dense_graph_us=dense[1], sparse_graph_us=sparse[1], speedup_graph=dense[1] / sparse[1],
+            ))
+        block = timed(lambda: dense_block(x, w, heads))
+        e = x[:, 0]
+        for with_sae in (False, True):
+            gate, sae, (scale, shift) = gate_params(dim, heads, generator, with_sae)
+            gate_time = timed(lambda: triton_sae_steer_gate(e, gate, sae, scale, shift, budget=None))
+            results["gate"].append(dict(
+                model=name, sae="S=4D topk k=16, steered" if with_sae else "none", gate_us=gate_time[0],
+                block_us=block[0], share=gate_time[0] / block[0],
+                gate_graph_us=gate_time[1], block_graph_us=block[1], share_graph=gate_time[1] / block[1],
+            ))
+    return results
+
+
+def sweep() -> None:
+    """Time the sparse branch under alternative tile configurations, one kernel's tiles at a time."""
+    from headsteer.kernels import triton_head_attention as module
+
+    base = module.TileConfig()
+    variants = [base]
+    for qkv in ((128, 64, 8), (64, 128, 4), (32, 64, 4), (128, 32, 4)):
+        variants.append(dataclasses.replace(base, qkv_block_n=qkv[0], qkv_block_k=qkv[1], qkv_warps=qkv[2]))
+    for attn in ((128, 64, 8), (32, 64, 4), (64, 128, 4), (128, 128, 8)):
+        variants.append(dataclasses.replace(base, attn_block_m=attn[0], attn_block_n=attn[1], attn_warps=attn[2]))
+    for proj in ((64, 128, 4), (128, 64, 4), (128, 128, 8), (32, 128, 4), (64, 64, 2)):
+        variants.append(dataclasses.replace(base, proj_block_t=proj[0], proj_block_o=proj[1], proj_warps=proj[2]))
+    generator = torch.Generator().manual_seed(0)
+    for name, (heads, dim) in MODELS.items():
+        w = make_block(heads, dim, generator)
+        x = torch.randn(BATCH, TOKENS, dim, generator=generator).to("cuda", DTYPE)
+        keeps = {u: random_keep(BATCH, heads, u, generator) for u in (1.0, 0.33)}
+        for tiles in variants:
+            module.TILES = tiles
+            times = {u: timed(lambda: sparse_attention(x, keep, w, heads))[0] for u, keep in keeps.items()}
+            print(f"{name} u=1.0 {times[1.0]:7.1f}us u=0.33 {times[0.33]:7.1f}us  {tiles}", flush=True)
+    module.TILES = base
+
+
+def markdown(results: dict, device: str, date: str, command: str) -> str:
+    lines = [
+        "## Triton kernels (issue 4)", "",
+        f"Measured on {device}, {date}, with `{command}`; torch {torch.__version__}, "
+        f"triton {__import__('triton').__version__}. B={BATCH}, N={TOKENS}, bf16, d=64; medians of "
+        "`triton.testing.do_bench` in microseconds (L2 flushed between runs); `graph` = the same "
+        "call replayed from a CUDA graph. Dense = F.linear qkv + flash SDPA + F.linear proj.",
+        f"Targets: {TARGETS}.", "",
+        "| model | usage | heads kept | dense us | sparse us | speedup | dense graph us | sparse graph us | speedup graph |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for r in results["attention"]:
+        lines.append(f"| {r['model']} | {r['usage']:.2f} | {r['heads_kept']}/{r['heads']} | {r['dense_us']:.1f} | "
+                     f"{r['sparse_us']:.1f} | {r['speedup']:.2f}x | {r['dense_graph_us']:.1f} | "
+                     f"{r['sparse_graph_us']:.1f} | {r['speedup_graph']:.2f}x |")
+    lines += ["", "Fused SAE -> steer -> gate (one launch, keep mask included) against one dense block "
+              "(norm1 + attention + norm2 + MLP, residuals):", "",
+              "| model | SAE | gate us | block us | share | gate graph us | block graph us | share graph |",
+              "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for r in results["gate"]:
+        lines.append(f"| {r['model']} | {r['sae']} | {r['gate_us']:.1f} | {r['block_us']:.1f} | {100 * r['share']:.1f}% | "
+                     f"{r['gate_graph_us']:.1f} | {r['block_graph_us']:.1f} | {100 * r['share_graph']:.1f}% |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--json", help="write the measurements as JSON to this file")
+    parser.add_argument("--md", help="write the RESULTS.md section as markdown to this file")
+    parser.add_argument("--sweep", action="store_true", help="time alternative attention tile configurations")
+    args = parser.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("headsteer.bench.kernels: no CUDA device; the Triton kernel timings are GPU-only, nothing measured.")
+        return 0
+    if args.sweep:
+        sweep()
+        return 0
+    device = torch.cuda.get_device_name()
+    date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    command = "python -m headsteer.bench.kernels " + " ".join(argv if argv is not None else sys.argv[1:])
+    results = run_benchmark()
+    text = markdown(results, device, date, command.strip())
+    print(text)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(dict(device=device, date=date, command=command.strip(), **results), f, indent=2)
+    if args.md:
+        with open(args.md, "w") as f:
+            f.write(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
