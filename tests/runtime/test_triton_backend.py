@@ -1,0 +1,62 @@
+"""The whole GatedViT on the triton backend against the reference backend (compiled on CUDA,
+under TRITON_INTERPRET=1 on the CPU), and the Engine's backend choice."""
+import pytest
+import torch
+
+from headsteer.runtime import GatedViT
+from tests.conftest import DEVICE, tiny_vit_kwargs
+
+pytest.importorskip("triton")
+
+
+def _model(**kwargs):
+    # head_dim 32: a size the Triton attention kernel tiles; N = 17 tokens is not a tile multiple.
+    vit_kwargs = tiny_vit_kwargs(embed_dim=96, num_heads=3, depth=2, qk_norm=kwargs.pop("qk_norm", False))
+    model = GatedViT.from_timm("vit_tiny_patch16_224", timm_kwargs=vit_kwargs, gate_init_bias=0.0, sae_width=64, sae_k=4, **kwargs)
+    with torch.no_grad():  # spread gate logits to O(1) so none sits within rounding of the threshold
+        for gate in model.gates.values():
+            gate.fc2.weight.mul_(20)
+    return model.eval().to(DEVICE)
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+@pytest.mark.parametrize("budget", [None, 0.0, 0.67, 1.0])
+@pytest.mark.parametrize("config", [dict(), dict(sae_blocks="all", sae_activation="relu", qk_norm=True)], ids=["topk", "relu_all_qknorm"])
+def test_triton_backend_matches_reference(batch, budget, config):
+    model = _model(**config)
+    pixels = torch.randn(batch, 3, 32, 32, device=DEVICE)
+    scale = torch.rand(batch, model.steer_width, device=DEVICE) * 3
+    shift = torch.randn(batch, model.steer_width, device=DEVICE) * 0.1
+    with torch.no_grad():
+        expected = model(pixels, scale, shift, budget=budget, backend="reference")
+        got = model(pixels, scale, shift, budget=budget, backend="triton")
+    # A gate logit within rounding of 0 could legitimately flip; the seeded inputs keep clear of it.
+    assert expected.gate_logits.abs().min() > 1e-4
+    torch.testing.assert_close(got.gate_logits, expected.gate_logits, atol=1e-4, rtol=1e-4)
+    assert torch.equal(got.head_mask, expected.head_mask)
+    torch.testing.assert_close(got.logits, expected.logits, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.skipif(DEVICE != "cuda", reason="needs a CUDA device")
+def test_engine_auto_picks_triton_on_cuda(tmp_path):
+    from headsteer.runtime.bundle import save_bundle
+    from headsteer.runtime.engine import Engine
+
+    model = _model().cpu()
+    engine = Engine.load(save_bundle(model, tmp_path / "bundle"), backend="auto", device="cuda")
+    assert engine.backend == "triton"
+    pixels = torch.randn(4, 3, 32, 32)
+    with torch.no_grad():
+        expected = model(pixels, backend="reference")
+    got = engine.predict(pixels)
+    torch.testing.assert_close(got.logits, expected.logits, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.skipif(DEVICE != "cuda", reason="needs a CUDA device")
+def test_bf16_triton_model_close_to_fp32_reference():
+    model = _model()
+    pixels = torch.randn(5, 3, 32, 32, device=DEVICE)
+    with torch.no_grad():
+        expected = model(pixels, budget=0.67, backend="reference")
+        got = model.to(torch.bfloat16)(pixels.bfloat16(), budget=0.67, backend="triton")
+    torch.testing.assert_close(got.logits.float(), expected.logits, atol=0.1, rtol=0.1)
