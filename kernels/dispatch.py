@@ -63,6 +63,10 @@ def head_attention(
         return compact.compact_head_attention(x, keep, *args, q_norm=q_norm, k_norm=k_norm, head_major=_head_major(attn))
     if backend == "triton":
         _require_triton(x)
+        if not all(norm is None or isinstance(norm, nn.LayerNorm) for norm in (q_norm, k_norm)):
+            # The kernel fuses LayerNorm q/k norms only; others take the masked dense path,
+            # which stays free of host synchronization.
+            return reference.head_attention(x, head_weight, *args, q_norm=q_norm, k_norm=k_norm)
         from headsteer.kernels.triton_head_attention import triton_head_attention
 
         return triton_head_attention(x, keep, *args, q_norm=q_norm, k_norm=k_norm)
