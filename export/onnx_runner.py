@@ -1,0 +1,207 @@
+"""The `onnxruntime` backend of `Engine`, and a session builder for the bench harness.
+
+    Engine.load(bundle, backend="onnxruntime")                       # exports on the fly
+    Engine.load(bundle, backend="onnxruntime", onnx_path="m.onnx")   # runs a file from `headsteer export`
+    Engine.load(bundle, backend="onnxruntime", device="cuda", providers=[...])
+
+Without `onnx_path` the bundle is exported (attention variant `attention`, default "masked") into a
+fresh temporary directory, the ONNX Runtime session is built from it, and the directory is
+deleted at once: a session holds its graph in memory, so nothing is left on disk and nothing is
+ever written into the bundle. Pass `cache_dir=` to keep the export instead, named by a hash of the
+bundle's file checksums, the variant, the opset and the torch version, and reused on the next load.
+
+ONNX Runtime comes as `onnxruntime` (CPU; extra `onnx`) or `onnxruntime-gpu` (extra `gpu`), one
+import name; install exactly one. Providers default to CUDA first (then CPU) when the device is
+CUDA, and to the CPU provider on a CPU device.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Callable, Optional, Sequence, Union
+
+import numpy as np
+import torch
+
+from headsteer.export._common import MissingDependencyError, require
+from headsteer.export.onnx_export import DEFAULT_OPSET, INPUT_NAMES, ONNX_FORMAT, read_metadata, to_onnx
+from headsteer.runtime.errors import BundleError, InputError
+
+CPU_PROVIDER = "CPUExecutionProvider"
+CUDA_PROVIDER = "CUDAExecutionProvider"
+
+
+def _onnxruntime():
+    return require("onnxruntime", "the onnxruntime backend")
+
+
+def default_providers(device: torch.device) -> list:
+    """CUDA first (then CPU) for a CUDA device; CPU alone otherwise."""
+    ort = _onnxruntime()
+    available = ort.get_available_providers()
+    if device.type == "cuda":
+        if CUDA_PROVIDER not in available:
+            raise MissingDependencyError(
+                f"device {device} asks for ONNX Runtime's {CUDA_PROVIDER}, but this onnxruntime build offers only "
+                f"{available}; install the GPU build: pip uninstall onnxruntime && pip install 'headsteer[gpu]'"
+            )
+        return [(CUDA_PROVIDER, {"device_id": device.index or 0}), CPU_PROVIDER]
+    return [CPU_PROVIDER]
+
+
+def _check_providers(providers: Sequence) -> list:
+    ort = _onnxruntime()
+    available = ort.get_available_providers()
+    checked = []
+    for provider in providers:
+        name = provider[0] if isinstance(provider, (tuple, list)) else provider
+        if not isinstance(name, str) or name not in available:
+            raise InputError(f"ONNX Runtime provider {name!r} is not available in this build; available: {available}")
+        checked.append(tuple(provider) if isinstance(provider, list) else provider)
+    if not checked:
+        raise InputError("providers must name at least one ONNX Runtime execution provider")
+    return checked
+
+
+def build_session(onnx_path: Union[str, os.PathLike], providers: Sequence, intra_op_num_threads: Optional[int] = None):
+    ort = _onnxruntime()
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    if intra_op_num_threads:
+        options.intra_op_num_threads = int(intra_op_num_threads)
+    options.log_severity_level = 3  # errors only: ORT warns about unused initializers etc.
+    return ort.InferenceSession(str(onnx_path), sess_options=options, providers=list(providers))
+
+
+class OrtCallable:
+    """An ONNX Runtime session with the runner signature:
+    `(pixel_values [B,C,H,W], steer_scale [B,S] | None, steer_shift [B,S] | None) -> (logits, head_mask)`,
+    inputs as torch tensors (any device; copied to host), outputs as CPU tensors (float32, bool)."""
+
+    def __init__(self, session, steer_width: int):
+        self.session = session
+        self.steer_width = int(steer_width)
+        self.metadata = read_metadata(dict(session.get_modelmeta().custom_metadata_map))
+        self.providers = session.get_providers()
+
+    @staticmethod
+    def _host(tensor: torch.Tensor) -> np.ndarray:
+        return np.ascontiguousarray(tensor.detach().to("cpu", torch.float32).numpy())
+
+    def __call__(self, pixel_values: torch.Tensor, steer_scale: Optional[torch.Tensor] = None, steer_shift: Optional[torch.Tensor] = None):
+        batch = pixel_values.shape[0]
+        feeds = {"pixel_values": self._host(pixel_values)}
+        for name, vector, fill in (("steer_scale", steer_scale, 1.0), ("steer_shift", steer_shift, 0.0)):
+            if vector is None:
+                feeds[name] = np.full((batch, self.steer_width), fill, dtype=np.float32)
+            else:
+                if tuple(vector.shape) != (batch, self.steer_width):
+                    raise InputError(f"{name} must be [B, S_total] = {[batch, self.steer_width]}, got {list(vector.shape)}")
+                feeds[name] = self._host(vector)
+        logits, head_mask = self.session.run(["logits", "head_mask"], feeds)
+        return torch.from_numpy(logits).float(), torch.from_numpy(np.asarray(head_mask, dtype=bool))
+
+
+def make_ort_callable(
+    model,
+    attention: str = "masked",
+    providers: Optional[Sequence] = None,
+    device: Union[str, torch.device] = "cpu",
+    opset: int = DEFAULT_OPSET,
+    intra_op_num_threads: Optional[int] = None,
+) -> OrtCallable:
+    """Export a GatedViT in memory to ONNX and return an `OrtCallable` over it (for the bench harness).
+
+    Batch is dynamic, so one callable serves every batch size; gating is the threshold rule
+    (`gate logit > 0`): a head budget is not part of the ONNX contract. Call it as
+    `fn(pixel_values, steer_scale=None, steer_shift=None) -> (logits, head_mask)`."""
+    device = torch.device(device)
+    providers = _check_providers(providers) if providers is not None else default_providers(device)
+    workdir = Path(tempfile.mkdtemp(prefix="headsteer-ort-"))
+    try:
+        path = to_onnx(model, workdir / "model.onnx", attention=attention, opset=opset, write_steering=False)
+        session = build_session(path, providers, intra_op_num_threads)
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+    return OrtCallable(session, model.steer_width)
+
+
+def _cache_key(info, attention: str, opset: int) -> str:
+    from headsteer.export.onnx_export import ONNX_FORMAT_VERSION
+
+    blob = json.dumps(
+        dict(files=info.config.get("files"), attention=attention, opset=opset, torch=torch.__version__, fmt=ONNX_FORMAT_VERSION),
+        sort_keys=True,
+    )
+    return hashlib.sha256(blob.encode()).hexdigest()[:24]
+
+
+def check_against_bundle(metadata: dict, info, path) -> None:
+    """Raise BundleError when an ONNX file's headsteer metadata does not describe this bundle."""
+    if metadata.get("format") != ONNX_FORMAT:
+        raise BundleError(f"{path} carries no headsteer metadata; export it with `headsteer export --format onnx`")
+    config = info.config
+    expected = {
+        "class_names": list(info.class_names),
+        "steer_width": int(config["steer_width"]),
+        "image_size": list(config["image_size"]),
+        "gated_blocks": list(config.get("gated_blocks", [])),
+    }
+    for key, value in expected.items():
+        if metadata.get(key) != value:
+            raise BundleError(f"{path} was exported from another model: its {key} is {metadata.get(key)!r}, the bundle's is {value!r}")
+
+
+class OnnxRunner(OrtCallable):
+    """`Engine` runner for backend "onnxruntime"; see the module docstring for the options."""
+
+    def __init__(
+        self,
+        info,
+        device: Union[str, torch.device] = "cpu",
+        onnx_path: Optional[Union[str, os.PathLike]] = None,
+        providers: Optional[Sequence] = None,
+        attention: str = "masked",
+        opset: int = DEFAULT_OPSET,
+        cache_dir: Optional[Union[str, os.PathLike]] = None,
+        intra_op_num_threads: Optional[int] = None,
+    ):
+        device = torch.device(device)
+        _onnxruntime()
+        providers = _check_providers(providers) if providers is not None else default_providers(device)
+        self.device = device
+        self.attention = attention
+        if onnx_path is not None:
+            onnx_path = Path(onnx_path)
+            if not onnx_path.is_file():
+                raise InputError(f"onnx_path {onnx_path} does not exist (export one with `headsteer export BUNDLE --format onnx --out FILE`)")
+            session = build_session(onnx_path, providers, intra_op_num_threads)
+            self.onnx_path: Optional[Path] = onnx_path
+        elif cache_dir is not None:
+            cache_dir = Path(cache_dir)
+            path = cache_dir / f"{_cache_key(info, attention, opset)}-{attention}.onnx"
+            if not path.is_file():
+                to_onnx(info.path, path, attention=attention, opset=opset, write_steering=False)
+            session = build_session(path, providers, intra_op_num_threads)
+            self.onnx_path = path
+        else:
+            workdir = Path(tempfile.mkdtemp(prefix="headsteer-ort-"))
+            try:
+                path = to_onnx(info.path, workdir / "model.onnx", attention=attention, opset=opset, write_steering=False)
+                session = build_session(path, providers, intra_op_num_threads)
+            finally:
+                shutil.rmtree(workdir, ignore_errors=True)
+            self.onnx_path = None
+        super().__init__(session, int(info.config["steer_width"]))
+        check_against_bundle(self.metadata, info, onnx_path or "the exported model")
+        self.attention = self.metadata.get("attention", attention)
+        missing = set(INPUT_NAMES) - {i.name for i in session.get_inputs()}
+        if missing:
+            raise BundleError(f"the ONNX model lacks the inputs {sorted(missing)}")
+
+
+__all__ = ["OnnxRunner", "OrtCallable", "build_session", "default_providers", "make_ort_callable"]
