@@ -1,0 +1,764 @@
+"""`headsteer bench`: latency and throughput of every backend against timm's dense forward.
+
+For each image size and batch size, every cell of the grid (timm dense, then each gated backend
+at each forced head usage, then optionally each gated backend with the gate deciding) is timed
+round-robin: one repetition runs every cell once, in a freshly shuffled order, so machine noise
+(other processes, frequency changes) lands on all cells alike and the speed-up over timm is a
+ratio of numbers measured side by side in the same process on the same inputs.
+
+Per cell: warm-up, `reps` timed forwards (CUDA events on a GPU), median/p90/p99 latency,
+images/s, speed-up over timm dense, the ideal speed-up from the FLOPs the measured head mask
+skips (see `flops.py`), and efficiency = measured / ideal.
+
+API: `run_bench(BenchConfig(...)) -> dict` (the JSON report), `write_json/write_markdown/
+write_plot`, `register_backend` to plug in more backends. CLI: `add_arguments(parser)` and
+`run(args) -> int` (mounted as `headsteer bench`; also `python -m headsteer.bench`).
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import datetime as _dt
+import json
+import os
+import platform
+import random
+import socket
+import statistics
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Optional, Sequence
+
+import torch
+
+from headsteer.bench.flops import ideal_speedup, vit_flops
+
+ROW_KEYS = (
+    "backend",
+    "batch",
+    "img_size",
+    "usage",
+    "median_ms",
+    "p90_ms",
+    "p99_ms",
+    "images_per_s",
+    "speedup_vs_timm",
+    "ideal_speedup",
+    "efficiency",
+)
+DEFAULT_USAGES = (1.0, 0.67, 0.5, 0.33, 0.17, 0.0)
+RANDOM_WEIGHTS_NOTE = "random weights (latency does not depend on the weight values)"
+
+
+class BackendUnavailable(Exception):
+    """A backend cannot run here; the message says why (it is skipped and the reason reported)."""
+
+
+# -- backends -------------------------------------------------------------------------------------
+class Runner:
+    """One benchmarked way of running the model. `__call__(x, steer_scale, steer_shift, budget)`
+    runs a forward and returns the head mask [B, L_gated, H] it used (None for a dense baseline).
+
+    dense: ignores head pruning (timm; timed once per batch at usage 1).
+    supports_budget: can force a head budget (an exported ONNX graph only has the gate's threshold).
+    """
+
+    dense = False
+    supports_budget = True
+
+    def __init__(self, name: str, model, device: torch.device):
+        self.name, self.model, self.device = name, model, device
+
+    def for_model(self, model) -> "Runner":
+        """This runner on another GatedViT sharing the backbone (gate-deciding copies)."""
+        clone = copy.copy(self)
+        clone.model = model
+        return clone
+
+    def __call__(self, x, steer_scale, steer_shift, budget):
+        raise NotImplementedError
+
+
+class TimmRunner(Runner):
+    """timm's own VisionTransformer forward (fused attention): the baseline."""
+
+    dense = True
+
+    def __call__(self, x, steer_scale, steer_shift, budget):
+        self.model.vit(x)
+        return None
+
+
+class GatedRunner(Runner):
+    """GatedViT.forward with one of its in-process backends (reference, compact, triton)."""
+
+    def __call__(self, x, steer_scale, steer_shift, budget):
+        return self.model(x, steer_scale, steer_shift, budget=budget, backend=self.name).head_mask
+
+
+def _timm_factory(name, model, device):
+    return TimmRunner(name, model, device)
+
+
+def _gated_factory(name, model, device):
+    if name == "triton":
+        if device.type != "cuda":
+            raise BackendUnavailable("triton needs a CUDA device")
+        try:
+            import triton  # noqa: F401
+        except ImportError:
+            raise BackendUnavailable("triton is not installed (pip install headsteer[gpu])") from None
+    return GatedRunner(name, model, device)
+
+
+class OnnxRuntimeRunner(Runner):
+    """An ONNX file exported by `headsteer.export` (sparse attention variant), run by ONNX Runtime.
+
+    The graph has no head-budget input, so this runner only appears in gate-deciding rows; each
+    gate-deciding copy of the model is exported once, lazily."""
+
+    supports_budget = False
+
+    def __init__(self, name, model, device):
+        super().__init__(name, model, device)
+        try:
+            import onnxruntime  # noqa: F401
+        except ImportError:
+            raise BackendUnavailable("onnxruntime is not installed (pip install headsteer[onnx])") from None
+        try:
+            from headsteer.export import onnx as export_onnx  # noqa: F401
+        except ImportError:
+            raise BackendUnavailable("headsteer.export.onnx (the ONNX exporter) is not available") from None
+        self._session = None
+        self._tmp = None
+
+    def for_model(self, model):
+        clone = super().for_model(model)
+        clone._session = None
+        return clone
+
+    def _build(self, x, steer_scale):
+        import onnxruntime as ort
+
+        from headsteer.export import onnx as export_onnx
+
+        self._tmp = tempfile.TemporaryDirectory(prefix="headsteer-bench-")
+        path = Path(self._tmp.name) / "model.onnx"
+        to_onnx = getattr(export_onnx, "to_onnx", None) or getattr(export_onnx, "export_onnx")
+        to_onnx(self.model, path, attention="sparse")
+        providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if self.device.type == "cuda" else ["CPUExecutionProvider"]
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = torch.get_num_threads()
+        available = ort.get_available_providers()
+        self._session = ort.InferenceSession(str(path), options, providers=[p for p in providers if p in available])
+
+    def __call__(self, x, steer_scale, steer_shift, budget):
+        if budget is not None:
+            raise BackendUnavailable("onnxruntime runs the gate's threshold only")
+        if self._session is None:
+            self._build(x, steer_scale)
+        feeds = {"pixel_values": x.detach().cpu().numpy()}
+        width = self.model.steer_width
+        batch = x.shape[0]
+        scale = steer_scale if steer_scale is not None else torch.ones(batch, width)
+        shift = steer_shift if steer_shift is not None else torch.zeros(batch, width)
+        names = {i.name for i in self._session.get_inputs()}
+        if "steer_scale" in names:
+            feeds["steer_scale"] = scale.detach().cpu().numpy()
+            feeds["steer_shift"] = shift.detach().cpu().numpy()
+        logits, head_mask = self._session.run(["logits", "head_mask"], feeds)
+        return torch.from_numpy(head_mask).bool()
+
+
+# name -> factory(name, model, device) -> Runner (raises BackendUnavailable)
+BACKEND_FACTORIES: dict[str, Callable] = {
+    "timm": _timm_factory,
+    "reference": _gated_factory,
+    "compact": _gated_factory,
+    "triton": _gated_factory,
+    "onnxruntime": OnnxRuntimeRunner,
+}
+
+
+def register_backend(name: str, factory: Callable) -> None:
+    """Add a backend to `headsteer bench`: factory(name, model, device) returns a `Runner` or
+    raises `BackendUnavailable("why")`."""
+    BACKEND_FACTORIES[name] = factory
+
+
+def default_backends(device: torch.device) -> list[str]:
+    names = ["timm", "reference", "compact"]
+    if device.type == "cuda":
+        names.append("triton")
+    return names
+
+
+# -- configuration --------------------------------------------------------------------------------
+@dataclass
+class BenchConfig:
+    """What `run_bench` measures. Exactly one of `model` (a timm name, or a GatedViT/timm module)
+    and `bundle` (a bundle directory)."""
+
+    model: object = None
+    bundle: Optional[str] = None
+    backends: Optional[Sequence[str]] = None  # None: timm, reference, compact (+ triton on CUDA)
+    batches: Sequence[int] = (1, 8)
+    usages: Sequence[float] = DEFAULT_USAGES
+    img_sizes: Optional[Sequence[int]] = None  # None: the model's own
+    threads: Optional[int] = None
+    device: str = "auto"
+    reps: int = 20
+    warmup: int = 3
+    gate: bool = False  # also time the gate deciding (threshold mode), per target usage
+    calibration_samples: int = 32
+    seed: int = 0
+    timm_kwargs: dict = field(default_factory=dict)
+    gated_kwargs: dict = field(default_factory=dict)  # passed to GatedViT.from_timm
+    progress: bool = True
+    quick: bool = False
+
+    @classmethod
+    def quick_defaults(cls, **overrides) -> "BenchConfig":
+        """`--quick`: few repetitions, small calibration; under 2 minutes for vit_small on 2 cores."""
+        values = dict(reps=4, warmup=1, calibration_samples=8, quick=True)
+        values.update(overrides)
+        return cls(**values)
+
+
+# -- environment ----------------------------------------------------------------------------------
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as handle:
+            for line in handle:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def environment(device: torch.device) -> dict:
+    """Where and with what the numbers were measured."""
+    import timm
+
+    env = dict(
+        date=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        host=socket.gethostname(),
+        platform=platform.platform(),
+        python=platform.python_version(),
+        torch=torch.__version__,
+        timm=timm.__version__,
+        device=str(device),
+        cpu=_cpu_name(),
+        cpu_count=os.cpu_count(),
+        threads=torch.get_num_threads(),
+        gpu=torch.cuda.get_device_name(device) if device.type == "cuda" else None,
+        dtype="float32",
+    )
+    try:
+        env["load_average_start"] = [round(v, 2) for v in os.getloadavg()]
+    except OSError:
+        pass
+    return env
+
+
+# -- model ----------------------------------------------------------------------------------------
+def _load_model(config: BenchConfig, img_size: Optional[int], device: torch.device):
+    """(GatedViT in eval mode, description, weights note)."""
+    from headsteer.runtime.gated_vit import GatedViT
+
+    if (config.model is None) == (config.bundle is None):
+        from headsteer.runtime.errors import InputError
+
+        raise InputError("bench needs exactly one of a timm model name (--model) or a bundle (--bundle)")
+    if config.bundle is not None:
+        try:
+            from headsteer.runtime.bundle import load_bundle
+        except ImportError:
+            from headsteer.runtime.errors import InputError
+
+            raise InputError("this installation cannot load bundles (headsteer.runtime.bundle is missing)") from None
+        model, _info = load_bundle(config.bundle)
+        if img_size is not None and tuple(model.image_size) != (img_size, img_size):
+            from headsteer.runtime.errors import InputError
+
+            raise InputError(f"the bundle's model takes {tuple(model.image_size)} pixels; --img-size {img_size} does not match")
+        return model.eval().to(device), f"bundle {config.bundle}", "the bundle's trained weights"
+    torch.manual_seed(config.seed)
+    if isinstance(config.model, GatedViT):
+        model = config.model
+        return model.eval().to(device), type(model.vit).__name__, RANDOM_WEIGHTS_NOTE
+    kwargs = dict(config.timm_kwargs)
+    if img_size is not None:
+        kwargs["img_size"] = img_size
+    model = GatedViT.from_timm(config.model, timm_kwargs=kwargs, **config.gated_kwargs)
+    name = config.model if isinstance(config.model, str) else type(config.model).__name__
+    return model.eval().to(device), name, RANDOM_WEIGHTS_NOTE
+
+
+def _gate_copy(model):
+    """A GatedViT sharing every module with `model` except its gates (deep-copied), so a gate
+    copy can be re-biased while the backbone, its caches and the SAEs stay shared."""
+    clone = copy.copy(model)
+    clone._modules = dict(model._modules)
+    clone._modules["gates"] = copy.deepcopy(model.gates)
+    return clone
+
+
+@torch.inference_mode()
+def calibrate_gate(model, target: float, pixels: torch.Tensor, steer, iterations: int = 2) -> None:
+    """Re-bias each gate's output layer so that, with the threshold, each head is kept on about
+    `target` of the calibration images (per-head quantile of the gate logits). Heads are kept
+    independently, so samples keep different head counts. 1.0 and 0.0 keep/prune every head."""
+    gates = [model.gates[str(i)] for i in model.gate_blocks]
+    if target >= 1.0 or target <= 0.0:
+        for gate in gates:
+            gate.fc2.bias.fill_(1e4 if target >= 1.0 else -1e4)
+        return
+    for _ in range(iterations):
+        out = model(pixels, *steer, budget=None, backend="compact")
+        for index, gate in enumerate(gates):
+            raw = out.gate_logits[:, index, :] - gate.fc2.bias  # [B, H] without the bias
+            cut = torch.quantile(raw.float(), 1.0 - target, dim=0)
+            gate.fc2.bias.copy_(-cut)
+
+
+# -- timing ---------------------------------------------------------------------------------------
+class _Timer:
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+
+    def __call__(self, fn) -> tuple[float, object]:
+        if self.cuda:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            result = fn()
+            end.record()
+            end.synchronize()
+            return start.elapsed_time(end), result
+        begin = time.perf_counter()
+        result = fn()
+        return (time.perf_counter() - begin) * 1e3, result
+
+
+def _percentile(values: Sequence[float], q: float) -> float:
+    ordered = sorted(values)
+    if len(ordered) == 1:
+        return ordered[0]
+    position = (len(ordered) - 1) * q / 100.0
+    low = int(position)
+    high = min(low + 1, len(ordered) - 1)
+    return ordered[low] + (ordered[high] - ordered[low]) * (position - low)
+
+
+def _progress(total: int, enabled: bool, desc: str):
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:  # tqdm is a dependency; this only guards odd installs
+        tqdm = None
+    if tqdm is None or not enabled:
+        class _Null:
+            def update(self, n=1):
+                pass
+
+            def set_postfix_str(self, s):
+                pass
+
+            def close(self):
+                pass
+
+        return _Null()
+    return tqdm(total=total, desc=desc, unit="fwd", file=sys.stderr, leave=False, dynamic_ncols=True)
+
+
+@dataclass
+class _Cell:
+    runner: Runner
+    mode: str  # "dense" (timm), "budget" (forced head usage) or "gate" (threshold decides)
+    target: Optional[float]
+    budget: Optional[float]
+    times: list = field(default_factory=list)
+    head_mask: Optional[torch.Tensor] = None
+
+
+def run_bench(config: BenchConfig) -> dict:
+    """Time the grid described by `config`; returns `{"environment": {...}, "rows": [...]}`."""
+    device = torch.device("cuda" if config.device == "auto" and torch.cuda.is_available() else
+                          ("cpu" if config.device == "auto" else config.device))
+    if config.threads:
+        torch.set_num_threads(int(config.threads))
+    env = environment(device)
+    names = list(config.backends) if config.backends else default_backends(device)
+    if "timm" not in names:
+        names.insert(0, "timm")  # the baseline every speed-up is measured against
+    unknown = [n for n in names if n not in BACKEND_FACTORIES]
+    if unknown:
+        from headsteer.runtime.errors import InputError
+
+        raise InputError(f"unknown backend(s) {unknown}; known: {sorted(BACKEND_FACTORIES)}")
+    rows, skipped = [], {}
+    img_sizes = list(config.img_sizes) if config.img_sizes else [None]
+    for img_size in img_sizes:
+        model, description, weights = _load_model(config, img_size, device)
+        size = tuple(model.image_size)
+        counts = vit_flops(model.vit, size)
+        runners = []
+        for name in names:
+            try:
+                runners.append(BACKEND_FACTORIES[name](name, model, device))
+            except BackendUnavailable as why:
+                skipped[name] = str(why)
+        env.update(model=description, weights=weights, gated_blocks=list(model.gate_blocks),
+                   num_heads=model.num_heads, sae_blocks=list(model.sae_blocks),
+                   steering="identity steer_scale/steer_shift tensors passed (SAE computed)"
+                   if model.steer_width else "no SAE")
+        for batch in config.batches:
+            rows.extend(_bench_batch(config, model, runners, counts, size, int(batch), device, skipped))
+    env["backends_skipped"] = skipped
+    try:
+        env["load_average_end"] = [round(v, 2) for v in os.getloadavg()]
+    except OSError:
+        pass
+    env.update(reps=config.reps, warmup=config.warmup, interleaved="round-robin, order shuffled per repetition",
+               inference_mode=True, flops="matmul FLOPs (2 per multiply-add); gate/SAE not counted")
+    return dict(environment=env, rows=rows)
+
+
+def _bench_batch(config, model, runners, counts, size, batch, device, skipped) -> list:
+    generator = torch.Generator().manual_seed(config.seed + batch)
+    pixels = torch.randn(batch, 3, *size, generator=generator).to(device)
+    steer = (None, None)
+    if model.steer_width:
+        steer = (torch.ones(batch, model.steer_width, device=device), torch.zeros(batch, model.steer_width, device=device))
+    cells = []
+    for runner in runners:
+        if runner.dense:
+            cells.append(_Cell(runner, "dense", 1.0, None))
+    for usage in config.usages:
+        for runner in runners:
+            if not runner.dense and runner.supports_budget:
+                cells.append(_Cell(runner, "budget", float(usage), float(usage)))
+    if config.gate:
+        calib = torch.randn(max(config.calibration_samples, 2), 3, *size,
+                            generator=torch.Generator().manual_seed(config.seed + 10_000)).to(device)
+        calib_steer = (None, None)
+        if model.steer_width:
+            calib_steer = (torch.ones(calib.shape[0], model.steer_width, device=device),
+                           torch.zeros(calib.shape[0], model.steer_width, device=device))
+        for usage in config.usages:
+            gated = _gate_copy(model)
+            calibrate_gate(gated, float(usage), calib, calib_steer, iterations=1 if config.quick else 2)
+            for runner in runners:
+                if not runner.dense:
+                    cells.append(_Cell(runner.for_model(gated), "gate", float(usage), None))
+    timer = _Timer(device)
+    total = len(cells) * (config.warmup + config.reps)
+    bar = _progress(total, config.progress, f"bench {size[0]}px batch {batch}")
+    order = list(range(len(cells)))
+    shuffle = random.Random(config.seed * 7919 + batch)
+    with torch.inference_mode():
+        dropped = []
+        for index, cell in enumerate(cells):  # warm-up; the first call's mask is the one accounted
+            try:
+                for _ in range(max(config.warmup, 1)):
+                    _, mask = timer(lambda: cell.runner(pixels, *steer, cell.budget))
+                    bar.update()
+                cell.head_mask = None if mask is None else mask.detach().to("cpu")
+            except BackendUnavailable as why:
+                skipped[cell.runner.name] = str(why)
+                dropped.append(index)
+        cells = [c for i, c in enumerate(cells) if i not in dropped]
+        order = list(range(len(cells)))
+        for _ in range(config.reps):
+            shuffle.shuffle(order)
+            for index in order:
+                cell = cells[index]
+                elapsed, _ = timer(lambda: cell.runner(pixels, *steer, cell.budget))
+                cell.times.append(elapsed)
+                bar.update()
+    bar.close()
+    baseline = next(c for c in cells if c.mode == "dense" and c.runner.name == "timm")
+    timm_ms = statistics.median(baseline.times)
+    rows = []
+    for cell in cells:
+        median = statistics.median(cell.times)
+        if cell.head_mask is None:
+            usage, ideal, per_sample = 1.0, 1.0, None
+        else:
+            per_sample = cell.head_mask.float().mean(dim=(1, 2))
+            usage = float(per_sample.mean()) if cell.head_mask.numel() else 1.0
+            ideal = ideal_speedup(counts, cell.head_mask, model.gate_blocks, batch)
+        speedup = timm_ms / median
+        row = dict(
+            backend=cell.runner.name,
+            batch=batch,
+            img_size=int(size[0]),
+            usage=round(usage, 4),
+            median_ms=round(median, 3),
+            p90_ms=round(_percentile(cell.times, 90), 3),
+            p99_ms=round(_percentile(cell.times, 99), 3),
+            images_per_s=round(batch / (median / 1e3), 2),
+            speedup_vs_timm=round(speedup, 4),
+            ideal_speedup=round(ideal, 4),
+            efficiency=round(speedup / ideal, 4),
+            mode=cell.mode,
+            target_usage=cell.target,
+            reps=len(cell.times),
+        )
+        if cell.mode == "gate" and per_sample is not None:
+            row["usage_min"] = round(float(per_sample.min()), 4)
+            row["usage_max"] = round(float(per_sample.max()), 4)
+        rows.append(row)
+    return rows
+
+
+# -- reports --------------------------------------------------------------------------------------
+def _atomic_write(path, write: Callable[[str], None]) -> Path:
+    """Write through `write(temp_path)` to a temporary name beside `path`, then rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(handle)
+    try:
+        write(temp)
+        os.replace(temp, path)
+    except BaseException:
+        try:
+            os.unlink(temp)
+        except OSError:
+            pass
+        raise
+    return path
+
+
+def write_json(report: dict, path) -> Path:
+    def write(temp):
+        with open(temp, "w") as handle:
+            json.dump(report, handle, indent=2)
+            handle.write("\n")
+
+    return _atomic_write(path, write)
+
+
+def _fmt_usage(row) -> str:
+    if row["mode"] == "gate" and "usage_min" in row:
+        return f"{row['usage']:.2f} ({row['usage_min']:.2f}-{row['usage_max']:.2f})"
+    return f"{row['usage']:.2f}"
+
+
+def markdown(report: dict) -> str:
+    """The report as Markdown: an environment line and one table per mode."""
+    env = report["environment"]
+    lines = [
+        f"Measured {env['date']} on {env.get('gpu') or env['cpu']} ({env['device']}, {env['threads']} threads), "
+        f"torch {env['torch']}, timm {env['timm']}; model {env.get('model')}, {env.get('weights')}; "
+        f"load average {env.get('load_average_start')} -> {env.get('load_average_end')}; "
+        f"{env['reps']} repetitions after {env['warmup']} warm-up, {env['interleaved']}.",
+        "",
+    ]
+    if env.get("backends_skipped"):
+        lines += ["Skipped: " + "; ".join(f"{k}: {v}" for k, v in env["backends_skipped"].items()), ""]
+    header = ("| backend | batch | img | usage | median ms | p90 ms | p99 ms | images/s | speed-up vs timm "
+              "| ideal | efficiency |")
+    rule = "|" + "---|" * 11
+    sections = [
+        ("Forced head usage (head budget)", lambda r: r["mode"] in ("dense", "budget")),
+        ("Gate deciding (threshold; usage = measured mean, per-sample range in brackets)", lambda r: r["mode"] == "gate"),
+    ]
+    for title, keep in sections:
+        chosen = [r for r in report["rows"] if keep(r)]
+        if not chosen or all(r["mode"] == "dense" for r in chosen):
+            continue
+        lines += [f"**{title}**", "", header, rule]
+        for r in chosen:
+            lines.append(
+                f"| {r['backend']} | {r['batch']} | {r['img_size']} | {_fmt_usage(r)} | {r['median_ms']:.2f} "
+                f"| {r['p90_ms']:.2f} | {r['p99_ms']:.2f} | {r['images_per_s']:.1f} | {r['speedup_vs_timm']:.3f} "
+                f"| {r['ideal_speedup']:.3f} | {r['efficiency']:.3f} |"
+            )
+        lines.append("")
+    return "\n".join(lines)
+
+
+def write_markdown(report: dict, path) -> Path:
+    text = markdown(report)
+
+    def write(temp):
+        with open(temp, "w") as handle:
+            handle.write(text + "\n")
+
+    return _atomic_write(path, write)
+
+
+def write_plot(report: dict, path) -> Path:
+    """PNG: latency vs head usage per (image size, batch), one line per backend, timm dense as a
+    dotted level and the ideal (timm / ideal speed-up) dashed; gate-deciding rows as markers."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = report["rows"]
+    panels = sorted({(r["img_size"], r["batch"]) for r in rows})
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4.2), squeeze=False)
+    for ax, (img, batch) in zip(axes[0], panels):
+        here = [r for r in rows if r["img_size"] == img and r["batch"] == batch]
+        timm = next((r for r in here if r["backend"] == "timm"), None)
+        backends = sorted({r["backend"] for r in here if r["mode"] != "dense"})
+        for name in backends:
+            forced = sorted((r for r in here if r["backend"] == name and r["mode"] == "budget"), key=lambda r: r["usage"])
+            if forced:
+                line, = ax.plot([r["usage"] for r in forced], [r["median_ms"] for r in forced], "o-", label=name)
+                color = line.get_color()
+            else:
+                color = None
+            gated = [r for r in here if r["backend"] == name and r["mode"] == "gate"]
+            if gated:
+                ax.plot([r["usage"] for r in gated], [r["median_ms"] for r in gated], "x", color=color,
+                        markersize=9, label=f"{name} (gate deciding)")
+        if timm is not None:
+            ideal = sorted({(r["usage"], timm["median_ms"] / r["ideal_speedup"]) for r in here if r["mode"] == "budget"})
+            if ideal:
+                ax.plot([u for u, _ in ideal], [ms for _, ms in ideal], "k--", label="ideal (FLOPs skipped)")
+            ax.axhline(timm["median_ms"], color="gray", linestyle=":", label="timm dense")
+        ax.set_title(f"{img}px, batch {batch}")
+        ax.set_xlabel("head usage")
+        ax.set_ylabel("median latency (ms)")
+        ax.set_ylim(bottom=0)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    env = report["environment"]
+    fig.suptitle(f"{env.get('model')} - {env.get('gpu') or env['cpu']}, {env['threads']} threads", fontsize=10)
+    fig.tight_layout()
+
+    def write(temp):
+        fig.savefig(temp, format="png", dpi=110)
+
+    try:
+        return _atomic_write(path, write)
+    finally:
+        plt.close(fig)
+
+
+# -- CLI --------------------------------------------------------------------------------------------
+def _int_list(text: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    if not values or any(v < 1 for v in values):
+        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
+    return values
+
+
+def _usage_list(text: str) -> list[float]:
+    try:
+        values = [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers in [0, 1], got {text!r}") from None
+    if not values or any(not 0.0 <= v <= 1.0 for v in values):
+        raise argparse.ArgumentTypeError(f"head usages must lie in [0, 1], got {text!r}")
+    return values
+
+
+def _name_list(text: str) -> list[str]:
+    return [v.strip() for v in text.split(",") if v.strip()]
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The `headsteer bench` options."""
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--bundle", help="bundle directory to benchmark")
+    source.add_argument("--model", help="timm model name, built with random weights (e.g. vit_small_patch16_224)")
+    parser.add_argument("--backends", type=_name_list, default=None,
+                        help="comma-separated; default timm,reference,compact (+triton on CUDA). Known: "
+                        + ",".join(BACKEND_FACTORIES))
+    parser.add_argument("--batch", type=_int_list, default=[1, 8], help="batch sizes (default 1,8)")
+    parser.add_argument("--usage", type=_usage_list, default=list(DEFAULT_USAGES),
+                        help="forced head usages (default 1,0.67,0.5,0.33,0.17,0)")
+    parser.add_argument("--img-size", type=_int_list, default=None, help="image size(s) (default: the model's)")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    parser.add_argument("--device", default="auto", help="auto (cuda when present), cpu or cuda")
+    parser.add_argument("--reps", type=int, default=None, help="timed repetitions per cell (default 20, --quick 4)")
+    parser.add_argument("--warmup", type=int, default=None, help="warm-up forwards per cell (default 3, --quick 1)")
+    parser.add_argument("--gate", action="store_true",
+                        help="also time the gate deciding (threshold), re-biased to keep each usage on average")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--json", dest="json_path", default=None, help="write the report as JSON")
+    parser.add_argument("--md", dest="md_path", default=None, help="write the tables as Markdown")
+    parser.add_argument("--plot", dest="plot_path", default=None, help="write a PNG plot")
+    parser.add_argument("--quick", action="store_true", help="few repetitions (under 2 minutes on 2 CPU cores)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def config_from_args(args: argparse.Namespace) -> BenchConfig:
+    values = dict(
+        model=args.model,
+        bundle=args.bundle,
+        backends=args.backends,
+        batches=args.batch,
+        usages=args.usage,
+        img_sizes=args.img_size,
+        threads=args.threads,
+        device=args.device,
+        gate=args.gate,
+        seed=args.seed,
+        progress=not args.no_progress,
+    )
+    if args.reps is not None:
+        values["reps"] = args.reps
+    if args.warmup is not None:
+        values["warmup"] = args.warmup
+    return BenchConfig.quick_defaults(**values) if args.quick else BenchConfig(**values)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run `headsteer bench` from parsed arguments; prints the tables, writes the files asked for."""
+    report = run_bench(config_from_args(args))
+    print(markdown(report))
+    for path, writer in ((args.json_path, write_json), (args.md_path, write_markdown), (args.plot_path, write_plot)):
+        if path:
+            writer(report, path)
+            print(f"wrote {path}")
+    return 0
+
+
+main_from_args = run
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = argparse.ArgumentParser(prog="headsteer bench", description=__doc__.split("\n")[0])
+    add_arguments(parser)
+    args = parser.parse_args(argv)
+    try:
+        return run(args)
+    except Exception as error:  # headsteer's own errors become one line
+        from headsteer.runtime.errors import HeadsteerError
+
+        if isinstance(error, HeadsteerError):
+            print(f"headsteer bench: error: {error}", file=sys.stderr)
+            return 2
+        raise
+
+
+__all__ = [
+    "BenchConfig",
+    "BackendUnavailable",
+    "Runner",
+    "BACKEND_FACTORIES",
+    "ROW_KEYS",
+    "register_backend",
+    "run_bench",
+    "markdown",
+    "write_json",
+    "write_markdown",
+    "write_plot",
+    "add_arguments",
+    "config_from_args",
+    "run",
+    "main_from_args",
+    "main",
+]
