@@ -1,0 +1,48 @@
+"""kernels/dispatch.py's fast SAE -> steer -> gate path (used by the compact backend) against the
+spec in kernels/reference.py: identical logits and keep masks, ties included."""
+import pytest
+import torch
+
+from headsteer.kernels import dispatch, reference
+
+
+@pytest.mark.parametrize("rows,n,k", [(1, 7, 3), (5, 64, 16), (4, 1536, 16), (3, 6, 0), (3, 6, 6), (2, 5, 9)])
+def test_sorted_topk_matches_rank_count(rows, n, k):
+    scores = torch.randn(rows, n)
+    ties = torch.randint(-3, 4, (rows, n)).float()  # many exact ties: lower index must win
+    for s in (scores, ties):
+        assert torch.equal(dispatch.topk_mask_sorted(s, k), reference.topk_mask(s, min(k, n)))
+
+
+def _params(dim=24, heads=4, hidden=16, width=40, activation="topk", k=5):
+    gate = dict(
+        norm_weight=torch.randn(dim), norm_bias=torch.randn(dim), norm_eps=1e-6,
+        fc1_weight=torch.randn(hidden, dim), fc1_bias=torch.randn(hidden),
+        fc2_weight=torch.randn(heads, hidden), fc2_bias=torch.randn(heads),
+    )
+    dec = torch.nn.functional.normalize(torch.randn(width, dim), dim=1)
+    sae = dict(enc_weight=torch.randn(width, dim), enc_bias=torch.randn(width), dec_weight=dec,
+               dec_bias=torch.randn(dim), activation=activation, k=k if activation == "topk" else None,
+               threshold=torch.rand(width))
+    return gate, sae
+
+
+@pytest.mark.parametrize("activation", ["topk", "relu", "jumprelu"])
+@pytest.mark.parametrize("mode", ["preserve-error", "reconstruct"])
+@pytest.mark.parametrize("budget", [None, 0.0, 0.5, 1.0])
+@pytest.mark.parametrize("steering", ["none", "identity", "random"])
+def test_fast_gate_matches_reference(activation, mode, budget, steering):
+    gate, sae = _params(activation=activation)
+    e = torch.randn(6, 24)
+    scale = shift = None
+    if steering == "identity":
+        scale, shift = torch.ones(6, 40), torch.zeros(6, 40)
+    elif steering == "random":
+        scale, shift = torch.rand(6, 40) * 3, torch.randn(6, 40)
+    want = reference.sae_steer_gate(e, gate, sae, scale, shift, mode, budget)
+    got = dispatch.sae_steer_gate("compact", e, gate, sae, scale, shift, mode, budget)
+    torch.testing.assert_close(got[0], want[0], atol=1e-5, rtol=1e-5)
+    assert torch.equal(got[1], want[1])
+    no_sae = dispatch.sae_steer_gate("compact", e, gate, None, None, None, mode, budget)
+    want_no_sae = reference.sae_steer_gate(e, gate, None, None, None, mode, budget)
+    assert torch.equal(no_sae[1], want_no_sae[1])
