@@ -28,7 +28,7 @@ from typing import Optional, Sequence, Union
 import torch
 
 from headsteer.export._common import ExportError, atomic_path, require, write_text_atomic
-from headsteer.export.onnx_model import ATTENTION_VARIANTS, ExportableGatedViT
+from headsteer.export.onnx_model import ATTENTION_VARIANTS, COMPUTE_DTYPES, ExportableGatedViT
 from headsteer.runtime.errors import InputError
 
 ONNX_FORMAT = "headsteer-onnx"
@@ -192,21 +192,28 @@ def _check_args(attention: str, opset: int) -> None:
         raise InputError(f"opset must be an integer in [{MIN_OPSET}, {MAX_OPSET}], got {opset!r}")
 
 
-def export_proto(model: torch.nn.Module, attention: str = "masked", opset: int = DEFAULT_OPSET, example_batch: int = 2):
-    """Trace `model` (a GatedViT) into an onnx.ModelProto with a dynamic batch (no metadata)."""
+def export_proto(
+    model: torch.nn.Module, attention: str = "masked", opset: int = DEFAULT_OPSET, example_batch: int = 2, precision: str = "fp32"
+):
+    """Trace `model` (a GatedViT) into an onnx.ModelProto with a dynamic batch (no metadata).
+
+    precision "fp16"/"bf16" stores the backbone in that type (inputs and logits stay float32, the
+    SAEs and gates stay fp32): the graph for strongly typed TensorRT engines."""
     require("onnx", "ONNX export")
     require("onnxscript", "ONNX export (torch's dynamo exporter)")
     _check_args(attention, opset)
     was_training = model.training
     model.eval()
     try:
-        wrapper = ExportableGatedViT(model, attention).eval()
+        if precision not in COMPUTE_DTYPES:
+            raise InputError(f"precision must be one of {sorted(COMPUTE_DTYPES)}, got {precision!r}")
+        wrapper = ExportableGatedViT(model, attention, COMPUTE_DTYPES[precision]).eval()
         parameter = next(model.parameters())
         in_chans = model.vit.patch_embed.proj.in_channels
         example = (
-            torch.randn(example_batch, in_chans, *model.image_size, dtype=parameter.dtype, device=parameter.device),
-            torch.ones(example_batch, model.steer_width, dtype=parameter.dtype, device=parameter.device),
-            torch.zeros(example_batch, model.steer_width, dtype=parameter.dtype, device=parameter.device),
+            torch.randn(example_batch, in_chans, *model.image_size, device=parameter.device),
+            torch.ones(example_batch, model.steer_width, device=parameter.device),
+            torch.zeros(example_batch, model.steer_width, device=parameter.device),
         )
         batch = torch.export.Dim("batch", min=1, max=65536)
         dynamic = {name: {0: batch} for name in INPUT_NAMES}
@@ -248,13 +255,15 @@ def to_onnx(
     write_steering: bool = True,
     overwrite: bool = True,
     check: bool = True,
+    precision: str = "fp32",
 ) -> Path:
     """Export a bundle directory (or a GatedViT) to `out_path`; returns the path written.
 
     attention: "masked" (all heads, pruned ones zeroed; static shapes; TensorRT-parseable) or
     "sparse" (only kept heads; data-dependent NonZero/gather/scatter). opset: ONNX opset
     (18..23). With write_steering, the per-class steering rows go to
-    `steering_path_for(out_path)` (`<stem>.steering.json`). Every file is written under a
+    `steering_path_for(out_path)` (`<stem>.steering.json`). precision: "fp32" (the contract's
+    default), or "fp16"/"bf16" backbone weights for strongly typed TensorRT builds. Every file is written under a
     temporary name and renamed into place after `onnx.checker.check_model(full_check=True)`."""
     onnx = require("onnx", "ONNX export")
     _check_args(attention, opset)
@@ -264,9 +273,11 @@ def to_onnx(
     if not overwrite and out_path.exists():
         raise InputError(f"{out_path} already exists (pass overwrite=True / --overwrite to replace it)")
     source = resolve_source(bundle_or_model, class_names=class_names, steering=steering, mean=mean, std=std)
-    proto = export_proto(source.model, attention, opset)
+    proto = export_proto(source.model, attention, opset, precision=precision)
     steering_file = steering_path_for(out_path).name if write_steering else None
-    for key, value in model_metadata(source, attention, steering_file).items():
+    metadata = model_metadata(source, attention, steering_file)
+    metadata[META_PREFIX + "precision"] = precision
+    for key, value in metadata.items():
         entry = proto.metadata_props.add()
         entry.key, entry.value = key, value
     proto.producer_name = "headsteer"

@@ -22,6 +22,7 @@ Threshold gating only (`keep = gate_logits > 0`): a head budget is not part of t
 """
 from __future__ import annotations
 
+import copy
 from typing import Optional
 
 import torch
@@ -32,6 +33,7 @@ from headsteer.kernels import reference
 from headsteer.runtime.errors import InputError
 
 ATTENTION_VARIANTS = ("masked", "sparse")
+COMPUTE_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 def _norm_or_none(module: nn.Module):
@@ -67,7 +69,7 @@ def sparse_head_attention(
     out_dim = proj_heads.shape[2]
     # NonZero over a float mask (TensorRT's NonZero takes FP32/FP16): [P, 2] (sample, head) pairs
     # in row-major order; their flat indices b*H+h are unique.
-    index = torch.nonzero(keep.to(x.dtype))
+    index = torch.nonzero(keep.to(torch.float32))
     sample, head = index[:, 0], index[:, 1]
     pairs = sample * num_heads + head
     xs = x.index_select(0, sample)  # [P, N, D]
@@ -83,9 +85,10 @@ def sparse_head_attention(
     heads = torch.bmm(scores.softmax(dim=-1), v)  # [P, N, d]
     y = torch.bmm(heads, proj_heads.index_select(0, head))  # [P, N, D_out]
     # Unique pair indices: a plain ScatterND into a [B*H, N, D_out] buffer, then a sum over heads.
-    buffer = x.new_zeros(batch * num_heads, tokens, out_dim)
-    buffer = buffer.index_put((pairs,), y)
-    out = buffer.view(batch, num_heads, tokens, out_dim).sum(dim=1)
+    # (Summed in fp32: also keeps the graph valid for bf16 backbones, ConstantOfShape has no bf16.)
+    buffer = torch.zeros(batch * num_heads, tokens, out_dim, dtype=torch.float32, device=x.device)
+    buffer = buffer.index_put((pairs,), y.float())
+    out = buffer.view(batch, num_heads, tokens, out_dim).sum(dim=1).to(x.dtype)
     if proj_bias is not None:
         out = out + proj_bias
     return out
@@ -94,10 +97,19 @@ def sparse_head_attention(
 class ExportableGatedViT(nn.Module):
     """GatedViT forward with the ONNX contract's signature; see the module docstring."""
 
-    def __init__(self, model: nn.Module, attention: str = "masked"):
+    def __init__(self, model: nn.Module, attention: str = "masked", compute_dtype: torch.dtype = torch.float32):
         super().__init__()
         if attention not in ATTENTION_VARIANTS:
             raise InputError(f"attention must be one of {ATTENTION_VARIANTS}, got {attention!r}")
+        if compute_dtype not in COMPUTE_DTYPES.values():
+            raise InputError(f"compute dtype must be one of {sorted(COMPUTE_DTYPES)}, got {compute_dtype}")
+        self.compute_dtype = compute_dtype
+        if compute_dtype != torch.float32:
+            # Mixed precision for strongly typed engines: the backbone in fp16/bf16, the SAEs and
+            # gates (a few [B, D] products deciding the mask) stay fp32 so decisions do not flip.
+            model = copy.deepcopy(model)
+            model.vit.to(compute_dtype)
+            model.vit.patch_embed.float()  # ONNX Conv (opset < 22) has no bfloat16: patchify in fp32
         self.model = model.eval()
         self.attention = attention
         self._head_major = {}
@@ -150,7 +162,7 @@ class ExportableGatedViT(nn.Module):
     def forward(self, pixel_values: torch.Tensor, steer_scale: torch.Tensor, steer_shift: torch.Tensor):
         model = self.model
         vit = model.vit
-        x = vit.patch_embed(pixel_values)
+        x = vit.patch_embed(pixel_values).to(self.compute_dtype)
         x = vit._pos_embed(x)
         x = vit.patch_drop(x)
         x = vit.norm_pre(x)
@@ -161,13 +173,13 @@ class ExportableGatedViT(nn.Module):
             if index not in gated:
                 x = block(x)
                 continue
-            e = reference.decision_vector(x, vit.num_prefix_tokens, has_class_token)
+            e = reference.decision_vector(x, vit.num_prefix_tokens, has_class_token).float()
             keep = self._gate(index, e, steer_scale, steer_shift) > 0
             masks.append(keep)
             branch = self._attention(index, block.norm1(x), keep, block.attn)
             x = x + block.drop_path1(block.ls1(branch))
             x = x + block.drop_path2(block.ls2(block.mlp(block.norm2(x))))
-        logits = vit.forward_head(vit.norm(x))
+        logits = vit.forward_head(vit.norm(x)).float()
         if masks:
             head_mask = torch.stack(masks, dim=1)
         else:
