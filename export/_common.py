@@ -51,10 +51,17 @@ def atomic_path(final: PathLike, suffix: str = "") -> Iterator[Path]:
     temp = Path(name)
     try:
         yield temp
+        os.chmod(temp, 0o666 & ~current_umask())  # mkstemp makes 0600; give the usual file mode
         os.replace(temp, final)
     except BaseException:
         temp.unlink(missing_ok=True)
         raise
+
+
+def current_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def write_text_atomic(final: PathLike, text: str) -> Path:

@@ -1,0 +1,69 @@
+"""`headsteer export BUNDLE --format onnx|tensorrt|triton-repo --out PATH [...]`."""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from headsteer.runtime.errors import InputError
+
+FORMATS = ("onnx", "tensorrt", "triton-repo")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from headsteer.export.onnx_export import DEFAULT_OPSET, MAX_OPSET, MIN_OPSET
+
+    parser.add_argument("bundle", help="bundle directory")
+    parser.add_argument("--format", required=True, choices=FORMATS, help="what to write")
+    parser.add_argument(
+        "--out", required=True,
+        help="onnx: the .onnx file (FILE.steering.json is written beside it); tensorrt: the .plan file; "
+        "triton-repo: the model repository directory (DIR/<name>/... is written)",
+    )
+    parser.add_argument(
+        "--attention", default="masked", choices=("masked", "sparse"),
+        help="masked: all heads computed, pruned ones zeroed, static shapes (default); sparse: only kept heads (data-dependent)",
+    )
+    parser.add_argument("--opset", type=int, default=DEFAULT_OPSET, help=f"ONNX opset, {MIN_OPSET}..{MAX_OPSET} (default {DEFAULT_OPSET})")
+    parser.add_argument("--precision", default="fp32", choices=("fp32", "fp16", "bf16"), help="tensorrt / triton-repo --engine plan")
+    parser.add_argument("--min-batch", type=int, default=1, help="TensorRT optimization profile: smallest batch (default 1)")
+    parser.add_argument("--opt-batch", type=int, default=None, help="TensorRT optimization profile: batch tuned for (default min(8, max))")
+    parser.add_argument("--max-batch", type=int, default=32, help="TensorRT profile / Triton max_batch_size (default 32)")
+    parser.add_argument("--engine", default="onnx", choices=("onnx", "plan"), help="triton-repo: serve model.onnx or a TensorRT model.plan")
+    parser.add_argument("--name", default=None, help="triton-repo: model name (default: the bundle folder's name)")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing output")
+
+
+def run(args: argparse.Namespace) -> int:
+    from headsteer.runtime.bundle import read_bundle_config
+
+    read_bundle_config(args.bundle)  # a bad bundle fails before anything is exported
+    out = Path(args.out)
+    opt_batch = args.opt_batch if args.opt_batch is not None else max(args.min_batch, min(8, args.max_batch))
+    if args.format == "onnx":
+        from headsteer.export.onnx_export import steering_path_for, to_onnx
+
+        if args.precision != "fp32":
+            raise InputError("--precision applies to TensorRT engines; the ONNX contract is float32 (use --format tensorrt)")
+        if out.exists() and not args.overwrite:
+            raise InputError(f"{out} already exists (pass --overwrite to replace it)")
+        path = to_onnx(args.bundle, out, attention=args.attention, opset=args.opset)
+        size = path.stat().st_size / 2**20
+        print(f"wrote {path} ({args.attention} attention, opset {args.opset}, {size:.1f} MiB) and {steering_path_for(path)}")
+    elif args.format == "tensorrt":
+        from headsteer.export.tensorrt import build_engine
+
+        path = build_engine(
+            args.bundle, out, precision=args.precision, min_batch=args.min_batch, opt_batch=opt_batch,
+            max_batch=args.max_batch, attention=args.attention, opset=args.opset, overwrite=args.overwrite,
+        )
+        print(f"wrote {path} ({args.precision}, batch {args.min_batch}/{opt_batch}/{args.max_batch}, {args.attention} attention)")
+    else:
+        from headsteer.export.triton_repo import write_triton_repo
+
+        path = write_triton_repo(
+            args.bundle, out, name=args.name, engine=args.engine, attention=args.attention, opset=args.opset,
+            max_batch_size=args.max_batch, precision=args.precision, min_batch=args.min_batch, opt_batch=opt_batch,
+            overwrite=args.overwrite,
+        )
+        print(f"wrote Triton model {path.name} in {out} ({'TensorRT plan' if args.engine == 'plan' else 'ONNX'})")
+    return 0

@@ -1,0 +1,249 @@
+"""TensorRT engines from the exported ONNX graph, and the `tensorrt` backend of `Engine`.
+
+    build_engine(bundle_or_onnx, "model.plan", precision="fp16", min_batch=1, opt_batch=8, max_batch=32)
+    Engine.load(bundle, backend="tensorrt", device="cuda", engine_path="model.plan")
+
+Building: the ONNX file is parsed with TensorRT's ONNX parser into an explicit-batch network
+(TensorRT 10 networks are always explicit batch; on TensorRT 8 the EXPLICIT_BATCH flag is set),
+one optimization profile spans [min_batch, opt_batch, max_batch] for the three inputs, and the
+serialized engine is written under a temporary name and renamed into place.
+
+Precision: "fp32" builds the contract's fp32 graph. "fp16"/"bf16" build from a graph whose
+backbone weights are already fp16/bf16 while the SAEs and gates (which decide the head mask) stay
+fp32, as a strongly typed network: the precision of every layer is the graph's, so TensorRT cannot
+move a gate to fp16 and flip a near-threshold decision. Inputs and `logits` stay float32,
+`head_mask` stays bool (TensorRT accepts BOOL network I/O).
+
+A sparse-attention graph builds too (NonZero is supported since TensorRT 8.5; its data-dependent
+shapes stay internal: both outputs have static shapes once the batch is set).
+
+Needs the `tensorrt` extra and a CUDA device; without either, a MissingDependencyError says which.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import threading
+from pathlib import Path
+from typing import Optional, Union
+
+import torch
+
+from headsteer.export._common import ExportError, MissingDependencyError, atomic_path, require
+from headsteer.export.onnx_export import DEFAULT_OPSET, INPUT_NAMES, read_metadata, to_onnx
+from headsteer.runtime.errors import BundleError, InputError
+
+PRECISIONS = ("fp32", "fp16", "bf16")
+
+
+def _tensorrt():
+    return require("tensorrt", "the TensorRT backend")
+
+
+def _require_cuda(what: str) -> None:
+    if not torch.cuda.is_available():
+        raise MissingDependencyError(f"{what} needs a CUDA device, and torch sees none (TensorRT runs on NVIDIA GPUs only)")
+
+
+def _check_batches(min_batch: int, opt_batch: int, max_batch: int) -> None:
+    for name, value in (("min_batch", min_batch), ("opt_batch", opt_batch), ("max_batch", max_batch)):
+        if not isinstance(value, int) or value < 1:
+            raise InputError(f"{name} must be a positive integer, got {value!r}")
+    if not min_batch <= opt_batch <= max_batch:
+        raise InputError(f"batch sizes must satisfy min <= opt <= max, got {min_batch}, {opt_batch}, {max_batch}")
+
+
+def _network_flags(trt, strongly_typed: bool) -> int:
+    flags = 0
+    major = int(trt.__version__.split(".")[0])
+    creation = trt.NetworkDefinitionCreationFlag
+    if major < 10 and hasattr(creation, "EXPLICIT_BATCH"):
+        flags |= 1 << int(creation.EXPLICIT_BATCH)
+    if strongly_typed:
+        if not hasattr(creation, "STRONGLY_TYPED"):
+            raise ExportError(f"TensorRT {trt.__version__} has no strongly typed networks; fp16/bf16 builds need TensorRT >= 9.1")
+        flags |= 1 << int(creation.STRONGLY_TYPED)
+    return flags
+
+
+def build_engine(
+    source,
+    plan_path: Union[str, os.PathLike],
+    *,
+    precision: str = "fp32",
+    min_batch: int = 1,
+    opt_batch: int = 8,
+    max_batch: int = 32,
+    attention: str = "masked",
+    opset: int = DEFAULT_OPSET,
+    workspace_gib: float = 4.0,
+    overwrite: bool = True,
+) -> Path:
+    """Build and serialize a TensorRT engine; returns `plan_path`.
+
+    source: a bundle directory (exported to ONNX first, in `precision`), or an `.onnx` file
+    from `to_onnx` (then `precision` must match the file's, which its metadata records)."""
+    if precision not in PRECISIONS:
+        raise InputError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    _check_batches(min_batch, opt_batch, max_batch)
+    plan_path = Path(plan_path)
+    if not overwrite and plan_path.exists():
+        raise InputError(f"{plan_path} already exists (pass --overwrite to replace it)")
+    trt = _tensorrt()
+    _require_cuda("building a TensorRT engine")
+
+    workdir = Path(tempfile.mkdtemp(prefix="headsteer-trt-"))
+    try:
+        source = Path(source)
+        if source.is_dir():
+            onnx_path = to_onnx(source, workdir / "model.onnx", attention=attention, opset=opset, precision=precision, write_steering=False)
+        elif source.is_file():
+            onnx_path = source
+            recorded = read_metadata(onnx_path).get("precision", "fp32")
+            if recorded != precision:
+                raise InputError(f"{onnx_path} holds a {recorded} graph; export it with precision={precision!r} or build with precision={recorded!r}")
+        else:
+            raise InputError(f"{source} is neither a bundle directory nor an ONNX file")
+
+        logger = trt.Logger(trt.Logger.WARNING)
+        builder = trt.Builder(logger)
+        network = builder.create_network(_network_flags(trt, strongly_typed=precision != "fp32"))
+        parser = trt.OnnxParser(network, logger)
+        if not parser.parse_from_file(str(onnx_path)):
+            errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
+            raise ExportError(f"TensorRT's ONNX parser rejected {onnx_path}: {errors}")
+        config = builder.create_builder_config()
+        config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_gib * (1 << 30)))
+        profile = builder.create_optimization_profile()
+        for index in range(network.num_inputs):
+            tensor = network.get_input(index)
+            dims = list(tensor.shape)[1:]
+            profile.set_shape(tensor.name, [min_batch] + dims, [opt_batch] + dims, [max_batch] + dims)
+        config.add_optimization_profile(profile)
+        serialized = builder.build_serialized_network(network, config)
+        if serialized is None:
+            raise ExportError("TensorRT failed to build the engine (see the TensorRT log above)")
+        with atomic_path(plan_path, suffix=".plan") as temp:
+            with open(temp, "wb") as handle:
+                handle.write(memoryview(serialized))
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+    return plan_path
+
+
+def _torch_dtype(trt, dtype):
+    table = {
+        trt.float32: torch.float32,
+        trt.float16: torch.float16,
+        trt.int32: torch.int32,
+        trt.int8: torch.int8,
+        trt.bool: torch.bool,
+    }
+    for name, torch_dtype in (("bfloat16", torch.bfloat16), ("int64", torch.int64), ("uint8", torch.uint8)):
+        if hasattr(trt, name):
+            table[getattr(trt, name)] = torch_dtype
+    if dtype not in table:
+        raise BundleError(f"the engine uses I/O type {dtype}, which headsteer cannot bind")
+    return table[dtype]
+
+
+class TensorRTRunner:
+    """`Engine` runner for backend "tensorrt": deserializes a plan and runs it on torch CUDA tensors.
+
+    engine_path: a `.plan` from `headsteer export --format tensorrt`. Without it, the bundle is
+    exported and built into a temporary directory (slow: minutes for large models) with
+    `precision`, `min_batch`/`opt_batch`/`max_batch`. Calls are serialized by a lock (one
+    execution context)."""
+
+    def __init__(
+        self,
+        info,
+        device: Union[str, torch.device] = "cuda",
+        engine_path: Optional[Union[str, os.PathLike]] = None,
+        precision: str = "fp32",
+        min_batch: int = 1,
+        opt_batch: int = 8,
+        max_batch: int = 32,
+        attention: str = "masked",
+    ):
+        trt = _tensorrt()
+        device = torch.device(device)
+        if device.type != "cuda":
+            raise InputError(f"the tensorrt backend runs on a CUDA device; got device={str(device)!r} (pass device='cuda')")
+        _require_cuda("the tensorrt backend")
+        self.device = device
+        self.steer_width = int(info.config["steer_width"])
+        workdir = None
+        if engine_path is None:
+            workdir = Path(tempfile.mkdtemp(prefix="headsteer-trt-"))
+            engine_path = build_engine(
+                info.path, workdir / "model.plan", precision=precision,
+                min_batch=min_batch, opt_batch=opt_batch, max_batch=max_batch, attention=attention,
+            )
+        engine_path = Path(engine_path)
+        try:
+            if not engine_path.is_file():
+                raise InputError(f"engine_path {engine_path} does not exist (build one with `headsteer export BUNDLE --format tensorrt --out FILE.plan`)")
+            self._logger = trt.Logger(trt.Logger.WARNING)
+            self._runtime = trt.Runtime(self._logger)
+            with torch.cuda.device(device):
+                self.engine = self._runtime.deserialize_cuda_engine(engine_path.read_bytes())
+                if self.engine is None:
+                    raise BundleError(f"{engine_path} is not a TensorRT engine for this TensorRT version/GPU (rebuild it here)")
+                self.context = self.engine.create_execution_context()
+        finally:
+            if workdir is not None:
+                shutil.rmtree(workdir, ignore_errors=True)
+        self.engine_path = engine_path
+        self._lock = threading.Lock()
+        self.inputs, self.outputs = {}, {}
+        for index in range(self.engine.num_io_tensors):
+            name = self.engine.get_tensor_name(index)
+            dtype = _torch_dtype(trt, self.engine.get_tensor_dtype(name))
+            if self.engine.get_tensor_mode(name) == trt.TensorIOMode.INPUT:
+                self.inputs[name] = dtype
+            else:
+                self.outputs[name] = dtype
+        if set(self.inputs) != set(INPUT_NAMES) or not {"logits", "head_mask"} <= set(self.outputs):
+            raise BundleError(f"{engine_path} has inputs {sorted(self.inputs)} and outputs {sorted(self.outputs)}; not a headsteer engine")
+        shape_min, _, shape_max = self.engine.get_tensor_profile_shape("pixel_values", 0)
+        self.min_batch, self.max_batch = int(shape_min[0]), int(shape_max[0])
+        expected = (int(info.config.get("in_chans", 3)), *info.config["image_size"])
+        if tuple(shape_max[1:]) != tuple(expected):
+            raise BundleError(f"{engine_path} takes images {list(shape_max[1:])}; the bundle's are {list(expected)}")
+
+    def __call__(self, pixel_values: torch.Tensor, steer_scale: Optional[torch.Tensor] = None, steer_shift: Optional[torch.Tensor] = None):
+        batch = pixel_values.shape[0]
+        if not self.min_batch <= batch <= self.max_batch:
+            raise InputError(
+                f"batch {batch} is outside this engine's optimization profile [{self.min_batch}, {self.max_batch}]; "
+                "rebuild with --min-batch/--max-batch or split the batch"
+            )
+        to = dict(device=self.device)
+        feeds = {
+            "pixel_values": pixel_values.to(dtype=self.inputs["pixel_values"], **to).contiguous(),
+            "steer_scale": (torch.ones(batch, self.steer_width) if steer_scale is None else steer_scale)
+            .to(dtype=self.inputs["steer_scale"], **to).contiguous(),
+            "steer_shift": (torch.zeros(batch, self.steer_width) if steer_shift is None else steer_shift)
+            .to(dtype=self.inputs["steer_shift"], **to).contiguous(),
+        }
+        with self._lock, torch.cuda.device(self.device):
+            for name, tensor in feeds.items():
+                self.context.set_input_shape(name, tuple(tensor.shape))
+                self.context.set_tensor_address(name, tensor.data_ptr())
+            results = {}
+            for name, dtype in self.outputs.items():
+                shape = tuple(self.context.get_tensor_shape(name))
+                if any(dim < 0 for dim in shape):
+                    raise BundleError(f"output {name} has an unresolved shape {shape}")
+                results[name] = torch.empty(shape, dtype=dtype, **to)
+                self.context.set_tensor_address(name, results[name].data_ptr())
+            stream = torch.cuda.current_stream(self.device)
+            if not self.context.execute_async_v3(stream.cuda_stream):
+                raise ExportError("TensorRT execution failed (see the TensorRT log)")
+            stream.synchronize()
+        return results["logits"].float().cpu(), results["head_mask"].bool().cpu()
+
+
+__all__ = ["PRECISIONS", "TensorRTRunner", "build_engine"]
