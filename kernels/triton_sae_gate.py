@@ -66,64 +66,65 @@ def _sae_steer_gate_kernel(
     HAS_SAE: tl.constexpr, ACTIVATION: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr,
     RECONSTRUCT: tl.constexpr, HAS_LN_W: tl.constexpr, HAS_LN_B: tl.constexpr,
     HAS_FC1_B: tl.constexpr, HAS_FC2_B: tl.constexpr, USE_BUDGET: tl.constexpr,
-    BLOCK_S: tl.constexpr, CHUNK_D: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_S: tl.constexpr, CHUNK_S: tl.constexpr, BLOCK_D: tl.constexpr,
     CHUNK_G: tl.constexpr, BLOCK_H: tl.constexpr,
 ):
     row = tl.program_id(0)
     e_row = e_ptr + row * stride_eb
     offs_dfull = tl.arange(0, BLOCK_D)
     dfull_mask = offs_dfull < D
+    e = tl.load(e_row + offs_dfull, mask=dfull_mask, other=0.0).to(tl.float32)
 
     if HAS_SAE:
-        # Weights are [S, D] row-major; a tile is every latent (BLOCK_S rows) x CHUNK_D columns, so
-        # the whole pre-activation row accumulates in registers across the D loop.
-        offs_s = tl.arange(0, BLOCK_S)
-        s_mask = offs_s < S
-        offs_c = tl.arange(0, CHUNK_D)
-        pre = tl.load(enc_b_ptr + offs_s, mask=s_mask, other=0.0).to(tl.float32)
-        for d0 in range(0, D, CHUNK_D):
-            d = d0 + offs_c
-            d_mask = d < D
-            x = tl.load(e_row + d, mask=d_mask, other=0.0).to(tl.float32)
-            x -= tl.load(dec_b_ptr + d, mask=d_mask, other=0.0).to(tl.float32)
-            w = tl.load(enc_w_ptr + offs_s[:, None] * D + d[None, :], mask=s_mask[:, None] & d_mask[None, :], other=0.0)
-            pre += tl.sum(w.to(tl.float32) * x[None, :], axis=1)
+        # Weights are [S, D] row-major and are streamed in coalesced tiles of CHUNK_S whole rows.
+        # The latent row lives in registers as a [BLOCK_S // CHUNK_S, CHUNK_S] tile: registers
+        # cannot be indexed, so chunk t is written (and later read) with a select on row t.
+        chunk_ids = tl.arange(0, BLOCK_S // CHUNK_S)
+        offs_cs = tl.arange(0, CHUNK_S)
+        s2d = chunk_ids[:, None] * CHUNK_S + offs_cs[None, :]
+        s2d_mask = s2d < S
+        num_chunks = tl.cdiv(S, CHUNK_S)
+        centered_e = e - tl.load(dec_b_ptr + offs_dfull, mask=dfull_mask, other=0.0).to(tl.float32)
+        pre = tl.zeros([BLOCK_S // CHUNK_S, CHUNK_S], dtype=tl.float32)
+        for t in range(0, num_chunks):
+            s = t * CHUNK_S + offs_cs
+            s_mask = s < S
+            w = tl.load(enc_w_ptr + s[:, None] * D + offs_dfull[None, :], mask=s_mask[:, None] & dfull_mask[None, :], other=0.0)
+            chunk = tl.sum(w.to(tl.float32) * centered_e[None, :], axis=1)
+            chunk += tl.load(enc_b_ptr + s, mask=s_mask, other=0.0).to(tl.float32)
+            pre = tl.where(chunk_ids[:, None] == t, chunk[None, :], pre)
 
         if ACTIVATION == 0:  # relu
             z = tl.maximum(pre, 0.0)
-        elif ACTIVATION == 1:  # topk: ReLU on the k largest pre-activations
-            z = tl.where(_topk_select(pre, s_mask, sae_k), tl.maximum(pre, 0.0), 0.0)
+        elif ACTIVATION == 1:  # topk: ReLU on the k largest pre-activations (index order = s2d)
+            selected = _topk_select(tl.reshape(pre, [BLOCK_S]), tl.reshape(s2d_mask, [BLOCK_S]), sae_k)
+            z = tl.where(tl.reshape(selected, [BLOCK_S // CHUNK_S, CHUNK_S]), tl.maximum(pre, 0.0), 0.0)
         else:  # jumprelu
-            thr = tl.load(thr_ptr + offs_s, mask=s_mask, other=0.0).to(tl.float32)
+            thr = tl.load(thr_ptr + s2d, mask=s2d_mask, other=0.0).to(tl.float32)
             z = tl.where(pre > thr, pre, 0.0)
         steered = z
         if HAS_SCALE:
-            steered = steered * tl.load(scale_ptr + row * stride_scale_b + offs_s * stride_scale_s, mask=s_mask, other=1.0).to(tl.float32)
+            steered = steered * tl.load(scale_ptr + row * stride_scale_b + s2d * stride_scale_s, mask=s2d_mask, other=1.0).to(tl.float32)
         if HAS_SHIFT:
-            steered = steered + tl.load(shift_ptr + row * stride_shift_b + offs_s * stride_shift_s, mask=s_mask, other=0.0).to(tl.float32)
+            steered = steered + tl.load(shift_ptr + row * stride_shift_b + s2d * stride_shift_s, mask=s2d_mask, other=0.0).to(tl.float32)
         if RECONSTRUCT:
             coef = steered  # g = W_dec z' + b_dec
+            g = tl.load(dec_b_ptr + offs_dfull, mask=dfull_mask, other=0.0).to(tl.float32)
         else:
             coef = steered - z  # g = e + W_dec (z' - z): exactly e when steering is the identity
-        coef = tl.where(s_mask, coef, 0.0)
+            g = e
+        coef = tl.where(s2d_mask, coef, 0.0)
 
-        # Decode one CHUNK_D slice of g at a time and drop it into its row of a [BLOCK_D/CHUNK_D,
-        # CHUNK_D] register tile (a select, since registers cannot be indexed), then flatten.
-        g2d = tl.zeros([BLOCK_D // CHUNK_D, CHUNK_D], dtype=tl.float32)
-        chunk_ids = tl.arange(0, BLOCK_D // CHUNK_D)
-        for d0 in range(0, D, CHUNK_D):
-            d = d0 + offs_c
-            d_mask = d < D
-            w = tl.load(dec_w_ptr + offs_s[:, None] * D + d[None, :], mask=s_mask[:, None] & d_mask[None, :], other=0.0)
-            g_chunk = tl.sum(w.to(tl.float32) * coef[:, None], axis=0)
-            if RECONSTRUCT:
-                g_chunk += tl.load(dec_b_ptr + d, mask=d_mask, other=0.0).to(tl.float32)
-            else:
-                g_chunk += tl.load(e_row + d, mask=d_mask, other=0.0).to(tl.float32)
-            g2d = tl.where(chunk_ids[:, None] == d0 // CHUNK_D, g_chunk[None, :], g2d)
-        g = tl.reshape(g2d, [BLOCK_D])
+        # Decode: g += sum_s coef[s] W_dec[s]. Chunks whose coefficients are all zero are skipped,
+        # so e.g. an unshifted TopK SAE reads only the decoder rows of its (at most k) active latents.
+        for t in range(0, num_chunks):
+            c = tl.sum(tl.where(chunk_ids[:, None] == t, coef, 0.0), axis=0)
+            if tl.max(tl.abs(c), axis=0) > 0.0:
+                s = t * CHUNK_S + offs_cs
+                w = tl.load(dec_w_ptr + s[:, None] * D + offs_dfull[None, :], mask=(s < S)[:, None] & dfull_mask[None, :], other=0.0)
+                g += tl.sum(w.to(tl.float32) * c[:, None], axis=0)
     else:
-        g = tl.load(e_row + offs_dfull, mask=dfull_mask, other=0.0).to(tl.float32)
+        g = e
 
     # LayerNorm over D (two-pass mean / variance, as torch does).
     mean = tl.sum(tl.where(dfull_mask, g, 0.0), axis=0) / D
@@ -158,11 +159,12 @@ def _sae_steer_gate_kernel(
     if USE_BUDGET:
         # Rank count over the H logits, identical to reference.topk_mask: i is kept when fewer
         # than budget_k heads beat it (larger, or equal with a lower index).
-        mine = logits[:, None]
-        other = logits[None, :]
-        earlier = offs_h[None, :] < offs_h[:, None]
-        beats = ((other > mine) | ((other == mine) & earlier)) & h_mask[None, :]
-        keep = tl.sum(beats.to(tl.int32), axis=1) < budget_k
+        rank = tl.zeros([BLOCK_H], dtype=tl.int32)
+        for j in range(0, H):
+            logit_j = tl.sum(tl.where(offs_h == j, logits, 0.0), axis=0)
+            beats = (logit_j > logits) | ((logit_j == logits) & (j < offs_h))
+            rank += beats.to(tl.int32)
+        keep = rank < budget_k
     else:
         keep = logits > 0.0
     tl.store(logits_ptr + row * H + offs_h, logits, mask=h_mask)
@@ -242,11 +244,11 @@ def triton_sae_steer_gate(
         scale = _flat_steering(steer_scale, batch, width, "steer_scale")
         shift = _flat_steering(steer_shift, batch, width, "steer_shift")
         block_s = triton.next_power_of_2(width)
-        chunk_d = max(1, min(32, _TILE_ELEMENTS // block_s, block_d))
+        chunk_s = max(1, min(block_s, _TILE_ELEMENTS // block_d))
         sae_args = (enc_w, sae["enc_bias"].contiguous(), dec_w, sae["dec_bias"].contiguous(), threshold)
     else:
         activation, width, sae_k, scale, shift = "relu", 1, 0, None, None
-        block_s, chunk_d = 1, 1
+        block_s, chunk_s = 1, 1
         sae_args = (dummy,) * 5
     scale_args = (scale, scale.stride(0), scale.stride(1)) if scale is not None else (dummy, 0, 0)
     shift_args = (shift, shift.stride(0), shift.stride(1)) if shift is not None else (dummy, 0, 0)
@@ -266,7 +268,7 @@ def triton_sae_steer_gate(
         HAS_SCALE=scale is not None, HAS_SHIFT=shift is not None, RECONSTRUCT=mode == "reconstruct",
         HAS_LN_W=ln_w is not None, HAS_LN_B=ln_b is not None,
         HAS_FC1_B=fc1_b is not None, HAS_FC2_B=fc2_b is not None, USE_BUDGET=budget is not None,
-        BLOCK_S=block_s, CHUNK_D=chunk_d, BLOCK_D=block_d,
+        BLOCK_S=block_s, CHUNK_S=chunk_s, BLOCK_D=block_d,
         CHUNK_G=max(1, min(triton.next_power_of_2(hidden), _TILE_ELEMENTS // block_d)),
         BLOCK_H=triton.next_power_of_2(num_heads),
         num_warps=8,

@@ -129,11 +129,13 @@ def test_budget_ties_break_toward_lower_head():
         run_and_check(e, gate, None, None, None, "preserve-error", budget)
 
 
-def test_vit_small_shapes():
-    """ViT-S sizes with the runtime's defaults: D=384, S=4D, k=16, G=D/4, H=6."""
+@pytest.mark.parametrize("steering", ["identity", "scale", "scale+shift"])
+def test_vit_small_shapes(steering):
+    """ViT-S sizes with the runtime's defaults: D=384, S=4D, k=16, G=D/4, H=6. The SAE spans
+    many latent chunks, and unshifted TopK steering exercises the skipped decoder chunks."""
     dim, batch = 384, 3
     e = torch.randn(batch, dim, generator=torch.Generator().manual_seed(31)).to(DEVICE)
-    scale, shift = make_steering("scale+shift", batch, 4 * dim, 32)
+    scale, shift = make_steering(steering, batch, 4 * dim, 32)
     run_and_check(e, make_gate(dim, dim // 4, 6, 33), make_sae(dim, 4 * dim, "topk", 34, k=16), scale, shift,
                   "preserve-error", 0.33)
 
