@@ -55,30 +55,35 @@ def dense_attention(x, qkv_weight, qkv_bias, proj_weight, proj_bias, num_heads, 
     return F.linear(_attend(q, k, v, q_norm, k_norm), proj_weight, proj_bias)
 
 
-def _kept_heads_attention(x, head_index, head_major, proj_bias, q_norm: Norm, k_norm: Norm):
-    """Attention over the heads listed in head_index [b, K] (sorted) for the samples x [b, N, D]."""
+def _kept_heads_attention(x, head_lists, head_major, proj_bias, q_norm: Norm, k_norm: Norm):
+    """Attention over the heads listed per sample in head_lists (b lists of K sorted head
+    indices, K the same for every sample) for the samples x [b, N, D]."""
     qkv_heads, qkv_bias_heads, proj_heads = head_major
     batch, tokens, _ = x.shape
-    kept = head_index.shape[1]
+    kept = len(head_lists[0])
     head_dim = proj_heads.shape[1]
-    shared = bool((head_index == head_index[:1]).all())
+    shared = all(heads == head_lists[0] for heads in head_lists)
+    # index_select copies whole contiguous [3d, D] / [d, D_out] head slices: about twice as fast
+    # as advanced indexing (aten::index), and it is the only weight traffic beyond the GEMMs.
+    flat = head_lists[0] if shared else [h for heads in head_lists for h in heads]
+    index = torch.tensor(flat, dtype=torch.long, device=x.device)
+    width = kept * 3 * head_dim
+    qkv_weight = qkv_heads.index_select(0, index)
+    qkv_bias = qkv_bias_heads.index_select(0, index) if qkv_bias_heads is not None else None
+    proj_weight = proj_heads.index_select(0, index)
     if shared:
         # One head set for the whole group: a single weight slice and plain GEMMs over b*N rows.
-        index = head_index[0]
-        bias = qkv_bias_heads[index].reshape(-1) if qkv_bias_heads is not None else None
-        qkv = F.linear(x, qkv_heads[index].reshape(kept * 3 * head_dim, -1), bias)
+        qkv = F.linear(x, qkv_weight.view(width, -1), None if qkv_bias is None else qkv_bias.view(width))
+    elif qkv_bias is not None:  # per-sample gathered rows, one batched product
+        qkv = torch.baddbmm(qkv_bias.view(batch, 1, width), x, qkv_weight.view(batch, width, -1).transpose(1, 2))
     else:
-        weight = qkv_heads[head_index].reshape(batch, kept * 3 * head_dim, -1)  # per-sample gathered rows
-        if qkv_bias_heads is not None:
-            bias = qkv_bias_heads[head_index].reshape(batch, 1, kept * 3 * head_dim)
-            qkv = torch.baddbmm(bias, x, weight.transpose(1, 2))
-        else:
-            qkv = torch.bmm(x, weight.transpose(1, 2))
+        qkv = torch.bmm(x, qkv_weight.view(batch, width, -1).transpose(1, 2))
     q, k, v = qkv.view(batch, tokens, kept, 3, head_dim).permute(3, 0, 2, 1, 4).unbind(0)
     heads = _attend(q, k, v, q_norm, k_norm)  # [b, N, K*d]
     if shared:
-        return F.linear(heads, proj_heads[head_index[0]].reshape(kept * head_dim, -1).t(), proj_bias)
-    proj = proj_heads[head_index].reshape(batch, kept * head_dim, -1)  # per-sample gathered columns
+        out = torch.matmul(heads, proj_weight.view(kept * head_dim, -1))
+        return out.add_(proj_bias) if proj_bias is not None else out
+    proj = proj_weight.view(batch, kept * head_dim, -1)  # per-sample gathered columns
     if proj_bias is not None:
         return torch.baddbmm(proj_bias.view(1, 1, -1), heads, proj)
     return torch.bmm(heads, proj)
@@ -99,28 +104,36 @@ def compact_head_attention(
     """Attention branch computing only kept heads; equals `reference.head_attention(x, keep, ...)`.
 
     x [B, N, D], keep bool [B, H]. head_major: `head_major_weights(...)` of these weights, passed
-    in by callers that cache it."""
-    if bool(keep.all()):
+    in by callers that cache it.
+
+    The mask is read to the host once ([B, H] bools) and grouped in Python: on the CPU that is
+    cheaper than the dozen tiny tensor ops (unique, nonzero, comparisons) it replaces, which at
+    batch 1 cost as much as a pruned head."""
+    batch, tokens, _ = x.shape
+    rows = keep.tolist()
+    groups: dict = {}
+    for sample, row in enumerate(rows):
+        heads = [h for h, kept in enumerate(row) if kept]
+        groups.setdefault(len(heads), ([], []))
+        groups[len(heads)][0].append(sample)
+        groups[len(heads)][1].append(heads)
+    if len(groups) == 1 and num_heads in groups:
         return dense_attention(x, qkv_weight, qkv_bias, proj_weight, proj_bias, num_heads, q_norm, k_norm)
     if head_major is None:
         head_major = head_major_weights(qkv_weight, qkv_bias, proj_weight, num_heads)
-    batch, tokens, _ = x.shape
     out_dim = proj_weight.shape[0]
-    counts = keep.sum(dim=1)
-    groups = counts.unique().tolist()
     out = None if len(groups) == 1 else x.new_empty(batch, tokens, out_dim)
-    for count in groups:
-        rows = None if out is None else (counts == count).nonzero().squeeze(1)
-        xs = x if rows is None else x.index_select(0, rows)
+    for count, (samples, head_lists) in groups.items():
+        index = None if out is None else torch.tensor(samples, dtype=torch.long, device=x.device)
+        xs = x if index is None else x.index_select(0, index)
         if count == 0:
-            y = (proj_bias if proj_bias is not None else x.new_zeros(out_dim)).expand(xs.shape[0], tokens, out_dim)
+            bias = proj_bias if proj_bias is not None else x.new_zeros(out_dim)
+            y = bias.to(x.dtype).expand(xs.shape[0], tokens, out_dim)
         elif count == num_heads:
             y = dense_attention(xs, qkv_weight, qkv_bias, proj_weight, proj_bias, num_heads, q_norm, k_norm)
         else:
-            group_keep = keep if rows is None else keep.index_select(0, rows)
-            head_index = group_keep.nonzero()[:, 1].view(xs.shape[0], int(count))
-            y = _kept_heads_attention(xs, head_index, head_major, proj_bias, q_norm, k_norm)
-        if rows is None:
+            y = _kept_heads_attention(xs, head_lists, head_major, proj_bias, q_norm, k_norm)
+        if index is None:
             return y.contiguous() if count == 0 else y
-        out.index_copy_(0, rows, y.to(out.dtype) if count else y.contiguous())
+        out.index_copy_(0, index, y.to(out.dtype))
     return out
