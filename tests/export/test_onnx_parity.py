@@ -1,0 +1,168 @@
+"""ONNX Runtime (CPU) against the PyTorch Engine: logits within 1e-4, identical head masks, for
+batches 1, 3 and 16, identity steering, every per-class row of the steering table and random
+steering vectors; both attention variants."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from headsteer.export.onnx_runner import OrtCallable, build_session
+from headsteer.runtime.engine import Engine
+
+from .conftest import CLASS_NAMES, make_model
+
+ATOL = 1e-4
+# A gate logit this close to 0 may legitimately flip between two float implementations; inputs
+# are drawn so that none is (the check is on exact masks, so it is never loosened instead).
+MARGIN = 1e-3
+VARIANTS = ("masked", "sparse")
+BATCHES = (1, 3, 16)
+
+
+@pytest.fixture(scope="module")
+def sessions(exported):
+    return {variant: OrtCallable(build_session(path, ["CPUExecutionProvider"]), exported.model.steer_width) for variant, path in exported.onnx.items()}
+
+
+@pytest.fixture(scope="module")
+def torch_engine(exported):
+    return Engine.load(exported.bundle, backend="compact")
+
+
+def pixels_away_from_threshold(model, batch, scale, shift, seed):
+    """Images whose gate logits (under this steering) all keep at least MARGIN from 0."""
+    generator = torch.Generator().manual_seed(seed)
+    size = model.image_size
+    pixels = torch.randn(batch, 3, *size, generator=generator)
+    for _ in range(100):
+        with torch.no_grad():
+            out = model(pixels, scale, shift, backend="reference")
+        bad = (out.gate_logits.abs() < MARGIN).flatten(1).any(dim=1)
+        if not bool(bad.any()):
+            return pixels
+        pixels[bad] = torch.randn(int(bad.sum()), 3, *size, generator=generator)
+    raise AssertionError("could not draw images away from the gate threshold")
+
+
+def assert_parity(ort_out, torch_logits, torch_mask):
+    logits, mask = ort_out
+    assert logits.dtype == torch.float32 and mask.dtype == torch.bool
+    assert logits.shape == torch_logits.shape and mask.shape == torch_mask.shape
+    torch.testing.assert_close(logits, torch_logits.float(), atol=ATOL, rtol=0)
+    assert torch.equal(mask, torch_mask), f"head masks differ at {(mask != torch_mask).nonzero().tolist()}"
+
+
+def steering_cases(model, steering, batch, seed):
+    """(label, scale, shift): identity, every class row, random vectors."""
+    width = model.steer_width
+    cases = [("identity", torch.ones(batch, width), torch.zeros(batch, width))]
+    for row, name in enumerate(steering.class_names):
+        cases.append((f"class {name}", steering.scale[row].expand(batch, -1).clone(), steering.shift[row].expand(batch, -1).clone()))
+    generator = torch.Generator().manual_seed(seed)
+    cases.append(("random", 3.0 * torch.rand(batch, width, generator=generator), torch.randn(batch, width, generator=generator)))
+    return cases
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("batch", BATCHES)
+def test_ort_matches_compact_for_every_steering(exported, sessions, variant, batch):
+    model, run = exported.model, sessions[variant]
+    kept_fractions = []
+    for index, (label, scale, shift) in enumerate(steering_cases(model, exported.steering, batch, seed=batch)):
+        pixels = pixels_away_from_threshold(model, batch, scale, shift, seed=100 * batch + index)
+        with torch.no_grad():
+            expected = model(pixels, scale, shift, backend="compact")
+        try:
+            assert_parity(run(pixels, scale, shift), expected.logits, expected.head_mask)
+        except AssertionError as error:
+            raise AssertionError(f"{variant}, batch {batch}, steering {label}: {error}") from None
+        kept_fractions.append(expected.head_mask.float().mean().item())
+    # Parity is not vacuous: heads are pruned, and not all of them.
+    assert 0.05 < sum(kept_fractions) / len(kept_fractions) < 0.95, kept_fractions
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_none_steering_is_identity(exported, sessions, variant):
+    model = exported.model
+    ones, zeros = torch.ones(3, model.steer_width), torch.zeros(3, model.steer_width)
+    pixels = pixels_away_from_threshold(model, 3, ones, zeros, seed=7)
+    run = sessions[variant]
+    explicit, implicit = run(pixels, ones, zeros), run(pixels, None, None)
+    assert torch.equal(explicit[0], implicit[0]) and torch.equal(explicit[1], implicit[1])
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_engine_onnxruntime_backend_matches_compact(exported, torch_engine, variant):
+    engine = Engine.load(exported.bundle, backend="onnxruntime", onnx_path=exported.onnx[variant])
+    assert engine.backend == "onnxruntime"
+    batch = 16
+    # Per-sample steering: each class, and unsteered samples, mixed in one batch.
+    steer = [CLASS_NAMES[i % len(CLASS_NAMES)] if i % 3 else None for i in range(batch)]
+    scale, shift = torch_engine.steering_vectors(steer, batch)
+    pixels = pixels_away_from_threshold(exported.model, batch, scale, shift, seed=11)
+    got, expected = engine.predict(pixels, steer=steer), torch_engine.predict(pixels, steer=steer)
+    assert_parity((got.logits, got.head_mask), expected.logits, expected.head_mask)
+    assert got.class_names == expected.class_names
+    with pytest.raises(Exception, match="budget"):
+        engine.predict(pixels, budget=0.5)
+
+
+def test_engine_exports_on_the_fly_and_caches(exported, tmp_path):
+    cache = tmp_path / "cache"
+    first = Engine.load(exported.bundle, backend="onnxruntime", attention="sparse", cache_dir=cache)
+    files = sorted(cache.glob("*.onnx"))
+    assert len(files) == 1 and files[0].name.endswith("-sparse.onnx")
+    stamp = files[0].stat().st_mtime_ns
+    second = Engine.load(exported.bundle, backend="onnxruntime", attention="sparse", cache_dir=cache)
+    assert files[0].stat().st_mtime_ns == stamp  # reused, not re-exported
+    assert first._runner.attention == second._runner.attention == "sparse"
+    ones, zeros = torch.ones(3, exported.model.steer_width), torch.zeros(3, exported.model.steer_width)
+    pixels = pixels_away_from_threshold(exported.model, 3, ones, zeros, seed=5)
+    with torch.no_grad():
+        expected = exported.model(pixels, backend="compact")
+    got = second.predict(pixels)
+    assert_parity((got.logits, got.head_mask), expected.logits, expected.head_mask)
+    assert not any(p.name.startswith(".") for p in exported.bundle.iterdir())  # nothing written into the bundle
+
+
+def test_sparse_with_no_kept_heads_and_all_kept_heads():
+    """P = 0 pairs in one block and P = B*H in the other: the data-dependent graph's edge cases."""
+    from headsteer.export import make_ort_callable
+
+    model = make_model(seed=3)
+    with torch.no_grad():
+        model.gates["1"].fc2.bias.fill_(-50.0)  # block 1 prunes every head
+        model.gates["2"].fc2.bias.fill_(50.0)  # block 2 keeps every head
+    run = make_ort_callable(model, attention="sparse")
+    for batch in (1, 4):
+        pixels = torch.randn(batch, 3, 32, 32)
+        with torch.no_grad():
+            expected = model(pixels, backend="compact")
+        assert not expected.head_mask[:, 0].any() and expected.head_mask[:, 1].all()
+        assert_parity(run(pixels), expected.logits, expected.head_mask)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_other_architecture_options(variant):
+    """No class token (mean-pooled decision vector), registers, q/k norm, ReLU SAE, reconstruct mode."""
+    from headsteer.export import make_ort_callable
+
+    model = make_model(
+        seed=4,
+        timm_kwargs=dict(
+            img_size=32, patch_size=8, depth=2, num_classes=5, class_token=False, global_pool="avg",
+            reg_tokens=2, qk_norm=True, no_embed_class=True,
+        ),
+        gate_blocks="all",
+        sae_blocks=(1,),
+        sae_activation="relu",
+        steer_mode="reconstruct",
+    )
+    run = make_ort_callable(model, attention=variant)
+    generator = torch.Generator().manual_seed(9)
+    scale = 1.0 + torch.rand(3, model.steer_width, generator=generator)
+    shift = 0.1 * torch.randn(3, model.steer_width, generator=generator)
+    pixels = pixels_away_from_threshold(model, 3, scale, shift, seed=13)
+    with torch.no_grad():
+        expected = model(pixels, scale, shift, backend="compact")
+    assert_parity(run(pixels, scale, shift), expected.logits, expected.head_mask)
