@@ -3,12 +3,16 @@
 Three launches, all with grids sized from B, H and N alone (never from the mask), so nothing
 waits on the host and the whole branch can be captured in a CUDA graph:
 
-1. `_qkv_kernel`, grid (B*H, token tiles): projects one head's q, k, v rows (and applies the
-   q/k LayerNorm) for a tile of one sample's tokens; a pruned head returns after reading its bit.
+1. `_qkv_kernel`, grid (token tiles of the flattened B*N tokens x H): projects one head's q, k, v
+   (and applies the q/k LayerNorm) for a tile of tokens; rows of samples that pruned the head
+   load as zeros and are not stored, and a tile where every sample pruned it stops after reading
+   the mask bits. Flattened tiles avoid padding each sample's N up to the tile (197 -> 256 with
+   64-token tiles); the price is that a pruned pair sharing a tile with a kept neighbour rides
+   along as zero rows of that tile's MMA.
 2. `_attention_kernel`, grid (B*H, query tiles): flash attention with an online softmax; pruned
-   heads return at once.
-3. `_proj_kernel`, grid (B * token tiles, output-column tiles): sums `o_h @ W_o[:, h]^T` over the
-   kept heads only (the mask bit guards each head's loads and MMA) and adds the bias.
+   (sample, head) pairs return after reading their bit.
+3. `_proj_kernel`, grid (token tiles, output-column tiles): sums `o_h @ W_o[:, h]^T` over the
+   heads kept by the tile's samples (the mask bits guard each head's loads and MMA), adds the bias.
 
 Scratch buffers (q/k/v and per-head outputs) are `torch.empty`: slots of pruned heads are never
 written and never read. Math matches `reference.head_attention` with head_weight = keep; matmuls
@@ -72,14 +76,19 @@ def _qkv_kernel(
     PRECISION: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    pid_bh = tl.program_id(0)
-    b = pid_bh // H
-    h = pid_bh % H
-    if tl.load(keep_ptr + b * stride_keep_b + h * stride_keep_h) != 0:
-        offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    # Tiles run over the flattened B*N tokens (no padding at sample ends); the head varies
+    # fastest across programs so the H programs of a token tile share its x rows in L2.
+    tile = tl.program_id(0) // H
+    h = tl.program_id(0) % H
+    rows = tile * BLOCK_N + tl.arange(0, BLOCK_N)
+    sample = rows // N
+    token = rows % N
+    # Rows whose sample pruned head h load as zeros and are never stored; a tile where no
+    # sample keeps the head does nothing beyond reading the mask bits.
+    row_kept = tl.load(keep_ptr + sample * stride_keep_b + h * stride_keep_h, mask=rows < B * N, other=0) != 0
+    if tl.max(row_kept.to(tl.int32), axis=0) != 0:
         offs_k = tl.arange(0, BLOCK_K)
         offs_d = tl.arange(0, BLOCK_D)
-        n_mask = offs_n < N
         d_mask = offs_d < HEAD_DIM
         # timm's qkv rows are ordered (q|k|v, head, dim): this head's q rows start at h*d, its k
         # rows at (H + h)*d, its v rows at (2H + h)*d. Weight tiles are loaded transposed [K, d].
@@ -89,11 +98,11 @@ def _qkv_kernel(
         acc_q = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
         acc_k = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
         acc_v = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
-        x_row = x_ptr + b * stride_xb + offs_n[:, None] * stride_xn
+        x_row = x_ptr + sample[:, None] * stride_xb + token[:, None] * stride_xn
         for k0 in range(0, D, BLOCK_K):
             kk = k0 + offs_k
             k_mask = kk < D
-            x = tl.load(x_row + kk[None, :] * stride_xd, mask=n_mask[:, None] & k_mask[None, :], other=0.0)
+            x = tl.load(x_row + kk[None, :] * stride_xd, mask=row_kept[:, None] & k_mask[None, :], other=0.0)
             w_mask = k_mask[:, None] & d_mask[None, :]
             w_cols = kk[:, None] * stride_wd
             wq = tl.load(w_ptr + q_rows[None, :] * stride_wr + w_cols, mask=w_mask, other=0.0)
@@ -112,10 +121,9 @@ def _qkv_kernel(
             acc_k = _head_layer_norm(acc_k, d_mask, kn_w_ptr, kn_b_ptr, offs_d, k_eps, HEAD_DIM, KN_W, KN_B)
         # Scratch layout [3, B, H, N, d]: each (sample, head) owns a contiguous [N, d] slab.
         out_dtype = qkv_ptr.dtype.element_ty
-        slab = (b * H + h) * N * HEAD_DIM
         part = B * H * N * HEAD_DIM
-        offs = slab + offs_n[:, None] * HEAD_DIM + offs_d[None, :]
-        mask = n_mask[:, None] & d_mask[None, :]
+        offs = ((sample[:, None] * H + h) * N + token[:, None]) * HEAD_DIM + offs_d[None, :]
+        mask = row_kept[:, None] & d_mask[None, :]
         tl.store(qkv_ptr + offs, acc_q.to(out_dtype), mask=mask)
         tl.store(qkv_ptr + part + offs, acc_k.to(out_dtype), mask=mask)
         tl.store(qkv_ptr + 2 * part + offs, acc_v.to(out_dtype), mask=mask)
@@ -173,31 +181,34 @@ def _proj_kernel(
     o_ptr, keep_ptr, stride_keep_b, stride_keep_h,
     w_ptr, stride_wo, stride_wi, bias_ptr,
     out_ptr, stride_ob, stride_on, stride_od,
-    N, H, HEAD_DIM, D_OUT,
+    B, N, H, HEAD_DIM, D_OUT,
     HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    tiles_per_sample = tl.cdiv(N, BLOCK_T)
-    b = tl.program_id(0) // tiles_per_sample
-    offs_t = (tl.program_id(0) % tiles_per_sample) * BLOCK_T + tl.arange(0, BLOCK_T)
+    # Token tiles run over the flattened B*N tokens, like the QKV projection.
+    rows = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    row_valid = rows < B * N
+    sample = rows // N
     offs_o = tl.program_id(1) * BLOCK_O + tl.arange(0, BLOCK_O)
     offs_d = tl.arange(0, BLOCK_D)
-    t_mask = offs_t < N
     o_mask = offs_o < D_OUT
     d_mask = offs_d < HEAD_DIM
     acc = tl.zeros([BLOCK_T, BLOCK_O], dtype=tl.float32)
     for h in range(0, H):
-        # A pruned head costs this one load: its outputs (never written) and W_o columns are skipped.
-        if tl.load(keep_ptr + b * stride_keep_b + h * stride_keep_h) != 0:
-            heads = tl.load(o_ptr + ((b * N + offs_t[:, None]) * H + h) * HEAD_DIM + offs_d[None, :],
-                            mask=t_mask[:, None] & d_mask[None, :], other=0.0)
+        # Head h contributes only through rows whose sample kept it; the others load as zeros,
+        # so the (never written) outputs of pruned heads are never read, and a head pruned by
+        # every sample of the tile costs only its mask bits (no loads of o or W_o, no MMA).
+        row_kept = tl.load(keep_ptr + sample * stride_keep_b + h * stride_keep_h, mask=row_valid, other=0) != 0
+        if tl.max(row_kept.to(tl.int32), axis=0) != 0:
+            heads = tl.load(o_ptr + (rows[:, None] * H + h) * HEAD_DIM + offs_d[None, :],
+                            mask=row_kept[:, None] & d_mask[None, :], other=0.0)
             w = tl.load(w_ptr + offs_o[None, :] * stride_wo + (h * HEAD_DIM + offs_d)[:, None] * stride_wi,
                         mask=d_mask[:, None] & o_mask[None, :], other=0.0)
             acc = tl.dot(heads, w, acc, input_precision=PRECISION)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + offs_o, mask=o_mask, other=0.0).to(tl.float32)[None, :]
-    out_offs = b * stride_ob + offs_t[:, None] * stride_on + offs_o[None, :] * stride_od
-    tl.store(out_ptr + out_offs, acc.to(out_ptr.dtype.element_ty), mask=t_mask[:, None] & o_mask[None, :])
+    out_offs = sample[:, None] * stride_ob + (rows % N)[:, None] * stride_on + offs_o[None, :] * stride_od
+    tl.store(out_ptr + out_offs, acc.to(out_ptr.dtype.element_ty), mask=row_valid[:, None] & o_mask[None, :])
 
 
 def _norm_args(norm: Optional[nn.Module], head_dim: int, which: str, dummy: torch.Tensor) -> tuple:
@@ -272,7 +283,7 @@ def triton_head_attention(
     keep_b, keep_h = keep.stride()
     tiles = TILES
 
-    _qkv_kernel[(batch * num_heads, triton.cdiv(tokens, tiles.qkv_block_n))](
+    _qkv_kernel[(triton.cdiv(batch * tokens, tiles.qkv_block_n) * num_heads,)](
         x, *x.stride(),
         qkv_weight, *qkv_weight.stride(), qkv_bias if qkv_bias is not None else dummy,
         keep, keep_b, keep_h,
@@ -292,11 +303,11 @@ def triton_head_attention(
         BLOCK_M=tiles.attn_block_m, BLOCK_N=tiles.attn_block_n, BLOCK_D=block_d,
         num_warps=tiles.attn_warps,
     )
-    _proj_kernel[(batch * triton.cdiv(tokens, tiles.proj_block_t), triton.cdiv(d_out, tiles.proj_block_o))](
+    _proj_kernel[(triton.cdiv(batch * tokens, tiles.proj_block_t), triton.cdiv(d_out, tiles.proj_block_o))](
         heads, keep, keep_b, keep_h,
         proj_weight, *proj_weight.stride(), proj_bias if proj_bias is not None else dummy,
         out, *out.stride(),
-        tokens, num_heads, head_dim, d_out,
+        batch, tokens, num_heads, head_dim, d_out,
         HAS_BIAS=proj_bias is not None, PRECISION=precision,
         BLOCK_T=tiles.proj_block_t, BLOCK_O=tiles.proj_block_o, BLOCK_D=block_d,
         num_warps=tiles.proj_warps,
