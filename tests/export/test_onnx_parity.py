@@ -30,16 +30,17 @@ def torch_engine(exported):
 
 
 def pixels_away_from_threshold(model, batch, scale, shift, seed):
-    """Images whose gate logits (under this steering) all keep at least MARGIN from 0."""
+    """(images, compact-backend output) with every gate logit (under this steering) at least
+    MARGIN from 0."""
     generator = torch.Generator().manual_seed(seed)
     size = model.image_size
     pixels = torch.randn(batch, 3, *size, generator=generator)
     for _ in range(100):
         with torch.no_grad():
-            out = model(pixels, scale, shift, backend="reference")
+            out = model(pixels, scale, shift, backend="compact")
         bad = (out.gate_logits.abs() < MARGIN).flatten(1).any(dim=1)
         if not bool(bad.any()):
-            return pixels
+            return pixels, out
         pixels[bad] = torch.randn(int(bad.sum()), 3, *size, generator=generator)
     raise AssertionError("could not draw images away from the gate threshold")
 
@@ -69,9 +70,7 @@ def test_ort_matches_compact_for_every_steering(exported, sessions, variant, bat
     model, run = exported.model, sessions[variant]
     kept_fractions = []
     for index, (label, scale, shift) in enumerate(steering_cases(model, exported.steering, batch, seed=batch)):
-        pixels = pixels_away_from_threshold(model, batch, scale, shift, seed=100 * batch + index)
-        with torch.no_grad():
-            expected = model(pixels, scale, shift, backend="compact")
+        pixels, expected = pixels_away_from_threshold(model, batch, scale, shift, seed=100 * batch + index)
         try:
             assert_parity(run(pixels, scale, shift), expected.logits, expected.head_mask)
         except AssertionError as error:
@@ -85,7 +84,7 @@ def test_ort_matches_compact_for_every_steering(exported, sessions, variant, bat
 def test_none_steering_is_identity(exported, sessions, variant):
     model = exported.model
     ones, zeros = torch.ones(3, model.steer_width), torch.zeros(3, model.steer_width)
-    pixels = pixels_away_from_threshold(model, 3, ones, zeros, seed=7)
+    pixels, _ = pixels_away_from_threshold(model, 3, ones, zeros, seed=7)
     run = sessions[variant]
     explicit, implicit = run(pixels, ones, zeros), run(pixels, None, None)
     assert torch.equal(explicit[0], implicit[0]) and torch.equal(explicit[1], implicit[1])
@@ -99,7 +98,7 @@ def test_engine_onnxruntime_backend_matches_compact(exported, torch_engine, vari
     # Per-sample steering: each class, and unsteered samples, mixed in one batch.
     steer = [CLASS_NAMES[i % len(CLASS_NAMES)] if i % 3 else None for i in range(batch)]
     scale, shift = torch_engine.steering_vectors(steer, batch)
-    pixels = pixels_away_from_threshold(exported.model, batch, scale, shift, seed=11)
+    pixels, _ = pixels_away_from_threshold(exported.model, batch, scale, shift, seed=11)
     got, expected = engine.predict(pixels, steer=steer), torch_engine.predict(pixels, steer=steer)
     assert_parity((got.logits, got.head_mask), expected.logits, expected.head_mask)
     assert got.class_names == expected.class_names
@@ -117,9 +116,7 @@ def test_engine_exports_on_the_fly_and_caches(exported, tmp_path):
     assert files[0].stat().st_mtime_ns == stamp  # reused, not re-exported
     assert first._runner.attention == second._runner.attention == "sparse"
     ones, zeros = torch.ones(3, exported.model.steer_width), torch.zeros(3, exported.model.steer_width)
-    pixels = pixels_away_from_threshold(exported.model, 3, ones, zeros, seed=5)
-    with torch.no_grad():
-        expected = exported.model(pixels, backend="compact")
+    pixels, expected = pixels_away_from_threshold(exported.model, 3, ones, zeros, seed=5)
     got = second.predict(pixels)
     assert_parity((got.logits, got.head_mask), expected.logits, expected.head_mask)
     assert not any(p.name.startswith(".") for p in exported.bundle.iterdir())  # nothing written into the bundle
@@ -162,7 +159,5 @@ def test_other_architecture_options(variant):
     generator = torch.Generator().manual_seed(9)
     scale = 1.0 + torch.rand(3, model.steer_width, generator=generator)
     shift = 0.1 * torch.randn(3, model.steer_width, generator=generator)
-    pixels = pixels_away_from_threshold(model, 3, scale, shift, seed=13)
-    with torch.no_grad():
-        expected = model(pixels, scale, shift, backend="compact")
+    pixels, expected = pixels_away_from_threshold(model, 3, scale, shift, seed=13)
     assert_parity(run(pixels, scale, shift), expected.logits, expected.head_mask)

@@ -1,0 +1,178 @@
+"""The exported files: checker, graph inputs/outputs, metadata, the steering JSON, TensorRT parser
+compatibility of every op and I/O type, errors and atomic writes, and the CLI."""
+from __future__ import annotations
+
+import json
+import sys
+
+import onnx
+import pytest
+import torch
+
+from headsteer.export import read_metadata, steering_path_for, to_onnx
+from headsteer.export._common import ExportError, MissingDependencyError
+from headsteer.export.onnx_export import load_steering
+from headsteer.export.tensorrt_ops import IO_TYPES_OK, check_tensorrt_compat, infer_types, supported_ops
+from headsteer.runtime.errors import BundleError, InputError
+
+from .conftest import CLASS_NAMES
+
+VARIANTS = ("masked", "sparse")
+
+
+def dims(value):
+    return [d.dim_param if d.dim_param else d.dim_value for d in value.type.tensor_type.shape.dim]
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_checker_and_graph_signature(exported, variant):
+    path = exported.onnx[variant]
+    onnx.checker.check_model(str(path), full_check=True)
+    model = onnx.load(str(path))
+    initializers = {i.name for i in model.graph.initializer}
+    inputs = {v.name: v for v in model.graph.input if v.name not in initializers}
+    outputs = {v.name: v for v in model.graph.output}
+    assert list(inputs) == ["pixel_values", "steer_scale", "steer_shift"]
+    assert list(outputs) == ["logits", "head_mask"]
+    m = exported.model
+    batch = dims(inputs["pixel_values"])[0]
+    assert isinstance(batch, str) and batch  # a symbolic (dynamic) batch dimension
+    assert dims(inputs["pixel_values"]) == [batch, 3, 32, 32]
+    assert dims(inputs["steer_scale"]) == dims(inputs["steer_shift"]) == [batch, m.steer_width] == [batch, 128]
+    assert dims(outputs["logits"]) == [batch, len(CLASS_NAMES)]
+    assert dims(outputs["head_mask"]) == [batch, len(m.gate_blocks), m.num_heads]
+    types = {name: v.type.tensor_type.elem_type for name, v in {**inputs, **outputs}.items()}
+    assert types == {
+        "pixel_values": onnx.TensorProto.FLOAT,
+        "steer_scale": onnx.TensorProto.FLOAT,
+        "steer_shift": onnx.TensorProto.FLOAT,
+        "logits": onnx.TensorProto.FLOAT,
+        "head_mask": onnx.TensorProto.BOOL,
+    }
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_metadata(exported, variant):
+    meta = read_metadata(exported.onnx[variant])
+    m = exported.model
+    assert meta["format"] == "headsteer-onnx" and meta["format_version"] == 1
+    assert meta["attention"] == variant and meta["gating"] == "threshold"
+    assert meta["class_names"] == CLASS_NAMES
+    assert meta["sae_blocks"] == [1, 2] and meta["sae_widths"] == [64, 64] and meta["sae_offsets"] == [0, 64]
+    assert meta["gated_blocks"] == [1, 2] and meta["num_heads"] == m.num_heads
+    assert meta["steer_width"] == 128 and meta["image_size"] == [32, 32]
+    assert meta["normalization"]["mean"] == pytest.approx([0.485, 0.456, 0.406])
+    assert meta["steering_file"] == steering_path_for(exported.onnx[variant]).name
+
+
+def test_steering_json_maps_class_names_to_the_table_rows_exactly(exported):
+    path = steering_path_for(exported.onnx["masked"])
+    assert path.name == "tiny_masked.steering.json"
+    doc = json.loads(path.read_text())
+    assert doc["classes"] == CLASS_NAMES and doc["steer_width"] == 128
+    assert doc["sae_sites"] == [{"block": 1, "width": 64, "offset": 0}, {"block": 2, "width": 64, "offset": 64}]
+    rows = load_steering(path)
+    for index, name in enumerate(CLASS_NAMES):
+        scale, shift = rows[name]
+        assert torch.equal(scale, exported.steering.scale[index].float())  # bit-exact float32 round trip
+        assert torch.equal(shift, exported.steering.shift[index].float())
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_every_op_and_io_type_is_one_tensorrt_parses(exported, variant):
+    table = supported_ops()
+    assert "10." in table.version and {"MatMul", "NonZero", "ScatterND", "TopK"} <= table.ops
+    model = infer_types(onnx.load(str(exported.onnx[variant])))
+    report = check_tensorrt_compat(model)
+    assert report.ok, report.problems
+    assert report.ops <= table.ops, sorted(report.ops - table.ops)
+    for value in list(model.graph.input) + list(model.graph.output):
+        assert value.type.tensor_type.elem_type in IO_TYPES_OK
+    data_dependent = {"NonZero", "ScatterND"} & report.ops
+    if variant == "masked":
+        assert not data_dependent, "the masked variant must keep static shapes"
+    else:
+        assert data_dependent == {"NonZero", "ScatterND"}
+
+
+def test_compat_check_catches_what_tensorrt_rejects():
+    from onnx import TensorProto, helper
+
+    x = helper.make_tensor_value_info("x", TensorProto.DOUBLE, [2])
+    y = helper.make_tensor_value_info("y", TensorProto.STRING, [2])
+    nodes = [
+        helper.make_node("Unique", ["x"], ["u"]),
+        helper.make_node("ScatterND", ["x", "i", "x"], ["s"], reduction="add"),
+    ]
+    graph = helper.make_graph(nodes, "g", [x], [y])
+    problems = check_tensorrt_compat(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])).problems
+    text = "\n".join(problems)
+    assert "Unique" in text and "reduction='add'" in text and "'y' has type STRING" in text
+
+
+def test_bad_arguments_are_clear_errors(exported, tmp_path):
+    with pytest.raises(InputError, match="attention must be one of"):
+        to_onnx(exported.bundle, tmp_path / "m.onnx", attention="dense")
+    with pytest.raises(InputError, match="opset"):
+        to_onnx(exported.bundle, tmp_path / "m.onnx", opset=11)
+    with pytest.raises(InputError, match="is a directory"):
+        to_onnx(exported.bundle, tmp_path, attention="masked")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_checker_failure_leaves_nothing_on_disk(exported, tmp_path, monkeypatch):
+    import headsteer.export.onnx_export as onnx_export
+
+    proto = onnx.load(str(exported.onnx["masked"]))
+    del proto.metadata_props[:]
+    monkeypatch.setattr(onnx_export, "export_proto", lambda *args, **kwargs: proto)
+
+    def failing_check(*args, **kwargs):
+        raise onnx.checker.ValidationError("planted failure")
+
+    monkeypatch.setattr(onnx.checker, "check_model", failing_check)
+    with pytest.raises(ExportError, match="planted failure"):
+        to_onnx(exported.bundle, tmp_path / "m.onnx")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_missing_onnxruntime_names_the_extra(exported, monkeypatch):
+    from headsteer.export.onnx_runner import OnnxRunner
+    from headsteer.runtime.bundle import load_bundle
+
+    _, info = load_bundle(exported.bundle)
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)
+    with pytest.raises(MissingDependencyError, match=r"headsteer\[onnx\]"):
+        OnnxRunner(info, onnx_path=exported.onnx["masked"])
+
+
+def test_onnx_file_from_another_model_is_rejected(exported, tmp_path):
+    from headsteer.runtime.engine import Engine
+
+    proto = onnx.load(str(exported.onnx["masked"]))
+    for prop in proto.metadata_props:
+        if prop.key == "headsteer.class_names":
+            prop.value = json.dumps(["a", "b", "c", "d", "e"])
+    other = tmp_path / "other.onnx"
+    onnx.save(proto, str(other))
+    with pytest.raises(BundleError, match="class_names"):
+        Engine.load(exported.bundle, backend="onnxruntime", onnx_path=other)
+    with pytest.raises(InputError, match="does not exist"):
+        Engine.load(exported.bundle, backend="onnxruntime", onnx_path=tmp_path / "missing.onnx")
+    with pytest.raises(InputError, match="provider"):
+        Engine.load(exported.bundle, backend="onnxruntime", onnx_path=exported.onnx["masked"], providers=["NoSuchExecutionProvider"])
+
+
+def test_cli_exports_onnx_and_refuses_to_overwrite(exported, tmp_path, capsys):
+    from headsteer.runtime.cli import main
+
+    out = tmp_path / "cli" / "model.onnx"
+    assert main(["export", str(exported.bundle), "--format", "onnx", "--out", str(out), "--attention", "sparse"]) == 0
+    assert "wrote" in capsys.readouterr().out
+    onnx.checker.check_model(str(out), full_check=True)
+    assert read_metadata(out)["attention"] == "sparse"
+    assert steering_path_for(out).is_file()
+    assert main(["export", str(exported.bundle), "--format", "onnx", "--out", str(out)]) == 2
+    assert "already exists" in capsys.readouterr().err
+    assert main(["export", str(tmp_path / "nope"), "--format", "onnx", "--out", str(tmp_path / "x.onnx")]) == 2
+    assert "not a bundle" in capsys.readouterr().err
