@@ -174,6 +174,11 @@ def write_triton_repo(
     out_dir = Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
         raise InputError(f"{out_dir} exists and is not a directory; --out names the model repository directory")
+    if engine == "plan":  # fail before exporting anything
+        from headsteer.export.tensorrt import _require_cuda, _tensorrt
+
+        _tensorrt()
+        _require_cuda("building a TensorRT engine")
     source = resolve_source(bundle)
     model_name = _model_name(name, source.name)
     final = out_dir / model_name

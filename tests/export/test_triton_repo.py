@@ -1,0 +1,81 @@
+"""`headsteer export --format triton-repo`: layout, and config.pbtxt checked against the model file."""
+from __future__ import annotations
+
+import json
+
+import onnx
+import pytest
+
+from headsteer.export.triton_repo import ONNX_TO_TRITON, parse_pbtxt, render_config
+from headsteer.runtime.cli import main
+
+from .conftest import CLASS_NAMES
+
+
+def test_parser_reads_the_subset_it_is_meant_for():
+    text = render_config("m", "onnxruntime_onnx", 4, [("x", "TYPE_FP32", [3, 8, 8])], [("y", "TYPE_BOOL", [2, 6])], "y")
+    config = parse_pbtxt(text + '# a comment\nparameters { key: "k" value: { string_value: "v" } }\n')
+    assert config["name"] == "m" and config["max_batch_size"] == 4
+    assert config["input"] == [{"name": "x", "data_type": "TYPE_FP32", "dims": [3, 8, 8]}]
+    assert config["output"][0]["label_filename"] == "labels.txt"
+    assert config["dynamic_batching"] == {}
+    assert config["parameters"] == {"key": "k", "value": {"string_value": "v"}}
+
+
+def test_triton_repository_matches_the_exported_model(exported, tmp_path, capsys):
+    repo = tmp_path / "models"
+    argv = ["export", str(exported.bundle), "--format", "triton-repo", "--out", str(repo), "--name", "steered_vit", "--max-batch", "16"]
+    assert main(argv) == 0
+    model_dir = repo / "steered_vit"
+    assert sorted(p.name for p in model_dir.iterdir()) == ["1", "config.pbtxt", "labels.txt", "steering.json"]
+    assert [p.name for p in (model_dir / "1").iterdir()] == ["model.onnx"]
+    assert not [p for p in repo.iterdir() if p.name.startswith(".")]  # no staging leftovers
+
+    config = parse_pbtxt((model_dir / "config.pbtxt").read_text())
+    assert config["name"] == "steered_vit"
+    assert config["platform"] == "onnxruntime_onnx"
+    assert config["max_batch_size"] == 16
+    assert config["dynamic_batching"] == {}
+
+    model = onnx.load(str(model_dir / "1" / "model.onnx"))
+    onnx.checker.check_model(model, full_check=True)
+    initializers = {i.name for i in model.graph.initializer}
+
+    def signature(values):
+        out = {}
+        for value in values:
+            if value.name in initializers:
+                continue
+            tensor = value.type.tensor_type
+            shape = [d.dim_value if d.HasField("dim_value") else -1 for d in tensor.shape.dim]
+            assert shape[0] == -1, f"{value.name}: the batch dimension must be dynamic for Triton's batcher"
+            out[value.name] = (ONNX_TO_TRITON[tensor.elem_type], shape[1:])
+        return out
+
+    declared_inputs = {entry["name"]: (entry["data_type"], entry["dims"]) for entry in config["input"]}
+    declared_outputs = {entry["name"]: (entry["data_type"], entry["dims"]) for entry in config["output"]}
+    assert declared_inputs == signature(model.graph.input)
+    assert declared_outputs == signature(model.graph.output)
+    assert list(declared_inputs) == ["pixel_values", "steer_scale", "steer_shift"]
+    assert declared_outputs == {"logits": ("TYPE_FP32", [len(CLASS_NAMES)]), "head_mask": ("TYPE_BOOL", [2, 3])}
+
+    assert (model_dir / "labels.txt").read_text().split() == CLASS_NAMES
+    steering = json.loads((model_dir / "steering.json").read_text())
+    assert steering["classes"] == CLASS_NAMES and len(steering["rows"]["bowl"]["steer_scale"]) == 128
+
+    # An existing model directory is kept unless --overwrite is given.
+    assert main(argv) == 2
+    assert "already exists" in capsys.readouterr().err
+
+
+def test_plan_engine_without_tensorrt_is_a_clear_error(exported, tmp_path, capsys):
+    try:
+        import tensorrt  # noqa: F401
+    except ImportError:
+        pass
+    else:
+        pytest.skip("tensorrt is installed; tests/export/test_tensorrt.py covers plan repositories")
+    argv = ["export", str(exported.bundle), "--format", "triton-repo", "--out", str(tmp_path / "repo"), "--engine", "plan"]
+    assert main(argv) == 2
+    assert "tensorrt" in capsys.readouterr().err
+    assert not (tmp_path / "repo").exists() or not any((tmp_path / "repo").iterdir())
