@@ -219,6 +219,7 @@ class BenchConfig:
     gated_kwargs: dict = field(default_factory=dict)  # passed to GatedViT.from_timm
     progress: bool = True
     quick: bool = False
+    clock: str = "wall"  # "wall" (latency) or "process" (this process's CPU time; see --clock)
 
     @classmethod
     def quick_defaults(cls, **overrides) -> "BenchConfig":
@@ -328,8 +329,13 @@ def calibrate_gate(model, target: float, pixels: torch.Tensor, steer, iterations
 
 # -- timing ---------------------------------------------------------------------------------------
 class _Timer:
-    def __init__(self, device: torch.device):
-        self.cuda = device.type == "cuda"
+    """Wall clock (CUDA events on a GPU), or with clock="process" the CPU time this process used:
+    immune to being descheduled by other processes on a shared machine, and equal to the wall
+    time on an idle one when running one thread."""
+
+    def __init__(self, device: torch.device, clock: str = "wall"):
+        self.cuda = device.type == "cuda" and clock == "wall"
+        self.clock = time.process_time if clock == "process" else time.perf_counter
 
     def __call__(self, fn) -> tuple[float, object]:
         if self.cuda:
@@ -339,9 +345,9 @@ class _Timer:
             end.record()
             end.synchronize()
             return start.elapsed_time(end), result
-        begin = time.perf_counter()
+        begin = self.clock()
         result = fn()
-        return (time.perf_counter() - begin) * 1e3, result
+        return (self.clock() - begin) * 1e3, result
 
 
 def _percentile(values: Sequence[float], q: float) -> float:
@@ -413,7 +419,7 @@ def run_bench(config: BenchConfig) -> dict:
                 skipped[name] = str(why)
         env.update(model=description, weights=weights, gated_blocks=list(model.gate_blocks),
                    num_heads=model.num_heads, sae_blocks=list(model.sae_blocks),
-                   steering="identity steer_scale/steer_shift tensors passed (SAE computed)"
+                   steering=f"first {STEERED_LATENTS} latents of each SAE site amplified 2x (every SAE computed)"
                    if model.steer_width else "no SAE")
         for batch in config.batches:
             rows.extend(_bench_batch(config, model, runners, counts, size, int(batch), device, skipped))
@@ -422,17 +428,30 @@ def run_bench(config: BenchConfig) -> dict:
         env["load_average_end"] = [round(v, 2) for v in os.getloadavg()]
     except OSError:
         pass
-    env.update(reps=config.reps, warmup=config.warmup, interleaved="round-robin, order shuffled per repetition",
+    env.update(reps=config.reps, warmup=config.warmup, clock=config.clock, interleaved="round-robin, order shuffled per repetition",
                inference_mode=True, flops="matmul FLOPs (2 per multiply-add); gate/SAE not counted")
     return dict(environment=env, rows=rows)
+
+
+STEERED_LATENTS = 8
+
+
+def steering_vectors(model, batch: int, device) -> tuple:
+    """(steer_scale, steer_shift) as a per-class steering row would give them: the first
+    STEERED_LATENTS latents of each SAE site amplified 2x, the rest identity. Not the identity, so
+    every SAE is computed in full (identity steering lets the compact path skip the SAE)."""
+    if not model.steer_width:
+        return None, None
+    scale = torch.ones(batch, model.steer_width, device=device)
+    for offset in model.sae_offsets:
+        scale[:, offset : offset + STEERED_LATENTS] = 2.0
+    return scale, torch.zeros(batch, model.steer_width, device=device)
 
 
 def _bench_batch(config, model, runners, counts, size, batch, device, skipped) -> list:
     generator = torch.Generator().manual_seed(config.seed + batch)
     pixels = torch.randn(batch, 3, *size, generator=generator).to(device)
-    steer = (None, None)
-    if model.steer_width:
-        steer = (torch.ones(batch, model.steer_width, device=device), torch.zeros(batch, model.steer_width, device=device))
+    steer = steering_vectors(model, batch, device)
     cells = []
     for runner in runners:
         if runner.dense:
@@ -444,17 +463,14 @@ def _bench_batch(config, model, runners, counts, size, batch, device, skipped) -
     if config.gate:
         calib = torch.randn(max(config.calibration_samples, 2), 3, *size,
                             generator=torch.Generator().manual_seed(config.seed + 10_000)).to(device)
-        calib_steer = (None, None)
-        if model.steer_width:
-            calib_steer = (torch.ones(calib.shape[0], model.steer_width, device=device),
-                           torch.zeros(calib.shape[0], model.steer_width, device=device))
+        calib_steer = steering_vectors(model, calib.shape[0], device)
         for usage in config.usages:
             gated = _gate_copy(model)
             calibrate_gate(gated, float(usage), calib, calib_steer, iterations=1 if config.quick else 2)
             for runner in runners:
                 if not runner.dense:
                     cells.append(_Cell(runner.for_model(gated), "gate", float(usage), None))
-    timer = _Timer(device)
+    timer = _Timer(device, config.clock)
     total = len(cells) * (config.warmup + config.reps)
     bar = _progress(total, config.progress, f"bench {size[0]}px batch {batch}")
     order = list(range(len(cells)))
@@ -556,7 +572,8 @@ def markdown(report: dict) -> str:
         f"Measured {env['date']} on {env.get('gpu') or env['cpu']} ({env['device']}, {env['threads']} threads), "
         f"torch {env['torch']}, timm {env['timm']}; model {env.get('model')}, {env.get('weights')}; "
         f"load average {env.get('load_average_start')} -> {env.get('load_average_end')}; "
-        f"{env['reps']} repetitions after {env['warmup']} warm-up, {env['interleaved']}.",
+        f"{env['reps']} repetitions after {env['warmup']} warm-up, {env['interleaved']}; "
+        f"clock: {env.get('clock', 'wall')}.",
         "",
     ]
     if env.get("backends_skipped"):
@@ -686,6 +703,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--warmup", type=int, default=None, help="warm-up forwards per cell (default 3, --quick 1)")
     parser.add_argument("--gate", action="store_true",
                         help="also time the gate deciding (threshold), re-biased to keep each usage on average")
+    parser.add_argument("--clock", choices=("wall", "process"), default="wall",
+                        help="wall: latency (default); process: this process's CPU time, robust to other "
+                        "processes on a shared machine (use with --threads 1)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", dest="json_path", default=None, help="write the report as JSON")
     parser.add_argument("--md", dest="md_path", default=None, help="write the tables as Markdown")
@@ -706,6 +726,7 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
         device=args.device,
         gate=args.gate,
         seed=args.seed,
+        clock=args.clock,
         progress=not args.no_progress,
     )
     if args.reps is not None:
