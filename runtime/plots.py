@@ -1,0 +1,68 @@
+"""Plots of a demo report: per-class head usage unsteered vs steered, and a class x head heatmap
+of the heads kept in the final (steered) block. matplotlib with the file-only Agg backend."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+
+def _save(fig, path: Path) -> None:
+    tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")
+    fig.savefig(tmp, dpi=110, bbox_inches="tight")
+    os.replace(tmp, path)
+
+
+def write_plots(report: dict, out: Path) -> list[Path]:
+    """Write DIR/per_class_usage.png and DIR/kept_heads.png (plus the whole-network variants
+    when the report has them); returns the paths."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    out = Path(out)
+    written = []
+    parts = [("", report, "final_block_usage", "final-block head usage (SAE on the last block)")]
+    if report.get("whole_network"):
+        parts.append(("_all", report["whole_network"], "head_usage", "whole-model head usage (SAE on every block)"))
+    for suffix, part, key, title in parts:
+        rows = part["per_class"]
+        names = [str(r["class"]) for r in rows]
+        x = np.arange(len(rows))
+        fig, ax = plt.subplots(figsize=(max(6, 0.6 * len(rows) + 2), 3.6))
+        ax.bar(x - 0.27, [r["unsteered"][key] for r in rows], 0.27, label="unsteered")
+        ax.bar(x, [r["steered"][key] for r in rows], 0.27, label="per-class steering")
+        if rows and rows[0].get("random"):
+            ax.bar(x + 0.27, [r["random"][key] for r in rows], 0.27, label="random latents (control)")
+        ax.set_xticks(x, names)
+        ax.set_ylim(0, 1.05)
+        ax.set_xlabel("class (test images)")
+        ax.set_ylabel("fraction of heads kept")
+        ax.set_title(title)
+        ax.legend(fontsize=8, loc="lower right")
+        path = out / f"per_class_usage{suffix}.png"
+        _save(fig, path)
+        plt.close(fig)
+        written.append(path)
+
+        heads = report["model"]["heads"]
+        fig, axes = plt.subplots(1, 2, figsize=(2 * (0.45 * heads + 2.2), 0.35 * len(rows) + 1.6), sharey=True)
+        for ax, which in zip(axes, ("unsteered", "steered")):
+            grid = np.zeros((len(rows), heads))
+            for i, r in enumerate(rows):
+                for h in r[which]["kept_heads"] or []:
+                    grid[i, h] = 1.0
+            ax.imshow(grid, cmap="Greens", vmin=0, vmax=1, aspect="auto")
+            ax.set_xticks(range(heads), [f"h{h}" for h in range(heads)])
+            ax.set_yticks(range(len(rows)), names)
+            ax.set_title(f"{which}")
+            ax.set_xlabel("head of the final block")
+        axes[0].set_ylabel("class")
+        fig.suptitle("heads kept by a majority of each class's test images" + (" (every-block SAEs)" if suffix else ""),
+                     fontsize=9)
+        path = out / f"kept_heads{suffix}.png"
+        _save(fig, path)
+        plt.close(fig)
+        written.append(path)
+    return written

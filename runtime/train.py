@@ -1,0 +1,678 @@
+"""Training recipes: backbone, head gates, SAEs and the steering table, each a function and a
+`headsteer train RECIPE` subcommand, each resumable from a bundle.
+
+The stages chain through bundles:
+
+    backbone  -> a GatedViT with no gates (the dense timm ViT), trained from scratch or from a
+                 local timm checkpoint (`pretrained_file`), or continued from a bundle;
+    gates     -> AdaViT-style head gates on every block (straight-through Gumbel-sigmoid, usage
+                 loss `usage_weight * |mean(head_weight) - target_usage|` beside cross-entropy),
+                 the backbone fine-tuned jointly or frozen;
+    sae       -> a Sparse Autoencoder on the decision vector (residual stream entering the block,
+                 class token) of the chosen SAE sites (default: the last block), trained on
+                 decision vectors of the frozen gated model; FVE, L0 and dead latents on val;
+    steering  -> the per-class steering table (`headsteer.runtime.steering`), chosen on val.
+
+Every recipe seeds torch and uses a seeded data order, so the same arguments give the same weights
+(on the same machine and thread count).
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Optional, Sequence, Union
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from headsteer.runtime.bundle import load_bundle, save_bundle
+from headsteer.runtime.data import ImageDataset, Splits, load_data
+from headsteer.runtime.errors import BundleError, InputError
+from headsteer.runtime.gated_vit import GatedViT
+
+DEFAULT_TIMM_NAME = "vit_tiny_patch16_224"
+
+
+def digits_vit_kwargs(num_classes: int = 10, image_size: int = 16, **overrides) -> dict:
+    """The small from-scratch ViT the digits demo uses: 6 heads per block as in the paper.
+
+    16x16 inputs (the 8x8 digits upsampled), 4x4 patches -> 16 patch tokens + a class token,
+    width 72 (head size 12), 4 blocks, MLP ratio 2: ~175k parameters, seconds per epoch on a CPU."""
+    kwargs = dict(
+        img_size=image_size,
+        patch_size=4,
+        embed_dim=72,
+        depth=4,
+        num_heads=6,
+        mlp_ratio=2.0,
+        num_classes=num_classes,
+    )
+    kwargs.update(overrides)
+    return kwargs
+
+
+# -- shared helpers --------------------------------------------------------------------------------
+def normalize(images: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
+    """[0, 1] images -> model input, with the per-channel mean/std the bundle records."""
+    m = torch.as_tensor(mean, dtype=images.dtype).view(1, -1, 1, 1)
+    s = torch.as_tensor(std, dtype=images.dtype).view(1, -1, 1, 1)
+    return (images - m) / s
+
+
+def random_shift(images: torch.Tensor, max_shift: int, generator: torch.Generator) -> torch.Tensor:
+    """Translate each image by a random integer offset in [-max_shift, max_shift]^2 (zero fill)."""
+    if max_shift <= 0:
+        return images
+    batch, _, height, width = images.shape
+    padded = F.pad(images, (max_shift,) * 4)
+    offsets = torch.randint(0, 2 * max_shift + 1, (batch, 2), generator=generator)
+    out = torch.empty_like(images)
+    for i, (dy, dx) in enumerate(offsets.tolist()):
+        out[i] = padded[i, :, dy : dy + height, dx : dx + width]
+    return out
+
+
+def cosine_lr(step: int, total: int, base: float, warmup: int) -> float:
+    if step < warmup:
+        return base * (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return base * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+@torch.no_grad()
+def evaluate_model(
+    model: GatedViT,
+    dataset: ImageDataset,
+    mean: Sequence[float],
+    std: Sequence[float],
+    batch_size: int = 256,
+    backend: str = "reference",
+) -> dict:
+    """Accuracy, head usage and per-block usage of `model` (eval mode, unsteered) on `dataset`."""
+    was_training = model.training
+    model.eval()
+    correct, masks = 0, []
+    for images, labels in dataset.batches(batch_size):
+        out = model(normalize(images, mean, std), backend=backend)
+        correct += int((out.logits.argmax(-1) == labels).sum())
+        masks.append(out.head_mask.float())
+    model.train(was_training)
+    mask = torch.cat(masks) if masks else torch.zeros(0, 0, model.num_heads)
+    result = dict(accuracy=correct / max(1, len(dataset)))
+    if mask.shape[1]:
+        result.update(head_usage=float(mask.mean()), block_usage=[float(v) for v in mask.mean(dim=(0, 2))])
+    return result
+
+
+def _progress(iterable, enabled: bool, **kwargs):
+    return tqdm(iterable, disable=not enabled, dynamic_ncols=True, leave=False, **kwargs)
+
+
+def rebuild(
+    model: GatedViT,
+    *,
+    gate_blocks: Union[str, Sequence[int], None] = None,
+    sae_blocks: Union[str, Sequence[int], None] = None,
+    sae_width: Optional[int] = None,
+    sae_activation: Optional[str] = None,
+    sae_k: Optional[int] = None,
+) -> GatedViT:
+    """A new GatedViT over the same timm architecture with other gate/SAE sites, carrying over
+    every weight whose name and shape still match (backbone, surviving gates and SAEs)."""
+    config = model.config()
+    name, timm_kwargs = config.pop("timm_name"), config.pop("timm_kwargs")
+    if name is None:
+        raise BundleError("cannot rebuild a GatedViT that was not built from a timm model name")
+    if gate_blocks is not None:
+        config["gate_blocks"] = gate_blocks
+    if sae_blocks is not None:
+        config["sae_blocks"] = sae_blocks
+    if sae_width is not None:
+        config["sae_width"] = sae_width
+    if sae_activation is not None:
+        config["sae_activation"] = sae_activation
+        if sae_activation != "topk" and sae_k is None:
+            config["sae_k"] = None
+    if sae_k is not None:
+        config["sae_k"] = sae_k
+    fresh = GatedViT.from_timm(name, timm_kwargs=timm_kwargs, **config)
+    old_state = model.state_dict()
+    new_state = fresh.state_dict()
+    for key, tensor in old_state.items():
+        if key in new_state and new_state[key].shape == tensor.shape:
+            new_state[key] = tensor.detach().clone()
+    fresh.load_state_dict(new_state)
+    return fresh
+
+
+# -- backbone ------------------------------------------------------------------------------------
+@dataclass
+class BackboneConfig:
+    epochs: int = 60
+    batch_size: int = 64
+    lr: float = 2e-3
+    weight_decay: float = 0.05
+    warmup_epochs: int = 3
+    label_smoothing: float = 0.1
+    max_shift: int = 2
+    seed: int = 0
+
+
+def new_backbone(
+    timm_name: str = DEFAULT_TIMM_NAME,
+    timm_kwargs: Optional[dict] = None,
+    pretrained_file: Optional[str] = None,
+    seed: int = 0,
+) -> GatedViT:
+    """A dense GatedViT (no gates, no SAEs) over a freshly built (seeded) or checkpointed timm ViT."""
+    torch.manual_seed(seed)
+    return GatedViT.from_timm(
+        timm_name,
+        timm_kwargs=timm_kwargs if timm_kwargs is not None else digits_vit_kwargs(),
+        gate_blocks="none",
+        sae_blocks="none",
+        pretrained_file=pretrained_file,
+    )
+
+
+def train_backbone(
+    model: GatedViT,
+    splits: Splits,
+    config: BackboneConfig = BackboneConfig(),
+    progress: bool = True,
+) -> tuple[GatedViT, dict]:
+    """Train every weight of `model` with cross-entropy (gates, if any, stay as they are and are
+    not used: the dense path). Returns the model (eval mode) and a history dict."""
+    _check_classes(model, splits)
+    torch.manual_seed(config.seed)
+    generator = torch.Generator().manual_seed(config.seed)
+    params = [p for n, p in model.vit.named_parameters()]
+    decay = [p for p in params if p.dim() >= 2]
+    no_decay = [p for p in params if p.dim() < 2]
+    optimizer = torch.optim.AdamW(
+        [dict(params=decay, weight_decay=config.weight_decay), dict(params=no_decay, weight_decay=0.0)], lr=config.lr
+    )
+    steps_per_epoch = math.ceil(len(splits.train) / config.batch_size)
+    total = config.epochs * steps_per_epoch
+    warmup = config.warmup_epochs * steps_per_epoch
+    history, step, start = [], 0, time.perf_counter()
+    model.train()
+    bar = _progress(range(config.epochs), progress, desc="backbone", unit="epoch")
+    for epoch in bar:
+        running, seen = 0.0, 0
+        for images, labels in splits.train.batches(config.batch_size, shuffle=True, seed=config.seed * 1000 + epoch):
+            for group in optimizer.param_groups:
+                group["lr"] = cosine_lr(step, total, config.lr, warmup)
+            x = normalize(random_shift(images, config.max_shift, generator), splits.mean, splits.std)
+            logits = model.vit(x)
+            loss = F.cross_entropy(logits, labels, label_smoothing=config.label_smoothing)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            running += loss.item() * len(labels)
+            seen += len(labels)
+            step += 1
+        history.append(dict(epoch=epoch, loss=running / max(1, seen)))
+        bar.set_postfix(loss=f"{running / max(1, seen):.3f}")
+    model.eval()
+    val = _dense_accuracy(model, splits.val, splits.mean, splits.std)
+    return model, dict(
+        recipe="backbone",
+        config=asdict(config),
+        loss=[h["loss"] for h in history],
+        val_accuracy=val,
+        seconds=time.perf_counter() - start,
+    )
+
+
+@torch.no_grad()
+def _dense_accuracy(model: GatedViT, dataset: ImageDataset, mean, std, batch_size: int = 256) -> float:
+    """Accuracy of the timm model itself (every head, no gates)."""
+    was = model.training
+    model.eval()
+    correct = 0
+    for images, labels in dataset.batches(batch_size):
+        correct += int((model.vit(normalize(images, mean, std)).argmax(-1) == labels).sum())
+    model.train(was)
+    return correct / max(1, len(dataset))
+
+
+def _check_classes(model: GatedViT, splits: Splits) -> None:
+    classes = model.vit.num_classes
+    if classes != len(splits.class_names):
+        raise InputError(f"the model has {classes} outputs but the data has {len(splits.class_names)} classes")
+    if model.image_size != (splits.image_size, splits.image_size):
+        raise InputError(f"the model takes {model.image_size} images but the data is {splits.image_size} pixels")
+
+
+# -- gates ---------------------------------------------------------------------------------------
+@dataclass
+class GateConfig:
+    epochs: int = 30
+    batch_size: int = 64
+    lr: float = 3e-3
+    backbone_lr: float = 5e-4
+    weight_decay: float = 0.05
+    target_usage: float = 0.72
+    usage_weight: float = 2.0
+    temperature: float = 5.0
+    freeze_backbone: bool = False
+    usage_granularity: str = "block"  # "block": mean_l |usage_l - target|; "model": |usage - target|
+    # Gumbel noise scale: 1 for the first `anneal_start` of training, then linearly down to 0, so
+    # the gates end decisive and the usage trained for is the usage thresholding gives at inference.
+    anneal_start: float = 0.5
+    max_shift: int = 2
+    label_smoothing: float = 0.1
+    seed: int = 0
+
+
+def usage_loss(head_weight: torch.Tensor, target: float, granularity: str = "block") -> torch.Tensor:
+    """`|mean(head_weight) - target|` over the whole model ("model", AdaViT's form) or averaged over
+    gated blocks, each block's own usage pulled toward the target ("block")."""
+    if granularity == "model":
+        return (head_weight.mean() - target).abs()
+    if granularity == "block":
+        return (head_weight.mean(dim=(0, 2)) - target).abs().mean()
+    raise InputError(f"usage_granularity must be 'block' or 'model', got {granularity!r}")
+
+
+def _noisy_straight_through(gate, logits: torch.Tensor) -> torch.Tensor:
+    """HeadGate.straight_through with the logistic noise scaled by `gate._noise_scale`."""
+    scale = getattr(gate, "_noise_scale", 1.0)
+    if scale > 0:
+        uniform = torch.rand_like(logits).clamp_(1e-6, 1 - 1e-6)
+        logits = logits + scale * (torch.log(uniform) - torch.log1p(-uniform))
+    soft = torch.sigmoid(logits / gate.temperature)
+    hard = (soft > 0.5).to(soft.dtype)
+    return hard + soft - soft.detach()
+
+
+def noise_schedule(epoch: int, epochs: int, anneal_start: float) -> float:
+    """1 until `anneal_start` of training, then linear to 0 at the last epoch."""
+    begin = int(round(anneal_start * epochs))
+    if epoch < begin or epochs <= 1:
+        return 1.0
+    return max(0.0, 1.0 - (epoch - begin + 1) / max(1, epochs - begin))
+
+
+def add_gates(model: GatedViT, gate_blocks: Union[str, Sequence[int]] = "all", gate_init_bias: float = 3.0) -> GatedViT:
+    """`model` with head gates at `gate_blocks` (existing gates kept), no SAE."""
+    if model.gate_blocks and gate_blocks == "all" and len(model.gate_blocks) == len(model.vit.blocks):
+        return model
+    rebuilt = rebuild(model, gate_blocks=gate_blocks, sae_blocks="none")
+    return rebuilt
+
+
+def train_gates(
+    model: GatedViT,
+    splits: Splits,
+    config: GateConfig = GateConfig(),
+    progress: bool = True,
+) -> tuple[GatedViT, dict]:
+    """AdaViT-style gate training: cross-entropy + `usage_weight * |mean(head_weight) - target|`.
+
+    head_weight is the straight-through Gumbel-sigmoid mask over every gated head of the batch.
+    With `freeze_backbone` only the gates learn; otherwise the backbone is fine-tuned at
+    `backbone_lr`. SAEs (if any) are untouched: unsteered, they do not change the gate input."""
+    _check_classes(model, splits)
+    if not model.gate_blocks:
+        raise InputError("the model has no gated blocks; add gates first (add_gates)")
+    if not 0.0 < config.target_usage <= 1.0:
+        raise InputError(f"target_usage must be in (0, 1], got {config.target_usage}")
+    torch.manual_seed(config.seed)
+    generator = torch.Generator().manual_seed(config.seed)
+    gates = list(model.gates.values())
+    for gate in gates:
+        gate.temperature = config.temperature
+        gate.straight_through = lambda logits, gate=gate: _noisy_straight_through(gate, logits)
+    for p in model.saes.parameters():
+        p.requires_grad_(False)
+    groups = [dict(params=list(model.gates.parameters()), lr=config.lr, base_lr=config.lr, weight_decay=0.0)]
+    for p in model.vit.parameters():
+        p.requires_grad_(not config.freeze_backbone)
+    if not config.freeze_backbone:
+        groups.append(
+            dict(params=list(model.vit.parameters()), lr=config.backbone_lr, base_lr=config.backbone_lr,
+                 weight_decay=config.weight_decay)
+        )
+    optimizer = torch.optim.AdamW(groups)
+    steps_per_epoch = math.ceil(len(splits.train) / config.batch_size)
+    total, warmup = config.epochs * steps_per_epoch, steps_per_epoch
+    history, step, start = [], 0, time.perf_counter()
+    model.train()
+    if config.freeze_backbone:
+        model.vit.eval()  # frozen: no dropout / drop-path noise in the backbone
+    bar = _progress(range(config.epochs), progress, desc="gates", unit="epoch")
+    for epoch in bar:
+        sums = dict(loss=0.0, ce=0.0, usage=0.0)
+        seen = 0
+        for gate in gates:
+            gate._noise_scale = noise_schedule(epoch, config.epochs, config.anneal_start)
+        for images, labels in splits.train.batches(config.batch_size, shuffle=True, seed=config.seed * 1000 + epoch):
+            for group in optimizer.param_groups:
+                group["lr"] = cosine_lr(step, total, group["base_lr"], warmup)
+            x = normalize(random_shift(images, config.max_shift, generator), splits.mean, splits.std)
+            out = model(x)
+            ce = F.cross_entropy(out.logits, labels, label_smoothing=config.label_smoothing)
+            usage = out.head_weight.mean()
+            loss = ce + config.usage_weight * usage_loss(out.head_weight, config.target_usage, config.usage_granularity)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            n = len(labels)
+            sums["loss"] += loss.item() * n
+            sums["ce"] += ce.item() * n
+            sums["usage"] += usage.item() * n
+            seen += n
+            step += 1
+        epoch_stats = {k: v / max(1, seen) for k, v in sums.items()}
+        history.append(epoch_stats)
+        bar.set_postfix(ce=f"{epoch_stats['ce']:.3f}", usage=f"{epoch_stats['usage']:.2f}")
+    for gate in gates:  # back to the class's own straight-through
+        del gate.straight_through, gate._noise_scale
+    for p in model.parameters():
+        p.requires_grad_(True)
+    model.eval()
+    val = evaluate_model(model, splits.val, splits.mean, splits.std)
+    return model, dict(
+        recipe="gates",
+        config=asdict(config),
+        loss=[h["loss"] for h in history],
+        train_usage=[h["usage"] for h in history],
+        val_accuracy=val["accuracy"],
+        val_head_usage=val["head_usage"],
+        val_block_usage=val["block_usage"],
+        seconds=time.perf_counter() - start,
+    )
+
+
+# -- SAE -----------------------------------------------------------------------------------------
+@dataclass
+class SAEConfig:
+    width: Optional[int] = None  # default: 4 x model width
+    activation: str = "topk"
+    k: int = 8
+    l1: float = 1e-3  # sparsity penalty for relu/jumprelu SAEs (TopK needs none)
+    epochs: int = 300
+    batch_size: int = 128
+    lr: float = 2e-3
+    seed: int = 0
+
+
+@torch.no_grad()
+def decision_vectors(
+    model: GatedViT,
+    dataset: ImageDataset,
+    mean: Sequence[float],
+    std: Sequence[float],
+    blocks: Sequence[int],
+    batch_size: int = 256,
+) -> dict[int, torch.Tensor]:
+    """The decision vectors e [N, D] entering each of `blocks` for every image of `dataset`,
+    from the unsteered model in eval mode (read by a forward pre-hook on each block's norm1,
+    whose input is the residual stream entering that block)."""
+    from headsteer.kernels.reference import decision_vector
+
+    vit = model.vit
+    has_cls = getattr(vit, "cls_token", None) is not None
+    captured: dict[int, list] = {b: [] for b in blocks}
+    hooks = []
+    for b in blocks:
+        def hook(module, inputs, b=b):
+            captured[b].append(decision_vector(inputs[0], vit.num_prefix_tokens, has_cls).detach().clone())
+        hooks.append(vit.blocks[b].norm1.register_forward_pre_hook(hook))
+    was = model.training
+    model.eval()
+    try:
+        for images, _ in dataset.batches(batch_size):
+            model(normalize(images, mean, std))
+    finally:
+        for h in hooks:
+            h.remove()
+        model.train(was)
+    return {b: torch.cat(v) if v else torch.zeros(0, model.embed_dim) for b, v in captured.items()}
+
+
+def _fast_encode(sae, e: torch.Tensor) -> torch.Tensor:
+    """SAE encode for training: torch.topk instead of the reference rank-count (same result up
+    to exact ties), differentiable."""
+    pre = (e - sae.decoder_bias) @ sae.encoder_weight.t() + sae.encoder_bias
+    if sae.activation == "topk":
+        values, index = pre.topk(sae.k, dim=-1)
+        return torch.zeros_like(pre).scatter(-1, index, F.relu(values))
+    if sae.activation == "relu":
+        return F.relu(pre)
+    # jumprelu: straight-through on the threshold (a rectangle-window pseudo-gradient)
+    gate = (pre > sae.threshold).to(pre.dtype)
+    return pre * gate
+
+
+@torch.no_grad()
+def sae_metrics(sae, e: torch.Tensor) -> dict:
+    """Reconstruction fraction of variance explained, mean L0 and dead-latent fraction on e [N, D]
+    (a latent is dead when it is zero on every vector)."""
+    x_hat, z = sae(e)
+    residual = ((e - x_hat) ** 2).sum()
+    variance = ((e - e.mean(0, keepdim=True)) ** 2).sum().clamp_min(1e-12)
+    active = z != 0
+    return dict(
+        fve=float(1.0 - residual / variance),
+        l0=float(active.float().sum(1).mean()),
+        dead_fraction=float((~active.any(0)).float().mean()),
+    )
+
+
+def train_sae_on(sae, e_train: torch.Tensor, config: SAEConfig, progress: bool = True, desc: str = "sae") -> list:
+    """Fit `sae` to decision vectors e_train [N, D] (MSE, + L1 for non-TopK), decoder rows kept at
+    unit norm. Decoder bias starts at the data mean, encoder at the decoder's transpose; latents
+    dead for a whole epoch are re-initialised toward the worst-reconstructed vectors."""
+    torch.manual_seed(config.seed)
+    generator = torch.Generator().manual_seed(config.seed)
+    with torch.no_grad():
+        sae.decoder_bias.copy_(e_train.mean(0))
+        scale = (e_train - e_train.mean(0)).norm(dim=1).mean().clamp_min(1e-6)
+        sae.normalize_decoder_()
+        sae.encoder_weight.copy_(sae.decoder_weight / scale)
+        sae.encoder_bias.zero_()
+    params = [sae.encoder_weight, sae.encoder_bias, sae.decoder_weight, sae.decoder_bias]
+    optimizer = torch.optim.Adam(params, lr=config.lr)
+    n = e_train.shape[0]
+    losses = []
+    bar = _progress(range(config.epochs), progress, desc=desc, unit="epoch")
+    for epoch in bar:
+        order = torch.randperm(n, generator=generator)
+        fired = torch.zeros(sae.width, dtype=torch.bool)
+        total = 0.0
+        for start in range(0, n, config.batch_size):
+            e = e_train[order[start : start + config.batch_size]]
+            z = _fast_encode(sae, e)
+            x_hat = z @ sae.decoder_weight + sae.decoder_bias
+            loss = ((x_hat - e) ** 2).sum(-1).mean()
+            if sae.activation != "topk":
+                loss = loss + config.l1 * z.abs().sum(-1).mean()
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            sae.normalize_decoder_()
+            fired |= (z != 0).any(0)
+            total += loss.item() * e.shape[0]
+        losses.append(total / n)
+        bar.set_postfix(mse=f"{losses[-1]:.4f}")
+        # Resample dead latents (not in the last fifth, so they settle before the end).
+        dead = (~fired).nonzero().squeeze(1)
+        if len(dead) and epoch < int(config.epochs * 0.8) and epoch % 10 == 9:
+            with torch.no_grad():
+                x_hat = _fast_encode(sae, e_train) @ sae.decoder_weight + sae.decoder_bias
+                err = ((e_train - x_hat) ** 2).sum(-1)
+                pick = torch.multinomial(err + 1e-12, len(dead), replacement=len(dead) > n, generator=generator)
+                direction = F.normalize(e_train[pick] - sae.decoder_bias, dim=1)
+                sae.decoder_weight[dead] = direction
+                sae.encoder_weight[dead] = direction / scale
+                sae.encoder_bias[dead] = 0.0
+            optimizer.state.clear()
+    return losses
+
+
+def train_sae(
+    model: GatedViT,
+    splits: Splits,
+    sae_blocks: Union[str, Sequence[int]] = (-1,),
+    config: SAEConfig = SAEConfig(),
+    progress: bool = True,
+) -> tuple[GatedViT, dict]:
+    """Put SAEs at `sae_blocks` (they must be gated) and fit each to the decision vectors of the
+    frozen model at that block on the train split. Returns the model and per-site validation
+    metrics {block: {fve, l0, dead_fraction}} plus their mean."""
+    _check_classes(model, splits)
+    start = time.perf_counter()
+    width = config.width or 4 * model.embed_dim
+    model = rebuild(model, sae_blocks=sae_blocks, sae_width=width, sae_activation=config.activation,
+                    sae_k=config.k if config.activation == "topk" else None)
+    model.eval()
+    e_train = decision_vectors(model, splits.train, splits.mean, splits.std, model.sae_blocks)
+    e_val = decision_vectors(model, splits.val, splits.mean, splits.std, model.sae_blocks)
+    sites = {}
+    for block in model.sae_blocks:
+        sae = model.saes[str(block)]
+        with torch.enable_grad():
+            losses = train_sae_on(sae, e_train[block], config, progress, desc=f"sae block {block}")
+        sites[str(block)] = dict(sae_metrics(sae, e_val[block]), loss=losses[-1] if losses else None)
+    mean_metrics = {key: sum(s[key] for s in sites.values()) / len(sites) for key in ("fve", "l0", "dead_fraction")}
+    return model, dict(
+        recipe="sae",
+        config=asdict(config) | dict(width=width),
+        sae_blocks=list(model.sae_blocks),
+        sites=sites,
+        val=mean_metrics,
+        seconds=time.perf_counter() - start,
+    )
+
+
+# -- bundle plumbing -------------------------------------------------------------------------------
+def load_model(path: Union[str, Path]) -> tuple[GatedViT, dict, list]:
+    """(model, extra, class names) of a bundle, for continuing training."""
+    model, info = load_bundle(path)
+    return model, dict(info.extra or {}), list(info.class_names)
+
+
+def save_stage(model: GatedViT, path, splits: Splits, extra: dict, steering=None, overwrite: bool = True) -> Path:
+    return save_bundle(
+        model, path, class_names=splits.class_names, steering=steering, mean=splits.mean, std=splits.std,
+        extra=extra, overwrite=overwrite,
+    )
+
+
+def _record(extra: dict, stage: dict) -> dict:
+    extra = dict(extra)
+    stages = list(extra.get("stages", []))
+    stages.append(stage)
+    extra["stages"] = stages
+    return extra
+
+
+def _json_safe(value):
+    if isinstance(value, dict):
+        return {str(k): _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+# -- CLI -----------------------------------------------------------------------------------------
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    sub = parser.add_subparsers(dest="recipe", metavar="RECIPE", required=True)
+
+    def common(p, needs_from: bool):
+        p.add_argument("--data", default="digits", help="digits, cifar100:PATH or imagefolder:PATH (default digits)")
+        p.add_argument("--out", required=True, help="bundle directory to write (replaced if it exists)")
+        if needs_from:
+            p.add_argument("--from", dest="from_bundle", required=True, help="bundle to start from")
+        p.add_argument("--seed", type=int, default=0)
+        p.add_argument("--epochs", type=int, default=None)
+        p.add_argument("--lr", type=float, default=None)
+        p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+
+    p = sub.add_parser("backbone", help="train a small timm ViT from scratch, a local checkpoint, or a bundle")
+    common(p, needs_from=False)
+    p.add_argument("--from", dest="from_bundle", default=None, help="continue from this bundle's backbone")
+    p.add_argument("--timm-name", default=DEFAULT_TIMM_NAME)
+    p.add_argument("--pretrained-file", default=None, help="local timm checkpoint (nothing is downloaded)")
+    p.add_argument("--image-size", type=int, default=16)
+    p.add_argument("--patch-size", type=int, default=4)
+    p.add_argument("--embed-dim", type=int, default=72)
+    p.add_argument("--depth", type=int, default=4)
+    p.add_argument("--num-heads", type=int, default=6)
+    p.add_argument("--mlp-ratio", type=float, default=2.0)
+
+    p = sub.add_parser("gates", help="AdaViT-style head gates on every block, with a usage loss")
+    common(p, needs_from=True)
+    p.add_argument("--target-usage", type=float, default=GateConfig.target_usage)
+    p.add_argument("--usage-weight", type=float, default=GateConfig.usage_weight)
+    p.add_argument("--freeze-backbone", action="store_true", help="train only the gates")
+
+    p = sub.add_parser("sae", help="SAE(s) on the decision vector entering the last (or every) block")
+    common(p, needs_from=True)
+    p.add_argument("--sae-blocks", default="-1", help="'-1' (the paper's last block), 'all', or indices '0,3'")
+    p.add_argument("--width", type=int, default=None)
+    p.add_argument("--k", type=int, default=SAEConfig.k)
+    p.add_argument("--activation", default="topk", choices=["topk", "relu", "jumprelu"])
+
+    p = sub.add_parser("steering", help="choose per-class steering rows on the validation split")
+    common(p, needs_from=True)
+
+
+def _data_for(args, image_size: Optional[int]) -> Splits:
+    return load_data(args.data, image_size=image_size, seed=args.seed)
+
+
+def run(args: argparse.Namespace) -> int:
+    progress = not args.no_progress
+    overrides = {k: v for k, v in dict(epochs=args.epochs, lr=args.lr).items() if v is not None}
+    if args.recipe == "backbone":
+        if args.from_bundle:
+            model, extra, _ = load_model(args.from_bundle)
+            splits = _data_for(args, model.image_size[0])
+        else:
+            splits = _data_for(args, args.image_size)
+            kwargs = dict(img_size=args.image_size, patch_size=args.patch_size, embed_dim=args.embed_dim,
+                          depth=args.depth, num_heads=args.num_heads, mlp_ratio=args.mlp_ratio,
+                          num_classes=len(splits.class_names))
+            model = new_backbone(args.timm_name, kwargs, args.pretrained_file, seed=args.seed)
+            extra = {}
+        model, stage = train_backbone(model, splits, BackboneConfig(seed=args.seed, **overrides), progress)
+        print(f"backbone: val accuracy {stage['val_accuracy']:.4f} ({stage['seconds']:.0f} s)")
+    else:
+        model, extra, _ = load_model(args.from_bundle)
+        splits = _data_for(args, model.image_size[0])
+        if args.recipe == "gates":
+            model = add_gates(model)
+            config = GateConfig(seed=args.seed, target_usage=args.target_usage, usage_weight=args.usage_weight,
+                                freeze_backbone=args.freeze_backbone, **overrides)
+            model, stage = train_gates(model, splits, config, progress)
+            print(f"gates: val accuracy {stage['val_accuracy']:.4f}, head usage {stage['val_head_usage']:.3f}")
+        elif args.recipe == "sae":
+            config = SAEConfig(seed=args.seed, width=args.width, k=args.k, activation=args.activation, **overrides)
+            model, stage = train_sae(model, splits, args.sae_blocks, config, progress)
+            v = stage["val"]
+            print(f"sae: val FVE {v['fve']:.3f}, L0 {v['l0']:.1f}, dead {v['dead_fraction']:.3f}")
+        elif args.recipe == "steering":
+            from headsteer.runtime.steering import fit_steering
+
+            if not model.sae_blocks:
+                raise InputError(f"{args.from_bundle} has no SAE; run `headsteer train sae` first")
+            table, stage = fit_steering(model, splits, progress=progress, seed=args.seed)
+            save_stage(model, args.out, splits, _json_safe(_record(extra, stage)), steering=table)
+            print(f"steering: {len(table.class_names)} per-class rows written to {args.out}")
+            return 0
+        else:  # pragma: no cover - argparse restricts the choices
+            raise InputError(f"unknown recipe {args.recipe!r}")
+    save_stage(model, args.out, splits, _json_safe(_record(extra, stage)))
+    print(f"wrote {args.out}")
+    return 0
