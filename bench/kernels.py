@@ -7,7 +7,7 @@ At B=64, N=197, bf16, for ViT-S (H=6, D=384) and ViT-B (H=12, D=768):
   against `triton_head_attention` at head usage 1.0/0.67/0.5/0.33/0.17 (random masks with exactly
   round(u*H) heads per sample), timed eagerly and as a CUDA-graph replay;
 - the fused SAE -> steer -> gate kernel (without an SAE, and with the runtime's default SAE:
-  S=4D, TopK k=16, per-sample steering) as a share of a dense block (norm1 + attn + norm2 + MLP).
+  S=4D, TopK k=16, per-sample steering scale without and with a shift) as a share of a dense block (norm1 + attn + norm2 + MLP).
 Times are medians of `triton.testing.do_bench` (which flushes L2 between runs) in microseconds.
 `--sweep` times alternative tile configurations of the attention kernels instead.
 Without CUDA it says so and exits 0 without writing anything.
@@ -124,11 +124,13 @@ def run_benchmark() -> dict:
             ))
         block = timed(lambda: dense_block(x, w, heads))
         e = x[:, 0]
-        for with_sae in (False, True):
+        for with_sae, shifted in ((False, False), (True, False), (True, True)):
             gate, sae, (scale, shift) = gate_params(dim, heads, generator, with_sae)
+            shift = shift if shifted else None
             gate_time = timed(lambda: triton_sae_steer_gate(e, gate, sae, scale, shift, budget=None))
             results["gate"].append(dict(
-                model=name, sae="S=4D topk k=16, steered" if with_sae else "none", gate_us=gate_time[0],
+                model=name, sae=("S=4D topk k=16, scale" + (" + shift" if shifted else "")) if with_sae else "none",
+                gate_us=gate_time[0],
                 block_us=block[0], share=gate_time[0] / block[0],
                 gate_graph_us=gate_time[1], block_graph_us=block[1], share_graph=gate_time[1] / block[1],
             ))

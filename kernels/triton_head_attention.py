@@ -35,11 +35,11 @@ class TileConfig:
     qkv_block_n: int = 64  # tokens per QKV-projection program
     qkv_block_k: int = 64  # reduction step over D
     qkv_warps: int = 4
-    attn_block_m: int = 64  # queries per attention program
+    attn_block_m: int = 128  # queries per attention program
     attn_block_n: int = 64  # keys per online-softmax step
     attn_warps: int = 4
     proj_block_t: int = 64  # tokens per output-projection program
-    proj_block_o: int = 64  # output columns per output-projection program
+    proj_block_o: int = 128  # output columns per output-projection program
     proj_warps: int = 4
 
 
