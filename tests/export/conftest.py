@@ -68,6 +68,12 @@ def exported(tmp_path_factory) -> Exported:
     model = make_model()
     steering = make_steering(model)
     bundle = save_bundle(model, root / "tiny_bundle", class_names=CLASS_NAMES, steering=steering)
-    paths = {variant: to_onnx(bundle, root / f"tiny_{variant}.onnx", attention=variant) for variant in ("masked", "sparse")}
+    from headsteer.runtime.cli import main
+
+    # The masked file through the API, the sparse one through the CLI (both paths, one export each).
+    paths = {"masked": to_onnx(bundle, root / "tiny_masked.onnx", attention="masked")}
+    paths["sparse"] = root / "tiny_sparse.onnx"
+    argv = ["export", str(bundle), "--format", "onnx", "--out", str(paths["sparse"]), "--attention", "sparse"]
+    assert main(argv) == 0
     loaded, _ = load_bundle(bundle)
     return Exported(bundle=bundle, model=loaded, steering=steering, onnx=paths)

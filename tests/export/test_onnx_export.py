@@ -163,16 +163,19 @@ def test_onnx_file_from_another_model_is_rejected(exported, tmp_path):
         Engine.load(exported.bundle, backend="onnxruntime", onnx_path=exported.onnx["masked"], providers=["NoSuchExecutionProvider"])
 
 
-def test_cli_exports_onnx_and_refuses_to_overwrite(exported, tmp_path, capsys):
+def test_cli_export_and_its_errors(exported, tmp_path, capsys):
     from headsteer.runtime.cli import main
 
-    out = tmp_path / "cli" / "model.onnx"
-    assert main(["export", str(exported.bundle), "--format", "onnx", "--out", str(out), "--attention", "sparse"]) == 0
-    assert "wrote" in capsys.readouterr().out
+    out = exported.onnx["sparse"]  # written by `headsteer export ... --attention sparse` in conftest
     onnx.checker.check_model(str(out), full_check=True)
     assert read_metadata(out)["attention"] == "sparse"
     assert steering_path_for(out).is_file()
+    stamp = out.stat().st_mtime_ns
     assert main(["export", str(exported.bundle), "--format", "onnx", "--out", str(out)]) == 2
     assert "already exists" in capsys.readouterr().err
+    assert out.stat().st_mtime_ns == stamp
     assert main(["export", str(tmp_path / "nope"), "--format", "onnx", "--out", str(tmp_path / "x.onnx")]) == 2
     assert "not a bundle" in capsys.readouterr().err
+    assert main(["export", str(exported.bundle), "--format", "onnx", "--out", str(tmp_path / "x.onnx"), "--opset", "9"]) == 2
+    assert "opset" in capsys.readouterr().err
+    assert not (tmp_path / "x.onnx").exists()
