@@ -215,6 +215,10 @@ def _write_atomic(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+def _num(x, digits: int = 3) -> str:
+    return "n/a" if x is None else f"{x:.{digits}f}"
+
+
 def _pct(x) -> str:
     return "n/a" if x is None else f"{100 * x:.1f}%"
 
@@ -297,7 +301,11 @@ def report_markdown(report: dict) -> str:
             "",
             "## Beyond the paper: an SAE ahead of every gate (whole-network steering)",
             "",
-            f"SAEs (val, mean over sites): FVE {sm['fve']:.3f}, L0 {sm['l0']:.1f}, dead {_pct(sm['dead_fraction'])}. "
+            "SAEs (val, mean over sites with a varying input): "
+            f"FVE {_num(sm['fve'])}, L0 {_num(sm['l0'], 1)}, dead {_pct(sm['dead_fraction'])}; "
+            "per site: " + ", ".join(
+                f"block {b}: FVE {_num(v['fve'])}" for b, v in whole["sae"].items()
+            ) + " (block 0 sees the class token before any attention: the same vector for every image). "
             "Per-class rows steer every site; the objective lowers whole-model head usage.",
             "",
             *_strategy_md(whole["strategies"]),

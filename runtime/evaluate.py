@@ -81,12 +81,13 @@ def engine_latents(engine: Engine, images: torch.Tensor, batch_size: int = 256) 
 # -- summaries -----------------------------------------------------------------------------------------
 def summarize(pred: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor) -> dict:
     """accuracy, correct, head_usage (whole model), final_block_usage, kept_heads (heads of the
-    final gated block kept by a majority of the images)."""
+    final gated block kept by a majority of the images), final_block_head_usage (per head of the
+    final block, the fraction of images keeping it)."""
     maskf = mask.float()
     n = len(labels)
     if maskf.shape[1] == 0:
         return dict(accuracy=float((pred == labels).float().mean()) if n else 0.0, correct=int((pred == labels).sum()),
-                    head_usage=1.0, final_block_usage=1.0, kept_heads=None)
+                    head_usage=1.0, final_block_usage=1.0, kept_heads=None, final_block_head_usage=None)
     final = maskf[:, -1]
     return dict(
         accuracy=float((pred == labels).float().mean()) if n else 0.0,
@@ -94,6 +95,7 @@ def summarize(pred: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor) -> d
         head_usage=float(maskf.mean()) if n else 0.0,
         final_block_usage=float(final.mean()) if n else 0.0,
         kept_heads=[h for h in range(final.shape[1]) if n and float(final[:, h].mean()) > 0.5],
+        final_block_head_usage=[float(v) for v in final.mean(0)] if n else [0.0] * final.shape[1],
     )
 
 

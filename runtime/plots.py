@@ -51,15 +51,22 @@ def write_plots(report: dict, out: Path) -> list[Path]:
         for ax, which in zip(axes, ("unsteered", "steered")):
             grid = np.zeros((len(rows), heads))
             for i, r in enumerate(rows):
+                fractions = r[which].get("final_block_head_usage")
+                if fractions:
+                    grid[i] = fractions
+                else:
+                    for h in r[which]["kept_heads"] or []:
+                        grid[i, h] = 1.0
                 for h in r[which]["kept_heads"] or []:
-                    grid[i, h] = 1.0
-            ax.imshow(grid, cmap="Greens", vmin=0, vmax=1, aspect="auto")
+                    ax.text(h, i, "*", ha="center", va="center", fontsize=9, color="white")
+            image = ax.imshow(grid, cmap="Greens", vmin=0, vmax=1, aspect="auto")
             ax.set_xticks(range(heads), [f"h{h}" for h in range(heads)])
             ax.set_yticks(range(len(rows)), names)
             ax.set_title(f"{which}")
             ax.set_xlabel("head of the final block")
         axes[0].set_ylabel("class")
-        fig.suptitle("heads kept by a majority of each class's test images" + (" (every-block SAEs)" if suffix else ""),
+        fig.colorbar(image, ax=list(axes), fraction=0.04, label="fraction of the class's test images keeping the head")
+        fig.suptitle("final-block heads kept per class (* = kept by a majority)" + (" (every-block SAEs)" if suffix else ""),
                      fontsize=9)
         path = out / f"kept_heads{suffix}.png"
         _save(fig, path)

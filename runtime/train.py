@@ -458,10 +458,13 @@ def sae_metrics(sae, e: torch.Tensor) -> dict:
     (a latent is dead when it is zero on every vector)."""
     x_hat, z = sae(e)
     residual = ((e - x_hat) ** 2).sum()
-    variance = ((e - e.mean(0, keepdim=True)) ** 2).sum().clamp_min(1e-12)
+    variance = ((e - e.mean(0, keepdim=True)) ** 2).sum()
     active = z != 0
+    # A decision vector that does not vary (e.g. the class token entering block 0, before any
+    # attention has mixed in the image) has no variance to explain: FVE is undefined (None).
+    constant = float(variance) <= 1e-10 * float((e**2).sum()) + 1e-12
     return dict(
-        fve=float(1.0 - residual / variance),
+        fve=None if constant else float(1.0 - residual / variance),
         l0=float(active.float().sum(1).mean()),
         dead_fraction=float((~active.any(0)).float().mean()),
     )
@@ -469,27 +472,35 @@ def sae_metrics(sae, e: torch.Tensor) -> dict:
 
 def train_sae_on(sae, e_train: torch.Tensor, config: SAEConfig, progress: bool = True, desc: str = "sae") -> list:
     """Fit `sae` to decision vectors e_train [N, D] (MSE, + L1 for non-TopK), decoder rows kept at
-    unit norm. Decoder bias starts at the data mean, encoder at the decoder's transpose; latents
-    dead for a whole epoch are re-initialised toward the worst-reconstructed vectors."""
+    unit norm; latents dead for ten epochs are re-initialised toward badly reconstructed vectors.
+
+    Training runs on standardized vectors `(e - mean) / s` (s: RMS distance to the mean), so the
+    optimizer sees the same scale whatever the backbone's residual norm; the result is folded back
+    into raw-space weights (TopK/ReLU are positively homogeneous: W_enc and W_dec are unchanged,
+    b_enc and the JumpReLU threshold scale by s, b_dec becomes mean + s * b_dec)."""
     torch.manual_seed(config.seed)
     generator = torch.Generator().manual_seed(config.seed)
+    mu = e_train.mean(0)
+    s = ((e_train - mu) ** 2).sum(-1).mean().sqrt().clamp_min(1e-12)
+    data = (e_train - mu) / s
     with torch.no_grad():
-        sae.decoder_bias.copy_(e_train.mean(0))
-        scale = (e_train - e_train.mean(0)).norm(dim=1).mean().clamp_min(1e-6)
         sae.normalize_decoder_()
-        sae.encoder_weight.copy_(sae.decoder_weight / scale)
+        sae.decoder_bias.zero_()
+        sae.encoder_weight.copy_(sae.decoder_weight)
         sae.encoder_bias.zero_()
+        if sae.activation == "jumprelu":
+            sae.threshold.fill_(0.0)
     params = [sae.encoder_weight, sae.encoder_bias, sae.decoder_weight, sae.decoder_bias]
     optimizer = torch.optim.Adam(params, lr=config.lr)
-    n = e_train.shape[0]
+    n = data.shape[0]
     losses = []
     bar = _progress(range(config.epochs), progress, desc=desc, unit="epoch")
+    fired = torch.zeros(sae.width, dtype=torch.bool)
     for epoch in bar:
         order = torch.randperm(n, generator=generator)
-        fired = torch.zeros(sae.width, dtype=torch.bool)
         total = 0.0
         for start in range(0, n, config.batch_size):
-            e = e_train[order[start : start + config.batch_size]]
+            e = data[order[start : start + config.batch_size]]
             z = _fast_encode(sae, e)
             x_hat = z @ sae.decoder_weight + sae.decoder_bias
             loss = ((x_hat - e) ** 2).sum(-1).mean()
@@ -503,19 +514,25 @@ def train_sae_on(sae, e_train: torch.Tensor, config: SAEConfig, progress: bool =
             total += loss.item() * e.shape[0]
         losses.append(total / n)
         bar.set_postfix(mse=f"{losses[-1]:.4f}")
-        # Resample dead latents (not in the last fifth, so they settle before the end).
-        dead = (~fired).nonzero().squeeze(1)
-        if len(dead) and epoch < int(config.epochs * 0.8) and epoch % 10 == 9:
-            with torch.no_grad():
-                x_hat = _fast_encode(sae, e_train) @ sae.decoder_weight + sae.decoder_bias
-                err = ((e_train - x_hat) ** 2).sum(-1)
-                pick = torch.multinomial(err + 1e-12, len(dead), replacement=len(dead) > n, generator=generator)
-                direction = F.normalize(e_train[pick] - sae.decoder_bias, dim=1)
-                sae.decoder_weight[dead] = direction
-                sae.encoder_weight[dead] = direction / scale
-                sae.encoder_bias[dead] = 0.0
-            optimizer.state.clear()
-    return losses
+        if epoch % 10 == 9:
+            dead = (~fired).nonzero().squeeze(1)
+            # resample dead latents (not in the last fifth, so they settle before the end)
+            if len(dead) and epoch < int(config.epochs * 0.8):
+                with torch.no_grad():
+                    x_hat = _fast_encode(sae, data) @ sae.decoder_weight + sae.decoder_bias
+                    err = ((data - x_hat) ** 2).sum(-1)
+                    pick = torch.multinomial(err + 1e-12, len(dead), replacement=len(dead) > n, generator=generator)
+                    direction = F.normalize(data[pick] - sae.decoder_bias, dim=1)
+                    sae.decoder_weight[dead] = direction
+                    sae.encoder_weight[dead] = direction
+                    sae.encoder_bias[dead] = 0.0
+                optimizer.state.clear()
+            fired = torch.zeros(sae.width, dtype=torch.bool)
+    with torch.no_grad():  # fold the standardization back into raw-space weights
+        sae.encoder_bias.mul_(s)
+        sae.decoder_bias.copy_(mu + s * sae.decoder_bias)
+        sae.threshold.mul_(s)
+    return [loss * float(s) ** 2 for loss in losses]
 
 
 def train_sae(
@@ -542,7 +559,10 @@ def train_sae(
         with torch.enable_grad():
             losses = train_sae_on(sae, e_train[block], config, progress, desc=f"sae block {block}")
         sites[str(block)] = dict(sae_metrics(sae, e_val[block]), loss=losses[-1] if losses else None)
-    mean_metrics = {key: sum(s[key] for s in sites.values()) / len(sites) for key in ("fve", "l0", "dead_fraction")}
+    mean_metrics = {}
+    for key in ("fve", "l0", "dead_fraction"):
+        values = [s[key] for s in sites.values() if s[key] is not None]
+        mean_metrics[key] = sum(values) / len(values) if values else None
     return model, dict(
         recipe="sae",
         config=asdict(config) | dict(width=width),
@@ -661,7 +681,9 @@ def run(args: argparse.Namespace) -> int:
             config = SAEConfig(seed=args.seed, width=args.width, k=args.k, activation=args.activation, **overrides)
             model, stage = train_sae(model, splits, args.sae_blocks, config, progress)
             v = stage["val"]
-            print(f"sae: val FVE {v['fve']:.3f}, L0 {v['l0']:.1f}, dead {v['dead_fraction']:.3f}")
+            for block, site in stage["sites"].items():
+                fve = "undefined (constant input)" if site["fve"] is None else f"{site['fve']:.3f}"
+                print(f"sae block {block}: val FVE {fve}, L0 {site['l0']:.1f}, dead {site['dead_fraction']:.3f}")
         elif args.recipe == "steering":
             from headsteer.runtime.steering import fit_steering
 

@@ -1,0 +1,75 @@
+"""The demo end to end with a tiny budget: every output is written, report.json has the issue's
+keys and fractions in [0, 1]."""
+import json
+
+import pytest
+import torch
+
+from headsteer.runtime import train as T
+from headsteer.runtime.demo import DemoSettings, run_demo
+from headsteer.runtime.steering import SteeringConfig
+
+TINY = dict(img_size=8, patch_size=4, embed_dim=24, depth=2, num_heads=6, mlp_ratio=1.0, num_classes=10)
+STRATEGY_KEYS = {"test_accuracy", "head_usage", "final_block_usage"}
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    settings = DemoSettings(
+        image_size=8,
+        timm_kwargs=dict(TINY),
+        backbone=T.BackboneConfig(epochs=2),
+        gates=T.GateConfig(epochs=1),
+        sae=T.SAEConfig(width=32, k=4, epochs=5),
+        steering=SteeringConfig(counts=(4,), alphas=(0.0,), betas=(-1.0,), global_alphas=(0.0,), topk_ks=(2,),
+                                topk_alphas=(0.0,)),
+        latency_repeats=1,
+    )
+    out = tmp_path_factory.mktemp("demo")
+    try:
+        report = run_demo(out, settings, progress=False, log=lambda *_: None)
+    finally:
+        torch.set_num_threads(threads)
+    return out, report
+
+
+def _fractions(part, keys):
+    for key in keys:
+        assert 0.0 <= part[key] <= 1.0, (key, part[key])
+
+
+def test_demo_writes_everything(demo):
+    out, report = demo
+    for name in ("report.json", "report.md", "per_class_usage.png", "kept_heads.png", "per_class_usage_all.png",
+                 "kept_heads_all.png", "bundle/headsteer.json", "bundle_all/headsteer.json"):
+        assert (out / name).is_file(), name
+    assert json.loads((out / "report.json").read_text()) == report
+    assert not list(out.glob(".*tmp*"))
+    md = (out / "report.md").read_text()
+    assert "Per-class steering" in md and "whole-network" in md
+
+
+def test_demo_report_keys_and_ranges(demo):
+    _, report = demo
+    _fractions(report["baseline"], STRATEGY_KEYS)
+    assert 0.0 <= report["dense_backbone"]["test_accuracy"] <= 1.0
+    assert set(report["sae"]) >= {"fve", "l0", "dead_fraction"}
+    assert report["sae"]["fve"] <= 1.0 and 0.0 <= report["sae"]["dead_fraction"] <= 1.0
+    assert set(report["strategies"]) == {"none", "global_amplification", "topk_amplification", "per_class",
+                                         "random_latents"}
+    for strategy in report["strategies"].values():
+        assert STRATEGY_KEYS <= set(strategy)
+        _fractions(strategy, STRATEGY_KEYS)
+    assert report["strategies"]["none"]["test_accuracy"] == report["baseline"]["test_accuracy"]
+    assert len(report["per_class"]) == 10
+    for row in report["per_class"]:
+        assert {"class", "n_test", "latents", "alpha", "unsteered", "steered"} <= set(row)
+        for part in ("unsteered", "steered"):
+            assert {"accuracy", "head_usage", "final_block_usage", "kept_heads"} <= set(row[part])
+            _fractions(row[part], ("accuracy", "head_usage", "final_block_usage"))
+    whole = report["whole_network"]
+    assert len(whole["per_class"]) == 10 and set(whole["strategies"]) == set(report["strategies"])
+    for lat in (report["latency"], whole["latency"]):
+        assert lat["backend"] == "compact" and lat["unsteered_ms_per_image"] > 0 and lat["steered_ms_per_image"] > 0

@@ -1,0 +1,131 @@
+"""Steering strategies build the vectors they claim, and per-class choices use train statistics
+and validation choices only."""
+import pytest
+import torch
+
+from headsteer.runtime import steering as S
+from headsteer.runtime import train as T
+from headsteer.runtime.data import Splits, load_data
+from headsteer.runtime.gated_vit import GatedViT
+from headsteer.kernels import reference
+
+TINY = dict(img_size=8, patch_size=4, embed_dim=24, depth=2, num_heads=6, mlp_ratio=1.0, num_classes=10)
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _apply(z, scale, shift):
+    return z * scale + shift
+
+
+def test_global_amplification_multiplies_exactly_the_active_latents():
+    z = torch.tensor([[0.0, 2.0, 0.0, 1.5], [3.0, 0.0, 0.0, 0.0]])
+    scale, shift = S.global_rows(2, 4, 3.0)
+    steered = _apply(z, scale, shift)
+    assert torch.equal(steered != 0, z != 0)
+    assert torch.equal(steered, torch.where(z != 0, 3.0 * z, torch.zeros_like(z)))
+
+
+def test_topk_amplification_picks_each_samples_most_active_latents():
+    model = GatedViT.from_timm("vit_tiny_patch16_224", timm_kwargs=TINY, sae_blocks="all", sae_width=5, sae_k=2)
+    assert model.sae_offsets == [0, 5]
+    z = torch.tensor([
+        [0.0, 4.0, 1.0, 3.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0],  # site 1 all zero: nothing to amplify there
+        [5.0, 0.0, 0.0, 0.0, 0.0, 0.0, 2.0, 0.0, 7.0, 1.0],
+    ])
+    scale, shift = S.topk_rows(z, 2, 10.0, model)
+    assert torch.equal(shift, torch.zeros_like(z))
+    expected = torch.ones_like(z)
+    expected[0, [1, 3]] = 10.0
+    expected[1, [0]] = 10.0  # only one active latent in site 0 of sample 1
+    expected[1, [8, 6]] = 10.0
+    assert torch.equal(scale, expected)
+
+
+def test_make_row_and_random_row():
+    magnitudes = torch.arange(10, dtype=torch.float32)
+    scale, shift = S.make_row(10, [2, 5], "scale", 4.0)
+    assert scale.tolist() == [1, 1, 4, 1, 1, 4, 1, 1, 1, 1] and not shift.any()
+    scale, shift = S.make_row(10, [2, 5], "shift", -1.0, magnitudes)
+    assert not (scale != 1).any() and shift.tolist() == [0, 0, -2, 0, 0, -5, 0, 0, 0, 0]
+    generator = torch.Generator().manual_seed(0)
+    (rscale, rshift), picked = S.random_row(10, [2, 5], "shift", -1.0, magnitudes, [list(range(10))], [[2, 5]],
+                                            generator)
+    assert len(picked) == 2 and not set(picked) & {2, 5}
+    assert sorted(rshift[picked].tolist()) == [-5.0, -2.0]  # the chosen latents' magnitudes, moved
+    assert int((rshift != 0).sum()) == 2
+
+
+def test_class_specificity_and_ranking():
+    model = GatedViT.from_timm("vit_tiny_patch16_224", timm_kwargs=TINY, sae_width=4, sae_k=2)
+    labels = torch.tensor([0, 0, 1, 1])
+    z = torch.tensor([[2.0, 0, 1, 0], [2.0, 0, 0, 0], [0, 3.0, 1, 0], [0, 1.0, 0, 0.5]])
+    scores = S.class_specificity(z, labels, 2)
+    torch.testing.assert_close(scores[0], torch.tensor([2.0, -2.0, 0.0, -0.25]))
+    ranked = S.ranked_latents(scores, model)
+    assert ranked[0] == [[0]] and ranked[1] == [[1, 3]]
+
+
+class _Untouchable:
+    """Stands in for the test split: any use of it fails the test."""
+
+    def __getattr__(self, name):
+        raise AssertionError(f"fit_steering looked at the test split ({name})")
+
+    def __len__(self):
+        raise AssertionError("fit_steering looked at the test split")
+
+
+def test_fit_steering_uses_train_statistics_and_val_choices_only():
+    torch.manual_seed(0)
+    data = load_data("digits", image_size=8, seed=0)
+    model = T.add_gates(T.new_backbone(T.DEFAULT_TIMM_NAME, dict(TINY), seed=0))
+    model, _ = T.train_sae(model, data, (-1,), T.SAEConfig(width=32, k=4, epochs=10), progress=False)
+    splits = Splits(data.train, data.val, _Untouchable(), data.mean, data.std)
+    config = S.SteeringConfig(counts=(1, 4), alphas=(0.0, 4.0), betas=(-1.0,), global_alphas=(0.0, 4.0),
+                              topk_ks=(2,), topk_alphas=(0.0,))
+    table, stage = S.fit_steering(model, splits, config, progress=False)
+    assert table.scale.shape == (10, 32) and len(table.info) == 10
+
+    z_train = S.collect_latents(model, data.train.images, data.mean, data.std)
+    ranked = S.ranked_latents(S.class_specificity(z_train, data.train.labels, 10), model)
+    x_val = T.normalize(data.val.images, data.mean, data.std)
+    for c, row in enumerate(table.info):
+        # the chosen latents are a prefix of the train ranking
+        assert row["latents"] == ranked[c][0][: len(row["latents"])]
+        assert len(row["latents"]) in (0, 1, 4) and len(row["random_latents"]) == len(row["latents"])
+        assert not set(row["random_latents"]) & set(row["latents"])
+        # its recorded val numbers are reproduced on val, and respect the one-image rule
+        idx = (data.val.labels == c).nonzero().squeeze(1)
+        result = S.measure(model, x_val[idx], data.val.labels[idx], table.scale[c].expand(len(idx), -1),
+                           table.shift[c].expand(len(idx), -1))
+        assert result["correct"] == row["val_correct_steered"]
+        assert row["val_correct_steered"] >= row["val_correct_unsteered"] - 1
+        assert row["val_usage_steered"] <= row["val_usage_unsteered"]
+        if row["latents"]:
+            assert row["val_usage_steered"] < row["val_usage_unsteered"]
+            if row["mode"] == "scale":
+                assert torch.all(table.scale[c, row["latents"]] == row["alpha"])
+    assert stage["global_amplification"]["alpha"] in (1.0, 0.0, 4.0)
+    assert stage["topk_amplification"]["k"] == 2
+    # the control table rebuilds exactly the random rows
+    rand = S.random_table(table, model.steer_width)
+    for c, row in enumerate(table.info):
+        changed = ((rand.scale[c] != 1) | (rand.shift[c] != 0)).nonzero().squeeze(1).tolist()
+        assert set(changed) <= set(row["random_latents"])
+
+
+def test_steering_is_identity_when_unsteered():
+    """Identity rows leave the gate input exactly e (preserve-error), so steering starts neutral."""
+    e = torch.randn(3, 8)
+    z = torch.relu(torch.randn(3, 5))
+    dec = torch.randn(5, 8)
+    scale, shift = S.identity_row(5)
+    g = reference.steer_gate_input(e, z, dec, torch.zeros(8), scale.expand(3, -1), shift.expand(3, -1))
+    torch.testing.assert_close(g, e)
