@@ -80,7 +80,11 @@ def _rounded(value, digits: int = 4):
 
 
 def _setting_report(engine: Engine, dataset, choices: dict, latency_repeats: int) -> dict:
-    rows = per_class_table(engine, dataset, "per-class", random_control=True)
+    from headsteer.runtime.steering import global_rows
+
+    alpha = ((choices or {}).get("global_amplification") or {}).get("alpha", 1.0)
+    rows = per_class_table(engine, dataset, "per-class", random_control=True,
+                           others=dict(global_amplification=global_rows(len(dataset), engine.steer_width, alpha)))
     strategies = strategies_summary(engine, dataset, choices)
     latency = measure_latency(engine, dataset, repeats=latency_repeats) if latency_repeats > 0 else None
     return dict(
@@ -90,6 +94,7 @@ def _setting_report(engine: Engine, dataset, choices: dict, latency_repeats: int
         classes_meeting_target=dict(
             per_class=sum(meets_target(r, "steered") for r in rows),
             random_latents=sum(meets_target(r, "random") for r in rows),
+            global_amplification=sum(meets_target(r, "global_amplification") for r in rows),
             of=len(rows),
         ),
         latency=latency,
@@ -237,16 +242,17 @@ def _per_class_md(rows: list, whole: bool) -> list[str]:
     usage_key = "head_usage" if whole else "final_block_usage"
     label = "whole-model usage" if whole else "final-block usage"
     lines = [f"| class | n | latents | setting | accuracy (unsteered -> steered) | {label} | drop | kept heads* "
-             "| random control: accuracy, " + label + " |",
-             "| --- | ---: | ---: | --- | --- | --- | ---: | --- | --- |"]
+             "| random control: accuracy, " + label + " | global strategy: accuracy, " + label + " |",
+             "| --- | ---: | ---: | --- | --- | --- | ---: | --- | --- | --- |"]
     for r in rows:
-        u, s, rnd = r["unsteered"], r["steered"], r.get("random") or {}
+        u, s, rnd, glb = r["unsteered"], r["steered"], r.get("random") or {}, r.get("global_amplification") or {}
         drop = (u[usage_key] - s[usage_key]) / u[usage_key] if u[usage_key] else 0.0
         setting = f"alpha={r['alpha']}" if r.get("mode") != "shift" else f"shift {r.get('beta')}x class mean"
         lines.append(
             f"| {r['class']} | {r['n_test']} | {len(r['latents'])} | {setting} | "
             f"{u['correct']}/{r['n_test']} -> {s['correct']}/{r['n_test']} | {u[usage_key]:.3f} -> {s[usage_key]:.3f} | "
-            f"{drop:.0%} | {s['kept_heads']} | {rnd.get('correct', '-')}/{r['n_test']}, {rnd.get(usage_key, float('nan')):.3f} |"
+            f"{drop:.0%} | {s['kept_heads']} | {rnd.get('correct', '-')}/{r['n_test']}, {rnd.get(usage_key, float('nan')):.3f} | "
+            f"{glb.get('correct', '-')}/{r['n_test']}, {glb.get(usage_key, float('nan')):.3f} |"
         )
     return lines
 
@@ -286,7 +292,9 @@ def report_markdown(report: dict) -> str:
         "\\* heads of the final block kept by a majority of the class's steered test images.",
         "",
         f"Target (final-block usage down >= 40%, at most one test image lost): **{t['per_class']} of {t['of']}** "
-        f"classes with per-class steering; {t['random_latents']} of {t['of']} with the random-latent control.",
+        f"classes with per-class steering; {t['random_latents']} of {t['of']} with the random-latent control; "
+        f"{t.get('global_amplification', 'n/a')} of {t['of']} with the global strategy (the val-chosen alpha applied "
+        "to every latent of every image, no class information).",
     ]
     if report.get("latency"):
         lat = report["latency"]
@@ -313,7 +321,7 @@ def report_markdown(report: dict) -> str:
             *_per_class_md(whole["per_class"], whole=True),
             "",
             f"Final-block target as above: {tw['per_class']} of {tw['of']} classes "
-            f"(random control {tw['random_latents']}).",
+            f"(random control {tw['random_latents']}, global strategy {tw.get('global_amplification', 'n/a')}).",
         ]
         if whole.get("latency"):
             lat = whole["latency"]
@@ -365,7 +373,8 @@ def run(args: argparse.Namespace) -> int:
     print(f"dense backbone accuracy {report['dense_backbone']['test_accuracy']:.4f}; gated accuracy "
           f"{b['test_accuracy']:.4f}, head usage {b['head_usage']:.3f}, final block {b['final_block_usage']:.3f}")
     t = report["classes_meeting_target"]
-    print(f"classes meeting the target: per-class {t['per_class']}/{t['of']}, random control {t['random_latents']}/{t['of']}")
+    print(f"classes meeting the target: per-class {t['per_class']}/{t['of']}, random control {t['random_latents']}/{t['of']}, "
+          f"global strategy {t['global_amplification']}/{t['of']}")
     if "whole_network" in report:
         print("\nWhole-network steering (SAE ahead of every gate):")
         print(format_table(report["whole_network"]["per_class"]))

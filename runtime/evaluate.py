@@ -115,9 +115,11 @@ def per_class_table(
     steer: Union[None, str, int] = "per-class",
     random_control: bool = False,
     batch_size: int = 256,
+    others: Optional[dict] = None,
 ) -> list[dict]:
     """One row per class: class, n_test, latents, alpha, unsteered {...}, steered {...} (and
-    `random` {...} with `random_control`: the class's random-latent control row). Each part holds
+    `random` {...} with `random_control`: the class's random-latent control row; and one part per
+    entry of `others`, name -> per-image (scale, shift) [N, S], e.g. the global strategy). Each part holds
     accuracy, correct, head_usage, final_block_usage, kept_heads over that class's images.
 
     steer: "per-class" (each image steered by its own class's row: the paper's per-class
@@ -142,6 +144,8 @@ def per_class_table(
         rand = random_table(table, engine.steer_width)
         rows = rand.rows([int(y) for y in labels])
         pred_r, mask_r = run_engine(engine, dataset.images, vectors=rows, batch_size=batch_size)
+    other_runs = {key: run_engine(engine, dataset.images, vectors=rows, batch_size=batch_size)
+                  for key, rows in (others or {}).items()}
     result = []
     for c, name in enumerate(names):
         idx = (labels == c).nonzero().squeeze(1)
@@ -154,6 +158,8 @@ def per_class_table(
         if random_control:
             row["random"] = dict(summarize(pred_r[idx], mask_r[idx], labels[idx]),
                                  latents=list(table.info[c].get("random_latents", [])))
+        for key, (pred_o, mask_o) in other_runs.items():
+            row[key] = summarize(pred_o[idx], mask_o[idx], labels[idx])
         result.append(row)
     return result
 
