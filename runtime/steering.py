@@ -15,7 +15,10 @@ concatenated in site order) applied as `z' = z * scale + shift` ahead of the gat
       maximize the relative fall of head usage on class c's val images (the steered block(s):
       the last gated block when only it has an SAE, the whole model when every block has one)
       subject to: class c's val accuracy loses at most `max_val_loss` images (default 1).
-      Ties: fewer latents, then the milder setting. No candidate lowering usage -> identity row.
+      Ties: fewer latents, then the earlier setting in the grid. No candidate lowering usage ->
+      identity row. The grid holds amplification (alpha > 1, positive shifts) and attenuation
+      (alpha < 1, alpha = 0 ablation, negative shifts); the objective picks the direction. (On
+      digits it picks attenuation: amplifying a class's latents makes these gates keep MORE heads.)
 
   The test split is never looked at here.
 - random latents (`random_row`): a control with the same number of latents per site and the
