@@ -115,10 +115,12 @@ def _gated_factory(name, model, device):
 
 
 class OnnxRuntimeRunner(Runner):
-    """An ONNX file exported by `headsteer.export` (sparse attention variant), run by ONNX Runtime.
+    """The model exported to ONNX by `headsteer.export` and run by ONNX Runtime ("onnxruntime":
+    the sparse attention variant; "onnxruntime-masked": the masked one), CPU provider on the CPU,
+    CUDA first on a GPU, with torch's thread count.
 
-    The graph has no head-budget input, so this runner only appears in gate-deciding rows; each
-    gate-deciding copy of the model is exported once, lazily."""
+    The ONNX contract has no head-budget input, so this runner only appears in gate-deciding rows
+    (`--gate`); each gate-deciding copy of the model is exported once, during its warm-up."""
 
     supports_budget = False
 
@@ -129,48 +131,28 @@ class OnnxRuntimeRunner(Runner):
         except ImportError:
             raise BackendUnavailable("onnxruntime is not installed (pip install headsteer[onnx])") from None
         try:
-            from headsteer.export import onnx as export_onnx  # noqa: F401
-        except ImportError:
-            raise BackendUnavailable("headsteer.export.onnx (the ONNX exporter) is not available") from None
-        self._session = None
-        self._tmp = None
+            from headsteer.export.onnx_runner import make_ort_callable  # noqa: F401
+        except ImportError as error:
+            raise BackendUnavailable(f"the ONNX exporter is not available ({error})") from None
+        self.attention = "masked" if name.endswith("-masked") else "sparse"
+        self._fn = None
 
     def for_model(self, model):
         clone = super().for_model(model)
-        clone._session = None
+        clone._fn = None
         return clone
-
-    def _build(self, x, steer_scale):
-        import onnxruntime as ort
-
-        from headsteer.export import onnx as export_onnx
-
-        self._tmp = tempfile.TemporaryDirectory(prefix="headsteer-bench-")
-        path = Path(self._tmp.name) / "model.onnx"
-        to_onnx = getattr(export_onnx, "to_onnx", None) or getattr(export_onnx, "export_onnx")
-        to_onnx(self.model, path, attention="sparse")
-        providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if self.device.type == "cuda" else ["CPUExecutionProvider"]
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = torch.get_num_threads()
-        available = ort.get_available_providers()
-        self._session = ort.InferenceSession(str(path), options, providers=[p for p in providers if p in available])
 
     def __call__(self, x, steer_scale, steer_shift, budget):
         if budget is not None:
-            raise BackendUnavailable("onnxruntime runs the gate's threshold only")
-        if self._session is None:
-            self._build(x, steer_scale)
-        feeds = {"pixel_values": x.detach().cpu().numpy()}
-        width = self.model.steer_width
-        batch = x.shape[0]
-        scale = steer_scale if steer_scale is not None else torch.ones(batch, width)
-        shift = steer_shift if steer_shift is not None else torch.zeros(batch, width)
-        names = {i.name for i in self._session.get_inputs()}
-        if "steer_scale" in names:
-            feeds["steer_scale"] = scale.detach().cpu().numpy()
-            feeds["steer_shift"] = shift.detach().cpu().numpy()
-        logits, head_mask = self._session.run(["logits", "head_mask"], feeds)
-        return torch.from_numpy(head_mask).bool()
+            raise BackendUnavailable("onnxruntime runs the gate's threshold only (no head-budget input)")
+        if self._fn is None:
+            from headsteer.export.onnx_runner import make_ort_callable
+
+            with torch.inference_mode(False):
+                self._fn = make_ort_callable(self.model, attention=self.attention, device=self.device,
+                                             intra_op_num_threads=torch.get_num_threads())
+        _, head_mask = self._fn(x, steer_scale, steer_shift)
+        return head_mask
 
 
 # name -> factory(name, model, device) -> Runner (raises BackendUnavailable)
@@ -180,6 +162,7 @@ BACKEND_FACTORIES: dict[str, Callable] = {
     "compact": _gated_factory,
     "triton": _gated_factory,
     "onnxruntime": OnnxRuntimeRunner,
+    "onnxruntime-masked": OnnxRuntimeRunner,
 }
 
 
@@ -456,6 +439,9 @@ def _bench_batch(config, model, runners, counts, size, batch, device, skipped) -
     for runner in runners:
         if runner.dense:
             cells.append(_Cell(runner, "dense", 1.0, None))
+    for runner in runners:
+        if not runner.supports_budget and not config.gate:
+            skipped[runner.name] = "runs the gate's threshold only: its rows appear with --gate"
     for usage in config.usages:
         for runner in runners:
             if not runner.dense and runner.supports_budget:
@@ -483,8 +469,12 @@ def _bench_batch(config, model, runners, counts, size, batch, device, skipped) -
                     _, mask = timer(lambda: cell.runner(pixels, *steer, cell.budget))
                     bar.update()
                 cell.head_mask = None if mask is None else mask.detach().to("cpu")
-            except BackendUnavailable as why:
-                skipped[cell.runner.name] = str(why)
+            except Exception as why:  # a backend that cannot run here is reported, not fatal
+                if cell.runner.dense:
+                    raise
+                reason = str(why) if isinstance(why, BackendUnavailable) else f"{type(why).__name__}: {why}"
+                skipped[cell.runner.name] = reason
+                print(f"headsteer bench: skipping {cell.runner.name} ({cell.mode}): {reason}", file=sys.stderr)
                 dropped.append(index)
         cells = [c for i, c in enumerate(cells) if i not in dropped]
         order = list(range(len(cells)))
