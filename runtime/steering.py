@@ -46,7 +46,7 @@ from headsteer.runtime.gated_vit import GatedViT
 
 @dataclass
 class SteeringConfig:
-    counts: tuple = (1, 2, 4, 8, 16)
+    counts: tuple = (1, 2, 4, 8, 16, 32, 64)
     # scale mode: z_j * alpha (alpha > 1 amplifies, alpha < 1 attenuates, 0 ablates)
     alphas: tuple = (0.0, 0.25, 0.5, 2.0, 4.0, 8.0, 16.0)
     # shift mode: z_j + beta * (mean activation of latent j on class c in train)
