@@ -48,11 +48,17 @@ class Prediction:
         return self.head_mask.float().mean(dim=2)
 
 
-def resolve_backend(backend: str, device: torch.device) -> str:
-    """"auto" means triton on CUDA (when triton imports), compact elsewhere."""
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype = torch.float32) -> str:
+    """"auto" means triton on CUDA in fp16/bf16 (when triton imports), compact elsewhere.
+
+    fp32 on CUDA takes compact: the Triton kernels multiply fp32 exactly (no TF32, to hold
+    1e-5-level parity), which measured ~20x slower than cuBLAS on an H100 (bench/RESULTS.md)."""
     if backend != "auto":
         return backend
-    if device.type == "cuda":
+    if device.type == "cuda" and dtype != torch.float32:
         try:
             import triton  # noqa: F401
         except ImportError:
@@ -64,8 +70,17 @@ def resolve_backend(backend: str, device: torch.device) -> str:
 class Engine:
     """Inference over a bundle: `Engine.load(path).predict(images, steer="cat")`."""
 
-    def __init__(self, model: Optional[GatedViT], info: BundleInfo, backend: str, device: torch.device, runner=None):
+    def __init__(
+        self,
+        model: Optional[GatedViT],
+        info: BundleInfo,
+        backend: str,
+        device: torch.device,
+        runner=None,
+        dtype: torch.dtype = torch.float32,
+    ):
         self.model = model
+        self.dtype = dtype
         self.info = info
         self.backend = backend
         self.device = device
@@ -79,13 +94,23 @@ class Engine:
         self._std = torch.tensor(info.std, dtype=torch.float32).view(1, -1, 1, 1)
 
     @classmethod
-    def load(cls, path: Union[str, Path], backend: str = "auto", device: Union[str, torch.device] = "cpu", **options) -> "Engine":
+    def load(
+        cls,
+        path: Union[str, Path],
+        backend: str = "auto",
+        device: Union[str, torch.device] = "cpu",
+        dtype: str = "float32",
+        **options,
+    ) -> "Engine":
         """Load a bundle for inference. backend: auto, reference, compact, triton, onnxruntime,
-        tensorrt. Options go to external runners (e.g. `onnx_path`, `providers`, `engine_path`)."""
+        tensorrt. dtype: float32, float16 or bfloat16 (torch backends; gates see the same
+        dtype). Options go to external runners (e.g. `onnx_path`, `providers`, `engine_path`)."""
         device = torch.device(device)
         if device.type == "cuda" and not torch.cuda.is_available():
             raise InputError("device 'cuda' was asked for but torch sees no CUDA device")
-        backend = resolve_backend(backend, device)
+        if dtype not in DTYPES:
+            raise InputError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+        backend = resolve_backend(backend, device, DTYPES[dtype])
         known = TORCH_BACKENDS + tuple(EXTERNAL_BACKENDS)
         if backend not in known:
             raise InputError(f"unknown backend {backend!r}; expected auto or one of {known}")
@@ -93,13 +118,15 @@ class Engine:
         if backend in TORCH_BACKENDS:
             if options:
                 raise InputError(f"backend {backend!r} takes no options, got {sorted(options)}")
-            engine = cls(model, info, backend, device)
+            engine = cls(model.to(DTYPES[dtype]), info, backend, device, dtype=DTYPES[dtype])
             engine._warm_up()
             return engine
         module_name, _, class_name = EXTERNAL_BACKENDS[backend].partition(":")
         import importlib
 
         runner_cls = getattr(importlib.import_module(module_name), class_name)
+        if dtype != "float32":
+            raise InputError(f"backend {backend!r} runs an exported model; choose its precision at export time")
         runner = runner_cls(info, device=device, **options)
         return cls(model, info, backend, device, runner=runner)
 
@@ -178,11 +205,41 @@ class Engine:
         return self.info.steering.rows(targets)
 
     # -- inference ----------------------------------------------------------------------------
-    def predict(self, images, steer=None, budget: Optional[float] = None) -> Prediction:
+    def _explicit_steering(self, vector, name: str, batch: int) -> torch.Tensor:
+        if not isinstance(vector, torch.Tensor) or not vector.is_floating_point():
+            raise InputError(f"{name} must be a float tensor [B, {self.steer_width}] or [{self.steer_width}]")
+        if vector.dim() == 1:
+            vector = vector.expand(batch, -1)
+        if tuple(vector.shape) != (batch, self.steer_width):
+            raise InputError(f"{name} must be [{batch}, {self.steer_width}] (or [{self.steer_width}]), got {list(vector.shape)}")
+        if not bool(torch.isfinite(vector).all()):
+            raise InputError(f"{name} holds NaN or infinite values")
+        return vector.float()
+
+    def predict(
+        self,
+        images,
+        steer=None,
+        budget: Optional[float] = None,
+        steer_scale: Optional[torch.Tensor] = None,
+        steer_shift: Optional[torch.Tensor] = None,
+    ) -> Prediction:
         """Classify a batch. `steer`: None, a class name or index, or a per-sample list of them
-        (None items = unsteered). `budget`: force round(budget*H) heads per gated block."""
+        (None items = unsteered). Or give raw `steer_scale`/`steer_shift` vectors ([B, S_total]
+        or [S_total]; the missing one is identity) instead of `steer`. `budget`: force
+        round(budget*H) heads per gated block."""
         pixels = self.preprocess(images)
-        scale, shift = self.steering_vectors(steer, pixels.shape[0])
+        batch = pixels.shape[0]
+        if steer_scale is not None or steer_shift is not None:
+            if steer is not None:
+                raise InputError("give either steer (class names) or steer_scale/steer_shift vectors, not both")
+            scale = None if steer_scale is None else self._explicit_steering(steer_scale, "steer_scale", batch)
+            shift = None if steer_shift is None else self._explicit_steering(steer_shift, "steer_shift", batch)
+            if self._runner is not None:  # exported models take both vectors
+                scale = torch.ones(batch, self.steer_width) if scale is None else scale
+                shift = torch.zeros(batch, self.steer_width) if shift is None else shift
+        else:
+            scale, shift = self.steering_vectors(steer, batch)
         if budget is not None and not (isinstance(budget, (int, float)) and 0.0 <= budget <= 1.0):
             raise InputError(f"budget must be a number in [0, 1] or None, got {budget!r}")
         if self._runner is not None:
@@ -191,11 +248,11 @@ class Engine:
             logits, head_mask = self._runner(pixels, scale, shift)
         else:
             with torch.inference_mode():
-                to = dict(device=self.device)
+                to = dict(device=self.device, dtype=self.dtype)
                 out = self.model(
                     pixels.to(**to),
-                    None if scale is None else scale.to(**to),
-                    None if shift is None else shift.to(**to),
+                    None if scale is None else scale.to(device=self.device),
+                    None if shift is None else shift.to(device=self.device),
                     budget=budget,
                     backend=self.backend,
                 )

@@ -51,6 +51,7 @@ class HeadGate(nn.Module):
 
     def __init__(self, dim: int, num_heads: int, hidden_dim: int, init_bias: float = 3.0, temperature: float = 5.0):
         super().__init__()
+        self.noise_scale = 1.0  # Gumbel noise multiplier in training; anneal toward 0 late in training
         self.norm = nn.LayerNorm(dim)
         self.fc1 = nn.Linear(dim, hidden_dim)
         self.act = nn.GELU()
@@ -78,7 +79,7 @@ class HeadGate(nn.Module):
         """Hard 0/1 mask with the gradient of a Gumbel-sigmoid (temperature `self.temperature`)."""
         uniform = torch.rand_like(logits).clamp_(1e-6, 1 - 1e-6)
         logistic_noise = torch.log(uniform) - torch.log1p(-uniform)  # difference of two Gumbels
-        soft = torch.sigmoid((logits + logistic_noise) / self.temperature)
+        soft = torch.sigmoid((logits + self.noise_scale * logistic_noise) / self.temperature)
         hard = (soft > 0.5).to(soft.dtype)
         return hard + soft - soft.detach()
 
@@ -133,16 +134,23 @@ class SparseAutoencoder(nn.Module):
 
 
 def _resolve_blocks(spec: Union[str, int, Sequence[int]], depth: int, what: str) -> list[int]:
-    """Turn "all", "none", an int or a list of (possibly negative) block indices into sorted indices."""
+    """Turn "all", "none", a slice like "1:" (AdaViT leaves block 0 ungated), an int or a list of
+    (possibly negative) block indices into sorted indices."""
     if isinstance(spec, str):
         if spec == "all":
             return list(range(depth))
         if spec == "none":
             return []
+        if ":" in spec:
+            try:
+                bounds = [int(part) if part.strip() else None for part in spec.split(":")]
+                return list(range(depth))[slice(*bounds)]
+            except (ValueError, TypeError):
+                raise InputError(f"{what} slice must look like '1:' or '2:-1', got {spec!r}") from None
         try:
             spec = [int(part) for part in spec.split(",") if part.strip()]
         except ValueError:
-            raise InputError(f"{what} must be 'all', 'none' or block indices like '0,3,-1', got {spec!r}") from None
+            raise InputError(f"{what} must be 'all', 'none', a slice like '1:' or indices like '0,3,-1', got {spec!r}") from None
     if isinstance(spec, int):
         spec = [spec]
     blocks = set()

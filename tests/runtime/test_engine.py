@@ -117,3 +117,29 @@ def test_concurrent_predictions_equal_sequential_ones(engine):
     for got, want in zip(results, expected):
         torch.testing.assert_close(got.logits, want.logits, atol=1e-6, rtol=1e-6)
         assert torch.equal(got.head_mask, want.head_mask)
+
+
+def test_raw_steering_vectors_equal_table_rows(engine):
+    pixels = torch.randn(3, 3, 32, 32)
+    table = engine.info.steering
+    by_name = engine.predict(pixels, steer="bee")
+    by_vector = engine.predict(pixels, steer_scale=table.scale[1], steer_shift=table.shift[1])
+    assert torch.equal(by_name.logits, by_vector.logits) and torch.equal(by_name.head_mask, by_vector.head_mask)
+    only_scale = engine.predict(pixels, steer_scale=torch.ones(3, engine.steer_width))
+    assert torch.equal(only_scale.logits, engine.predict(pixels).logits)
+    with pytest.raises(InputError, match="not both"):
+        engine.predict(pixels, steer="bee", steer_scale=table.scale[1])
+    with pytest.raises(InputError, match=r"steer_shift must be \[3, 24\]"):
+        engine.predict(pixels, steer_shift=torch.zeros(2, 24))
+    with pytest.raises(InputError, match="NaN"):
+        engine.predict(pixels, steer_scale=torch.full((24,), float("inf")))
+
+
+def test_half_precision_engine_close_to_float32(bundle_path):
+    full = Engine.load(bundle_path, backend="compact")
+    half = Engine.load(bundle_path, backend="compact", dtype="bfloat16")
+    pixels = torch.randn(4, 3, 32, 32)
+    assert half.model.vit.patch_embed.proj.weight.dtype == torch.bfloat16
+    torch.testing.assert_close(half.predict(pixels, budget=1.0).logits, full.predict(pixels, budget=1.0).logits, atol=0.1, rtol=0.1)
+    with pytest.raises(InputError, match="dtype"):
+        Engine.load(bundle_path, dtype="int8")

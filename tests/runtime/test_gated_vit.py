@@ -233,3 +233,11 @@ def test_bad_configuration_is_a_clear_error():
         GatedViT.from_timm(VisionTransformer(**tiny_vit_kwargs(depth=3)), gate_blocks=[0], sae_blocks=[2])
     with pytest.raises(InputError, match="out of range"):
         GatedViT.from_timm(VisionTransformer(**tiny_vit_kwargs()), gate_blocks=[5])
+
+
+def test_block_slices_select_gated_blocks():
+    vit = VisionTransformer(**tiny_vit_kwargs(depth=4))
+    assert GatedViT.from_timm(vit, gate_blocks="1:").gate_blocks == [1, 2, 3]
+    assert GatedViT.from_timm(vit, gate_blocks="1:-1", sae_blocks="2").gate_blocks == [1, 2]
+    with pytest.raises(InputError, match="slice"):
+        GatedViT.from_timm(vit, gate_blocks="a:b")
