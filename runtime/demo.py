@@ -14,7 +14,6 @@ import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Optional
 
 import torch
 
@@ -366,8 +365,6 @@ def run(args: argparse.Namespace) -> int:
     report = run_demo(out, settings, progress=not args.no_progress)
     print()
     print("Per-class steering, last block (test split, Engine compact):")
-    from headsteer.runtime.evaluate import format_table
-
     print(format_table(report["per_class"]))
     b = report["baseline"]
     print(f"dense backbone accuracy {report['dense_backbone']['test_accuracy']:.4f}; gated accuracy "

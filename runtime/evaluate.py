@@ -40,7 +40,7 @@ def run_engine(
 
     `steer` goes to `Engine.predict` (None, a class, or one target per image); `vectors` are raw
     per-image (scale, shift) [N, S] for strategies that are not table rows (global, top-k,
-    random), run by the engine's own model and backend exactly as `predict` runs a table row."""
+    random), passed to `Engine.predict` as raw vectors."""
     labels, masks = [], []
     for start in range(0, len(images), batch_size):
         sl = slice(start, start + batch_size)
@@ -51,18 +51,10 @@ def run_engine(
             labels.append(pred.labels)
             masks.append(pred.head_mask)
         else:
-            if engine.model is None:
-                raise InputError(f"backend {engine.backend!r} cannot take raw steering vectors")
             scale, shift = vectors
-            with torch.inference_mode():
-                out = engine.model(
-                    engine.preprocess(x).to(engine.device),
-                    scale[sl].to(engine.device),
-                    shift[sl].to(engine.device),
-                    backend=engine.backend,
-                )
-            labels.append(out.logits.argmax(-1).cpu())
-            masks.append(out.head_mask.cpu())
+            pred = engine.predict(x, steer_scale=scale[sl], steer_shift=shift[sl])
+            labels.append(pred.labels)
+            masks.append(pred.head_mask)
     return torch.cat(labels), torch.cat(masks)
 
 

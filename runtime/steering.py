@@ -39,7 +39,7 @@ import torch
 from tqdm.auto import tqdm
 
 from headsteer.runtime.bundle import SteeringTable
-from headsteer.runtime.data import ImageDataset, Splits
+from headsteer.runtime.data import Splits
 from headsteer.runtime.errors import InputError
 from headsteer.runtime.gated_vit import GatedViT
 

@@ -21,12 +21,11 @@ from __future__ import annotations
 import argparse
 import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Optional, Sequence, Union
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
@@ -281,17 +280,6 @@ def usage_loss(head_weight: torch.Tensor, target: float, granularity: str = "blo
     raise InputError(f"usage_granularity must be 'block' or 'model', got {granularity!r}")
 
 
-def _noisy_straight_through(gate, logits: torch.Tensor) -> torch.Tensor:
-    """HeadGate.straight_through with the logistic noise scaled by `gate._noise_scale`."""
-    scale = getattr(gate, "_noise_scale", 1.0)
-    if scale > 0:
-        uniform = torch.rand_like(logits).clamp_(1e-6, 1 - 1e-6)
-        logits = logits + scale * (torch.log(uniform) - torch.log1p(-uniform))
-    soft = torch.sigmoid(logits / gate.temperature)
-    hard = (soft > 0.5).to(soft.dtype)
-    return hard + soft - soft.detach()
-
-
 def noise_schedule(epoch: int, epochs: int, anneal_start: float) -> float:
     """1 until `anneal_start` of training, then linear to 0 at the last epoch."""
     begin = int(round(anneal_start * epochs))
@@ -329,7 +317,6 @@ def train_gates(
     gates = list(model.gates.values())
     for gate in gates:
         gate.temperature = config.temperature
-        gate.straight_through = lambda logits, gate=gate: _noisy_straight_through(gate, logits)
     for p in model.saes.parameters():
         p.requires_grad_(False)
     groups = [dict(params=list(model.gates.parameters()), lr=config.lr, base_lr=config.lr, weight_decay=0.0)]
@@ -352,7 +339,7 @@ def train_gates(
         sums = dict(loss=0.0, ce=0.0, usage=0.0)
         seen = 0
         for gate in gates:
-            gate._noise_scale = noise_schedule(epoch, config.epochs, config.anneal_start)
+            gate.noise_scale = noise_schedule(epoch, config.epochs, config.anneal_start)
         for images, labels in splits.train.batches(config.batch_size, shuffle=True, seed=config.seed * 1000 + epoch):
             for group in optimizer.param_groups:
                 group["lr"] = cosine_lr(step, total, group["base_lr"], warmup)
@@ -373,8 +360,8 @@ def train_gates(
         epoch_stats = {k: v / max(1, seen) for k, v in sums.items()}
         history.append(epoch_stats)
         bar.set_postfix(ce=f"{epoch_stats['ce']:.3f}", usage=f"{epoch_stats['usage']:.2f}")
-    for gate in gates:  # back to the class's own straight-through
-        del gate.straight_through, gate._noise_scale
+    for gate in gates:  # full Gumbel noise again for any later training
+        gate.noise_scale = 1.0
     for p in model.parameters():
         p.requires_grad_(True)
     model.eval()
@@ -680,7 +667,6 @@ def run(args: argparse.Namespace) -> int:
         elif args.recipe == "sae":
             config = SAEConfig(seed=args.seed, width=args.width, k=args.k, activation=args.activation, **overrides)
             model, stage = train_sae(model, splits, args.sae_blocks, config, progress)
-            v = stage["val"]
             for block, site in stage["sites"].items():
                 fve = "undefined (constant input)" if site["fve"] is None else f"{site['fve']:.3f}"
                 print(f"sae block {block}: val FVE {fve}, L0 {site['l0']:.1f}, dead {site['dead_fraction']:.3f}")
