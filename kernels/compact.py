@@ -55,6 +55,43 @@ def dense_attention(x, qkv_weight, qkv_bias, proj_weight, proj_bias, num_heads, 
     return F.linear(_attend(q, k, v, q_norm, k_norm), proj_weight, proj_bias)
 
 
+def _runs(heads: list) -> list:
+    """Sorted head indices -> [(start, stop), ...] runs of consecutive heads."""
+    runs, start, last = [], heads[0], heads[0]
+    for head in heads[1:]:
+        if head != last + 1:
+            runs.append((start, last + 1))
+            start = head
+        last = head
+    runs.append((start, last + 1))
+    return runs
+
+
+def _head_runs_attention(x, runs, head_major, proj_bias, q_norm: Norm, k_norm: Norm):
+    """One head set shared by all samples x [b, N, D], given as runs of consecutive heads: each
+    run's head-major weights are a contiguous view, so nothing is gathered; per run one QKV GEMM
+    over b*N rows, one attention call, and its output-projection columns accumulated in place.
+    At batch 1 this saves the weight copy (up to 1.5 MB per block for vit_small), which is a few
+    percent of the whole block there."""
+    qkv_heads, qkv_bias_heads, proj_heads = head_major
+    batch, tokens, _ = x.shape
+    head_dim = proj_heads.shape[1]
+    out = None
+    for start, stop in runs:
+        kept = stop - start
+        width = kept * 3 * head_dim
+        bias = None if qkv_bias_heads is None else qkv_bias_heads[start:stop].reshape(width)
+        qkv = F.linear(x, qkv_heads[start:stop].reshape(width, -1), bias)
+        q, k, v = qkv.view(batch, tokens, kept, 3, head_dim).permute(3, 0, 2, 1, 4).unbind(0)
+        heads = _attend(q, k, v, q_norm, k_norm).reshape(batch * tokens, kept * head_dim)
+        weight = proj_heads[start:stop].reshape(kept * head_dim, -1)
+        if out is None:
+            out = torch.mm(heads, weight) if proj_bias is None else torch.addmm(proj_bias.to(heads.dtype), heads, weight)
+        else:
+            out.addmm_(heads, weight)
+    return out.view(batch, tokens, -1)
+
+
 def _kept_heads_attention(x, head_lists, head_major, proj_bias, q_norm: Norm, k_norm: Norm):
     """Attention over the heads listed per sample in head_lists (b lists of K sorted head
     indices, K the same for every sample) for the samples x [b, N, D]."""
@@ -63,6 +100,10 @@ def _kept_heads_attention(x, head_lists, head_major, proj_bias, q_norm: Norm, k_
     kept = len(head_lists[0])
     head_dim = proj_heads.shape[1]
     shared = all(heads == head_lists[0] for heads in head_lists)
+    if shared:
+        runs = _runs(head_lists[0])
+        if len(runs) <= 2:
+            return _head_runs_attention(x, runs, head_major, proj_bias, q_norm, k_norm)
     # index_select copies whole contiguous [3d, D] / [d, D_out] head slices: about twice as fast
     # as advanced indexing (aten::index), and it is the only weight traffic beyond the GEMMs.
     flat = head_lists[0] if shared else [h for heads in head_lists for h in heads]
