@@ -530,6 +530,9 @@ def _atomic_write(path, write: Callable[[str], None]) -> Path:
     os.close(handle)
     try:
         write(temp)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(temp, 0o666 & ~umask)  # mkstemp makes 0600; a report is an ordinary file
         os.replace(temp, path)
     except BaseException:
         try:
