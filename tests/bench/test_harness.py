@@ -186,3 +186,18 @@ def test_cli_arguments_and_run(tmp_path, monkeypatch, report):
     assert harness.run(args) == 0
     assert (tmp_path / "r.json").exists() and (tmp_path / "r.md").exists()
     assert harness.main_from_args is harness.run
+
+
+def test_bundle_source(tmp_path):
+    from headsteer.runtime.bundle import save_bundle
+    from headsteer.runtime.gated_vit import GatedViT
+
+    model = GatedViT.from_timm("vit_tiny_patch16_224", timm_kwargs=TINY).eval()
+    path = save_bundle(model, tmp_path / "bundle")
+    config = harness.BenchConfig(bundle=str(path), backends=["compact"], batches=(2,), usages=(0.33,),
+                                 reps=1, warmup=1, progress=False)
+    report = harness.run_bench(config)
+    assert "bundle" in report["environment"]["model"] and "trained" in report["environment"]["weights"]
+    assert {r["backend"] for r in report["rows"]} == {"timm", "compact"}
+    with pytest.raises(Exception, match="img-size"):
+        harness.run_bench(harness.BenchConfig(bundle=str(path), img_sizes=(64,), batches=(1,), reps=1, progress=False))
