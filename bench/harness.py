@@ -35,6 +35,7 @@ from typing import Callable, Optional, Sequence
 import torch
 
 from headsteer.bench.flops import ideal_speedup, vit_flops
+from headsteer.runtime.engine import DTYPES
 
 ROW_KEYS = (
     "backend",
@@ -97,6 +98,38 @@ class GatedRunner(Runner):
 
     def __call__(self, x, steer_scale, steer_shift, budget):
         return self.model(x, steer_scale, steer_shift, budget=budget, backend=self.name).head_mask
+
+
+class GraphRunner(Runner):
+    """A CUDA-graph replay of "timm" or "triton" (names "timm-graph", "triton-graph"): the same
+    work as the eager runner without Python's per-kernel launch cost."""
+
+    def __init__(self, name, model, device):
+        super().__init__(name, model, device)
+        if device.type != "cuda":
+            raise BackendUnavailable(f"{name} needs a CUDA device")
+        self.dense = name.startswith("timm")
+        self._graphed = self._new_graph()
+
+    def _new_graph(self):
+        from headsteer.runtime.cuda_graph import CudaGraphForward
+
+        if self.dense:
+            return CudaGraphForward(lambda x, key=None: (self.model.vit(x),))
+        return CudaGraphForward(
+            lambda x, scale, shift, key=None: (self.model(x, scale, shift, budget=key, backend="triton").head_mask,)
+        )
+
+    def for_model(self, model):
+        clone = super().for_model(model)
+        clone._graphed = clone._new_graph()
+        return clone
+
+    def __call__(self, x, steer_scale, steer_shift, budget):
+        if self.dense:
+            self._graphed(x)
+            return None
+        return self._graphed(x, steer_scale, steer_shift, key=budget)[0]
 
 
 def _timm_factory(name, model, device):
@@ -163,6 +196,8 @@ BACKEND_FACTORIES: dict[str, Callable] = {
     "triton": _gated_factory,
     "onnxruntime": OnnxRuntimeRunner,
     "onnxruntime-masked": OnnxRuntimeRunner,
+    "timm-graph": GraphRunner,
+    "triton-graph": GraphRunner,
 }
 
 
@@ -203,6 +238,7 @@ class BenchConfig:
     progress: bool = True
     quick: bool = False
     clock: str = "wall"  # "wall" (latency) or "process" (this process's CPU time; see --clock)
+    dtype: str = "float32"  # float32, float16 or bfloat16: weights, images and steering vectors
 
     @classmethod
     def quick_defaults(cls, **overrides) -> "BenchConfig":
@@ -224,7 +260,7 @@ def _cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
-def environment(device: torch.device) -> dict:
+def environment(device: torch.device, dtype: str = "float32") -> dict:
     """Where and with what the numbers were measured."""
     import timm
 
@@ -240,7 +276,7 @@ def environment(device: torch.device) -> dict:
         cpu_count=os.cpu_count(),
         threads=torch.get_num_threads(),
         gpu=torch.cuda.get_device_name(device) if device.type == "cuda" else None,
-        dtype="float32",
+        dtype=dtype,
     )
     try:
         env["load_average_start"] = [round(v, 2) for v in os.getloadavg()]
@@ -270,17 +306,17 @@ def _load_model(config: BenchConfig, img_size: Optional[int], device: torch.devi
             from headsteer.runtime.errors import InputError
 
             raise InputError(f"the bundle's model takes {tuple(model.image_size)} pixels; --img-size {img_size} does not match")
-        return model.eval().to(device), f"bundle {config.bundle}", "the bundle's trained weights"
+        return model.eval().to(device, DTYPES[config.dtype]), f"bundle {config.bundle}", "the bundle's trained weights"
     torch.manual_seed(config.seed)
     if isinstance(config.model, GatedViT):
         model = config.model
-        return model.eval().to(device), type(model.vit).__name__, RANDOM_WEIGHTS_NOTE
+        return model.eval().to(device, DTYPES[config.dtype]), type(model.vit).__name__, RANDOM_WEIGHTS_NOTE
     kwargs = dict(config.timm_kwargs)
     if img_size is not None:
         kwargs["img_size"] = img_size
     model = GatedViT.from_timm(config.model, timm_kwargs=kwargs, **config.gated_kwargs)
     name = config.model if isinstance(config.model, str) else type(config.model).__name__
-    return model.eval().to(device), name, RANDOM_WEIGHTS_NOTE
+    return model.eval().to(device, DTYPES[config.dtype]), name, RANDOM_WEIGHTS_NOTE
 
 
 def _gate_copy(model):
@@ -379,7 +415,7 @@ def run_bench(config: BenchConfig) -> dict:
                           ("cpu" if config.device == "auto" else config.device))
     if config.threads:
         torch.set_num_threads(int(config.threads))
-    env = environment(device)
+    env = environment(device, config.dtype)
     names = list(config.backends) if config.backends else default_backends(device)
     if "timm" not in names:
         names.insert(0, "timm")  # the baseline every speed-up is measured against
@@ -433,8 +469,9 @@ def steering_vectors(model, batch: int, device) -> tuple:
 
 def _bench_batch(config, model, runners, counts, size, batch, device, skipped) -> list:
     generator = torch.Generator().manual_seed(config.seed + batch)
-    pixels = torch.randn(batch, 3, *size, generator=generator).to(device)
-    steer = steering_vectors(model, batch, device)
+    dtype = DTYPES[config.dtype]
+    pixels = torch.randn(batch, 3, *size, generator=generator).to(device, dtype)
+    steer = tuple(v if v is None else v.to(dtype) for v in steering_vectors(model, batch, device))
     cells = []
     for runner in runners:
         if runner.dense:
@@ -448,8 +485,8 @@ def _bench_batch(config, model, runners, counts, size, batch, device, skipped) -
                 cells.append(_Cell(runner, "budget", float(usage), float(usage)))
     if config.gate:
         calib = torch.randn(max(config.calibration_samples, 2), 3, *size,
-                            generator=torch.Generator().manual_seed(config.seed + 10_000)).to(device)
-        calib_steer = steering_vectors(model, calib.shape[0], device)
+                            generator=torch.Generator().manual_seed(config.seed + 10_000)).to(device, dtype)
+        calib_steer = tuple(v if v is None else v.to(dtype) for v in steering_vectors(model, calib.shape[0], device))
         for usage in config.usages:
             gated = _gate_copy(model)
             calibrate_gate(gated, float(usage), calib, calib_steer, iterations=1 if config.quick else 2)
@@ -700,6 +737,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="wall: latency (default); process: this process's CPU time, robust to other "
                         "processes on a shared machine (use with --threads 1)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32",
+                        help="weights and inputs (default float32; use bfloat16 on CUDA for the triton backend)")
     parser.add_argument("--json", dest="json_path", default=None, help="write the report as JSON")
     parser.add_argument("--md", dest="md_path", default=None, help="write the tables as Markdown")
     parser.add_argument("--plot", dest="plot_path", default=None, help="write a PNG plot")
@@ -720,6 +759,7 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
         gate=args.gate,
         seed=args.seed,
         clock=args.clock,
+        dtype=args.dtype,
         progress=not args.no_progress,
     )
     if args.reps is not None:

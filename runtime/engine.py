@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from headsteer.runtime.bundle import BundleInfo, load_bundle
+from headsteer.runtime.cuda_graph import CudaGraphForward
 from headsteer.runtime.errors import InputError
 from headsteer.runtime.gated_vit import GatedViT
 
@@ -78,9 +79,12 @@ class Engine:
         device: torch.device,
         runner=None,
         dtype: torch.dtype = torch.float32,
+        cuda_graphs: bool = False,
     ):
         self.model = model
         self.dtype = dtype
+        # The triton backend never syncs with the host, so its forward can be captured and replayed.
+        self._graphed = CudaGraphForward(self._forward) if cuda_graphs else None
         self.info = info
         self.backend = backend
         self.device = device
@@ -100,17 +104,24 @@ class Engine:
         backend: str = "auto",
         device: Union[str, torch.device] = "cpu",
         dtype: str = "float32",
+        cuda_graphs: Optional[bool] = None,
         **options,
     ) -> "Engine":
         """Load a bundle for inference. backend: auto, reference, compact, triton, onnxruntime,
         tensorrt. dtype: float32, float16 or bfloat16 (torch backends; gates see the same
-        dtype). Options go to external runners (e.g. `onnx_path`, `providers`, `engine_path`)."""
+        dtype). cuda_graphs: replay a captured CUDA graph per batch size (default: on for triton
+        on CUDA, the only backend that allows it). Options go to external runners (e.g.
+        `onnx_path`, `providers`, `engine_path`)."""
         device = torch.device(device)
         if device.type == "cuda" and not torch.cuda.is_available():
             raise InputError("device 'cuda' was asked for but torch sees no CUDA device")
         if dtype not in DTYPES:
             raise InputError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
         backend = resolve_backend(backend, device, DTYPES[dtype])
+        graphable = backend == "triton" and device.type == "cuda"
+        if cuda_graphs and not graphable:
+            raise InputError("cuda_graphs needs backend 'triton' on a CUDA device (other paths sync with the host)")
+        cuda_graphs = graphable if cuda_graphs is None else cuda_graphs
         known = TORCH_BACKENDS + tuple(EXTERNAL_BACKENDS)
         if backend not in known:
             raise InputError(f"unknown backend {backend!r}; expected auto or one of {known}")
@@ -118,7 +129,7 @@ class Engine:
         if backend in TORCH_BACKENDS:
             if options:
                 raise InputError(f"backend {backend!r} takes no options, got {sorted(options)}")
-            engine = cls(model.to(DTYPES[dtype]), info, backend, device, dtype=DTYPES[dtype])
+            engine = cls(model.to(DTYPES[dtype]), info, backend, device, dtype=DTYPES[dtype], cuda_graphs=cuda_graphs)
             engine._warm_up()
             return engine
         module_name, _, class_name = EXTERNAL_BACKENDS[backend].partition(":")
@@ -216,6 +227,11 @@ class Engine:
             raise InputError(f"{name} holds NaN or infinite values")
         return vector.float()
 
+    def _forward(self, pixels, scale, shift, key=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The model's forward on device tensors; `key` is the head budget."""
+        out = self.model(pixels, scale, shift, budget=key, backend=self.backend)
+        return out.logits, out.head_mask
+
     def predict(
         self,
         images,
@@ -248,15 +264,16 @@ class Engine:
             logits, head_mask = self._runner(pixels, scale, shift)
         else:
             with torch.inference_mode():
-                to = dict(device=self.device, dtype=self.dtype)
-                out = self.model(
-                    pixels.to(**to),
-                    None if scale is None else scale.to(device=self.device),
-                    None if shift is None else shift.to(device=self.device),
-                    budget=budget,
-                    backend=self.backend,
-                )
-            logits, head_mask = out.logits.float().cpu(), out.head_mask.cpu()
+                pixels = pixels.to(device=self.device, dtype=self.dtype)
+                scale = None if scale is None else scale.to(self.device)
+                shift = None if shift is None else shift.to(self.device)
+                if self._graphed is not None:  # one graph serves steered and unsteered requests
+                    scale = torch.ones(len(pixels), self.steer_width, device=self.device) if scale is None else scale
+                    shift = torch.zeros(len(pixels), self.steer_width, device=self.device) if shift is None else shift
+                    logits, head_mask = self._graphed(pixels, scale, shift, key=budget)
+                else:
+                    logits, head_mask = self._forward(pixels, scale, shift, key=budget)
+            logits, head_mask = logits.float().cpu(), head_mask.cpu()
         labels = logits.argmax(dim=-1)
         return Prediction(
             logits=logits,

@@ -143,3 +143,8 @@ def test_half_precision_engine_close_to_float32(bundle_path):
     torch.testing.assert_close(half.predict(pixels, budget=1.0).logits, full.predict(pixels, budget=1.0).logits, atol=0.1, rtol=0.1)
     with pytest.raises(InputError, match="dtype"):
         Engine.load(bundle_path, dtype="int8")
+
+
+def test_cuda_graphs_need_the_triton_backend_on_cuda(bundle_path):
+    with pytest.raises(InputError, match="cuda_graphs needs backend 'triton'"):
+        Engine.load(bundle_path, backend="compact", cuda_graphs=True)
