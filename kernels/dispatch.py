@@ -50,14 +50,21 @@ def _head_major(attn: nn.Module) -> tuple:
 
 
 def head_attention(
-    backend: str, x: torch.Tensor, keep: torch.Tensor, head_weight: torch.Tensor, attn: nn.Module, training: bool = False
+    backend: str,
+    x: torch.Tensor,
+    keep: torch.Tensor,
+    head_weight: Optional[torch.Tensor],
+    attn: nn.Module,
+    training: bool = False,
 ) -> torch.Tensor:
     """The attention branch of one gated block (timm `Attention` module `attn`) on input x [B, N, D].
 
     keep is the bool mask [B, H]; head_weight its float form (straight-through in training,
-    where every backend falls back to the differentiable reference)."""
+    where every backend falls back to the differentiable reference), or None for keep as 0/1."""
     q_norm, k_norm = _norm_or_none(attn.q_norm), _norm_or_none(attn.k_norm)
     args = (attn.qkv.weight, attn.qkv.bias, attn.proj.weight, attn.proj.bias, attn.num_heads)
+    if head_weight is None:
+        head_weight = keep.to(x.dtype)
     if backend == "reference" or training:
         return reference.head_attention(x, head_weight, *args, q_norm=q_norm, k_norm=k_norm)
     if backend == "compact":
@@ -86,9 +93,9 @@ def sae_steer_gate(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """SAE -> steer -> gate for one block: (gate logits [B, H], keep [B, H] bool).
 
-    reference runs the spec; compact computes the same thing faster (a sort-based TopK instead of
-    the spec's O(S^2) rank count, and no SAE at all under identity steering in "preserve-error"
-    mode, where g = e exactly); triton fuses it into one launch."""
+    reference runs the spec; compact computes the same thing with less work (no SAE at all under
+    identity steering in "preserve-error" mode, where g = e exactly); triton fuses it into one
+    launch."""
     if backend == "triton":
         _require_triton(e)
         from headsteer.kernels.triton_sae_gate import triton_sae_steer_gate
@@ -97,21 +104,6 @@ def sae_steer_gate(
     if backend == "compact":
         return fast_sae_steer_gate(e, gate_params, sae_params, steer_scale, steer_shift, mode, budget)
     return reference.sae_steer_gate(e, gate_params, sae_params, steer_scale, steer_shift, mode, budget)
-
-
-def topk_mask_sorted(scores: torch.Tensor, k: int) -> torch.Tensor:
-    """`reference.topk_mask` (k largest per row, ties toward the lower index) by a stable sort:
-    O(S log S) per row instead of the spec's O(S^2) rank count (S=1536: ~19M comparisons per
-    sample, about a tenth of a vit_small forward on the CPU)."""
-    n = scores.shape[-1]
-    if k >= n:
-        return torch.ones_like(scores, dtype=torch.bool)
-    mask = torch.zeros_like(scores, dtype=torch.bool)
-    if k <= 0:
-        return mask
-    # A stable descending sort keeps equal entries in index order, so ties go to the lower index.
-    order = torch.sort(scores, dim=-1, descending=True, stable=True).indices[..., :k]
-    return mask.scatter_(-1, order, True)
 
 
 # Below this many elements GELU is written out with erf. On the CPU, torch's fused F.gelu opens a
@@ -148,21 +140,10 @@ def fast_sae_steer_gate(
     g = e
     identity = steer_scale is None and steer_shift is None and mode == "preserve-error"
     if sae_params is not None and not identity:  # identity steering: g = e + W_dec (z - z) = e
-        activation = sae_params["activation"]
-        if activation == "topk":
-            k = sae_params.get("k")
-            pre = (e - sae_params["dec_bias"]) @ sae_params["enc_weight"].t() + sae_params["enc_bias"]
-            if k is None or not 0 <= k <= pre.shape[-1]:
-                raise ValueError(f"topk SAE needs 0 <= k <= {pre.shape[-1]}, got {k}")
-            keep = topk_mask_sorted(pre, k)
-            z = torch.where(keep, F.relu(pre), torch.zeros_like(pre))
-        else:
-            z = reference.sae_encode(
-                e, sae_params["enc_weight"], sae_params["enc_bias"], sae_params["dec_bias"], activation,
-                k=sae_params.get("k"), threshold=sae_params.get("threshold"),
-            )
+        z = reference.sae_encode(
+            e, sae_params["enc_weight"], sae_params["enc_bias"], sae_params["dec_bias"], sae_params["activation"],
+            k=sae_params.get("k"), threshold=sae_params.get("threshold"),
+        )
         g = reference.steer_gate_input(e, z, sae_params["dec_weight"], sae_params["dec_bias"], steer_scale, steer_shift, mode)
     logits = gate_logits(g, **gate_params)
-    if budget is None:
-        return logits, logits > 0
-    return logits, topk_mask_sorted(logits, reference.heads_for_budget(budget, logits.shape[-1]))
+    return logits, reference.keep_from_logits(logits, budget)

@@ -110,16 +110,13 @@ def heads_for_budget(budget: float, num_heads: int) -> int:
 def topk_mask(scores: torch.Tensor, k: int) -> torch.Tensor:
     """Bool mask of the k largest entries of each row, ties broken toward the lower index.
 
-    Written as a rank count (entry i is kept when fewer than k entries beat it) so that a kernel
-    can compute the same thing per element without a sort."""
-    later = scores.unsqueeze(-2)  # [..., 1, n]: the competitor j
-    mine = scores.unsqueeze(-1)  # [..., n, 1]: the candidate i
-    n = scores.shape[-1]
-    index = torch.arange(n, device=scores.device)
-    earlier = index.view(1, n) < index.view(n, 1)  # [i, j]: j comes before i
-    beats = (later > mine) | ((later == mine) & earlier)
-    rank = beats.sum(dim=-1)
-    return rank < k
+    A stable descending sort keeps equal entries in index order, so the first k of it are the k
+    largest with ties going to the lower index. (Kernels compute the same selection without a
+    sort, e.g. by counting for each entry how many entries beat it.)"""
+    mask = torch.zeros_like(scores, dtype=torch.bool)
+    k = max(0, min(k, scores.shape[-1]))
+    order = torch.sort(scores, dim=-1, descending=True, stable=True).indices[..., :k]
+    return mask.scatter_(-1, order, True)
 
 
 def keep_from_logits(logits: torch.Tensor, budget: Optional[float] = None) -> torch.Tensor:

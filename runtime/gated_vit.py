@@ -23,7 +23,7 @@ class GatedViTOutput:
     """What a GatedViT forward returns.
 
     head_mask is bool [B, L_gated, H] (gated blocks in model order). head_weight is the float mask
-    that multiplied the heads: equal to head_mask at inference, a straight-through Gumbel-sigmoid
+    of the heads: head_mask as 0/1 at inference, a straight-through Gumbel-sigmoid
     mask in training (differentiable, for the usage loss). latents maps an SAE site (block index)
     to its latents z [B, S] when they were asked for."""
 
@@ -372,7 +372,8 @@ class GatedViT(nn.Module):
         logits, keep = sae_steer_gate(
             backend, e, gate.kernel_params(), sae_params, scale, shift, self.steer_mode, budget
         )
-        return logits, keep, keep.to(e.dtype)
+        # Only the masked reference path multiplies heads by a float mask; the others read keep.
+        return logits, keep, keep.to(e.dtype) if backend == "reference" else None
 
     def forward_features(
         self,
@@ -430,7 +431,8 @@ class GatedViT(nn.Module):
         if decisions:
             gate_logits = torch.stack([d[0] for d in decisions], dim=1)
             head_mask = torch.stack([d[1] for d in decisions], dim=1)
-            head_weight = torch.stack([d[2] for d in decisions], dim=1)
+            weights = [d[2] for d in decisions]
+            head_weight = head_mask.to(x.dtype) if weights[0] is None else torch.stack(weights, dim=1)
         else:
             gate_logits = x.new_zeros(batch, 0, heads)
             head_mask = torch.zeros(batch, 0, heads, dtype=torch.bool, device=x.device)

@@ -241,3 +241,11 @@ def test_block_slices_select_gated_blocks():
     assert GatedViT.from_timm(vit, gate_blocks="1:-1", sae_blocks="2").gate_blocks == [1, 2]
     with pytest.raises(InputError, match="slice"):
         GatedViT.from_timm(vit, gate_blocks="a:b")
+
+
+def test_training_with_a_budget_runs_on_every_backend():
+    model = GatedViT.from_timm(VisionTransformer(**tiny_vit_kwargs()), gate_init_bias=0.0).train()
+    for backend in ("reference", "compact"):
+        out = model(torch.randn(2, 3, 32, 32), budget=0.67, backend=backend)
+        assert (out.head_mask.sum(-1) == 2).all()
+        out.logits.sum().backward()
