@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from headsteer.runtime.bundle import BundleInfo, load_bundle
 from headsteer.runtime.cuda_graph import CudaGraphForward
 from headsteer.runtime.errors import InputError
-from headsteer.runtime.gated_vit import GatedViT
+from headsteer.runtime.gated_vit import GatedViT, HeadUsage
 
 TORCH_BACKENDS = ("reference", "compact", "triton")
 # Backends that run an exported artifact; each maps to "module:function" building a runner
@@ -30,23 +30,13 @@ SteerTarget = Optional[Union[str, int]]
 
 
 @dataclass
-class Prediction:
+class Prediction(HeadUsage):
     """One batch's results: logits [B, C], labels [B], class names, head mask [B, L_gated, H]."""
 
     logits: torch.Tensor
     labels: torch.Tensor
     class_names: list[str]
     head_mask: torch.Tensor
-
-    @property
-    def head_usage(self) -> torch.Tensor:
-        """Per-sample fraction of gated heads kept, [B]."""
-        return self.head_mask.float().mean(dim=(1, 2))
-
-    @property
-    def block_usage(self) -> torch.Tensor:
-        """Per-sample, per-gated-block fraction of heads kept, [B, L_gated]."""
-        return self.head_mask.float().mean(dim=2)
 
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}

@@ -18,8 +18,24 @@ from headsteer.kernels.dispatch import BACKENDS, head_attention, sae_steer_gate
 from headsteer.runtime.errors import InputError, UnsupportedModelError
 
 
+class HeadUsage:
+    """Usage views of a `head_mask` bool [B, L_gated, H] attribute."""
+
+    head_mask: torch.Tensor
+
+    @property
+    def head_usage(self) -> torch.Tensor:
+        """Per-sample fraction of gated heads kept, [B]."""
+        return self.head_mask.float().mean(dim=(1, 2))
+
+    @property
+    def block_usage(self) -> torch.Tensor:
+        """Per-sample, per-gated-block fraction of heads kept, [B, L_gated]."""
+        return self.head_mask.float().mean(dim=2)
+
+
 @dataclass
-class GatedViTOutput:
+class GatedViTOutput(HeadUsage):
     """What a GatedViT forward returns.
 
     head_mask is bool [B, L_gated, H] (gated blocks in model order). head_weight is the float mask
@@ -32,16 +48,6 @@ class GatedViTOutput:
     gate_logits: torch.Tensor
     head_weight: torch.Tensor
     latents: dict = field(default_factory=dict)
-
-    @property
-    def head_usage(self) -> torch.Tensor:
-        """Per-sample fraction of gated heads kept, [B]."""
-        return self.head_mask.float().mean(dim=(1, 2))
-
-    @property
-    def block_usage(self) -> torch.Tensor:
-        """Per-sample, per-gated-block fraction of heads kept, [B, L_gated]."""
-        return self.head_mask.float().mean(dim=2)
 
 
 class HeadGate(nn.Module):
