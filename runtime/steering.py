@@ -154,19 +154,27 @@ def random_row(
     pool: Sequence[Sequence[int]],
     chosen_by_site: Sequence[Sequence[int]],
     generator: torch.Generator,
+    site_latents: Sequence[Sequence[int]],
 ) -> tuple[tuple[torch.Tensor, torch.Tensor], list[int]]:
     """The random-latent control of a per-class row: per site, as many latents as were chosen,
     drawn from `pool[site]` (latents active on the class in train) minus the chosen ones (falling
     back to any other latent of the site when the pool is short); same alpha, or (shift mode) the
-    chosen latents' shift magnitudes given to the random ones."""
+    chosen latents' shift magnitudes given to the random ones. `site_latents[site]` lists every
+    latent of the site (the fallback)."""
     scale, shift = identity_row(width)
     picked: list[int] = []
-    for site_pool, site_chosen in zip(pool, chosen_by_site):
+    excluded = set(chosen)
+    for site_pool, site_chosen, site_all in zip(pool, chosen_by_site, site_latents):
         n = len(site_chosen)
         if n == 0:
             continue
-        candidates = [j for j in site_pool if j not in set(chosen)]
+        candidates = [j for j in site_pool if j not in excluded]
         draw = [candidates[int(i)] for i in torch.randperm(len(candidates), generator=generator)[:n]]
+        if len(draw) < n:  # the pool is short: top up with other latents of the site
+            rest = [j for j in site_all if j not in excluded and j not in set(candidates)]
+            draw += [rest[int(i)] for i in torch.randperm(len(rest), generator=generator)[: n - len(draw)]]
+        if len(draw) != n:
+            raise InputError(f"the random control needs {n} latents outside the chosen ones; the site has too few")
         picked.extend(draw)
         if mode == "scale":
             for j in draw:
@@ -294,10 +302,10 @@ def fit_steering(
         else:
             s = best_setting
             scale, shift = make_row(width, s["chosen"], s["mode"], s["value"], class_means[c])
-            pool = [[j for j in range(off, off + w) if class_means[c, j] > 0]
-                    for off, w in zip(model.sae_offsets, model.sae_widths)]
+            site_latents = [range(off, off + w) for off, w in zip(model.sae_offsets, model.sae_widths)]
+            pool = [[j for j in site if class_means[c, j] > 0] for site in site_latents]
             (_, rshift), picked = random_row(width, s["chosen"], s["mode"], s["value"], class_means[c], pool,
-                                             s["chosen_by_site"], generator)
+                                             s["chosen_by_site"], generator, site_latents)
             row_info.update(
                 latents=s["chosen"],
                 latents_by_block={str(b): site for b, site in zip(model.sae_blocks, s["chosen_by_site"])},

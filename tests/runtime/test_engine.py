@@ -18,6 +18,9 @@ MEAN, STD = (0.4, 0.5, 0.6), (0.2, 0.25, 0.3)
 def bundle_path(tmp_path_factory):
     torch.manual_seed(0)
     model = GatedViT.from_timm("vit_tiny_patch16_224", timm_kwargs=tiny_vit_kwargs(num_classes=4), gate_init_bias=0.0, sae_width=24, sae_k=3)
+    with torch.no_grad():  # O(1) gate logits: head sets differ from sample to sample
+        for gate in model.gates.values():
+            gate.fc2.weight.mul_(20)
     names = ["ant", "bee", "cat", "dog"]
     steering = SteeringTable(names, torch.rand(4, model.steer_width) * 4, torch.randn(4, model.steer_width) * 2)
     return save_bundle(model, tmp_path_factory.mktemp("engine") / "bundle", class_names=names, steering=steering, mean=MEAN, std=STD)
@@ -33,17 +36,21 @@ def test_auto_backend_on_cpu_is_compact(engine):
 
 
 def test_predict_matches_model_and_steering_rows(engine):
-    pixels = torch.randn(3, 3, 32, 32)
+    pixels = torch.randn(6, 3, 32, 32)
     table = engine.info.steering
-    result = engine.predict(pixels, steer=["cat", None, 1])
+    targets = ["cat", None, 1, "dog", None, "ant"]
+    result = engine.predict(pixels, steer=targets)
     with torch.no_grad():
-        scale, shift = table.rows(["cat", None, 1])
+        scale, shift = table.rows(targets)
         expected = engine.model(pixels, scale, shift, backend="reference")
     torch.testing.assert_close(result.logits, expected.logits, atol=1e-5, rtol=1e-5)
     assert torch.equal(result.head_mask, expected.head_mask)
+    # The compact path's per-sample grouping is exercised: head sets differ within the batch.
+    assert len({tuple(row.flatten().tolist()) for row in result.head_mask}) > 1
+    assert 0 < float(result.head_usage.mean()) < 1
     assert result.labels.tolist() == expected.logits.argmax(-1).tolist()
     assert result.class_names == [engine.class_names[i] for i in result.labels.tolist()]
-    assert result.head_usage.shape == (3,) and result.block_usage.shape == (3, 2)
+    assert result.head_usage.shape == (6,) and result.block_usage.shape == (6, 2)
     same = engine.predict(pixels, steer="dog")
     by_index = engine.predict(pixels, steer=3)
     assert torch.equal(same.logits, by_index.logits)

@@ -56,10 +56,20 @@ def test_make_row_and_random_row():
     assert not (scale != 1).any() and shift.tolist() == [0, 0, -2, 0, 0, -5, 0, 0, 0, 0]
     generator = torch.Generator().manual_seed(0)
     (rscale, rshift), picked = S.random_row(10, [2, 5], "shift", -1.0, magnitudes, [list(range(10))], [[2, 5]],
-                                            generator)
+                                            generator, [range(10)])
     assert len(picked) == 2 and not set(picked) & {2, 5}
     assert sorted(rshift[picked].tolist()) == [-5.0, -2.0]  # the chosen latents' magnitudes, moved
     assert int((rshift != 0).sum()) == 2
+
+
+def test_random_control_tops_up_a_short_pool_to_the_same_count():
+    generator = torch.Generator().manual_seed(1)
+    chosen = [0, 1, 2, 3]
+    pool = [[0, 1, 2, 3, 7]]  # only one active latent left besides the chosen ones
+    (scale, _), picked = S.random_row(12, chosen, "scale", 0.0, torch.zeros(12), pool, [chosen], generator, [range(12)])
+    assert len(picked) == len(chosen) and len(set(picked)) == len(picked)
+    assert 7 in picked and not set(picked) & set(chosen)
+    assert sorted((scale == 0).nonzero().squeeze(1).tolist()) == sorted(picked)
 
 
 def test_class_specificity_and_ranking():
