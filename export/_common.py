@@ -45,8 +45,11 @@ def require(module: str, what: str):
 def atomic_path(final: PathLike, suffix: str = "") -> Iterator[Path]:
     """Yield a temporary path beside `final`; on success rename it onto `final`, else delete it."""
     final = Path(final)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    handle, name = tempfile.mkstemp(prefix=f".{final.name}.", suffix=suffix + ".tmp", dir=final.parent)
+    try:
+        final.parent.mkdir(parents=True, exist_ok=True)
+        handle, name = tempfile.mkstemp(prefix=f".{final.name}.", suffix=suffix + ".tmp", dir=final.parent)
+    except OSError as error:
+        raise ExportError(f"cannot write {final}: {error.strerror or error}") from None
     os.close(handle)
     temp = Path(name)
     try:

@@ -71,7 +71,11 @@ def head_attention(
         return compact.compact_head_attention(x, keep, *args, q_norm=q_norm, k_norm=k_norm, head_major=_head_major(attn))
     if backend == "triton":
         _require_triton(x)
-        if not all(norm is None or isinstance(norm, nn.LayerNorm) for norm in (q_norm, k_norm)):
+        head_dim = attn.qkv.weight.shape[0] // (3 * attn.num_heads)
+        if not all(
+            norm is None or (isinstance(norm, nn.LayerNorm) and tuple(norm.normalized_shape) == (head_dim,))
+            for norm in (q_norm, k_norm)
+        ):
             # The kernel fuses LayerNorm q/k norms only; others take the masked dense path,
             # which stays free of host synchronization.
             return reference.head_attention(x, head_weight, *args, q_norm=q_norm, k_norm=k_norm)
@@ -136,7 +140,8 @@ def fast_sae_steer_gate(
     mode: str,
     budget: Optional[float],
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """`reference.sae_steer_gate`, same operations and results, without its slow parts."""
+    """`reference.sae_steer_gate` without its slow parts: the same operations, except GELU written
+    out with erf on small CPU tensors (logits equal to float rounding, <= 2e-6)."""
     g = e
     identity = steer_scale is None and steer_shift is None and mode == "preserve-error"
     if sae_params is not None and not identity:  # identity steering: g = e + W_dec (z - z) = e

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import operator
 import os
 import shutil
 import tempfile
@@ -60,6 +61,8 @@ class SteeringTable:
 
     def index_of(self, steer: Union[str, int]) -> int:
         """Row index for a class name or index; InputError if unknown."""
+        if not isinstance(steer, (str, bool)) and hasattr(steer, "__index__"):
+            steer = operator.index(steer)  # numpy and torch integers
         if isinstance(steer, bool) or not isinstance(steer, (str, int)):
             raise InputError(f"a steering target is a class name or index, got {steer!r}")
         if isinstance(steer, int):
@@ -139,7 +142,10 @@ def save_bundle(
 
     path.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    umask = os.umask(0)
+    os.umask(umask)
     try:
+        os.chmod(staging, 0o777 & ~umask)  # mkdtemp makes 0700; a bundle gets the usual folder mode
         state = {name: tensor.detach().cpu().contiguous() for name, tensor in model.state_dict().items()}
         save_file(state, staging / WEIGHTS_FILE)
         files = {WEIGHTS_FILE: _sha256(staging / WEIGHTS_FILE)}

@@ -102,12 +102,20 @@ class Engine:
         dtype). cuda_graphs: replay a captured CUDA graph per batch size (default: on for triton
         on CUDA, the only backend that allows it). Options go to external runners (e.g.
         `onnx_path`, `providers`, `engine_path`)."""
-        device = torch.device(device)
+        try:
+            device = torch.device(device)
+        except (RuntimeError, TypeError):
+            raise InputError(f"unknown device {device!r}; expected cpu, cuda or cuda:N") from None
         if device.type == "cuda" and not torch.cuda.is_available():
             raise InputError("device 'cuda' was asked for but torch sees no CUDA device")
         if dtype not in DTYPES:
             raise InputError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
         backend = resolve_backend(backend, device, DTYPES[dtype])
+        if backend == "triton":
+            from headsteer.kernels.dispatch import triton_available
+
+            if not triton_available(device):
+                raise InputError("backend 'triton' needs a CUDA device (or TRITON_INTERPRET=1 on the CPU); use compact")
         graphable = backend == "triton" and device.type == "cuda"
         if cuda_graphs and not graphable:
             raise InputError("cuda_graphs needs backend 'triton' on a CUDA device (other paths sync with the host)")
@@ -183,7 +191,7 @@ class Engine:
             raise InputError(f"image {index} array is {image.dtype}; raw images must be uint8 (HWC, 0-255)")
         if image.ndim == 2:
             image = image[:, :, None]
-        if image.ndim != 3 or image.shape[2] not in (1, self.in_chans):
+        if image.ndim != 3 or image.shape[2] not in (1, self.in_chans) or 0 in image.shape:
             raise InputError(f"image {index} has shape {list(image.shape)}; expected HxW, HxWx1 or HxWx{self.in_chans}")
         pixels = torch.tensor(image).permute(2, 0, 1).float().div_(255.0)
         if pixels.shape[0] != self.in_chans:
@@ -246,7 +254,7 @@ class Engine:
                 shift = torch.zeros(batch, self.steer_width) if shift is None else shift
         else:
             scale, shift = self.steering_vectors(steer, batch)
-        if budget is not None and not (isinstance(budget, (int, float)) and 0.0 <= budget <= 1.0):
+        if budget is not None and (isinstance(budget, bool) or not (isinstance(budget, (int, float)) and 0.0 <= budget <= 1.0)):
             raise InputError(f"budget must be a number in [0, 1] or None, got {budget!r}")
         if self._runner is not None:
             if budget is not None:

@@ -274,6 +274,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.json and not Path(args.json).resolve().parent.is_dir():
+        raise InputError(f"--json {args.json}: the folder {Path(args.json).resolve().parent} does not exist")
     engine = Engine.load(args.bundle, backend=args.backend, device=args.device)
     steer = None if args.steer in (None, "none") else args.steer
     if steer is not None and steer != "per-class" and engine.info.steering is None:

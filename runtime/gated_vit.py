@@ -349,7 +349,7 @@ class GatedViT(nn.Module):
             if not isinstance(vector, torch.Tensor) or tuple(vector.shape) != expected:
                 got = tuple(vector.shape) if isinstance(vector, torch.Tensor) else type(vector).__name__
                 raise InputError(f"{name} must be [B, S_total] = {list(expected)}, got {got}")
-        if budget is not None and not (isinstance(budget, (int, float)) and 0.0 <= budget <= 1.0):
+        if budget is not None and (isinstance(budget, bool) or not (isinstance(budget, (int, float)) and 0.0 <= budget <= 1.0)):
             raise InputError(f"budget must be a number in [0, 1] or None, got {budget!r}")
 
     def _decide(self, block_index, e, steer_scale, steer_shift, budget, backend, latents):

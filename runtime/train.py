@@ -639,7 +639,20 @@ def _data_for(args, image_size: Optional[int]) -> Splits:
     return load_data(args.data, image_size=image_size, seed=args.seed)
 
 
+def _check_args(args: argparse.Namespace) -> None:
+    """Reject unusable training arguments before any data or model is loaded."""
+    for name in ("epochs", "lr"):
+        value = getattr(args, name, None)
+        if value is not None and value <= 0:
+            raise InputError(f"--{name} must be positive, got {value}")
+    if getattr(args, "pretrained_file", None) and not Path(args.pretrained_file).is_file():
+        raise InputError(f"--pretrained-file {args.pretrained_file} does not exist")
+    if args.recipe == "backbone" and not args.from_bundle and args.embed_dim % args.num_heads:
+        raise InputError(f"--embed-dim {args.embed_dim} is not divisible by --num-heads {args.num_heads}")
+
+
 def run(args: argparse.Namespace) -> int:
+    _check_args(args)
     progress = not args.no_progress
     overrides = {k: v for k, v in dict(epochs=args.epochs, lr=args.lr).items() if v is not None}
     if args.recipe == "backbone":

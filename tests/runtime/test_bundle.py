@@ -152,3 +152,12 @@ def test_steering_table_lookup_errors():
         table.rows([2])
     with pytest.raises(InputError, match="shape"):
         SteeringTable(["cat"], torch.ones(2, 4), torch.zeros(2, 4))
+
+
+def test_bundle_gets_the_usual_folder_mode(bundle):
+    import os
+
+    _, _, path = bundle
+    umask = os.umask(0)
+    os.umask(umask)
+    assert (path.stat().st_mode & 0o777) == (0o777 & ~umask)

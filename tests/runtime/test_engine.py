@@ -155,3 +155,17 @@ def test_half_precision_engine_close_to_float32(bundle_path):
 def test_cuda_graphs_need_the_triton_backend_on_cuda(bundle_path):
     with pytest.raises(InputError, match="cuda_graphs needs backend 'triton'"):
         Engine.load(bundle_path, backend="compact", cuda_graphs=True)
+
+
+def test_more_bad_requests_are_clear_errors(bundle_path, engine, monkeypatch):
+    with pytest.raises(InputError, match="unknown device 'foo'"):
+        Engine.load(bundle_path, device="foo")
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    with pytest.raises(InputError, match="backend 'triton' needs a CUDA device"):
+        Engine.load(bundle_path, backend="triton")
+    pixels = torch.randn(2, 3, 32, 32)
+    with pytest.raises(InputError, match="budget"):
+        engine.predict(pixels, budget=True)
+    with pytest.raises(InputError, match="expected HxW"):
+        engine.predict([np.zeros((0, 8, 3), dtype=np.uint8)])
+    assert torch.equal(engine.predict(pixels, steer=np.int64(1)).logits, engine.predict(pixels, steer="bee").logits)
