@@ -26,7 +26,6 @@ import random
 import socket
 import statistics
 import sys
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,6 +35,7 @@ import torch
 
 from headsteer.bench.flops import ideal_speedup, vit_flops
 from headsteer.runtime.engine import DTYPES
+from headsteer.runtime.files import atomic_path
 
 ROW_KEYS = (
     "backend",
@@ -561,23 +561,9 @@ def _bench_batch(config, model, runners, counts, size, batch, device, skipped) -
 # -- reports --------------------------------------------------------------------------------------
 def _atomic_write(path, write: Callable[[str], None]) -> Path:
     """Write through `write(temp_path)` to a temporary name beside `path`, then rename."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(handle)
-    try:
-        write(temp)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(temp, 0o666 & ~umask)  # mkstemp makes 0600; a report is an ordinary file
-        os.replace(temp, path)
-    except BaseException:
-        try:
-            os.unlink(temp)
-        except OSError:
-            pass
-        raise
-    return path
+    with atomic_path(path, suffix=Path(path).suffix) as temp:
+        write(str(temp))
+    return Path(path)
 
 
 def write_json(report: dict, path) -> Path:

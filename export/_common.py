@@ -3,14 +3,14 @@ from __future__ import annotations
 
 import importlib
 import os
-import tempfile
-from contextlib import contextmanager
-from pathlib import Path
-from typing import Iterator, Union
+from typing import Union
 
 from headsteer.runtime.errors import HeadsteerError
+from headsteer.runtime.files import atomic_path, current_umask, write_text_atomic
 
 PathLike = Union[str, "os.PathLike[str]"]
+
+__all__ = ["EXTRA_FOR", "ExportError", "MissingDependencyError", "atomic_path", "current_umask", "require", "write_text_atomic"]
 
 
 class MissingDependencyError(HeadsteerError, ImportError):
@@ -41,33 +41,3 @@ def require(module: str, what: str):
         raise MissingDependencyError(f"{what} needs the Python package {module!r}, which is not installed ({error}); {hint}") from None
 
 
-@contextmanager
-def atomic_path(final: PathLike, suffix: str = "") -> Iterator[Path]:
-    """Yield a temporary path beside `final`; on success rename it onto `final`, else delete it."""
-    final = Path(final)
-    try:
-        final.parent.mkdir(parents=True, exist_ok=True)
-        handle, name = tempfile.mkstemp(prefix=f".{final.name}.", suffix=suffix + ".tmp", dir=final.parent)
-    except OSError as error:
-        raise ExportError(f"cannot write {final}: {error.strerror or error}") from None
-    os.close(handle)
-    temp = Path(name)
-    try:
-        yield temp
-        os.chmod(temp, 0o666 & ~current_umask())  # mkstemp makes 0600; give the usual file mode
-        os.replace(temp, final)
-    except BaseException:
-        temp.unlink(missing_ok=True)
-        raise
-
-
-def current_umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def write_text_atomic(final: PathLike, text: str) -> Path:
-    with atomic_path(final) as temp:
-        temp.write_text(text)
-    return Path(final)

@@ -25,6 +25,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from headsteer.runtime.errors import BundleError, InputError
+from headsteer.runtime.files import current_umask
 from headsteer.runtime.gated_vit import GatedViT
 
 FORMAT_NAME = "headsteer-bundle"
@@ -142,10 +143,8 @@ def save_bundle(
 
     path.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
-    umask = os.umask(0)
-    os.umask(umask)
     try:
-        os.chmod(staging, 0o777 & ~umask)  # mkdtemp makes 0700; a bundle gets the usual folder mode
+        os.chmod(staging, 0o777 & ~current_umask())  # mkdtemp makes 0700; a bundle gets the usual folder mode
         state = {name: tensor.detach().cpu().contiguous() for name, tensor in model.state_dict().items()}
         save_file(state, staging / WEIGHTS_FILE)
         files = {WEIGHTS_FILE: _sha256(staging / WEIGHTS_FILE)}

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -21,6 +20,7 @@ from headsteer.runtime import train as T
 from headsteer.runtime.data import load_data
 from headsteer.runtime.engine import Engine
 from headsteer.runtime.errors import InputError
+from headsteer.runtime.files import write_text_atomic
 from headsteer.runtime.evaluate import (
     format_table,
     measure_latency,
@@ -198,11 +198,11 @@ def run_demo(out: Path, settings: DemoSettings, progress: bool = True, log=print
         )
     timings["total"] = round(time.perf_counter() - start, 2)
     report = _rounded(T._json_safe(report))
-    _write_atomic(out / "report.json", json.dumps(report, indent=2))
+    write_text_atomic(out / "report.json", json.dumps(report, indent=2))
     from headsteer.runtime.plots import write_plots
 
     write_plots(report, out)
-    _write_atomic(out / "report.md", report_markdown(report))
+    write_text_atomic(out / "report.md", report_markdown(report))
     return report
 
 
@@ -211,12 +211,6 @@ def _settings_dict(settings: DemoSettings) -> dict:
         backbone=asdict(settings.backbone), gates=asdict(settings.gates), sae=asdict(settings.sae),
         steering=asdict(settings.steering), seed=settings.seed, threads=torch.get_num_threads(),
     )
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def _num(x, digits: int = 3) -> str:

@@ -19,6 +19,7 @@ from headsteer.runtime.bundle import SteeringTable
 from headsteer.runtime.data import ImageDataset, load_data
 from headsteer.runtime.engine import Engine
 from headsteer.runtime.errors import InputError
+from headsteer.runtime.files import write_text_atomic
 
 SPLITS = ("train", "val", "test")
 
@@ -292,8 +293,5 @@ def run(args: argparse.Namespace) -> int:
         hit = sum(meets_target(r) for r in rows)
         print(f"{hit} of {len(rows)} classes: final-block usage down >= 40% losing <= 1 image")
     if args.json:
-        path = Path(args.json)
-        tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_text(json.dumps(rows, indent=2))
-        tmp.replace(path)
+        write_text_atomic(args.json, json.dumps(rows, indent=2))
     return 0

@@ -2,14 +2,14 @@
 of the heads kept in the final (steered) block. matplotlib with the file-only Agg backend."""
 from __future__ import annotations
 
-import os
 from pathlib import Path
+
+from headsteer.runtime.files import atomic_path
 
 
 def _save(fig, path: Path) -> None:
-    tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")
-    fig.savefig(tmp, dpi=110, bbox_inches="tight")
-    os.replace(tmp, path)
+    with atomic_path(path, suffix=path.suffix) as temp:
+        fig.savefig(temp, dpi=110, bbox_inches="tight")
 
 
 def write_plots(report: dict, out: Path) -> list[Path]:

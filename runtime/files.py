@@ -1,0 +1,47 @@
+"""Atomic file writes: everything headsteer writes appears complete under its final name or not at all."""
+from __future__ import annotations
+
+import os
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator, Union
+
+from headsteer.runtime.errors import InputError
+
+PathLike = Union[str, "os.PathLike[str]"]
+
+
+def current_umask() -> int:
+    """The process umask (reading it means setting it, so it is set back at once)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+@contextmanager
+def atomic_path(final: PathLike, suffix: str = "") -> Iterator[Path]:
+    """Yield a unique temporary path beside `final` (ending in `suffix`, so tools that infer a
+    format from the extension still do); on success rename it onto `final`, else delete it."""
+    final = Path(final)
+    try:
+        final.parent.mkdir(parents=True, exist_ok=True)
+        handle, name = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".tmp" + suffix, dir=final.parent)
+    except OSError as error:
+        raise InputError(f"cannot write {final}: {error.strerror or error}") from None
+    os.close(handle)
+    temp = Path(name)
+    try:
+        yield temp
+        os.chmod(temp, 0o666 & ~current_umask())  # mkstemp makes 0600; give the usual file mode
+        os.replace(temp, final)
+    except BaseException:
+        temp.unlink(missing_ok=True)
+        raise
+
+
+def write_text_atomic(final: PathLike, text: str) -> Path:
+    """Write `text` to `final` atomically; returns the path."""
+    with atomic_path(final) as temp:
+        temp.write_text(text)
+    return Path(final)
