@@ -148,6 +148,10 @@ class Engine:
         self.predict(torch.zeros(1, self.in_chans, *self.image_size))
 
     # -- input handling -----------------------------------------------------------------------
+    def normalize(self, images: torch.Tensor) -> torch.Tensor:
+        """[B, C, H, W] float images in [0, 1] -> the model's input, with the bundle's mean/std."""
+        return (images - self._mean) / self._std
+
     def preprocess(self, images) -> torch.Tensor:
         """Normalized float32 [B, C, H, W] from a tensor (taken as already normalized), or from
         raw PIL images / uint8 HWC arrays (resized and normalized with the bundle's settings)."""
@@ -159,8 +163,7 @@ class Engine:
             images = [images]
         if not images:
             raise InputError("no images given")
-        batch = torch.stack([self._raw_to_tensor(image, index) for index, image in enumerate(images)])
-        return (batch - self._mean) / self._std
+        return self.normalize(torch.stack([self._raw_to_tensor(image, index) for index, image in enumerate(images)]))
 
     def _check_tensor(self, pixels: torch.Tensor) -> torch.Tensor:
         expected = f"[B, {self.in_chans}, {self.image_size[0]}, {self.image_size[1]}]"

@@ -27,7 +27,7 @@ SPLITS = ("train", "val", "test")
 # -- running the engine ------------------------------------------------------------------------------
 def normalized(engine: Engine, images: torch.Tensor) -> torch.Tensor:
     """[0, 1] images -> the bundle's normalized model input."""
-    return (images - engine._mean) / engine._std
+    return engine.normalize(images)
 
 
 def run_engine(
