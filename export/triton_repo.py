@@ -14,12 +14,11 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Optional, Union
 
-from headsteer.export._common import current_umask, require
+from headsteer.export._common import require
+from headsteer.runtime.files import staged_directory
 from headsteer.export.onnx_export import DEFAULT_OPSET, resolve_source, steering_document, to_onnx
 from headsteer.runtime.errors import InputError
 
@@ -185,10 +184,7 @@ def write_triton_repo(
     if final.exists() and not overwrite:
         raise InputError(f"{final} already exists (pass --overwrite to replace it)")
     platform, file_name = PLATFORMS[engine]
-    out_dir.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{model_name}.", dir=out_dir))
-    try:
-        os.chmod(staging, 0o777 & ~current_umask())  # mkdtemp makes 0700
+    with staged_directory(final) as staging:
         version_dir = staging / "1"
         version_dir.mkdir()
         onnx_path = to_onnx(
@@ -207,16 +203,6 @@ def write_triton_repo(
         (staging / "config.pbtxt").write_text(render_config(model_name, platform, max_batch_size, inputs, outputs, "logits"))
         (staging / "steering.json").write_text(json.dumps(steering_document(source)))
         (staging / "labels.txt").write_text("".join(f"{label}\n" for label in source.class_names))
-        if final.exists():
-            retired = Path(tempfile.mkdtemp(prefix=f".{model_name}.old.", dir=out_dir))
-            os.replace(final, retired / model_name)
-            os.replace(staging, final)
-            shutil.rmtree(retired, ignore_errors=True)
-        else:
-            os.replace(staging, final)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return final
 
 

@@ -13,9 +13,6 @@ from __future__ import annotations
 import hashlib
 import json
 import operator
-import os
-import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Sequence, Union
@@ -25,7 +22,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from headsteer.runtime.errors import BundleError, InputError
-from headsteer.runtime.files import current_umask
+from headsteer.runtime.files import staged_directory
 from headsteer.runtime.gated_vit import GatedViT
 
 FORMAT_NAME = "headsteer-bundle"
@@ -141,10 +138,7 @@ def save_bundle(
         if len(values) != model.vit.patch_embed.proj.in_channels:
             raise InputError(f"normalization {name} needs one value per input channel, got {list(values)}")
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
-    try:
-        os.chmod(staging, 0o777 & ~current_umask())  # mkdtemp makes 0700; a bundle gets the usual folder mode
+    with staged_directory(path) as staging:
         state = {name: tensor.detach().cpu().contiguous() for name, tensor in model.state_dict().items()}
         save_file(state, staging / WEIGHTS_FILE)
         files = {WEIGHTS_FILE: _sha256(staging / WEIGHTS_FILE)}
@@ -176,16 +170,6 @@ def save_bundle(
             extra=extra or {},
         )
         (staging / CONFIG_FILE).write_text(json.dumps(config, indent=2))
-        if path.exists():
-            retired = Path(tempfile.mkdtemp(prefix=f".{path.name}.old.", dir=path.parent))
-            os.replace(path, retired / "bundle")
-            os.replace(staging, path)
-            shutil.rmtree(retired, ignore_errors=True)
-        else:
-            os.replace(staging, path)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return path
 
 

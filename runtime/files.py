@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
@@ -45,3 +46,28 @@ def write_text_atomic(final: PathLike, text: str) -> Path:
     with atomic_path(final) as temp:
         temp.write_text(text)
     return Path(final)
+
+
+@contextmanager
+def staged_directory(final: PathLike) -> Iterator[Path]:
+    """Yield an empty staging folder beside `final` (with the usual folder mode); on success it
+    replaces `final` (an existing one is swapped out, then removed), else it is deleted."""
+    final = Path(final)
+    try:
+        final.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
+    except OSError as error:
+        raise InputError(f"cannot write {final}: {error.strerror or error}") from None
+    try:
+        os.chmod(staging, 0o777 & ~current_umask())  # mkdtemp makes 0700
+        yield staging
+        if final.exists():
+            retired = Path(tempfile.mkdtemp(prefix=f".{final.name}.old.", dir=final.parent))
+            os.replace(final, retired / final.name)
+            os.replace(staging, final)
+            shutil.rmtree(retired, ignore_errors=True)
+        else:
+            os.replace(staging, final)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
