@@ -45,6 +45,7 @@ class DemoSettings:
     whole_network: bool = True
     latency_repeats: int = 7
     seed: int = 0
+    preset: str = "full"  # "full" or "quick", recorded in the report
 
     @classmethod
     def full(cls, seed: int = 0) -> "DemoSettings":
@@ -60,6 +61,7 @@ class DemoSettings:
                                     global_alphas=(0.0, 0.5, 4.0), topk_ks=(4,), topk_alphas=(0.0, 4.0)),
             latency_repeats=3,
             seed=seed,
+            preset="quick",
         )
 
     def seeded(self) -> "DemoSettings":
@@ -179,7 +181,7 @@ def run_demo(out: Path, settings: DemoSettings, progress: bool = True, log=print
             global_amplification=choices["last_block"]["global_amplification"],
             topk_amplification=choices["last_block"]["topk_amplification"],
         ),
-        settings=dict(quick=getattr(settings, "_quick", False), **_settings_dict(settings)),
+        settings=dict(quick=settings.preset == "quick", **_settings_dict(settings)),
         timings_s=timings,
     )
     if "whole_network" in results:
@@ -354,7 +356,6 @@ def run(args: argparse.Namespace) -> int:
         raise InputError(f"--out {out} exists and is not a directory")
     torch.set_num_threads(args.threads)
     settings = DemoSettings.quick(args.seed) if args.quick else DemoSettings.full(args.seed)
-    settings._quick = args.quick
     settings.whole_network = not args.no_whole_network
     report = run_demo(out, settings, progress=not args.no_progress)
     print()
