@@ -1,10 +1,26 @@
 """Fused SAE -> steer -> gate: one Triton launch per gated block, decision vectors in, keep mask out.
 
-Each program owns one sample row and does, without writing any intermediate to memory:
-SAE pre-activations, the activation (TopK / ReLU / JumpReLU), steering, the decode delta, the
-gate input g, LayerNorm, Linear -> GELU(erf) -> Linear, the logits and the keep mask.
-The math is `headsteer.kernels.reference.sae_steer_gate`; everything is computed in fp32
-whatever the storage dtype of the inputs.
+The math is `headsteer.kernels.reference.sae_steer_gate`, computed in fp32 whatever the storage
+dtype of the inputs. The launch is a grid of (latent tiles, batch tiles) so that the SAE's two
+S x D matrices are streamed by many SMs at once; an SAE is 2-10 MB, and one program per sample
+reading all of it made the gate latency-bound (measured 140-660 us on an H100 at ViT-S/B sizes).
+
+- Every program owns BLOCK_B samples x BLOCK_S latents. It computes that tile of pre-activations
+  with tensor-core dots, applies the activation and steering, and writes at most two small things:
+  its share of the decode, `coef @ W_dec[tile]`, as an fp32 partial [BLOCK_B, D] (when the tile
+  knows its coefficients: ReLU / JumpReLU latents, or a steering shift), and for TopK the tile's
+  own k best pre-activations (value, latent index). The row's global top k lies among those
+  candidates: an entry beaten by k entries of its own tile is beaten by k entries of the row.
+- The last program of a batch tile to finish its tile (an atomic counter; nobody waits for
+  anybody, so there is no grid barrier and Triton's serial CPU interpreter runs it too) finishes
+  those rows: global TopK over the candidates (radix select), the decode of the selected latents
+  as a gathered dot, the sum of the partials in tile order (deterministic: no floating-point
+  atomics), then LayerNorm -> Linear -> GELU(erf) -> Linear, the logits and the keep mask.
+
+The SAE latents z never go to memory as a [B, S] tensor: only the partial decodes, up to k
+candidates per row and latent tile, and the k selected (latent, coefficient) pairs per row do.
+Gated blocks without an SAE (and identity steering in "preserve-error" mode, where g = e) take
+a single program per batch tile that goes straight to the gate.
 """
 from __future__ import annotations
 
@@ -18,39 +34,43 @@ from headsteer.kernels import reference
 
 _ACTIVATION_CODES = {"relu": 0, "topk": 1, "jumprelu": 2}
 
-# Register budget (elements) for one 2-D weight tile of a program; with 8 warps this is 64 fp32
-# registers per thread, which keeps the SAE tiles spill-free while the latent row stays resident.
-_TILE_ELEMENTS = 16384
-# The pre-activation row of S latents lives in registers (so z never touches memory); past this
-# width it would spill heavily, so wider SAEs are refused rather than silently slow.
-MAX_SAE_WIDTH = 16384
+# Samples per program. tl.dot needs every dimension >= 16; more rows would share each encoder
+# tile among more samples but leave fewer finishing programs to run the gate in parallel.
+BLOCK_B = 16
+# Latents per program: each program streams BLOCK_S rows of the encoder (and the decoder).
+BLOCK_S = 128
+# The finisher ranks all of a row's candidates (latent tiles x min(k, BLOCK_S)) in registers.
+MAX_TOPK_CANDIDATES = 16384
+# Register budget (elements) of one finisher tile: candidate rows ranked at once, gate chunks.
+_TILE_ELEMENTS = 8192
 
 
 @triton.jit
-def _topk_select(pre, valid, k):
-    """Mask of the k largest entries of `pre` (1-D), ties toward the lower index, like
-    `reference.topk_mask`.
+def _topk_rows(values, valid, k):
+    """Mask of the k largest valid entries of each row of a 2-D tile, ties toward the lower
+    column, like `reference.topk_mask` (which also ranks NaN above everything).
 
-    Radix select: floats are mapped to integer keys in [0, 2**32) whose order is the float
-    order, the k-th largest key is built bit by bit from the top (32 counting passes over the row),
-    then the keys equal to it are taken in index order (an inclusive cumsum) until k are kept."""
-    pre = pre + 0.0  # -0.0 -> +0.0 so the two zeros get one key, as they compare equal
-    bits = pre.to(tl.int32, bitcast=True)
+    Radix select: floats are mapped to integer keys in [0, 2**32) whose order is the float order,
+    each row's k-th largest key is built bit by bit from the top (32 counting passes), then the
+    keys equal to it are taken in column order (an inclusive cumsum) until k are kept. A row with
+    fewer than k valid entries keeps all of them."""
+    values = values + 0.0  # -0.0 -> +0.0 so the two zeros get one key, as they compare equal
+    bits = values.to(tl.int32, bitcast=True)
     # Flipping the magnitude bits of negative floats makes the signed int order the float order;
     # the int64 offset then makes every key non-negative so bits can be set greedily from the top.
     key = (bits ^ ((bits >> 31) & 0x7FFFFFFF)).to(tl.int64) + 2147483648
     key = tl.where(valid, key, -1)  # padding ranks below every real value (even -inf)
-    kth = tl.zeros([], dtype=tl.int64)
+    kth = tl.zeros_like(tl.max(key, axis=1))
     one = tl.full([], 1, dtype=tl.int64)
     for bit in tl.static_range(31, -1, -1):
         candidate = kth | (one << bit)
-        at_least = tl.sum((key >= candidate).to(tl.int32), axis=0)
+        at_least = tl.sum((key >= candidate[:, None]).to(tl.int32), axis=1)
         kth = tl.where(at_least >= k, candidate, kth)
-    above = key > kth
-    ties_wanted = k - tl.sum(above.to(tl.int32), axis=0)
-    tie = (key == kth) & valid
-    tie_rank = tl.cumsum(tie.to(tl.int32), axis=0)  # 1-based position among the ties
-    return above | (tie & (tie_rank <= ties_wanted))
+    above = key > kth[:, None]
+    ties_wanted = k - tl.sum(above.to(tl.int32), axis=1)
+    tie = (key == kth[:, None]) & valid
+    tie_rank = tl.cumsum(tie.to(tl.int32), axis=1)  # 1-based position among the row's ties
+    return above | (tie & (tie_rank <= ties_wanted[:, None]))
 
 
 @triton.jit
@@ -62,113 +82,202 @@ def _sae_steer_gate_kernel(
     ln_w_ptr, ln_b_ptr, ln_eps,
     fc1_w_ptr, fc1_b_ptr, fc2_w_ptr, fc2_b_ptr,
     logits_ptr, keep_ptr,
-    D, S, G, H, sae_k, budget_k,
-    HAS_SAE: tl.constexpr, ACTIVATION: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr,
-    RECONSTRUCT: tl.constexpr, HAS_LN_W: tl.constexpr, HAS_LN_B: tl.constexpr,
-    HAS_FC1_B: tl.constexpr, HAS_FC2_B: tl.constexpr, USE_BUDGET: tl.constexpr,
-    BLOCK_S: tl.constexpr, CHUNK_S: tl.constexpr, BLOCK_D: tl.constexpr,
+    counter_ptr, partial_ptr, cand_val_ptr, cand_idx_ptr, sel_idx_ptr, sel_coef_ptr, g_ptr,
+    B, D, S, G, H, sae_k, cand_per_tile, budget_k,
+    ACTIVATION: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr,
+    RECONSTRUCT: tl.constexpr, ENCODE: tl.constexpr, PARTIAL: tl.constexpr, GATHER: tl.constexpr,
+    HAS_LN_W: tl.constexpr, HAS_LN_B: tl.constexpr, HAS_FC1_B: tl.constexpr, HAS_FC2_B: tl.constexpr,
+    USE_BUDGET: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_B: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
+    CHUNK_D: tl.constexpr, BLOCK_C: tl.constexpr, SEL_ROWS: tl.constexpr, GATHER_ROWS: tl.constexpr,
     CHUNK_G: tl.constexpr, BLOCK_H: tl.constexpr,
 ):
-    row = tl.program_id(0)
-    e_row = e_ptr + row * stride_eb
-    offs_dfull = tl.arange(0, BLOCK_D)
-    dfull_mask = offs_dfull < D
-    e = tl.load(e_row + offs_dfull, mask=dfull_mask, other=0.0).to(tl.float32)
+    tile_s = tl.program_id(0)
+    tile_b = tl.program_id(1)
+    num_s_tiles = tl.num_programs(0)
+    offs_b = tl.arange(0, BLOCK_B)
+    rows = tile_b * BLOCK_B + offs_b
+    row_mask = rows < B
 
-    if HAS_SAE:
-        # Weights are [S, D] row-major and are streamed in coalesced tiles of CHUNK_S whole rows.
-        # The latent row lives in registers as a [BLOCK_S // CHUNK_S, CHUNK_S] tile: registers
-        # cannot be indexed, so chunk t is written (and later read) with a select on row t.
-        chunk_ids = tl.arange(0, BLOCK_S // CHUNK_S)
-        offs_cs = tl.arange(0, CHUNK_S)
-        s2d = chunk_ids[:, None] * CHUNK_S + offs_cs[None, :]
-        s2d_mask = s2d < S
-        num_chunks = tl.cdiv(S, CHUNK_S)
-        centered_e = e - tl.load(dec_b_ptr + offs_dfull, mask=dfull_mask, other=0.0).to(tl.float32)
-        pre = tl.zeros([BLOCK_S // CHUNK_S, CHUNK_S], dtype=tl.float32)
-        for t in range(0, num_chunks):
-            s = t * CHUNK_S + offs_cs
-            s_mask = s < S
-            w = tl.load(enc_w_ptr + s[:, None] * D + offs_dfull[None, :], mask=s_mask[:, None] & dfull_mask[None, :], other=0.0)
-            chunk = tl.sum(w.to(tl.float32) * centered_e[None, :], axis=1)
-            chunk += tl.load(enc_b_ptr + s, mask=s_mask, other=0.0).to(tl.float32)
-            pre = tl.where(chunk_ids[:, None] == t, chunk[None, :], pre)
+    # ---- Phase 1, every program: one [BLOCK_B, BLOCK_S] tile of latents. ----
+    if PARTIAL or GATHER:
+        offs_s = tile_s * BLOCK_S + tl.arange(0, BLOCK_S)
+        s_mask = offs_s < S
+        tile_mask = row_mask[:, None] & s_mask[None, :]
+        if ENCODE:
+            pre = tl.zeros([BLOCK_B, BLOCK_S], dtype=tl.float32)
+            for k0 in range(0, D, BLOCK_K):
+                kk = k0 + tl.arange(0, BLOCK_K)
+                k_mask = kk < D
+                centered = tl.load(e_ptr + rows[:, None] * stride_eb + kk[None, :],
+                                   mask=row_mask[:, None] & k_mask[None, :], other=0.0).to(tl.float32)
+                centered -= tl.load(dec_b_ptr + kk, mask=k_mask, other=0.0).to(tl.float32)[None, :]
+                w_enc = tl.load(enc_w_ptr + offs_s[:, None] * D + kk[None, :],
+                                mask=s_mask[:, None] & k_mask[None, :], other=0.0).to(tl.float32)
+                pre = tl.dot(centered, tl.trans(w_enc), pre, input_precision=PRECISION)
+            pre += tl.load(enc_b_ptr + offs_s, mask=s_mask, other=0.0).to(tl.float32)[None, :]
+        if PARTIAL:
+            # The tile's coefficients of the decode g += (z' - z) W_dec (or z' W_dec to reconstruct).
+            if HAS_SHIFT:
+                shift = tl.load(shift_ptr + rows[:, None] * stride_shift_b + offs_s[None, :] * stride_shift_s,
+                                mask=tile_mask, other=0.0).to(tl.float32)
+            if ACTIVATION == 1:
+                # TopK: only the shift is known here (z' - z = z (scale - 1) + shift, and which z
+                # are nonzero is decided by the whole row); the finisher decodes the z part.
+                coef = shift
+            else:
+                if ACTIVATION == 0:
+                    z = tl.maximum(pre, 0.0)
+                else:
+                    threshold = tl.load(thr_ptr + offs_s, mask=s_mask, other=0.0).to(tl.float32)
+                    z = tl.where(pre > threshold[None, :], pre, 0.0)
+                steered = z
+                if HAS_SCALE:
+                    steered = steered * tl.load(
+                        scale_ptr + rows[:, None] * stride_scale_b + offs_s[None, :] * stride_scale_s,
+                        mask=tile_mask, other=1.0).to(tl.float32)
+                if HAS_SHIFT:
+                    steered = steered + shift
+                coef = steered if RECONSTRUCT else steered - z
+            coef = tl.where(tile_mask, coef, 0.0)
+            for d0 in range(0, D, CHUNK_D):
+                dd = d0 + tl.arange(0, CHUNK_D)
+                d_mask = dd < D
+                w_dec = tl.load(dec_w_ptr + offs_s[:, None] * D + dd[None, :],
+                                mask=s_mask[:, None] & d_mask[None, :], other=0.0).to(tl.float32)
+                part = tl.dot(coef, w_dec, input_precision=PRECISION)
+                tl.store(partial_ptr + (tile_s * B + rows[:, None]) * D + dd[None, :], part,
+                         mask=row_mask[:, None] & d_mask[None, :])
+        if GATHER:
+            # The tile's own top min(k, BLOCK_S) per row, packed in latent order into its slots.
+            chosen = _topk_rows(pre, tile_mask, cand_per_tile)
+            slot = tl.cumsum(chosen.to(tl.int32), axis=1) - 1
+            dst = rows[:, None] * (num_s_tiles * cand_per_tile) + tile_s * cand_per_tile + slot
+            tl.store(cand_val_ptr + dst, pre, mask=chosen)
+            tl.store(cand_idx_ptr + dst, tl.broadcast_to(offs_s[None, :], [BLOCK_B, BLOCK_S]), mask=chosen)
+        # Make this CTA's stores visible before announcing them (release), and learn whether
+        # every other latent tile of these rows is done (acquire): the last one finishes.
+        tl.debug_barrier()
+        arrived = tl.atomic_add(counter_ptr + tile_b, 1, sem="acq_rel")
+        finishing = arrived == num_s_tiles - 1
+    else:
+        finishing = True
 
-        if ACTIVATION == 0:  # relu
-            z = tl.maximum(pre, 0.0)
-        elif ACTIVATION == 1:  # topk: ReLU on the k largest pre-activations (index order = s2d)
-            selected = _topk_select(tl.reshape(pre, [BLOCK_S]), tl.reshape(s2d_mask, [BLOCK_S]), sae_k)
-            z = tl.where(tl.reshape(selected, [BLOCK_S // CHUNK_S, CHUNK_S]), tl.maximum(pre, 0.0), 0.0)
-        else:  # jumprelu
-            thr = tl.load(thr_ptr + s2d, mask=s2d_mask, other=0.0).to(tl.float32)
-            z = tl.where(pre > thr, pre, 0.0)
-        steered = z
-        if HAS_SCALE:
-            steered = steered * tl.load(scale_ptr + row * stride_scale_b + s2d * stride_scale_s, mask=s2d_mask, other=1.0).to(tl.float32)
-        if HAS_SHIFT:
-            steered = steered + tl.load(shift_ptr + row * stride_shift_b + s2d * stride_shift_s, mask=s2d_mask, other=0.0).to(tl.float32)
-        if RECONSTRUCT:
-            coef = steered  # g = W_dec z' + b_dec
-            g = tl.load(dec_b_ptr + offs_dfull, mask=dfull_mask, other=0.0).to(tl.float32)
+    # ---- Phase 2, one program per batch tile: the gate input g, then the gate. ----
+    if finishing:
+        offs_d = tl.arange(0, BLOCK_D)
+        dfull_mask = offs_d < D
+        if GATHER:
+            num_cand = num_s_tiles * cand_per_tile
+            slots = tl.arange(0, BLOCK_C)
+            slot_tile = slots // cand_per_tile
+            # Slot j of a tile is written only if the tile had more than j real latents.
+            slot_valid = (slots < num_cand) & (slots % cand_per_tile < S - slot_tile * BLOCK_S)
+            for r0 in range(0, BLOCK_B, SEL_ROWS):
+                sel_rows = tile_b * BLOCK_B + r0 + tl.arange(0, SEL_ROWS)
+                valid = (sel_rows < B)[:, None] & slot_valid[None, :]
+                src = sel_rows[:, None] * num_cand + slots[None, :]
+                values = tl.load(cand_val_ptr + src, mask=valid, other=0.0, cache_modifier=".cg")
+                latents = tl.load(cand_idx_ptr + src, mask=valid, other=0, cache_modifier=".cg")
+                # Candidates sit in latent order, so column order breaks ties as the spec does.
+                chosen = _topk_rows(values, valid, sae_k)
+                z = tl.maximum(values, 0.0)
+                if HAS_SCALE:
+                    scale = tl.load(scale_ptr + sel_rows[:, None] * stride_scale_b + latents * stride_scale_s,
+                                    mask=chosen, other=1.0).to(tl.float32)
+                    coef = z * scale if RECONSTRUCT else z * (scale - 1.0)
+                else:
+                    coef = z  # only reached when reconstructing: preserve-error cancels z
+                rank = tl.cumsum(chosen.to(tl.int32), axis=1) - 1
+                dst = sel_rows[:, None] * sae_k + rank
+                tl.store(sel_idx_ptr + dst, latents, mask=chosen)
+                tl.store(sel_coef_ptr + dst, coef, mask=chosen)
+            tl.debug_barrier()
+
+        if PARTIAL or GATHER:
+            for d0 in range(0, D, CHUNK_D):
+                dd = d0 + tl.arange(0, CHUNK_D)
+                d_mask = dd < D
+                out_mask = row_mask[:, None] & d_mask[None, :]
+                if RECONSTRUCT:
+                    acc = tl.zeros([BLOCK_B, CHUNK_D], dtype=tl.float32) + tl.load(
+                        dec_b_ptr + dd, mask=d_mask, other=0.0).to(tl.float32)[None, :]
+                else:
+                    acc = tl.load(e_ptr + rows[:, None] * stride_eb + dd[None, :], mask=out_mask, other=0.0).to(tl.float32)
+                if PARTIAL:
+                    for t in range(0, num_s_tiles):  # fixed order: the same bits on every run
+                        acc += tl.load(partial_ptr + (t * B + rows[:, None]) * D + dd[None, :],
+                                       mask=out_mask, other=0.0, cache_modifier=".cg")
+                if GATHER:
+                    # sum_j coef[b, j] W_dec[latent[b, j]] for the tile's rows as one dot per
+                    # GATHER_ROWS gathered decoder rows: the left operand places each gathered
+                    # row's coefficient in the column of its sample (block-diagonal, mostly zeros).
+                    for q0 in range(0, BLOCK_B * sae_k, GATHER_ROWS):
+                        q = q0 + tl.arange(0, GATHER_ROWS)
+                        q_row = q // sae_k
+                        q_mask = (q < BLOCK_B * sae_k) & (tile_b * BLOCK_B + q_row < B)
+                        flat = tile_b * BLOCK_B * sae_k + q
+                        latent = tl.load(sel_idx_ptr + flat, mask=q_mask, other=0)
+                        q_coef = tl.load(sel_coef_ptr + flat, mask=q_mask, other=0.0)
+                        spread = tl.where(offs_b[:, None] == q_row[None, :], q_coef[None, :], 0.0)
+                        w_sel = tl.load(dec_w_ptr + latent[:, None] * D + dd[None, :],
+                                        mask=q_mask[:, None] & d_mask[None, :], other=0.0).to(tl.float32)
+                        acc = tl.dot(spread, w_sel, acc, input_precision=PRECISION)
+                tl.store(g_ptr + rows[:, None] * D + dd[None, :], acc, mask=out_mask)
+            tl.debug_barrier()
+            g = tl.load(g_ptr + rows[:, None] * D + offs_d[None, :], mask=row_mask[:, None] & dfull_mask[None, :], other=0.0)
+        elif RECONSTRUCT:  # TopK with k = 0 and no shift: z' = 0, g = b_dec
+            g = tl.zeros([BLOCK_B, BLOCK_D], dtype=tl.float32) + tl.load(
+                dec_b_ptr + offs_d, mask=dfull_mask, other=0.0).to(tl.float32)[None, :]
         else:
-            coef = steered - z  # g = e + W_dec (z' - z): exactly e when steering is the identity
-            g = e
-        coef = tl.where(s2d_mask, coef, 0.0)
+            g = tl.load(e_ptr + rows[:, None] * stride_eb + offs_d[None, :],
+                        mask=row_mask[:, None] & dfull_mask[None, :], other=0.0).to(tl.float32)
 
-        # Decode: g += sum_s coef[s] W_dec[s]. Chunks whose coefficients are all zero are skipped,
-        # so e.g. an unshifted TopK SAE reads only the decoder rows of its (at most k) active latents.
-        for t in range(0, num_chunks):
-            c = tl.sum(tl.where(chunk_ids[:, None] == t, coef, 0.0), axis=0)
-            if tl.max(tl.abs(c), axis=0) > 0.0:
-                s = t * CHUNK_S + offs_cs
-                w = tl.load(dec_w_ptr + s[:, None] * D + offs_dfull[None, :], mask=(s < S)[:, None] & dfull_mask[None, :], other=0.0)
-                g += tl.sum(w.to(tl.float32) * c[:, None], axis=0)
-    else:
-        g = e
+        # LayerNorm over D (two-pass mean / variance, as torch does).
+        mean = tl.sum(tl.where(dfull_mask[None, :], g, 0.0), axis=1) / D
+        centered = tl.where(dfull_mask[None, :], g - mean[:, None], 0.0)
+        rstd = 1.0 / tl.sqrt(tl.sum(centered * centered, axis=1) / D + ln_eps)
+        normed = centered * rstd[:, None]
+        if HAS_LN_W:
+            normed *= tl.load(ln_w_ptr + offs_d, mask=dfull_mask, other=0.0).to(tl.float32)[None, :]
+        if HAS_LN_B:
+            normed += tl.load(ln_b_ptr + offs_d, mask=dfull_mask, other=0.0).to(tl.float32)[None, :]
 
-    # LayerNorm over D (two-pass mean / variance, as torch does).
-    mean = tl.sum(tl.where(dfull_mask, g, 0.0), axis=0) / D
-    centered = tl.where(dfull_mask, g - mean, 0.0)
-    rstd = 1.0 / tl.sqrt(tl.sum(centered * centered, axis=0) / D + ln_eps)
-    normed = centered * rstd
-    if HAS_LN_W:
-        normed *= tl.load(ln_w_ptr + offs_dfull, mask=dfull_mask, other=0.0).to(tl.float32)
-    if HAS_LN_B:
-        normed += tl.load(ln_b_ptr + offs_dfull, mask=dfull_mask, other=0.0).to(tl.float32)
+        # fc1 -> GELU -> fc2, CHUNK_G hidden units at a time, each chunk folded into the logits.
+        offs_h = tl.arange(0, BLOCK_H)
+        h_mask = offs_h < H
+        logits = tl.zeros([BLOCK_B, BLOCK_H], dtype=tl.float32)
+        for g0 in range(0, G, CHUNK_G):
+            gi = g0 + tl.arange(0, CHUNK_G)
+            g_mask = gi < G
+            w1 = tl.load(fc1_w_ptr + gi[:, None] * D + offs_d[None, :],
+                         mask=g_mask[:, None] & dfull_mask[None, :], other=0.0).to(tl.float32)
+            hidden = tl.dot(normed, tl.trans(w1), input_precision=PRECISION)
+            if HAS_FC1_B:
+                hidden += tl.load(fc1_b_ptr + gi, mask=g_mask, other=0.0).to(tl.float32)[None, :]
+            hidden = 0.5 * hidden * (1.0 + tl.math.erf(hidden * 0.7071067811865476))
+            hidden = tl.where(g_mask[None, :], hidden, 0.0)
+            w2 = tl.load(fc2_w_ptr + offs_h[:, None] * G + gi[None, :],
+                         mask=h_mask[:, None] & g_mask[None, :], other=0.0).to(tl.float32)
+            logits = tl.dot(hidden, tl.trans(w2), logits, input_precision=PRECISION)
+        if HAS_FC2_B:
+            logits += tl.load(fc2_b_ptr + offs_h, mask=h_mask, other=0.0).to(tl.float32)[None, :]
 
-    # fc1 -> GELU -> fc2, CHUNK_G hidden units at a time: the hidden layer is never materialized
-    # whole, each chunk is folded straight into the logits.
-    offs_h = tl.arange(0, BLOCK_H)
-    h_mask = offs_h < H
-    offs_gc = tl.arange(0, CHUNK_G)
-    logits = tl.zeros([BLOCK_H], dtype=tl.float32)
-    for g0 in range(0, G, CHUNK_G):
-        gi = g0 + offs_gc
-        g_mask = gi < G
-        w1 = tl.load(fc1_w_ptr + gi[:, None] * D + offs_dfull[None, :], mask=g_mask[:, None] & dfull_mask[None, :], other=0.0)
-        hidden = tl.sum(w1.to(tl.float32) * normed[None, :], axis=1)
-        if HAS_FC1_B:
-            hidden += tl.load(fc1_b_ptr + gi, mask=g_mask, other=0.0).to(tl.float32)
-        hidden = 0.5 * hidden * (1.0 + tl.math.erf(hidden * 0.7071067811865476))
-        hidden = tl.where(g_mask, hidden, 0.0)
-        w2 = tl.load(fc2_w_ptr + offs_h[:, None] * G + gi[None, :], mask=h_mask[:, None] & g_mask[None, :], other=0.0)
-        logits += tl.sum(w2.to(tl.float32) * hidden[None, :], axis=1)
-    if HAS_FC2_B:
-        logits += tl.load(fc2_b_ptr + offs_h, mask=h_mask, other=0.0).to(tl.float32)
-
-    if USE_BUDGET:
-        # Rank count over the H logits, identical to reference.topk_mask: i is kept when fewer
-        # than budget_k heads beat it (larger, or equal with a lower index).
-        rank = tl.zeros([BLOCK_H], dtype=tl.int32)
-        for j in range(0, H):
-            logit_j = tl.sum(tl.where(offs_h == j, logits, 0.0), axis=0)
-            beats = (logit_j > logits) | ((logit_j == logits) & (j < offs_h))
-            rank += beats.to(tl.int32)
-        keep = rank < budget_k
-    else:
-        keep = logits > 0.0
-    tl.store(logits_ptr + row * H + offs_h, logits, mask=h_mask)
-    tl.store(keep_ptr + row * H + offs_h, keep, mask=h_mask)
+        if USE_BUDGET:
+            # Rank count over the H logits, identical to reference.topk_mask: head i is kept when
+            # fewer than budget_k heads beat it (larger, or equal with a lower index).
+            rank = tl.zeros([BLOCK_B, BLOCK_H], dtype=tl.int32)
+            for j in range(0, H):
+                logit_j = tl.sum(tl.where(offs_h[None, :] == j, logits, 0.0), axis=1)
+                beats = (logit_j[:, None] > logits) | ((logit_j[:, None] == logits) & (j < offs_h[None, :]))
+                rank += beats.to(tl.int32)
+            keep = rank < budget_k
+        else:
+            keep = logits > 0.0
+        out_offs = rows[:, None] * H + offs_h[None, :]
+        out_mask = row_mask[:, None] & h_mask[None, :]
+        tl.store(logits_ptr + out_offs, logits, mask=out_mask)
+        tl.store(keep_ptr + out_offs, keep, mask=out_mask)
 
 
 def _flat_steering(steer: Optional[torch.Tensor], batch: int, width: int, name: str) -> Optional[torch.Tensor]:
@@ -178,6 +287,11 @@ def _flat_steering(steer: Optional[torch.Tensor], batch: int, width: int, name: 
     if steer.shape[-1] != width or steer.dim() > 2:
         raise ValueError(f"{name} must be [B, {width}] (or broadcastable to it), got {tuple(steer.shape)}")
     return steer.expand(batch, width)
+
+
+def _pow2(n: int, floor: int = 16) -> int:
+    """Smallest power of two >= n and >= floor (tl.dot needs every dimension >= 16)."""
+    return max(floor, triton.next_power_of_2(max(1, n)))
 
 
 def triton_sae_steer_gate(
@@ -218,12 +332,12 @@ def triton_sae_steer_gate(
             raise ValueError(f"out logits must be a contiguous float32 [{batch}, {num_heads}] tensor")
         if keep.shape != (batch, num_heads) or keep.dtype != torch.bool or not keep.is_contiguous():
             raise ValueError(f"out keep must be a contiguous bool [{batch}, {num_heads}] tensor")
-    if batch == 0:
-        return logits, keep
 
-    block_d = triton.next_power_of_2(dim)
     dummy = logits  # stands in for absent optional pointers; never dereferenced (constexpr-guarded)
     sae = sae_params
+    activation, width, sae_k, scale, shift = "relu", 1, 0, None, None
+    encode = partial = gather = reconstruct = False
+    sae_args = (dummy,) * 5
     if sae is not None:
         activation = sae["activation"]
         if activation not in _ACTIVATION_CODES:
@@ -232,30 +346,72 @@ def triton_sae_steer_gate(
         width = enc_w.shape[0]
         if enc_w.shape != (width, dim) or dec_w.shape != (width, dim):
             raise ValueError(f"SAE weights must be [S, {dim}], got {tuple(enc_w.shape)} and {tuple(dec_w.shape)}")
-        if width > MAX_SAE_WIDTH:
-            raise NotImplementedError(f"fused gate keeps the {width} SAE latents in registers; at most {MAX_SAE_WIDTH} supported")
         sae_k = sae.get("k") or 0
         if activation == "topk" and not 0 <= sae_k <= width:
             raise ValueError(f"topk SAE needs 0 <= k <= {width}, got {sae.get('k')}")
         threshold = sae.get("threshold")
         if activation == "jumprelu" and threshold is None:
             raise ValueError("jumprelu SAE needs a per-latent threshold")
-        threshold = threshold.contiguous() if activation == "jumprelu" else dummy
         scale = _flat_steering(steer_scale, batch, width, "steer_scale")
         shift = _flat_steering(steer_shift, batch, width, "steer_shift")
-        block_s = triton.next_power_of_2(width)
-        chunk_s = max(1, min(block_s, _TILE_ELEMENTS // block_d))
+        reconstruct = mode == "reconstruct"
+        if reconstruct or scale is not None or shift is not None:
+            # (Identity steering in preserve-error mode gives g = e exactly: no SAE work at all.)
+            if activation == "topk":
+                # z' - z = z (scale - 1) + shift: the shift part is decoded by the latent tiles, the
+                # z part (k latents per row) by the finisher, which needs the encoder's candidates.
+                gather = sae_k > 0 and (reconstruct or scale is not None)
+                partial, encode = shift is not None, gather
+            else:
+                encode = partial = True
+        threshold = threshold.contiguous() if activation == "jumprelu" else dummy
         sae_args = (enc_w, sae["enc_bias"].contiguous(), dec_w, sae["dec_bias"].contiguous(), threshold)
-    else:
-        activation, width, sae_k, scale, shift = "relu", 1, 0, None, None
-        block_s, chunk_s = 1, 1
-        sae_args = (dummy,) * 5
+
+    split = partial or gather
+    block_s = min(BLOCK_S, _pow2(width))
+    num_s_tiles = triton.cdiv(width, block_s) if split else 1
+    cand_per_tile = min(sae_k, block_s) if gather else 1
+    block_c = _pow2(num_s_tiles * cand_per_tile, floor=1)
+    if gather and block_c > MAX_TOPK_CANDIDATES:
+        raise NotImplementedError(
+            f"fused gate ranks a row's TopK candidates ({num_s_tiles} latent tiles x {cand_per_tile}) in registers; "
+            f"at most {MAX_TOPK_CANDIDATES} supported (S={width}, k={sae_k})"
+        )
+    if batch == 0:
+        return logits, keep
+
+    # Scratch, all written before it is read: partial decodes, TopK candidates, selected latents,
+    # the gate input; one fp32 buffer (int32 parts are views of it) and one zeroed counter per batch tile.
+    num_b_tiles = triton.cdiv(batch, BLOCK_B)
+    sizes = dict(
+        partial=num_s_tiles * batch * dim if partial else 0,
+        cand_val=batch * num_s_tiles * cand_per_tile if gather else 0,
+        cand_idx=batch * num_s_tiles * cand_per_tile if gather else 0,
+        sel_idx=batch * sae_k if gather else 0,
+        sel_coef=batch * sae_k if gather else 0,
+        g=batch * dim if split else 0,
+    )
+    scratch, counter = {}, dummy
+    if split:
+        workspace = torch.empty(sum(sizes.values()), device=e.device, dtype=torch.float32)
+        start = 0
+        for name, size in sizes.items():
+            part = workspace[start:start + size]
+            scratch[name] = part.view(torch.int32) if name.endswith("_idx") else part
+            start += size
+        counter = torch.zeros(num_b_tiles, device=e.device, dtype=torch.int32)
+    scratch_args = [scratch.get(name) if sizes[name] else dummy for name in sizes]
+
     scale_args = (scale, scale.stride(0), scale.stride(1)) if scale is not None else (dummy, 0, 0)
     shift_args = (shift, shift.stride(0), shift.stride(1)) if shift is not None else (dummy, 0, 0)
     ln_w, ln_b = gate_params.get("norm_weight"), gate_params.get("norm_bias")
     fc1_b, fc2_b = gate_params.get("fc1_bias"), gate_params.get("fc2_bias")
+    block_d = _pow2(dim)
+    # fp32 math everywhere: on CUDA the dots run as 3xTF32 on tensor cores (fp32-level accuracy);
+    # Triton's CPU interpreter multiplies in numpy fp32 whatever is asked.
+    precision = "tf32x3" if e.device.type == "cuda" else "ieee"
 
-    _sae_steer_gate_kernel[(batch,)](
+    _sae_steer_gate_kernel[(num_s_tiles, num_b_tiles)](
         e, e.stride(0),
         *sae_args,
         *scale_args,
@@ -263,14 +419,17 @@ def triton_sae_steer_gate(
         ln_w if ln_w is not None else dummy, ln_b if ln_b is not None else dummy, float(gate_params["norm_eps"]),
         fc1_w, fc1_b if fc1_b is not None else dummy, fc2_w, fc2_b if fc2_b is not None else dummy,
         logits, keep,
-        dim, width, hidden, num_heads, sae_k, budget_k,
-        HAS_SAE=sae is not None, ACTIVATION=_ACTIVATION_CODES[activation],
-        HAS_SCALE=scale is not None, HAS_SHIFT=shift is not None, RECONSTRUCT=mode == "reconstruct",
+        counter, *scratch_args,
+        batch, dim, width, hidden, num_heads, max(sae_k, 1), cand_per_tile, budget_k,
+        ACTIVATION=_ACTIVATION_CODES[activation], HAS_SCALE=scale is not None, HAS_SHIFT=shift is not None,
+        RECONSTRUCT=reconstruct, ENCODE=encode, PARTIAL=partial, GATHER=gather,
         HAS_LN_W=ln_w is not None, HAS_LN_B=ln_b is not None,
         HAS_FC1_B=fc1_b is not None, HAS_FC2_B=fc2_b is not None, USE_BUDGET=budget is not None,
-        BLOCK_S=block_s, CHUNK_S=chunk_s, BLOCK_D=block_d,
-        CHUNK_G=max(1, min(triton.next_power_of_2(hidden), _TILE_ELEMENTS // block_d)),
-        BLOCK_H=triton.next_power_of_2(num_heads),
-        num_warps=8,
+        PRECISION=precision,
+        BLOCK_B=BLOCK_B, BLOCK_S=block_s, BLOCK_K=min(64, block_d), BLOCK_D=block_d,
+        CHUNK_D=min(128, block_d), BLOCK_C=block_c, SEL_ROWS=max(1, min(BLOCK_B, _TILE_ELEMENTS // block_c)),
+        GATHER_ROWS=32, CHUNK_G=min(_pow2(hidden), max(16, _TILE_ELEMENTS // block_d)),
+        BLOCK_H=_pow2(num_heads),
+        num_warps=8 if block_d >= 512 else 4,
     )
     return logits, keep

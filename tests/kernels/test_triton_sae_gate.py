@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from headsteer.kernels import reference
-from headsteer.kernels.triton_sae_gate import MAX_SAE_WIDTH, triton_sae_steer_gate
+from headsteer.kernels.triton_sae_gate import MAX_TOPK_CANDIDATES, triton_sae_steer_gate
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 cuda_only = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -131,13 +131,74 @@ def test_budget_ties_break_toward_lower_head():
 
 @pytest.mark.parametrize("steering", ["identity", "scale", "scale+shift"])
 def test_vit_small_shapes(steering):
-    """ViT-S sizes with the runtime's defaults: D=384, S=4D, k=16, G=D/4, H=6. The SAE spans
-    many latent chunks, and unshifted TopK steering exercises the skipped decoder chunks."""
+    """ViT-S sizes with the runtime's defaults: D=384, S=4D, k=16, G=D/4, H=6: twelve latent tiles,
+    and unshifted TopK steering decodes only the selected latents."""
     dim, batch = 384, 3
     e = torch.randn(batch, dim, generator=torch.Generator().manual_seed(31)).to(DEVICE)
     scale, shift = make_steering(steering, batch, 4 * dim, 32)
     run_and_check(e, make_gate(dim, dim // 4, 6, 33), make_sae(dim, 4 * dim, "topk", 34, k=16), scale, shift,
                   "preserve-error", 0.33)
+
+
+@pytest.mark.parametrize("batch", [17, 33])
+@pytest.mark.parametrize("activation", ["topk", "relu"])
+@pytest.mark.parametrize("steering", ["scale", "scale+shift"])
+@pytest.mark.parametrize("mode", reference.STEER_MODES)
+def test_many_latent_and_batch_tiles(batch, activation, steering, mode):
+    """Several batch tiles (16 rows each, the last one ragged) times several latent tiles (the last
+    one ragged): every tile program writes its share and exactly one per batch tile finishes."""
+    seed = zlib.crc32(repr(("tiles", batch, activation, steering, mode)).encode())
+    dim, width = 40, 300
+    e = torch.randn(batch, dim, generator=torch.Generator().manual_seed(seed)).to(DEVICE)
+    scale, shift = make_steering(steering, batch, width, seed + 1)
+    sae = make_sae(dim, width, activation, seed + 2, k=9 if activation == "topk" else None)
+    run_and_check(e, make_gate(dim, 24, 5, seed + 3), sae, scale, shift, mode, None)
+
+
+@pytest.mark.parametrize("k", [0, 1, 100, 200, 300])
+@pytest.mark.parametrize("mode", reference.STEER_MODES)
+def test_topk_k_edges(k, mode):
+    """k = 0 (nothing active), k above a latent tile (every latent of a tile is a candidate) and
+    k = S (every latent active)."""
+    dim, width, batch = 24, 300, 5
+    e = torch.randn(batch, dim, generator=torch.Generator().manual_seed(k)).to(DEVICE)
+    for steering in ("scale", "scale+shift"):
+        scale, shift = make_steering(steering, batch, width, k + 1)
+        run_and_check(e, make_gate(dim, 16, 4, k + 2), make_sae(dim, width, "topk", k + 3, k=k), scale, shift, mode, 0.5)
+
+
+def test_topk_ties_across_latent_tiles():
+    """Latent i ties latents i + 64, i + 128, ... across three latent tiles of 128: the global
+    selection must still prefer the lower latent index, as the reference's stable sort does."""
+    dim, width, batch = 16, 320, 19
+    g = torch.Generator().manual_seed(81)
+    sae = make_sae(dim, width, "topk", 81, k=10)
+    sae["enc_weight"] = torch.randint(-2, 3, (64, dim), generator=g).float().repeat(5, 1).to(DEVICE)
+    sae["enc_bias"] = torch.randint(5, 9, (64,), generator=g).float().repeat(5).to(DEVICE)
+    sae["dec_bias"] = torch.randint(-1, 2, (dim,), generator=g).float().to(DEVICE)
+    e = torch.randint(-3, 4, (batch, dim), generator=g).float().to(DEVICE)
+    scale, shift = make_steering("scale", batch, width, 82)
+    run_and_check(e, make_gate(dim, 8, 4, 83), sae, scale, shift, "preserve-error", None)
+
+
+def test_many_candidates_ranked_in_row_groups():
+    """S = 4096 in 32 latent tiles with k = 64: 2048 candidates per row, ranked a few rows at a time."""
+    dim, width, batch = 32, 4096, 18
+    e = torch.randn(batch, dim, generator=torch.Generator().manual_seed(91)).to(DEVICE)
+    scale, shift = make_steering("scale+shift", batch, width, 92)
+    run_and_check(e, make_gate(dim, 16, 6, 93), make_sae(dim, width, "topk", 94, k=64), scale, shift, "reconstruct", None)
+
+
+def test_repeated_runs_are_bitwise_identical():
+    """Partial decodes are summed in a fixed order (no floating-point atomics): same bits every run."""
+    dim, width, batch = 64, 512, 20
+    e = torch.randn(batch, dim, generator=torch.Generator().manual_seed(95)).to(DEVICE)
+    scale, shift = make_steering("scale+shift", batch, width, 96)
+    gate, sae = make_gate(dim, 16, 6, 97), make_sae(dim, width, "topk", 98, k=16)
+    first = triton_sae_steer_gate(e, gate, sae, scale, shift)
+    for _ in range(3):
+        again = triton_sae_steer_gate(e, gate, sae, scale, shift)
+        assert torch.equal(again[0], first[0]) and torch.equal(again[1], first[1])
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
@@ -169,8 +230,10 @@ def test_bad_arguments_are_clear_errors():
         triton_sae_steer_gate(e, gate, make_sae(16, 8, "gelu", 62))
     with pytest.raises(ValueError, match="k <= 8"):
         triton_sae_steer_gate(e, gate, make_sae(16, 8, "topk", 63, k=9))
-    with pytest.raises(NotImplementedError, match="registers"):
-        triton_sae_steer_gate(e, gate, make_sae(16, MAX_SAE_WIDTH + 1, "relu", 64))
+    # k >= the latent tile makes every latent a candidate: too many to rank in registers.
+    width = MAX_TOPK_CANDIDATES + 1
+    with pytest.raises(NotImplementedError, match="candidates"):
+        triton_sae_steer_gate(e, gate, make_sae(16, width, "topk", 64, k=width), torch.ones(width, device=DEVICE))
 
 
 @cuda_only
