@@ -174,24 +174,25 @@ def _sae_steer_gate_kernel(
             # Slot j of a tile is written only if the tile had more than j real latents.
             slot_valid = (slots < num_cand) & (slots % cand_per_tile < S - slot_tile * BLOCK_S)
             for r0 in range(0, BLOCK_B, SEL_ROWS):
+                # (Names differ from phase 1's: Triton types loop-carried variables by first use.)
                 sel_rows = tile_b * BLOCK_B + r0 + tl.arange(0, SEL_ROWS)
-                valid = (sel_rows < B)[:, None] & slot_valid[None, :]
+                cand_valid = (sel_rows < B)[:, None] & slot_valid[None, :]
                 src = sel_rows[:, None] * num_cand + slots[None, :]
-                values = tl.load(cand_val_ptr + src, mask=valid, other=0.0, cache_modifier=".cg")
-                latents = tl.load(cand_idx_ptr + src, mask=valid, other=0, cache_modifier=".cg")
+                cand_pre = tl.load(cand_val_ptr + src, mask=cand_valid, other=0.0, cache_modifier=".cg")
+                cand_latent = tl.load(cand_idx_ptr + src, mask=cand_valid, other=0, cache_modifier=".cg")
                 # Candidates sit in latent order, so column order breaks ties as the spec does.
-                chosen = _topk_rows(values, valid, sae_k)
-                z = tl.maximum(values, 0.0)
+                selected = _topk_rows(cand_pre, cand_valid, sae_k)
+                cand_z = tl.maximum(cand_pre, 0.0)
                 if HAS_SCALE:
-                    scale = tl.load(scale_ptr + sel_rows[:, None] * stride_scale_b + latents * stride_scale_s,
-                                    mask=chosen, other=1.0).to(tl.float32)
-                    coef = z * scale if RECONSTRUCT else z * (scale - 1.0)
+                    cand_scale = tl.load(
+                        scale_ptr + sel_rows[:, None] * stride_scale_b + cand_latent * stride_scale_s,
+                        mask=selected, other=1.0).to(tl.float32)
+                    cand_coef = cand_z * cand_scale if RECONSTRUCT else cand_z * (cand_scale - 1.0)
                 else:
-                    coef = z  # only reached when reconstructing: preserve-error cancels z
-                rank = tl.cumsum(chosen.to(tl.int32), axis=1) - 1
-                dst = sel_rows[:, None] * sae_k + rank
-                tl.store(sel_idx_ptr + dst, latents, mask=chosen)
-                tl.store(sel_coef_ptr + dst, coef, mask=chosen)
+                    cand_coef = cand_z  # only reached when reconstructing: preserve-error cancels z
+                sel_slot = sel_rows[:, None] * sae_k + tl.cumsum(selected.to(tl.int32), axis=1) - 1
+                tl.store(sel_idx_ptr + sel_slot, cand_latent, mask=selected)
+                tl.store(sel_coef_ptr + sel_slot, cand_coef, mask=selected)
             tl.debug_barrier()
 
         if PARTIAL or GATHER:
@@ -278,6 +279,12 @@ def _sae_steer_gate_kernel(
         out_mask = row_mask[:, None] & h_mask[None, :]
         tl.store(logits_ptr + out_offs, logits, mask=out_mask)
         tl.store(keep_ptr + out_offs, keep, mask=out_mask)
+
+
+def fp32_dot_precision(device: torch.device) -> str:
+    """How the gate's fp32 dots multiply: as 3xTF32 on CUDA tensor cores (fp32-level accuracy,
+    unlike plain TF32), exactly elsewhere (Triton's CPU interpreter multiplies in numpy fp32)."""
+    return "tf32x3" if device.type == "cuda" else "ieee"
 
 
 def _flat_steering(steer: Optional[torch.Tensor], batch: int, width: int, name: str) -> Optional[torch.Tensor]:
@@ -407,9 +414,6 @@ def triton_sae_steer_gate(
     ln_w, ln_b = gate_params.get("norm_weight"), gate_params.get("norm_bias")
     fc1_b, fc2_b = gate_params.get("fc1_bias"), gate_params.get("fc2_bias")
     block_d = _pow2(dim)
-    # fp32 math everywhere: on CUDA the dots run as 3xTF32 on tensor cores (fp32-level accuracy);
-    # Triton's CPU interpreter multiplies in numpy fp32 whatever is asked.
-    precision = "tf32x3" if e.device.type == "cuda" else "ieee"
 
     _sae_steer_gate_kernel[(num_s_tiles, num_b_tiles)](
         e, e.stride(0),
@@ -425,7 +429,7 @@ def triton_sae_steer_gate(
         RECONSTRUCT=reconstruct, ENCODE=encode, PARTIAL=partial, GATHER=gather,
         HAS_LN_W=ln_w is not None, HAS_LN_B=ln_b is not None,
         HAS_FC1_B=fc1_b is not None, HAS_FC2_B=fc2_b is not None, USE_BUDGET=budget is not None,
-        PRECISION=precision,
+        PRECISION=fp32_dot_precision(e.device),
         BLOCK_B=BLOCK_B, BLOCK_S=block_s, BLOCK_K=min(64, block_d), BLOCK_D=block_d,
         CHUNK_D=min(128, block_d), BLOCK_C=block_c, SEL_ROWS=max(1, min(BLOCK_B, _TILE_ELEMENTS // block_c)),
         GATHER_ROWS=32, CHUNK_G=min(_pow2(hidden), max(16, _TILE_ELEMENTS // block_d)),
