@@ -28,6 +28,8 @@ import triton
 import triton.language as tl
 from torch import nn
 
+from headsteer.kernels.aot import targets_cuda
+
 @dataclass(frozen=True)
 class TileConfig:
     """Tile sizes and warps of the three kernels (BLOCK_* are rows of the tiles each program owns)."""
@@ -267,7 +269,7 @@ def triton_head_attention(
         out = torch.empty(batch, tokens, d_out, device=x.device, dtype=x.dtype)
     elif out.shape != (batch, tokens, d_out):
         raise ValueError(f"out must be [{batch}, {tokens}, {d_out}], got {tuple(out.shape)}")
-    if x.device.type != "cuda" and torch.bfloat16 in (x.dtype, out.dtype):
+    if not targets_cuda(x.device) and torch.bfloat16 in (x.dtype, out.dtype):
         # Triton's CPU interpreter (3.8) returns garbage from tl.dot on bf16 tiles; refuse loudly.
         raise NotImplementedError("triton head attention under TRITON_INTERPRET supports fp32/fp16, not bf16")
     if batch == 0 or tokens == 0:

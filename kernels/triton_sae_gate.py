@@ -31,6 +31,7 @@ import triton
 import triton.language as tl
 
 from headsteer.kernels import reference
+from headsteer.kernels.aot import targets_cuda
 
 _ACTIVATION_CODES = {"relu": 0, "topk": 1, "jumprelu": 2}
 
@@ -42,7 +43,7 @@ BLOCK_S = 128
 # The finisher ranks all of a row's candidates (latent tiles x min(k, BLOCK_S)) in registers.
 MAX_TOPK_CANDIDATES = 16384
 # Register budget (elements) of one finisher tile: candidate rows ranked at once, gate chunks.
-_TILE_ELEMENTS = 8192
+_TILE_ELEMENTS = 4096
 
 
 @triton.jit
@@ -74,6 +75,22 @@ def _topk_rows(values, valid, k):
 
 
 @triton.jit
+def _gate_input_chunk(e_ptr, stride_eb, g_ptr, dec_b_ptr, rows, row_mask, d0, D, SOURCE: tl.constexpr,
+                      CHUNK_D: tl.constexpr):
+    """Columns [d0, d0 + CHUNK_D) of the gate input g for `rows`, fp32 (zeros past D):
+    SOURCE 0 = e itself, 1 = g as assembled in the scratch buffer, 2 = b_dec on every row."""
+    dd = d0 + tl.arange(0, CHUNK_D)
+    d_mask = dd < D
+    mask = row_mask[:, None] & d_mask[None, :]
+    if SOURCE == 0:
+        return tl.load(e_ptr + rows[:, None] * stride_eb + dd[None, :], mask=mask, other=0.0).to(tl.float32)
+    elif SOURCE == 1:
+        return tl.load(g_ptr + rows[:, None] * D + dd[None, :], mask=mask, other=0.0)
+    else:
+        return tl.where(mask, tl.load(dec_b_ptr + dd, mask=d_mask, other=0.0).to(tl.float32)[None, :], 0.0)
+
+
+@triton.jit
 def _sae_steer_gate_kernel(
     e_ptr, stride_eb,
     enc_w_ptr, enc_b_ptr, dec_w_ptr, dec_b_ptr, thr_ptr,
@@ -87,9 +104,8 @@ def _sae_steer_gate_kernel(
     ACTIVATION: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr,
     RECONSTRUCT: tl.constexpr, ENCODE: tl.constexpr, PARTIAL: tl.constexpr, GATHER: tl.constexpr,
     HAS_LN_W: tl.constexpr, HAS_LN_B: tl.constexpr, HAS_FC1_B: tl.constexpr, HAS_FC2_B: tl.constexpr,
-    USE_BUDGET: tl.constexpr, PRECISION: tl.constexpr,
-    BLOCK_B: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
-    CHUNK_D: tl.constexpr, BLOCK_C: tl.constexpr, SEL_ROWS: tl.constexpr, GATHER_ROWS: tl.constexpr,
+    USE_BUDGET: tl.constexpr, G_SOURCE: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_B: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_K: tl.constexpr, CHUNK_D: tl.constexpr, BLOCK_C: tl.constexpr, SEL_ROWS: tl.constexpr, GATHER_ROWS: tl.constexpr,
     CHUNK_G: tl.constexpr, BLOCK_H: tl.constexpr,
 ):
     tile_s = tl.program_id(0)
@@ -165,8 +181,6 @@ def _sae_steer_gate_kernel(
 
     # ---- Phase 2, one program per batch tile: the gate input g, then the gate. ----
     if finishing:
-        offs_d = tl.arange(0, BLOCK_D)
-        dfull_mask = offs_d < D
         if GATHER:
             num_cand = num_s_tiles * cand_per_tile
             slots = tl.arange(0, BLOCK_C)
@@ -226,34 +240,43 @@ def _sae_steer_gate_kernel(
                         acc = tl.dot(spread, w_sel, acc, input_precision=PRECISION)
                 tl.store(g_ptr + rows[:, None] * D + dd[None, :], acc, mask=out_mask)
             tl.debug_barrier()
-            g = tl.load(g_ptr + rows[:, None] * D + offs_d[None, :], mask=row_mask[:, None] & dfull_mask[None, :], other=0.0)
-        elif RECONSTRUCT:  # TopK with k = 0 and no shift: z' = 0, g = b_dec
-            g = tl.zeros([BLOCK_B, BLOCK_D], dtype=tl.float32) + tl.load(
-                dec_b_ptr + offs_d, mask=dfull_mask, other=0.0).to(tl.float32)[None, :]
-        else:
-            g = tl.load(e_ptr + rows[:, None] * stride_eb + offs_d[None, :],
-                        mask=row_mask[:, None] & dfull_mask[None, :], other=0.0).to(tl.float32)
 
-        # LayerNorm over D (two-pass mean / variance, as torch does).
-        mean = tl.sum(tl.where(dfull_mask[None, :], g, 0.0), axis=1) / D
-        centered = tl.where(dfull_mask[None, :], g - mean[:, None], 0.0)
-        rstd = 1.0 / tl.sqrt(tl.sum(centered * centered, axis=1) / D + ln_eps)
-        normed = centered * rstd[:, None]
-        if HAS_LN_W:
-            normed *= tl.load(ln_w_ptr + offs_d, mask=dfull_mask, other=0.0).to(tl.float32)[None, :]
-        if HAS_LN_B:
-            normed += tl.load(ln_b_ptr + offs_d, mask=dfull_mask, other=0.0).to(tl.float32)[None, :]
+        # LayerNorm statistics over D (two passes, mean then variance, as torch does), reading g
+        # in CHUNK_D column chunks: the gate never holds a whole [BLOCK_B, D] row tile in registers.
+        row_sum = tl.zeros([BLOCK_B], dtype=tl.float32)
+        for d0 in range(0, D, CHUNK_D):
+            row_sum += tl.sum(_gate_input_chunk(e_ptr, stride_eb, g_ptr, dec_b_ptr, rows, row_mask, d0, D, G_SOURCE,
+                                                CHUNK_D), axis=1)
+        mean = row_sum / D
+        row_sq = tl.zeros([BLOCK_B], dtype=tl.float32)
+        for d0 in range(0, D, CHUNK_D):
+            dd = d0 + tl.arange(0, CHUNK_D)
+            centered = _gate_input_chunk(e_ptr, stride_eb, g_ptr, dec_b_ptr, rows, row_mask, d0, D, G_SOURCE, CHUNK_D)
+            centered = tl.where((dd < D)[None, :], centered - mean[:, None], 0.0)
+            row_sq += tl.sum(centered * centered, axis=1)
+        rstd = 1.0 / tl.sqrt(row_sq / D + ln_eps)
 
-        # fc1 -> GELU -> fc2, CHUNK_G hidden units at a time, each chunk folded into the logits.
+        # fc1 -> GELU -> fc2, CHUNK_G hidden units at a time, each chunk folded into the logits;
+        # the normalized input is recomputed per D chunk (cheap: a few L1-resident loads).
         offs_h = tl.arange(0, BLOCK_H)
         h_mask = offs_h < H
         logits = tl.zeros([BLOCK_B, BLOCK_H], dtype=tl.float32)
         for g0 in range(0, G, CHUNK_G):
             gi = g0 + tl.arange(0, CHUNK_G)
             g_mask = gi < G
-            w1 = tl.load(fc1_w_ptr + gi[:, None] * D + offs_d[None, :],
-                         mask=g_mask[:, None] & dfull_mask[None, :], other=0.0).to(tl.float32)
-            hidden = tl.dot(normed, tl.trans(w1), input_precision=PRECISION)
+            hidden = tl.zeros([BLOCK_B, CHUNK_G], dtype=tl.float32)
+            for d0 in range(0, D, CHUNK_D):
+                dd = d0 + tl.arange(0, CHUNK_D)
+                d_mask = dd < D
+                normed = _gate_input_chunk(e_ptr, stride_eb, g_ptr, dec_b_ptr, rows, row_mask, d0, D, G_SOURCE, CHUNK_D)
+                normed = tl.where(d_mask[None, :], (normed - mean[:, None]) * rstd[:, None], 0.0)
+                if HAS_LN_W:
+                    normed *= tl.load(ln_w_ptr + dd, mask=d_mask, other=0.0).to(tl.float32)[None, :]
+                if HAS_LN_B:
+                    normed += tl.load(ln_b_ptr + dd, mask=d_mask, other=0.0).to(tl.float32)[None, :]
+                w1 = tl.load(fc1_w_ptr + gi[:, None] * D + dd[None, :],
+                             mask=g_mask[:, None] & d_mask[None, :], other=0.0).to(tl.float32)
+                hidden = tl.dot(normed, tl.trans(w1), hidden, input_precision=PRECISION)
             if HAS_FC1_B:
                 hidden += tl.load(fc1_b_ptr + gi, mask=g_mask, other=0.0).to(tl.float32)[None, :]
             hidden = 0.5 * hidden * (1.0 + tl.math.erf(hidden * 0.7071067811865476))
@@ -284,7 +307,7 @@ def _sae_steer_gate_kernel(
 def fp32_dot_precision(device: torch.device) -> str:
     """How the gate's fp32 dots multiply: as 3xTF32 on CUDA tensor cores (fp32-level accuracy,
     unlike plain TF32), exactly elsewhere (Triton's CPU interpreter multiplies in numpy fp32)."""
-    return "tf32x3" if device.type == "cuda" else "ieee"
+    return "tf32x3" if targets_cuda(device) else "ieee"
 
 
 def _flat_steering(steer: Optional[torch.Tensor], batch: int, width: int, name: str) -> Optional[torch.Tensor]:
@@ -429,11 +452,11 @@ def triton_sae_steer_gate(
         RECONSTRUCT=reconstruct, ENCODE=encode, PARTIAL=partial, GATHER=gather,
         HAS_LN_W=ln_w is not None, HAS_LN_B=ln_b is not None,
         HAS_FC1_B=fc1_b is not None, HAS_FC2_B=fc2_b is not None, USE_BUDGET=budget is not None,
+        G_SOURCE=1 if split else 2 if reconstruct else 0,  # g: scratch, b_dec (TopK k=0, no shift), e
         PRECISION=fp32_dot_precision(e.device),
-        BLOCK_B=BLOCK_B, BLOCK_S=block_s, BLOCK_K=min(64, block_d), BLOCK_D=block_d,
-        CHUNK_D=min(128, block_d), BLOCK_C=block_c, SEL_ROWS=max(1, min(BLOCK_B, _TILE_ELEMENTS // block_c)),
-        GATHER_ROWS=32, CHUNK_G=min(_pow2(hidden), max(16, _TILE_ELEMENTS // block_d)),
+        BLOCK_B=BLOCK_B, BLOCK_S=block_s, BLOCK_K=min(32, block_d), CHUNK_D=min(64, block_d), BLOCK_C=block_c, SEL_ROWS=max(1, min(BLOCK_B, _TILE_ELEMENTS // block_c)),
+        GATHER_ROWS=32, CHUNK_G=min(_pow2(hidden), 32),
         BLOCK_H=_pow2(num_heads),
-        num_warps=8 if block_d >= 512 else 4,
+        num_warps=8,
     )
     return logits, keep

@@ -1,0 +1,218 @@
+"""Compile the Triton kernels for a CUDA GPU on a machine that has none.
+
+Triton's CPU interpreter (TRITON_INTERPRET=1, which the tests use without a GPU) runs a kernel's
+math but accepts programs the GPU compiler rejects (a loop-carried variable whose shape changes,
+a dot the MMA lowering refuses) and cannot tell whether a kernel spills registers. `compile_only`
+swaps Triton's active driver for one that only names a target (sm_90 by default), so calling the
+real wrapper functions on CPU tensors compiles each launch for that GPU instead of running it;
+`ptxas -v` then reports registers, spills and shared memory of every compiled kernel.
+
+    python -m headsteer.kernels.aot [--arch 90] [--quick] [--json FILE]
+
+compiles the kernels at the shapes `headsteer.bench.kernels` times (ViT-S and ViT-B, bf16) plus
+fp32 and q/k-norm variants and prints one line per kernel. Run it without TRITON_INTERPRET: a
+kernel is interpreted or compiled from the moment its module is imported.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from dataclasses import asdict, dataclass
+from typing import Iterator, Optional
+
+import torch
+
+_COMPILE_ONLY_ARCH: Optional[int] = None
+
+
+def targets_cuda(device: torch.device) -> bool:
+    """Whether kernels launched for tensors on `device` are compiled for CUDA: CUDA tensors, or
+    any tensor inside `compile_only` (which stands in for a GPU)."""
+    return device.type == "cuda" or _COMPILE_ONLY_ARCH is not None
+
+
+@dataclass
+class CompiledKernel:
+    """One compiled launch: the kernel, the variant that launched it, and ptxas's resource report."""
+
+    variant: str
+    kernel: str
+    registers: int
+    spill_stores: int
+    spill_loads: int
+    stack_bytes: int
+    shared_bytes: int
+    num_warps: int
+
+
+class _CompileOnlyDriver:
+    """The part of Triton's driver interface that compiling needs: a target, a device, a stream."""
+
+    def __init__(self, arch: int):
+        from triton.backends.compiler import GPUTarget
+
+        self.target = GPUTarget("cuda", arch, 32)
+
+    def get_current_target(self):
+        return self.target
+
+    def get_current_device(self):
+        return 0
+
+    def get_current_stream(self, device=None):
+        return 0
+
+    def get_active_torch_device(self):
+        return torch.device("cpu")
+
+
+@contextlib.contextmanager
+def compile_only(arch: int = 90) -> Iterator[list]:
+    """Within the block, every Triton launch compiles for sm_<arch> and returns without running;
+    yields the list that collects (JITFunction, compiled kernel) pairs in launch order."""
+    global _COMPILE_ONLY_ARCH
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        raise RuntimeError("compile_only needs TRITON_INTERPRET unset (interpreted kernels never compile)")
+    import triton
+    from triton.runtime.jit import JITFunction
+
+    compiled: list = []
+    original_run = JITFunction.run
+
+    def run(self, *args, grid, warmup, **kwargs):
+        kernel = original_run(self, *args, grid=grid, warmup=True, **kwargs)
+        compiled.append((self, kernel))
+        return kernel
+
+    driver = triton.runtime.driver
+    previous = driver._active  # None until a real driver was needed; reset_active() would create one
+    driver.set_active(_CompileOnlyDriver(arch))
+    JITFunction.run = run
+    _COMPILE_ONLY_ARCH = arch
+    try:
+        yield compiled
+    finally:
+        _COMPILE_ONLY_ARCH = None
+        JITFunction.run = original_run
+        driver._active = previous
+
+
+def ptxas_report(kernel, arch: int) -> dict:
+    """Registers, spills and stack of a compiled kernel, from `ptxas -v` on its PTX."""
+    import triton
+
+    tool = triton.knobs.nvidia.ptxas_blackwell if arch >= 100 else triton.knobs.nvidia.ptxas
+    with tempfile.TemporaryDirectory() as tmp:
+        ptx = os.path.join(tmp, "kernel.ptx")
+        with open(ptx, "w") as f:
+            f.write(kernel.asm["ptx"])
+        suffix = "a" if arch >= 90 else ""
+        # The flags Triton's own NVIDIA backend passes (triton/backends/nvidia/compiler.py, make_cubin).
+        command = [tool.path, "-lineinfo", "-v", "--regAllocOptLevel=2", f"--gpu-name=sm_{arch}{suffix}", ptx,
+                   "-o", os.path.join(tmp, "kernel.cubin")]
+        result = subprocess.run(command, capture_output=True, text=True, check=True)
+    text = result.stdout + result.stderr
+
+    def number(pattern: str) -> int:
+        match = re.search(pattern, text)
+        return int(match.group(1)) if match else 0
+
+    return dict(
+        registers=number(r"Used (\d+) registers"),
+        spill_stores=number(r"(\d+) bytes spill stores"),
+        spill_loads=number(r"(\d+) bytes spill loads"),
+        stack_bytes=number(r"(\d+) bytes stack frame"),
+    )
+
+
+def _variants(quick: bool) -> Iterator[tuple[str, callable]]:
+    """(name, thunk) pairs; each thunk calls the real wrappers once on CPU tensors."""
+    from headsteer.kernels.triton_head_attention import triton_head_attention
+    from headsteer.kernels.triton_sae_gate import triton_sae_steer_gate
+
+    generator = torch.Generator().manual_seed(0)
+    models = {"ViT-S": (6, 384)} if quick else {"ViT-S": (6, 384), "ViT-B": (12, 768)}
+    batch, tokens = 64, 197
+
+    def rand(*shape, dtype=torch.bfloat16):
+        return torch.randn(*shape, generator=generator).to(dtype)
+
+    for name, (heads, dim) in models.items():
+        for dtype in (torch.bfloat16,) if quick else (torch.bfloat16, torch.float32):
+            label = f"{name} {str(dtype).removeprefix('torch.')}"
+            x = rand(batch, tokens, dim, dtype=dtype)
+            keep = torch.rand(batch, heads, generator=generator) < 0.5
+            weights = (rand(3 * dim, dim, dtype=dtype), rand(3 * dim, dtype=dtype), rand(dim, dim, dtype=dtype), rand(dim, dtype=dtype))
+            yield f"attention {label}", lambda x=x, keep=keep, w=weights, h=heads: triton_head_attention(x, keep, *w, h)
+            if not quick:
+                norms = [torch.nn.LayerNorm(dim // heads).to(dtype) for _ in range(2)]
+                yield f"attention {label} qk-norm", lambda x=x, keep=keep, w=weights, h=heads, n=norms: triton_head_attention(
+                    x, keep, *w, h, q_norm=n[0], k_norm=n[1])
+
+        gate = dict(norm_weight=rand(dim), norm_bias=rand(dim), norm_eps=1e-6, fc1_weight=rand(dim // 4, dim),
+                    fc1_bias=rand(dim // 4), fc2_weight=rand(heads, dim // 4), fc2_bias=rand(heads))
+        width = 4 * dim
+        e = rand(batch, dim)
+        scale, shift = rand(batch, width), rand(batch, width)
+        for activation in ("topk",) if quick else ("topk", "relu"):
+            sae = dict(enc_weight=rand(width, dim), enc_bias=rand(width), dec_weight=rand(width, dim), dec_bias=rand(dim),
+                       threshold=None, activation=activation, k=16)
+            yield f"gate {name} {activation} scale+shift", lambda e=e, g=gate, s=sae: triton_sae_steer_gate(e, g, s, scale, shift)
+            if activation == "topk" and not quick:
+                yield f"gate {name} topk scale", lambda e=e, g=gate, s=sae: triton_sae_steer_gate(e, g, s, scale, None, budget=0.5)
+                yield f"gate {name} topk reconstruct", lambda e=e, g=gate, s=sae: triton_sae_steer_gate(
+                    e, g, s, None, None, mode="reconstruct")
+        yield f"gate {name} no SAE", lambda e=e, g=gate: triton_sae_steer_gate(e, g)
+
+
+def compile_all(arch: int = 90, quick: bool = False, only: str = "") -> list[CompiledKernel]:
+    """Compile every variant (whose name contains `only`) for sm_<arch>; one entry per kernel launch."""
+    results = []
+    for variant, thunk in _variants(quick):
+        if only not in variant:
+            continue
+        with compile_only(arch) as compiled:
+            thunk()
+        for function, kernel in compiled:
+            report = ptxas_report(kernel, arch)
+            results.append(CompiledKernel(
+                variant=variant, kernel=function.__name__, shared_bytes=kernel.metadata.shared,
+                num_warps=kernel.metadata.num_warps, **report,
+            ))
+    return results
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--arch", type=int, default=90, help="compute capability to compile for (90 = H100/H200)")
+    parser.add_argument("--quick", action="store_true", help="ViT-S bf16 only, fewer gate variants")
+    parser.add_argument("--only", default="", help="compile only variants whose name contains this, e.g. 'gate'")
+    parser.add_argument("--json", help="write the report as JSON to this file")
+    args = parser.parse_args(argv)
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        print("headsteer.kernels.aot: unset TRITON_INTERPRET; interpreted kernels are never compiled", file=sys.stderr)
+        return 2
+    results = compile_all(args.arch, args.quick, args.only)
+    print(f"{'variant':<34} {'kernel':<24} {'warps':>5} {'regs':>5} {'spill st/ld':>12} {'stack':>6} {'shared':>7}")
+    for r in results:
+        print(f"{r.variant:<34} {r.kernel:<24} {r.num_warps:>5} {r.registers:>5} {r.spill_stores:>5}/{r.spill_loads:<6} "
+              f"{r.stack_bytes:>6} {r.shared_bytes:>7}")
+    if args.json:
+        from headsteer.runtime.files import write_text_atomic
+
+        write_text_atomic(args.json, json.dumps(dict(arch=args.arch, kernels=[asdict(r) for r in results]), indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    # Run main from the package module, not this __main__ copy: the kernel wrappers consult the
+    # package module's compile-only state.
+    from headsteer.kernels.aot import main as package_main
+
+    sys.exit(package_main())
