@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import os
 import re
@@ -131,8 +132,20 @@ def ptxas_report(kernel, arch: int) -> dict:
     )
 
 
+def _with_tiles(tiles, function, *args):
+    """Call function with the attention kernels' tile configuration temporarily set to `tiles`."""
+    from headsteer.kernels import triton_head_attention as attention
+
+    saved, attention.TILES = attention.TILES, tiles
+    try:
+        return function(*args)
+    finally:
+        attention.TILES = saved
+
+
 def _variants(quick: bool) -> Iterator[tuple[str, callable]]:
     """(name, thunk) pairs; each thunk calls the real wrappers once on CPU tensors."""
+    from headsteer.kernels import triton_head_attention as attention
     from headsteer.kernels.triton_head_attention import triton_head_attention
     from headsteer.kernels.triton_sae_gate import triton_sae_steer_gate
 
@@ -151,6 +164,8 @@ def _variants(quick: bool) -> Iterator[tuple[str, callable]]:
             weights = (rand(3 * dim, dim, dtype=dtype), rand(3 * dim, dtype=dtype), rand(dim, dim, dtype=dtype), rand(dim, dtype=dtype))
             yield f"attention {label}", lambda x=x, keep=keep, w=weights, h=heads: triton_head_attention(x, keep, *w, h)
             if not quick:
+                yield f"attention {label} head-pairs", lambda x=x, keep=keep, w=weights, h=heads: _with_tiles(
+                    dataclasses.replace(attention.TILES, qkv_head_pairs=True, qkv_warps=8), triton_head_attention, x, keep, *w, h)
                 norms = [torch.nn.LayerNorm(dim // heads).to(dtype) for _ in range(2)]
                 yield f"attention {label} qk-norm", lambda x=x, keep=keep, w=weights, h=heads, n=norms: triton_head_attention(
                     x, keep, *w, h, q_norm=n[0], k_norm=n[1])

@@ -8,7 +8,8 @@ import torch
 from torch import nn
 
 from headsteer.kernels import reference
-from headsteer.kernels.triton_head_attention import triton_head_attention
+from headsteer.kernels import triton_head_attention as attention_module
+from headsteer.kernels.triton_head_attention import TileConfig, triton_head_attention
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 cuda_only = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -76,6 +77,36 @@ def test_matches_reference_fp32(batch, tokens, heads, head_dim, mask):
     seed = zlib.crc32(repr((batch, tokens, heads, head_dim, mask)).encode())
     branch = make_branch(batch, tokens, heads, head_dim, seed)
     run_and_check(branch, make_mask(mask, batch, heads, seed), heads)
+
+
+# Alternative tilings the benchmark sweep may pick: head pairs per QKV program (both the 2d-wide
+# and the single-head path of a pair), small and large tiles, so every configuration is correct.
+TILE_VARIANTS = {
+    "pairs": TileConfig(qkv_head_pairs=True),
+    "pairs-small": TileConfig(qkv_block_n=16, qkv_block_k=16, qkv_head_pairs=True, attn_block_m=16, attn_block_n=16,
+                              proj_block_t=16, proj_block_o=32),
+    "large": TileConfig(qkv_block_n=128, qkv_block_k=32, attn_block_m=64, attn_block_n=128, proj_block_t=128,
+                        proj_block_o=64),
+}
+
+
+@pytest.fixture(params=sorted(TILE_VARIANTS))
+def tiles(request, monkeypatch):
+    monkeypatch.setattr(attention_module, "TILES", TILE_VARIANTS[request.param])
+    return request.param
+
+
+@pytest.mark.parametrize("batch,tokens,heads,head_dim", [(1, 5, 1, 32), (3, 17, 3, 64), (5, 50, 6, 32), (2, 9, 5, 80)])
+@pytest.mark.parametrize("mask", ["none", "all", "distinct", "random"])
+def test_tile_variants_match_reference(tiles, batch, tokens, heads, head_dim, mask):
+    seed = zlib.crc32(repr((tiles, batch, tokens, heads, head_dim, mask)).encode())
+    branch = make_branch(batch, tokens, heads, head_dim, seed)
+    run_and_check(branch, make_mask(mask, batch, heads, seed), heads)
+
+
+def test_tile_variants_with_qk_norm(tiles):
+    branch = make_branch(3, 17, 3, 32, 13)
+    run_and_check(branch, make_mask("distinct", 3, 3, 13), 3, layer_norm(32, True, True, 14), layer_norm(32, True, False, 15))
 
 
 def dtypes_here():
