@@ -1,6 +1,6 @@
 """GPU benchmark of the Triton kernels: head-sparse attention vs the dense branch, fused gate share.
 
-    python -m headsteer.bench.kernels [--json FILE] [--md FILE] [--sweep]
+    python -m headsteer.bench.kernels [--json FILE] [--md FILE] [--sweep] [--breakdown]
 
 At B=64, N=197, bf16, for ViT-S (H=6, D=384) and ViT-B (H=12, D=768):
 - the attention branch, dense (F.linear qkv -> flash scaled_dot_product_attention -> F.linear proj)
@@ -9,7 +9,9 @@ At B=64, N=197, bf16, for ViT-S (H=6, D=384) and ViT-B (H=12, D=768):
 - the fused SAE -> steer -> gate kernel (without an SAE, and with the runtime's default SAE:
   S=4D, TopK k=16, per-sample steering scale without and with a shift) as a share of a dense block (norm1 + attn + norm2 + MLP).
 Times are medians of `triton.testing.do_bench` (which flushes L2 between runs) in microseconds.
-`--sweep` times alternative tile configurations of the attention kernels instead.
+`--sweep` times alternative tile configurations of the attention kernels instead; `--breakdown`
+times each kernel of both branches on its own (CUDA-graph replay) at every usage, to show where
+the time goes.
 Without CUDA it says so and exits 0 without writing anything.
 """
 from __future__ import annotations
@@ -23,7 +25,10 @@ import sys
 import torch
 import torch.nn.functional as F
 
+from headsteer.runtime.files import write_text_atomic
+
 BATCH, TOKENS = 64, 197
+DEVICE = "cuda"  # tests swap in "cpu" (under TRITON_INTERPRET) with tiny shapes and a fake timer
 MODELS = {"ViT-S": (6, 384), "ViT-B": (12, 768)}
 USAGES = (1.0, 0.67, 0.5, 0.33, 0.17)
 DTYPE = torch.bfloat16
@@ -35,14 +40,14 @@ def random_keep(batch: int, heads: int, usage: float, generator: torch.Generator
     from headsteer.kernels.reference import heads_for_budget
 
     ranks = torch.rand(batch, heads, generator=generator).argsort(dim=1).argsort(dim=1)
-    return (ranks < heads_for_budget(usage, heads)).cuda()
+    return (ranks < heads_for_budget(usage, heads)).to(DEVICE)
 
 
 def make_block(heads: int, dim: int, generator: torch.Generator) -> dict:
     """Random bf16 weights of one pre-norm ViT block, scaled like trained ones."""
 
     def rand(*shape, scale=1.0):
-        return (scale * torch.randn(*shape, generator=generator)).to("cuda", DTYPE)
+        return (scale * torch.randn(*shape, generator=generator)).to(DEVICE, DTYPE)
 
     return dict(
         norm1_w=rand(dim) + 1, norm1_b=rand(dim, scale=0.1), norm2_w=rand(dim) + 1, norm2_b=rand(dim, scale=0.1),
@@ -91,7 +96,7 @@ def gate_params(dim: int, heads: int, generator: torch.Generator, with_sae: bool
     """The runtime's default gate (G = D/4) and, optionally, SAE (S = 4D, TopK k=16) with steering."""
 
     def rand(*shape, scale=1.0):
-        return (scale * torch.randn(*shape, generator=generator)).to("cuda", DTYPE)
+        return (scale * torch.randn(*shape, generator=generator)).to(DEVICE, DTYPE)
 
     gate = dict(norm_weight=rand(dim) + 1, norm_bias=rand(dim, scale=0.1), norm_eps=1e-6,
                 fc1_weight=rand(dim // 4, dim, scale=dim**-0.5), fc1_bias=rand(dim // 4, scale=0.1),
@@ -112,7 +117,7 @@ def run_benchmark() -> dict:
     results = {"attention": [], "gate": []}
     for name, (heads, dim) in MODELS.items():
         w = make_block(heads, dim, generator)
-        x = torch.randn(BATCH, TOKENS, dim, generator=generator).to("cuda", DTYPE)
+        x = torch.randn(BATCH, TOKENS, dim, generator=generator).to(DEVICE, DTYPE)
         dense = timed(lambda: dense_attention(x, w, heads))
         for usage in USAGES:
             keep = random_keep(BATCH, heads, usage, generator)
@@ -137,14 +142,67 @@ def run_benchmark() -> dict:
     return results
 
 
+def dense_stages(x: torch.Tensor, w: dict, heads: int) -> list[tuple[str, callable]]:
+    """The dense branch's three steps as separate calls on preallocated intermediates."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    batch, tokens, dim = x.shape
+    qkv = F.linear(x, w["qkv_w"], w["qkv_b"])
+    q, k, v = qkv.reshape(batch, tokens, 3, heads, dim // heads).permute(2, 0, 3, 1, 4)
+    with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+        o = F.scaled_dot_product_attention(q, k, v)
+    merged = o.transpose(1, 2).reshape(batch, tokens, dim)
+
+    def attention():
+        with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+            F.scaled_dot_product_attention(q, k, v)
+
+    return [("qkv", lambda: F.linear(x, w["qkv_w"], w["qkv_b"])), ("attention", attention),
+            ("proj", lambda: F.linear(merged, w["proj_w"], w["proj_b"]))]
+
+
+def breakdown() -> dict:
+    """Graph-replay microseconds of each kernel of the dense and the sparse branch."""
+    from headsteer.kernels.triton_head_attention import head_attention_launches
+
+    generator = torch.Generator().manual_seed(0)
+    rows = []
+    for name, (heads, dim) in MODELS.items():
+        w = make_block(heads, dim, generator)
+        x = torch.randn(BATCH, TOKENS, dim, generator=generator).to(DEVICE, DTYPE)
+        dense = {stage: timed(fn)[1] for stage, fn in dense_stages(x, w, heads)}
+        rows.append(dict(model=name, usage=None, branch="dense", **dense, total=sum(dense.values())))
+        for usage in USAGES:
+            keep = random_keep(BATCH, heads, usage, generator)
+            _, launches = head_attention_launches(x, keep, w["qkv_w"], w["qkv_b"], w["proj_w"], w["proj_b"], heads)
+            for _, launch in launches:  # fill the scratch in order once, so each stage reads real data
+                launch()
+            sparse = {stage: timed(launch)[1] for stage, launch in launches}
+            rows.append(dict(model=name, usage=usage, branch="sparse", **sparse, total=sum(sparse.values())))
+    return {"breakdown": rows}
+
+
+def breakdown_markdown(results: dict) -> str:
+    lines = ["| model | branch | usage | qkv us | attention us | proj us | sum us |", "| --- | --- | --- | --- | --- | --- | --- |"]
+    for r in results["breakdown"]:
+        usage = "" if r["usage"] is None else f"{r['usage']:.2f}"
+        lines.append(f"| {r['model']} | {r['branch']} | {usage} | {r['qkv']:.1f} | {r['attention']:.1f} | "
+                     f"{r['proj']:.1f} | {r['total']:.1f} |")
+    return "\n".join(lines) + "\n"
+
+
 def sweep() -> None:
     """Time the sparse branch under alternative tile configurations, one kernel's tiles at a time."""
     from headsteer.kernels import triton_head_attention as module
 
-    base = module.TileConfig()
+    base = module.TILES  # vary one kernel's tiles at a time around the current defaults
     variants = [base]
     for qkv in ((128, 64, 8), (64, 32, 4), (32, 64, 4), (128, 32, 4), (128, 64, 4)):
         variants.append(dataclasses.replace(base, qkv_block_n=qkv[0], qkv_block_k=qkv[1], qkv_warps=qkv[2]))
+    # Two heads per QKV program (2d-wide dots); shared memory allows at most BLOCK_K=64 at 128 rows.
+    for qkv in ((64, 64, 8), (64, 32, 4), (64, 32, 8), (128, 32, 8), (128, 64, 8)):
+        variants.append(dataclasses.replace(base, qkv_block_n=qkv[0], qkv_block_k=qkv[1], qkv_warps=qkv[2],
+                                            qkv_head_pairs=True))
     for attn in ((128, 64, 8), (128, 64, 4), (64, 32, 4), (64, 128, 4), (32, 64, 4)):
         variants.append(dataclasses.replace(base, attn_block_m=attn[0], attn_block_n=attn[1], attn_warps=attn[2]))
     for proj in ((64, 128, 4), (128, 64, 4), (128, 128, 8), (128, 64, 8), (64, 32, 4)):
@@ -152,14 +210,16 @@ def sweep() -> None:
     generator = torch.Generator().manual_seed(0)
     for name, (heads, dim) in MODELS.items():
         w = make_block(heads, dim, generator)
-        x = torch.randn(BATCH, TOKENS, dim, generator=generator).to("cuda", DTYPE)
+        x = torch.randn(BATCH, TOKENS, dim, generator=generator).to(DEVICE, DTYPE)
         keeps = {u: random_keep(BATCH, heads, u, generator) for u in (1.0, 0.33)}
-        for tiles in variants:
-            module.TILES = tiles
-            times = {u: timed(lambda: sparse_attention(x, keep, w, heads)) for u, keep in keeps.items()}
-            print(f"{name} u=1.0 {times[1.0][0]:6.1f}us (graph {times[1.0][1]:6.1f}us) u=0.33 {times[0.33][0]:6.1f}us "
-                  f"(graph {times[0.33][1]:6.1f}us)  {tiles}", flush=True)
-    module.TILES = base
+        try:
+            for tiles in variants:
+                module.TILES = tiles
+                times = {u: timed(lambda: sparse_attention(x, keep, w, heads)) for u, keep in keeps.items()}
+                print(f"{name} u=1.0 {times[1.0][0]:6.1f}us (graph {times[1.0][1]:6.1f}us) u=0.33 {times[0.33][0]:6.1f}us "
+                      f"(graph {times[0.33][1]:6.1f}us)  {tiles}", flush=True)
+        finally:
+            module.TILES = base
 
 
 def markdown(results: dict, device: str, date: str, command: str) -> str:
@@ -192,12 +252,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", help="write the measurements as JSON to this file")
     parser.add_argument("--md", help="write the RESULTS.md section as markdown to this file")
     parser.add_argument("--sweep", action="store_true", help="time alternative attention tile configurations")
+    parser.add_argument("--breakdown", action="store_true", help="time each kernel of the dense and sparse branch")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         print("headsteer.bench.kernels: no CUDA device; the Triton kernel timings are GPU-only, nothing measured.")
         return 0
     if args.sweep:
         sweep()
+        return 0
+    if args.breakdown:
+        results = breakdown()
+        print(breakdown_markdown(results))
+        if args.json:
+            write_text_atomic(args.json, json.dumps(results, indent=2))
         return 0
     device = torch.cuda.get_device_name()
     date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
@@ -206,11 +273,9 @@ def main(argv: list[str] | None = None) -> int:
     text = markdown(results, device, date, command.strip())
     print(text)
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(dict(device=device, date=date, command=command.strip(), **results), f, indent=2)
+        write_text_atomic(args.json, json.dumps(dict(device=device, date=date, command=command.strip(), **results), indent=2))
     if args.md:
-        with open(args.md, "w") as f:
-            f.write(text)
+        write_text_atomic(args.md, text)
     return 0
 
 

@@ -21,7 +21,7 @@ accumulate in fp32 (exact fp32 products for fp32 inputs, no TF32).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 import triton
@@ -295,7 +295,7 @@ def _norm_args(norm: Optional[nn.Module], head_dim: int, which: str, dummy: torc
     )
 
 
-def triton_head_attention(
+def head_attention_launches(
     x: torch.Tensor,
     keep: torch.Tensor,
     qkv_weight: torch.Tensor,
@@ -307,13 +307,10 @@ def triton_head_attention(
     k_norm: Optional[nn.Module] = None,
     *,
     out: Optional[torch.Tensor] = None,
-) -> torch.Tensor:
-    """Triton twin of `reference.head_attention` with head_weight = keep: [B, N, D] -> [B, N, D_out].
-
-    keep is [B, H] (bool; nonzero = kept), read on the device only. x and the weights may be
-    fp32/fp16/bf16 with any strides; the output has x's dtype (or `out`'s, when given: a
-    preallocated [B, N, D_out] tensor, any strides). q_norm/k_norm: None, nn.Identity or
-    nn.LayerNorm over the head dim."""
+) -> tuple[torch.Tensor, list[tuple[str, Callable[[], None]]]]:
+    """Check the arguments and allocate the output and scratch of `triton_head_attention`; return
+    the output and its three kernel launches in order as (name, launch) pairs, so a benchmark can
+    time each kernel (`headsteer.bench.kernels --breakdown`). Arguments as `triton_head_attention`."""
     if x.dim() != 3:
         raise ValueError(f"x must be [B, N, D], got {tuple(x.shape)}")
     batch, tokens, dim = x.shape
@@ -333,7 +330,7 @@ def triton_head_attention(
         # Triton's CPU interpreter (3.8) returns garbage from tl.dot on bf16 tiles; refuse loudly.
         raise NotImplementedError("triton head attention under TRITON_INTERPRET supports fp32/fp16, not bf16")
     if batch == 0 or tokens == 0:
-        return out
+        return out, []
 
     dummy = out
     qn = _norm_args(q_norm, head_dim, "q_norm", dummy)
@@ -344,35 +341,67 @@ def triton_head_attention(
     heads = torch.empty(batch, tokens, num_heads, head_dim, device=x.device, dtype=x.dtype)
     keep_b, keep_h = keep.stride()
     tiles = TILES
-
     head_groups = triton.cdiv(num_heads, 2) if tiles.qkv_head_pairs else num_heads
-    _qkv_kernel[(triton.cdiv(batch * tokens, tiles.qkv_block_n) * head_groups,)](
-        x, *x.stride(),
-        qkv_weight, *qkv_weight.stride(), qkv_bias if qkv_bias is not None else dummy,
-        keep, keep_b, keep_h,
-        qn[0], qn[1], qn[2], kn[0], kn[1], kn[2],
-        qkv,
-        batch, tokens, dim, num_heads, head_dim,
-        HAS_BIAS=qkv_bias is not None,
-        Q_NORM=qn[3], QN_W=qn[4], QN_B=qn[5], K_NORM=kn[3], KN_W=kn[4], KN_B=kn[5],
-        PRECISION=precision,
-        BLOCK_N=tiles.qkv_block_n, BLOCK_K=tiles.qkv_block_k, BLOCK_D=block_d, HEAD_PAIRS=tiles.qkv_head_pairs,
-        num_warps=tiles.qkv_warps,
-    )
-    _attention_kernel[(batch * num_heads, triton.cdiv(tokens, tiles.attn_block_m))](
-        qkv, keep, keep_b, keep_h, heads,
-        batch, tokens, num_heads, head_dim, 1.4426950408889634 / head_dim**0.5,
-        PRECISION=precision,
-        BLOCK_M=tiles.attn_block_m, BLOCK_N=tiles.attn_block_n, BLOCK_D=block_d,
-        num_warps=tiles.attn_warps,
-    )
-    _proj_kernel[(triton.cdiv(batch * tokens, tiles.proj_block_t), triton.cdiv(d_out, tiles.proj_block_o))](
-        heads, keep, keep_b, keep_h,
-        proj_weight, *proj_weight.stride(), proj_bias if proj_bias is not None else dummy,
-        out, *out.stride(),
-        batch, tokens, num_heads, head_dim, d_out,
-        HAS_BIAS=proj_bias is not None, PRECISION=precision,
-        BLOCK_T=tiles.proj_block_t, BLOCK_O=tiles.proj_block_o, BLOCK_D=block_d,
-        num_warps=tiles.proj_warps,
-    )
+
+    def qkv_projection():
+        _qkv_kernel[(triton.cdiv(batch * tokens, tiles.qkv_block_n) * head_groups,)](
+            x, *x.stride(),
+            qkv_weight, *qkv_weight.stride(), qkv_bias if qkv_bias is not None else dummy,
+            keep, keep_b, keep_h,
+            qn[0], qn[1], qn[2], kn[0], kn[1], kn[2],
+            qkv,
+            batch, tokens, dim, num_heads, head_dim,
+            HAS_BIAS=qkv_bias is not None,
+            Q_NORM=qn[3], QN_W=qn[4], QN_B=qn[5], K_NORM=kn[3], KN_W=kn[4], KN_B=kn[5],
+            PRECISION=precision,
+            BLOCK_N=tiles.qkv_block_n, BLOCK_K=tiles.qkv_block_k, BLOCK_D=block_d, HEAD_PAIRS=tiles.qkv_head_pairs,
+            num_warps=tiles.qkv_warps,
+        )
+
+    def attention():
+        _attention_kernel[(batch * num_heads, triton.cdiv(tokens, tiles.attn_block_m))](
+            qkv, keep, keep_b, keep_h, heads,
+            batch, tokens, num_heads, head_dim, 1.4426950408889634 / head_dim**0.5,
+            PRECISION=precision,
+            BLOCK_M=tiles.attn_block_m, BLOCK_N=tiles.attn_block_n, BLOCK_D=block_d,
+            num_warps=tiles.attn_warps,
+        )
+
+    def output_projection():
+        _proj_kernel[(triton.cdiv(batch * tokens, tiles.proj_block_t), triton.cdiv(d_out, tiles.proj_block_o))](
+            heads, keep, keep_b, keep_h,
+            proj_weight, *proj_weight.stride(), proj_bias if proj_bias is not None else dummy,
+            out, *out.stride(),
+            batch, tokens, num_heads, head_dim, d_out,
+            HAS_BIAS=proj_bias is not None, PRECISION=precision,
+            BLOCK_T=tiles.proj_block_t, BLOCK_O=tiles.proj_block_o, BLOCK_D=block_d,
+            num_warps=tiles.proj_warps,
+        )
+
+    return out, [("qkv", qkv_projection), ("attention", attention), ("proj", output_projection)]
+
+
+def triton_head_attention(
+    x: torch.Tensor,
+    keep: torch.Tensor,
+    qkv_weight: torch.Tensor,
+    qkv_bias: Optional[torch.Tensor],
+    proj_weight: torch.Tensor,
+    proj_bias: Optional[torch.Tensor],
+    num_heads: int,
+    q_norm: Optional[nn.Module] = None,
+    k_norm: Optional[nn.Module] = None,
+    *,
+    out: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """Triton twin of `reference.head_attention` with head_weight = keep: [B, N, D] -> [B, N, D_out].
+
+    keep is [B, H] (bool; nonzero = kept), read on the device only. x and the weights may be
+    fp32/fp16/bf16 with any strides; the output has x's dtype (or `out`'s, when given: a
+    preallocated [B, N, D_out] tensor, any strides). q_norm/k_norm: None, nn.Identity or
+    nn.LayerNorm over the head dim."""
+    out, launches = head_attention_launches(x, keep, qkv_weight, qkv_bias, proj_weight, proj_bias, num_heads,
+                                            q_norm, k_norm, out=out)
+    for _, launch in launches:
+        launch()
     return out

@@ -1,0 +1,74 @@
+"""`headsteer.bench.kernels` end to end on the CPU: tiny shapes, fp32, kernels under
+TRITON_INTERPRET and a fake timer, so every code path of the GPU benchmark runs here (the timings
+themselves are GPU-only)."""
+import pytest
+import torch
+
+from headsteer.bench import kernels as bench
+
+pytest.importorskip("triton")
+
+
+@pytest.fixture
+def tiny(monkeypatch):
+    calls = []
+
+    def fake_timed(fn):
+        fn()  # the benchmarked call must run without error
+        calls.append(fn)
+        return float(len(calls)), float(len(calls)) / 2
+
+    monkeypatch.setattr(bench, "DEVICE", "cpu")
+    monkeypatch.setattr(bench, "DTYPE", torch.float32)
+    monkeypatch.setattr(bench, "BATCH", 3)
+    monkeypatch.setattr(bench, "TOKENS", 9)
+    monkeypatch.setattr(bench, "MODELS", {"tiny": (2, 32)})
+    monkeypatch.setattr(bench, "timed", fake_timed)
+    return calls
+
+
+def test_benchmark_tables(tiny):
+    results = bench.run_benchmark()
+    assert [r["usage"] for r in results["attention"]] == list(bench.USAGES)
+    assert [r["heads_kept"] for r in results["attention"]] == [2, 1, 1, 1, 0]  # round(u * 2), halves up
+    assert [r["sae"] for r in results["gate"]] == ["none", "S=4D topk k=16, scale", "S=4D topk k=16, scale + shift"]
+    text = bench.markdown(results, "a CPU", "today", "python -m headsteer.bench.kernels")
+    assert text.count("| tiny |") == len(bench.USAGES) + 3
+
+
+def test_breakdown_times_each_kernel(tiny):
+    results = bench.breakdown()
+    rows = results["breakdown"]
+    assert [(r["branch"], r["usage"]) for r in rows] == [("dense", None)] + [("sparse", u) for u in bench.USAGES]
+    for row in rows:
+        assert row["total"] == pytest.approx(row["qkv"] + row["attention"] + row["proj"])
+    assert bench.breakdown_markdown(results).count("| tiny |") == len(rows)
+
+
+def test_dense_stages_compute_the_dense_branch(tiny):
+    generator = torch.Generator().manual_seed(3)
+    w = bench.make_block(2, 32, generator)
+    x = torch.randn(3, 9, 32, generator=generator)
+    (_, qkv), (_, attention), (_, proj) = bench.dense_stages(x, w, 2)
+    assert qkv().shape == (3, 9, 96)
+    assert proj().shape == (3, 9, 32)
+    attention()
+
+
+def test_without_cuda_nothing_is_measured(tmp_path, capsys):
+    if torch.cuda.is_available():
+        pytest.skip("checks the message on a machine without CUDA")
+    assert bench.main(["--json", str(tmp_path / "k.json")]) == 0
+    assert "no CUDA device" in capsys.readouterr().out
+    assert not (tmp_path / "k.json").exists()
+
+
+def test_sweep_runs_every_tile_variant_and_restores_the_default(tiny, capsys):
+    from headsteer.kernels import triton_head_attention as attention
+
+    default = attention.TILES
+    bench.sweep()
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == len(tiny) // 2 >= 16  # one line per variant, two usages each
+    assert any("qkv_head_pairs=True" in line for line in lines)
+    assert attention.TILES is default
