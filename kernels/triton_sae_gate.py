@@ -84,8 +84,8 @@ def _gate_input_chunk(e_ptr, stride_eb, g_ptr, dec_b_ptr, rows, row_mask, d0, D,
     mask = row_mask[:, None] & d_mask[None, :]
     if SOURCE == 0:
         return tl.load(e_ptr + rows[:, None] * stride_eb + dd[None, :], mask=mask, other=0.0).to(tl.float32)
-    elif SOURCE == 1:
-        return tl.load(g_ptr + rows[:, None] * D + dd[None, :], mask=mask, other=0.0)
+    elif SOURCE == 1:  # written by other programs of this launch: read from L2, never a stale L1 line
+        return tl.load(g_ptr + rows[:, None] * D + dd[None, :], mask=mask, other=0.0, cache_modifier=".cg")
     else:
         return tl.where(mask, tl.load(dec_b_ptr + dd, mask=d_mask, other=0.0).to(tl.float32)[None, :], 0.0)
 
@@ -103,10 +103,12 @@ def _sae_steer_gate_kernel(
     B, D, S, G, H, sae_k, cand_per_tile, budget_k,
     ACTIVATION: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr,
     RECONSTRUCT: tl.constexpr, ENCODE: tl.constexpr, PARTIAL: tl.constexpr, GATHER: tl.constexpr,
+    SHIFT_DECODE: tl.constexpr, SPLIT: tl.constexpr,
     HAS_LN_W: tl.constexpr, HAS_LN_B: tl.constexpr, HAS_FC1_B: tl.constexpr, HAS_FC2_B: tl.constexpr,
     USE_BUDGET: tl.constexpr, G_SOURCE: tl.constexpr, PRECISION: tl.constexpr,
-    BLOCK_B: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_K: tl.constexpr, CHUNK_D: tl.constexpr, BLOCK_C: tl.constexpr, SEL_ROWS: tl.constexpr, GATHER_ROWS: tl.constexpr,
-    CHUNK_G: tl.constexpr, BLOCK_H: tl.constexpr,
+    BLOCK_B: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_K: tl.constexpr, CHUNK_D: tl.constexpr,
+    SLICE_D: tl.constexpr, PARTIAL_TILES: tl.constexpr, BLOCK_C: tl.constexpr, SEL_ROWS: tl.constexpr,
+    GATHER_ROWS: tl.constexpr, CHUNK_G: tl.constexpr, BLOCK_H: tl.constexpr,
 ):
     tile_s = tl.program_id(0)
     tile_b = tl.program_id(1)
@@ -116,7 +118,7 @@ def _sae_steer_gate_kernel(
     row_mask = rows < B
 
     # ---- Phase 1, every program: one [BLOCK_B, BLOCK_S] tile of latents. ----
-    if PARTIAL or GATHER:
+    if SPLIT:
         offs_s = tile_s * BLOCK_S + tl.arange(0, BLOCK_S)
         s_mask = offs_s < S
         tile_mask = row_mask[:, None] & s_mask[None, :]
@@ -133,29 +135,23 @@ def _sae_steer_gate_kernel(
                 pre = tl.dot(centered, tl.trans(w_enc), pre, input_precision=PRECISION)
             pre += tl.load(enc_b_ptr + offs_s, mask=s_mask, other=0.0).to(tl.float32)[None, :]
         if PARTIAL:
-            # The tile's coefficients of the decode g += (z' - z) W_dec (or z' W_dec to reconstruct).
-            if HAS_SHIFT:
-                shift = tl.load(shift_ptr + rows[:, None] * stride_shift_b + offs_s[None, :] * stride_shift_s,
-                                mask=tile_mask, other=0.0).to(tl.float32)
-            if ACTIVATION == 1:
-                # TopK: only the shift is known here (z' - z = z (scale - 1) + shift, and which z
-                # are nonzero is decided by the whole row); the finisher decodes the z part.
-                coef = shift
+            # ReLU / JumpReLU: the tile knows its latents' full coefficients of the decode
+            # g += (z' - z) W_dec (or z' W_dec to reconstruct) and writes its share of it.
+            if ACTIVATION == 0:
+                z = tl.maximum(pre, 0.0)
             else:
-                if ACTIVATION == 0:
-                    z = tl.maximum(pre, 0.0)
-                else:
-                    threshold = tl.load(thr_ptr + offs_s, mask=s_mask, other=0.0).to(tl.float32)
-                    z = tl.where(pre > threshold[None, :], pre, 0.0)
-                steered = z
-                if HAS_SCALE:
-                    steered = steered * tl.load(
-                        scale_ptr + rows[:, None] * stride_scale_b + offs_s[None, :] * stride_scale_s,
-                        mask=tile_mask, other=1.0).to(tl.float32)
-                if HAS_SHIFT:
-                    steered = steered + shift
-                coef = steered if RECONSTRUCT else steered - z
-            coef = tl.where(tile_mask, coef, 0.0)
+                threshold = tl.load(thr_ptr + offs_s, mask=s_mask, other=0.0).to(tl.float32)
+                z = tl.where(pre > threshold[None, :], pre, 0.0)
+            steered = z
+            if HAS_SCALE:
+                steered = steered * tl.load(
+                    scale_ptr + rows[:, None] * stride_scale_b + offs_s[None, :] * stride_scale_s,
+                    mask=tile_mask, other=1.0).to(tl.float32)
+            if HAS_SHIFT:
+                steered = steered + tl.load(
+                    shift_ptr + rows[:, None] * stride_shift_b + offs_s[None, :] * stride_shift_s,
+                    mask=tile_mask, other=0.0).to(tl.float32)
+            coef = tl.where(tile_mask, steered if RECONSTRUCT else steered - z, 0.0)
             for d0 in range(0, D, CHUNK_D):
                 dd = d0 + tl.arange(0, CHUNK_D)
                 d_mask = dd < D
@@ -164,6 +160,26 @@ def _sae_steer_gate_kernel(
                 part = tl.dot(coef, w_dec, input_precision=PRECISION)
                 tl.store(partial_ptr + (tile_s * B + rows[:, None]) * D + dd[None, :], part,
                          mask=row_mask[:, None] & d_mask[None, :])
+        if SHIFT_DECODE:
+            # TopK with a shift: z' - z = z (scale - 1) + shift. The shift part does not depend on
+            # the encoder, so it is decoded here by D columns instead of by latents: this program
+            # writes g = base + shift @ W_dec for its SLICE_D columns over all S latents, which
+            # needs no cross-program sum. The z part (k latents per row) is left to the finisher.
+            for c0 in range(0, SLICE_D, CHUNK_D):
+                dd = tile_s * SLICE_D + c0 + tl.arange(0, CHUNK_D)
+                d_mask = dd < D
+                if tile_s * SLICE_D + c0 < D:
+                    acc = _gate_input_chunk(e_ptr, stride_eb, g_ptr, dec_b_ptr, rows, row_mask,
+                                            tile_s * SLICE_D + c0, D, 2 if RECONSTRUCT else 0, CHUNK_D)
+                    for k0 in range(0, S, BLOCK_K):
+                        kk = k0 + tl.arange(0, BLOCK_K)
+                        k_mask = kk < S
+                        shift = tl.load(shift_ptr + rows[:, None] * stride_shift_b + kk[None, :] * stride_shift_s,
+                                        mask=row_mask[:, None] & k_mask[None, :], other=0.0).to(tl.float32)
+                        w_dec = tl.load(dec_w_ptr + kk[:, None] * D + dd[None, :],
+                                        mask=k_mask[:, None] & d_mask[None, :], other=0.0).to(tl.float32)
+                        acc = tl.dot(shift, w_dec, acc, input_precision=PRECISION)
+                    tl.store(g_ptr + rows[:, None] * D + dd[None, :], acc, mask=row_mask[:, None] & d_mask[None, :])
         if GATHER:
             # The tile's own top min(k, BLOCK_S) per row, packed in latent order into its slots.
             chosen = _topk_rows(pre, tile_mask, cand_per_tile)
@@ -209,20 +225,23 @@ def _sae_steer_gate_kernel(
                 tl.store(sel_coef_ptr + sel_slot, cand_coef, mask=selected)
             tl.debug_barrier()
 
-        if PARTIAL or GATHER:
+        if SPLIT:
             for d0 in range(0, D, CHUNK_D):
                 dd = d0 + tl.arange(0, CHUNK_D)
                 d_mask = dd < D
                 out_mask = row_mask[:, None] & d_mask[None, :]
-                if RECONSTRUCT:
-                    acc = tl.zeros([BLOCK_B, CHUNK_D], dtype=tl.float32) + tl.load(
-                        dec_b_ptr + dd, mask=d_mask, other=0.0).to(tl.float32)[None, :]
-                else:
-                    acc = tl.load(e_ptr + rows[:, None] * stride_eb + dd[None, :], mask=out_mask, other=0.0).to(tl.float32)
+                # base (e, or b_dec to reconstruct), already with the shift decoded when SHIFT_DECODE
+                acc = _gate_input_chunk(e_ptr, stride_eb, g_ptr, dec_b_ptr, rows, row_mask, d0, D,
+                                        1 if SHIFT_DECODE else 2 if RECONSTRUCT else 0, CHUNK_D)
                 if PARTIAL:
-                    for t in range(0, num_s_tiles):  # fixed order: the same bits on every run
-                        acc += tl.load(partial_ptr + (t * B + rows[:, None]) * D + dd[None, :],
-                                       mask=out_mask, other=0.0, cache_modifier=".cg")
+                    # The latent tiles' partial decodes, PARTIAL_TILES at a time, in a fixed order:
+                    # the same bits on every run (no floating-point atomics).
+                    for t0 in range(0, num_s_tiles, PARTIAL_TILES):
+                        tiles = t0 + tl.arange(0, PARTIAL_TILES)
+                        parts = tl.load(partial_ptr + ((tiles[:, None, None] * B + rows[None, :, None]) * D + dd[None, None, :]),
+                                        mask=(tiles < num_s_tiles)[:, None, None] & out_mask[None, :, :], other=0.0,
+                                        cache_modifier=".cg")
+                        acc += tl.sum(parts, axis=0)
                 if GATHER:
                     # sum_j coef[b, j] W_dec[latent[b, j]] for the tile's rows as one dot per
                     # GATHER_ROWS gathered decoder rows: the left operand places each gathered
@@ -366,7 +385,7 @@ def triton_sae_steer_gate(
     dummy = logits  # stands in for absent optional pointers; never dereferenced (constexpr-guarded)
     sae = sae_params
     activation, width, sae_k, scale, shift = "relu", 1, 0, None, None
-    encode = partial = gather = reconstruct = False
+    encode = partial = gather = shift_decode = reconstruct = False
     sae_args = (dummy,) * 5
     if sae is not None:
         activation = sae["activation"]
@@ -388,16 +407,16 @@ def triton_sae_steer_gate(
         if reconstruct or scale is not None or shift is not None:
             # (Identity steering in preserve-error mode gives g = e exactly: no SAE work at all.)
             if activation == "topk":
-                # z' - z = z (scale - 1) + shift: the shift part is decoded by the latent tiles, the
-                # z part (k latents per row) by the finisher, which needs the encoder's candidates.
+                # z' - z = z (scale - 1) + shift: the shift part is decoded by D slices, the z part
+                # (k latents per row) by the finisher, which needs the encoder's candidates.
                 gather = sae_k > 0 and (reconstruct or scale is not None)
-                partial, encode = shift is not None, gather
+                shift_decode, encode = shift is not None, gather
             else:
                 encode = partial = True
         threshold = threshold.contiguous() if activation == "jumprelu" else dummy
         sae_args = (enc_w, sae["enc_bias"].contiguous(), dec_w, sae["dec_bias"].contiguous(), threshold)
 
-    split = partial or gather
+    split = partial or gather or shift_decode
     block_s = min(BLOCK_S, _pow2(width))
     num_s_tiles = triton.cdiv(width, block_s) if split else 1
     cand_per_tile = min(sae_k, block_s) if gather else 1
@@ -419,7 +438,7 @@ def triton_sae_steer_gate(
         cand_idx=batch * num_s_tiles * cand_per_tile if gather else 0,
         sel_idx=batch * sae_k if gather else 0,
         sel_coef=batch * sae_k if gather else 0,
-        g=batch * dim if split else 0,
+        g=batch * dim if split else 0,  # the gate input, assembled before the gate reads it
     )
     scratch, counter = {}, dummy
     if split:
@@ -450,11 +469,13 @@ def triton_sae_steer_gate(
         batch, dim, width, hidden, num_heads, max(sae_k, 1), cand_per_tile, budget_k,
         ACTIVATION=_ACTIVATION_CODES[activation], HAS_SCALE=scale is not None, HAS_SHIFT=shift is not None,
         RECONSTRUCT=reconstruct, ENCODE=encode, PARTIAL=partial, GATHER=gather,
+        SHIFT_DECODE=shift_decode, SPLIT=split,
         HAS_LN_W=ln_w is not None, HAS_LN_B=ln_b is not None,
         HAS_FC1_B=fc1_b is not None, HAS_FC2_B=fc2_b is not None, USE_BUDGET=budget is not None,
         G_SOURCE=1 if split else 2 if reconstruct else 0,  # g: scratch, b_dec (TopK k=0, no shift), e
         PRECISION=fp32_dot_precision(e.device),
-        BLOCK_B=BLOCK_B, BLOCK_S=block_s, BLOCK_K=min(32, block_d), CHUNK_D=min(64, block_d), BLOCK_C=block_c, SEL_ROWS=max(1, min(BLOCK_B, _TILE_ELEMENTS // block_c)),
+        BLOCK_B=BLOCK_B, BLOCK_S=block_s, BLOCK_K=32, CHUNK_D=min(64, block_d),
+        SLICE_D=_pow2(triton.cdiv(dim, num_s_tiles)), PARTIAL_TILES=4, BLOCK_C=block_c, SEL_ROWS=max(1, min(BLOCK_B, _TILE_ELEMENTS // block_c)),
         GATHER_ROWS=32, CHUNK_G=min(_pow2(hidden), 32),
         BLOCK_H=_pow2(num_heads),
         num_warps=8,

@@ -42,14 +42,13 @@ def make_sae(dim, width, activation, seed, k=None, dtype=torch.float32):
 
 
 def make_steering(kind, batch, width, seed):
-    """(steer_scale, steer_shift) for: identity (None), per-sample scale, scale and shift."""
+    """(steer_scale, steer_shift) for: identity (None), per-sample scale, shift, scale and shift."""
     g = torch.Generator().manual_seed(seed)
     if kind == "identity":
         return None, None
     scale = (0.5 + 3 * torch.rand(batch, width, generator=g)).to(DEVICE)
-    if kind == "scale":
-        return scale, None
-    return scale, (0.5 * torch.randn(batch, width, generator=g)).to(DEVICE)
+    shift = (0.5 * torch.randn(batch, width, generator=g)).to(DEVICE)
+    return {"scale": (scale, None), "shift": (None, shift), "scale+shift": (scale, shift)}[kind]
 
 
 def upcast(params):
@@ -72,7 +71,7 @@ def run_and_check(e, gate, sae, scale, shift, mode, budget, atol=1e-4):
 
 @pytest.mark.parametrize("batch", [1, 3, 5])
 @pytest.mark.parametrize("activation", ["topk", "relu", "jumprelu"])
-@pytest.mark.parametrize("steering", ["identity", "scale", "scale+shift"])
+@pytest.mark.parametrize("steering", ["identity", "scale", "shift", "scale+shift"])
 @pytest.mark.parametrize("mode", reference.STEER_MODES)
 def test_sae_gate_matches_reference(batch, activation, steering, mode):
     seed = zlib.crc32(repr((batch, activation, steering, mode)).encode())
@@ -142,13 +141,14 @@ def test_vit_small_shapes(steering):
 
 @pytest.mark.parametrize("batch", [17, 33])
 @pytest.mark.parametrize("activation", ["topk", "relu"])
-@pytest.mark.parametrize("steering", ["scale", "scale+shift"])
+@pytest.mark.parametrize("steering", ["scale", "shift", "scale+shift"])
 @pytest.mark.parametrize("mode", reference.STEER_MODES)
-def test_many_latent_and_batch_tiles(batch, activation, steering, mode):
+@pytest.mark.parametrize("dim,width", [(40, 300), (200, 40)])
+def test_many_latent_and_batch_tiles(batch, activation, steering, mode, dim, width):
     """Several batch tiles (16 rows each, the last one ragged) times several latent tiles (the last
-    one ragged): every tile program writes its share and exactly one per batch tile finishes."""
-    seed = zlib.crc32(repr(("tiles", batch, activation, steering, mode)).encode())
-    dim, width = 40, 300
+    one ragged), or one latent tile whose program decodes the shift for all 200 columns in
+    chunks: every program writes its share and exactly one per batch tile finishes."""
+    seed = zlib.crc32(repr(("tiles", batch, activation, steering, mode, dim)).encode())
     e = torch.randn(batch, dim, generator=torch.Generator().manual_seed(seed)).to(DEVICE)
     scale, shift = make_steering(steering, batch, width, seed + 1)
     sae = make_sae(dim, width, activation, seed + 2, k=9 if activation == "topk" else None)
