@@ -6,21 +6,23 @@ S x D matrices are streamed by many SMs at once; an SAE is 2-10 MB, and one prog
 reading all of it made the gate latency-bound (measured 140-660 us on an H100 at ViT-S/B sizes).
 
 - Every program owns BLOCK_B samples x BLOCK_S latents. It computes that tile of pre-activations
-  with tensor-core dots, applies the activation and steering, and writes at most two small things:
-  its share of the decode, `coef @ W_dec[tile]`, as an fp32 partial [BLOCK_B, D] (when the tile
-  knows its coefficients: ReLU / JumpReLU latents, or a steering shift), and for TopK the tile's
-  own k best pre-activations (value, latent index). The row's global top k lies among those
-  candidates: an entry beaten by k entries of its own tile is beaten by k entries of the row.
-- The last program of a batch tile to finish its tile (an atomic counter; nobody waits for
-  anybody, so there is no grid barrier and Triton's serial CPU interpreter runs it too) finishes
-  those rows: global TopK over the candidates (radix select), the decode of the selected latents
-  as a gathered dot, the sum of the partials in tile order (deterministic: no floating-point
-  atomics), then LayerNorm -> Linear -> GELU(erf) -> Linear, the logits and the keep mask.
+  with tensor-core dots (fp32 inputs, 3xTF32 on CUDA) and writes small things only:
+  ReLU / JumpReLU: the tile knows its coefficients z' - z, so it writes its share of the decode,
+  `coef @ W_dec[tile]`, as an fp32 partial [BLOCK_B, D].
+  TopK: its own k best pre-activations (value, latent index) as candidates. The row's global top
+  k lies among them: an entry beaten by k entries of its own tile is beaten by k of the row. A
+  steering shift's part of the decode (z' - z = z (scale - 1) + shift) needs no encoder, so the
+  programs also split it by D columns: each writes `base + shift @ W_dec[:, its columns]`.
+- The last program of a batch tile to finish (an atomic counter; nobody waits for anybody, so
+  there is no grid barrier and Triton's serial CPU interpreter runs it too) finishes those rows:
+  global TopK over the candidates (radix select), the decode of the selected latents as a
+  gathered dot, the partials summed in tile order (deterministic: no floating-point atomics),
+  then LayerNorm -> Linear -> GELU(erf) -> Linear, the logits and the keep mask.
 
-The SAE latents z never go to memory as a [B, S] tensor: only the partial decodes, up to k
-candidates per row and latent tile, and the k selected (latent, coefficient) pairs per row do.
-Gated blocks without an SAE (and identity steering in "preserve-error" mode, where g = e) take
-a single program per batch tile that goes straight to the gate.
+The SAE latents z never go to memory as a [B, S] tensor: only partial decodes, up to k
+candidates per row and latent tile, the k selected (latent, coefficient) pairs per row and the
+gate input g do. Gated blocks without an SAE (and identity steering in "preserve-error" mode,
+where g = e) take a single program per batch tile that goes straight to the gate.
 """
 from __future__ import annotations
 
