@@ -38,6 +38,14 @@ def targets_cuda(device: torch.device) -> bool:
     return device.type == "cuda" or _COMPILE_ONLY_ARCH is not None
 
 
+def fp32_dot_precision(device: torch.device) -> str:
+    """How Triton dots multiply fp32 inputs: as 3xTF32 on CUDA tensor cores (fp32-level accuracy,
+    unlike plain TF32; exact fp32 FMA dots of the tile sizes used here spill registers by the
+    kilobyte on sm_90, see `python -m headsteer.kernels.aot`), exactly elsewhere (Triton's CPU
+    interpreter multiplies in numpy fp32 whatever is asked)."""
+    return "tf32x3" if targets_cuda(device) else "ieee"
+
+
 @dataclass
 class CompiledKernel:
     """One compiled launch: the kernel, the variant that launched it, and ptxas's resource report."""
@@ -157,15 +165,16 @@ def _variants(quick: bool) -> Iterator[tuple[str, callable]]:
         return torch.randn(*shape, generator=generator).to(dtype)
 
     for name, (heads, dim) in models.items():
-        for dtype in (torch.bfloat16,) if quick else (torch.bfloat16, torch.float32):
+        for dtype in (torch.bfloat16, torch.float32):
             label = f"{name} {str(dtype).removeprefix('torch.')}"
             x = rand(batch, tokens, dim, dtype=dtype)
             keep = torch.rand(batch, heads, generator=generator) < 0.5
             weights = (rand(3 * dim, dim, dtype=dtype), rand(3 * dim, dtype=dtype), rand(dim, dim, dtype=dtype), rand(dim, dtype=dtype))
             yield f"attention {label}", lambda x=x, keep=keep, w=weights, h=heads: triton_head_attention(x, keep, *w, h)
-            if not quick:
+            if not quick and dtype != torch.float32:  # (fp32 launches use TILES_FP32, not TILES)
                 yield f"attention {label} head-pairs", lambda x=x, keep=keep, w=weights, h=heads: _with_tiles(
                     dataclasses.replace(attention.TILES, qkv_head_pairs=True, qkv_warps=8), triton_head_attention, x, keep, *w, h)
+            if not quick:
                 norms = [torch.nn.LayerNorm(dim // heads).to(dtype) for _ in range(2)]
                 yield f"attention {label} qk-norm", lambda x=x, keep=keep, w=weights, h=heads, n=norms: triton_head_attention(
                     x, keep, *w, h, q_norm=n[0], k_norm=n[1])
@@ -206,7 +215,7 @@ def compile_all(arch: int = 90, quick: bool = False, only: str = "") -> list[Com
 def main(argv: Optional[list[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--arch", type=int, default=90, help="compute capability to compile for (90 = H100/H200)")
-    parser.add_argument("--quick", action="store_true", help="ViT-S bf16 only, fewer gate variants")
+    parser.add_argument("--quick", action="store_true", help="ViT-S only, fewer attention and gate variants")
     parser.add_argument("--only", default="", help="compile only variants whose name contains this, e.g. 'gate'")
     parser.add_argument("--json", help="write the report as JSON to this file")
     args = parser.parse_args(argv)

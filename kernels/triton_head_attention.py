@@ -16,7 +16,8 @@ waits on the host and the whole branch can be captured in a CUDA graph:
 
 Scratch buffers (q/k/v and per-head outputs) are `torch.empty`: slots of pruned heads are never
 written and never read. Math matches `reference.head_attention` with head_weight = keep; matmuls
-accumulate in fp32 (exact fp32 products for fp32 inputs, no TF32).
+accumulate in fp32; fp32 inputs multiply as 3xTF32 on CUDA (fp32-level accuracy, never plain
+TF32) with the smaller TILES_FP32 tiles, exactly under the CPU interpreter.
 """
 from __future__ import annotations
 
@@ -28,7 +29,7 @@ import triton
 import triton.language as tl
 from torch import nn
 
-from headsteer.kernels.aot import targets_cuda
+from headsteer.kernels.aot import fp32_dot_precision, targets_cuda
 
 @dataclass(frozen=True)
 class TileConfig:
@@ -46,9 +47,14 @@ class TileConfig:
     proj_warps: int = 4
 
 
-# Used by every launch; tuned on an H100 for ViT shapes (N=197, d=64, bf16) with
+# Used by every 16-bit launch; tuned on an H100 for ViT shapes (N=197, d=64, bf16) with
 # `python -m headsteer.bench.kernels --sweep`, which swaps this module attribute.
 TILES = TileConfig()
+# fp32 launches: 3xTF32 dots keep fp32 operands (twice the bytes) and three accumulating MMAs
+# per dot, so the 16-bit tiles spill registers and overflow shared memory on sm_90; these fit
+# (`python -m headsteer.kernels.aot`). Not tuned for speed: fp32 runs for parity, 16-bit for speed.
+TILES_FP32 = TileConfig(qkv_block_n=64, qkv_block_k=32, qkv_warps=8, attn_block_m=64, attn_block_n=64,
+                        attn_warps=8, proj_block_t=64, proj_block_o=64, proj_warps=8)
 
 
 @triton.jit
@@ -335,12 +341,13 @@ def head_attention_launches(
     dummy = out
     qn = _norm_args(q_norm, head_dim, "q_norm", dummy)
     kn = _norm_args(k_norm, head_dim, "k_norm", dummy)
-    precision = "ieee" if x.dtype == torch.float32 else None  # fp32: exact products, not TF32
+    # fp32 inputs multiply at fp32-level accuracy (3xTF32 on CUDA), never as plain TF32
+    precision = fp32_dot_precision(x.device) if torch.float32 in (x.dtype, qkv_weight.dtype) else None
     block_d = max(16, triton.next_power_of_2(head_dim))  # tl.dot needs every dim >= 16
     qkv = torch.empty(3, batch, num_heads, tokens, head_dim, device=x.device, dtype=x.dtype)
     heads = torch.empty(batch, tokens, num_heads, head_dim, device=x.device, dtype=x.dtype)
     keep_b, keep_h = keep.stride()
-    tiles = TILES
+    tiles = TILES_FP32 if precision is not None else TILES
     head_groups = triton.cdiv(num_heads, 2) if tiles.qkv_head_pairs else num_heads
 
     def qkv_projection():

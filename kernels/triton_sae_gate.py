@@ -33,7 +33,7 @@ import triton
 import triton.language as tl
 
 from headsteer.kernels import reference
-from headsteer.kernels.aot import targets_cuda
+from headsteer.kernels.aot import fp32_dot_precision
 
 _ACTIVATION_CODES = {"relu": 0, "topk": 1, "jumprelu": 2}
 
@@ -323,12 +323,6 @@ def _sae_steer_gate_kernel(
         out_mask = row_mask[:, None] & h_mask[None, :]
         tl.store(logits_ptr + out_offs, logits, mask=out_mask)
         tl.store(keep_ptr + out_offs, keep, mask=out_mask)
-
-
-def fp32_dot_precision(device: torch.device) -> str:
-    """How the gate's fp32 dots multiply: as 3xTF32 on CUDA tensor cores (fp32-level accuracy,
-    unlike plain TF32), exactly elsewhere (Triton's CPU interpreter multiplies in numpy fp32)."""
-    return "tf32x3" if targets_cuda(device) else "ieee"
 
 
 def _flat_steering(steer: Optional[torch.Tensor], batch: int, width: int, name: str) -> Optional[torch.Tensor]:

@@ -45,8 +45,9 @@ DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.
 def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype = torch.float32) -> str:
     """"auto" means triton on CUDA in fp16/bf16 (when triton imports), compact elsewhere.
 
-    fp32 on CUDA takes compact: the Triton kernels multiply fp32 exactly (no TF32, to hold
-    1e-5-level parity), which measured ~20x slower than cuBLAS on an H100 (bench/RESULTS.md)."""
+    fp32 on CUDA takes compact: the fp32 Triton kernels measured ~20x slower than cuBLAS on an
+    H100 with exact FMA dots (which spilled registers by the kilobyte); their 3xTF32 successors
+    are not measured yet (bench/RESULTS.md), so fp32 stays on cuBLAS until they are."""
     if backend != "auto":
         return backend
     if device.type == "cuda" and dtype != torch.float32:

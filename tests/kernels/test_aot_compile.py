@@ -1,5 +1,5 @@
 """Every Triton kernel compiles for an H100 (sm_90) even on a machine without a GPU, within the
-hardware's shared-memory limit and without spilling registers at the benchmark shapes (bf16).
+hardware's shared-memory limit and without spilling registers at the benchmark shapes (bf16 and fp32).
 
 The CPU interpreter that runs the other kernel tests here accepts programs the GPU compiler
 rejects; this compiles the real launches with Triton's NVIDIA backend and ptxas

@@ -92,7 +92,9 @@ TILE_VARIANTS = {
 
 @pytest.fixture(params=sorted(TILE_VARIANTS))
 def tiles(request, monkeypatch):
+    """The variant replaces both the 16-bit and the fp32 tile configuration."""
     monkeypatch.setattr(attention_module, "TILES", TILE_VARIANTS[request.param])
+    monkeypatch.setattr(attention_module, "TILES_FP32", TILE_VARIANTS[request.param])
     return request.param
 
 

@@ -44,7 +44,7 @@ def test_engine_auto_picks_triton_for_16_bit_on_cuda(tmp_path):
 
     model = _model().cpu()
     path = save_bundle(model, tmp_path / "bundle")
-    # fp32 Triton multiplies exactly (no TF32) and is slower than cuBLAS: auto keeps fp32 on compact.
+    # fp32 Triton is not faster than cuBLAS (bench/RESULTS.md): auto keeps fp32 on compact.
     assert Engine.load(path, backend="auto", device="cuda").backend == "compact"
     engine = Engine.load(path, backend="auto", device="cuda", dtype="bfloat16")
     assert engine.backend == "triton"
