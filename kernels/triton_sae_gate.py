@@ -109,7 +109,8 @@ def _sae_steer_gate_kernel(
     HAS_LN_W: tl.constexpr, HAS_LN_B: tl.constexpr, HAS_FC1_B: tl.constexpr, HAS_FC2_B: tl.constexpr,
     USE_BUDGET: tl.constexpr, G_SOURCE: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_K: tl.constexpr, CHUNK_D: tl.constexpr,
-    SLICE_D: tl.constexpr, PARTIAL_TILES: tl.constexpr, BLOCK_C: tl.constexpr, SEL_ROWS: tl.constexpr,
+    SLICE_D: tl.constexpr, BLOCK_D: tl.constexpr, PARTIAL_TILES: tl.constexpr, BLOCK_C: tl.constexpr,
+    SEL_ROWS: tl.constexpr,
     GATHER_ROWS: tl.constexpr, CHUNK_G: tl.constexpr, BLOCK_H: tl.constexpr,
 ):
     tile_s = tl.program_id(0)
@@ -262,19 +263,13 @@ def _sae_steer_gate_kernel(
                 tl.store(g_ptr + rows[:, None] * D + dd[None, :], acc, mask=out_mask)
             tl.debug_barrier()
 
-        # LayerNorm statistics over D (two passes, mean then variance, as torch does), reading g
-        # in CHUNK_D column chunks: the gate never holds a whole [BLOCK_B, D] row tile in registers.
-        row_sum = tl.zeros([BLOCK_B], dtype=tl.float32)
-        for d0 in range(0, D, CHUNK_D):
-            row_sum += tl.sum(_gate_input_chunk(e_ptr, stride_eb, g_ptr, dec_b_ptr, rows, row_mask, d0, D, G_SOURCE,
-                                                CHUNK_D), axis=1)
-        mean = row_sum / D
-        row_sq = tl.zeros([BLOCK_B], dtype=tl.float32)
-        for d0 in range(0, D, CHUNK_D):
-            dd = d0 + tl.arange(0, CHUNK_D)
-            centered = _gate_input_chunk(e_ptr, stride_eb, g_ptr, dec_b_ptr, rows, row_mask, d0, D, G_SOURCE, CHUNK_D)
-            centered = tl.where((dd < D)[None, :], centered - mean[:, None], 0.0)
-            row_sq += tl.sum(centered * centered, axis=1)
+        # LayerNorm statistics over D (two passes over the registers, mean then variance, as
+        # torch does) from one load of the whole [BLOCK_B, D] tile of g; the fc1 loop below then
+        # re-reads g in CHUNK_D column chunks (L1/L2 hits) so its dot operands stay small.
+        whole = _gate_input_chunk(e_ptr, stride_eb, g_ptr, dec_b_ptr, rows, row_mask, 0, D, G_SOURCE, BLOCK_D)
+        mean = tl.sum(whole, axis=1) / D  # columns past D load as zeros
+        centered = tl.where((tl.arange(0, BLOCK_D) < D)[None, :], whole - mean[:, None], 0.0)
+        row_sq = tl.sum(centered * centered, axis=1)
         rstd = 1.0 / tl.sqrt(row_sq / D + ln_eps)
 
         # fc1 -> GELU -> fc2, CHUNK_G hidden units at a time, each chunk folded into the logits;
@@ -471,7 +466,7 @@ def triton_sae_steer_gate(
         G_SOURCE=1 if split else 2 if reconstruct else 0,  # g: scratch, b_dec (TopK k=0, no shift), e
         PRECISION=fp32_dot_precision(e.device),
         BLOCK_B=BLOCK_B, BLOCK_S=block_s, BLOCK_K=32, CHUNK_D=min(64, block_d),
-        SLICE_D=_pow2(triton.cdiv(dim, num_s_tiles)), PARTIAL_TILES=4, BLOCK_C=block_c, SEL_ROWS=max(1, min(BLOCK_B, _TILE_ELEMENTS // block_c)),
+        SLICE_D=_pow2(triton.cdiv(dim, num_s_tiles)), BLOCK_D=block_d, PARTIAL_TILES=4, BLOCK_C=block_c, SEL_ROWS=max(1, min(BLOCK_B, _TILE_ELEMENTS // block_c)),
         GATHER_ROWS=32, CHUNK_G=min(_pow2(hidden), 32),
         BLOCK_H=_pow2(num_heads),
         num_warps=8,
