@@ -12,7 +12,8 @@ pytest.importorskip("triton")
 def _model(**kwargs):
     # head_dim 32: a size the Triton attention kernel tiles; N = 17 tokens is not a tile multiple.
     vit_kwargs = tiny_vit_kwargs(embed_dim=96, num_heads=3, depth=2, qk_norm=kwargs.pop("qk_norm", False))
-    model = GatedViT.from_timm("vit_tiny_patch16_224", timm_kwargs=vit_kwargs, gate_init_bias=0.0, sae_width=64, sae_k=4, **kwargs)
+    kwargs.setdefault("sae_width", 64)
+    model = GatedViT.from_timm("vit_tiny_patch16_224", timm_kwargs=vit_kwargs, gate_init_bias=0.0, sae_k=4, **kwargs)
     with torch.no_grad():  # spread gate logits to O(1) so none sits within rounding of the threshold
         for gate in model.gates.values():
             gate.fc2.weight.mul_(20)
@@ -31,6 +32,22 @@ def test_triton_backend_matches_reference(batch, budget, config):
         expected = model(pixels, scale, shift, budget=budget, backend="reference")
         got = model(pixels, scale, shift, budget=budget, backend="triton")
     # A gate logit within rounding of 0 could legitimately flip; the seeded inputs keep clear of it.
+    assert expected.gate_logits.abs().min() > 1e-4
+    torch.testing.assert_close(got.gate_logits, expected.gate_logits, atol=1e-4, rtol=1e-4)
+    assert torch.equal(got.head_mask, expected.head_mask)
+    torch.testing.assert_close(got.logits, expected.logits, atol=1e-4, rtol=1e-4)
+
+
+def test_triton_backend_with_several_latent_and_batch_tiles():
+    """An SAE of 300 latents (three latent tiles of the fused gate) and 19 images (two batch
+    tiles): the split gate inside the whole model, against the reference backend."""
+    model = _model(sae_width=300)
+    pixels = torch.randn(19, 3, 32, 32, device=DEVICE)
+    scale = torch.rand(19, model.steer_width, device=DEVICE) * 3
+    shift = torch.randn(19, model.steer_width, device=DEVICE) * 0.1
+    with torch.no_grad():
+        expected = model(pixels, scale, shift, backend="reference")
+        got = model(pixels, scale, shift, backend="triton")
     assert expected.gate_logits.abs().min() > 1e-4
     torch.testing.assert_close(got.gate_logits, expected.gate_logits, atol=1e-4, rtol=1e-4)
     assert torch.equal(got.head_mask, expected.head_mask)
