@@ -58,6 +58,7 @@ def _topk_rows(values, valid, k):
     keys equal to it are taken in column order (an inclusive cumsum) until k are kept. A row with
     fewer than k valid entries keeps all of them."""
     values = values + 0.0  # -0.0 -> +0.0 so the two zeros get one key, as they compare equal
+    values = tl.where(values != values, float("nan"), values)  # every NaN positive: ranks first, as in torch.sort
     bits = values.to(tl.int32, bitcast=True)
     # Flipping the magnitude bits of negative floats makes the signed int order the float order;
     # the int64 offset then makes every key non-negative so bits can be set greedily from the top.
@@ -109,7 +110,7 @@ def _sae_steer_gate_kernel(
     HAS_LN_W: tl.constexpr, HAS_LN_B: tl.constexpr, HAS_FC1_B: tl.constexpr, HAS_FC2_B: tl.constexpr,
     USE_BUDGET: tl.constexpr, G_SOURCE: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_K: tl.constexpr, CHUNK_D: tl.constexpr,
-    SLICE_D: tl.constexpr, BLOCK_D: tl.constexpr, PARTIAL_TILES: tl.constexpr, BLOCK_C: tl.constexpr,
+    SLICE_D: tl.constexpr, SLICE_CHUNK: tl.constexpr, BLOCK_D: tl.constexpr, PARTIAL_TILES: tl.constexpr, BLOCK_C: tl.constexpr,
     SEL_ROWS: tl.constexpr,
     GATHER_ROWS: tl.constexpr, CHUNK_G: tl.constexpr, BLOCK_H: tl.constexpr,
 ):
@@ -141,7 +142,7 @@ def _sae_steer_gate_kernel(
             # ReLU / JumpReLU: the tile knows its latents' full coefficients of the decode
             # g += (z' - z) W_dec (or z' W_dec to reconstruct) and writes its share of it.
             if ACTIVATION == 0:
-                z = tl.maximum(pre, 0.0)
+                z = tl.maximum(pre, 0.0, propagate_nan=tl.PropagateNan.ALL)  # F.relu keeps NaN
             else:
                 threshold = tl.load(thr_ptr + offs_s, mask=s_mask, other=0.0).to(tl.float32)
                 z = tl.where(pre > threshold[None, :], pre, 0.0)
@@ -161,19 +162,19 @@ def _sae_steer_gate_kernel(
                 w_dec = tl.load(dec_w_ptr + offs_s[:, None] * D + dd[None, :],
                                 mask=s_mask[:, None] & d_mask[None, :], other=0.0).to(tl.float32)
                 part = tl.dot(coef, w_dec, input_precision=PRECISION)
-                tl.store(partial_ptr + (tile_s * B + rows[:, None]) * D + dd[None, :], part,
+                tl.store(partial_ptr + (tile_s.to(tl.int64) * B + rows[:, None]) * D + dd[None, :], part,
                          mask=row_mask[:, None] & d_mask[None, :])
         if SHIFT_DECODE:
             # TopK with a shift: z' - z = z (scale - 1) + shift. The shift part does not depend on
             # the encoder, so it is decoded here by D columns instead of by latents: this program
             # writes g = base + shift @ W_dec for its SLICE_D columns over all S latents, which
             # needs no cross-program sum. The z part (k latents per row) is left to the finisher.
-            for c0 in range(0, SLICE_D, CHUNK_D):
-                dd = tile_s * SLICE_D + c0 + tl.arange(0, CHUNK_D)
+            for c0 in range(0, SLICE_D, SLICE_CHUNK):  # SLICE_CHUNK divides SLICE_D: no column twice
+                dd = tile_s * SLICE_D + c0 + tl.arange(0, SLICE_CHUNK)
                 d_mask = dd < D
                 if tile_s * SLICE_D + c0 < D:
                     acc = _gate_input_chunk(e_ptr, stride_eb, g_ptr, dec_b_ptr, rows, row_mask,
-                                            tile_s * SLICE_D + c0, D, 2 if RECONSTRUCT else 0, CHUNK_D)
+                                            tile_s * SLICE_D + c0, D, 2 if RECONSTRUCT else 0, SLICE_CHUNK)
                     for k0 in range(0, S, BLOCK_K):
                         kk = k0 + tl.arange(0, BLOCK_K)
                         k_mask = kk < S
@@ -215,7 +216,7 @@ def _sae_steer_gate_kernel(
                 cand_latent = tl.load(cand_idx_ptr + src, mask=cand_valid, other=0, cache_modifier=".cg")
                 # Candidates sit in latent order, so column order breaks ties as the spec does.
                 selected = _topk_rows(cand_pre, cand_valid, sae_k)
-                cand_z = tl.maximum(cand_pre, 0.0)
+                cand_z = tl.maximum(cand_pre, 0.0, propagate_nan=tl.PropagateNan.ALL)
                 if HAS_SCALE:
                     cand_scale = tl.load(
                         scale_ptr + sel_rows[:, None] * stride_scale_b + cand_latent * stride_scale_s,
@@ -241,7 +242,8 @@ def _sae_steer_gate_kernel(
                     # the same bits on every run (no floating-point atomics).
                     for t0 in range(0, num_s_tiles, PARTIAL_TILES):
                         tiles = t0 + tl.arange(0, PARTIAL_TILES)
-                        parts = tl.load(partial_ptr + ((tiles[:, None, None] * B + rows[None, :, None]) * D + dd[None, None, :]),
+                        parts = tl.load(partial_ptr + ((tiles.to(tl.int64)[:, None, None] * B + rows[None, :, None]) * D
+                                                       + dd[None, None, :]),
                                         mask=(tiles < num_s_tiles)[:, None, None] & out_mask[None, :, :], other=0.0,
                                         cache_modifier=".cg")
                         acc += tl.sum(parts, axis=0)
@@ -305,11 +307,16 @@ def _sae_steer_gate_kernel(
 
         if USE_BUDGET:
             # Rank count over the H logits, identical to reference.topk_mask: head i is kept when
-            # fewer than budget_k heads beat it (larger, or equal with a lower index).
+            # fewer than budget_k heads beat it (larger, or equal with a lower index; NaN ranks
+            # above every number, as torch.sort puts it first).
             rank = tl.zeros([BLOCK_B, BLOCK_H], dtype=tl.int32)
+            logit_nan = logits != logits
             for j in range(0, H):
-                logit_j = tl.sum(tl.where(offs_h[None, :] == j, logits, 0.0), axis=1)
-                beats = (logit_j[:, None] > logits) | ((logit_j[:, None] == logits) & (j < offs_h[None, :]))
+                is_j = offs_h[None, :] == j
+                logit_j = tl.sum(tl.where(is_j, logits, 0.0), axis=1)
+                nan_j = tl.max(tl.where(is_j, logit_nan, False).to(tl.int32), axis=1) != 0
+                ties = (logit_j[:, None] == logits) | (nan_j[:, None] & logit_nan)
+                beats = (logit_j[:, None] > logits) | (nan_j[:, None] & ~logit_nan) | (ties & (j < offs_h[None, :]))
                 rank += beats.to(tl.int32)
             keep = rank < budget_k
         else:
@@ -447,6 +454,8 @@ def triton_sae_steer_gate(
     ln_w, ln_b = gate_params.get("norm_weight"), gate_params.get("norm_bias")
     fc1_b, fc2_b = gate_params.get("fc1_bias"), gate_params.get("fc2_bias")
     block_d = _pow2(dim)
+    chunk_d = min(64, block_d)
+    slice_d = _pow2(triton.cdiv(dim, num_s_tiles))  # D columns whose shift decode one program owns
 
     _sae_steer_gate_kernel[(num_s_tiles, num_b_tiles)](
         e, e.stride(0),
@@ -465,8 +474,8 @@ def triton_sae_steer_gate(
         HAS_FC1_B=fc1_b is not None, HAS_FC2_B=fc2_b is not None, USE_BUDGET=budget is not None,
         G_SOURCE=1 if split else 2 if reconstruct else 0,  # g: scratch, b_dec (TopK k=0, no shift), e
         PRECISION=fp32_dot_precision(e.device),
-        BLOCK_B=BLOCK_B, BLOCK_S=block_s, BLOCK_K=32, CHUNK_D=min(64, block_d),
-        SLICE_D=_pow2(triton.cdiv(dim, num_s_tiles)), BLOCK_D=block_d, PARTIAL_TILES=4, BLOCK_C=block_c, SEL_ROWS=max(1, min(BLOCK_B, _TILE_ELEMENTS // block_c)),
+        BLOCK_B=BLOCK_B, BLOCK_S=block_s, BLOCK_K=32, CHUNK_D=chunk_d,
+        SLICE_D=slice_d, SLICE_CHUNK=min(chunk_d, slice_d), BLOCK_D=block_d, PARTIAL_TILES=4, BLOCK_C=block_c, SEL_ROWS=max(1, min(BLOCK_B, _TILE_ELEMENTS // block_c)),
         GATHER_ROWS=32, CHUNK_G=min(_pow2(hidden), 32),
         BLOCK_H=_pow2(num_heads),
         num_warps=8,

@@ -258,3 +258,34 @@ def test_no_host_sync_and_graph_replay():
     ref_logits, ref_keep = reference.sae_steer_gate(e, gate, sae, scale, shift, budget=0.5)
     torch.testing.assert_close(logits, ref_logits, atol=1e-4, rtol=1e-4)
     assert torch.equal(keep, ref_keep)
+
+
+def test_nan_logits_rank_first_under_a_budget():
+    """A NaN logit ranks above every number (torch.sort puts NaN first), and a budget still keeps
+    exactly round(b*H) heads per row: one NaN head, an all-NaN row, and clean rows."""
+    gate = make_gate(32, 16, 6, 101)
+    gate["fc2_weight"][2, 0] = float("nan")  # head 2 is NaN in every row
+    e = torch.randn(4, 32, generator=torch.Generator().manual_seed(102)).to(DEVICE)
+    e[1, 5] = float("nan")  # row 1: every logit NaN
+    for budget in (0.17, 0.5, 0.83):
+        ref_logits, ref_keep = reference.sae_steer_gate(e, gate, budget=budget)
+        logits, keep = triton_sae_steer_gate(e, gate, budget=budget)
+        torch.testing.assert_close(logits, ref_logits, atol=1e-4, rtol=1e-4, equal_nan=True)
+        assert torch.equal(keep, ref_keep)
+        assert (keep.sum(1) == reference.heads_for_budget(budget, 6)).all()
+
+
+@pytest.mark.parametrize("activation,k", [("relu", None), ("topk", 4), ("topk", 40)])
+@pytest.mark.parametrize("mode", reference.STEER_MODES)
+def test_nan_latents_propagate_like_relu(activation, k, mode):
+    """A NaN pre-activation stays NaN through the activation, as F.relu keeps it (a max that
+    dropped NaN would hide a broken encoder row behind finite logits)."""
+    dim, width = 32, 300
+    sae = make_sae(dim, width, activation, 111, k=k)
+    sae["enc_weight"][200, 0] = float("nan")  # latent 200 (third latent tile) is NaN for every row
+    e = torch.randn(3, dim, generator=torch.Generator().manual_seed(112)).to(DEVICE)
+    scale, _ = make_steering("scale", 3, width, 113)
+    ref_logits, ref_keep = reference.sae_steer_gate(e, make_gate(dim, 16, 6, 114), sae, scale, None, mode)
+    logits, keep = triton_sae_steer_gate(e, make_gate(dim, 16, 6, 114), sae, scale, None, mode)
+    assert ref_logits.isnan().all()
+    assert logits.isnan().all() and torch.equal(keep, ref_keep)
