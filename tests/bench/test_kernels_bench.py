@@ -1,10 +1,11 @@
-"""`headsteer.bench.kernels` end to end on the CPU: tiny shapes, fp32, kernels under
-TRITON_INTERPRET and a fake timer, so every code path of the GPU benchmark runs here (the timings
-themselves are GPU-only)."""
+"""`headsteer.bench.kernels` end to end with tiny shapes and a fake timer, so every code path of
+the GPU benchmark runs on any machine (on the CPU in fp32 under TRITON_INTERPRET); the timings
+themselves are GPU-only."""
 import pytest
 import torch
 
 from headsteer.bench import kernels as bench
+from tests.conftest import DEVICE
 
 pytest.importorskip("triton")
 
@@ -18,8 +19,9 @@ def tiny(monkeypatch):
         calls.append(fn)
         return float(len(calls)), float(len(calls)) / 2
 
-    monkeypatch.setattr(bench, "DEVICE", "cpu")
-    monkeypatch.setattr(bench, "DTYPE", torch.float32)
+    # On a CUDA machine the kernels are compiled (no interpreter) and FlashAttention needs 16 bits.
+    monkeypatch.setattr(bench, "DEVICE", DEVICE)
+    monkeypatch.setattr(bench, "DTYPE", torch.bfloat16 if DEVICE == "cuda" else torch.float32)
     monkeypatch.setattr(bench, "BATCH", 3)
     monkeypatch.setattr(bench, "TOKENS", 9)
     monkeypatch.setattr(bench, "MODELS", {"tiny": (2, 32)})
@@ -48,7 +50,7 @@ def test_breakdown_times_each_kernel(tiny):
 def test_dense_stages_compute_the_dense_branch(tiny):
     generator = torch.Generator().manual_seed(3)
     w = bench.make_block(2, 32, generator)
-    x = torch.randn(3, 9, 32, generator=generator)
+    x = torch.randn(3, 9, 32, generator=generator).to(bench.DEVICE, bench.DTYPE)
     (_, qkv), (_, attention), (_, proj) = bench.dense_stages(x, w, 2)
     assert qkv().shape == (3, 9, 96)
     assert proj().shape == (3, 9, 32)
