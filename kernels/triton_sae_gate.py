@@ -109,11 +109,16 @@ def _sae_steer_gate_kernel(
     SHIFT_DECODE: tl.constexpr, SPLIT: tl.constexpr,
     HAS_LN_W: tl.constexpr, HAS_LN_B: tl.constexpr, HAS_FC1_B: tl.constexpr, HAS_FC2_B: tl.constexpr,
     USE_BUDGET: tl.constexpr, G_SOURCE: tl.constexpr, PRECISION: tl.constexpr,
-    BLOCK_B: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_K: tl.constexpr, CHUNK_D: tl.constexpr,
-    SLICE_D: tl.constexpr, SLICE_CHUNK: tl.constexpr, BLOCK_D: tl.constexpr, PARTIAL_TILES: tl.constexpr, BLOCK_C: tl.constexpr,
-    SEL_ROWS: tl.constexpr,
-    GATHER_ROWS: tl.constexpr, CHUNK_G: tl.constexpr, BLOCK_H: tl.constexpr,
+    BLOCK_B: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
+    CHUNK_D: tl.constexpr, SLICE_D: tl.constexpr, SLICE_CHUNK: tl.constexpr, PARTIAL_TILES: tl.constexpr,
+    BLOCK_C: tl.constexpr, SEL_ROWS: tl.constexpr, GATHER_ROWS: tl.constexpr, CHUNK_G: tl.constexpr,
+    BLOCK_H: tl.constexpr,
 ):
+    # Tile sizes: BLOCK_B samples and BLOCK_S latents per program; BLOCK_K the encoder's and the
+    # shift decode's reduction step; BLOCK_D >= D; CHUNK_D columns of g per step; SLICE_D columns
+    # of the shift decode per program (SLICE_CHUNK at a time); PARTIAL_TILES partials per load;
+    # BLOCK_C >= a row's TopK candidates, ranked SEL_ROWS rows at a time; GATHER_ROWS gathered
+    # decoder rows per dot; CHUNK_G hidden units of the gate per step; BLOCK_H >= H.
     tile_s = tl.program_id(0)
     tile_b = tl.program_id(1)
     num_s_tiles = tl.num_programs(0)
@@ -474,8 +479,9 @@ def triton_sae_steer_gate(
         HAS_FC1_B=fc1_b is not None, HAS_FC2_B=fc2_b is not None, USE_BUDGET=budget is not None,
         G_SOURCE=1 if split else 2 if reconstruct else 0,  # g: scratch, b_dec (TopK k=0, no shift), e
         PRECISION=fp32_dot_precision(e.device),
-        BLOCK_B=BLOCK_B, BLOCK_S=block_s, BLOCK_K=32, CHUNK_D=chunk_d,
-        SLICE_D=slice_d, SLICE_CHUNK=min(chunk_d, slice_d), BLOCK_D=block_d, PARTIAL_TILES=4, BLOCK_C=block_c, SEL_ROWS=max(1, min(BLOCK_B, _TILE_ELEMENTS // block_c)),
+        BLOCK_B=BLOCK_B, BLOCK_S=block_s, BLOCK_K=32, BLOCK_D=block_d, CHUNK_D=chunk_d,
+        SLICE_D=slice_d, SLICE_CHUNK=min(chunk_d, slice_d), PARTIAL_TILES=4,
+        BLOCK_C=block_c, SEL_ROWS=max(1, min(BLOCK_B, _TILE_ELEMENTS // block_c)),
         GATHER_ROWS=32, CHUNK_G=min(_pow2(hidden), 32),
         BLOCK_H=_pow2(num_heads),
         num_warps=8,
