@@ -212,14 +212,11 @@ def sweep() -> None:
         w = make_block(heads, dim, generator)
         x = torch.randn(BATCH, TOKENS, dim, generator=generator).to(DEVICE, DTYPE)
         keeps = {u: random_keep(BATCH, heads, u, generator) for u in (1.0, 0.33)}
-        try:
-            for tiles in variants:
-                module.TILES = tiles
+        for tiles in variants:
+            with module.tile_config(tiles):
                 times = {u: timed(lambda: sparse_attention(x, keep, w, heads)) for u, keep in keeps.items()}
-                print(f"{name} u=1.0 {times[1.0][0]:6.1f}us (graph {times[1.0][1]:6.1f}us) u=0.33 {times[0.33][0]:6.1f}us "
-                      f"(graph {times[0.33][1]:6.1f}us)  {tiles}", flush=True)
-        finally:
-            module.TILES = base
+            print(f"{name} u=1.0 {times[1.0][0]:6.1f}us (graph {times[1.0][1]:6.1f}us) u=0.33 {times[0.33][0]:6.1f}us "
+                  f"(graph {times[0.33][1]:6.1f}us)  {tiles}", flush=True)
 
 
 def markdown(results: dict, device: str, date: str, command: str) -> str:

@@ -140,17 +140,6 @@ def ptxas_report(kernel, arch: int) -> dict:
     )
 
 
-def _with_tiles(tiles, function, *args):
-    """Call function with the attention kernels' tile configuration temporarily set to `tiles`."""
-    from headsteer.kernels import triton_head_attention as attention
-
-    saved, attention.TILES = attention.TILES, tiles
-    try:
-        return function(*args)
-    finally:
-        attention.TILES = saved
-
-
 def _variants(quick: bool) -> Iterator[tuple[str, callable]]:
     """(name, thunk) pairs; each thunk calls the real wrappers once on CPU tensors."""
     from headsteer.kernels import triton_head_attention as attention
@@ -172,8 +161,13 @@ def _variants(quick: bool) -> Iterator[tuple[str, callable]]:
             weights = (rand(3 * dim, dim, dtype=dtype), rand(3 * dim, dtype=dtype), rand(dim, dim, dtype=dtype), rand(dim, dtype=dtype))
             yield f"attention {label}", lambda x=x, keep=keep, w=weights, h=heads: triton_head_attention(x, keep, *w, h)
             if not quick and dtype != torch.float32:  # (fp32 launches use TILES_FP32, not TILES)
-                yield f"attention {label} head-pairs", lambda x=x, keep=keep, w=weights, h=heads: _with_tiles(
-                    dataclasses.replace(attention.TILES, qkv_head_pairs=True, qkv_warps=8), triton_head_attention, x, keep, *w, h)
+                pairs = dataclasses.replace(attention.TILES, qkv_head_pairs=True, qkv_warps=8)
+
+                def with_pairs(x=x, keep=keep, w=weights, h=heads, tiles=pairs):
+                    with attention.tile_config(tiles):
+                        triton_head_attention(x, keep, *w, h)
+
+                yield f"attention {label} head-pairs", with_pairs
             if not quick:
                 norms = [torch.nn.LayerNorm(dim // heads).to(dtype) for _ in range(2)]
                 yield f"attention {label} qk-norm", lambda x=x, keep=keep, w=weights, h=heads, n=norms: triton_head_attention(

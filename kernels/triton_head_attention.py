@@ -22,7 +22,8 @@ TF32) with the smaller TILES_FP32 tiles, exactly under the CPU interpreter.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Optional
+import contextlib
+from typing import Callable, Iterator, Optional
 
 import torch
 import triton
@@ -50,11 +51,25 @@ class TileConfig:
 # Used by every 16-bit launch; tuned on an H100 for ViT shapes (N=197, d=64, bf16) with
 # `python -m headsteer.bench.kernels --sweep`, which swaps this module attribute.
 TILES = TileConfig()
+
 # fp32 launches: 3xTF32 dots keep fp32 operands (twice the bytes) and three accumulating MMAs
 # per dot, so the 16-bit tiles spill registers and overflow shared memory on sm_90; these fit
 # (`python -m headsteer.kernels.aot`). Not tuned for speed: fp32 runs for parity, 16-bit for speed.
 TILES_FP32 = TileConfig(qkv_block_n=64, qkv_block_k=32, qkv_warps=8, attn_block_m=64, attn_block_n=64,
                         attn_warps=8, proj_block_t=64, proj_block_o=64, proj_warps=8)
+
+
+@contextlib.contextmanager
+def tile_config(tiles: TileConfig, fp32_tiles: Optional[TileConfig] = None) -> Iterator[None]:
+    """Launch with `tiles` (and `fp32_tiles` for fp32 inputs, if given) inside the block, then
+    restore the defaults; for tile sweeps and compile reports."""
+    global TILES, TILES_FP32
+    saved = TILES, TILES_FP32
+    TILES, TILES_FP32 = tiles, fp32_tiles or TILES_FP32
+    try:
+        yield
+    finally:
+        TILES, TILES_FP32 = saved
 
 
 @triton.jit
@@ -178,21 +193,18 @@ def _qkv_kernel(
     need_first = tl.max(kept_first.to(tl.int32), axis=0) != 0
     if HEAD_PAIRS:
         # Two heads per program: one 2d-wide dot per part when the tile needs both heads (wider
-        # MMAs, x read once for both), a d-wide one when it needs only one of them.
+        # MMAs, x read once for both), a d-wide one for whichever of them it needs otherwise.
         second = first_head + 1
         kept_second = tl.load(keep_ptr + sample * stride_keep_b + second * stride_keep_h,
                               mask=row_valid & (second < H), other=0) != 0
         need_second = tl.max(kept_second.to(tl.int32), axis=0) != 0
         if need_first and need_second:
-            _project_heads(*args, first_head, kept_first, kept_second, B, N, D, H, HEAD_DIM, HAS_BIAS, Q_NORM, QN_W, QN_B, K_NORM, KN_W, KN_B,
-                           PRECISION, BLOCK_N, BLOCK_K, BLOCK_D, 2)
-        elif need_first:
-            _project_heads(*args, first_head, kept_first, kept_first, B, N, D, H, HEAD_DIM, HAS_BIAS, Q_NORM, QN_W, QN_B,
-                           K_NORM, KN_W, KN_B, PRECISION, BLOCK_N, BLOCK_K, BLOCK_D, 1)
+            _project_heads(*args, first_head, kept_first, kept_second, B, N, D, H, HEAD_DIM, HAS_BIAS, Q_NORM, QN_W,
+                           QN_B, K_NORM, KN_W, KN_B, PRECISION, BLOCK_N, BLOCK_K, BLOCK_D, 2)
+            need_first = False
         elif need_second:
-            _project_heads(*args, second, kept_second, kept_second, B, N, D, H, HEAD_DIM, HAS_BIAS, Q_NORM, QN_W, QN_B,
-                           K_NORM, KN_W, KN_B, PRECISION, BLOCK_N, BLOCK_K, BLOCK_D, 1)
-    elif need_first:
+            first_head, kept_first, need_first = second, kept_second, True
+    if need_first:
         _project_heads(*args, first_head, kept_first, kept_first, B, N, D, H, HEAD_DIM, HAS_BIAS, Q_NORM, QN_W, QN_B,
                        K_NORM, KN_W, KN_B, PRECISION, BLOCK_N, BLOCK_K, BLOCK_D, 1)
 

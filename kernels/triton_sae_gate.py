@@ -44,7 +44,7 @@ BLOCK_B = 16
 BLOCK_S = 128
 # The finisher ranks all of a row's candidates (latent tiles x min(k, BLOCK_S)) in registers.
 MAX_TOPK_CANDIDATES = 16384
-# Register budget (elements) of one finisher tile: candidate rows ranked at once, gate chunks.
+# Register budget (elements) of the finisher's candidate tile: how many rows it ranks at once.
 _TILE_ELEMENTS = 4096
 
 
@@ -105,7 +105,7 @@ def _sae_steer_gate_kernel(
     counter_ptr, partial_ptr, cand_val_ptr, cand_idx_ptr, sel_idx_ptr, sel_coef_ptr, g_ptr,
     B, D, S, G, H, sae_k, cand_per_tile, budget_k,
     ACTIVATION: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr,
-    RECONSTRUCT: tl.constexpr, ENCODE: tl.constexpr, PARTIAL: tl.constexpr, GATHER: tl.constexpr,
+    RECONSTRUCT: tl.constexpr, PARTIAL: tl.constexpr, GATHER: tl.constexpr,
     SHIFT_DECODE: tl.constexpr, SPLIT: tl.constexpr,
     HAS_LN_W: tl.constexpr, HAS_LN_B: tl.constexpr, HAS_FC1_B: tl.constexpr, HAS_FC2_B: tl.constexpr,
     USE_BUDGET: tl.constexpr, G_SOURCE: tl.constexpr, PRECISION: tl.constexpr,
@@ -131,7 +131,7 @@ def _sae_steer_gate_kernel(
         offs_s = tile_s * BLOCK_S + tl.arange(0, BLOCK_S)
         s_mask = offs_s < S
         tile_mask = row_mask[:, None] & s_mask[None, :]
-        if ENCODE:
+        if PARTIAL or GATHER:  # both need the tile's pre-activations
             pre = tl.zeros([BLOCK_B, BLOCK_S], dtype=tl.float32)
             for k0 in range(0, D, BLOCK_K):
                 kk = k0 + tl.arange(0, BLOCK_K)
@@ -388,7 +388,7 @@ def triton_sae_steer_gate(
     dummy = logits  # stands in for absent optional pointers; never dereferenced (constexpr-guarded)
     sae = sae_params
     activation, width, sae_k, scale, shift = "relu", 1, 0, None, None
-    encode = partial = gather = shift_decode = reconstruct = False
+    partial = gather = shift_decode = reconstruct = False
     sae_args = (dummy,) * 5
     if sae is not None:
         activation = sae["activation"]
@@ -413,9 +413,9 @@ def triton_sae_steer_gate(
                 # z' - z = z (scale - 1) + shift: the shift part is decoded by D slices, the z part
                 # (k latents per row) by the finisher, which needs the encoder's candidates.
                 gather = sae_k > 0 and (reconstruct or scale is not None)
-                shift_decode, encode = shift is not None, gather
+                shift_decode = shift is not None
             else:
-                encode = partial = True
+                partial = True
         threshold = threshold.contiguous() if activation == "jumprelu" else dummy
         sae_args = (enc_w, sae["enc_bias"].contiguous(), dec_w, sae["dec_bias"].contiguous(), threshold)
 
@@ -473,7 +473,7 @@ def triton_sae_steer_gate(
         counter, *scratch_args,
         batch, dim, width, hidden, num_heads, max(sae_k, 1), cand_per_tile, budget_k,
         ACTIVATION=_ACTIVATION_CODES[activation], HAS_SCALE=scale is not None, HAS_SHIFT=shift is not None,
-        RECONSTRUCT=reconstruct, ENCODE=encode, PARTIAL=partial, GATHER=gather,
+        RECONSTRUCT=reconstruct, PARTIAL=partial, GATHER=gather,
         SHIFT_DECODE=shift_decode, SPLIT=split,
         HAS_LN_W=ln_w is not None, HAS_LN_B=ln_b is not None,
         HAS_FC1_B=fc1_b is not None, HAS_FC2_B=fc2_b is not None, USE_BUDGET=budget is not None,
