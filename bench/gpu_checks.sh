@@ -1,35 +1,46 @@
 #!/usr/bin/env bash
 # The Triton checks that need a CUDA GPU, as one script for a short lease of a GPU machine:
 #   bash bench/gpu_checks.sh OUT_DIR [--quick]
-# 1. the kernel and triton-backend tests, compiled (the CPU runs them interpreted);
-# 2. the kernel benchmark (issue 4's table) and its per-kernel breakdown, as JSON and markdown;
+# Most valuable first, each step under its own time limit so the script always finishes and packs
+# what it has:
+# 1. the kernel benchmark (issue 4's table) and its per-kernel breakdown, as JSON and markdown;
+# 2. the kernel and triton-backend tests, compiled (the CPU runs them interpreted), spread over
+#    the CPUs with pytest-xdist since compiling the kernels for each shape dominates;
 # 3. unless --quick, the tile sweep of the attention kernels and the whole ViT-S (bf16, CUDA
-#    graphs) against timm, with the fused gate of an SAE block inside.
-# Every step writes into OUT_DIR and the script goes on after a failing step, so one lease gives
-# every result it can; the exit status is that of the first failing step.
+#    graphs) against timm.
+# Everything lands in OUT_DIR/gpu_checks/ and is packed into OUT_DIR/gpu_checks.tar.gz (a lease
+# returns only a few files). The exit status is that of the first failing step.
 set -uo pipefail
 out="${1:?usage: bash bench/gpu_checks.sh OUT_DIR [--quick]}"
 quick="${2:-}"
-mkdir -p "$out"
+dir="$out/gpu_checks"
+mkdir -p "$dir"
+export PYTHONUNBUFFERED=1
 status=0
-step() {  # step NAME COMMAND...: run, log to OUT_DIR/NAME.log, remember the first failure
-  local name="$1"; shift
-  echo "== $name: $*"
-  "$@" >"$out/$name.log" 2>&1
+step() {  # step NAME SECONDS COMMAND...: run under a time limit, log to NAME.log, remember the first failure
+  local name="$1" limit="$2"; shift 2
+  echo "== $name (limit ${limit}s): $*"
+  local start=$SECONDS
+  timeout "$limit" "$@" >"$dir/$name.log" 2>&1
   local rc=$?
-  tail -n 25 "$out/$name.log"
+  echo "   rc=$rc after $((SECONDS - start))s" | tee -a "$dir/$name.log"
+  tail -n 30 "$dir/$name.log"
   if [ "$rc" -ne 0 ] && [ "$status" -eq 0 ]; then status=$rc; fi
 }
-nvidia-smi --query-gpu=name,driver_version --format=csv,noheader >"$out/gpu.txt" 2>&1
-python -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" >>"$out/gpu.txt" 2>&1
-cat "$out/gpu.txt"
-step tests python -m pytest -q -x tests/kernels tests/runtime/test_triton_backend.py -p no:cacheprovider
-step kernels python -m headsteer.bench.kernels --json "$out/kernels.json" --md "$out/kernels.md"
-step breakdown python -m headsteer.bench.kernels --breakdown --json "$out/breakdown.json"
+pack() { tar -czf "$out/gpu_checks.tar.gz" -C "$out" gpu_checks && echo "packed $out/gpu_checks.tar.gz"; }
+trap pack EXIT
+{ nvidia-smi --query-gpu=name,driver_version,clocks.max.sm --format=csv,noheader
+  python -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
+  date -u +"%Y-%m-%d %H:%M UTC"; } >"$dir/gpu.txt" 2>&1
+cat "$dir/gpu.txt"
+step kernels 100 python -m headsteer.bench.kernels --json "$dir/kernels.json" --md "$dir/kernels.md"
+step breakdown 70 python -m headsteer.bench.kernels --breakdown --json "$dir/breakdown.json"
+workers=$(( $(nproc) > 12 ? 12 : $(nproc) ))
+step tests 120 python -m pytest -q -n "$workers" tests/kernels tests/runtime/test_triton_backend.py -p no:cacheprovider
 if [ "$quick" != "--quick" ]; then
-  step sweep python -m headsteer.bench.kernels --sweep
-  step model python -m headsteer.bench --model vit_small_patch16_224 --device cuda --dtype bfloat16 \
+  step model 50 python -m headsteer.bench --model vit_small_patch16_224 --device cuda --dtype bfloat16 \
     --backends timm,timm-graph,triton-graph --batch 64,8 --usage 1,0.67,0.33,0 --reps 10 --warmup 2 \
-    --no-progress --json "$out/model.json" --md "$out/model.md"
+    --no-progress --json "$dir/model.json" --md "$dir/model.md"
+  step sweep 40 python -m headsteer.bench.kernels --sweep
 fi
 exit "$status"

@@ -142,7 +142,6 @@ def ptxas_report(kernel, arch: int) -> dict:
 
 def _variants(quick: bool) -> Iterator[tuple[str, callable]]:
     """(name, thunk) pairs; each thunk calls the real wrappers once on CPU tensors."""
-    from headsteer.kernels import triton_head_attention as attention
     from headsteer.kernels.triton_head_attention import triton_head_attention
     from headsteer.kernels.triton_sae_gate import triton_sae_steer_gate
 
@@ -160,18 +159,16 @@ def _variants(quick: bool) -> Iterator[tuple[str, callable]]:
             keep = torch.rand(batch, heads, generator=generator) < 0.5
             weights = (rand(3 * dim, dim, dtype=dtype), rand(3 * dim, dtype=dtype), rand(dim, dim, dtype=dtype), rand(dim, dtype=dtype))
             yield f"attention {label}", lambda x=x, keep=keep, w=weights, h=heads: triton_head_attention(x, keep, *w, h)
-            if not quick and dtype != torch.float32:  # (fp32 launches use TILES_FP32, not TILES)
-                pairs = dataclasses.replace(attention.TILES, qkv_head_pairs=True, qkv_warps=8)
-
-                def with_pairs(x=x, keep=keep, w=weights, h=heads, tiles=pairs):
-                    with attention.tile_config(tiles):
-                        triton_head_attention(x, keep, *w, h)
-
-                yield f"attention {label} head-pairs", with_pairs
             if not quick:
                 norms = [torch.nn.LayerNorm(dim // heads).to(dtype) for _ in range(2)]
                 yield f"attention {label} qk-norm", lambda x=x, keep=keep, w=weights, h=heads, n=norms: triton_head_attention(
                     x, keep, *w, h, q_norm=n[0], k_norm=n[1])
+
+        wide_heads = dim // 128  # d=128: the widest head rows, where shared memory runs out first
+        x = rand(batch, tokens, dim, dtype=torch.float32)
+        keep = torch.rand(batch, wide_heads, generator=generator) < 0.5
+        weights = tuple(rand(*shape, dtype=torch.float32) for shape in ((3 * dim, dim), (3 * dim,), (dim, dim), (dim,)))
+        yield f"attention {name} float32 d=128", lambda x=x, keep=keep, w=weights, h=wide_heads: triton_head_attention(x, keep, *w, h)
 
         gate = dict(norm_weight=rand(dim), norm_bias=rand(dim), norm_eps=1e-6, fc1_weight=rand(dim // 4, dim),
                     fc1_bias=rand(dim // 4), fc2_weight=rand(heads, dim // 4), fc2_bias=rand(heads))

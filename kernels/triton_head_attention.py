@@ -21,8 +21,9 @@ TF32) with the smaller TILES_FP32 tiles, exactly under the CPU interpreter.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 import contextlib
+import dataclasses
+from dataclasses import dataclass
 from typing import Callable, Iterator, Optional
 
 import torch
@@ -39,7 +40,6 @@ class TileConfig:
     qkv_block_n: int = 64  # tokens per QKV-projection program
     qkv_block_k: int = 64  # reduction step over D
     qkv_warps: int = 4
-    qkv_head_pairs: bool = False  # two heads per QKV program (2d-wide dots) instead of one
     attn_block_m: int = 128  # queries per attention program
     attn_block_n: int = 64  # keys per online-softmax step
     attn_warps: int = 4
@@ -59,6 +59,30 @@ TILES_FP32 = TileConfig(qkv_block_n=64, qkv_block_k=32, qkv_warps=8, attn_block_
                         attn_warps=8, proj_block_t=64, proj_block_o=64, proj_warps=8)
 
 
+# Shared memory the attention kernel's key/value tiles may take; an H100/H200 block gets 227 KiB.
+_ATTENTION_SHARED_BUDGET = 200 * 1024
+
+
+def fit_tiles(tiles: TileConfig, block_d: int, element_bytes: int) -> TileConfig:
+    """`tiles` shrunk, where needed, for head rows of `block_d` (padded head dim) elements of
+    `element_bytes`: the defaults are tuned for d=64 16-bit rows, and d=128 or fp32 rows would
+    overflow shared memory or spill registers on sm_90. Two rules, checked at d = 32/64/128,
+    16-bit and fp32, for every tiling the tests use (`python -m headsteer.kernels.aot`):
+    - attention: the staged k and v tiles grow with BLOCK_N x row bytes; 8 x BLOCK_N x row bytes
+      stays under 200 KiB;
+    - QKV: its three fp32 accumulators hold 3 x BLOCK_N x BLOCK_D values over 32 x warps threads;
+      at most 96 registers per thread for them (48 for fp32 inputs, whose 3xTF32 dots keep split
+      copies of every operand)."""
+    attn_block_n = tiles.attn_block_n
+    while attn_block_n > 16 and 8 * attn_block_n * block_d * element_bytes > _ATTENTION_SHARED_BUDGET:
+        attn_block_n //= 2
+    qkv_block_n = tiles.qkv_block_n
+    accumulator_regs = 48 if element_bytes >= 4 else 96
+    while qkv_block_n > 16 and 3 * qkv_block_n * block_d > accumulator_regs * 32 * tiles.qkv_warps:
+        qkv_block_n //= 2
+    return dataclasses.replace(tiles, attn_block_n=attn_block_n, qkv_block_n=qkv_block_n)
+
+
 @contextlib.contextmanager
 def tile_config(tiles: TileConfig, fp32_tiles: Optional[TileConfig] = None) -> Iterator[None]:
     """Launch with `tiles` (and `fp32_tiles` for fp32 inputs, if given) inside the block, then
@@ -73,92 +97,17 @@ def tile_config(tiles: TileConfig, fp32_tiles: Optional[TileConfig] = None) -> I
 
 
 @triton.jit
-def _head_layer_norm(x, w_ptr, b_ptr, eps, HEAD_DIM, HAS_W: tl.constexpr, HAS_B: tl.constexpr,
-                     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, NUM_HEADS: tl.constexpr):
-    """LayerNorm over the first HEAD_DIM columns of each BLOCK_D-wide head segment of a
-    [BLOCK_N, NUM_HEADS * BLOCK_D] fp32 tile (padded columns hold exact zeros and stay zero)."""
-    offs_d = tl.arange(0, BLOCK_D)
-    col_mask = offs_d < HEAD_DIM
-    x = tl.reshape(x, [BLOCK_N, NUM_HEADS, BLOCK_D])
-    mean = tl.sum(x, axis=2) / HEAD_DIM
-    centered = tl.where(col_mask[None, None, :], x - mean[:, :, None], 0.0)
-    rstd = 1.0 / tl.sqrt(tl.sum(centered * centered, axis=2) / HEAD_DIM + eps)
-    y = centered * rstd[:, :, None]
+def _head_layer_norm(x, col_mask, w_ptr, b_ptr, offs_d, eps, HEAD_DIM, HAS_W: tl.constexpr, HAS_B: tl.constexpr):
+    """LayerNorm of each row of a [rows, BLOCK_D] fp32 tile over its first HEAD_DIM columns."""
+    mean = tl.sum(x, axis=1) / HEAD_DIM  # padded columns hold exact zeros
+    centered = tl.where(col_mask[None, :], x - mean[:, None], 0.0)
+    rstd = 1.0 / tl.sqrt(tl.sum(centered * centered, axis=1) / HEAD_DIM + eps)
+    y = centered * rstd[:, None]
     if HAS_W:
-        y *= tl.load(w_ptr + offs_d, mask=col_mask, other=0.0).to(tl.float32)[None, None, :]
+        y *= tl.load(w_ptr + offs_d, mask=col_mask, other=0.0).to(tl.float32)[None, :]
     if HAS_B:
-        y += tl.load(b_ptr + offs_d, mask=col_mask, other=0.0).to(tl.float32)[None, None, :]
-    return tl.reshape(y, [BLOCK_N, NUM_HEADS * BLOCK_D])
-
-
-@triton.jit
-def _project_heads(
-    x_ptr, stride_xb, stride_xn, stride_xd,
-    w_ptr, stride_wr, stride_wd, bias_ptr,
-    keep_ptr, stride_keep_b, stride_keep_h,
-    qn_w_ptr, qn_b_ptr, q_eps, kn_w_ptr, kn_b_ptr, k_eps,
-    qkv_ptr, sample, token, first_head, kept_first, kept_second,
-    B, N, D, H, HEAD_DIM,
-    HAS_BIAS: tl.constexpr,
-    Q_NORM: tl.constexpr, QN_W: tl.constexpr, QN_B: tl.constexpr,
-    K_NORM: tl.constexpr, KN_W: tl.constexpr, KN_B: tl.constexpr,
-    PRECISION: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, NUM_HEADS: tl.constexpr,
-):
-    """q, k, v of NUM_HEADS (1 or 2) consecutive heads from `first_head` for a tile of rows: one
-    dot per part with NUM_HEADS * BLOCK_D output columns (column c is dim c % BLOCK_D of head
-    first_head + c // BLOCK_D). kept_first / kept_second: per row, whether its sample keeps each
-    head. Rows that keep neither load as zeros; each (row, head) is stored only if kept."""
-    offs_k = tl.arange(0, BLOCK_K)
-    offs_c = tl.arange(0, NUM_HEADS * BLOCK_D)
-    col_head = first_head + offs_c // BLOCK_D
-    col_dim = offs_c % BLOCK_D
-    col_valid = (col_head < H) & (col_dim < HEAD_DIM)
-    # Keep bits per (row, head) (the caller has read them), widened to each head's BLOCK_D columns.
-    if NUM_HEADS == 1:
-        head_kept = kept_first[:, None]
-        row_kept = kept_first
-    else:
-        head_kept = tl.join(kept_first, kept_second)
-        row_kept = kept_first | kept_second
-    kept = tl.reshape(tl.broadcast_to(head_kept[:, :, None], [BLOCK_N, NUM_HEADS, BLOCK_D]),
-                      [BLOCK_N, NUM_HEADS * BLOCK_D]) & col_valid[None, :]
-    # timm's qkv rows are ordered (q|k|v, head, dim): head h's q rows start at h*d, its k rows at
-    # (H + h)*d, its v rows at (2H + h)*d. Weight tiles are loaded transposed [K, columns].
-    q_rows = col_head * HEAD_DIM + col_dim
-    k_rows = q_rows + H * HEAD_DIM
-    v_rows = k_rows + H * HEAD_DIM
-    acc_q = tl.zeros([BLOCK_N, NUM_HEADS * BLOCK_D], dtype=tl.float32)
-    acc_k = tl.zeros([BLOCK_N, NUM_HEADS * BLOCK_D], dtype=tl.float32)
-    acc_v = tl.zeros([BLOCK_N, NUM_HEADS * BLOCK_D], dtype=tl.float32)
-    x_row = x_ptr + sample[:, None] * stride_xb + token[:, None] * stride_xn
-    for k0 in range(0, D, BLOCK_K):
-        kk = k0 + offs_k
-        k_mask = kk < D
-        x = tl.load(x_row + kk[None, :] * stride_xd, mask=row_kept[:, None] & k_mask[None, :], other=0.0)
-        w_mask = k_mask[:, None] & col_valid[None, :]
-        w_cols = kk[:, None] * stride_wd
-        wq = tl.load(w_ptr + q_rows[None, :] * stride_wr + w_cols, mask=w_mask, other=0.0)
-        wk = tl.load(w_ptr + k_rows[None, :] * stride_wr + w_cols, mask=w_mask, other=0.0)
-        wv = tl.load(w_ptr + v_rows[None, :] * stride_wr + w_cols, mask=w_mask, other=0.0)
-        acc_q = tl.dot(x, wq, acc_q, input_precision=PRECISION)
-        acc_k = tl.dot(x, wk, acc_k, input_precision=PRECISION)
-        acc_v = tl.dot(x, wv, acc_v, input_precision=PRECISION)
-    if HAS_BIAS:
-        acc_q += tl.load(bias_ptr + q_rows, mask=col_valid, other=0.0).to(tl.float32)[None, :]
-        acc_k += tl.load(bias_ptr + k_rows, mask=col_valid, other=0.0).to(tl.float32)[None, :]
-        acc_v += tl.load(bias_ptr + v_rows, mask=col_valid, other=0.0).to(tl.float32)[None, :]
-    if Q_NORM:
-        acc_q = _head_layer_norm(acc_q, qn_w_ptr, qn_b_ptr, q_eps, HEAD_DIM, QN_W, QN_B, BLOCK_N, BLOCK_D, NUM_HEADS)
-    if K_NORM:
-        acc_k = _head_layer_norm(acc_k, kn_w_ptr, kn_b_ptr, k_eps, HEAD_DIM, KN_W, KN_B, BLOCK_N, BLOCK_D, NUM_HEADS)
-    # Scratch layout [3, B, H, N, d]: each (sample, head) owns a contiguous [N, d] slab.
-    out_dtype = qkv_ptr.dtype.element_ty
-    part = B * H * N * HEAD_DIM
-    offs = ((sample[:, None] * H + col_head[None, :]) * N + token[:, None]) * HEAD_DIM + col_dim[None, :]
-    tl.store(qkv_ptr + offs, acc_q.to(out_dtype), mask=kept)
-    tl.store(qkv_ptr + part + offs, acc_k.to(out_dtype), mask=kept)
-    tl.store(qkv_ptr + 2 * part + offs, acc_v.to(out_dtype), mask=kept)
+        y += tl.load(b_ptr + offs_d, mask=col_mask, other=0.0).to(tl.float32)[None, :]
+    return y
 
 
 @triton.jit
@@ -173,40 +122,59 @@ def _qkv_kernel(
     Q_NORM: tl.constexpr, QN_W: tl.constexpr, QN_B: tl.constexpr,
     K_NORM: tl.constexpr, KN_W: tl.constexpr, KN_B: tl.constexpr,
     PRECISION: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_PAIRS: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    # Tiles run over the flattened B*N tokens (no padding at sample ends); the head (or head
-    # pair) varies fastest across programs so the programs of a token tile share its x rows in L2.
-    heads_per_program = 2 if HEAD_PAIRS else 1
-    groups = tl.cdiv(H, heads_per_program)
-    tile = tl.program_id(0) // groups
-    first_head = (tl.program_id(0) % groups) * heads_per_program
+    # Tiles run over the flattened B*N tokens (no padding at sample ends); the head varies
+    # fastest across programs so the H programs of a token tile share its x rows in L2.
+    tile = tl.program_id(0) // H
+    h = tl.program_id(0) % H
     rows = tile * BLOCK_N + tl.arange(0, BLOCK_N)
-    row_valid = rows < B * N
     sample = rows // N
     token = rows % N
-    args = (x_ptr, stride_xb, stride_xn, stride_xd, w_ptr, stride_wr, stride_wd, bias_ptr,
-            keep_ptr, stride_keep_b, stride_keep_h, qn_w_ptr, qn_b_ptr, q_eps, kn_w_ptr, kn_b_ptr, k_eps,
-            qkv_ptr, sample, token)
-    # A head no sample of the tile keeps costs only its mask bits: no loads of x or W, no MMA.
-    kept_first = tl.load(keep_ptr + sample * stride_keep_b + first_head * stride_keep_h, mask=row_valid, other=0) != 0
-    need_first = tl.max(kept_first.to(tl.int32), axis=0) != 0
-    if HEAD_PAIRS:
-        # Two heads per program: one 2d-wide dot per part when the tile needs both heads (wider
-        # MMAs, x read once for both), a d-wide one for whichever of them it needs otherwise.
-        second = first_head + 1
-        kept_second = tl.load(keep_ptr + sample * stride_keep_b + second * stride_keep_h,
-                              mask=row_valid & (second < H), other=0) != 0
-        need_second = tl.max(kept_second.to(tl.int32), axis=0) != 0
-        if need_first and need_second:
-            _project_heads(*args, first_head, kept_first, kept_second, B, N, D, H, HEAD_DIM, HAS_BIAS, Q_NORM, QN_W,
-                           QN_B, K_NORM, KN_W, KN_B, PRECISION, BLOCK_N, BLOCK_K, BLOCK_D, 2)
-            need_first = False
-        elif need_second:
-            first_head, kept_first, need_first = second, kept_second, True
-    if need_first:
-        _project_heads(*args, first_head, kept_first, kept_first, B, N, D, H, HEAD_DIM, HAS_BIAS, Q_NORM, QN_W, QN_B,
-                       K_NORM, KN_W, KN_B, PRECISION, BLOCK_N, BLOCK_K, BLOCK_D, 1)
+    # Rows whose sample pruned head h load as zeros and are never stored; a tile where no
+    # sample keeps the head does nothing beyond reading the mask bits.
+    row_kept = tl.load(keep_ptr + sample * stride_keep_b + h * stride_keep_h, mask=rows < B * N, other=0) != 0
+    if tl.max(row_kept.to(tl.int32), axis=0) != 0:
+        offs_k = tl.arange(0, BLOCK_K)
+        offs_d = tl.arange(0, BLOCK_D)
+        d_mask = offs_d < HEAD_DIM
+        # timm's qkv rows are ordered (q|k|v, head, dim): this head's q rows start at h*d, its k
+        # rows at (H + h)*d, its v rows at (2H + h)*d. Weight tiles are loaded transposed [K, d].
+        q_rows = h * HEAD_DIM + offs_d
+        k_rows = q_rows + H * HEAD_DIM
+        v_rows = k_rows + H * HEAD_DIM
+        acc_q = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+        acc_k = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+        acc_v = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+        x_row = x_ptr + sample[:, None] * stride_xb + token[:, None] * stride_xn
+        for k0 in range(0, D, BLOCK_K):
+            kk = k0 + offs_k
+            k_mask = kk < D
+            x = tl.load(x_row + kk[None, :] * stride_xd, mask=row_kept[:, None] & k_mask[None, :], other=0.0)
+            w_mask = k_mask[:, None] & d_mask[None, :]
+            w_cols = kk[:, None] * stride_wd
+            wq = tl.load(w_ptr + q_rows[None, :] * stride_wr + w_cols, mask=w_mask, other=0.0)
+            wk = tl.load(w_ptr + k_rows[None, :] * stride_wr + w_cols, mask=w_mask, other=0.0)
+            wv = tl.load(w_ptr + v_rows[None, :] * stride_wr + w_cols, mask=w_mask, other=0.0)
+            acc_q = tl.dot(x, wq, acc_q, input_precision=PRECISION)
+            acc_k = tl.dot(x, wk, acc_k, input_precision=PRECISION)
+            acc_v = tl.dot(x, wv, acc_v, input_precision=PRECISION)
+        if HAS_BIAS:
+            acc_q += tl.load(bias_ptr + q_rows, mask=d_mask, other=0.0).to(tl.float32)[None, :]
+            acc_k += tl.load(bias_ptr + k_rows, mask=d_mask, other=0.0).to(tl.float32)[None, :]
+            acc_v += tl.load(bias_ptr + v_rows, mask=d_mask, other=0.0).to(tl.float32)[None, :]
+        if Q_NORM:
+            acc_q = _head_layer_norm(acc_q, d_mask, qn_w_ptr, qn_b_ptr, offs_d, q_eps, HEAD_DIM, QN_W, QN_B)
+        if K_NORM:
+            acc_k = _head_layer_norm(acc_k, d_mask, kn_w_ptr, kn_b_ptr, offs_d, k_eps, HEAD_DIM, KN_W, KN_B)
+        # Scratch layout [3, B, H, N, d]: each (sample, head) owns a contiguous [N, d] slab.
+        out_dtype = qkv_ptr.dtype.element_ty
+        part = B * H * N * HEAD_DIM
+        offs = ((sample[:, None] * H + h) * N + token[:, None]) * HEAD_DIM + offs_d[None, :]
+        mask = row_kept[:, None] & d_mask[None, :]
+        tl.store(qkv_ptr + offs, acc_q.to(out_dtype), mask=mask)
+        tl.store(qkv_ptr + part + offs, acc_k.to(out_dtype), mask=mask)
+        tl.store(qkv_ptr + 2 * part + offs, acc_v.to(out_dtype), mask=mask)
 
 
 @triton.jit
@@ -359,11 +327,10 @@ def head_attention_launches(
     qkv = torch.empty(3, batch, num_heads, tokens, head_dim, device=x.device, dtype=x.dtype)
     heads = torch.empty(batch, tokens, num_heads, head_dim, device=x.device, dtype=x.dtype)
     keep_b, keep_h = keep.stride()
-    tiles = TILES_FP32 if precision is not None else TILES
-    head_groups = triton.cdiv(num_heads, 2) if tiles.qkv_head_pairs else num_heads
+    tiles = fit_tiles(TILES_FP32 if precision is not None else TILES, block_d, qkv.element_size())
 
     def qkv_projection():
-        _qkv_kernel[(triton.cdiv(batch * tokens, tiles.qkv_block_n) * head_groups,)](
+        _qkv_kernel[(triton.cdiv(batch * tokens, tiles.qkv_block_n) * num_heads,)](
             x, *x.stride(),
             qkv_weight, *qkv_weight.stride(), qkv_bias if qkv_bias is not None else dummy,
             keep, keep_b, keep_h,
@@ -373,7 +340,7 @@ def head_attention_launches(
             HAS_BIAS=qkv_bias is not None,
             Q_NORM=qn[3], QN_W=qn[4], QN_B=qn[5], K_NORM=kn[3], KN_W=kn[4], KN_B=kn[5],
             PRECISION=precision,
-            BLOCK_N=tiles.qkv_block_n, BLOCK_K=tiles.qkv_block_k, BLOCK_D=block_d, HEAD_PAIRS=tiles.qkv_head_pairs,
+            BLOCK_N=tiles.qkv_block_n, BLOCK_K=tiles.qkv_block_k, BLOCK_D=block_d,
             num_warps=tiles.qkv_warps,
         )
 

@@ -21,8 +21,9 @@ reading all of it made the gate latency-bound (measured 140-660 us on an H100 at
 
 The SAE latents z never go to memory as a [B, S] tensor: only partial decodes, up to k
 candidates per row and latent tile, the k selected (latent, coefficient) pairs per row and the
-gate input g do. Gated blocks without an SAE (and identity steering in "preserve-error" mode,
-where g = e) take a single program per batch tile that goes straight to the gate.
+gate input g do. Gated blocks without SAE work (no SAE, or identity steering in "preserve-error"
+mode, where g = e) take one program per sample that goes straight to the gate with FMA
+reductions: B programs in parallel beat B/16 programs each running a chain of small dots.
 """
 from __future__ import annotations
 
@@ -37,8 +38,9 @@ from headsteer.kernels.aot import fp32_dot_precision
 
 _ACTIVATION_CODES = {"relu": 0, "topk": 1, "jumprelu": 2}
 
-# Samples per program. tl.dot needs every dimension >= 16; more rows would share each encoder
-# tile among more samples but leave fewer finishing programs to run the gate in parallel.
+# Samples per program when there is SAE work. tl.dot needs every dimension >= 16; more rows would
+# share each encoder tile among more samples but leave fewer finishing programs to run the gate in
+# parallel. Without SAE work a program owns one sample.
 BLOCK_B = 16
 # Latents per program: each program streams BLOCK_S rows of the encoder (and the decoder).
 BLOCK_S = 128
@@ -46,6 +48,10 @@ BLOCK_S = 128
 MAX_TOPK_CANDIDATES = 16384
 # Register budget (elements) of the finisher's candidate tile: how many rows it ranks at once.
 _TILE_ELEMENTS = 4096
+# Register budget (elements) of one fc1 weight tile of a one-sample gate: CHUNK_G whole rows of D.
+_GATE_TILE_ELEMENTS = 16384
+# fc1 columns per tensor-core step of a 16-row finisher (wider 3xTF32 operands spill on sm_90).
+GATE_CHUNK_D = 64
 
 
 @triton.jit
@@ -112,6 +118,7 @@ def _sae_steer_gate_kernel(
     BLOCK_B: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
     CHUNK_D: tl.constexpr, SLICE_D: tl.constexpr, SLICE_CHUNK: tl.constexpr, PARTIAL_TILES: tl.constexpr,
     BLOCK_C: tl.constexpr, SEL_ROWS: tl.constexpr, GATHER_ROWS: tl.constexpr, CHUNK_G: tl.constexpr,
+    GATE_CHUNK_D: tl.constexpr,
     BLOCK_H: tl.constexpr,
 ):
     # Tile sizes: BLOCK_B samples and BLOCK_S latents per program; BLOCK_K the encoder's and the
@@ -271,42 +278,59 @@ def _sae_steer_gate_kernel(
             tl.debug_barrier()
 
         # LayerNorm statistics over D (two passes over the registers, mean then variance, as
-        # torch does) from one load of the whole [BLOCK_B, D] tile of g; the fc1 loop below then
-        # re-reads g in CHUNK_D column chunks (L1/L2 hits) so its dot operands stay small.
+        # torch does) from one load of the whole [BLOCK_B, D] tile of g.
+        offs_d = tl.arange(0, BLOCK_D)
+        d_full = offs_d < D
         whole = _gate_input_chunk(e_ptr, stride_eb, g_ptr, dec_b_ptr, rows, row_mask, 0, D, G_SOURCE, BLOCK_D)
         mean = tl.sum(whole, axis=1) / D  # columns past D load as zeros
-        centered = tl.where((tl.arange(0, BLOCK_D) < D)[None, :], whole - mean[:, None], 0.0)
-        row_sq = tl.sum(centered * centered, axis=1)
-        rstd = 1.0 / tl.sqrt(row_sq / D + ln_eps)
+        centered = tl.where(d_full[None, :], whole - mean[:, None], 0.0)
+        rstd = 1.0 / tl.sqrt(tl.sum(centered * centered, axis=1) / D + ln_eps)
 
-        # fc1 -> GELU -> fc2, CHUNK_G hidden units at a time, each chunk folded into the logits;
-        # the normalized input is recomputed per D chunk (cheap: a few L1-resident loads).
+        # fc1 -> GELU -> fc2, CHUNK_G hidden units per step, each chunk folded straight into the
+        # logits. The chain of dependent steps, not the FLOPs, sets this phase's time.
         offs_h = tl.arange(0, BLOCK_H)
         h_mask = offs_h < H
         logits = tl.zeros([BLOCK_B, BLOCK_H], dtype=tl.float32)
         for g0 in range(0, G, CHUNK_G):
             gi = g0 + tl.arange(0, CHUNK_G)
             g_mask = gi < G
-            hidden = tl.zeros([BLOCK_B, CHUNK_G], dtype=tl.float32)
-            for d0 in range(0, D, CHUNK_D):
-                dd = d0 + tl.arange(0, CHUNK_D)
-                d_mask = dd < D
-                normed = _gate_input_chunk(e_ptr, stride_eb, g_ptr, dec_b_ptr, rows, row_mask, d0, D, G_SOURCE, CHUNK_D)
-                normed = tl.where(d_mask[None, :], (normed - mean[:, None]) * rstd[:, None], 0.0)
+            if BLOCK_B >= 16:
+                # Tensor-core dots over GATE_CHUNK_D columns at a time (whole rows of 3xTF32
+                # operands spill); the normalized input is recomputed per chunk from L1-resident g.
+                hidden = tl.zeros([BLOCK_B, CHUNK_G], dtype=tl.float32)
+                for d0 in range(0, D, GATE_CHUNK_D):
+                    dd = d0 + tl.arange(0, GATE_CHUNK_D)
+                    d_mask = dd < D
+                    normed = _gate_input_chunk(e_ptr, stride_eb, g_ptr, dec_b_ptr, rows, row_mask, d0, D, G_SOURCE,
+                                               GATE_CHUNK_D)
+                    normed = tl.where(d_mask[None, :], (normed - mean[:, None]) * rstd[:, None], 0.0)
+                    if HAS_LN_W:
+                        normed *= tl.load(ln_w_ptr + dd, mask=d_mask, other=0.0).to(tl.float32)[None, :]
+                    if HAS_LN_B:
+                        normed += tl.load(ln_b_ptr + dd, mask=d_mask, other=0.0).to(tl.float32)[None, :]
+                    w1 = tl.load(fc1_w_ptr + gi[:, None] * D + dd[None, :],
+                                 mask=g_mask[:, None] & d_mask[None, :], other=0.0).to(tl.float32)
+                    hidden = tl.dot(normed, tl.trans(w1), hidden, input_precision=PRECISION)
+            else:
+                # One sample: whole fc1 rows against the normalized row, FMA reductions.
+                normed = centered * rstd[:, None]
                 if HAS_LN_W:
-                    normed *= tl.load(ln_w_ptr + dd, mask=d_mask, other=0.0).to(tl.float32)[None, :]
+                    normed *= tl.load(ln_w_ptr + offs_d, mask=d_full, other=0.0).to(tl.float32)[None, :]
                 if HAS_LN_B:
-                    normed += tl.load(ln_b_ptr + dd, mask=d_mask, other=0.0).to(tl.float32)[None, :]
-                w1 = tl.load(fc1_w_ptr + gi[:, None] * D + dd[None, :],
-                             mask=g_mask[:, None] & d_mask[None, :], other=0.0).to(tl.float32)
-                hidden = tl.dot(normed, tl.trans(w1), hidden, input_precision=PRECISION)
+                    normed += tl.load(ln_b_ptr + offs_d, mask=d_full, other=0.0).to(tl.float32)[None, :]
+                w1 = tl.load(fc1_w_ptr + gi[:, None] * D + offs_d[None, :],
+                             mask=g_mask[:, None] & d_full[None, :], other=0.0).to(tl.float32)
+                hidden = tl.sum(normed[:, None, :] * w1[None, :, :], axis=2)
             if HAS_FC1_B:
                 hidden += tl.load(fc1_b_ptr + gi, mask=g_mask, other=0.0).to(tl.float32)[None, :]
             hidden = 0.5 * hidden * (1.0 + tl.math.erf(hidden * 0.7071067811865476))
             hidden = tl.where(g_mask[None, :], hidden, 0.0)
             w2 = tl.load(fc2_w_ptr + offs_h[:, None] * G + gi[None, :],
                          mask=h_mask[:, None] & g_mask[None, :], other=0.0).to(tl.float32)
-            logits = tl.dot(hidden, tl.trans(w2), logits, input_precision=PRECISION)
+            if BLOCK_B >= 16:
+                logits = tl.dot(hidden, tl.trans(w2), logits, input_precision=PRECISION)
+            else:
+                logits += tl.sum(hidden[:, None, :] * w2[None, :, :], axis=2)
         if HAS_FC2_B:
             logits += tl.load(fc2_b_ptr + offs_h, mask=h_mask, other=0.0).to(tl.float32)[None, :]
 
@@ -434,7 +458,8 @@ def triton_sae_steer_gate(
 
     # Scratch, all written before it is read: partial decodes, TopK candidates, selected latents,
     # the gate input; one fp32 buffer (int32 parts are views of it) and one zeroed counter per batch tile.
-    num_b_tiles = triton.cdiv(batch, BLOCK_B)
+    block_b = BLOCK_B if split else 1
+    num_b_tiles = triton.cdiv(batch, block_b)
     sizes = dict(
         partial=num_s_tiles * batch * dim if partial else 0,
         cand_val=batch * num_s_tiles * cand_per_tile if gather else 0,
@@ -460,6 +485,10 @@ def triton_sae_steer_gate(
     fc1_b, fc2_b = gate_params.get("fc1_bias"), gate_params.get("fc2_bias")
     block_d = _pow2(dim)
     chunk_d = min(64, block_d)
+    if block_b >= 16:  # the finisher's dots: CHUNK_G x GATE_CHUNK_D weight tiles
+        chunk_g = min(_pow2(hidden), 32)
+    else:  # one sample's FMA reductions: CHUNK_G whole rows of fc1
+        chunk_g = min(_pow2(hidden, floor=1), max(1, _GATE_TILE_ELEMENTS // block_d))
     slice_d = _pow2(triton.cdiv(dim, num_s_tiles))  # D columns whose shift decode one program owns
 
     _sae_steer_gate_kernel[(num_s_tiles, num_b_tiles)](
@@ -479,10 +508,10 @@ def triton_sae_steer_gate(
         HAS_FC1_B=fc1_b is not None, HAS_FC2_B=fc2_b is not None, USE_BUDGET=budget is not None,
         G_SOURCE=1 if split else 2 if reconstruct else 0,  # g: scratch, b_dec (TopK k=0, no shift), e
         PRECISION=fp32_dot_precision(e.device),
-        BLOCK_B=BLOCK_B, BLOCK_S=block_s, BLOCK_K=32, BLOCK_D=block_d, CHUNK_D=chunk_d,
+        BLOCK_B=block_b, BLOCK_S=block_s, BLOCK_K=32, BLOCK_D=block_d, CHUNK_D=chunk_d,
         SLICE_D=slice_d, SLICE_CHUNK=min(chunk_d, slice_d), PARTIAL_TILES=4,
-        BLOCK_C=block_c, SEL_ROWS=max(1, min(BLOCK_B, _TILE_ELEMENTS // block_c)),
-        GATHER_ROWS=32, CHUNK_G=min(_pow2(hidden), 32),
+        BLOCK_C=block_c, SEL_ROWS=max(1, min(block_b, _TILE_ELEMENTS // block_c)),
+        GATHER_ROWS=32, CHUNK_G=chunk_g, GATE_CHUNK_D=GATE_CHUNK_D,
         BLOCK_H=_pow2(num_heads),
         num_warps=8,
     )

@@ -19,6 +19,11 @@ def tiny(monkeypatch):
         calls.append(fn)
         return float(len(calls)), float(len(calls)) / 2
 
+    def fake_graph_timed(fn):
+        fn()
+        calls.append(fn)
+        return float(len(calls)) / 2
+
     # On a CUDA machine the kernels are compiled (no interpreter) and FlashAttention needs 16 bits.
     monkeypatch.setattr(bench, "DEVICE", DEVICE)
     monkeypatch.setattr(bench, "DTYPE", torch.bfloat16 if DEVICE == "cuda" else torch.float32)
@@ -26,6 +31,7 @@ def tiny(monkeypatch):
     monkeypatch.setattr(bench, "TOKENS", 9)
     monkeypatch.setattr(bench, "MODELS", {"tiny": (2, 32)})
     monkeypatch.setattr(bench, "timed", fake_timed)
+    monkeypatch.setattr(bench, "graph_timed", fake_graph_timed)
     return calls
 
 
@@ -72,5 +78,5 @@ def test_sweep_runs_every_tile_variant_and_restores_the_default(tiny, capsys):
     bench.sweep()
     lines = capsys.readouterr().out.splitlines()
     assert len(lines) == len(tiny) // 2 >= 16  # one line per variant, two usages each
-    assert any("qkv_head_pairs=True" in line for line in lines)
+    assert any("attn_block_m=64, attn_block_n=128" in line for line in lines)  # a non-default variant ran
     assert attention.TILES is default

@@ -79,12 +79,11 @@ def test_matches_reference_fp32(batch, tokens, heads, head_dim, mask):
     run_and_check(branch, make_mask(mask, batch, heads, seed), heads)
 
 
-# Alternative tilings the benchmark sweep may pick: head pairs per QKV program (both the 2d-wide
-# and the single-head path of a pair), small and large tiles, so every configuration is correct.
+# Alternative tilings the benchmark sweep may pick, small and large, so every configuration is
+# correct (wide heads shrink the large attention tiles: `fit_tiles`).
 TILE_VARIANTS = {
-    "pairs": TileConfig(qkv_head_pairs=True),
-    "pairs-small": TileConfig(qkv_block_n=16, qkv_block_k=16, qkv_head_pairs=True, attn_block_m=16, attn_block_n=16,
-                              proj_block_t=16, proj_block_o=32),
+    "small": TileConfig(qkv_block_n=16, qkv_block_k=16, attn_block_m=16, attn_block_n=16, proj_block_t=16,
+                        proj_block_o=32),
     "large": TileConfig(qkv_block_n=128, qkv_block_k=32, attn_block_m=64, attn_block_n=128, proj_block_t=128,
                         proj_block_o=64),
 }
