@@ -16,8 +16,8 @@ reading all of it made the gate latency-bound (measured 140-660 us on an H100 at
 - The last program of a batch tile to finish (an atomic counter; nobody waits for anybody, so
   there is no grid barrier and Triton's serial CPU interpreter runs it too) finishes those rows:
   global TopK over the candidates (radix select), the decode of the selected latents as a
-  gathered dot, the partials summed in tile order (deterministic: no floating-point atomics),
-  then LayerNorm -> Linear -> GELU(erf) -> Linear, the logits and the keep mask.
+  gathered FMA reduction, the partials summed in tile order (deterministic: no floating-point
+  atomics), then LayerNorm -> Linear -> GELU(erf) -> Linear, the logits and the keep mask.
 
 The SAE latents z never go to memory as a [B, S] tensor: only partial decodes, up to k
 candidates per row and latent tile, the k selected (latent, coefficient) pairs per row and the
@@ -50,8 +50,9 @@ MAX_TOPK_CANDIDATES = 16384
 _TILE_ELEMENTS = 4096
 # Register budget (elements) of one fc1 weight tile of a one-sample gate: CHUNK_G whole rows of D.
 _GATE_TILE_ELEMENTS = 16384
-# fc1 columns per tensor-core step of a 16-row finisher (wider 3xTF32 operands spill on sm_90).
-GATE_CHUNK_D = 64
+# fc1 columns per tensor-core step of a 16-row finisher: fewer dependent steps; wider 3xTF32
+# operands spill on sm_90 (`python -m headsteer.kernels.aot`).
+GATE_CHUNK_D = 128
 
 
 @triton.jit
@@ -117,15 +118,16 @@ def _sae_steer_gate_kernel(
     USE_BUDGET: tl.constexpr, G_SOURCE: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
     CHUNK_D: tl.constexpr, SLICE_D: tl.constexpr, SLICE_CHUNK: tl.constexpr, PARTIAL_TILES: tl.constexpr,
-    BLOCK_C: tl.constexpr, SEL_ROWS: tl.constexpr, GATHER_ROWS: tl.constexpr, CHUNK_G: tl.constexpr,
+    BLOCK_C: tl.constexpr, SEL_ROWS: tl.constexpr, K_STEP: tl.constexpr, CHUNK_G: tl.constexpr,
     GATE_CHUNK_D: tl.constexpr,
     BLOCK_H: tl.constexpr,
 ):
     # Tile sizes: BLOCK_B samples and BLOCK_S latents per program; BLOCK_K the encoder's and the
     # shift decode's reduction step; BLOCK_D >= D; CHUNK_D columns of g per step; SLICE_D columns
     # of the shift decode per program (SLICE_CHUNK at a time); PARTIAL_TILES partials per load;
-    # BLOCK_C >= a row's TopK candidates, ranked SEL_ROWS rows at a time; GATHER_ROWS gathered
-    # decoder rows per dot; CHUNK_G hidden units of the gate per step; BLOCK_H >= H.
+    # BLOCK_C >= a row's TopK candidates, ranked SEL_ROWS rows at a time; K_STEP selected latents
+    # per row per decode step; CHUNK_G hidden units of the gate per step (GATE_CHUNK_D columns of
+    # fc1 per dot); BLOCK_H >= H.
     tile_s = tl.program_id(0)
     tile_b = tl.program_id(1)
     num_s_tiles = tl.num_programs(0)
@@ -260,20 +262,18 @@ def _sae_steer_gate_kernel(
                                         cache_modifier=".cg")
                         acc += tl.sum(parts, axis=0)
                 if GATHER:
-                    # sum_j coef[b, j] W_dec[latent[b, j]] for the tile's rows as one dot per
-                    # GATHER_ROWS gathered decoder rows: the left operand places each gathered
-                    # row's coefficient in the column of its sample (block-diagonal, mostly zeros).
-                    for q0 in range(0, BLOCK_B * sae_k, GATHER_ROWS):
-                        q = q0 + tl.arange(0, GATHER_ROWS)
-                        q_row = q // sae_k
-                        q_mask = (q < BLOCK_B * sae_k) & (tile_b * BLOCK_B + q_row < B)
-                        flat = tile_b * BLOCK_B * sae_k + q
-                        latent = tl.load(sel_idx_ptr + flat, mask=q_mask, other=0)
-                        q_coef = tl.load(sel_coef_ptr + flat, mask=q_mask, other=0.0)
-                        spread = tl.where(offs_b[:, None] == q_row[None, :], q_coef[None, :], 0.0)
-                        w_sel = tl.load(dec_w_ptr + latent[:, None] * D + dd[None, :],
-                                        mask=q_mask[:, None] & d_mask[None, :], other=0.0).to(tl.float32)
-                        acc = tl.dot(spread, w_sel, acc, input_precision=PRECISION)
+                    # sum_j coef[b, j] W_dec[latent[b, j]] over the k selected latents of each
+                    # row, K_STEP of them per step as exact fp32 FMA reductions of a gathered
+                    # [BLOCK_B, K_STEP, CHUNK_D] tile (each gathered decoder row is contiguous).
+                    for j0 in range(0, sae_k, K_STEP):
+                        j = j0 + tl.arange(0, K_STEP)
+                        sel_mask = row_mask[:, None] & (j < sae_k)[None, :]
+                        flat = rows[:, None] * sae_k + j[None, :]
+                        latent = tl.load(sel_idx_ptr + flat, mask=sel_mask, other=0)
+                        sel_coef = tl.load(sel_coef_ptr + flat, mask=sel_mask, other=0.0)
+                        w_sel = tl.load(dec_w_ptr + latent[:, :, None].to(tl.int64) * D + dd[None, None, :],
+                                        mask=sel_mask[:, :, None] & d_mask[None, None, :], other=0.0).to(tl.float32)
+                        acc += tl.sum(sel_coef[:, :, None] * w_sel, axis=1)
                 tl.store(g_ptr + rows[:, None] * D + dd[None, :], acc, mask=out_mask)
             tl.debug_barrier()
 
@@ -511,7 +511,7 @@ def triton_sae_steer_gate(
         BLOCK_B=block_b, BLOCK_S=block_s, BLOCK_K=32, BLOCK_D=block_d, CHUNK_D=chunk_d,
         SLICE_D=slice_d, SLICE_CHUNK=min(chunk_d, slice_d), PARTIAL_TILES=4,
         BLOCK_C=block_c, SEL_ROWS=max(1, min(block_b, _TILE_ELEMENTS // block_c)),
-        GATHER_ROWS=32, CHUNK_G=chunk_g, GATE_CHUNK_D=GATE_CHUNK_D,
+        K_STEP=min(16, _pow2(sae_k, floor=1)), CHUNK_G=chunk_g, GATE_CHUNK_D=GATE_CHUNK_D,
         BLOCK_H=_pow2(num_heads),
         num_warps=8,
     )
