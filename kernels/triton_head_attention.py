@@ -231,16 +231,15 @@ def _proj_kernel(
     out_ptr, stride_ob, stride_on, stride_od,
     B, N, H, HEAD_DIM, D_OUT,
     HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr,
-    BLOCK_T: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_D: tl.constexpr, CHUNK_D: tl.constexpr,
 ):
-    # Token tiles run over the flattened B*N tokens, like the QKV projection.
+    # Token tiles run over the flattened B*N tokens, like the QKV projection. Each head's dot
+    # runs CHUNK_D of its BLOCK_D dims at a time (fp32 3xTF32 operands of a 128-wide head spill).
     rows = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
     row_valid = rows < B * N
     sample = rows // N
     offs_o = tl.program_id(1) * BLOCK_O + tl.arange(0, BLOCK_O)
-    offs_d = tl.arange(0, BLOCK_D)
     o_mask = offs_o < D_OUT
-    d_mask = offs_d < HEAD_DIM
     acc = tl.zeros([BLOCK_T, BLOCK_O], dtype=tl.float32)
     for h in range(0, H):
         # Head h contributes only through rows whose sample kept it; the others load as zeros,
@@ -248,11 +247,14 @@ def _proj_kernel(
         # every sample of the tile costs only its mask bits (no loads of o or W_o, no MMA).
         row_kept = tl.load(keep_ptr + sample * stride_keep_b + h * stride_keep_h, mask=row_valid, other=0) != 0
         if tl.max(row_kept.to(tl.int32), axis=0) != 0:
-            heads = tl.load(o_ptr + (rows[:, None] * H + h) * HEAD_DIM + offs_d[None, :],
-                            mask=row_kept[:, None] & d_mask[None, :], other=0.0)
-            w = tl.load(w_ptr + offs_o[None, :] * stride_wo + (h * HEAD_DIM + offs_d)[:, None] * stride_wi,
-                        mask=d_mask[:, None] & o_mask[None, :], other=0.0)
-            acc = tl.dot(heads, w, acc, input_precision=PRECISION)
+            for d0 in tl.static_range(0, BLOCK_D, CHUNK_D):
+                offs_d = d0 + tl.arange(0, CHUNK_D)
+                d_mask = offs_d < HEAD_DIM
+                heads = tl.load(o_ptr + (rows[:, None] * H + h) * HEAD_DIM + offs_d[None, :],
+                                mask=row_kept[:, None] & d_mask[None, :], other=0.0)
+                w = tl.load(w_ptr + offs_o[None, :] * stride_wo + (h * HEAD_DIM + offs_d)[:, None] * stride_wi,
+                            mask=d_mask[:, None] & o_mask[None, :], other=0.0)
+                acc = tl.dot(heads, w, acc, input_precision=PRECISION)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + offs_o, mask=o_mask, other=0.0).to(tl.float32)[None, :]
     out_offs = sample[:, None] * stride_ob + (rows % N)[:, None] * stride_on + offs_o[None, :] * stride_od
@@ -361,6 +363,7 @@ def head_attention_launches(
             batch, tokens, num_heads, head_dim, d_out,
             HAS_BIAS=proj_bias is not None, PRECISION=precision,
             BLOCK_T=tiles.proj_block_t, BLOCK_O=tiles.proj_block_o, BLOCK_D=block_d,
+            CHUNK_D=min(block_d, 64) if precision is not None else block_d,
             num_warps=tiles.proj_warps,
         )
 

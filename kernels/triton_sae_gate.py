@@ -101,6 +101,17 @@ def _gate_input_chunk(e_ptr, stride_eb, g_ptr, dec_b_ptr, rows, row_mask, d0, D,
 
 
 @triton.jit
+def _layer_norm_chunk(g, mean, rstd, w_ptr, b_ptr, cols, col_mask, HAS_W: tl.constexpr, HAS_B: tl.constexpr):
+    """LayerNorm of a [rows, cols] chunk of g from each row's mean and 1/std (zeros past D)."""
+    normed = tl.where(col_mask[None, :], (g - mean[:, None]) * rstd[:, None], 0.0)
+    if HAS_W:
+        normed *= tl.load(w_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
+    if HAS_B:
+        normed += tl.load(b_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
+    return normed
+
+
+@triton.jit
 def _sae_steer_gate_kernel(
     e_ptr, stride_eb,
     enc_w_ptr, enc_b_ptr, dec_w_ptr, dec_b_ptr, thr_ptr,
@@ -285,6 +296,8 @@ def _sae_steer_gate_kernel(
         mean = tl.sum(whole, axis=1) / D  # columns past D load as zeros
         centered = tl.where(d_full[None, :], whole - mean[:, None], 0.0)
         rstd = 1.0 / tl.sqrt(tl.sum(centered * centered, axis=1) / D + ln_eps)
+        if BLOCK_B < 16:  # one sample: its whole normalized row stays in registers for every step
+            normed_row = _layer_norm_chunk(whole, mean, rstd, ln_w_ptr, ln_b_ptr, offs_d, d_full, HAS_LN_W, HAS_LN_B)
 
         # fc1 -> GELU -> fc2, CHUNK_G hidden units per step, each chunk folded straight into the
         # logits. The chain of dependent steps, not the FLOPs, sets this phase's time.
@@ -301,26 +314,18 @@ def _sae_steer_gate_kernel(
                 for d0 in range(0, D, GATE_CHUNK_D):
                     dd = d0 + tl.arange(0, GATE_CHUNK_D)
                     d_mask = dd < D
-                    normed = _gate_input_chunk(e_ptr, stride_eb, g_ptr, dec_b_ptr, rows, row_mask, d0, D, G_SOURCE,
-                                               GATE_CHUNK_D)
-                    normed = tl.where(d_mask[None, :], (normed - mean[:, None]) * rstd[:, None], 0.0)
-                    if HAS_LN_W:
-                        normed *= tl.load(ln_w_ptr + dd, mask=d_mask, other=0.0).to(tl.float32)[None, :]
-                    if HAS_LN_B:
-                        normed += tl.load(ln_b_ptr + dd, mask=d_mask, other=0.0).to(tl.float32)[None, :]
+                    normed = _layer_norm_chunk(
+                        _gate_input_chunk(e_ptr, stride_eb, g_ptr, dec_b_ptr, rows, row_mask, d0, D, G_SOURCE,
+                                          GATE_CHUNK_D),
+                        mean, rstd, ln_w_ptr, ln_b_ptr, dd, d_mask, HAS_LN_W, HAS_LN_B)
                     w1 = tl.load(fc1_w_ptr + gi[:, None] * D + dd[None, :],
                                  mask=g_mask[:, None] & d_mask[None, :], other=0.0).to(tl.float32)
                     hidden = tl.dot(normed, tl.trans(w1), hidden, input_precision=PRECISION)
             else:
                 # One sample: whole fc1 rows against the normalized row, FMA reductions.
-                normed = centered * rstd[:, None]
-                if HAS_LN_W:
-                    normed *= tl.load(ln_w_ptr + offs_d, mask=d_full, other=0.0).to(tl.float32)[None, :]
-                if HAS_LN_B:
-                    normed += tl.load(ln_b_ptr + offs_d, mask=d_full, other=0.0).to(tl.float32)[None, :]
                 w1 = tl.load(fc1_w_ptr + gi[:, None] * D + offs_d[None, :],
                              mask=g_mask[:, None] & d_full[None, :], other=0.0).to(tl.float32)
-                hidden = tl.sum(normed[:, None, :] * w1[None, :, :], axis=2)
+                hidden = tl.sum(normed_row[:, None, :] * w1[None, :, :], axis=2)
             if HAS_FC1_B:
                 hidden += tl.load(fc1_b_ptr + gi, mask=g_mask, other=0.0).to(tl.float32)[None, :]
             hidden = 0.5 * hidden * (1.0 + tl.math.erf(hidden * 0.7071067811865476))
