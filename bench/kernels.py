@@ -209,6 +209,10 @@ def sweep() -> None:
         variants.append(dataclasses.replace(base, attn_block_m=attn[0], attn_block_n=attn[1], attn_warps=attn[2]))
     for proj in ((64, 128, 4), (128, 64, 4), (128, 128, 8), (128, 64, 8), (64, 32, 4)):
         variants.append(dataclasses.replace(base, proj_block_t=proj[0], proj_block_o=proj[1], proj_warps=proj[2]))
+    # The output projection walking a list of kept heads (no branch in its loop).
+    for proj in ((64, 128, 4), (128, 128, 8), (128, 64, 4)):
+        variants.append(dataclasses.replace(base, proj_block_t=proj[0], proj_block_o=proj[1], proj_warps=proj[2],
+                                            proj_kept_list=True))
     generator = torch.Generator().manual_seed(0)
     for name, (heads, dim) in MODELS.items():
         w = make_block(heads, dim, generator)

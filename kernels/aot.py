@@ -142,6 +142,7 @@ def ptxas_report(kernel, arch: int) -> dict:
 
 def _variants(quick: bool) -> Iterator[tuple[str, callable]]:
     """(name, thunk) pairs; each thunk calls the real wrappers once on CPU tensors."""
+    from headsteer.kernels import triton_head_attention as attention
     from headsteer.kernels.triton_head_attention import triton_head_attention
     from headsteer.kernels.triton_sae_gate import triton_sae_steer_gate
 
@@ -159,6 +160,14 @@ def _variants(quick: bool) -> Iterator[tuple[str, callable]]:
             keep = torch.rand(batch, heads, generator=generator) < 0.5
             weights = (rand(3 * dim, dim, dtype=dtype), rand(3 * dim, dtype=dtype), rand(dim, dim, dtype=dtype), rand(dim, dtype=dtype))
             yield f"attention {label}", lambda x=x, keep=keep, w=weights, h=heads: triton_head_attention(x, keep, *w, h)
+            if not quick and dtype != torch.float32:  # (fp32 launches use TILES_FP32, not TILES)
+                kept_list = dataclasses.replace(attention.TILES, proj_kept_list=True)
+
+                def with_kept_list(x=x, keep=keep, w=weights, h=heads, tiles=kept_list):
+                    with attention.tile_config(tiles):
+                        triton_head_attention(x, keep, *w, h)
+
+                yield f"attention {label} kept-list", with_kept_list
             if not quick:
                 norms = [torch.nn.LayerNorm(dim // heads).to(dtype) for _ in range(2)]
                 yield f"attention {label} qk-norm", lambda x=x, keep=keep, w=weights, h=heads, n=norms: triton_head_attention(

@@ -46,6 +46,9 @@ class TileConfig:
     proj_block_t: int = 64  # tokens per output-projection program
     proj_block_o: int = 128  # output columns per output-projection program
     proj_warps: int = 4
+    # Output projection: walk a list of the heads the tile keeps (a loop without branches, which
+    # Triton can software-pipeline) instead of testing every head inside the loop.
+    proj_kept_list: bool = False
 
 
 # Used by every 16-bit launch; tuned on an H100 for ViT shapes (N=197, d=64, bf16) with
@@ -225,6 +228,22 @@ def _attention_kernel(
 
 
 @triton.jit
+def _project_head(o_ptr, w_ptr, stride_wo, stride_wi, rows, row_kept, offs_o, o_mask, h, H, HEAD_DIM, acc,
+                  PRECISION: tl.constexpr, BLOCK_D: tl.constexpr, CHUNK_D: tl.constexpr):
+    """acc + o_h @ W_o[:, h]^T for a tile of rows (rows that pruned head h load as zeros), CHUNK_D
+    of the head's BLOCK_D dims per dot."""
+    for d0 in tl.static_range(0, BLOCK_D, CHUNK_D):
+        offs_d = d0 + tl.arange(0, CHUNK_D)
+        d_mask = offs_d < HEAD_DIM
+        heads = tl.load(o_ptr + (rows[:, None] * H + h) * HEAD_DIM + offs_d[None, :],
+                        mask=row_kept[:, None] & d_mask[None, :], other=0.0)
+        w = tl.load(w_ptr + offs_o[None, :] * stride_wo + (h * HEAD_DIM + offs_d)[:, None] * stride_wi,
+                    mask=d_mask[:, None] & o_mask[None, :], other=0.0)
+        acc = tl.dot(heads, w, acc, input_precision=PRECISION)
+    return acc
+
+
+@triton.jit
 def _proj_kernel(
     o_ptr, keep_ptr, stride_keep_b, stride_keep_h,
     w_ptr, stride_wo, stride_wi, bias_ptr,
@@ -232,6 +251,7 @@ def _proj_kernel(
     B, N, H, HEAD_DIM, D_OUT,
     HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_D: tl.constexpr, CHUNK_D: tl.constexpr,
+    BLOCK_H: tl.constexpr, KEPT_LIST: tl.constexpr,
 ):
     # Token tiles run over the flattened B*N tokens, like the QKV projection. Each head's dot
     # runs CHUNK_D of its BLOCK_D dims at a time (fp32 3xTF32 operands of a 128-wide head spill).
@@ -241,20 +261,28 @@ def _proj_kernel(
     offs_o = tl.program_id(1) * BLOCK_O + tl.arange(0, BLOCK_O)
     o_mask = offs_o < D_OUT
     acc = tl.zeros([BLOCK_T, BLOCK_O], dtype=tl.float32)
-    for h in range(0, H):
-        # Head h contributes only through rows whose sample kept it; the others load as zeros,
-        # so the (never written) outputs of pruned heads are never read, and a head pruned by
-        # every sample of the tile costs only its mask bits (no loads of o or W_o, no MMA).
-        row_kept = tl.load(keep_ptr + sample * stride_keep_b + h * stride_keep_h, mask=row_valid, other=0) != 0
-        if tl.max(row_kept.to(tl.int32), axis=0) != 0:
-            for d0 in tl.static_range(0, BLOCK_D, CHUNK_D):
-                offs_d = d0 + tl.arange(0, CHUNK_D)
-                d_mask = offs_d < HEAD_DIM
-                heads = tl.load(o_ptr + (rows[:, None] * H + h) * HEAD_DIM + offs_d[None, :],
-                                mask=row_kept[:, None] & d_mask[None, :], other=0.0)
-                w = tl.load(w_ptr + offs_o[None, :] * stride_wo + (h * HEAD_DIM + offs_d)[:, None] * stride_wi,
-                            mask=d_mask[:, None] & o_mask[None, :], other=0.0)
-                acc = tl.dot(heads, w, acc, input_precision=PRECISION)
+    if KEPT_LIST:
+        # The heads some row of the tile keeps, as a list: the i-th kept head is the head whose
+        # running count of kept heads reaches i + 1. The loop below then has no branch.
+        offs_h = tl.arange(0, BLOCK_H)
+        tile_keeps = tl.load(keep_ptr + sample[:, None] * stride_keep_b + offs_h[None, :] * stride_keep_h,
+                             mask=row_valid[:, None] & (offs_h < H)[None, :], other=0) != 0
+        head_kept = tl.max(tile_keeps.to(tl.int32), axis=0)
+        kept_rank = tl.cumsum(head_kept, axis=0) - 1
+        for i in range(0, tl.sum(head_kept, axis=0)):
+            h = tl.sum(tl.where((kept_rank == i) & (head_kept != 0), offs_h, 0), axis=0)
+            row_kept = tl.sum(tl.where(offs_h[None, :] == h, tile_keeps.to(tl.int32), 0), axis=1) != 0
+            acc = _project_head(o_ptr, w_ptr, stride_wo, stride_wi, rows, row_kept, offs_o, o_mask, h, H, HEAD_DIM,
+                                acc, PRECISION, BLOCK_D, CHUNK_D)
+    else:
+        for h in range(0, H):
+            # Head h contributes only through rows whose sample kept it; the others load as zeros,
+            # so the (never written) outputs of pruned heads are never read, and a head pruned by
+            # every sample of the tile costs only its mask bits (no loads of o or W_o, no MMA).
+            row_kept = tl.load(keep_ptr + sample * stride_keep_b + h * stride_keep_h, mask=row_valid, other=0) != 0
+            if tl.max(row_kept.to(tl.int32), axis=0) != 0:
+                acc = _project_head(o_ptr, w_ptr, stride_wo, stride_wi, rows, row_kept, offs_o, o_mask, h, H,
+                                    HEAD_DIM, acc, PRECISION, BLOCK_D, CHUNK_D)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + offs_o, mask=o_mask, other=0.0).to(tl.float32)[None, :]
     out_offs = sample[:, None] * stride_ob + (rows % N)[:, None] * stride_on + offs_o[None, :] * stride_od
@@ -364,6 +392,7 @@ def head_attention_launches(
             HAS_BIAS=proj_bias is not None, PRECISION=precision,
             BLOCK_T=tiles.proj_block_t, BLOCK_O=tiles.proj_block_o, BLOCK_D=block_d,
             CHUNK_D=min(block_d, 64) if precision is not None else block_d,
+            BLOCK_H=triton.next_power_of_2(num_heads), KEPT_LIST=tiles.proj_kept_list,
             num_warps=tiles.proj_warps,
         )
 

@@ -86,6 +86,7 @@ TILE_VARIANTS = {
                         proj_block_o=32),
     "large": TileConfig(qkv_block_n=128, qkv_block_k=32, attn_block_m=64, attn_block_n=128, proj_block_t=128,
                         proj_block_o=64),
+    "kept-list": TileConfig(proj_kept_list=True),
 }
 
 
