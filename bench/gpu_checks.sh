@@ -41,6 +41,6 @@ if [ "$quick" != "--quick" ]; then
   step model 50 python -m headsteer.bench --model vit_small_patch16_224 --device cuda --dtype bfloat16 \
     --backends timm,timm-graph,triton-graph --batch 64,8 --usage 1,0.67,0.33,0 --reps 10 --warmup 2 \
     --no-progress --json "$dir/model.json" --md "$dir/model.md"
-  step sweep 30 python -m headsteer.bench.kernels --sweep
+  step sweep 150 python -m headsteer.bench.kernels --sweep
 fi
 exit "$status"
