@@ -199,6 +199,8 @@ def breakdown_markdown(results: dict) -> str:
 
 def sweep() -> None:
     """Time the sparse branch under alternative tile configurations, one kernel's tiles at a time."""
+    import triton
+
     from headsteer.kernels import triton_head_attention as module
 
     base = module.TILES  # vary one kernel's tiles at a time around the current defaults
@@ -218,7 +220,13 @@ def sweep() -> None:
         w = make_block(heads, dim, generator)
         x = torch.randn(BATCH, TOKENS, dim, generator=generator).to(DEVICE, DTYPE)
         keeps = {u: random_keep(BATCH, heads, u, generator) for u in (1.0, 0.33)}
-        for tiles in variants:
+        timed_tiles = set()
+        for requested in variants:
+            # Launches shrink tiles that would not fit (module.fit_tiles): time and print what runs.
+            tiles = module.fit_tiles(requested, max(16, triton.next_power_of_2(dim // heads)), DTYPE.itemsize)
+            if tiles in timed_tiles:
+                continue
+            timed_tiles.add(tiles)
             with module.tile_config(tiles):
                 times = {u: timed(lambda: sparse_attention(x, keep, w, heads)) for u, keep in keeps.items()}
             print(f"{name} u=1.0 {times[1.0][0]:6.1f}us (graph {times[1.0][1]:6.1f}us) u=0.33 {times[0.33][0]:6.1f}us "

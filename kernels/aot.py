@@ -160,7 +160,7 @@ def _variants(quick: bool) -> Iterator[tuple[str, callable]]:
             keep = torch.rand(batch, heads, generator=generator) < 0.5
             weights = (rand(3 * dim, dim, dtype=dtype), rand(3 * dim, dtype=dtype), rand(dim, dim, dtype=dtype), rand(dim, dtype=dtype))
             yield f"attention {label}", lambda x=x, keep=keep, w=weights, h=heads: triton_head_attention(x, keep, *w, h)
-            if not quick and dtype != torch.float32:  # (fp32 launches use TILES_FP32, not TILES)
+            if dtype != torch.float32:  # (fp32 launches use TILES_FP32, not TILES)
                 kept_list = dataclasses.replace(attention.TILES, proj_kept_list=True)
 
                 def with_kept_list(x=x, keep=keep, w=weights, h=heads, tiles=kept_list):
@@ -193,6 +193,7 @@ def _variants(quick: bool) -> Iterator[tuple[str, callable]]:
                 yield f"gate {name} topk reconstruct", lambda e=e, g=gate, s=sae: triton_sae_steer_gate(
                     e, g, s, None, None, mode="reconstruct")
         yield f"gate {name} no SAE", lambda e=e, g=gate: triton_sae_steer_gate(e, g)
+        yield f"gate {name} no SAE budget", lambda e=e, g=gate: triton_sae_steer_gate(e, g, budget=0.5)
 
 
 def compile_all(arch: int = 90, quick: bool = False, only: str = "") -> list[CompiledKernel]:

@@ -62,28 +62,41 @@ TILES_FP32 = TileConfig(qkv_block_n=64, qkv_block_k=32, qkv_warps=8, attn_block_
                         attn_warps=8, proj_block_t=64, proj_block_o=64, proj_warps=8)
 
 
-# Shared memory the attention kernel's key/value tiles may take; an H100/H200 block gets 227 KiB.
-_ATTENTION_SHARED_BUDGET = 200 * 1024
+# Shared memory a kernel's staged tiles may take; an H100/H200 block gets 227 KiB.
+_SHARED_BUDGET = 200 * 1024
+# Software-pipelined loops keep this many copies of their input tiles in shared memory.
+_STAGES = 3
 
 
 def fit_tiles(tiles: TileConfig, block_d: int, element_bytes: int) -> TileConfig:
     """`tiles` shrunk, where needed, for head rows of `block_d` (padded head dim) elements of
     `element_bytes`: the defaults are tuned for d=64 16-bit rows, and d=128 or fp32 rows would
-    overflow shared memory or spill registers on sm_90. Two rules, checked at d = 32/64/128,
-    16-bit and fp32, for every tiling the tests use (`python -m headsteer.kernels.aot`):
+    overflow shared memory or spill registers on sm_90. The rules are estimates, checked against
+    compiled kernels (`python -m headsteer.kernels.aot`, `tests/kernels/test_aot_compile.py`);
+    the tuned defaults at d=64 16-bit pass through unchanged:
     - attention: the staged k and v tiles grow with BLOCK_N x row bytes; 8 x BLOCK_N x row bytes
       stays under 200 KiB;
-    - QKV: its three fp32 accumulators hold 3 x BLOCK_N x BLOCK_D values over 32 x warps threads;
-      at most 96 registers per thread for them (48 for fp32 inputs, whose 3xTF32 dots keep split
-      copies of every operand)."""
+    - QKV: its three fp32 accumulators hold 3 x BLOCK_N x BLOCK_D values over 32 x warps threads,
+      at most 96 registers per thread (48 for fp32 inputs, whose 3xTF32 dots keep split copies of
+      every operand); its staged x and weight tiles, 3 stages x (BLOCK_N + 3 BLOCK_D) x BLOCK_K
+      elements, stay under 200 KiB;
+    - output projection: 3 stages x (BLOCK_T + BLOCK_O) x BLOCK_D elements under 200 KiB (its
+      loop is pipelined with `proj_kept_list`)."""
     attn_block_n = tiles.attn_block_n
-    while attn_block_n > 16 and 8 * attn_block_n * block_d * element_bytes > _ATTENTION_SHARED_BUDGET:
+    while attn_block_n > 16 and 8 * attn_block_n * block_d * element_bytes > _SHARED_BUDGET:
         attn_block_n //= 2
     qkv_block_n = tiles.qkv_block_n
     accumulator_regs = 48 if element_bytes >= 4 else 96
     while qkv_block_n > 16 and 3 * qkv_block_n * block_d > accumulator_regs * 32 * tiles.qkv_warps:
         qkv_block_n //= 2
-    return dataclasses.replace(tiles, attn_block_n=attn_block_n, qkv_block_n=qkv_block_n)
+    qkv_block_k = tiles.qkv_block_k
+    while qkv_block_k > 16 and _STAGES * (qkv_block_n + 3 * block_d) * qkv_block_k * element_bytes > _SHARED_BUDGET:
+        qkv_block_k //= 2
+    proj_block_o = tiles.proj_block_o
+    while proj_block_o > 16 and _STAGES * (tiles.proj_block_t + proj_block_o) * block_d * element_bytes > _SHARED_BUDGET:
+        proj_block_o //= 2
+    return dataclasses.replace(tiles, attn_block_n=attn_block_n, qkv_block_n=qkv_block_n, qkv_block_k=qkv_block_k,
+                               proj_block_o=proj_block_o)
 
 
 @contextlib.contextmanager
@@ -119,7 +132,7 @@ def _qkv_kernel(
     w_ptr, stride_wr, stride_wd, bias_ptr,
     keep_ptr, stride_keep_b, stride_keep_h,
     qn_w_ptr, qn_b_ptr, q_eps, kn_w_ptr, kn_b_ptr, k_eps,
-    qkv_ptr,
+    qkv_ptr, scratch_part,
     B, N, D, H, HEAD_DIM,
     HAS_BIAS: tl.constexpr,
     Q_NORM: tl.constexpr, QN_W: tl.constexpr, QN_B: tl.constexpr,
@@ -149,7 +162,8 @@ def _qkv_kernel(
         acc_q = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
         acc_k = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
         acc_v = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
-        x_row = x_ptr + sample[:, None] * stride_xb + token[:, None] * stride_xn
+        # 64-bit offsets: B*N*D (or the scratch's 3*B*N*D) may pass 2**31 elements at large batches.
+        x_row = x_ptr + sample.to(tl.int64)[:, None] * stride_xb + token[:, None] * stride_xn
         for k0 in range(0, D, BLOCK_K):
             kk = k0 + offs_k
             k_mask = kk < D
@@ -172,18 +186,18 @@ def _qkv_kernel(
             acc_k = _head_layer_norm(acc_k, d_mask, kn_w_ptr, kn_b_ptr, offs_d, k_eps, HEAD_DIM, KN_W, KN_B)
         # Scratch layout [3, B, H, N, d]: each (sample, head) owns a contiguous [N, d] slab.
         out_dtype = qkv_ptr.dtype.element_ty
-        part = B * H * N * HEAD_DIM
-        offs = ((sample[:, None] * H + h) * N + token[:, None]) * HEAD_DIM + offs_d[None, :]
+        # scratch_part = B*H*N*d elements per part, added to the pointer (never multiplied).
+        offs = ((sample[:, None] * H + h) * N + token[:, None]).to(tl.int64) * HEAD_DIM + offs_d[None, :]
         mask = row_kept[:, None] & d_mask[None, :]
         tl.store(qkv_ptr + offs, acc_q.to(out_dtype), mask=mask)
-        tl.store(qkv_ptr + part + offs, acc_k.to(out_dtype), mask=mask)
-        tl.store(qkv_ptr + 2 * part + offs, acc_v.to(out_dtype), mask=mask)
+        tl.store(qkv_ptr + scratch_part + offs, acc_k.to(out_dtype), mask=mask)
+        tl.store(qkv_ptr + scratch_part + scratch_part + offs, acc_v.to(out_dtype), mask=mask)
 
 
 @triton.jit
 def _attention_kernel(
-    qkv_ptr, keep_ptr, stride_keep_b, stride_keep_h, o_ptr,
-    B, N, H, HEAD_DIM, qk_scale,
+    qkv_ptr, scratch_part, keep_ptr, stride_keep_b, stride_keep_h, o_ptr,
+    N, H, HEAD_DIM, qk_scale,
     PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
@@ -195,12 +209,11 @@ def _attention_kernel(
         offs_n = tl.arange(0, BLOCK_N)
         offs_d = tl.arange(0, BLOCK_D)
         d_mask = offs_d < HEAD_DIM
-        slab = (b * H + h) * N * HEAD_DIM
-        part = B * H * N * HEAD_DIM
+        slab = ((b * H + h) * N).to(tl.int64) * HEAD_DIM  # 64-bit: the scratch may pass 2**31 elements
         q = tl.load(qkv_ptr + slab + offs_m[:, None] * HEAD_DIM + offs_d[None, :],
                     mask=(offs_m < N)[:, None] & d_mask[None, :], other=0.0)
-        k_base = qkv_ptr + part + slab
-        v_base = qkv_ptr + 2 * part + slab
+        k_base = qkv_ptr + scratch_part + slab
+        v_base = qkv_ptr + scratch_part + scratch_part + slab
         # Online softmax in base 2: qk_scale = log2(e) / sqrt(d) folds the softmax scale and the
         # exp -> exp2 change of base into one multiply of the fp32 scores.
         m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
@@ -223,7 +236,7 @@ def _attention_kernel(
             m_i = m_new
         acc = acc / l_i[:, None]
         # Head outputs go to [B, N, H, d] (= timm's [B, N, H*d] before the projection).
-        o_offs = ((b * N + offs_m[:, None]) * H + h) * HEAD_DIM + offs_d[None, :]
+        o_offs = ((b * N + offs_m[:, None]) * H + h).to(tl.int64) * HEAD_DIM + offs_d[None, :]
         tl.store(o_ptr + o_offs, acc.to(o_ptr.dtype.element_ty), mask=(offs_m < N)[:, None] & d_mask[None, :])
 
 
@@ -235,7 +248,7 @@ def _project_head(o_ptr, w_ptr, stride_wo, stride_wi, rows, row_kept, offs_o, o_
     for d0 in tl.static_range(0, BLOCK_D, CHUNK_D):
         offs_d = d0 + tl.arange(0, CHUNK_D)
         d_mask = offs_d < HEAD_DIM
-        heads = tl.load(o_ptr + (rows[:, None] * H + h) * HEAD_DIM + offs_d[None, :],
+        heads = tl.load(o_ptr + (rows[:, None] * H + h).to(tl.int64) * HEAD_DIM + offs_d[None, :],
                         mask=row_kept[:, None] & d_mask[None, :], other=0.0)
         w = tl.load(w_ptr + offs_o[None, :] * stride_wo + (h * HEAD_DIM + offs_d)[:, None] * stride_wi,
                     mask=d_mask[:, None] & o_mask[None, :], other=0.0)
@@ -285,7 +298,7 @@ def _proj_kernel(
                                     HEAD_DIM, acc, PRECISION, BLOCK_D, CHUNK_D)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + offs_o, mask=o_mask, other=0.0).to(tl.float32)[None, :]
-    out_offs = sample[:, None] * stride_ob + (rows % N)[:, None] * stride_on + offs_o[None, :] * stride_od
+    out_offs = sample.to(tl.int64)[:, None] * stride_ob + (rows % N)[:, None] * stride_on + offs_o[None, :] * stride_od
     tl.store(out_ptr + out_offs, acc.to(out_ptr.dtype.element_ty), mask=row_valid[:, None] & o_mask[None, :])
 
 
@@ -338,6 +351,10 @@ def head_attention_launches(
         raise ValueError(f"proj_weight {tuple(proj_weight.shape)} does not take {num_heads}x{head_dim} inputs")
     if keep.shape != (batch, num_heads):
         raise ValueError(f"keep must be [{batch}, {num_heads}], got {tuple(keep.shape)}")
+    if qkv_weight.dtype != x.dtype or proj_weight.dtype != x.dtype:
+        # (the MMAs multiply x by W_qkv and the head outputs, stored in x's dtype, by W_o)
+        raise TypeError(f"qkv_weight ({qkv_weight.dtype}) and proj_weight ({proj_weight.dtype}) must have "
+                        f"x's dtype ({x.dtype}); cast the module, e.g. model.to({x.dtype})")
     if out is None:
         out = torch.empty(batch, tokens, d_out, device=x.device, dtype=x.dtype)
     elif out.shape != (batch, tokens, d_out):
@@ -352,7 +369,7 @@ def head_attention_launches(
     qn = _norm_args(q_norm, head_dim, "q_norm", dummy)
     kn = _norm_args(k_norm, head_dim, "k_norm", dummy)
     # fp32 inputs multiply at fp32-level accuracy (3xTF32 on CUDA), never as plain TF32
-    precision = fp32_dot_precision(x.device) if torch.float32 in (x.dtype, qkv_weight.dtype) else None
+    precision = fp32_dot_precision(x.device) if x.dtype == torch.float32 else None
     block_d = max(16, triton.next_power_of_2(head_dim))  # tl.dot needs every dim >= 16
     qkv = torch.empty(3, batch, num_heads, tokens, head_dim, device=x.device, dtype=x.dtype)
     heads = torch.empty(batch, tokens, num_heads, head_dim, device=x.device, dtype=x.dtype)
@@ -365,7 +382,7 @@ def head_attention_launches(
             qkv_weight, *qkv_weight.stride(), qkv_bias if qkv_bias is not None else dummy,
             keep, keep_b, keep_h,
             qn[0], qn[1], qn[2], kn[0], kn[1], kn[2],
-            qkv,
+            qkv, qkv[0].numel(),
             batch, tokens, dim, num_heads, head_dim,
             HAS_BIAS=qkv_bias is not None,
             Q_NORM=qn[3], QN_W=qn[4], QN_B=qn[5], K_NORM=kn[3], KN_W=kn[4], KN_B=kn[5],
@@ -376,8 +393,8 @@ def head_attention_launches(
 
     def attention():
         _attention_kernel[(batch * num_heads, triton.cdiv(tokens, tiles.attn_block_m))](
-            qkv, keep, keep_b, keep_h, heads,
-            batch, tokens, num_heads, head_dim, 1.4426950408889634 / head_dim**0.5,
+            qkv, qkv[0].numel(), keep, keep_b, keep_h, heads,
+            tokens, num_heads, head_dim, 1.4426950408889634 / head_dim**0.5,
             PRECISION=precision,
             BLOCK_M=tiles.attn_block_m, BLOCK_N=tiles.attn_block_n, BLOCK_D=block_d,
             num_warps=tiles.attn_warps,
@@ -414,8 +431,8 @@ def triton_head_attention(
 ) -> torch.Tensor:
     """Triton twin of `reference.head_attention` with head_weight = keep: [B, N, D] -> [B, N, D_out].
 
-    keep is [B, H] (bool; nonzero = kept), read on the device only. x and the weights may be
-    fp32/fp16/bf16 with any strides; the output has x's dtype (or `out`'s, when given: a
+    keep is [B, H] (bool; nonzero = kept), read on the device only. x and the two weight matrices
+    share one dtype, fp32/fp16/bf16 (biases and norms may be any float dtype), any strides; the output has x's dtype (or `out`'s, when given: a
     preallocated [B, N, D_out] tensor, any strides). q_norm/k_norm: None, nn.Identity or
     nn.LayerNorm over the head dim."""
     out, launches = head_attention_launches(x, keep, qkv_weight, qkv_bias, proj_weight, proj_bias, num_heads,

@@ -139,9 +139,11 @@ def _sae_steer_gate_kernel(
     # BLOCK_C >= a row's TopK candidates, ranked SEL_ROWS rows at a time; K_STEP selected latents
     # per row per decode step; CHUNK_G hidden units of the gate per step (GATE_CHUNK_D columns of
     # fc1 per dot); BLOCK_H >= H.
-    tile_s = tl.program_id(0)
-    tile_b = tl.program_id(1)
-    num_s_tiles = tl.num_programs(0)
+    # Batch tiles on grid axis 0 (up to 2**31 - 1 programs; one-sample programs need it), latent
+    # tiles on axis 1 (at most 65535).
+    tile_b = tl.program_id(0)
+    tile_s = tl.program_id(1)
+    num_s_tiles = tl.num_programs(1)
     offs_b = tl.arange(0, BLOCK_B)
     rows = tile_b * BLOCK_B + offs_b
     row_mask = rows < B
@@ -496,7 +498,7 @@ def triton_sae_steer_gate(
         chunk_g = min(_pow2(hidden, floor=1), max(1, _GATE_TILE_ELEMENTS // block_d))
     slice_d = _pow2(triton.cdiv(dim, num_s_tiles))  # D columns whose shift decode one program owns
 
-    _sae_steer_gate_kernel[(num_s_tiles, num_b_tiles)](
+    _sae_steer_gate_kernel[(num_b_tiles, num_s_tiles)](
         e, e.stride(0),
         *sae_args,
         *scale_args,

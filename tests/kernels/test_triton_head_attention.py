@@ -1,6 +1,7 @@
 """The head-sparse Triton attention branch against `reference.head_attention`.
 
 Runs compiled on CUDA and under TRITON_INTERPRET=1 on the CPU (set by conftest.py)."""
+import dataclasses
 import zlib
 
 import pytest
@@ -79,22 +80,21 @@ def test_matches_reference_fp32(batch, tokens, heads, head_dim, mask):
     run_and_check(branch, make_mask(mask, batch, heads, seed), heads)
 
 
-# Alternative tilings the benchmark sweep may pick, small and large, so every configuration is
-# correct (wide heads shrink the large attention tiles: `fit_tiles`).
+# Alternative tilings the benchmark sweep may pick, small and large, and the kept-list output
+# projection, so every configuration is correct. Each overrides both the 16-bit and the fp32
+# defaults; launches then shrink what would not fit (`fit_tiles`).
 TILE_VARIANTS = {
-    "small": TileConfig(qkv_block_n=16, qkv_block_k=16, attn_block_m=16, attn_block_n=16, proj_block_t=16,
-                        proj_block_o=32),
-    "large": TileConfig(qkv_block_n=128, qkv_block_k=32, attn_block_m=64, attn_block_n=128, proj_block_t=128,
-                        proj_block_o=64),
-    "kept-list": TileConfig(proj_kept_list=True),
+    "small": dict(qkv_block_n=16, qkv_block_k=16, attn_block_m=16, attn_block_n=16, proj_block_t=16, proj_block_o=32),
+    "large": dict(qkv_block_n=128, qkv_block_k=32, attn_block_m=64, attn_block_n=128, proj_block_t=128, proj_block_o=64),
+    "kept-list": dict(proj_kept_list=True),
 }
 
 
 @pytest.fixture(params=sorted(TILE_VARIANTS))
 def tiles(request, monkeypatch):
-    """The variant replaces both the 16-bit and the fp32 tile configuration."""
-    monkeypatch.setattr(attention_module, "TILES", TILE_VARIANTS[request.param])
-    monkeypatch.setattr(attention_module, "TILES_FP32", TILE_VARIANTS[request.param])
+    overrides = TILE_VARIANTS[request.param]
+    monkeypatch.setattr(attention_module, "TILES", dataclasses.replace(attention_module.TILES, **overrides))
+    monkeypatch.setattr(attention_module, "TILES_FP32", dataclasses.replace(attention_module.TILES_FP32, **overrides))
     return request.param
 
 
@@ -212,6 +212,26 @@ def test_shape_errors():
     with pytest.raises(ValueError, match="qkv_weight"):
         triton_head_attention(branch["x"], make_mask("all", 2, 5, 0), branch["qkv_weight"], None,
                               branch["proj_weight"], None, 5)
+
+
+def test_weights_must_share_the_input_dtype():
+    branch = make_branch(2, 5, 2, 32, 12)
+    with pytest.raises(TypeError, match="dtype"):
+        triton_head_attention(branch["x"].half(), make_mask("all", 2, 2, 0), branch["qkv_weight"], None,
+                              branch["proj_weight"], None, 2)
+
+
+def test_fit_tiles_keeps_the_tuned_defaults_and_shrinks_wide_rows():
+    fit = attention_module.fit_tiles
+    # The tuned configurations (d=64) run as they are.
+    assert fit(attention_module.TILES, 64, 2) == attention_module.TILES
+    assert fit(attention_module.TILES_FP32, 64, 4) == attention_module.TILES_FP32
+    # fp32 rows of a 128-wide head: smaller key tiles and token tiles, never below 16.
+    wide = fit(attention_module.TILES_FP32, 128, 4)
+    assert 16 <= wide.attn_block_n < attention_module.TILES_FP32.attn_block_n
+    assert 16 <= wide.qkv_block_n < attention_module.TILES_FP32.qkv_block_n
+    huge = fit(TileConfig(qkv_block_n=256, qkv_block_k=256, attn_block_n=256, proj_block_o=256), 1024, 4)
+    assert min(huge.qkv_block_n, huge.qkv_block_k, huge.attn_block_n, huge.proj_block_o) == 16
 
 
 @cuda_only
