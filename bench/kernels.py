@@ -199,8 +199,6 @@ def breakdown_markdown(results: dict) -> str:
 
 def sweep() -> None:
     """Time the sparse branch under alternative tile configurations, one kernel's tiles at a time."""
-    import triton
-
     from headsteer.kernels import triton_head_attention as module
 
     base = module.TILES  # vary one kernel's tiles at a time around the current defaults
@@ -223,7 +221,8 @@ def sweep() -> None:
         timed_tiles = set()
         for requested in variants:
             # Launches shrink tiles that would not fit (module.fit_tiles): time and print what runs.
-            tiles = module.fit_tiles(requested, max(16, triton.next_power_of_2(dim // heads)), DTYPE.itemsize)
+            with module.tile_config(requested, requested):
+                tiles = module.tiles_for(dim // heads, DTYPE)
             if tiles in timed_tiles:
                 continue
             timed_tiles.add(tiles)

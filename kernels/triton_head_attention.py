@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 from dataclasses import dataclass
 from typing import Callable, Iterator, Optional
 
@@ -68,6 +69,7 @@ _SHARED_BUDGET = 200 * 1024
 _STAGES = 3
 
 
+@functools.lru_cache(maxsize=None)
 def fit_tiles(tiles: TileConfig, block_d: int, element_bytes: int) -> TileConfig:
     """`tiles` shrunk, where needed, for head rows of `block_d` (padded head dim) elements of
     `element_bytes`: the defaults are tuned for d=64 16-bit rows, and d=128 or fp32 rows would
@@ -97,6 +99,17 @@ def fit_tiles(tiles: TileConfig, block_d: int, element_bytes: int) -> TileConfig
         proj_block_o //= 2
     return dataclasses.replace(tiles, attn_block_n=attn_block_n, qkv_block_n=qkv_block_n, qkv_block_k=qkv_block_k,
                                proj_block_o=proj_block_o)
+
+
+def head_block(head_dim: int) -> int:
+    """Columns of a head's tiles: the head dim padded to a power of two, at least 16 (tl.dot)."""
+    return max(16, triton.next_power_of_2(head_dim))
+
+
+def tiles_for(head_dim: int, dtype: torch.dtype) -> TileConfig:
+    """The tiles a launch for inputs of `dtype` with `head_dim`-wide heads uses: TILES (16-bit)
+    or TILES_FP32 (fp32), fitted to the head's rows (`fit_tiles`)."""
+    return fit_tiles(TILES_FP32 if dtype == torch.float32 else TILES, head_block(head_dim), dtype.itemsize)
 
 
 @contextlib.contextmanager
@@ -370,11 +383,12 @@ def head_attention_launches(
     kn = _norm_args(k_norm, head_dim, "k_norm", dummy)
     # fp32 inputs multiply at fp32-level accuracy (3xTF32 on CUDA), never as plain TF32
     precision = fp32_dot_precision(x.device) if x.dtype == torch.float32 else None
-    block_d = max(16, triton.next_power_of_2(head_dim))  # tl.dot needs every dim >= 16
+    block_d = head_block(head_dim)
     qkv = torch.empty(3, batch, num_heads, tokens, head_dim, device=x.device, dtype=x.dtype)
     heads = torch.empty(batch, tokens, num_heads, head_dim, device=x.device, dtype=x.dtype)
     keep_b, keep_h = keep.stride()
-    tiles = fit_tiles(TILES_FP32 if precision is not None else TILES, block_d, qkv.element_size())
+    scratch_part = qkv[0].numel()  # elements of each of q, k and v
+    tiles = tiles_for(head_dim, x.dtype)
 
     def qkv_projection():
         _qkv_kernel[(triton.cdiv(batch * tokens, tiles.qkv_block_n) * num_heads,)](
@@ -382,7 +396,7 @@ def head_attention_launches(
             qkv_weight, *qkv_weight.stride(), qkv_bias if qkv_bias is not None else dummy,
             keep, keep_b, keep_h,
             qn[0], qn[1], qn[2], kn[0], kn[1], kn[2],
-            qkv, qkv[0].numel(),
+            qkv, scratch_part,
             batch, tokens, dim, num_heads, head_dim,
             HAS_BIAS=qkv_bias is not None,
             Q_NORM=qn[3], QN_W=qn[4], QN_B=qn[5], K_NORM=kn[3], KN_W=kn[4], KN_B=kn[5],
@@ -393,7 +407,7 @@ def head_attention_launches(
 
     def attention():
         _attention_kernel[(batch * num_heads, triton.cdiv(tokens, tiles.attn_block_m))](
-            qkv, qkv[0].numel(), keep, keep_b, keep_h, heads,
+            qkv, scratch_part, keep, keep_b, keep_h, heads,
             tokens, num_heads, head_dim, 1.4426950408889634 / head_dim**0.5,
             PRECISION=precision,
             BLOCK_M=tiles.attn_block_m, BLOCK_N=tiles.attn_block_n, BLOCK_D=block_d,
@@ -432,9 +446,9 @@ def triton_head_attention(
     """Triton twin of `reference.head_attention` with head_weight = keep: [B, N, D] -> [B, N, D_out].
 
     keep is [B, H] (bool; nonzero = kept), read on the device only. x and the two weight matrices
-    share one dtype, fp32/fp16/bf16 (biases and norms may be any float dtype), any strides; the output has x's dtype (or `out`'s, when given: a
-    preallocated [B, N, D_out] tensor, any strides). q_norm/k_norm: None, nn.Identity or
-    nn.LayerNorm over the head dim."""
+    share one dtype, fp32/fp16/bf16 (biases and norms may be any float dtype), any strides; the
+    output has x's dtype (or `out`'s, when given: a preallocated [B, N, D_out] tensor, any
+    strides). q_norm/k_norm: None, nn.Identity or nn.LayerNorm over the head dim."""
     out, launches = head_attention_launches(x, keep, qkv_weight, qkv_bias, proj_weight, proj_bias, num_heads,
                                             q_norm, k_norm, out=out)
     for _, launch in launches:
