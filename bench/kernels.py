@@ -205,8 +205,12 @@ def sweep() -> None:
     variants = [base]
     for qkv in ((128, 64, 8), (64, 32, 4), (32, 64, 4), (128, 32, 4), (128, 64, 4)):
         variants.append(dataclasses.replace(base, qkv_block_n=qkv[0], qkv_block_k=qkv[1], qkv_warps=qkv[2]))
-    for attn in ((128, 64, 8), (128, 64, 4), (64, 32, 4), (64, 128, 4), (32, 64, 4)):
-        variants.append(dataclasses.replace(base, attn_block_m=attn[0], attn_block_n=attn[1], attn_warps=attn[2]))
+    # (query tile, key step, warps, key step over the ragged end). A tail as wide as the key step
+    # does the same MMA work as the kernel before the tail split: 197 keys as four 64-key steps.
+    for attn in ((128, 64, 8, 16), (128, 64, 4, 64), (128, 64, 4, 32), (64, 32, 4, 16), (64, 128, 4, 16),
+                 (32, 64, 4, 16)):
+        variants.append(dataclasses.replace(base, attn_block_m=attn[0], attn_block_n=attn[1], attn_warps=attn[2],
+                                            attn_block_tail=attn[3]))
     for proj in ((64, 128, 4), (128, 64, 4), (128, 128, 8), (128, 64, 8), (64, 32, 4)):
         variants.append(dataclasses.replace(base, proj_block_t=proj[0], proj_block_o=proj[1], proj_warps=proj[2]))
     # The output projection walking a list of kept heads (no branch in its loop).

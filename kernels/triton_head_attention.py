@@ -43,6 +43,7 @@ class TileConfig:
     qkv_warps: int = 4
     attn_block_m: int = 128  # queries per attention program
     attn_block_n: int = 64  # keys per online-softmax step
+    attn_block_tail: int = 16  # keys per step over the last N % attn_block_n keys
     attn_warps: int = 4
     proj_block_t: int = 64  # tokens per output-projection program
     proj_block_o: int = 128  # output columns per output-projection program
@@ -76,14 +77,19 @@ def fit_tiles(tiles: TileConfig, block_d: int, element_bytes: int) -> TileConfig
     overflow shared memory or spill registers on sm_90. The rules are estimates, checked against
     compiled kernels (`python -m headsteer.kernels.aot`, `tests/kernels/test_aot_compile.py`);
     the tuned defaults at d=64 16-bit pass through unchanged:
-    - attention: the staged k and v tiles grow with BLOCK_N x row bytes; 8 x BLOCK_N x row bytes
-      stays under 200 KiB;
+    - attention: its q tile and output accumulator hold 2 x BLOCK_M x BLOCK_D values over 32 x
+      warps threads, at most 128 registers per thread (48 for fp32 inputs); the staged k and v
+      tiles grow with BLOCK_N x row bytes, and 8 x BLOCK_N x row bytes stays under 200 KiB;
     - QKV: its three fp32 accumulators hold 3 x BLOCK_N x BLOCK_D values over 32 x warps threads,
       at most 96 registers per thread (48 for fp32 inputs, whose 3xTF32 dots keep split copies of
       every operand); its staged x and weight tiles, 3 stages x (BLOCK_N + 3 BLOCK_D) x BLOCK_K
       elements, stay under 200 KiB;
     - output projection: 3 stages x (BLOCK_T + BLOCK_O) x BLOCK_D elements under 200 KiB (its
       loop is pipelined with `proj_kept_list`)."""
+    attn_block_m = tiles.attn_block_m
+    query_regs = 48 if element_bytes >= 4 else 128
+    while attn_block_m > 16 and 2 * attn_block_m * block_d > query_regs * 32 * tiles.attn_warps:
+        attn_block_m //= 2
     attn_block_n = tiles.attn_block_n
     while attn_block_n > 16 and 8 * attn_block_n * block_d * element_bytes > _SHARED_BUDGET:
         attn_block_n //= 2
@@ -97,7 +103,8 @@ def fit_tiles(tiles: TileConfig, block_d: int, element_bytes: int) -> TileConfig
     proj_block_o = tiles.proj_block_o
     while proj_block_o > 16 and _STAGES * (tiles.proj_block_t + proj_block_o) * block_d * element_bytes > _SHARED_BUDGET:
         proj_block_o //= 2
-    return dataclasses.replace(tiles, attn_block_n=attn_block_n, qkv_block_n=qkv_block_n, qkv_block_k=qkv_block_k,
+    return dataclasses.replace(tiles, attn_block_m=attn_block_m, attn_block_n=attn_block_n, attn_block_tail=min(tiles.attn_block_tail, attn_block_n),
+                               qkv_block_n=qkv_block_n, qkv_block_k=qkv_block_k,
                                proj_block_o=proj_block_o)
 
 
@@ -208,18 +215,39 @@ def _qkv_kernel(
 
 
 @triton.jit
+def _attend_keys(q, k_base, v_base, start, N, HEAD_DIM, qk_scale, m_i, l_i, acc, d_mask,
+                 MASK_KEYS: tl.constexpr, PRECISION: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    """One online-softmax step over keys [start, start + BLOCK_N): returns the updated running
+    max m_i, denominator l_i and unnormalized output acc. MASK_KEYS: the block may pass N."""
+    cols = start + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    kv_offs = cols[:, None] * HEAD_DIM + offs_d[None, :]
+    kv_mask = (cols < N)[:, None] & d_mask[None, :] if MASK_KEYS else d_mask[None, :]
+    k = tl.load(k_base + kv_offs, mask=kv_mask, other=0.0)
+    v = tl.load(v_base + kv_offs, mask=kv_mask, other=0.0)
+    scores = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
+    if MASK_KEYS:
+        scores = tl.where((cols < N)[None, :], scores, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(scores, axis=1))  # finite: every block has a real column
+    alpha = tl.math.exp2(m_i - m_new)
+    p = tl.math.exp2(scores - m_new[:, None])
+    l_i = l_i * alpha + tl.sum(p, axis=1)
+    acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=PRECISION)
+    return m_new, l_i, acc
+
+
+@triton.jit
 def _attention_kernel(
     qkv_ptr, scratch_part, keep_ptr, stride_keep_b, stride_keep_h, o_ptr,
     N, H, HEAD_DIM, qk_scale,
     PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_TAIL: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     pid_bh = tl.program_id(0)
     b = pid_bh // H
     h = pid_bh % H
     if tl.load(keep_ptr + b * stride_keep_b + h * stride_keep_h) != 0:
         offs_m = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
-        offs_n = tl.arange(0, BLOCK_N)
         offs_d = tl.arange(0, BLOCK_D)
         d_mask = offs_d < HEAD_DIM
         slab = ((b * H + h) * N).to(tl.int64) * HEAD_DIM  # 64-bit: the scratch may pass 2**31 elements
@@ -232,21 +260,15 @@ def _attention_kernel(
         m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
         l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
         acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-        for start in range(0, N, BLOCK_N):
-            cols = start + offs_n
-            col_mask = cols < N
-            kv_offs = cols[:, None] * HEAD_DIM + offs_d[None, :]
-            kv_mask = col_mask[:, None] & d_mask[None, :]
-            k = tl.load(k_base + kv_offs, mask=kv_mask, other=0.0)
-            v = tl.load(v_base + kv_offs, mask=kv_mask, other=0.0)
-            scores = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
-            scores = tl.where(col_mask[None, :], scores, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(scores, axis=1))  # finite: every block has a real column
-            alpha = tl.math.exp2(m_i - m_new)
-            p = tl.math.exp2(scores - m_new[:, None])
-            l_i = l_i * alpha + tl.sum(p, axis=1)
-            acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=PRECISION)
-            m_i = m_new
+        # Whole key blocks run without column masks; the ragged end (N % BLOCK_N keys, e.g. 5 of
+        # ViT's 197) runs in narrow BLOCK_TAIL blocks, so it costs a 16-key step, not a 64-key one.
+        full_end = (N // BLOCK_N) * BLOCK_N
+        for start in range(0, full_end, BLOCK_N):
+            m_i, l_i, acc = _attend_keys(q, k_base, v_base, start, N, HEAD_DIM, qk_scale, m_i, l_i, acc, d_mask,
+                                         False, PRECISION, BLOCK_N, BLOCK_D)
+        for start in range(full_end, N, BLOCK_TAIL):
+            m_i, l_i, acc = _attend_keys(q, k_base, v_base, start, N, HEAD_DIM, qk_scale, m_i, l_i, acc, d_mask,
+                                         True, PRECISION, BLOCK_TAIL, BLOCK_D)
         acc = acc / l_i[:, None]
         # Head outputs go to [B, N, H, d] (= timm's [B, N, H*d] before the projection).
         o_offs = ((b * N + offs_m[:, None]) * H + h).to(tl.int64) * HEAD_DIM + offs_d[None, :]
@@ -410,7 +432,8 @@ def head_attention_launches(
             qkv, scratch_part, keep, keep_b, keep_h, heads,
             tokens, num_heads, head_dim, 1.4426950408889634 / head_dim**0.5,
             PRECISION=precision,
-            BLOCK_M=tiles.attn_block_m, BLOCK_N=tiles.attn_block_n, BLOCK_D=block_d,
+            BLOCK_M=tiles.attn_block_m, BLOCK_N=tiles.attn_block_n, BLOCK_TAIL=tiles.attn_block_tail,
+            BLOCK_D=block_d,
             num_warps=tiles.attn_warps,
         )
 

@@ -71,7 +71,8 @@ def run_and_check(branch, keep, heads, q_norm=None, k_norm=None, out=None):
 
 @pytest.mark.parametrize(
     "batch,tokens,heads,head_dim",
-    [(1, 5, 2, 32), (3, 17, 3, 64), (5, 50, 6, 32), (3, 70, 2, 64), (1, 17, 2, 128), (2, 9, 3, 80)],
+    # N = 70 and 131: whole 64-key blocks, then a ragged tail of one or more narrow key blocks.
+    [(1, 5, 2, 32), (3, 17, 3, 64), (5, 50, 6, 32), (3, 70, 2, 64), (2, 131, 2, 32), (1, 17, 2, 128), (2, 9, 3, 80)],
 )
 @pytest.mark.parametrize("mask", ["none", "all", "distinct", "random"])
 def test_matches_reference_fp32(batch, tokens, heads, head_dim, mask):
@@ -85,7 +86,8 @@ def test_matches_reference_fp32(batch, tokens, heads, head_dim, mask):
 # defaults; launches then shrink what would not fit (`fit_tiles`).
 TILE_VARIANTS = {
     "small": dict(qkv_block_n=16, qkv_block_k=16, attn_block_m=16, attn_block_n=16, proj_block_t=16, proj_block_o=32),
-    "large": dict(qkv_block_n=128, qkv_block_k=32, attn_block_m=64, attn_block_n=128, proj_block_t=128, proj_block_o=64),
+    "large": dict(qkv_block_n=128, qkv_block_k=32, attn_block_m=64, attn_block_n=128, attn_block_tail=32,
+                  proj_block_t=128, proj_block_o=64),
     "kept-list": dict(proj_kept_list=True),
 }
 
@@ -230,6 +232,8 @@ def test_fit_tiles_keeps_the_tuned_defaults_and_shrinks_wide_rows():
     wide = fit(attention_module.TILES_FP32, 128, 4)
     assert 16 <= wide.attn_block_n < attention_module.TILES_FP32.attn_block_n
     assert 16 <= wide.qkv_block_n < attention_module.TILES_FP32.qkv_block_n
+    assert 16 <= wide.attn_block_m < attention_module.TILES_FP32.attn_block_m
+    assert wide.attn_block_tail <= wide.attn_block_n
     huge = fit(TileConfig(qkv_block_n=256, qkv_block_k=256, attn_block_n=256, proj_block_o=256), 1024, 4)
     assert min(huge.qkv_block_n, huge.qkv_block_k, huge.attn_block_n, huge.proj_block_o) == 16
 
