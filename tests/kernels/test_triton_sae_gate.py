@@ -6,9 +6,11 @@ import zlib
 import pytest
 import torch
 import torch.nn.functional as F
+import triton
+import triton.language as tl
 
 from headsteer.kernels import reference
-from headsteer.kernels.triton_sae_gate import MAX_TOPK_CANDIDATES, triton_sae_steer_gate
+from headsteer.kernels.triton_sae_gate import MAX_TOPK_CANDIDATES, _topk_rows, triton_sae_steer_gate
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 cuda_only = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -289,3 +291,32 @@ def test_nan_latents_propagate_like_relu(activation, k, mode):
     logits, keep = triton_sae_steer_gate(e, make_gate(dim, 16, 6, 114), sae, scale, None, mode)
     assert ref_logits.isnan().all()
     assert logits.isnan().all() and torch.equal(keep, ref_keep)
+
+
+@triton.jit
+def _topk_rows_probe(values_ptr, mask_ptr, C, k, ROWS: tl.constexpr, BLOCK_C: tl.constexpr):
+    """Runs the kernel's radix select on a [ROWS, C] tile (columns padded to BLOCK_C)."""
+    rows = tl.arange(0, ROWS)
+    cols = tl.arange(0, BLOCK_C)
+    valid = (cols < C)[None, :] & (rows < ROWS)[:, None]
+    values = tl.load(values_ptr + rows[:, None] * C + cols[None, :], mask=valid, other=0.0)
+    chosen = _topk_rows(values, valid, k)
+    tl.store(mask_ptr + rows[:, None] * C + cols[None, :], chosen, mask=valid)
+
+
+@pytest.mark.parametrize("k", [0, 1, 3, 7, 20, 21, 40])
+def test_radix_select_matches_topk_mask(k):
+    """The TopK selection alone against `reference.topk_mask`, on rows built to be hard: exact
+    ties (cut by k), +-0.0, +-inf, NaN, subnormals, and 21 columns padded to 32."""
+    rows, cols = 16, 21
+    g = torch.Generator().manual_seed(zlib.crc32(repr(k).encode()))
+    values = torch.randint(-3, 4, (rows, cols), generator=g).float()  # many exact ties
+    values[1] = torch.randn(cols, generator=g)  # all distinct
+    values[2, :4] = torch.tensor([0.0, -0.0, -0.0, 0.0])
+    values[3, :5] = torch.tensor([float("inf"), float("-inf"), float("nan"), -float("nan"), 1e-40])
+    values[4] = float("-inf")  # every entry tied at -inf
+    values[5] = -1e-40  # tied negative subnormals
+    values[6] = torch.linspace(-1e30, 1e30, cols)
+    got = torch.zeros(rows, cols, dtype=torch.bool, device=DEVICE)
+    _topk_rows_probe[(1,)](values.to(DEVICE), got, cols, k, ROWS=rows, BLOCK_C=32)
+    assert torch.equal(got.cpu(), reference.topk_mask(values, k))
