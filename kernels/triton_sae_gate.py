@@ -112,6 +112,26 @@ def _layer_norm_chunk(g, mean, rstd, w_ptr, b_ptr, cols, col_mask, HAS_W: tl.con
 
 
 @triton.jit
+def _selected_latents(sel_idx_ptr, sel_coef_ptr, rows, row_mask, j0, sae_k, K_STEP: tl.constexpr):
+    """Selected latents j0 .. j0 + K_STEP - 1 of each row: (latent index, decode coefficient, mask)."""
+    j = j0 + tl.arange(0, K_STEP)
+    sel_mask = row_mask[:, None] & (j < sae_k)[None, :]
+    flat = rows[:, None] * sae_k + j[None, :]
+    latent = tl.load(sel_idx_ptr + flat, mask=sel_mask, other=0)
+    sel_coef = tl.load(sel_coef_ptr + flat, mask=sel_mask, other=0.0)
+    return latent, sel_coef, sel_mask
+
+
+@triton.jit
+def _decode_step(dec_w_ptr, latent, sel_coef, sel_mask, dd, d_mask, D):
+    """sum_j sel_coef[b, j] W_dec[latent[b, j], dd] for a [rows, K_STEP] block of selected
+    latents: a gathered [rows, K_STEP, len(dd)] tile reduced with fp32 FMAs."""
+    w_sel = tl.load(dec_w_ptr + latent[:, :, None].to(tl.int64) * D + dd[None, None, :],
+                    mask=sel_mask[:, :, None] & d_mask[None, None, :], other=0.0).to(tl.float32)
+    return tl.sum(sel_coef[:, :, None] * w_sel, axis=1)
+
+
+@triton.jit
 def _sae_steer_gate_kernel(
     e_ptr, stride_eb,
     enc_w_ptr, enc_b_ptr, dec_w_ptr, dec_b_ptr, thr_ptr,
@@ -257,6 +277,9 @@ def _sae_steer_gate_kernel(
             tl.debug_barrier()
 
         if SPLIT:
+            if GATHER:
+                first_latent, first_coef, first_mask = _selected_latents(sel_idx_ptr, sel_coef_ptr, rows, row_mask, 0,
+                                                                         sae_k, K_STEP)
             for d0 in range(0, D, CHUNK_D):
                 dd = d0 + tl.arange(0, CHUNK_D)
                 d_mask = dd < D
@@ -278,15 +301,13 @@ def _sae_steer_gate_kernel(
                     # sum_j coef[b, j] W_dec[latent[b, j]] over the k selected latents of each
                     # row, K_STEP of them per step as exact fp32 FMA reductions of a gathered
                     # [BLOCK_B, K_STEP, CHUNK_D] tile (each gathered decoder row is contiguous).
-                    for j0 in range(0, sae_k, K_STEP):
-                        j = j0 + tl.arange(0, K_STEP)
-                        sel_mask = row_mask[:, None] & (j < sae_k)[None, :]
-                        flat = rows[:, None] * sae_k + j[None, :]
-                        latent = tl.load(sel_idx_ptr + flat, mask=sel_mask, other=0)
-                        sel_coef = tl.load(sel_coef_ptr + flat, mask=sel_mask, other=0.0)
-                        w_sel = tl.load(dec_w_ptr + latent[:, :, None].to(tl.int64) * D + dd[None, None, :],
-                                        mask=sel_mask[:, :, None] & d_mask[None, None, :], other=0.0).to(tl.float32)
-                        acc += tl.sum(sel_coef[:, :, None] * w_sel, axis=1)
+                    # The first step's latents were loaded once for every chunk (all of them when
+                    # k <= K_STEP, e.g. k = 16), so a chunk waits on one gather, not on two loads.
+                    acc += _decode_step(dec_w_ptr, first_latent, first_coef, first_mask, dd, d_mask, D)
+                    for j0 in range(K_STEP, sae_k, K_STEP):
+                        latent, sel_coef, sel_mask = _selected_latents(sel_idx_ptr, sel_coef_ptr, rows, row_mask, j0,
+                                                                       sae_k, K_STEP)
+                        acc += _decode_step(dec_w_ptr, latent, sel_coef, sel_mask, dd, d_mask, D)
                 tl.store(g_ptr + rows[:, None] * D + dd[None, :], acc, mask=out_mask)
             tl.debug_barrier()
 
