@@ -6,8 +6,8 @@
 # 1. the kernel benchmark (issue 4's table) and its per-kernel breakdown, as JSON and markdown;
 # 2. the kernel and triton-backend tests, compiled (the CPU runs them interpreted), spread over
 #    the CPUs with pytest-xdist since compiling the kernels for each shape dominates;
-# 3. unless --quick, the tile sweep of the attention kernels and the whole ViT-S (bf16, CUDA
-#    graphs) against timm.
+# 3. unless --quick, the whole ViT-S (bf16, CUDA graphs) against timm, the fused gate's tile and
+#    warp sweep, and the tile sweep of the attention kernels.
 # Everything lands in OUT_DIR/gpu_checks/ and is packed into OUT_DIR/gpu_checks.tar.gz (a lease
 # returns only a few files). The exit status is that of the first failing step.
 set -uo pipefail
@@ -41,6 +41,7 @@ if [ "$quick" != "--quick" ]; then
   step model 50 python -m headsteer.bench --model vit_small_patch16_224 --device cuda --dtype bfloat16 \
     --backends timm,timm-graph,triton-graph --batch 64,8 --usage 1,0.67,0.33,0 --reps 10 --warmup 2 \
     --no-progress --json "$dir/model.json" --md "$dir/model.md"
+  step gate_sweep 80 python -m headsteer.bench.kernels --gate-sweep
   step sweep 150 python -m headsteer.bench.kernels --sweep
 fi
 exit "$status"

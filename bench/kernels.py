@@ -17,6 +17,7 @@ Without CUDA it says so and exits 0 without writing anything.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import datetime
 import json
@@ -236,6 +237,38 @@ def sweep() -> None:
                   f"(graph {times[0.33][1]:6.1f}us)  {tiles}", flush=True)
 
 
+@contextlib.contextmanager
+def module_constants(module, **values):
+    """Set module-level constants (a kernel launcher's tiles) inside the block, then restore them."""
+    saved = {name: getattr(module, name) for name in values}
+    for name, value in values.items():
+        setattr(module, name, value)
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            setattr(module, name, value)
+
+
+def gate_sweep() -> None:
+    """Time the fused gate (SAE TopK with scale, and without SAE) under alternative latent tiles,
+    warps and one-sample fc1 tiles; prints one line per configuration (graph replay)."""
+    from headsteer.kernels import triton_sae_gate as module
+
+    variants = [dict()] + [dict(BLOCK_S=s) for s in (64, 256)] + [dict(GATE_WARPS=4), dict(GATE_CHUNK_D=64)]
+    variants += [dict(_GATE_TILE_ELEMENTS=n) for n in (8192, 32768)] + [dict(GATE_WARPS=4, _GATE_TILE_ELEMENTS=8192)]
+    generator = torch.Generator().manual_seed(0)
+    for name, (heads, dim) in MODELS.items():
+        e = torch.randn(BATCH, dim, generator=generator).to(DEVICE, DTYPE)
+        setups = {"SAE topk, scale": gate_params(dim, heads, generator, True), "none": gate_params(dim, heads, generator, False)}
+        for variant in variants:
+            times = []
+            with module_constants(module, **variant):
+                for label, (gate, sae, (scale, _)) in setups.items():
+                    times.append(f"{label} {graph_timed(lambda: module.triton_sae_steer_gate(e, gate, sae, scale)):6.1f}us")
+            print(f"{name} gate graph: {'  '.join(times)}  {variant or 'defaults'}", flush=True)
+
+
 def markdown(results: dict, device: str, date: str, command: str) -> str:
     lines = [
         "## Triton kernels (issue 4)", "",
@@ -267,12 +300,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--md", help="write the RESULTS.md section as markdown to this file")
     parser.add_argument("--sweep", action="store_true", help="time alternative attention tile configurations")
     parser.add_argument("--breakdown", action="store_true", help="time each kernel of the dense and sparse branch")
+    parser.add_argument("--gate-sweep", action="store_true", help="time alternative tiles and warps of the fused gate")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         print("headsteer.bench.kernels: no CUDA device; the Triton kernel timings are GPU-only, nothing measured.")
         return 0
     if args.sweep:
         sweep()
+        return 0
+    if args.gate_sweep:
+        gate_sweep()
         return 0
     if args.breakdown:
         results = breakdown()

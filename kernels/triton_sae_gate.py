@@ -44,6 +44,8 @@ _ACTIVATION_CODES = {"relu": 0, "topk": 1, "jumprelu": 2}
 BLOCK_B = 16
 # Latents per program: each program streams BLOCK_S rows of the encoder (and the decoder).
 BLOCK_S = 128
+# Warps of every gate program (`python -m headsteer.bench.kernels --gate-sweep` times others).
+GATE_WARPS = 8
 # The finisher ranks all of a row's candidates (latent tiles x min(k, BLOCK_S)) in registers.
 MAX_TOPK_CANDIDATES = 16384
 # Register budget (elements) of the finisher's candidate tile: how many rows it ranks at once.
@@ -541,6 +543,6 @@ def triton_sae_steer_gate(
         BLOCK_C=block_c, SEL_ROWS=max(1, min(block_b, _TILE_ELEMENTS // block_c)),
         K_STEP=min(16, _pow2(sae_k, floor=1)), CHUNK_G=chunk_g, GATE_CHUNK_D=GATE_CHUNK_D,
         BLOCK_H=_pow2(num_heads),
-        num_warps=8,
+        num_warps=GATE_WARPS,
     )
     return logits, keep

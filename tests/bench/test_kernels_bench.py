@@ -81,3 +81,14 @@ def test_sweep_runs_every_tile_variant_and_restores_the_default(tiny, capsys):
     assert len({line.split("TileConfig", 1)[1] for line in lines}) == len(lines)  # no tiling timed twice
     assert any("proj_kept_list=True" in line for line in lines)  # a non-default variant ran
     assert attention.TILES is default
+
+
+def test_gate_sweep_runs_every_variant_and_restores_the_defaults(tiny, capsys):
+    from headsteer.kernels import triton_sae_gate as gate
+
+    defaults = gate.BLOCK_S, gate.GATE_WARPS, gate.GATE_CHUNK_D, gate._GATE_TILE_ELEMENTS
+    bench.gate_sweep()
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 8 and len(tiny) == 16  # each variant timed with and without an SAE
+    assert "defaults" in lines[0] and "'BLOCK_S': 64" in lines[1]
+    assert (gate.BLOCK_S, gate.GATE_WARPS, gate.GATE_CHUNK_D, gate._GATE_TILE_ELEMENTS) == defaults
