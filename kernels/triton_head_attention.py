@@ -41,13 +41,16 @@ class TileConfig:
     qkv_block_n: int = 64  # tokens per QKV-projection program
     qkv_block_k: int = 64  # reduction step over D
     qkv_warps: int = 4
+    qkv_stages: int = 3  # software-pipeline depth of the reduction loop (copies of its input tiles)
     attn_block_m: int = 128  # queries per attention program
     attn_block_n: int = 64  # keys per online-softmax step
     attn_block_tail: int = 16  # keys per step over the last N % attn_block_n keys
     attn_warps: int = 4
+    attn_stages: int = 3  # software-pipeline depth of the key loop
     proj_block_t: int = 64  # tokens per output-projection program
     proj_block_o: int = 128  # output columns per output-projection program
     proj_warps: int = 4
+    proj_stages: int = 3  # software-pipeline depth of the head loop (pipelined with proj_kept_list)
     # Output projection: walk a list of the heads the tile keeps (a loop without branches, which
     # Triton can software-pipeline) instead of testing every head inside the loop.
     proj_kept_list: bool = False
@@ -66,8 +69,6 @@ TILES_FP32 = TileConfig(qkv_block_n=64, qkv_block_k=32, qkv_warps=8, attn_block_
 
 # Shared memory a kernel's staged tiles may take; an H100/H200 block gets 227 KiB.
 _SHARED_BUDGET = 200 * 1024
-# Software-pipelined loops keep this many copies of their input tiles in shared memory.
-_STAGES = 3
 
 
 @functools.lru_cache(maxsize=None)
@@ -78,34 +79,34 @@ def fit_tiles(tiles: TileConfig, block_d: int, element_bytes: int) -> TileConfig
     compiled kernels (`python -m headsteer.kernels.aot`, `tests/kernels/test_aot_compile.py`);
     the tuned defaults at d=64 16-bit pass through unchanged:
     - attention: its q tile and output accumulator hold 2 x BLOCK_M x BLOCK_D values over 32 x
-      warps threads, at most 128 registers per thread (48 for fp32 inputs); the staged k and v
-      tiles grow with BLOCK_N x row bytes, and 8 x BLOCK_N x row bytes stays under 200 KiB;
+      warps threads, at most 128 registers per thread (48 for fp32 inputs); its staged k and v
+      tiles, (2 x stages + 2) x BLOCK_N x row bytes, stay under 200 KiB;
     - QKV: its three fp32 accumulators hold 3 x BLOCK_N x BLOCK_D values over 32 x warps threads,
       at most 96 registers per thread (48 for fp32 inputs, whose 3xTF32 dots keep split copies of
-      every operand); its staged x and weight tiles, 3 stages x (BLOCK_N + 3 BLOCK_D) x BLOCK_K
+      every operand); its staged x and weight tiles, stages x (BLOCK_N + 3 BLOCK_D) x BLOCK_K
       elements, stay under 200 KiB;
-    - output projection: 3 stages x (BLOCK_T + BLOCK_O) x BLOCK_D elements under 200 KiB (its
-      loop is pipelined with `proj_kept_list`)."""
+    - output projection: stages x (BLOCK_T + BLOCK_O) x BLOCK_D elements under 200 KiB (its loop
+      is pipelined with `proj_kept_list`)."""
     attn_block_m = tiles.attn_block_m
     query_regs = 48 if element_bytes >= 4 else 128
     while attn_block_m > 16 and 2 * attn_block_m * block_d > query_regs * 32 * tiles.attn_warps:
         attn_block_m //= 2
     attn_block_n = tiles.attn_block_n
-    while attn_block_n > 16 and 8 * attn_block_n * block_d * element_bytes > _SHARED_BUDGET:
+    while attn_block_n > 16 and (2 * tiles.attn_stages + 2) * attn_block_n * block_d * element_bytes > _SHARED_BUDGET:
         attn_block_n //= 2
     qkv_block_n = tiles.qkv_block_n
     accumulator_regs = 48 if element_bytes >= 4 else 96
     while qkv_block_n > 16 and 3 * qkv_block_n * block_d > accumulator_regs * 32 * tiles.qkv_warps:
         qkv_block_n //= 2
     qkv_block_k = tiles.qkv_block_k
-    while qkv_block_k > 16 and _STAGES * (qkv_block_n + 3 * block_d) * qkv_block_k * element_bytes > _SHARED_BUDGET:
+    while qkv_block_k > 16 and tiles.qkv_stages * (qkv_block_n + 3 * block_d) * qkv_block_k * element_bytes > _SHARED_BUDGET:
         qkv_block_k //= 2
     proj_block_o = tiles.proj_block_o
-    while proj_block_o > 16 and _STAGES * (tiles.proj_block_t + proj_block_o) * block_d * element_bytes > _SHARED_BUDGET:
+    while proj_block_o > 16 and tiles.proj_stages * (tiles.proj_block_t + proj_block_o) * block_d * element_bytes > _SHARED_BUDGET:
         proj_block_o //= 2
-    return dataclasses.replace(tiles, attn_block_m=attn_block_m, attn_block_n=attn_block_n, attn_block_tail=min(tiles.attn_block_tail, attn_block_n),
-                               qkv_block_n=qkv_block_n, qkv_block_k=qkv_block_k,
-                               proj_block_o=proj_block_o)
+    return dataclasses.replace(tiles, attn_block_m=attn_block_m, attn_block_n=attn_block_n,
+                               attn_block_tail=min(tiles.attn_block_tail, attn_block_n),
+                               qkv_block_n=qkv_block_n, qkv_block_k=qkv_block_k, proj_block_o=proj_block_o)
 
 
 def head_block(head_dim: int) -> int:
@@ -424,7 +425,7 @@ def head_attention_launches(
             Q_NORM=qn[3], QN_W=qn[4], QN_B=qn[5], K_NORM=kn[3], KN_W=kn[4], KN_B=kn[5],
             PRECISION=precision,
             BLOCK_N=tiles.qkv_block_n, BLOCK_K=tiles.qkv_block_k, BLOCK_D=block_d,
-            num_warps=tiles.qkv_warps,
+            num_warps=tiles.qkv_warps, num_stages=tiles.qkv_stages,
         )
 
     def attention():
@@ -434,7 +435,7 @@ def head_attention_launches(
             PRECISION=precision,
             BLOCK_M=tiles.attn_block_m, BLOCK_N=tiles.attn_block_n, BLOCK_TAIL=tiles.attn_block_tail,
             BLOCK_D=block_d,
-            num_warps=tiles.attn_warps,
+            num_warps=tiles.attn_warps, num_stages=tiles.attn_stages,
         )
 
     def output_projection():
@@ -447,7 +448,7 @@ def head_attention_launches(
             BLOCK_T=tiles.proj_block_t, BLOCK_O=tiles.proj_block_o, BLOCK_D=block_d,
             CHUNK_D=min(block_d, 64) if precision is not None else block_d,
             BLOCK_H=triton.next_power_of_2(num_heads), KEPT_LIST=tiles.proj_kept_list,
-            num_warps=tiles.proj_warps,
+            num_warps=tiles.proj_warps, num_stages=tiles.proj_stages,
         )
 
     return out, [("qkv", qkv_projection), ("attention", attention), ("proj", output_projection)]
