@@ -214,11 +214,13 @@ def sweep_variants() -> list:
         variants.append(dataclasses.replace(base, qkv_stages=stages))
         variants.append(dataclasses.replace(base, attn_stages=stages))
     variants.append(dataclasses.replace(base, qkv_block_k=128, qkv_stages=2))
-    # (query tile, key step, warps, key step over the ragged end). A tail as wide as the key step
-    # does the same MMA work as the kernel before the tail split: 197 keys as four 64-key steps.
-    for attn in ((128, 64, 4, 64), (128, 64, 4, 32), (128, 64, 8, 16), (64, 32, 4, 16), (64, 128, 4, 16)):
-        variants.append(dataclasses.replace(base, attn_block_m=attn[0], attn_block_n=attn[1], attn_warps=attn[2],
-                                            attn_block_tail=attn[3]))
+    # (query tile, queries per pass over the ragged end, key step, keys per step over the ragged
+    # end, warps). The first is the tiling timed on the H200 on 2026-11-26 (a key tail as wide as
+    # the key step does the MMA work the kernel did before the tail passes).
+    for attn in ((128, 128, 64, 64, 4), (128, 128, 64, 16, 4), (64, 64, 32, 16, 4), (64, 16, 64, 16, 4),
+                 (64, 16, 32, 32, 4), (64, 16, 32, 16, 8), (128, 16, 64, 16, 4)):
+        variants.append(dataclasses.replace(base, attn_block_m=attn[0], attn_block_m_tail=attn[1], attn_block_n=attn[2],
+                                            attn_block_tail=attn[3], attn_warps=attn[4]))
     # Tilings the 2026-11-26 H200 sweep found within noise of the defaults.
     for qkv in ((128, 64, 8), (64, 32, 4), (128, 32, 4)):
         variants.append(dataclasses.replace(base, qkv_block_n=qkv[0], qkv_block_k=qkv[1], qkv_warps=qkv[2]))

@@ -42,8 +42,9 @@ class TileConfig:
     qkv_block_k: int = 64  # reduction step over D
     qkv_warps: int = 4
     qkv_stages: int = 3  # software-pipeline depth of the reduction loop (copies of its input tiles)
-    attn_block_m: int = 128  # queries per attention program
-    attn_block_n: int = 64  # keys per online-softmax step
+    attn_block_m: int = 64  # queries per attention program
+    attn_block_m_tail: int = 16  # queries per pass over the last N % attn_block_m queries
+    attn_block_n: int = 32  # keys per online-softmax step
     attn_block_tail: int = 16  # keys per step over the last N % attn_block_n keys
     attn_warps: int = 4
     attn_stages: int = 3  # software-pipeline depth of the key loop
@@ -56,8 +57,11 @@ class TileConfig:
     proj_kept_list: bool = False
 
 
-# Used by every 16-bit launch; tuned on an H100 for ViT shapes (N=197, d=64, bf16) with
-# `python -m headsteer.bench.kernels --sweep`, which swaps this module attribute.
+# Used by every 16-bit launch; tuned on an H100/H200 for ViT shapes (N=197, d=64, bf16) with
+# `python -m headsteer.bench.kernels --sweep`, which swaps this module attribute. Not yet timed:
+# the attention's tails. The H200 sweep of 2026-11-26 put 64-query / 32-key tiles within noise
+# of 128 / 64; the 16-row and 16-key tail passes then cut each (sample, head)'s padded score
+# tile at N=197 from 256 x 256 to 208 x 208 (the sweep keeps the old tiling to compare).
 TILES = TileConfig()
 
 # fp32 launches: 3xTF32 dots keep fp32 operands (twice the bytes) and three accumulating MMAs
@@ -104,7 +108,8 @@ def fit_tiles(tiles: TileConfig, block_d: int, element_bytes: int) -> TileConfig
     proj_block_o = tiles.proj_block_o
     while proj_block_o > 16 and tiles.proj_stages * (tiles.proj_block_t + proj_block_o) * block_d * element_bytes > _SHARED_BUDGET:
         proj_block_o //= 2
-    return dataclasses.replace(tiles, attn_block_m=attn_block_m, attn_block_n=attn_block_n,
+    return dataclasses.replace(tiles, attn_block_m=attn_block_m,
+                               attn_block_m_tail=min(tiles.attn_block_m_tail, attn_block_m), attn_block_n=attn_block_n,
                                attn_block_tail=min(tiles.attn_block_tail, attn_block_n),
                                qkv_block_n=qkv_block_n, qkv_block_k=qkv_block_k, proj_block_o=proj_block_o)
 
@@ -238,42 +243,60 @@ def _attend_keys(q, k_base, v_base, start, N, HEAD_DIM, qk_scale, m_i, l_i, acc,
 
 
 @triton.jit
+def _attend_queries(qkv_ptr, scratch_part, o_ptr, b, h, first_row, N, H, HEAD_DIM, qk_scale,
+                    PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_TAIL: tl.constexpr,
+                    BLOCK_D: tl.constexpr):
+    """Attention of queries [first_row, first_row + BLOCK_M) of one (sample, head) over all N keys."""
+    offs_m = first_row + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_mask = offs_d < HEAD_DIM
+    slab = ((b * H + h) * N).to(tl.int64) * HEAD_DIM  # 64-bit: the scratch may pass 2**31 elements
+    q = tl.load(qkv_ptr + slab + offs_m[:, None] * HEAD_DIM + offs_d[None, :],
+                mask=(offs_m < N)[:, None] & d_mask[None, :], other=0.0)
+    k_base = qkv_ptr + scratch_part + slab
+    v_base = qkv_ptr + scratch_part + scratch_part + slab
+    # Online softmax in base 2: qk_scale = log2(e) / sqrt(d) folds the softmax scale and the
+    # exp -> exp2 change of base into one multiply of the fp32 scores.
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    # Whole key blocks run without column masks; the ragged end (N % BLOCK_N keys, e.g. 5 of
+    # ViT's 197) runs in narrow BLOCK_TAIL blocks, so it costs a 16-key step, not a 64-key one.
+    full_end = (N // BLOCK_N) * BLOCK_N
+    for start in range(0, full_end, BLOCK_N):
+        m_i, l_i, acc = _attend_keys(q, k_base, v_base, start, N, HEAD_DIM, qk_scale, m_i, l_i, acc, d_mask,
+                                     False, PRECISION, BLOCK_N, BLOCK_D)
+    for start in range(full_end, N, BLOCK_TAIL):
+        m_i, l_i, acc = _attend_keys(q, k_base, v_base, start, N, HEAD_DIM, qk_scale, m_i, l_i, acc, d_mask,
+                                     True, PRECISION, BLOCK_TAIL, BLOCK_D)
+    acc = acc / l_i[:, None]
+    # Head outputs go to [B, N, H, d] (= timm's [B, N, H*d] before the projection).
+    o_offs = ((b * N + offs_m[:, None]) * H + h).to(tl.int64) * HEAD_DIM + offs_d[None, :]
+    tl.store(o_ptr + o_offs, acc.to(o_ptr.dtype.element_ty), mask=(offs_m < N)[:, None] & d_mask[None, :])
+
+
+@triton.jit
 def _attention_kernel(
     qkv_ptr, scratch_part, keep_ptr, stride_keep_b, stride_keep_h, o_ptr,
     N, H, HEAD_DIM, qk_scale,
     PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_TAIL: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_M_TAIL: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_TAIL: tl.constexpr,
+    BLOCK_D: tl.constexpr,
 ):
     pid_bh = tl.program_id(0)
     b = pid_bh // H
     h = pid_bh % H
     if tl.load(keep_ptr + b * stride_keep_b + h * stride_keep_h) != 0:
-        offs_m = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
-        offs_d = tl.arange(0, BLOCK_D)
-        d_mask = offs_d < HEAD_DIM
-        slab = ((b * H + h) * N).to(tl.int64) * HEAD_DIM  # 64-bit: the scratch may pass 2**31 elements
-        q = tl.load(qkv_ptr + slab + offs_m[:, None] * HEAD_DIM + offs_d[None, :],
-                    mask=(offs_m < N)[:, None] & d_mask[None, :], other=0.0)
-        k_base = qkv_ptr + scratch_part + slab
-        v_base = qkv_ptr + scratch_part + scratch_part + slab
-        # Online softmax in base 2: qk_scale = log2(e) / sqrt(d) folds the softmax scale and the
-        # exp -> exp2 change of base into one multiply of the fp32 scores.
-        m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
-        l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-        acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-        # Whole key blocks run without column masks; the ragged end (N % BLOCK_N keys, e.g. 5 of
-        # ViT's 197) runs in narrow BLOCK_TAIL blocks, so it costs a 16-key step, not a 64-key one.
-        full_end = (N // BLOCK_N) * BLOCK_N
-        for start in range(0, full_end, BLOCK_N):
-            m_i, l_i, acc = _attend_keys(q, k_base, v_base, start, N, HEAD_DIM, qk_scale, m_i, l_i, acc, d_mask,
-                                         False, PRECISION, BLOCK_N, BLOCK_D)
-        for start in range(full_end, N, BLOCK_TAIL):
-            m_i, l_i, acc = _attend_keys(q, k_base, v_base, start, N, HEAD_DIM, qk_scale, m_i, l_i, acc, d_mask,
-                                         True, PRECISION, BLOCK_TAIL, BLOCK_D)
-        acc = acc / l_i[:, None]
-        # Head outputs go to [B, N, H, d] (= timm's [B, N, H*d] before the projection).
-        o_offs = ((b * N + offs_m[:, None]) * H + h).to(tl.int64) * HEAD_DIM + offs_d[None, :]
-        tl.store(o_ptr + o_offs, acc.to(o_ptr.dtype.element_ty), mask=(offs_m < N)[:, None] & d_mask[None, :])
+        first_row = tl.program_id(1) * BLOCK_M
+        if BLOCK_M_TAIL == BLOCK_M or first_row + BLOCK_M <= N:
+            _attend_queries(qkv_ptr, scratch_part, o_ptr, b, h, first_row, N, H, HEAD_DIM, qk_scale,
+                            PRECISION, BLOCK_M, BLOCK_N, BLOCK_TAIL, BLOCK_D)
+        else:
+            # The last, ragged query tile (N % BLOCK_M rows, e.g. 5 of ViT's 197 with 64-row
+            # tiles) in BLOCK_M_TAIL-row passes: a 16-row pass over the keys, not a 64-row one.
+            for row in range(first_row, N, BLOCK_M_TAIL):
+                _attend_queries(qkv_ptr, scratch_part, o_ptr, b, h, row, N, H, HEAD_DIM, qk_scale,
+                                PRECISION, BLOCK_M_TAIL, BLOCK_N, BLOCK_TAIL, BLOCK_D)
 
 
 @triton.jit
@@ -433,7 +456,8 @@ def head_attention_launches(
             qkv, scratch_part, keep, keep_b, keep_h, heads,
             tokens, num_heads, head_dim, 1.4426950408889634 / head_dim**0.5,
             PRECISION=precision,
-            BLOCK_M=tiles.attn_block_m, BLOCK_N=tiles.attn_block_n, BLOCK_TAIL=tiles.attn_block_tail,
+            BLOCK_M=tiles.attn_block_m, BLOCK_M_TAIL=tiles.attn_block_m_tail,
+            BLOCK_N=tiles.attn_block_n, BLOCK_TAIL=tiles.attn_block_tail,
             BLOCK_D=block_d,
             num_warps=tiles.attn_warps, num_stages=tiles.attn_stages,
         )
