@@ -46,6 +46,9 @@ BLOCK_B = 16
 BLOCK_S = 128
 # Warps of every gate program (`python -m headsteer.bench.kernels --gate-sweep` times others).
 GATE_WARPS = 8
+# Software-pipeline depth of a one-sample program's fc1/fc2 loop (1 = not pipelined, as timed on
+# the H200 on 2026-11-26; 3 compiles to cp.async prefetches of the next two weight tiles).
+GATE_STAGES = 3
 # The finisher ranks all of a row's candidates (latent tiles x min(k, BLOCK_S)) in registers.
 MAX_TOPK_CANDIDATES = 16384
 # Register budget (elements) of the finisher's candidate tile: how many rows it ranks at once.
@@ -152,7 +155,7 @@ def _sae_steer_gate_kernel(
     BLOCK_B: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
     CHUNK_D: tl.constexpr, SLICE_D: tl.constexpr, SLICE_CHUNK: tl.constexpr, PARTIAL_TILES: tl.constexpr,
     BLOCK_C: tl.constexpr, SEL_ROWS: tl.constexpr, K_STEP: tl.constexpr, CHUNK_G: tl.constexpr,
-    GATE_CHUNK_D: tl.constexpr,
+    GATE_CHUNK_D: tl.constexpr, GATE_STAGES: tl.constexpr,
     BLOCK_H: tl.constexpr,
 ):
     # Tile sizes: BLOCK_B samples and BLOCK_S latents per program; BLOCK_K the encoder's and the
@@ -329,7 +332,9 @@ def _sae_steer_gate_kernel(
         offs_h = tl.arange(0, BLOCK_H)
         h_mask = offs_h < H
         logits = tl.zeros([BLOCK_B, BLOCK_H], dtype=tl.float32)
-        for g0 in range(0, G, CHUNK_G):
+        # One-sample programs: a loop of loads and FMA reductions that Triton pipelines only when
+        # asked (GATE_STAGES): the fc1/fc2 tiles of the next steps load while this one reduces.
+        for g0 in tl.range(0, G, CHUNK_G, num_stages=GATE_STAGES):
             gi = g0 + tl.arange(0, CHUNK_G)
             g_mask = gi < G
             if BLOCK_B >= 16:
@@ -541,7 +546,7 @@ def triton_sae_steer_gate(
         BLOCK_B=block_b, BLOCK_S=block_s, BLOCK_K=32, BLOCK_D=block_d, CHUNK_D=chunk_d,
         SLICE_D=slice_d, SLICE_CHUNK=min(chunk_d, slice_d), PARTIAL_TILES=4,
         BLOCK_C=block_c, SEL_ROWS=max(1, min(block_b, _TILE_ELEMENTS // block_c)),
-        K_STEP=min(16, _pow2(sae_k, floor=1)), CHUNK_G=chunk_g, GATE_CHUNK_D=GATE_CHUNK_D,
+        K_STEP=min(16, _pow2(sae_k, floor=1)), CHUNK_G=chunk_g, GATE_CHUNK_D=GATE_CHUNK_D, GATE_STAGES=GATE_STAGES,
         BLOCK_H=_pow2(num_heads),
         num_warps=GATE_WARPS,
     )
