@@ -17,7 +17,6 @@ Without CUDA it says so and exits 0 without writing anything.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 import datetime
 import json
@@ -253,25 +252,13 @@ def sweep() -> None:
                   f"(graph {times[0.33][1]:6.1f}us)  {tiles}", flush=True)
 
 
-@contextlib.contextmanager
-def module_constants(module, **values):
-    """Set module-level constants (a kernel launcher's tiles) inside the block, then restore them."""
-    saved = {name: getattr(module, name) for name in values}
-    for name, value in values.items():
-        setattr(module, name, value)
-    try:
-        yield
-    finally:
-        for name, value in saved.items():
-            setattr(module, name, value)
-
-
 def gate_sweep() -> None:
     """Time the fused gate (SAE TopK with scale, and without SAE) under alternative latent tiles,
     warps and one-sample fc1 tiles; prints one line per configuration (graph replay)."""
     from headsteer.kernels import triton_sae_gate as module
 
-    variants = [dict(), dict(GATE_STAGES=1), dict(GATE_STAGES=2)] + [dict(BLOCK_S=s) for s in (64, 256)]
+    variants = [dict(), dict(PER_SAMPLE_FINISH=True), dict(PER_SAMPLE_FINISH=True, BLOCK_S=64)]
+    variants += [dict(GATE_STAGES=1), dict(GATE_STAGES=2)] + [dict(BLOCK_S=s) for s in (64, 256)]
     variants += [dict(GATE_WARPS=4), dict(GATE_CHUNK_D=64)] + [dict(_GATE_TILE_ELEMENTS=n) for n in (8192, 32768)]
     variants += [dict(GATE_WARPS=4, _GATE_TILE_ELEMENTS=8192)]
     generator = torch.Generator().manual_seed(0)
@@ -280,7 +267,7 @@ def gate_sweep() -> None:
         setups = {"SAE topk, scale": gate_params(dim, heads, generator, True), "none": gate_params(dim, heads, generator, False)}
         for variant in variants:
             times = []
-            with module_constants(module, **variant):
+            with module.gate_constants(**variant):
                 for label, (gate, sae, (scale, _)) in setups.items():
                     times.append(f"{label} {graph_timed(lambda: module.triton_sae_steer_gate(e, gate, sae, scale)):6.1f}us")
             print(f"{name} gate graph: {'  '.join(times)}  {variant or 'defaults'}", flush=True)

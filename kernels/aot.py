@@ -144,7 +144,7 @@ def _variants(quick: bool) -> Iterator[tuple[str, callable]]:
     """(name, thunk) pairs; each thunk calls the real wrappers once on CPU tensors."""
     from headsteer.kernels import triton_head_attention as attention
     from headsteer.kernels.triton_head_attention import triton_head_attention
-    from headsteer.kernels.triton_sae_gate import triton_sae_steer_gate
+    from headsteer.kernels.triton_sae_gate import gate_constants, triton_sae_steer_gate
 
     generator = torch.Generator().manual_seed(0)
     models = {"ViT-S": (6, 384)} if quick else {"ViT-S": (6, 384), "ViT-B": (12, 768)}
@@ -188,6 +188,13 @@ def _variants(quick: bool) -> Iterator[tuple[str, callable]]:
             sae = dict(enc_weight=rand(width, dim), enc_bias=rand(width), dec_weight=rand(width, dim), dec_bias=rand(dim),
                        threshold=None, activation=activation, k=16)
             yield f"gate {name} {activation} scale+shift", lambda e=e, g=gate, s=sae: triton_sae_steer_gate(e, g, s, scale, shift)
+            if activation == "topk":
+
+                def per_sample(e=e, g=gate, s=sae):
+                    with gate_constants(PER_SAMPLE_FINISH=True):
+                        triton_sae_steer_gate(e, g, s, scale, None)
+
+                yield f"gate {name} topk scale per-sample", per_sample
             if activation == "topk" and not quick:
                 yield f"gate {name} topk scale", lambda e=e, g=gate, s=sae: triton_sae_steer_gate(e, g, s, scale, None, budget=0.5)
                 yield f"gate {name} topk reconstruct", lambda e=e, g=gate, s=sae: triton_sae_steer_gate(

@@ -27,7 +27,9 @@ reductions: B programs in parallel beat B/16 programs each running a chain of sm
 """
 from __future__ import annotations
 
-from typing import Optional
+import contextlib
+import sys
+from typing import Iterator, Optional
 
 import torch
 import triton
@@ -44,6 +46,10 @@ _ACTIVATION_CODES = {"relu": 0, "topk": 1, "jumprelu": 2}
 BLOCK_B = 16
 # Latents per program: each program streams BLOCK_S rows of the encoder (and the decoder).
 BLOCK_S = 128
+# With SAE work, who runs the gate: False = the last latent-tile program of each 16-sample batch
+# tile (as timed on the H200 on 2026-11-26); True = B extra one-sample programs that wait for
+# their batch tile's latent tiles (untimed; see the kernel's comment on why the wait always ends).
+PER_SAMPLE_FINISH = False
 # Warps of every gate program (`python -m headsteer.bench.kernels --gate-sweep` times others).
 GATE_WARPS = 8
 # Software-pipeline depth of a one-sample program's fc1/fc2 loop (1 = not pipelined, as timed on
@@ -58,6 +64,22 @@ _GATE_TILE_ELEMENTS = 16384
 # fc1 columns per tensor-core step of a 16-row finisher: fewer dependent steps; wider 3xTF32
 # operands spill on sm_90 (`python -m headsteer.kernels.aot`).
 GATE_CHUNK_D = 128
+
+
+@contextlib.contextmanager
+def gate_constants(**values) -> Iterator[None]:
+    """Launch with some of this module's tuning constants (BLOCK_S, GATE_WARPS, GATE_STAGES,
+    PER_SAMPLE_FINISH, ...) set to `values` inside the block, then restore them; for sweeps,
+    tests and compile reports."""
+    module = sys.modules[__name__]
+    saved = {name: getattr(module, name) for name in values}
+    for name, value in values.items():
+        setattr(module, name, value)
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            setattr(module, name, value)
 
 
 @triton.jit
@@ -146,14 +168,14 @@ def _sae_steer_gate_kernel(
     fc1_w_ptr, fc1_b_ptr, fc2_w_ptr, fc2_b_ptr,
     logits_ptr, keep_ptr,
     counter_ptr, partial_ptr, cand_val_ptr, cand_idx_ptr, sel_idx_ptr, sel_coef_ptr, g_ptr,
-    B, D, S, G, H, sae_k, cand_per_tile, budget_k,
+    B, D, S, G, H, sae_k, cand_per_tile, budget_k, num_b_tiles, NUM_S_TILES,
     ACTIVATION: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr,
     RECONSTRUCT: tl.constexpr, PARTIAL: tl.constexpr, GATHER: tl.constexpr,
-    SHIFT_DECODE: tl.constexpr, SPLIT: tl.constexpr,
+    SHIFT_DECODE: tl.constexpr, SPLIT: tl.constexpr, PER_SAMPLE_FINISH: tl.constexpr, FIN_ROWS: tl.constexpr,
     HAS_LN_W: tl.constexpr, HAS_LN_B: tl.constexpr, HAS_FC1_B: tl.constexpr, HAS_FC2_B: tl.constexpr,
     USE_BUDGET: tl.constexpr, G_SOURCE: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
-    CHUNK_D: tl.constexpr, SLICE_D: tl.constexpr, SLICE_CHUNK: tl.constexpr, PARTIAL_TILES: tl.constexpr,
+    CHUNK_D: tl.constexpr, FIN_CHUNK_D: tl.constexpr, SLICE_D: tl.constexpr, SLICE_CHUNK: tl.constexpr, PARTIAL_TILES: tl.constexpr,
     BLOCK_C: tl.constexpr, SEL_ROWS: tl.constexpr, K_STEP: tl.constexpr, CHUNK_G: tl.constexpr,
     GATE_CHUNK_D: tl.constexpr, GATE_STAGES: tl.constexpr,
     BLOCK_H: tl.constexpr,
@@ -164,104 +186,133 @@ def _sae_steer_gate_kernel(
     # BLOCK_C >= a row's TopK candidates, ranked SEL_ROWS rows at a time; K_STEP selected latents
     # per row per decode step; CHUNK_G hidden units of the gate per step (GATE_CHUNK_D columns of
     # fc1 per dot); BLOCK_H >= H.
-    # Batch tiles on grid axis 0 (up to 2**31 - 1 programs; one-sample programs need it), latent
-    # tiles on axis 1 (at most 65535).
-    tile_b = tl.program_id(0)
-    tile_s = tl.program_id(1)
-    num_s_tiles = tl.num_programs(1)
+    # Who finishes (phase 2) the gate of which rows:
+    # - PER_SAMPLE_FINISH: a 1-D grid of num_b_tiles * NUM_S_TILES latent-tile programs, then B
+    #   one-sample finishers. Roles go by a ticket drawn from an atomic counter, not by program id:
+    #   a finisher (a late ticket) waits only on tiles whose tickets were drawn earlier, i.e. by
+    #   programs already running, so the wait always ends (as in a decoupled look-back scan); the
+    #   serial CPU interpreter draws tickets in program order and never waits.
+    # - otherwise: a (batch tiles, latent tiles) grid whose last program to finish a batch tile
+    #   runs the gate of its BLOCK_B rows; without SAE work, one program per sample (grid axis 0 is
+    #   the batch, up to 2**31 - 1 programs).
+    if PER_SAMPLE_FINISH:
+        ticket = tl.atomic_add(counter_ptr + num_b_tiles, 1, sem="relaxed")
+        tiles_total = num_b_tiles * NUM_S_TILES
+        do_tile = ticket < tiles_total
+        sample = ticket - tiles_total
+        tile_b = tl.where(do_tile, ticket // NUM_S_TILES, sample // BLOCK_B)
+        tile_s = ticket % NUM_S_TILES
+    else:
+        tile_b = tl.program_id(0)
+        tile_s = tl.program_id(1)
+        do_tile = True
+    num_s_tiles = NUM_S_TILES
     offs_b = tl.arange(0, BLOCK_B)
     rows = tile_b * BLOCK_B + offs_b
     row_mask = rows < B
 
-    # ---- Phase 1, every program: one [BLOCK_B, BLOCK_S] tile of latents. ----
+    # ---- Phase 1, every latent-tile program: one [BLOCK_B, BLOCK_S] tile of latents. ----
+    finishing = True  # without SAE work every program finishes its own sample
     if SPLIT:
-        offs_s = tile_s * BLOCK_S + tl.arange(0, BLOCK_S)
-        s_mask = offs_s < S
-        tile_mask = row_mask[:, None] & s_mask[None, :]
-        if PARTIAL or GATHER:  # both need the tile's pre-activations
-            pre = tl.zeros([BLOCK_B, BLOCK_S], dtype=tl.float32)
-            for k0 in range(0, D, BLOCK_K):
-                kk = k0 + tl.arange(0, BLOCK_K)
-                k_mask = kk < D
-                centered = tl.load(e_ptr + rows[:, None] * stride_eb + kk[None, :],
-                                   mask=row_mask[:, None] & k_mask[None, :], other=0.0).to(tl.float32)
-                centered -= tl.load(dec_b_ptr + kk, mask=k_mask, other=0.0).to(tl.float32)[None, :]
-                w_enc = tl.load(enc_w_ptr + offs_s[:, None] * D + kk[None, :],
-                                mask=s_mask[:, None] & k_mask[None, :], other=0.0).to(tl.float32)
-                pre = tl.dot(centered, tl.trans(w_enc), pre, input_precision=PRECISION)
-            pre += tl.load(enc_b_ptr + offs_s, mask=s_mask, other=0.0).to(tl.float32)[None, :]
-        if PARTIAL:
-            # ReLU / JumpReLU: the tile knows its latents' full coefficients of the decode
-            # g += (z' - z) W_dec (or z' W_dec to reconstruct) and writes its share of it.
-            if ACTIVATION == 0:
-                z = tl.maximum(pre, 0.0, propagate_nan=tl.PropagateNan.ALL)  # F.relu keeps NaN
-            else:
-                threshold = tl.load(thr_ptr + offs_s, mask=s_mask, other=0.0).to(tl.float32)
-                z = tl.where(pre > threshold[None, :], pre, 0.0)
-            steered = z
-            if HAS_SCALE:
-                steered = steered * tl.load(
-                    scale_ptr + rows[:, None] * stride_scale_b + offs_s[None, :] * stride_scale_s,
-                    mask=tile_mask, other=1.0).to(tl.float32)
-            if HAS_SHIFT:
-                steered = steered + tl.load(
-                    shift_ptr + rows[:, None] * stride_shift_b + offs_s[None, :] * stride_shift_s,
-                    mask=tile_mask, other=0.0).to(tl.float32)
-            coef = tl.where(tile_mask, steered if RECONSTRUCT else steered - z, 0.0)
-            for d0 in range(0, D, CHUNK_D):
-                dd = d0 + tl.arange(0, CHUNK_D)
-                d_mask = dd < D
-                w_dec = tl.load(dec_w_ptr + offs_s[:, None] * D + dd[None, :],
-                                mask=s_mask[:, None] & d_mask[None, :], other=0.0).to(tl.float32)
-                part = tl.dot(coef, w_dec, input_precision=PRECISION)
-                tl.store(partial_ptr + (tile_s.to(tl.int64) * B + rows[:, None]) * D + dd[None, :], part,
-                         mask=row_mask[:, None] & d_mask[None, :])
-        if SHIFT_DECODE:
-            # TopK with a shift: z' - z = z (scale - 1) + shift. The shift part does not depend on
-            # the encoder, so it is decoded here by D columns instead of by latents: this program
-            # writes g = base + shift @ W_dec for its SLICE_D columns over all S latents, which
-            # needs no cross-program sum. The z part (k latents per row) is left to the finisher.
-            for c0 in range(0, SLICE_D, SLICE_CHUNK):  # SLICE_CHUNK divides SLICE_D: no column twice
-                dd = tile_s * SLICE_D + c0 + tl.arange(0, SLICE_CHUNK)
-                d_mask = dd < D
-                if tile_s * SLICE_D + c0 < D:
-                    acc = _gate_input_chunk(e_ptr, stride_eb, g_ptr, dec_b_ptr, rows, row_mask,
-                                            tile_s * SLICE_D + c0, D, 2 if RECONSTRUCT else 0, SLICE_CHUNK)
-                    for k0 in range(0, S, BLOCK_K):
-                        kk = k0 + tl.arange(0, BLOCK_K)
-                        k_mask = kk < S
-                        shift = tl.load(shift_ptr + rows[:, None] * stride_shift_b + kk[None, :] * stride_shift_s,
-                                        mask=row_mask[:, None] & k_mask[None, :], other=0.0).to(tl.float32)
-                        w_dec = tl.load(dec_w_ptr + kk[:, None] * D + dd[None, :],
-                                        mask=k_mask[:, None] & d_mask[None, :], other=0.0).to(tl.float32)
-                        acc = tl.dot(shift, w_dec, acc, input_precision=PRECISION)
-                    tl.store(g_ptr + rows[:, None] * D + dd[None, :], acc, mask=row_mask[:, None] & d_mask[None, :])
-        if GATHER:
-            # The tile's own top min(k, BLOCK_S) per row, packed in latent order into its slots.
-            chosen = _topk_rows(pre, tile_mask, cand_per_tile)
-            slot = tl.cumsum(chosen.to(tl.int32), axis=1) - 1
-            dst = rows[:, None] * (num_s_tiles * cand_per_tile) + tile_s * cand_per_tile + slot
-            tl.store(cand_val_ptr + dst, pre, mask=chosen)
-            tl.store(cand_idx_ptr + dst, tl.broadcast_to(offs_s[None, :], [BLOCK_B, BLOCK_S]), mask=chosen)
-        # Make this CTA's stores visible before announcing them (release), and learn whether
-        # every other latent tile of these rows is done (acquire): the last one finishes.
-        tl.debug_barrier()
-        arrived = tl.atomic_add(counter_ptr + tile_b, 1, sem="acq_rel")
-        finishing = arrived == num_s_tiles - 1
-    else:
-        finishing = True
+        if do_tile:
+            offs_s = tile_s * BLOCK_S + tl.arange(0, BLOCK_S)
+            s_mask = offs_s < S
+            tile_mask = row_mask[:, None] & s_mask[None, :]
+            if PARTIAL or GATHER:  # both need the tile's pre-activations
+                pre = tl.zeros([BLOCK_B, BLOCK_S], dtype=tl.float32)
+                for k0 in range(0, D, BLOCK_K):
+                    kk = k0 + tl.arange(0, BLOCK_K)
+                    k_mask = kk < D
+                    centered = tl.load(e_ptr + rows[:, None] * stride_eb + kk[None, :],
+                                       mask=row_mask[:, None] & k_mask[None, :], other=0.0).to(tl.float32)
+                    centered -= tl.load(dec_b_ptr + kk, mask=k_mask, other=0.0).to(tl.float32)[None, :]
+                    w_enc = tl.load(enc_w_ptr + offs_s[:, None] * D + kk[None, :],
+                                    mask=s_mask[:, None] & k_mask[None, :], other=0.0).to(tl.float32)
+                    pre = tl.dot(centered, tl.trans(w_enc), pre, input_precision=PRECISION)
+                pre += tl.load(enc_b_ptr + offs_s, mask=s_mask, other=0.0).to(tl.float32)[None, :]
+            if PARTIAL:
+                # ReLU / JumpReLU: the tile knows its latents' full coefficients of the decode
+                # g += (z' - z) W_dec (or z' W_dec to reconstruct) and writes its share of it.
+                if ACTIVATION == 0:
+                    z = tl.maximum(pre, 0.0, propagate_nan=tl.PropagateNan.ALL)  # F.relu keeps NaN
+                else:
+                    threshold = tl.load(thr_ptr + offs_s, mask=s_mask, other=0.0).to(tl.float32)
+                    z = tl.where(pre > threshold[None, :], pre, 0.0)
+                steered = z
+                if HAS_SCALE:
+                    steered = steered * tl.load(
+                        scale_ptr + rows[:, None] * stride_scale_b + offs_s[None, :] * stride_scale_s,
+                        mask=tile_mask, other=1.0).to(tl.float32)
+                if HAS_SHIFT:
+                    steered = steered + tl.load(
+                        shift_ptr + rows[:, None] * stride_shift_b + offs_s[None, :] * stride_shift_s,
+                        mask=tile_mask, other=0.0).to(tl.float32)
+                coef = tl.where(tile_mask, steered if RECONSTRUCT else steered - z, 0.0)
+                for d0 in range(0, D, CHUNK_D):
+                    dd = d0 + tl.arange(0, CHUNK_D)
+                    d_mask = dd < D
+                    w_dec = tl.load(dec_w_ptr + offs_s[:, None] * D + dd[None, :],
+                                    mask=s_mask[:, None] & d_mask[None, :], other=0.0).to(tl.float32)
+                    part = tl.dot(coef, w_dec, input_precision=PRECISION)
+                    tl.store(partial_ptr + (tile_s.to(tl.int64) * B + rows[:, None]) * D + dd[None, :], part,
+                             mask=row_mask[:, None] & d_mask[None, :])
+            if SHIFT_DECODE:
+                # TopK with a shift: z' - z = z (scale - 1) + shift. The shift part does not depend on
+                # the encoder, so it is decoded here by D columns instead of by latents: this program
+                # writes g = base + shift @ W_dec for its SLICE_D columns over all S latents, which
+                # needs no cross-program sum. The z part (k latents per row) is left to the finisher.
+                for c0 in range(0, SLICE_D, SLICE_CHUNK):  # SLICE_CHUNK divides SLICE_D: no column twice
+                    dd = tile_s * SLICE_D + c0 + tl.arange(0, SLICE_CHUNK)
+                    d_mask = dd < D
+                    if tile_s * SLICE_D + c0 < D:
+                        acc = _gate_input_chunk(e_ptr, stride_eb, g_ptr, dec_b_ptr, rows, row_mask,
+                                                tile_s * SLICE_D + c0, D, 2 if RECONSTRUCT else 0, SLICE_CHUNK)
+                        for k0 in range(0, S, BLOCK_K):
+                            kk = k0 + tl.arange(0, BLOCK_K)
+                            k_mask = kk < S
+                            shift = tl.load(shift_ptr + rows[:, None] * stride_shift_b + kk[None, :] * stride_shift_s,
+                                            mask=row_mask[:, None] & k_mask[None, :], other=0.0).to(tl.float32)
+                            w_dec = tl.load(dec_w_ptr + kk[:, None] * D + dd[None, :],
+                                            mask=k_mask[:, None] & d_mask[None, :], other=0.0).to(tl.float32)
+                            acc = tl.dot(shift, w_dec, acc, input_precision=PRECISION)
+                        tl.store(g_ptr + rows[:, None] * D + dd[None, :], acc, mask=row_mask[:, None] & d_mask[None, :])
+            if GATHER:
+                # The tile's own top min(k, BLOCK_S) per row, packed in latent order into its slots.
+                chosen = _topk_rows(pre, tile_mask, cand_per_tile)
+                slot = tl.cumsum(chosen.to(tl.int32), axis=1) - 1
+                dst = rows[:, None] * (num_s_tiles * cand_per_tile) + tile_s * cand_per_tile + slot
+                tl.store(cand_val_ptr + dst, pre, mask=chosen)
+                tl.store(cand_idx_ptr + dst, tl.broadcast_to(offs_s[None, :], [BLOCK_B, BLOCK_S]), mask=chosen)
+            # Make this CTA's stores visible before announcing them (release), and learn whether
+            # every other latent tile of these rows is done (acquire): the last one finishes.
+            tl.debug_barrier()
+            arrived = tl.atomic_add(counter_ptr + tile_b, 1, sem="acq_rel")
+            # (a tensor in both branches of the runtime `if do_tile`; False with per-sample finishers)
+            finishing = arrived == (-1 if PER_SAMPLE_FINISH else num_s_tiles - 1)
+        else:
+            # A one-sample finisher: wait (acquire) until every latent tile of its batch tile is done.
+            arrived = tl.atomic_add(counter_ptr + tile_b, 0, sem="acquire")
+            while arrived < num_s_tiles:
+                arrived = tl.atomic_add(counter_ptr + tile_b, 0, sem="acquire")
+            finishing = arrived >= num_s_tiles
 
-    # ---- Phase 2, one program per batch tile: the gate input g, then the gate. ----
+    # ---- Phase 2, per batch tile or per sample: the gate input g, then the gate. ----
     if finishing:
+        if PER_SAMPLE_FINISH:
+            fin_first = sample
+        else:
+            fin_first = tile_b * BLOCK_B
+        fin_rows = fin_first + tl.arange(0, FIN_ROWS)
+        fin_mask = fin_rows < B
         if GATHER:
             num_cand = num_s_tiles * cand_per_tile
             slots = tl.arange(0, BLOCK_C)
             slot_tile = slots // cand_per_tile
             # Slot j of a tile is written only if the tile had more than j real latents.
             slot_valid = (slots < num_cand) & (slots % cand_per_tile < S - slot_tile * BLOCK_S)
-            for r0 in range(0, BLOCK_B, SEL_ROWS):
+            for r0 in range(0, FIN_ROWS, SEL_ROWS):
                 # (Names differ from phase 1's: Triton types loop-carried variables by first use.)
-                sel_rows = tile_b * BLOCK_B + r0 + tl.arange(0, SEL_ROWS)
+                sel_rows = fin_first + r0 + tl.arange(0, SEL_ROWS)
                 cand_valid = (sel_rows < B)[:, None] & slot_valid[None, :]
                 src = sel_rows[:, None] * num_cand + slots[None, :]
                 cand_pre = tl.load(cand_val_ptr + src, mask=cand_valid, other=0.0, cache_modifier=".cg")
@@ -283,21 +334,21 @@ def _sae_steer_gate_kernel(
 
         if SPLIT:
             if GATHER:
-                first_latent, first_coef, first_mask = _selected_latents(sel_idx_ptr, sel_coef_ptr, rows, row_mask, 0,
+                first_latent, first_coef, first_mask = _selected_latents(sel_idx_ptr, sel_coef_ptr, fin_rows, fin_mask, 0,
                                                                          sae_k, K_STEP)
-            for d0 in range(0, D, CHUNK_D):
-                dd = d0 + tl.arange(0, CHUNK_D)
+            for d0 in range(0, D, FIN_CHUNK_D):
+                dd = d0 + tl.arange(0, FIN_CHUNK_D)
                 d_mask = dd < D
-                out_mask = row_mask[:, None] & d_mask[None, :]
+                out_mask = fin_mask[:, None] & d_mask[None, :]
                 # base (e, or b_dec to reconstruct), already with the shift decoded when SHIFT_DECODE
-                acc = _gate_input_chunk(e_ptr, stride_eb, g_ptr, dec_b_ptr, rows, row_mask, d0, D,
-                                        1 if SHIFT_DECODE else 2 if RECONSTRUCT else 0, CHUNK_D)
+                acc = _gate_input_chunk(e_ptr, stride_eb, g_ptr, dec_b_ptr, fin_rows, fin_mask, d0, D,
+                                        1 if SHIFT_DECODE else 2 if RECONSTRUCT else 0, FIN_CHUNK_D)
                 if PARTIAL:
                     # The latent tiles' partial decodes, PARTIAL_TILES at a time, in a fixed order:
                     # the same bits on every run (no floating-point atomics).
                     for t0 in range(0, num_s_tiles, PARTIAL_TILES):
                         tiles = t0 + tl.arange(0, PARTIAL_TILES)
-                        parts = tl.load(partial_ptr + ((tiles.to(tl.int64)[:, None, None] * B + rows[None, :, None]) * D
+                        parts = tl.load(partial_ptr + ((tiles.to(tl.int64)[:, None, None] * B + fin_rows[None, :, None]) * D
                                                        + dd[None, None, :]),
                                         mask=(tiles < num_s_tiles)[:, None, None] & out_mask[None, :, :], other=0.0,
                                         cache_modifier=".cg")
@@ -305,47 +356,47 @@ def _sae_steer_gate_kernel(
                 if GATHER:
                     # sum_j coef[b, j] W_dec[latent[b, j]] over the k selected latents of each
                     # row, K_STEP of them per step as exact fp32 FMA reductions of a gathered
-                    # [BLOCK_B, K_STEP, CHUNK_D] tile (each gathered decoder row is contiguous).
+                    # [FIN_ROWS, K_STEP, FIN_CHUNK_D] tile (each gathered decoder row is contiguous).
                     # The first step's latents were loaded once for every chunk (all of them when
                     # k <= K_STEP, e.g. k = 16), so a chunk waits on one gather, not on two loads.
                     acc += _decode_step(dec_w_ptr, first_latent, first_coef, first_mask, dd, d_mask, D)
                     for j0 in range(K_STEP, sae_k, K_STEP):
-                        latent, sel_coef, sel_mask = _selected_latents(sel_idx_ptr, sel_coef_ptr, rows, row_mask, j0,
+                        latent, sel_coef, sel_mask = _selected_latents(sel_idx_ptr, sel_coef_ptr, fin_rows, fin_mask, j0,
                                                                        sae_k, K_STEP)
                         acc += _decode_step(dec_w_ptr, latent, sel_coef, sel_mask, dd, d_mask, D)
-                tl.store(g_ptr + rows[:, None] * D + dd[None, :], acc, mask=out_mask)
+                tl.store(g_ptr + fin_rows[:, None] * D + dd[None, :], acc, mask=out_mask)
             tl.debug_barrier()
 
         # LayerNorm statistics over D (two passes over the registers, mean then variance, as
-        # torch does) from one load of the whole [BLOCK_B, D] tile of g.
+        # torch does) from one load of the whole [FIN_ROWS, D] tile of g.
         offs_d = tl.arange(0, BLOCK_D)
         d_full = offs_d < D
-        whole = _gate_input_chunk(e_ptr, stride_eb, g_ptr, dec_b_ptr, rows, row_mask, 0, D, G_SOURCE, BLOCK_D)
+        whole = _gate_input_chunk(e_ptr, stride_eb, g_ptr, dec_b_ptr, fin_rows, fin_mask, 0, D, G_SOURCE, BLOCK_D)
         mean = tl.sum(whole, axis=1) / D  # columns past D load as zeros
         centered = tl.where(d_full[None, :], whole - mean[:, None], 0.0)
         rstd = 1.0 / tl.sqrt(tl.sum(centered * centered, axis=1) / D + ln_eps)
-        if BLOCK_B < 16:  # one sample: its whole normalized row stays in registers for every step
+        if FIN_ROWS < 16:  # one sample: its whole normalized row stays in registers for every step
             normed_row = _layer_norm_chunk(whole, mean, rstd, ln_w_ptr, ln_b_ptr, offs_d, d_full, HAS_LN_W, HAS_LN_B)
 
         # fc1 -> GELU -> fc2, CHUNK_G hidden units per step, each chunk folded straight into the
         # logits. The chain of dependent steps, not the FLOPs, sets this phase's time.
         offs_h = tl.arange(0, BLOCK_H)
         h_mask = offs_h < H
-        logits = tl.zeros([BLOCK_B, BLOCK_H], dtype=tl.float32)
+        logits = tl.zeros([FIN_ROWS, BLOCK_H], dtype=tl.float32)
         # One-sample programs: a loop of loads and FMA reductions that Triton pipelines only when
         # asked (GATE_STAGES): the fc1/fc2 tiles of the next steps load while this one reduces.
         for g0 in tl.range(0, G, CHUNK_G, num_stages=GATE_STAGES):
             gi = g0 + tl.arange(0, CHUNK_G)
             g_mask = gi < G
-            if BLOCK_B >= 16:
+            if FIN_ROWS >= 16:
                 # Tensor-core dots over GATE_CHUNK_D columns at a time (whole rows of 3xTF32
                 # operands spill); the normalized input is recomputed per chunk from L1-resident g.
-                hidden = tl.zeros([BLOCK_B, CHUNK_G], dtype=tl.float32)
+                hidden = tl.zeros([FIN_ROWS, CHUNK_G], dtype=tl.float32)
                 for d0 in range(0, D, GATE_CHUNK_D):
                     dd = d0 + tl.arange(0, GATE_CHUNK_D)
                     d_mask = dd < D
                     normed = _layer_norm_chunk(
-                        _gate_input_chunk(e_ptr, stride_eb, g_ptr, dec_b_ptr, rows, row_mask, d0, D, G_SOURCE,
+                        _gate_input_chunk(e_ptr, stride_eb, g_ptr, dec_b_ptr, fin_rows, fin_mask, d0, D, G_SOURCE,
                                           GATE_CHUNK_D),
                         mean, rstd, ln_w_ptr, ln_b_ptr, dd, d_mask, HAS_LN_W, HAS_LN_B)
                     w1 = tl.load(fc1_w_ptr + gi[:, None] * D + dd[None, :],
@@ -362,7 +413,7 @@ def _sae_steer_gate_kernel(
             hidden = tl.where(g_mask[None, :], hidden, 0.0)
             w2 = tl.load(fc2_w_ptr + offs_h[:, None] * G + gi[None, :],
                          mask=h_mask[:, None] & g_mask[None, :], other=0.0).to(tl.float32)
-            if BLOCK_B >= 16:
+            if FIN_ROWS >= 16:
                 logits = tl.dot(hidden, tl.trans(w2), logits, input_precision=PRECISION)
             else:
                 logits += tl.sum(hidden[:, None, :] * w2[None, :, :], axis=2)
@@ -373,7 +424,7 @@ def _sae_steer_gate_kernel(
             # Rank count over the H logits, identical to reference.topk_mask: head i is kept when
             # fewer than budget_k heads beat it (larger, or equal with a lower index; NaN ranks
             # above every number, as torch.sort puts it first).
-            rank = tl.zeros([BLOCK_B, BLOCK_H], dtype=tl.int32)
+            rank = tl.zeros([FIN_ROWS, BLOCK_H], dtype=tl.int32)
             logit_nan = logits != logits
             for j in range(0, H):
                 is_j = offs_h[None, :] == j
@@ -385,8 +436,8 @@ def _sae_steer_gate_kernel(
             keep = rank < budget_k
         else:
             keep = logits > 0.0
-        out_offs = rows[:, None] * H + offs_h[None, :]
-        out_mask = row_mask[:, None] & h_mask[None, :]
+        out_offs = fin_rows[:, None] * H + offs_h[None, :]
+        out_mask = fin_mask[:, None] & h_mask[None, :]
         tl.store(logits_ptr + out_offs, logits, mask=out_mask)
         tl.store(keep_ptr + out_offs, keep, mask=out_mask)
 
@@ -492,9 +543,12 @@ def triton_sae_steer_gate(
         return logits, keep
 
     # Scratch, all written before it is read: partial decodes, TopK candidates, selected latents,
-    # the gate input; one fp32 buffer (int32 parts are views of it) and one zeroed counter per batch tile.
+    # the gate input; one fp32 buffer (int32 parts are views of it) and zeroed counters: one per
+    # batch tile, then the per-sample finishers' ticket dispenser.
     block_b = BLOCK_B if split else 1
     num_b_tiles = triton.cdiv(batch, block_b)
+    per_sample_finish = split and PER_SAMPLE_FINISH
+    fin_rows = 1 if per_sample_finish else block_b  # rows one finishing program gates
     sizes = dict(
         partial=num_s_tiles * batch * dim if partial else 0,
         cand_val=batch * num_s_tiles * cand_per_tile if gather else 0,
@@ -511,7 +565,7 @@ def triton_sae_steer_gate(
             part = workspace[start:start + size]
             scratch[name] = part.view(torch.int32) if name.endswith("_idx") else part
             start += size
-        counter = torch.zeros(num_b_tiles, device=e.device, dtype=torch.int32)
+        counter = torch.zeros(num_b_tiles + 1, device=e.device, dtype=torch.int32)
     scratch_args = [scratch.get(name) if sizes[name] else dummy for name in sizes]
 
     scale_args = (scale, scale.stride(0), scale.stride(1)) if scale is not None else (dummy, 0, 0)
@@ -520,13 +574,18 @@ def triton_sae_steer_gate(
     fc1_b, fc2_b = gate_params.get("fc1_bias"), gate_params.get("fc2_bias")
     block_d = _pow2(dim)
     chunk_d = min(64, block_d)
-    if block_b >= 16:  # the finisher's dots: CHUNK_G x GATE_CHUNK_D weight tiles
+    k_step = min(16, _pow2(sae_k, floor=1))
+    # Columns of g a finisher assembles per step: its gathered [rows, k_step, columns] decoder
+    # tile stays within _TILE_ELEMENTS * 2 (a one-sample finisher takes a whole ViT row at once).
+    fin_chunk_d = chunk_d if fin_rows > 1 else min(block_d, max(chunk_d, 2 * _TILE_ELEMENTS // k_step))
+    if fin_rows >= 16:  # the finisher's dots: CHUNK_G x GATE_CHUNK_D weight tiles
         chunk_g = min(_pow2(hidden), 32)
     else:  # one sample's FMA reductions: CHUNK_G whole rows of fc1
         chunk_g = min(_pow2(hidden, floor=1), max(1, _GATE_TILE_ELEMENTS // block_d))
     slice_d = _pow2(triton.cdiv(dim, num_s_tiles))  # D columns whose shift decode one program owns
 
-    _sae_steer_gate_kernel[(num_b_tiles, num_s_tiles)](
+    grid = (num_b_tiles * num_s_tiles + batch,) if per_sample_finish else (num_b_tiles, num_s_tiles)
+    _sae_steer_gate_kernel[grid](
         e, e.stride(0),
         *sae_args,
         *scale_args,
@@ -535,18 +594,18 @@ def triton_sae_steer_gate(
         fc1_w, fc1_b if fc1_b is not None else dummy, fc2_w, fc2_b if fc2_b is not None else dummy,
         logits, keep,
         counter, *scratch_args,
-        batch, dim, width, hidden, num_heads, max(sae_k, 1), cand_per_tile, budget_k,
+        batch, dim, width, hidden, num_heads, max(sae_k, 1), cand_per_tile, budget_k, num_b_tiles, num_s_tiles,
         ACTIVATION=_ACTIVATION_CODES[activation], HAS_SCALE=scale is not None, HAS_SHIFT=shift is not None,
         RECONSTRUCT=reconstruct, PARTIAL=partial, GATHER=gather,
-        SHIFT_DECODE=shift_decode, SPLIT=split,
+        SHIFT_DECODE=shift_decode, SPLIT=split, PER_SAMPLE_FINISH=per_sample_finish, FIN_ROWS=fin_rows,
         HAS_LN_W=ln_w is not None, HAS_LN_B=ln_b is not None,
         HAS_FC1_B=fc1_b is not None, HAS_FC2_B=fc2_b is not None, USE_BUDGET=budget is not None,
         G_SOURCE=1 if split else 2 if reconstruct else 0,  # g: scratch, b_dec (TopK k=0, no shift), e
         PRECISION=fp32_dot_precision(e.device),
-        BLOCK_B=block_b, BLOCK_S=block_s, BLOCK_K=32, BLOCK_D=block_d, CHUNK_D=chunk_d,
+        BLOCK_B=block_b, BLOCK_S=block_s, BLOCK_K=32, BLOCK_D=block_d, CHUNK_D=chunk_d, FIN_CHUNK_D=fin_chunk_d,
         SLICE_D=slice_d, SLICE_CHUNK=min(chunk_d, slice_d), PARTIAL_TILES=4,
-        BLOCK_C=block_c, SEL_ROWS=max(1, min(block_b, _TILE_ELEMENTS // block_c)),
-        K_STEP=min(16, _pow2(sae_k, floor=1)), CHUNK_G=chunk_g, GATE_CHUNK_D=GATE_CHUNK_D, GATE_STAGES=GATE_STAGES,
+        BLOCK_C=block_c, SEL_ROWS=max(1, min(fin_rows, _TILE_ELEMENTS // block_c)),
+        K_STEP=k_step, CHUNK_G=chunk_g, GATE_CHUNK_D=GATE_CHUNK_D, GATE_STAGES=GATE_STAGES,
         BLOCK_H=_pow2(num_heads),
         num_warps=GATE_WARPS,
     )

@@ -86,9 +86,10 @@ def test_sweep_runs_every_tile_variant_and_restores_the_default(tiny, capsys):
 def test_gate_sweep_runs_every_variant_and_restores_the_defaults(tiny, capsys):
     from headsteer.kernels import triton_sae_gate as gate
 
-    defaults = gate.BLOCK_S, gate.GATE_WARPS, gate.GATE_STAGES, gate.GATE_CHUNK_D, gate._GATE_TILE_ELEMENTS
+    names = "BLOCK_S", "GATE_WARPS", "GATE_STAGES", "GATE_CHUNK_D", "_GATE_TILE_ELEMENTS", "PER_SAMPLE_FINISH"
+    defaults = [getattr(gate, name) for name in names]
     bench.gate_sweep()
     lines = capsys.readouterr().out.splitlines()
-    assert len(lines) == 10 and len(tiny) == 20  # each variant timed with and without an SAE
-    assert "defaults" in lines[0] and "'GATE_STAGES': 1" in lines[1]
-    assert (gate.BLOCK_S, gate.GATE_WARPS, gate.GATE_STAGES, gate.GATE_CHUNK_D, gate._GATE_TILE_ELEMENTS) == defaults
+    assert len(lines) == 12 and len(tiny) == 24  # each variant timed with and without an SAE
+    assert "defaults" in lines[0] and "'PER_SAMPLE_FINISH': True" in lines[1]
+    assert [getattr(gate, name) for name in names] == defaults
