@@ -190,11 +190,11 @@ def _variants(quick: bool) -> Iterator[tuple[str, callable]]:
             yield f"gate {name} {activation} scale+shift", lambda e=e, g=gate, s=sae: triton_sae_steer_gate(e, g, s, scale, shift)
             if activation == "topk":
 
-                def per_sample(e=e, g=gate, s=sae):
-                    with gate_constants(PER_SAMPLE_FINISH=True):
+                def batch_tile_finisher(e=e, g=gate, s=sae):
+                    with gate_constants(PER_SAMPLE_FINISH=False):
                         triton_sae_steer_gate(e, g, s, scale, None)
 
-                yield f"gate {name} topk scale per-sample", per_sample
+                yield f"gate {name} topk scale batch-tile finisher", batch_tile_finisher
             if activation == "topk" and not quick:
                 yield f"gate {name} topk scale", lambda e=e, g=gate, s=sae: triton_sae_steer_gate(e, g, s, scale, None, budget=0.5)
                 yield f"gate {name} topk reconstruct", lambda e=e, g=gate, s=sae: triton_sae_steer_gate(

@@ -13,11 +13,15 @@ reading all of it made the gate latency-bound (measured 140-660 us on an H100 at
   k lies among them: an entry beaten by k entries of its own tile is beaten by k of the row. A
   steering shift's part of the decode (z' - z = z (scale - 1) + shift) needs no encoder, so the
   programs also split it by D columns: each writes `base + shift @ W_dec[:, its columns]`.
-- The last program of a batch tile to finish (an atomic counter; nobody waits for anybody, so
-  there is no grid barrier and Triton's serial CPU interpreter runs it too) finishes those rows:
-  global TopK over the candidates (radix select), the decode of the selected latents as a
-  gathered FMA reduction, the partials summed in tile order (deterministic: no floating-point
-  atomics), then LayerNorm -> Linear -> GELU(erf) -> Linear, the logits and the keep mask.
+- Finishers then complete each row: global TopK over the candidates (radix select), the decode
+  of the selected latents as a gathered FMA reduction, the partials summed in tile order
+  (deterministic: no floating-point atomics), then LayerNorm -> Linear -> GELU(erf) -> Linear,
+  the logits and the keep mask. By default (`PER_SAMPLE_FINISH`) B one-sample finishers follow
+  the latent-tile programs in the same launch and each waits on an atomic counter for its batch
+  tile; programs take their roles from an atomic ticket, so a waiting finisher only ever waits on
+  programs that are already running (no grid barrier, no deadlock, and Triton's serial CPU
+  interpreter, which runs programs in ticket order, never waits). Otherwise the last latent-tile
+  program of a batch tile to finish runs its 16 rows.
 
 The SAE latents z never go to memory as a [B, S] tensor: only partial decodes, up to k
 candidates per row and latent tile, the k selected (latent, coefficient) pairs per row and the
@@ -46,10 +50,12 @@ _ACTIVATION_CODES = {"relu": 0, "topk": 1, "jumprelu": 2}
 BLOCK_B = 16
 # Latents per program: each program streams BLOCK_S rows of the encoder (and the decoder).
 BLOCK_S = 128
-# With SAE work, who runs the gate: False = the last latent-tile program of each 16-sample batch
-# tile (as timed on the H200 on 2026-11-26); True = B extra one-sample programs that wait for
-# their batch tile's latent tiles (untimed; see the kernel's comment on why the wait always ends).
-PER_SAMPLE_FINISH = False
+# With SAE work, who runs the gate: True = B extra one-sample programs that wait for their batch
+# tile's latent tiles (see the kernel's comment on why the wait always ends); False = the last
+# latent-tile program of each 16-sample batch tile, as timed on the H200 on 2026-11-26 (84 us at
+# ViT-S). One-sample programs replaced 16-sample ones without an SAE and took that gate from 42.3
+# to 10.9 us there; the per-sample SAE finishers are not timed yet (`--gate-sweep` compares).
+PER_SAMPLE_FINISH = True
 # Warps of every gate program (`python -m headsteer.bench.kernels --gate-sweep` times others).
 GATE_WARPS = 8
 # Software-pipeline depth of a one-sample program's fc1/fc2 loop (1 = not pipelined, as timed on

@@ -91,5 +91,5 @@ def test_gate_sweep_runs_every_variant_and_restores_the_defaults(tiny, capsys):
     bench.gate_sweep()
     lines = capsys.readouterr().out.splitlines()
     assert len(lines) == 12 and len(tiny) == 24  # each variant timed with and without an SAE
-    assert "defaults" in lines[0] and "'PER_SAMPLE_FINISH': True" in lines[1]
+    assert "defaults" in lines[0] and "'PER_SAMPLE_FINISH': False" in lines[1]
     assert [getattr(gate, name) for name in names] == defaults
