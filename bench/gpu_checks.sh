@@ -1,13 +1,14 @@
 #!/usr/bin/env bash
 # The Triton checks that need a CUDA GPU, as one script for a short lease of a GPU machine:
 #   bash bench/gpu_checks.sh OUT_DIR [--quick]
-# Most valuable first, each step under its own time limit so the script always finishes and packs
-# what it has:
-# 1. the kernel benchmark (issue 4's table) and its per-kernel breakdown, as JSON and markdown;
+# Most valuable first, each step under its own time limit (540 s in all: give the lease ~580 s)
+# so the script always finishes and packs what it has:
+# 1. the kernel benchmark (issue 4's table), as JSON and markdown;
 # 2. the kernel and triton-backend tests, compiled (the CPU runs them interpreted), spread over
 #    the CPUs with pytest-xdist since compiling the kernels for each shape dominates;
-# 3. unless --quick, the whole ViT-S (bf16, CUDA graphs) against timm, the fused gate's tile and
-#    warp sweep, and the tile sweep of the attention kernels.
+# 3. the per-kernel breakdown of the attention branch;
+# 4. unless --quick, the fused gate's sweep, the attention tile sweep and the whole ViT-S (bf16,
+#    CUDA graphs) against timm.
 # Everything lands in OUT_DIR/gpu_checks/ and is packed into OUT_DIR/gpu_checks.tar.gz (a lease
 # returns only a few files). The exit status is that of the first failing step.
 set -uo pipefail
@@ -33,15 +34,15 @@ trap pack EXIT
   python -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
   date -u +"%Y-%m-%d %H:%M UTC"; } >"$dir/gpu.txt" 2>&1
 cat "$dir/gpu.txt"
-step kernels 100 python -m headsteer.bench.kernels --json "$dir/kernels.json" --md "$dir/kernels.md"
-step breakdown 70 python -m headsteer.bench.kernels --breakdown --json "$dir/breakdown.json"
+step kernels 90 python -m headsteer.bench.kernels --json "$dir/kernels.json" --md "$dir/kernels.md"
 workers=$(( $(nproc) > 12 ? 12 : $(nproc) ))
-step tests 110 python -m pytest -q -n "$workers" tests/kernels tests/runtime/test_triton_backend.py -p no:cacheprovider
+step tests 150 python -m pytest -q -n "$workers" tests/kernels tests/runtime/test_triton_backend.py -p no:cacheprovider
+step breakdown 60 python -m headsteer.bench.kernels --breakdown --json "$dir/breakdown.json"
 if [ "$quick" != "--quick" ]; then
+  step gate_sweep 70 python -m headsteer.bench.kernels --gate-sweep
+  step sweep 120 python -m headsteer.bench.kernels --sweep
   step model 50 python -m headsteer.bench --model vit_small_patch16_224 --device cuda --dtype bfloat16 \
     --backends timm,timm-graph,triton-graph --batch 64,8 --usage 1,0.67,0.33,0 --reps 10 --warmup 2 \
     --no-progress --json "$dir/model.json" --md "$dir/model.md"
-  step gate_sweep 80 python -m headsteer.bench.kernels --gate-sweep
-  step sweep 150 python -m headsteer.bench.kernels --sweep
 fi
 exit "$status"
