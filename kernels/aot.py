@@ -161,13 +161,13 @@ def _variants(quick: bool) -> Iterator[tuple[str, callable]]:
             weights = (rand(3 * dim, dim, dtype=dtype), rand(3 * dim, dtype=dtype), rand(dim, dim, dtype=dtype), rand(dim, dtype=dtype))
             yield f"attention {label}", lambda x=x, keep=keep, w=weights, h=heads: triton_head_attention(x, keep, *w, h)
             if dtype != torch.float32:  # (fp32 launches use TILES_FP32, not TILES)
-                kept_list = dataclasses.replace(attention.TILES, proj_kept_list=True)
+                head_branch = dataclasses.replace(attention.TILES, proj_kept_list=False)
 
-                def with_kept_list(x=x, keep=keep, w=weights, h=heads, tiles=kept_list):
+                def with_head_branch(x=x, keep=keep, w=weights, h=heads, tiles=head_branch):
                     with attention.tile_config(tiles):
                         triton_head_attention(x, keep, *w, h)
 
-                yield f"attention {label} kept-list", with_kept_list
+                yield f"attention {label} head-branch", with_head_branch
             if not quick:
                 norms = [torch.nn.LayerNorm(dim // heads).to(dtype) for _ in range(2)]
                 yield f"attention {label} qk-norm", lambda x=x, keep=keep, w=weights, h=heads, n=norms: triton_head_attention(

@@ -53,8 +53,9 @@ class TileConfig:
     proj_warps: int = 4
     proj_stages: int = 3  # software-pipeline depth of the head loop (pipelined with proj_kept_list)
     # Output projection: walk a list of the heads the tile keeps (a loop without branches, which
-    # Triton can software-pipeline) instead of testing every head inside the loop.
-    proj_kept_list: bool = False
+    # Triton software-pipelines) instead of testing every head inside the loop (False; as timed
+    # on the H200 on 2026-11-26, when the projection took 2x cuBLAS's time at full usage).
+    proj_kept_list: bool = True
 
 
 # Used by every 16-bit launch; tuned on an H100/H200 for ViT shapes (N=197, d=64, bf16) with
@@ -90,7 +91,7 @@ def fit_tiles(tiles: TileConfig, block_d: int, element_bytes: int) -> TileConfig
       every operand); its staged x and weight tiles, stages x (BLOCK_N + 3 BLOCK_D) x BLOCK_K
       elements, stay under 200 KiB;
     - output projection: stages x (BLOCK_T + BLOCK_O) x BLOCK_D elements under 200 KiB (its loop
-      is pipelined with `proj_kept_list`)."""
+      is pipelined with `proj_kept_list`, the default)."""
     attn_block_m = tiles.attn_block_m
     query_regs = 48 if element_bytes >= 4 else 128
     while attn_block_m > 16 and 2 * attn_block_m * block_d > query_regs * 32 * tiles.attn_warps:

@@ -81,14 +81,15 @@ def test_matches_reference_fp32(batch, tokens, heads, head_dim, mask):
     run_and_check(branch, make_mask(mask, batch, heads, seed), heads)
 
 
-# Alternative tilings the benchmark sweep may pick, small and large, and the kept-list output
-# projection, so every configuration is correct. Each overrides both the 16-bit and the fp32
+# Alternative tilings the benchmark sweep may pick, small and large, the output projection that
+# tests each head in its loop (instead of the kept-list default) and ragged query tiles, so every
+# configuration is correct. Each overrides both the 16-bit and the fp32
 # defaults; launches then shrink what would not fit (`fit_tiles`).
 TILE_VARIANTS = {
     "small": dict(qkv_block_n=16, qkv_block_k=16, attn_block_m=16, attn_block_n=16, proj_block_t=16, proj_block_o=32),
     "large": dict(qkv_block_n=128, qkv_block_k=32, attn_block_m=64, attn_block_n=128, attn_block_tail=32,
                   proj_block_t=128, proj_block_o=64),
-    "kept-list": dict(proj_kept_list=True),
+    "head-branch": dict(proj_kept_list=False),
     "query-tail": dict(attn_block_m=32, attn_block_m_tail=16, attn_block_n=32),
 }
 
