@@ -261,7 +261,7 @@ def gate_sweep() -> None:
     from headsteer.kernels import triton_sae_gate as module
 
     variants = [dict(), dict(PER_SAMPLE_FINISH=False), dict(BLOCK_S=64, PER_SAMPLE_FINISH=False)]
-    variants += [dict(GATE_STAGES=1), dict(GATE_STAGES=2)] + [dict(BLOCK_S=s) for s in (64, 256)]
+    variants += [dict(GATE_STAGES=1), dict(GATE_STAGES=3)] + [dict(BLOCK_S=s) for s in (64, 256)]
     variants += [dict(GATE_WARPS=4), dict(GATE_CHUNK_D=64)] + [dict(_GATE_TILE_ELEMENTS=n) for n in (8192, 32768)]
     variants += [dict(GATE_WARPS=4, _GATE_TILE_ELEMENTS=8192)]
     generator = torch.Generator().manual_seed(0)

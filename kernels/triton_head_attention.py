@@ -43,9 +43,9 @@ class TileConfig:
     qkv_warps: int = 4
     qkv_stages: int = 3  # software-pipeline depth of the reduction loop (copies of its input tiles)
     attn_block_m: int = 64  # queries per attention program
-    attn_block_m_tail: int = 16  # queries per pass over the last N % attn_block_m queries
+    attn_block_m_tail: int = 16  # narrowest pass over the ragged last query tile (`ragged_step`)
     attn_block_n: int = 32  # keys per online-softmax step
-    attn_block_tail: int = 16  # keys per step over the last N % attn_block_n keys
+    attn_block_tail: int = 16  # narrowest step over the ragged last keys (`ragged_step`)
     attn_warps: int = 4
     attn_stages: int = 3  # software-pipeline depth of the key loop
     proj_block_t: int = 64  # tokens per output-projection program
@@ -113,6 +113,14 @@ def fit_tiles(tiles: TileConfig, block_d: int, element_bytes: int) -> TileConfig
                                attn_block_m_tail=min(tiles.attn_block_m_tail, attn_block_m), attn_block_n=attn_block_n,
                                attn_block_tail=min(tiles.attn_block_tail, attn_block_n),
                                qkv_block_n=qkv_block_n, qkv_block_k=qkv_block_k, proj_block_o=proj_block_o)
+
+
+def ragged_step(length: int, block: int, narrowest: int) -> int:
+    """Width of the one pass that covers the last `length % block` rows (or keys) of a sequence
+    tiled by `block`: the next power of two, at least `narrowest`, at most `block` (for N=197 and
+    64-row tiles, 16 rows for the 5 left over; a ragged end over half a tile gets a whole one)."""
+    ragged = length % block
+    return block if ragged == 0 else min(block, max(narrowest, triton.next_power_of_2(ragged)))
 
 
 def head_block(head_dim: int) -> int:
@@ -295,6 +303,7 @@ def _attention_kernel(
         else:
             # The last, ragged query tile (N % BLOCK_M rows, e.g. 5 of ViT's 197 with 64-row
             # tiles) in BLOCK_M_TAIL-row passes: a 16-row pass over the keys, not a 64-row one.
+            # (The launcher picks BLOCK_M_TAIL >= N % BLOCK_M: one pass, never a serial chain.)
             for row in range(first_row, N, BLOCK_M_TAIL):
                 _attend_queries(qkv_ptr, scratch_part, o_ptr, b, h, row, N, H, HEAD_DIM, qk_scale,
                                 PRECISION, BLOCK_M_TAIL, BLOCK_N, BLOCK_TAIL, BLOCK_D)
@@ -457,8 +466,8 @@ def head_attention_launches(
             qkv, scratch_part, keep, keep_b, keep_h, heads,
             tokens, num_heads, head_dim, 1.4426950408889634 / head_dim**0.5,
             PRECISION=precision,
-            BLOCK_M=tiles.attn_block_m, BLOCK_M_TAIL=tiles.attn_block_m_tail,
-            BLOCK_N=tiles.attn_block_n, BLOCK_TAIL=tiles.attn_block_tail,
+            BLOCK_M=tiles.attn_block_m, BLOCK_M_TAIL=ragged_step(tokens, tiles.attn_block_m, tiles.attn_block_m_tail),
+            BLOCK_N=tiles.attn_block_n, BLOCK_TAIL=ragged_step(tokens, tiles.attn_block_n, tiles.attn_block_tail),
             BLOCK_D=block_d,
             num_warps=tiles.attn_warps, num_stages=tiles.attn_stages,
         )

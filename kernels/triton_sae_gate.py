@@ -59,8 +59,9 @@ PER_SAMPLE_FINISH = True
 # Warps of every gate program (`python -m headsteer.bench.kernels --gate-sweep` times others).
 GATE_WARPS = 8
 # Software-pipeline depth of a one-sample program's fc1/fc2 loop (1 = not pipelined, as timed on
-# the H200 on 2026-11-26; 3 compiles to cp.async prefetches of the next two weight tiles).
-GATE_STAGES = 3
+# the H200 on 2026-11-26; 2 prefetches the next weight tile with cp.async while this one reduces,
+# for 34 KiB of shared memory at ViT-S; 3 doubles that, and the launch's every program pays it).
+GATE_STAGES = 2
 # The finisher ranks all of a row's candidates (latent tiles x min(k, BLOCK_S)) in registers.
 MAX_TOPK_CANDIDATES = 16384
 # Register budget (elements) of the finisher's candidate tile: how many rows it ranks at once.
@@ -581,9 +582,12 @@ def triton_sae_steer_gate(
     block_d = _pow2(dim)
     chunk_d = min(64, block_d)
     k_step = min(16, _pow2(sae_k, floor=1))
-    # Columns of g a finisher assembles per step: its gathered [rows, k_step, columns] decoder
-    # tile stays within _TILE_ELEMENTS * 2 (a one-sample finisher takes a whole ViT row at once).
-    fin_chunk_d = chunk_d if fin_rows > 1 else min(block_d, max(chunk_d, 2 * _TILE_ELEMENTS // k_step))
+    partial_tiles = 4  # partial decodes summed per load
+    # Columns of g a finisher assembles per step: its gathered [rows, k_step, columns] decoder tile
+    # and its [partial_tiles, rows, columns] partials stay within _TILE_ELEMENTS * 2 (a one-sample
+    # finisher takes a whole ViT row at once).
+    per_column = max(k_step if gather else 1, partial_tiles if partial else 1)
+    fin_chunk_d = chunk_d if fin_rows > 1 else min(block_d, max(chunk_d, 2 * _TILE_ELEMENTS // per_column))
     if fin_rows >= 16:  # the finisher's dots: CHUNK_G x GATE_CHUNK_D weight tiles
         chunk_g = min(_pow2(hidden), 32)
     else:  # one sample's FMA reductions: CHUNK_G whole rows of fc1
@@ -609,7 +613,7 @@ def triton_sae_steer_gate(
         G_SOURCE=1 if split else 2 if reconstruct else 0,  # g: scratch, b_dec (TopK k=0, no shift), e
         PRECISION=fp32_dot_precision(e.device),
         BLOCK_B=block_b, BLOCK_S=block_s, BLOCK_K=32, BLOCK_D=block_d, CHUNK_D=chunk_d, FIN_CHUNK_D=fin_chunk_d,
-        SLICE_D=slice_d, SLICE_CHUNK=min(chunk_d, slice_d), PARTIAL_TILES=4,
+        SLICE_D=slice_d, SLICE_CHUNK=min(chunk_d, slice_d), PARTIAL_TILES=partial_tiles,
         BLOCK_C=block_c, SEL_ROWS=max(1, min(fin_rows, _TILE_ELEMENTS // block_c)),
         K_STEP=k_step, CHUNK_G=chunk_g, GATE_CHUNK_D=GATE_CHUNK_D, GATE_STAGES=GATE_STAGES,
         BLOCK_H=_pow2(num_heads),

@@ -225,6 +225,18 @@ def test_weights_must_share_the_input_dtype():
                               branch["proj_weight"], None, 2)
 
 
+@pytest.mark.parametrize("length", [1, 5, 16, 17, 50, 64, 131, 197, 240, 577])
+@pytest.mark.parametrize("block,narrowest", [(64, 16), (32, 16), (128, 32), (16, 16)])
+def test_ragged_step_covers_the_ragged_end_in_one_pass(length, block, narrowest):
+    step = attention_module.ragged_step(length, block, narrowest)
+    assert step & (step - 1) == 0 and narrowest <= step <= block  # a power of two tl.arange accepts
+    ragged = length % block
+    if ragged:  # one pass covers what the whole tiles leave over, and is no wider than it needs
+        assert ragged <= step < 2 * max(narrowest, ragged)
+    else:  # no ragged end: the kernel never takes the tail path
+        assert step == block
+
+
 def test_fit_tiles_keeps_the_tuned_defaults_and_shrinks_wide_rows():
     fit = attention_module.fit_tiles
     # The tuned configurations (d=64) run as they are.

@@ -166,6 +166,19 @@ def test_many_latent_and_batch_tiles(finisher, batch, activation, steering, mode
     run_and_check(e, make_gate(dim, 24, 5, seed + 3), sae, scale, shift, mode, None)
 
 
+@pytest.mark.parametrize("activation,k", [("topk", 17), ("topk", 40), ("relu", None)])
+def test_wide_rows_and_full_batch_tiles(finisher, activation, k):
+    """D = 600 (a one-sample finisher assembles g in two column chunks), k above one 16-latent
+    decode step, and a batch of exactly two 16-row tiles."""
+    dim, width, batch = 600, 200, 32
+    seed = zlib.crc32(repr(("wide", activation, k)).encode())
+    e = torch.randn(batch, dim, generator=torch.Generator().manual_seed(seed)).to(DEVICE)
+    scale, shift = make_steering("scale+shift", batch, width, seed + 1)
+    sae = make_sae(dim, width, activation, seed + 2, k=k)
+    for mode in reference.STEER_MODES:
+        run_and_check(e, make_gate(dim, 24, 6, seed + 3), sae, scale, shift, mode, 0.5)
+
+
 @pytest.mark.parametrize("k", [0, 1, 100, 200, 300])
 @pytest.mark.parametrize("mode", reference.STEER_MODES)
 def test_topk_k_edges(finisher, k, mode):
