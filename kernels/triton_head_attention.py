@@ -42,6 +42,8 @@ class TileConfig:
     qkv_block_k: int = 64  # reduction step over D
     qkv_warps: int = 4
     qkv_stages: int = 3  # software-pipeline depth of the reduction loop (copies of its input tiles)
+    # QKV: q and k as one MMA of twice the width (blocks without q/k norms), v as a second.
+    qkv_fuse_qk: bool = False
     attn_block_m: int = 64  # queries per attention program
     attn_block_m_tail: int = 16  # narrowest pass over the ragged last query tile (`ragged_step`)
     attn_block_n: int = 32  # keys per online-softmax step
@@ -172,7 +174,7 @@ def _qkv_kernel(
     HAS_BIAS: tl.constexpr,
     Q_NORM: tl.constexpr, QN_W: tl.constexpr, QN_B: tl.constexpr,
     K_NORM: tl.constexpr, KN_W: tl.constexpr, KN_B: tl.constexpr,
-    PRECISION: tl.constexpr,
+    PRECISION: tl.constexpr, FUSE_QK: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     # Tiles run over the flattened B*N tokens (no padding at sample ends); the head varies
@@ -194,8 +196,18 @@ def _qkv_kernel(
         q_rows = h * HEAD_DIM + offs_d
         k_rows = q_rows + H * HEAD_DIM
         v_rows = k_rows + H * HEAD_DIM
-        acc_q = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
-        acc_k = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+        if FUSE_QK:
+            # q and k side by side as one [BLOCK_N, 2 BLOCK_D] accumulator: one MMA twice as wide
+            # per step instead of two (x's tile is read from shared memory once for both).
+            offs_qk = tl.arange(0, 2 * BLOCK_D)
+            qk_part = offs_qk // BLOCK_D  # 0: q, 1: k
+            qk_col = offs_qk % BLOCK_D
+            qk_rows = (qk_part * H + h) * HEAD_DIM + qk_col
+            qk_mask = qk_col < HEAD_DIM
+            acc_q = tl.zeros([BLOCK_N, 2 * BLOCK_D], dtype=tl.float32)
+        else:
+            acc_q = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+            acc_k = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
         acc_v = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
         # 64-bit offsets: B*N*D (or the scratch's 3*B*N*D) may pass 2**31 elements at large batches.
         x_row = x_ptr + sample.to(tl.int64)[:, None] * stride_xb + token[:, None] * stride_xn
@@ -205,27 +217,42 @@ def _qkv_kernel(
             x = tl.load(x_row + kk[None, :] * stride_xd, mask=row_kept[:, None] & k_mask[None, :], other=0.0)
             w_mask = k_mask[:, None] & d_mask[None, :]
             w_cols = kk[:, None] * stride_wd
-            wq = tl.load(w_ptr + q_rows[None, :] * stride_wr + w_cols, mask=w_mask, other=0.0)
-            wk = tl.load(w_ptr + k_rows[None, :] * stride_wr + w_cols, mask=w_mask, other=0.0)
+            if FUSE_QK:
+                wqk = tl.load(w_ptr + qk_rows[None, :] * stride_wr + w_cols, mask=k_mask[:, None] & qk_mask[None, :],
+                              other=0.0)
+                acc_q = tl.dot(x, wqk, acc_q, input_precision=PRECISION)
+            else:
+                wq = tl.load(w_ptr + q_rows[None, :] * stride_wr + w_cols, mask=w_mask, other=0.0)
+                wk = tl.load(w_ptr + k_rows[None, :] * stride_wr + w_cols, mask=w_mask, other=0.0)
+                acc_q = tl.dot(x, wq, acc_q, input_precision=PRECISION)
+                acc_k = tl.dot(x, wk, acc_k, input_precision=PRECISION)
             wv = tl.load(w_ptr + v_rows[None, :] * stride_wr + w_cols, mask=w_mask, other=0.0)
-            acc_q = tl.dot(x, wq, acc_q, input_precision=PRECISION)
-            acc_k = tl.dot(x, wk, acc_k, input_precision=PRECISION)
             acc_v = tl.dot(x, wv, acc_v, input_precision=PRECISION)
         if HAS_BIAS:
-            acc_q += tl.load(bias_ptr + q_rows, mask=d_mask, other=0.0).to(tl.float32)[None, :]
-            acc_k += tl.load(bias_ptr + k_rows, mask=d_mask, other=0.0).to(tl.float32)[None, :]
+            if FUSE_QK:
+                acc_q += tl.load(bias_ptr + qk_rows, mask=qk_mask, other=0.0).to(tl.float32)[None, :]
+            else:
+                acc_q += tl.load(bias_ptr + q_rows, mask=d_mask, other=0.0).to(tl.float32)[None, :]
+                acc_k += tl.load(bias_ptr + k_rows, mask=d_mask, other=0.0).to(tl.float32)[None, :]
             acc_v += tl.load(bias_ptr + v_rows, mask=d_mask, other=0.0).to(tl.float32)[None, :]
-        if Q_NORM:
+        if Q_NORM:  # (never with FUSE_QK: the launcher fuses q and k only without q/k norms)
             acc_q = _head_layer_norm(acc_q, d_mask, qn_w_ptr, qn_b_ptr, offs_d, q_eps, HEAD_DIM, QN_W, QN_B)
         if K_NORM:
             acc_k = _head_layer_norm(acc_k, d_mask, kn_w_ptr, kn_b_ptr, offs_d, k_eps, HEAD_DIM, KN_W, KN_B)
         # Scratch layout [3, B, H, N, d]: each (sample, head) owns a contiguous [N, d] slab.
         out_dtype = qkv_ptr.dtype.element_ty
         # scratch_part = B*H*N*d elements per part, added to the pointer (never multiplied).
-        offs = ((sample[:, None] * H + h) * N + token[:, None]).to(tl.int64) * HEAD_DIM + offs_d[None, :]
+        row_base = ((sample * H + h) * N + token).to(tl.int64) * HEAD_DIM
+        offs = row_base[:, None] + offs_d[None, :]
         mask = row_kept[:, None] & d_mask[None, :]
-        tl.store(qkv_ptr + offs, acc_q.to(out_dtype), mask=mask)
-        tl.store(qkv_ptr + scratch_part + offs, acc_k.to(out_dtype), mask=mask)
+        if FUSE_QK:
+            # Column c of the q|k accumulator goes to part c // BLOCK_D (0 or 1, so the product
+            # with scratch_part stays within its range), column c % BLOCK_D.
+            qk_offs = row_base[:, None] + qk_part[None, :] * scratch_part + qk_col[None, :]
+            tl.store(qkv_ptr + qk_offs, acc_q.to(out_dtype), mask=row_kept[:, None] & qk_mask[None, :])
+        else:
+            tl.store(qkv_ptr + offs, acc_q.to(out_dtype), mask=mask)
+            tl.store(qkv_ptr + scratch_part + offs, acc_k.to(out_dtype), mask=mask)
         tl.store(qkv_ptr + scratch_part + scratch_part + offs, acc_v.to(out_dtype), mask=mask)
 
 
@@ -456,7 +483,7 @@ def head_attention_launches(
             batch, tokens, dim, num_heads, head_dim,
             HAS_BIAS=qkv_bias is not None,
             Q_NORM=qn[3], QN_W=qn[4], QN_B=qn[5], K_NORM=kn[3], KN_W=kn[4], KN_B=kn[5],
-            PRECISION=precision,
+            PRECISION=precision, FUSE_QK=tiles.qkv_fuse_qk and not (qn[3] or kn[3]),
             BLOCK_N=tiles.qkv_block_n, BLOCK_K=tiles.qkv_block_k, BLOCK_D=block_d,
             num_warps=tiles.qkv_warps, num_stages=tiles.qkv_stages,
         )

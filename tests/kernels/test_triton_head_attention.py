@@ -90,6 +90,7 @@ TILE_VARIANTS = {
     "large": dict(qkv_block_n=128, qkv_block_k=32, attn_block_m=64, attn_block_n=128, attn_block_tail=32,
                   proj_block_t=128, proj_block_o=64),
     "head-branch": dict(proj_kept_list=False),
+    "fused-qk": dict(qkv_fuse_qk=True),
     "query-tail": dict(attn_block_m=32, attn_block_m_tail=16, attn_block_n=32),
 }
 
