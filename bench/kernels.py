@@ -239,18 +239,21 @@ def sweep() -> None:
 
     variants = sweep_variants()
     generator = torch.Generator().manual_seed(0)
+    setups = {}
     for name, (heads, dim) in MODELS.items():
         w = make_block(heads, dim, generator)
         x = torch.randn(BATCH, TOKENS, dim, generator=generator).to(DEVICE, DTYPE)
-        keeps = {u: random_keep(BATCH, heads, u, generator) for u in (1.0, 0.33)}
-        timed_tiles = set()
-        for requested in variants:
+        setups[name] = heads, dim, w, x, {u: random_keep(BATCH, heads, u, generator) for u in (1.0, 0.33)}
+    # Variant by variant (both models each), most informative first: a time limit cuts the tail.
+    timed_tiles = set()
+    for requested in variants:
+        for name, (heads, dim, w, x, keeps) in setups.items():
             # Launches shrink tiles that would not fit (module.fit_tiles): time and print what runs.
             with module.tile_config(requested, requested):
                 tiles = module.tiles_for(dim // heads, DTYPE)
-            if tiles in timed_tiles:
+            if (name, tiles) in timed_tiles:
                 continue
-            timed_tiles.add(tiles)
+            timed_tiles.add((name, tiles))
             with module.tile_config(tiles):
                 times = {u: timed(lambda: sparse_attention(x, keep, w, heads)) for u, keep in keeps.items()}
             print(f"{name} u=1.0 {times[1.0][0]:6.1f}us (graph {times[1.0][1]:6.1f}us) u=0.33 {times[0.33][0]:6.1f}us "
@@ -267,13 +270,16 @@ def gate_sweep() -> None:
     variants += [dict(GATE_WARPS=4), dict(GATE_CHUNK_D=64)] + [dict(_GATE_TILE_ELEMENTS=n) for n in (8192, 32768)]
     variants += [dict(GATE_WARPS=4, _GATE_TILE_ELEMENTS=8192)]
     generator = torch.Generator().manual_seed(0)
+    setups = {}
     for name, (heads, dim) in MODELS.items():
         e = torch.randn(BATCH, dim, generator=generator).to(DEVICE, DTYPE)
-        setups = {"SAE topk, scale": gate_params(dim, heads, generator, True), "none": gate_params(dim, heads, generator, False)}
-        for variant in variants:
+        setups[name] = e, {"SAE topk, scale": gate_params(dim, heads, generator, True),
+                           "none": gate_params(dim, heads, generator, False)}
+    for variant in variants:  # variant by variant (both models each): a time limit cuts the tail
+        for name, (e, cases) in setups.items():
             times = []
             with module.gate_constants(**variant):
-                for label, (gate, sae, (scale, _)) in setups.items():
+                for label, (gate, sae, (scale, _)) in cases.items():
                     times.append(f"{label} {graph_timed(lambda: module.triton_sae_steer_gate(e, gate, sae, scale)):6.1f}us")
             print(f"{name} gate graph: {'  '.join(times)}  {variant or 'defaults'}", flush=True)
 
