@@ -33,6 +33,7 @@ import triton.language as tl
 from torch import nn
 
 from headsteer.kernels.aot import fp32_dot_precision, targets_cuda
+from headsteer.kernels.triton_layer_norm import layer_norm_apply, layer_norm_stats
 
 @dataclass(frozen=True)
 class TileConfig:
@@ -150,20 +151,6 @@ def tile_config(tiles: TileConfig, fp32_tiles: Optional[TileConfig] = None) -> I
 
 
 @triton.jit
-def _head_layer_norm(x, col_mask, w_ptr, b_ptr, offs_d, eps, HEAD_DIM, HAS_W: tl.constexpr, HAS_B: tl.constexpr):
-    """LayerNorm of each row of a [rows, BLOCK_D] fp32 tile over its first HEAD_DIM columns."""
-    mean = tl.sum(x, axis=1) / HEAD_DIM  # padded columns hold exact zeros
-    centered = tl.where(col_mask[None, :], x - mean[:, None], 0.0)
-    rstd = 1.0 / tl.sqrt(tl.sum(centered * centered, axis=1) / HEAD_DIM + eps)
-    y = centered * rstd[:, None]
-    if HAS_W:
-        y *= tl.load(w_ptr + offs_d, mask=col_mask, other=0.0).to(tl.float32)[None, :]
-    if HAS_B:
-        y += tl.load(b_ptr + offs_d, mask=col_mask, other=0.0).to(tl.float32)[None, :]
-    return y
-
-
-@triton.jit
 def _qkv_kernel(
     x_ptr, stride_xb, stride_xn, stride_xd,
     w_ptr, stride_wr, stride_wd, bias_ptr,
@@ -236,9 +223,11 @@ def _qkv_kernel(
                 acc_k += tl.load(bias_ptr + k_rows, mask=d_mask, other=0.0).to(tl.float32)[None, :]
             acc_v += tl.load(bias_ptr + v_rows, mask=d_mask, other=0.0).to(tl.float32)[None, :]
         if Q_NORM:  # (never with FUSE_QK: the launcher fuses q and k only without q/k norms)
-            acc_q = _head_layer_norm(acc_q, d_mask, qn_w_ptr, qn_b_ptr, offs_d, q_eps, HEAD_DIM, QN_W, QN_B)
+            q_mean, q_rstd = layer_norm_stats(acc_q, d_mask, HEAD_DIM, q_eps)
+            acc_q = layer_norm_apply(acc_q, q_mean, q_rstd, qn_w_ptr, qn_b_ptr, offs_d, d_mask, QN_W, QN_B)
         if K_NORM:
-            acc_k = _head_layer_norm(acc_k, d_mask, kn_w_ptr, kn_b_ptr, offs_d, k_eps, HEAD_DIM, KN_W, KN_B)
+            k_mean, k_rstd = layer_norm_stats(acc_k, d_mask, HEAD_DIM, k_eps)
+            acc_k = layer_norm_apply(acc_k, k_mean, k_rstd, kn_w_ptr, kn_b_ptr, offs_d, d_mask, KN_W, KN_B)
         # Scratch layout [3, B, H, N, d]: each (sample, head) owns a contiguous [N, d] slab.
         out_dtype = qkv_ptr.dtype.element_ty
         # scratch_part = B*H*N*d elements per part, added to the pointer (never multiplied).

@@ -41,6 +41,7 @@ import triton.language as tl
 
 from headsteer.kernels import reference
 from headsteer.kernels.aot import fp32_dot_precision
+from headsteer.kernels.triton_layer_norm import layer_norm_apply, layer_norm_stats
 
 _ACTIVATION_CODES = {"relu": 0, "topk": 1, "jumprelu": 2}
 
@@ -132,17 +133,6 @@ def _gate_input_chunk(e_ptr, stride_eb, g_ptr, dec_b_ptr, rows, row_mask, d0, D,
         return tl.load(g_ptr + rows[:, None] * D + dd[None, :], mask=mask, other=0.0, cache_modifier=".cg")
     else:
         return tl.where(mask, tl.load(dec_b_ptr + dd, mask=d_mask, other=0.0).to(tl.float32)[None, :], 0.0)
-
-
-@triton.jit
-def _layer_norm_chunk(g, mean, rstd, w_ptr, b_ptr, cols, col_mask, HAS_W: tl.constexpr, HAS_B: tl.constexpr):
-    """LayerNorm of a [rows, cols] chunk of g from each row's mean and 1/std (zeros past D)."""
-    normed = tl.where(col_mask[None, :], (g - mean[:, None]) * rstd[:, None], 0.0)
-    if HAS_W:
-        normed *= tl.load(w_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
-    if HAS_B:
-        normed += tl.load(b_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
-    return normed
 
 
 @triton.jit
@@ -379,11 +369,9 @@ def _sae_steer_gate_kernel(
         offs_d = tl.arange(0, BLOCK_D)
         d_full = offs_d < D
         whole = _gate_input_chunk(e_ptr, stride_eb, g_ptr, dec_b_ptr, fin_rows, fin_mask, 0, D, G_SOURCE, BLOCK_D)
-        mean = tl.sum(whole, axis=1) / D  # columns past D load as zeros
-        centered = tl.where(d_full[None, :], whole - mean[:, None], 0.0)
-        rstd = 1.0 / tl.sqrt(tl.sum(centered * centered, axis=1) / D + ln_eps)
+        mean, rstd = layer_norm_stats(whole, d_full, D, ln_eps)  # columns past D load as zeros
         if FIN_ROWS < 16:  # one sample: its whole normalized row stays in registers for every step
-            normed_row = _layer_norm_chunk(whole, mean, rstd, ln_w_ptr, ln_b_ptr, offs_d, d_full, HAS_LN_W, HAS_LN_B)
+            normed_row = layer_norm_apply(whole, mean, rstd, ln_w_ptr, ln_b_ptr, offs_d, d_full, HAS_LN_W, HAS_LN_B)
 
         # fc1 -> GELU -> fc2, CHUNK_G hidden units per step, each chunk folded straight into the
         # logits. The chain of dependent steps, not the FLOPs, sets this phase's time.
@@ -402,7 +390,7 @@ def _sae_steer_gate_kernel(
                 for d0 in range(0, D, GATE_CHUNK_D):
                     dd = d0 + tl.arange(0, GATE_CHUNK_D)
                     d_mask = dd < D
-                    normed = _layer_norm_chunk(
+                    normed = layer_norm_apply(
                         _gate_input_chunk(e_ptr, stride_eb, g_ptr, dec_b_ptr, fin_rows, fin_mask, d0, D, G_SOURCE,
                                           GATE_CHUNK_D),
                         mean, rstd, ln_w_ptr, ln_b_ptr, dd, d_mask, HAS_LN_W, HAS_LN_B)
