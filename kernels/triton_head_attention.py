@@ -461,6 +461,10 @@ def head_attention_launches(
     keep_b, keep_h = keep.stride()
     scratch_part = qkv[0].numel()  # elements of each of q, k and v
     tiles = tiles_for(head_dim, x.dtype)
+    fuse_qk = tiles.qkv_fuse_qk and not (qn[3] or kn[3])  # (q/k norms keep q and k apart)
+    query_tail = ragged_step(tokens, tiles.attn_block_m, tiles.attn_block_m_tail)
+    key_tail = ragged_step(tokens, tiles.attn_block_n, tiles.attn_block_tail)
+    proj_chunk_d = min(block_d, 64) if precision is not None else block_d
 
     def qkv_projection():
         _qkv_kernel[(triton.cdiv(batch * tokens, tiles.qkv_block_n) * num_heads,)](
@@ -472,7 +476,7 @@ def head_attention_launches(
             batch, tokens, dim, num_heads, head_dim,
             HAS_BIAS=qkv_bias is not None,
             Q_NORM=qn[3], QN_W=qn[4], QN_B=qn[5], K_NORM=kn[3], KN_W=kn[4], KN_B=kn[5],
-            PRECISION=precision, FUSE_QK=tiles.qkv_fuse_qk and not (qn[3] or kn[3]),
+            PRECISION=precision, FUSE_QK=fuse_qk,
             BLOCK_N=tiles.qkv_block_n, BLOCK_K=tiles.qkv_block_k, BLOCK_D=block_d,
             num_warps=tiles.qkv_warps, num_stages=tiles.qkv_stages,
         )
@@ -482,8 +486,7 @@ def head_attention_launches(
             qkv, scratch_part, keep, keep_b, keep_h, heads,
             tokens, num_heads, head_dim, 1.4426950408889634 / head_dim**0.5,
             PRECISION=precision,
-            BLOCK_M=tiles.attn_block_m, BLOCK_M_TAIL=ragged_step(tokens, tiles.attn_block_m, tiles.attn_block_m_tail),
-            BLOCK_N=tiles.attn_block_n, BLOCK_TAIL=ragged_step(tokens, tiles.attn_block_n, tiles.attn_block_tail),
+            BLOCK_M=tiles.attn_block_m, BLOCK_M_TAIL=query_tail, BLOCK_N=tiles.attn_block_n, BLOCK_TAIL=key_tail,
             BLOCK_D=block_d,
             num_warps=tiles.attn_warps, num_stages=tiles.attn_stages,
         )
@@ -496,7 +499,7 @@ def head_attention_launches(
             batch, tokens, num_heads, head_dim, d_out,
             HAS_BIAS=proj_bias is not None, PRECISION=precision,
             BLOCK_T=tiles.proj_block_t, BLOCK_O=tiles.proj_block_o, BLOCK_D=block_d,
-            CHUNK_D=min(block_d, 64) if precision is not None else block_d,
+            CHUNK_D=proj_chunk_d,
             BLOCK_H=triton.next_power_of_2(num_heads), KEPT_LIST=tiles.proj_kept_list,
             num_warps=tiles.proj_warps, num_stages=tiles.proj_stages,
         )

@@ -165,7 +165,7 @@ def _sae_steer_gate_kernel(
     fc1_w_ptr, fc1_b_ptr, fc2_w_ptr, fc2_b_ptr,
     logits_ptr, keep_ptr,
     counter_ptr, partial_ptr, cand_val_ptr, cand_idx_ptr, sel_idx_ptr, sel_coef_ptr, g_ptr,
-    B, D, S, G, H, sae_k, cand_per_tile, budget_k, num_b_tiles, NUM_S_TILES,
+    B, D, S, G, H, sae_k, cand_per_tile, budget_k, num_b_tiles, num_s_tiles,
     ACTIVATION: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr,
     RECONSTRUCT: tl.constexpr, PARTIAL: tl.constexpr, GATHER: tl.constexpr,
     SHIFT_DECODE: tl.constexpr, SPLIT: tl.constexpr, PER_SAMPLE_FINISH: tl.constexpr, FIN_ROWS: tl.constexpr,
@@ -184,7 +184,7 @@ def _sae_steer_gate_kernel(
     # per row per decode step; CHUNK_G hidden units of the gate per step (GATE_CHUNK_D columns of
     # fc1 per dot); BLOCK_H >= H.
     # Who finishes (phase 2) the gate of which rows:
-    # - PER_SAMPLE_FINISH: a 1-D grid of num_b_tiles * NUM_S_TILES latent-tile programs, then B
+    # - PER_SAMPLE_FINISH: a 1-D grid of num_b_tiles * num_s_tiles latent-tile programs, then B
     #   one-sample finishers. Roles go by a ticket drawn from an atomic counter, not by program id:
     #   a finisher (a late ticket) waits only on tiles whose tickets were drawn earlier, i.e. by
     #   programs already running, so the wait always ends (as in a decoupled look-back scan); the
@@ -194,16 +194,15 @@ def _sae_steer_gate_kernel(
     #   the batch, up to 2**31 - 1 programs).
     if PER_SAMPLE_FINISH:
         ticket = tl.atomic_add(counter_ptr + num_b_tiles, 1, sem="relaxed")
-        tiles_total = num_b_tiles * NUM_S_TILES
+        tiles_total = num_b_tiles * num_s_tiles
         do_tile = ticket < tiles_total
         sample = ticket - tiles_total
-        tile_b = tl.where(do_tile, ticket // NUM_S_TILES, sample // BLOCK_B)
-        tile_s = ticket % NUM_S_TILES
+        tile_b = tl.where(do_tile, ticket // num_s_tiles, sample // BLOCK_B)
+        tile_s = ticket % num_s_tiles
     else:
         tile_b = tl.program_id(0)
         tile_s = tl.program_id(1)
         do_tile = True
-    num_s_tiles = NUM_S_TILES
     offs_b = tl.arange(0, BLOCK_B)
     rows = tile_b * BLOCK_B + offs_b
     row_mask = rows < B
