@@ -204,9 +204,14 @@ def sweep_variants() -> list:
 
     base = module.TILES  # vary one kernel's tiles at a time around the current defaults
     variants = [base]
-    # Untimed on a GPU so far, first: the output projection walking a list of kept heads (no
-    # branch in its loop, so pipelined; the default) against the measured per-head branch, QKV
-    # with q and k as one MMA, and software-pipeline depths (default 3 stages).
+    # Untimed on a GPU so far, first: QKV over compacted token lists by persistent programs (the
+    # default) against flattened tokens with a program per (tile, head), as measured, and other
+    # persistent grid sizes; the output projection walking a list of kept heads (no branch in
+    # its loop, so pipelined; the default) against the measured per-head branch, QKV with q and
+    # k as one MMA, and software-pipeline depths (default 3 stages).
+    variants.append(dataclasses.replace(base, qkv_compact=False))
+    for programs_per_sm in (1, 3, 0):
+        variants.append(dataclasses.replace(base, qkv_programs_per_sm=programs_per_sm))
     variants.append(dataclasses.replace(base, proj_kept_list=False))
     for proj in ((128, 128, 8, 3), (128, 64, 4, 3), (64, 128, 4, 2), (64, 128, 4, 4)):
         variants.append(dataclasses.replace(base, proj_block_t=proj[0], proj_block_o=proj[1], proj_warps=proj[2],

@@ -1,14 +1,18 @@
 """Head-sparse attention branch in Triton: only kept (sample, head) pairs do any work.
 
-Three launches, all with grids sized from B, H and N alone (never from the mask), so nothing
-waits on the host and the whole branch can be captured in a CUDA graph:
+Three launches, all with grids sized from B, H, N and the GPU alone (never from the mask), so
+nothing waits on the host and the whole branch can be captured in a CUDA graph:
 
-1. `_qkv_kernel`, grid (token tiles of the flattened B*N tokens x H): projects one head's q, k, v
-   (and applies the q/k LayerNorm) for a tile of tokens; rows of samples that pruned the head
-   load as zeros and are not stored, and a tile where every sample pruned it stops after reading
-   the mask bits. Flattened tiles avoid padding each sample's N up to the tile (197 -> 256 with
-   64-token tiles); the price is that a pruned pair sharing a tile with a kept neighbour rides
-   along as zero rows of that tile's MMA.
+1. `_qkv_kernel` projects one head's q, k, v (and applies the q/k LayerNorm) for a tile of
+   tokens. By default each program first counts, per head, the samples that keep it (the mask's
+   B x H bits), which defines each head's compacted token list: the N tokens of every sample
+   that keeps the head, back to back. Work items are (head, tile of its list), so MMA rows are
+   never spent on pruned pairs, and a persistent grid (a few programs per SM) walks only the
+   items that exist: a pruned head costs its mask bits, not a launched program. Up to
+   COMPACT_MAX_BATCH samples; beyond, or with `TileConfig(qkv_compact=False)`, one program per
+   (tile of the flattened B*N tokens, head), where rows of samples that pruned the head load as
+   zeros and are not stored and a tile no sample keeps stops after its mask bits. Neither pads a
+   sample's N up to the tile (197 -> 256 with 64-token tiles).
 2. `_attention_kernel`, grid (B*H, query tiles): flash attention with an online softmax; pruned
    (sample, head) pairs return after reading their bit.
 3. `_proj_kernel`, grid (token tiles, output-column tiles): sums `o_h @ W_o[:, h]^T` over the
@@ -43,6 +47,13 @@ class TileConfig:
     qkv_block_k: int = 64  # reduction step over D
     qkv_warps: int = 4
     qkv_stages: int = 3  # software-pipeline depth of the reduction loop (copies of its input tiles)
+    # QKV over compacted token lists (each head's tiles hold only tokens of samples that keep it)
+    # walked by persistent programs, qkv_programs_per_sm per SM (0: one program per possible
+    # item). False: one program per (tile of the flattened B*N tokens, head), as timed on the
+    # H200 on 2026-11-26, where a tile shared by a sample that keeps the head and one that does
+    # not computes both, and every pruned tile is a launched program.
+    qkv_compact: bool = True
+    qkv_programs_per_sm: int = 2
     # QKV: q and k as one MMA of twice the width (blocks without q/k norms), v as a second.
     qkv_fuse_qk: bool = False
     attn_block_m: int = 64  # queries per attention program
@@ -63,7 +74,7 @@ class TileConfig:
 
 # Used by every 16-bit launch; tuned on an H100/H200 for ViT shapes (N=197, d=64, bf16) with
 # `python -m headsteer.bench.kernels --sweep`, which swaps this module attribute. Not yet timed:
-# the attention's tails. The H200 sweep of 2026-11-26 put 64-query / 32-key tiles within noise
+# the attention's tails, the compacted persistent QKV, the output projection's kept-head list. The H200 sweep of 2026-11-26 put 64-query / 32-key tiles within noise
 # of 128 / 64; the 16-row and 16-key tail passes then cut each (sample, head)'s padded score
 # tile at N=197 from 256 x 256 to 208 x 208 (the sweep keeps the old tiling to compare).
 TILES = TileConfig()
@@ -126,6 +137,25 @@ def ragged_step(length: int, block: int, narrowest: int) -> int:
     return block if ragged == 0 else min(block, max(narrowest, triton.next_power_of_2(ragged)))
 
 
+# Compacted QKV reads a head's whole keep column per work item: batches up to this size.
+COMPACT_MAX_BATCH = 1024
+# ... and finds each of a tile's samples by one reduction: tiles spanning up to this many samples.
+COMPACT_MAX_RANK_SPAN = 8
+
+
+def rank_span(tokens: int, block: int) -> int:
+    """Most samples one tile of `block` consecutive rows of a compacted token list (N = `tokens`
+    rows per sample) touches: 2 for N >= block - 1, more for shorter sequences."""
+    return triton.cdiv(block - 1, tokens) + 1
+
+
+@functools.lru_cache(maxsize=None)
+def _multiprocessors(device: torch.device) -> int:
+    """SMs of a CUDA device (persistent grids are sized from it); 2 elsewhere (the CPU
+    interpreter and compile-only runs), so small grids still exercise the programs' loops."""
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 2
+
+
 def head_block(head_dim: int) -> int:
     """Columns of a head's tiles: the head dim padded to a power of two, at least 16 (tl.dot)."""
     return max(16, triton.next_power_of_2(head_dim))
@@ -151,6 +181,112 @@ def tile_config(tiles: TileConfig, fp32_tiles: Optional[TileConfig] = None) -> I
 
 
 @triton.jit
+def _qkv_rows(
+    x_ptr, stride_xb, stride_xn, stride_xd, w_ptr, stride_wr, stride_wd, bias_ptr,
+    qn_w_ptr, qn_b_ptr, q_eps, kn_w_ptr, kn_b_ptr, k_eps, qkv_ptr, scratch_part,
+    sample, token, row_kept, h, N, D, H, HEAD_DIM,
+    HAS_BIAS: tl.constexpr,
+    Q_NORM: tl.constexpr, QN_W: tl.constexpr, QN_B: tl.constexpr,
+    K_NORM: tl.constexpr, KN_W: tl.constexpr, KN_B: tl.constexpr,
+    PRECISION: tl.constexpr, FUSE_QK: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """Head h's q, k, v (q/k LayerNorm applied) for BLOCK_N token rows given as (sample, token):
+    rows with row_kept False load as zeros and are not stored."""
+    offs_k = tl.arange(0, BLOCK_K)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_mask = offs_d < HEAD_DIM
+    # timm's qkv rows are ordered (q|k|v, head, dim): this head's q rows start at h*d, its k
+    # rows at (H + h)*d, its v rows at (2H + h)*d. Weight tiles are loaded transposed [K, d].
+    q_rows = h * HEAD_DIM + offs_d
+    k_rows = q_rows + H * HEAD_DIM
+    v_rows = k_rows + H * HEAD_DIM
+    if FUSE_QK:
+        # q and k side by side as one [BLOCK_N, 2 BLOCK_D] accumulator: one MMA twice as wide
+        # per step instead of two (x's tile is read from shared memory once for both).
+        offs_qk = tl.arange(0, 2 * BLOCK_D)
+        qk_part = offs_qk // BLOCK_D  # 0: q, 1: k
+        qk_col = offs_qk % BLOCK_D
+        qk_rows = (qk_part * H + h) * HEAD_DIM + qk_col
+        qk_mask = qk_col < HEAD_DIM
+        acc_q = tl.zeros([BLOCK_N, 2 * BLOCK_D], dtype=tl.float32)
+    else:
+        acc_q = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+        acc_k = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    acc_v = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    # 64-bit offsets: B*N*D (or the scratch's 3*B*N*D) may pass 2**31 elements at large batches.
+    x_row = x_ptr + sample.to(tl.int64)[:, None] * stride_xb + token[:, None] * stride_xn
+    for k0 in range(0, D, BLOCK_K):
+        kk = k0 + offs_k
+        k_mask = kk < D
+        x = tl.load(x_row + kk[None, :] * stride_xd, mask=row_kept[:, None] & k_mask[None, :], other=0.0)
+        w_mask = k_mask[:, None] & d_mask[None, :]
+        w_cols = kk[:, None] * stride_wd
+        if FUSE_QK:
+            wqk = tl.load(w_ptr + qk_rows[None, :] * stride_wr + w_cols, mask=k_mask[:, None] & qk_mask[None, :],
+                          other=0.0)
+            acc_q = tl.dot(x, wqk, acc_q, input_precision=PRECISION)
+        else:
+            wq = tl.load(w_ptr + q_rows[None, :] * stride_wr + w_cols, mask=w_mask, other=0.0)
+            wk = tl.load(w_ptr + k_rows[None, :] * stride_wr + w_cols, mask=w_mask, other=0.0)
+            acc_q = tl.dot(x, wq, acc_q, input_precision=PRECISION)
+            acc_k = tl.dot(x, wk, acc_k, input_precision=PRECISION)
+        wv = tl.load(w_ptr + v_rows[None, :] * stride_wr + w_cols, mask=w_mask, other=0.0)
+        acc_v = tl.dot(x, wv, acc_v, input_precision=PRECISION)
+    if HAS_BIAS:
+        if FUSE_QK:
+            acc_q += tl.load(bias_ptr + qk_rows, mask=qk_mask, other=0.0).to(tl.float32)[None, :]
+        else:
+            acc_q += tl.load(bias_ptr + q_rows, mask=d_mask, other=0.0).to(tl.float32)[None, :]
+            acc_k += tl.load(bias_ptr + k_rows, mask=d_mask, other=0.0).to(tl.float32)[None, :]
+        acc_v += tl.load(bias_ptr + v_rows, mask=d_mask, other=0.0).to(tl.float32)[None, :]
+    if Q_NORM:  # (never with FUSE_QK: the launcher fuses q and k only without q/k norms)
+        q_mean, q_rstd = layer_norm_stats(acc_q, d_mask, HEAD_DIM, q_eps)
+        acc_q = layer_norm_apply(acc_q, q_mean, q_rstd, qn_w_ptr, qn_b_ptr, offs_d, d_mask, QN_W, QN_B)
+    if K_NORM:
+        k_mean, k_rstd = layer_norm_stats(acc_k, d_mask, HEAD_DIM, k_eps)
+        acc_k = layer_norm_apply(acc_k, k_mean, k_rstd, kn_w_ptr, kn_b_ptr, offs_d, d_mask, KN_W, KN_B)
+    # Scratch layout [3, B, H, N, d]: each (sample, head) owns a contiguous [N, d] slab.
+    out_dtype = qkv_ptr.dtype.element_ty
+    # scratch_part = B*H*N*d elements per part, added to the pointer (never multiplied).
+    row_base = ((sample * H + h) * N + token).to(tl.int64) * HEAD_DIM
+    offs = row_base[:, None] + offs_d[None, :]
+    mask = row_kept[:, None] & d_mask[None, :]
+    if FUSE_QK:
+        # Column c of the q|k accumulator goes to part c // BLOCK_D (0 or 1, so the product
+        # with scratch_part stays within its range), column c % BLOCK_D.
+        qk_offs = row_base[:, None] + qk_part[None, :] * scratch_part + qk_col[None, :]
+        tl.store(qkv_ptr + qk_offs, acc_q.to(out_dtype), mask=row_kept[:, None] & qk_mask[None, :])
+    else:
+        tl.store(qkv_ptr + offs, acc_q.to(out_dtype), mask=mask)
+        tl.store(qkv_ptr + scratch_part + offs, acc_k.to(out_dtype), mask=mask)
+    tl.store(qkv_ptr + scratch_part + scratch_part + offs, acc_v.to(out_dtype), mask=mask)
+
+
+@triton.jit
+def _kept_token_rows(keep_ptr, stride_keep_b, stride_keep_h, h, B, N, first_row,
+                     BLOCK_N: tl.constexpr, BLOCK_B: tl.constexpr, RANK_SPAN: tl.constexpr):
+    """Rows [first_row, first_row + BLOCK_N) of head h's compacted token list (the N tokens of
+    each sample that keeps h, samples in order, no padding between them): (sample, token, valid).
+
+    The row's sample is the j-th sample keeping h, j = row // N; a tile spans at most RANK_SPAN
+    consecutive j (2 for 64-row tiles and N >= 64), each found by one reduction over the running
+    count of kept samples."""
+    offs_b = tl.arange(0, BLOCK_B)
+    kept = tl.load(keep_ptr + offs_b * stride_keep_b + h * stride_keep_h, mask=offs_b < B, other=0) != 0
+    kept_rank = tl.cumsum(kept.to(tl.int32), axis=0)  # inclusive: sample b is the kept_rank[b]-th keeping h
+    rows = first_row + tl.arange(0, BLOCK_N)
+    row_rank = rows // N  # 0-based
+    first_rank = first_row // N
+    sample = tl.zeros([BLOCK_N], dtype=tl.int32)
+    for span in tl.static_range(RANK_SPAN):
+        holder = tl.sum(tl.where(kept & (kept_rank == first_rank + span + 1), offs_b, 0), axis=0)
+        sample = tl.where(row_rank == first_rank + span, holder, sample)
+    valid = row_rank < tl.sum(kept.to(tl.int32), axis=0)
+    return sample, rows % N, valid
+
+
+@triton.jit
 def _qkv_kernel(
     x_ptr, stride_xb, stride_xn, stride_xd,
     w_ptr, stride_wr, stride_wd, bias_ptr,
@@ -163,86 +299,49 @@ def _qkv_kernel(
     K_NORM: tl.constexpr, KN_W: tl.constexpr, KN_B: tl.constexpr,
     PRECISION: tl.constexpr, FUSE_QK: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
+    COMPACT: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, COUNT_ROWS: tl.constexpr,
+    RANK_SPAN: tl.constexpr,
 ):
-    # Tiles run over the flattened B*N tokens (no padding at sample ends); the head varies
-    # fastest across programs so the H programs of a token tile share its x rows in L2.
-    tile = tl.program_id(0) // H
-    h = tl.program_id(0) % H
-    rows = tile * BLOCK_N + tl.arange(0, BLOCK_N)
-    sample = rows // N
-    token = rows % N
-    # Rows whose sample pruned head h load as zeros and are never stored; a tile where no
-    # sample keeps the head does nothing beyond reading the mask bits.
-    row_kept = tl.load(keep_ptr + sample * stride_keep_b + h * stride_keep_h, mask=rows < B * N, other=0) != 0
-    if tl.max(row_kept.to(tl.int32), axis=0) != 0:
-        offs_k = tl.arange(0, BLOCK_K)
-        offs_d = tl.arange(0, BLOCK_D)
-        d_mask = offs_d < HEAD_DIM
-        # timm's qkv rows are ordered (q|k|v, head, dim): this head's q rows start at h*d, its k
-        # rows at (H + h)*d, its v rows at (2H + h)*d. Weight tiles are loaded transposed [K, d].
-        q_rows = h * HEAD_DIM + offs_d
-        k_rows = q_rows + H * HEAD_DIM
-        v_rows = k_rows + H * HEAD_DIM
-        if FUSE_QK:
-            # q and k side by side as one [BLOCK_N, 2 BLOCK_D] accumulator: one MMA twice as wide
-            # per step instead of two (x's tile is read from shared memory once for both).
-            offs_qk = tl.arange(0, 2 * BLOCK_D)
-            qk_part = offs_qk // BLOCK_D  # 0: q, 1: k
-            qk_col = offs_qk % BLOCK_D
-            qk_rows = (qk_part * H + h) * HEAD_DIM + qk_col
-            qk_mask = qk_col < HEAD_DIM
-            acc_q = tl.zeros([BLOCK_N, 2 * BLOCK_D], dtype=tl.float32)
-        else:
-            acc_q = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
-            acc_k = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
-        acc_v = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
-        # 64-bit offsets: B*N*D (or the scratch's 3*B*N*D) may pass 2**31 elements at large batches.
-        x_row = x_ptr + sample.to(tl.int64)[:, None] * stride_xb + token[:, None] * stride_xn
-        for k0 in range(0, D, BLOCK_K):
-            kk = k0 + offs_k
-            k_mask = kk < D
-            x = tl.load(x_row + kk[None, :] * stride_xd, mask=row_kept[:, None] & k_mask[None, :], other=0.0)
-            w_mask = k_mask[:, None] & d_mask[None, :]
-            w_cols = kk[:, None] * stride_wd
-            if FUSE_QK:
-                wqk = tl.load(w_ptr + qk_rows[None, :] * stride_wr + w_cols, mask=k_mask[:, None] & qk_mask[None, :],
-                              other=0.0)
-                acc_q = tl.dot(x, wqk, acc_q, input_precision=PRECISION)
-            else:
-                wq = tl.load(w_ptr + q_rows[None, :] * stride_wr + w_cols, mask=w_mask, other=0.0)
-                wk = tl.load(w_ptr + k_rows[None, :] * stride_wr + w_cols, mask=w_mask, other=0.0)
-                acc_q = tl.dot(x, wq, acc_q, input_precision=PRECISION)
-                acc_k = tl.dot(x, wk, acc_k, input_precision=PRECISION)
-            wv = tl.load(w_ptr + v_rows[None, :] * stride_wr + w_cols, mask=w_mask, other=0.0)
-            acc_v = tl.dot(x, wv, acc_v, input_precision=PRECISION)
-        if HAS_BIAS:
-            if FUSE_QK:
-                acc_q += tl.load(bias_ptr + qk_rows, mask=qk_mask, other=0.0).to(tl.float32)[None, :]
-            else:
-                acc_q += tl.load(bias_ptr + q_rows, mask=d_mask, other=0.0).to(tl.float32)[None, :]
-                acc_k += tl.load(bias_ptr + k_rows, mask=d_mask, other=0.0).to(tl.float32)[None, :]
-            acc_v += tl.load(bias_ptr + v_rows, mask=d_mask, other=0.0).to(tl.float32)[None, :]
-        if Q_NORM:  # (never with FUSE_QK: the launcher fuses q and k only without q/k norms)
-            q_mean, q_rstd = layer_norm_stats(acc_q, d_mask, HEAD_DIM, q_eps)
-            acc_q = layer_norm_apply(acc_q, q_mean, q_rstd, qn_w_ptr, qn_b_ptr, offs_d, d_mask, QN_W, QN_B)
-        if K_NORM:
-            k_mean, k_rstd = layer_norm_stats(acc_k, d_mask, HEAD_DIM, k_eps)
-            acc_k = layer_norm_apply(acc_k, k_mean, k_rstd, kn_w_ptr, kn_b_ptr, offs_d, d_mask, KN_W, KN_B)
-        # Scratch layout [3, B, H, N, d]: each (sample, head) owns a contiguous [N, d] slab.
-        out_dtype = qkv_ptr.dtype.element_ty
-        # scratch_part = B*H*N*d elements per part, added to the pointer (never multiplied).
-        row_base = ((sample * H + h) * N + token).to(tl.int64) * HEAD_DIM
-        offs = row_base[:, None] + offs_d[None, :]
-        mask = row_kept[:, None] & d_mask[None, :]
-        if FUSE_QK:
-            # Column c of the q|k accumulator goes to part c // BLOCK_D (0 or 1, so the product
-            # with scratch_part stays within its range), column c % BLOCK_D.
-            qk_offs = row_base[:, None] + qk_part[None, :] * scratch_part + qk_col[None, :]
-            tl.store(qkv_ptr + qk_offs, acc_q.to(out_dtype), mask=row_kept[:, None] & qk_mask[None, :])
-        else:
-            tl.store(qkv_ptr + offs, acc_q.to(out_dtype), mask=mask)
-            tl.store(qkv_ptr + scratch_part + offs, acc_k.to(out_dtype), mask=mask)
-        tl.store(qkv_ptr + scratch_part + scratch_part + offs, acc_v.to(out_dtype), mask=mask)
+    if COMPACT:
+        # Work items are (head, tile of the head's compacted token list): only tokens of samples
+        # that keep the head, so every MMA row is a kept one (but a head's last tile's). Programs
+        # are persistent and walk the items (head-major) with a stride of the grid size: no
+        # program is launched for pruned work, so pruned heads cost the mask reads below.
+        offs_h = tl.arange(0, BLOCK_H)
+        kept_count = tl.zeros([BLOCK_H], dtype=tl.int32)
+        for b0 in range(0, B, COUNT_ROWS):
+            offs_b = b0 + tl.arange(0, COUNT_ROWS)
+            kept = tl.load(keep_ptr + offs_b[:, None] * stride_keep_b + offs_h[None, :] * stride_keep_h,
+                           mask=(offs_b < B)[:, None] & (offs_h < H)[None, :], other=0) != 0
+            kept_count += tl.sum(kept.to(tl.int32), axis=0)
+        head_tiles = (kept_count * N + BLOCK_N - 1) // BLOCK_N
+        head_end = tl.cumsum(head_tiles, axis=0)  # items of heads 0..h
+        for item in range(tl.program_id(0), tl.sum(head_tiles, axis=0), tl.num_programs(0)):
+            h = tl.sum((head_end <= item).to(tl.int32), axis=0)
+            first_item = tl.sum(tl.where(offs_h == h, head_end - head_tiles, 0), axis=0)
+            sample, token, row_valid = _kept_token_rows(keep_ptr, stride_keep_b, stride_keep_h, h, B, N,
+                                                        (item - first_item) * BLOCK_N, BLOCK_N, BLOCK_B, RANK_SPAN)
+            _qkv_rows(x_ptr, stride_xb, stride_xn, stride_xd, w_ptr, stride_wr, stride_wd, bias_ptr,
+                      qn_w_ptr, qn_b_ptr, q_eps, kn_w_ptr, kn_b_ptr, k_eps, qkv_ptr, scratch_part,
+                      sample, token, row_valid, h, N, D, H, HEAD_DIM,
+                      HAS_BIAS, Q_NORM, QN_W, QN_B, K_NORM, KN_W, KN_B, PRECISION, FUSE_QK,
+                      BLOCK_N, BLOCK_K, BLOCK_D)
+    else:
+        # One program per (tile of the flattened B*N tokens, head); the head varies fastest so the
+        # H programs of a token tile share its x rows in L2. Rows whose sample pruned head h load
+        # as zeros and are never stored; a tile where no sample keeps the head does nothing
+        # beyond reading the mask bits.
+        tile = tl.program_id(0) // H
+        h = tl.program_id(0) % H
+        rows = tile * BLOCK_N + tl.arange(0, BLOCK_N)
+        sample = rows // N
+        row_kept = tl.load(keep_ptr + sample * stride_keep_b + h * stride_keep_h, mask=rows < B * N, other=0) != 0
+        if tl.max(row_kept.to(tl.int32), axis=0) != 0:
+            _qkv_rows(x_ptr, stride_xb, stride_xn, stride_xd, w_ptr, stride_wr, stride_wd, bias_ptr,
+                      qn_w_ptr, qn_b_ptr, q_eps, kn_w_ptr, kn_b_ptr, k_eps, qkv_ptr, scratch_part,
+                      sample, rows % N, row_kept, h, N, D, H, HEAD_DIM,
+                      HAS_BIAS, Q_NORM, QN_W, QN_B, K_NORM, KN_W, KN_B, PRECISION, FUSE_QK,
+                      BLOCK_N, BLOCK_K, BLOCK_D)
 
 
 @triton.jit
@@ -466,8 +565,17 @@ def head_attention_launches(
     key_tail = ragged_step(tokens, tiles.attn_block_n, tiles.attn_block_tail)
     proj_chunk_d = min(block_d, 64) if precision is not None else block_d
 
+    qkv_items = triton.cdiv(batch * tokens, tiles.qkv_block_n) * num_heads  # (tile, head) pairs at full usage
+    qkv_rank_span = rank_span(tokens, tiles.qkv_block_n)
+    compact = (tiles.qkv_compact and batch <= COMPACT_MAX_BATCH and qkv_rank_span <= COMPACT_MAX_RANK_SPAN)
+    qkv_programs = qkv_items
+    if compact and tiles.qkv_programs_per_sm > 0:
+        qkv_programs = min(qkv_items, tiles.qkv_programs_per_sm * _multiprocessors(x.device))
+    block_heads = triton.next_power_of_2(num_heads)
+    block_batch = triton.next_power_of_2(batch)
+
     def qkv_projection():
-        _qkv_kernel[(triton.cdiv(batch * tokens, tiles.qkv_block_n) * num_heads,)](
+        _qkv_kernel[(qkv_programs,)](
             x, *x.stride(),
             qkv_weight, *qkv_weight.stride(), qkv_bias if qkv_bias is not None else dummy,
             keep, keep_b, keep_h,
@@ -478,6 +586,9 @@ def head_attention_launches(
             Q_NORM=qn[3], QN_W=qn[4], QN_B=qn[5], K_NORM=kn[3], KN_W=kn[4], KN_B=kn[5],
             PRECISION=precision, FUSE_QK=fuse_qk,
             BLOCK_N=tiles.qkv_block_n, BLOCK_K=tiles.qkv_block_k, BLOCK_D=block_d,
+            # (constants of the compacted path only; fixed otherwise, so no needless recompiles)
+            COMPACT=compact, BLOCK_B=block_batch if compact else 1, BLOCK_H=block_heads,
+            COUNT_ROWS=min(block_batch, 128) if compact else 1, RANK_SPAN=qkv_rank_span if compact else 1,
             num_warps=tiles.qkv_warps, num_stages=tiles.qkv_stages,
         )
 
@@ -500,7 +611,7 @@ def head_attention_launches(
             HAS_BIAS=proj_bias is not None, PRECISION=precision,
             BLOCK_T=tiles.proj_block_t, BLOCK_O=tiles.proj_block_o, BLOCK_D=block_d,
             CHUNK_D=proj_chunk_d,
-            BLOCK_H=triton.next_power_of_2(num_heads), KEPT_LIST=tiles.proj_kept_list,
+            BLOCK_H=block_heads, KEPT_LIST=tiles.proj_kept_list,
             num_warps=tiles.proj_warps, num_stages=tiles.proj_stages,
         )
 

@@ -82,14 +82,17 @@ def test_matches_reference_fp32(batch, tokens, heads, head_dim, mask):
 
 
 # Alternative tilings the benchmark sweep may pick, small and large, the output projection that
-# tests each head in its loop (instead of the kept-list default) and ragged query tiles, so every
-# configuration is correct. Each overrides both the 16-bit and the fp32
+# tests each head in its loop (instead of the kept-list default), QKV over flattened tokens
+# (instead of compacted lists) or with one program per work item, and ragged query tiles, so
+# every configuration is correct. Each overrides both the 16-bit and the fp32
 # defaults; launches then shrink what would not fit (`fit_tiles`).
 TILE_VARIANTS = {
     "small": dict(qkv_block_n=16, qkv_block_k=16, attn_block_m=16, attn_block_n=16, proj_block_t=16, proj_block_o=32),
     "large": dict(qkv_block_n=128, qkv_block_k=32, attn_block_m=64, attn_block_n=128, attn_block_tail=32,
                   proj_block_t=128, proj_block_o=64),
     "head-branch": dict(proj_kept_list=False),
+    "flattened-qkv": dict(qkv_compact=False),
+    "qkv-item-per-program": dict(qkv_programs_per_sm=0),
     "fused-qk": dict(qkv_fuse_qk=True),
     "query-tail": dict(attn_block_m=32, attn_block_m_tail=16, attn_block_n=32),
 }
@@ -134,6 +137,47 @@ def test_bf16_under_interpreter_is_a_clear_error():
     branch = make_branch(1, 5, 2, 32, 0, torch.bfloat16)
     with pytest.raises(NotImplementedError, match="bf16"):
         run_and_check(branch, make_mask("all", 1, 2, 0), 2)
+
+
+def uneven_mask(batch, heads, seed):
+    """Heads kept by very different numbers of samples, so each head's compacted token list has
+    its own length: head 0 by one sample mid-batch, head 1 by all but one, head 2 by none, the
+    rest at random."""
+    keep = make_mask("random", batch, heads, seed)
+    keep[:, 0] = False
+    keep[batch // 2, 0] = True
+    keep[:, 1] = True
+    keep[batch - 1, 1] = False
+    if heads > 2:
+        keep[:, 2] = False
+    return keep
+
+
+# (batch, tokens): N=23 puts up to 4 samples in a 64-row tile, N=70 two, N=3 more than
+# COMPACT_MAX_RANK_SPAN (the flattened fallback); batch 1; a batch of 33 over 64 heads' tiles.
+@pytest.mark.parametrize("batch,tokens", [(1, 23), (7, 23), (33, 23), (5, 70), (6, 3)])
+@pytest.mark.parametrize("programs_per_sm", [1, 0])
+def test_compacted_qkv_uneven_heads(monkeypatch, batch, tokens, programs_per_sm):
+    tiles = dataclasses.replace(attention_module.TILES_FP32, qkv_programs_per_sm=programs_per_sm)
+    monkeypatch.setattr(attention_module, "TILES_FP32", tiles)
+    seed = zlib.crc32(repr((batch, tokens, programs_per_sm)).encode())
+    branch = make_branch(batch, tokens, 4, 32, seed)
+    run_and_check(branch, uneven_mask(batch, 4, seed), 4)
+
+
+def test_compacted_qkv_falls_back_above_its_batch_limit(monkeypatch):
+    """Above COMPACT_MAX_BATCH the QKV projection runs over flattened tokens: still exact."""
+    monkeypatch.setattr(attention_module, "COMPACT_MAX_BATCH", 4)
+    branch = make_branch(5, 23, 3, 32, 21)
+    run_and_check(branch, uneven_mask(5, 3, 21), 3)
+
+
+@pytest.mark.parametrize("tokens,block,span", [(197, 64, 2), (64, 64, 2), (63, 64, 2), (62, 64, 3), (23, 64, 4),
+                                               (1, 16, 16), (5, 16, 4)])
+def test_rank_span_bounds_the_samples_a_tile_touches(tokens, block, span):
+    assert attention_module.rank_span(tokens, block) == span
+    # brute force over every tile start: the most distinct samples among `block` consecutive rows
+    assert max(len({row // tokens for row in range(start, start + block)}) for start in range(2 * tokens)) <= span
 
 
 @pytest.mark.parametrize("bias", [True, False])
