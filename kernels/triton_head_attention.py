@@ -300,13 +300,13 @@ def _qkv_kernel(
     PRECISION: tl.constexpr, FUSE_QK: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
     COMPACT: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, COUNT_ROWS: tl.constexpr,
-    RANK_SPAN: tl.constexpr,
+    RANK_SPAN: tl.constexpr, TILE_BITS: tl.constexpr,
 ):
     if COMPACT:
         # Work items are (head, tile of the head's compacted token list): only tokens of samples
         # that keep the head, so every MMA row is a kept one (but a head's last tile's). Programs
-        # are persistent and walk the items (head-major) with a stride of the grid size: no
-        # program is launched for pruned work, so pruned heads cost the mask reads below.
+        # are persistent and walk the items with a stride of the grid size: no program is
+        # launched for pruned work, so pruned heads cost the mask reads below.
         offs_h = tl.arange(0, BLOCK_H)
         kept_count = tl.zeros([BLOCK_H], dtype=tl.int32)
         for b0 in range(0, B, COUNT_ROWS):
@@ -315,12 +315,23 @@ def _qkv_kernel(
                            mask=(offs_b < B)[:, None] & (offs_h < H)[None, :], other=0) != 0
             kept_count += tl.sum(kept.to(tl.int32), axis=0)
         head_tiles = (kept_count * N + BLOCK_N - 1) // BLOCK_N
-        head_end = tl.cumsum(head_tiles, axis=0)  # items of heads 0..h
+        # Items go tile-major: tile t of every head that has one, then tile t + 1. The programs
+        # running at once then read x rows of nearby samples (shared in L2, where head-major
+        # order would stream all of x once per head) and each takes an even share. Items before
+        # tile t number sum_h min(head_tiles[h], t); an item's tile is the largest t whose count
+        # is <= the item, built bit by bit from the top (2**TILE_BITS > any head's tile count).
         for item in range(tl.program_id(0), tl.sum(head_tiles, axis=0), tl.num_programs(0)):
-            h = tl.sum((head_end <= item).to(tl.int32), axis=0)
-            first_item = tl.sum(tl.where(offs_h == h, head_end - head_tiles, 0), axis=0)
+            tile = item * 0
+            for bit in tl.static_range(TILE_BITS - 1, -1, -1):
+                candidate = tile + (1 << bit)
+                tile = tl.where(tl.sum(tl.minimum(head_tiles, candidate), axis=0) <= item, candidate, tile)
+            # ... and its head the n-th, in head order, of the heads with a tile t.
+            has_tile = head_tiles > tile
+            nth = item - tl.sum(tl.minimum(head_tiles, tile), axis=0)
+            head_rank = tl.cumsum(has_tile.to(tl.int32), axis=0) - 1
+            h = tl.sum(tl.where(has_tile & (head_rank == nth), offs_h, 0), axis=0)
             sample, token, row_valid = _kept_token_rows(keep_ptr, stride_keep_b, stride_keep_h, h, B, N,
-                                                        (item - first_item) * BLOCK_N, BLOCK_N, BLOCK_B, RANK_SPAN)
+                                                        tile * BLOCK_N, BLOCK_N, BLOCK_B, RANK_SPAN)
             _qkv_rows(x_ptr, stride_xb, stride_xn, stride_xd, w_ptr, stride_wr, stride_wd, bias_ptr,
                       qn_w_ptr, qn_b_ptr, q_eps, kn_w_ptr, kn_b_ptr, k_eps, qkv_ptr, scratch_part,
                       sample, token, row_valid, h, N, D, H, HEAD_DIM,
@@ -486,6 +497,12 @@ def _proj_kernel(
     tl.store(out_ptr + out_offs, acc.to(out_ptr.dtype.element_ty), mask=row_valid[:, None] & o_mask[None, :])
 
 
+def new_scratch(shape: tuple, like: torch.Tensor) -> torch.Tensor:
+    """An uninitialized scratch buffer of `like`'s device and dtype (the tests swap this for one
+    filled with NaN, so a read of a slot no kernel wrote shows in the output)."""
+    return torch.empty(shape, device=like.device, dtype=like.dtype)
+
+
 def _norm_args(norm: Optional[nn.Module], head_dim: int, which: str, dummy: torch.Tensor) -> tuple:
     """Kernel arguments (weight, bias, eps, enabled, has_weight, has_bias) for a q/k norm module.
 
@@ -555,8 +572,8 @@ def head_attention_launches(
     # fp32 inputs multiply at fp32-level accuracy (3xTF32 on CUDA), never as plain TF32
     precision = fp32_dot_precision(x.device) if x.dtype == torch.float32 else None
     block_d = head_block(head_dim)
-    qkv = torch.empty(3, batch, num_heads, tokens, head_dim, device=x.device, dtype=x.dtype)
-    heads = torch.empty(batch, tokens, num_heads, head_dim, device=x.device, dtype=x.dtype)
+    qkv = new_scratch((3, batch, num_heads, tokens, head_dim), x)
+    heads = new_scratch((batch, tokens, num_heads, head_dim), x)
     keep_b, keep_h = keep.stride()
     scratch_part = qkv[0].numel()  # elements of each of q, k and v
     tiles = tiles_for(head_dim, x.dtype)
@@ -565,7 +582,8 @@ def head_attention_launches(
     key_tail = ragged_step(tokens, tiles.attn_block_n, tiles.attn_block_tail)
     proj_chunk_d = min(block_d, 64) if precision is not None else block_d
 
-    qkv_items = triton.cdiv(batch * tokens, tiles.qkv_block_n) * num_heads  # (tile, head) pairs at full usage
+    qkv_tiles = triton.cdiv(batch * tokens, tiles.qkv_block_n)  # a head's tiles when every sample keeps it
+    qkv_items = qkv_tiles * num_heads
     qkv_rank_span = rank_span(tokens, tiles.qkv_block_n)
     compact = (tiles.qkv_compact and batch <= COMPACT_MAX_BATCH and qkv_rank_span <= COMPACT_MAX_RANK_SPAN)
     qkv_programs = qkv_items
@@ -589,6 +607,7 @@ def head_attention_launches(
             # (constants of the compacted path only; fixed otherwise, so no needless recompiles)
             COMPACT=compact, BLOCK_B=block_batch if compact else 1, BLOCK_H=block_heads,
             COUNT_ROWS=min(block_batch, 128) if compact else 1, RANK_SPAN=qkv_rank_span if compact else 1,
+            TILE_BITS=qkv_tiles.bit_length() if compact else 1,
             num_warps=tiles.qkv_warps, num_stages=tiles.qkv_stages,
         )
 
