@@ -178,7 +178,7 @@ def breakdown() -> dict:
         x = torch.randn(BATCH, TOKENS, dim, generator=generator).to(DEVICE, DTYPE)
         dense = {stage: graph_timed(fn) for stage, fn in dense_stages(x, w, heads)}
         rows.append(dict(model=name, usage=None, branch="dense", **dense, total=sum(dense.values())))
-        for usage in USAGES:
+        for usage in USAGES + (0.0,):  # (usage 0: what each kernel costs with nothing to compute)
             keep = random_keep(BATCH, heads, usage, generator)
             _, launches = head_attention_launches(x, keep, w["qkv_w"], w["qkv_b"], w["proj_w"], w["proj_b"], heads)
             for _, launch in launches:  # fill the scratch in order once, so each stage reads real data

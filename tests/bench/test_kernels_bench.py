@@ -47,7 +47,7 @@ def test_benchmark_tables(tiny):
 def test_breakdown_times_each_kernel(tiny):
     results = bench.breakdown()
     rows = results["breakdown"]
-    assert [(r["branch"], r["usage"]) for r in rows] == [("dense", None)] + [("sparse", u) for u in bench.USAGES]
+    assert [(r["branch"], r["usage"]) for r in rows] == [("dense", None)] + [("sparse", u) for u in bench.USAGES + (0.0,)]
     for row in rows:
         assert row["total"] == pytest.approx(row["qkv"] + row["attention"] + row["proj"])
     assert bench.breakdown_markdown(results).count("| tiny |") == len(rows)
