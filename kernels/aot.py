@@ -168,6 +168,9 @@ def _variants(quick: bool) -> Iterator[tuple[str, callable]]:
                         triton_head_attention(x, keep, *w, h)
 
                 yield f"attention {label} head-branch", with_head_branch
+                # The whole-block update of the model path: residual and LayerScale in the epilogue.
+                yield f"attention {label} residual", lambda x=x, keep=keep, w=weights, h=heads: triton_head_attention(
+                    x, keep, *w, h, residual=x, layer_scale=w[3])
             if not quick:
                 norms = [torch.nn.LayerNorm(dim // heads).to(dtype) for _ in range(2)]
                 yield f"attention {label} qk-norm", lambda x=x, keep=keep, w=weights, h=heads, n=norms: triton_head_attention(

@@ -56,11 +56,19 @@ def head_attention(
     head_weight: Optional[torch.Tensor],
     attn: nn.Module,
     training: bool = False,
+    residual: Optional[torch.Tensor] = None,
+    layer_scale: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """The attention branch of one gated block (timm `Attention` module `attn`) on input x [B, N, D].
 
     keep is the bool mask [B, H]; head_weight its float form (straight-through in training,
-    where every backend falls back to the differentiable reference), or None for keep as 0/1."""
+    where every backend falls back to the differentiable reference), or None for keep as 0/1.
+    With `residual` it returns `residual + branch * layer_scale` (layer_scale None: 1), i.e. a
+    pre-norm block's update at inference, which the triton backend adds inside its output
+    projection; the other backends compute it as timm does, so they stay bit-exact."""
+    if residual is not None and not (backend == "triton" and not training):
+        branch = head_attention(backend, x, keep, head_weight, attn, training)
+        return residual + (branch if layer_scale is None else branch * layer_scale)
     q_norm, k_norm = _norm_or_none(attn.q_norm), _norm_or_none(attn.k_norm)
     args = (attn.qkv.weight, attn.qkv.bias, attn.proj.weight, attn.proj.bias, attn.num_heads)
     if head_weight is None:
@@ -78,10 +86,14 @@ def head_attention(
         ):
             # The kernel fuses LayerNorm q/k norms only; others take the masked dense path,
             # which stays free of host synchronization.
-            return reference.head_attention(x, head_weight, *args, q_norm=q_norm, k_norm=k_norm)
+            branch = reference.head_attention(x, head_weight, *args, q_norm=q_norm, k_norm=k_norm)
+            if residual is None:
+                return branch
+            return residual + (branch if layer_scale is None else branch * layer_scale)
         from headsteer.kernels.triton_head_attention import triton_head_attention
 
-        return triton_head_attention(x, keep, *args, q_norm=q_norm, k_norm=k_norm)
+        return triton_head_attention(x, keep, *args, q_norm=q_norm, k_norm=k_norm, residual=residual,
+                                     layer_scale=layer_scale)
     raise ValueError(f"unknown backend {backend!r}; expected one of {BACKENDS}")
 
 

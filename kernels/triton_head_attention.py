@@ -16,7 +16,8 @@ nothing waits on the host and the whole branch can be captured in a CUDA graph:
 2. `_attention_kernel`, grid (B*H, query tiles): flash attention with an online softmax; pruned
    (sample, head) pairs return after reading their bit.
 3. `_proj_kernel`, grid (token tiles, output-column tiles): sums `o_h @ W_o[:, h]^T` over the
-   heads kept by the tile's samples (the mask bits guard each head's loads and MMA), adds the bias.
+   heads kept by the tile's samples (the mask bits guard each head's loads and MMA), adds the bias
+   and, when asked, a block's residual (times a LayerScale first) in the same epilogue.
 
 Scratch buffers (q/k/v and per-head outputs) are `torch.empty`: slots of pruned heads are never
 written and never read. Math matches `reference.head_attention` with head_weight = keep; matmuls
@@ -456,8 +457,9 @@ def _proj_kernel(
     o_ptr, keep_ptr, stride_keep_b, stride_keep_h,
     w_ptr, stride_wo, stride_wi, bias_ptr,
     out_ptr, stride_ob, stride_on, stride_od,
+    res_ptr, stride_rb, stride_rn, stride_rd, gamma_ptr,
     B, N, H, HEAD_DIM, D_OUT,
-    HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr, HAS_LAYER_SCALE: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_D: tl.constexpr, CHUNK_D: tl.constexpr,
     BLOCK_H: tl.constexpr, KEPT_LIST: tl.constexpr,
 ):
@@ -493,7 +495,14 @@ def _proj_kernel(
                                     HEAD_DIM, acc, PRECISION, BLOCK_D, CHUNK_D)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + offs_o, mask=o_mask, other=0.0).to(tl.float32)[None, :]
-    out_offs = sample.to(tl.int64)[:, None] * stride_ob + (rows % N)[:, None] * stride_on + offs_o[None, :] * stride_od
+    # A pre-norm block's `residual + layer_scale * branch`, in fp32 and rounded once.
+    if HAS_LAYER_SCALE:
+        acc *= tl.load(gamma_ptr + offs_o, mask=o_mask, other=0.0).to(tl.float32)[None, :]
+    tokens = sample.to(tl.int64)[:, None]
+    if HAS_RESIDUAL:
+        acc += tl.load(res_ptr + tokens * stride_rb + (rows % N)[:, None] * stride_rn + offs_o[None, :] * stride_rd,
+                       mask=row_valid[:, None] & o_mask[None, :], other=0.0).to(tl.float32)
+    out_offs = tokens * stride_ob + (rows % N)[:, None] * stride_on + offs_o[None, :] * stride_od
     tl.store(out_ptr + out_offs, acc.to(out_ptr.dtype.element_ty), mask=row_valid[:, None] & o_mask[None, :])
 
 
@@ -536,6 +545,8 @@ def head_attention_launches(
     q_norm: Optional[nn.Module] = None,
     k_norm: Optional[nn.Module] = None,
     *,
+    residual: Optional[torch.Tensor] = None,
+    layer_scale: Optional[torch.Tensor] = None,
     out: Optional[torch.Tensor] = None,
 ) -> tuple[torch.Tensor, list[tuple[str, Callable[[], None]]]]:
     """Check the arguments and allocate the output and scratch of `triton_head_attention`; return
@@ -556,6 +567,10 @@ def head_attention_launches(
         # (the MMAs multiply x by W_qkv and the head outputs, stored in x's dtype, by W_o)
         raise TypeError(f"qkv_weight ({qkv_weight.dtype}) and proj_weight ({proj_weight.dtype}) must have "
                         f"x's dtype ({x.dtype}); cast the module, e.g. model.to({x.dtype})")
+    if residual is not None and residual.shape != (batch, tokens, d_out):
+        raise ValueError(f"residual must be [{batch}, {tokens}, {d_out}], got {tuple(residual.shape)}")
+    if layer_scale is not None and layer_scale.shape != (d_out,):
+        raise ValueError(f"layer_scale must be [{d_out}], got {tuple(layer_scale.shape)}")
     if out is None:
         out = torch.empty(batch, tokens, d_out, device=x.device, dtype=x.dtype)
     elif out.shape != (batch, tokens, d_out):
@@ -626,8 +641,11 @@ def head_attention_launches(
             heads, keep, keep_b, keep_h,
             proj_weight, *proj_weight.stride(), proj_bias if proj_bias is not None else dummy,
             out, *out.stride(),
+            *((residual, *residual.stride()) if residual is not None else (dummy, 0, 0, 0)),
+            layer_scale if layer_scale is not None else dummy,
             batch, tokens, num_heads, head_dim, d_out,
-            HAS_BIAS=proj_bias is not None, PRECISION=precision,
+            HAS_BIAS=proj_bias is not None, HAS_RESIDUAL=residual is not None,
+            HAS_LAYER_SCALE=layer_scale is not None, PRECISION=precision,
             BLOCK_T=tiles.proj_block_t, BLOCK_O=tiles.proj_block_o, BLOCK_D=block_d,
             CHUNK_D=proj_chunk_d,
             BLOCK_H=block_heads, KEPT_LIST=tiles.proj_kept_list,
@@ -648,6 +666,8 @@ def triton_head_attention(
     q_norm: Optional[nn.Module] = None,
     k_norm: Optional[nn.Module] = None,
     *,
+    residual: Optional[torch.Tensor] = None,
+    layer_scale: Optional[torch.Tensor] = None,
     out: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """Triton twin of `reference.head_attention` with head_weight = keep: [B, N, D] -> [B, N, D_out].
@@ -655,9 +675,14 @@ def triton_head_attention(
     keep is [B, H] (bool; nonzero = kept), read on the device only. x and the two weight matrices
     share one dtype, fp32/fp16/bf16 (biases and norms may be any float dtype), any strides; the
     output has x's dtype (or `out`'s, when given: a preallocated [B, N, D_out] tensor, any
-    strides). q_norm/k_norm: None, nn.Identity or nn.LayerNorm over the head dim."""
+    strides). q_norm/k_norm: None, nn.Identity or nn.LayerNorm over the head dim.
+
+    With `residual` ([B, N, D_out], any strides) and optionally `layer_scale` ([D_out], a timm
+    LayerScale's gamma) it returns a pre-norm block's `residual + layer_scale * branch` instead,
+    added in the output projection's epilogue (one rounding instead of three, no extra launch);
+    `out` must then not overlap `residual` unless it is the very same tensor."""
     out, launches = head_attention_launches(x, keep, qkv_weight, qkv_bias, proj_weight, proj_bias, num_heads,
-                                            q_norm, k_norm, out=out)
+                                            q_norm, k_norm, residual=residual, layer_scale=layer_scale, out=out)
     for _, launch in launches:
         launch()
     return out

@@ -12,6 +12,7 @@ from typing import Optional, Sequence, Union
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from timm.layers import LayerScale
 
 from headsteer.kernels import reference
 from headsteer.kernels.dispatch import BACKENDS, head_attention, sae_steer_gate
@@ -406,9 +407,14 @@ class GatedViT(nn.Module):
             e = reference.decision_vector(x, vit.num_prefix_tokens, has_class_token)
             logits, keep, weight = self._decide(index, e, steer_scale, steer_shift, budget, backend, latents)
             decisions.append((logits, keep, weight))
-            attn = block.attn
-            branch = head_attention(backend, block.norm1(x), keep, weight, attn, training=self.training)
-            x = x + block.drop_path1(block.ls1(branch))
+            if not self.training and isinstance(block.ls1, (nn.Identity, LayerScale)):
+                # x + ls1(attention): one call, so the triton backend adds it in its epilogue
+                # (drop_path1 is the identity at inference).
+                x = head_attention(backend, block.norm1(x), keep, weight, block.attn, residual=x,
+                                   layer_scale=getattr(block.ls1, "gamma", None))
+            else:
+                branch = head_attention(backend, block.norm1(x), keep, weight, block.attn, training=self.training)
+                x = x + block.drop_path1(block.ls1(branch))
             x = x + block.drop_path2(block.ls2(block.mlp(block.norm2(x))))
         return vit.norm(x), decisions, latents
 

@@ -264,6 +264,39 @@ def test_strided_input_and_output():
     run_and_check(branch, make_mask("random", 3, 2, 10), 2, out=out)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("mask", ["none", "all", "random"])
+@pytest.mark.parametrize("with_layer_scale", [True, False])
+def test_residual_and_layer_scale_in_the_epilogue(dtype, mask, with_layer_scale):
+    """residual + layer_scale * branch (a pre-norm block's update) against the reference branch."""
+    seed = zlib.crc32(repr((dtype, mask, with_layer_scale)).encode())
+    branch = make_branch(3, 17, 3, 32, seed, dtype)
+    keep = make_mask(mask, 3, 3, seed)
+    g = torch.Generator().manual_seed(seed)
+    residual = torch.randn(17, 3, 96, generator=g).to(DEVICE, dtype).transpose(0, 1)  # strided, as a view may be
+    gamma = (0.1 + torch.rand(96, generator=g)).to(DEVICE, dtype) if with_layer_scale else None
+    update = reference_branch(branch, keep, 3) * (1.0 if gamma is None else gamma.float())
+    expected = residual.float() + update
+    got = triton_head_attention(branch["x"], keep, branch["qkv_weight"], branch["qkv_bias"], branch["proj_weight"],
+                                branch["proj_bias"], 3, residual=residual, layer_scale=gamma)
+    tol = TOLERANCE[dtype]
+    torch.testing.assert_close(got.float(), expected, atol=tol, rtol=tol)
+    # In place: out is the residual itself (every element is read before its own program writes it).
+    in_place = residual.clone()
+    triton_head_attention(branch["x"], keep, branch["qkv_weight"], branch["qkv_bias"], branch["proj_weight"],
+                          branch["proj_bias"], 3, residual=in_place, layer_scale=gamma, out=in_place)
+    torch.testing.assert_close(in_place, got, atol=0, rtol=0)
+
+
+def test_residual_and_layer_scale_shapes_are_checked():
+    branch = make_branch(2, 5, 2, 32, 11)
+    args = (branch["x"], make_mask("all", 2, 2, 0), branch["qkv_weight"], None, branch["proj_weight"], None, 2)
+    with pytest.raises(ValueError, match="residual"):
+        triton_head_attention(*args, residual=torch.zeros(2, 5, 32, device=DEVICE))
+    with pytest.raises(ValueError, match="layer_scale"):
+        triton_head_attention(*args, residual=torch.zeros(2, 5, 64, device=DEVICE), layer_scale=torch.ones(32, device=DEVICE))
+
+
 def test_shape_errors():
     branch = make_branch(2, 5, 2, 32, 11)
     with pytest.raises(ValueError, match="keep"):

@@ -11,7 +11,8 @@ pytest.importorskip("triton")
 
 def _model(**kwargs):
     # head_dim 32: a size the Triton attention kernel tiles; N = 17 tokens is not a tile multiple.
-    vit_kwargs = tiny_vit_kwargs(embed_dim=96, num_heads=3, depth=2, qk_norm=kwargs.pop("qk_norm", False))
+    vit_kwargs = tiny_vit_kwargs(embed_dim=96, num_heads=3, depth=2, qk_norm=kwargs.pop("qk_norm", False),
+                                 init_values=kwargs.pop("init_values", None))
     kwargs.setdefault("sae_width", 64)
     model = GatedViT.from_timm("vit_tiny_patch16_224", timm_kwargs=vit_kwargs, gate_init_bias=0.0, sae_k=4, **kwargs)
     with torch.no_grad():  # spread gate logits to O(1) so none sits within rounding of the threshold
@@ -22,7 +23,11 @@ def _model(**kwargs):
 
 @pytest.mark.parametrize("batch", [1, 3])
 @pytest.mark.parametrize("budget", [None, 0.0, 0.67, 1.0])
-@pytest.mark.parametrize("config", [dict(), dict(sae_blocks="all", sae_activation="relu", qk_norm=True)], ids=["topk", "relu_all_qknorm"])
+@pytest.mark.parametrize(
+    "config",
+    [dict(), dict(sae_blocks="all", sae_activation="relu", qk_norm=True), dict(init_values=0.5)],
+    ids=["topk", "relu_all_qknorm", "layer_scale"],  # (LayerScale: fused into the output projection)
+)
 def test_triton_backend_matches_reference(batch, budget, config):
     model = _model(**config)
     pixels = torch.randn(batch, 3, 32, 32, device=DEVICE)
