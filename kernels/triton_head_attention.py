@@ -55,8 +55,14 @@ class TileConfig:
     # not computes both, and every pruned tile is a launched program.
     qkv_compact: bool = True
     qkv_programs_per_sm: int = 2
-    # QKV: q and k as one MMA of twice the width (blocks without q/k norms), v as a second.
-    qkv_fuse_qk: bool = False
+    # QKV: q and k as one MMA of twice the width (blocks without q/k norms), v as a second, so
+    # x's tile is read from shared memory twice per step instead of three times. An sm_90 wgmma
+    # with both operands in shared memory reads (64 + N) x 16 x 2 bytes per 64 x N x 16 MACs: at
+    # N = 64 that is 4 KiB per 32 tensor-core cycles, all of the SM's 128 B/cycle (which the
+    # pipeline's copies into shared memory share), so three 64-wide dots leave the tensor cores
+    # waiting; q|k at N = 128 needs 6 KiB per 64 cycles. (Estimated, untimed.) False: three
+    # 64-wide dots, as timed on the H200 on 2026-11-26.
+    qkv_fuse_qk: bool = True
     attn_block_m: int = 64  # queries per attention program
     attn_block_m_tail: int = 16  # narrowest pass over the ragged last query tile (`ragged_step`)
     attn_block_n: int = 32  # keys per online-softmax step
@@ -75,7 +81,8 @@ class TileConfig:
 
 # Used by every 16-bit launch; tuned on an H100/H200 for ViT shapes (N=197, d=64, bf16) with
 # `python -m headsteer.bench.kernels --sweep`, which swaps this module attribute. Not yet timed:
-# the attention's tails, the compacted persistent QKV, the output projection's kept-head list. The H200 sweep of 2026-11-26 put 64-query / 32-key tiles within noise
+# the attention's tails, the compacted persistent QKV with q|k as one MMA, the output
+# projection's kept-head list. The H200 sweep of 2026-11-26 put 64-query / 32-key tiles within noise
 # of 128 / 64; the 16-row and 16-key tail passes then cut each (sample, head)'s padded score
 # tile at N=197 from 256 x 256 to 208 x 208 (the sweep keeps the old tiling to compare).
 TILES = TileConfig()
@@ -83,8 +90,8 @@ TILES = TileConfig()
 # fp32 launches: 3xTF32 dots keep fp32 operands (twice the bytes) and three accumulating MMAs
 # per dot, so the 16-bit tiles spill registers and overflow shared memory on sm_90; these fit
 # (`python -m headsteer.kernels.aot`). Not tuned for speed: fp32 runs for parity, 16-bit for speed.
-TILES_FP32 = TileConfig(qkv_block_n=64, qkv_block_k=32, qkv_warps=8, attn_block_m=64, attn_block_n=64,
-                        attn_warps=8, proj_block_t=64, proj_block_o=64, proj_warps=8)
+TILES_FP32 = TileConfig(qkv_block_n=64, qkv_block_k=32, qkv_warps=8, qkv_fuse_qk=False, attn_block_m=64,
+                        attn_block_n=64, attn_warps=8, proj_block_t=64, proj_block_o=64, proj_warps=8)
 
 
 # Shared memory a kernel's staged tiles may take; an H100/H200 block gets 227 KiB.

@@ -104,7 +104,8 @@ TILE_VARIANTS = {
     "head-branch": dict(proj_kept_list=False),
     "flattened-qkv": dict(qkv_compact=False),
     "qkv-item-per-program": dict(qkv_programs_per_sm=0),
-    "fused-qk": dict(qkv_fuse_qk=True),
+    "fused-qk": dict(qkv_fuse_qk=True),  # (the 16-bit default; fp32 launches run three dots by default)
+    "three-dot-qkv": dict(qkv_fuse_qk=False),
     "query-tail": dict(attn_block_m=32, attn_block_m_tail=16, attn_block_n=32),
 }
 
