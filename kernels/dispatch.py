@@ -49,6 +49,12 @@ def _head_major(attn: nn.Module) -> tuple:
     return cached[1]
 
 
+def _block_update(branch: torch.Tensor, residual: torch.Tensor, layer_scale: Optional[torch.Tensor]) -> torch.Tensor:
+    """`residual + branch * layer_scale`, the operations (and so the bits) of timm's
+    `x + drop_path1(ls1(branch))` at inference."""
+    return residual + (branch if layer_scale is None else branch * layer_scale)
+
+
 def head_attention(
     backend: str,
     x: torch.Tensor,
@@ -67,8 +73,7 @@ def head_attention(
     pre-norm block's update at inference, which the triton backend adds inside its output
     projection; the other backends compute it as timm does, so they stay bit-exact."""
     if residual is not None and not (backend == "triton" and not training):
-        branch = head_attention(backend, x, keep, head_weight, attn, training)
-        return residual + (branch if layer_scale is None else branch * layer_scale)
+        return _block_update(head_attention(backend, x, keep, head_weight, attn, training), residual, layer_scale)
     q_norm, k_norm = _norm_or_none(attn.q_norm), _norm_or_none(attn.k_norm)
     args = (attn.qkv.weight, attn.qkv.bias, attn.proj.weight, attn.proj.bias, attn.num_heads)
     if head_weight is None:
@@ -87,9 +92,7 @@ def head_attention(
             # The kernel fuses LayerNorm q/k norms only; others take the masked dense path,
             # which stays free of host synchronization.
             branch = reference.head_attention(x, head_weight, *args, q_norm=q_norm, k_norm=k_norm)
-            if residual is None:
-                return branch
-            return residual + (branch if layer_scale is None else branch * layer_scale)
+            return branch if residual is None else _block_update(branch, residual, layer_scale)
         from headsteer.kernels.triton_head_attention import triton_head_attention
 
         return triton_head_attention(x, keep, *args, q_norm=q_norm, k_norm=k_norm, residual=residual,
