@@ -72,6 +72,8 @@ def head_attention(
     With `residual` it returns `residual + branch * layer_scale` (layer_scale None: 1), i.e. a
     pre-norm block's update at inference, which the triton backend adds inside its output
     projection; the other backends compute it as timm does, so they stay bit-exact."""
+    if layer_scale is not None and residual is None:
+        raise ValueError("layer_scale scales the branch added to a residual; pass residual too")
     if residual is not None and not (backend == "triton" and not training):
         return _block_update(head_attention(backend, x, keep, head_weight, attn, training), residual, layer_scale)
     q_norm, k_norm = _norm_or_none(attn.q_norm), _norm_or_none(attn.k_norm)

@@ -530,7 +530,7 @@ def _norm_args(norm: Optional[nn.Module], head_dim: int, which: str, dummy: torc
         raise NotImplementedError(
             f"triton head attention fuses only nn.LayerNorm({head_dim}) as {which}; got {norm!r}"
         )
-    weight, bias = norm.weight, norm.bias
+    weight, bias = (p.contiguous() if p is not None else None for p in (norm.weight, norm.bias))
     return (
         weight if weight is not None else dummy,
         bias if bias is not None else dummy,
@@ -578,10 +578,21 @@ def head_attention_launches(
         raise ValueError(f"residual must be [{batch}, {tokens}, {d_out}], got {tuple(residual.shape)}")
     if layer_scale is not None and layer_scale.shape != (d_out,):
         raise ValueError(f"layer_scale must be [{d_out}], got {tuple(layer_scale.shape)}")
+    if layer_scale is not None and residual is None:
+        raise ValueError("layer_scale scales the branch added to a residual; pass residual too")
     if out is None:
         out = torch.empty(batch, tokens, d_out, device=x.device, dtype=x.dtype)
     elif out.shape != (batch, tokens, d_out):
         raise ValueError(f"out must be [{batch}, {tokens}, {d_out}], got {tuple(out.shape)}")
+    if (residual is not None and out.untyped_storage().data_ptr() == residual.untyped_storage().data_ptr()
+            and (out.data_ptr(), out.stride()) != (residual.data_ptr(), residual.stride())):
+        # (in place is safe: each element is read and then written by one program; any other
+        # sharing could overwrite a residual element before another program reads it)
+        raise ValueError("out shares memory with residual without being the same view; pass out=residual or "
+                         "a separate tensor")
+    # The kernels read biases, norm weights and the layer scale as contiguous vectors.
+    qkv_bias, proj_bias, layer_scale = (vector.contiguous() if vector is not None else None
+                                        for vector in (qkv_bias, proj_bias, layer_scale))
     if not targets_cuda(x.device) and torch.bfloat16 in (x.dtype, out.dtype):
         # Triton's CPU interpreter (3.8) returns garbage from tl.dot on bf16 tiles; refuse loudly.
         raise NotImplementedError("triton head attention under TRITON_INTERPRET supports fp32/fp16, not bf16")

@@ -296,6 +296,26 @@ def test_residual_and_layer_scale_shapes_are_checked():
         triton_head_attention(*args, residual=torch.zeros(2, 5, 32, device=DEVICE))
     with pytest.raises(ValueError, match="layer_scale"):
         triton_head_attention(*args, residual=torch.zeros(2, 5, 64, device=DEVICE), layer_scale=torch.ones(32, device=DEVICE))
+    with pytest.raises(ValueError, match="residual too"):
+        triton_head_attention(*args, layer_scale=torch.ones(64, device=DEVICE))
+    shared = torch.zeros(2, 6, 64, device=DEVICE)  # out one token ahead of residual in one buffer
+    with pytest.raises(ValueError, match="shares memory"):
+        triton_head_attention(*args, residual=shared[:, :5], out=shared[:, 1:])
+
+
+def test_strided_bias_and_layer_scale_vectors():
+    """Biases and the layer scale as strided views (every other element of a longer vector)."""
+    branch = make_branch(3, 17, 3, 32, 23)
+    g = torch.Generator().manual_seed(23)
+    branch["qkv_bias"] = torch.randn(2 * 288, generator=g).to(DEVICE)[::2]
+    branch["proj_bias"] = torch.randn(2 * 96, generator=g).to(DEVICE)[::2]
+    gamma = torch.rand(2 * 96, generator=g).to(DEVICE)[::2]
+    residual = torch.randn(3, 17, 96, generator=g).to(DEVICE)
+    keep = make_mask("random", 3, 3, 23)
+    expected = residual + reference_branch(branch, keep, 3) * gamma
+    got = triton_head_attention(branch["x"], keep, branch["qkv_weight"], branch["qkv_bias"], branch["proj_weight"],
+                                branch["proj_bias"], 3, residual=residual, layer_scale=gamma)
+    torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
 
 
 def test_shape_errors():
