@@ -564,8 +564,9 @@ def triton_sae_steer_gate(
 
     scale_args = (scale, scale.stride(0), scale.stride(1)) if scale is not None else (dummy, 0, 0)
     shift_args = (shift, shift.stride(0), shift.stride(1)) if shift is not None else (dummy, 0, 0)
-    ln_w, ln_b = gate_params.get("norm_weight"), gate_params.get("norm_bias")
-    fc1_b, fc2_b = gate_params.get("fc1_bias"), gate_params.get("fc2_bias")
+    # (vectors the kernel reads as contiguous, whatever views the caller passes)
+    ln_w, ln_b, fc1_b, fc2_b = (gate_params[name].contiguous() if gate_params.get(name) is not None else None
+                                for name in ("norm_weight", "norm_bias", "fc1_bias", "fc2_bias"))
     block_d = _pow2(dim)
     chunk_d = min(64, block_d)
     k_step = min(16, _pow2(sae_k, floor=1))

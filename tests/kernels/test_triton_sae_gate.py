@@ -237,6 +237,19 @@ def test_half_precision_inputs_compute_in_fp32(dtype):
     run_and_check(e, gate, sae, scale.to(dtype), shift.to(dtype), "preserve-error", None)
 
 
+def test_strided_gate_vectors_and_sae_biases():
+    """Gate norm/bias vectors and SAE biases given as strided views are read by their values."""
+    dim, width = 32, 48
+    gate = make_gate(dim, 16, 3, 55)
+    sae = make_sae(dim, width, "topk", 56, k=4)
+    for params, names in ((gate, ("norm_weight", "norm_bias", "fc1_bias", "fc2_bias")), (sae, ("enc_bias", "dec_bias"))):
+        for name in names:
+            params[name] = params[name].repeat_interleave(2)[::2]  # same values, stride 2
+    e = torch.randn(5, dim, generator=torch.Generator().manual_seed(57)).to(DEVICE)
+    scale, shift = make_steering("scale+shift", 5, width, 58)
+    run_and_check(e, gate, sae, scale, shift, "preserve-error", None)
+
+
 def test_broadcast_steering_rows():
     """One steering row [S] applies to every sample, as broadcasting does in the reference."""
     dim, width = 32, 48
