@@ -204,14 +204,13 @@ def sweep_variants() -> list:
 
     base = module.TILES  # vary one kernel's tiles at a time around the current defaults
     variants = [base]
-    # Untimed on a GPU so far, first: QKV over compacted token lists by persistent programs (the
-    # default) against flattened tokens with a program per (tile, head), as measured, and other
-    # persistent grid sizes; the output projection walking a list of kept heads (no branch in
-    # its loop, so pipelined; the default) against the measured per-head branch, QKV with q and
-    # k as one MMA (the default) against three MMAs, and software-pipeline depths (default 3).
-    # Every kernel as timed on the H200 on 2026-11-26 (flattened three-dot QKV, 128/64 attention
-    # tiles without narrow tails, per-head branch in the projection): what the untimed changes
-    # add up to.
+    # First, every kernel as timed on the H200 on 2026-11-26 (flattened three-dot QKV, 128/64
+    # attention tiles without narrow tails, per-head branch in the projection): what the untimed
+    # changes add up to. Then each untimed default against its measured alternative: QKV over
+    # compacted token lists by persistent programs against flattened tokens with a program per
+    # (tile, head), q and k as one MMA against three, other persistent grid sizes; the output
+    # projection walking a list of kept heads (no branch in its loop, so pipelined) against the
+    # per-head branch; software-pipeline depths (default 3).
     variants.append(dataclasses.replace(base, qkv_compact=False, qkv_fuse_qk=False, attn_block_m=128,
                                         attn_block_m_tail=128, attn_block_n=64, attn_block_tail=64,
                                         proj_kept_list=False))

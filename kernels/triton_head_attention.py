@@ -19,8 +19,8 @@ nothing waits on the host and the whole branch can be captured in a CUDA graph:
    heads kept by the tile's samples (the mask bits guard each head's loads and MMA), adds the bias
    and, when asked, a block's residual (times a LayerScale first) in the same epilogue.
 
-Scratch buffers (q/k/v and per-head outputs) are `torch.empty`: slots of pruned heads are never
-written and never read. Math matches `reference.head_attention` with head_weight = keep; matmuls
+Scratch buffers (q/k/v and per-head outputs, `new_scratch`) are uninitialized: slots of pruned
+heads are never written and never read. Math matches `reference.head_attention` with head_weight = keep; matmuls
 accumulate in fp32; fp32 inputs multiply as 3xTF32 on CUDA (fp32-level accuracy, never plain
 TF32) with the smaller TILES_FP32 tiles, exactly under the CPU interpreter.
 """
