@@ -161,13 +161,18 @@ def _variants(quick: bool) -> Iterator[tuple[str, callable]]:
             weights = (rand(3 * dim, dim, dtype=dtype), rand(3 * dim, dtype=dtype), rand(dim, dim, dtype=dtype), rand(dim, dtype=dtype))
             yield f"attention {label}", lambda x=x, keep=keep, w=weights, h=heads: triton_head_attention(x, keep, *w, h)
             if dtype != torch.float32:  # (fp32 launches use TILES_FP32, not TILES)
-                head_branch = dataclasses.replace(attention.TILES, proj_kept_list=False)
+                # Opt-in variants the benchmark sweep times: the projection's per-head branch, QKV
+                # and attention in one launch (with three QKV dots in 4 warps, 2 programs per SM;
+                # with q|k as one dot, 8 warps: both fit 255 registers, the 4-warp q|k one spills).
+                for variant, overrides in (("head-branch", dict(proj_kept_list=False)),
+                                           ("fused-qkv-attention", attention.FUSED_QKV_ATTENTION),
+                                           ("fused-qkv-attention 8 warps", attention.FUSED_QKV_ATTENTION_8_WARPS)):
 
-                def with_head_branch(x=x, keep=keep, w=weights, h=heads, tiles=head_branch):
-                    with attention.tile_config(tiles):
-                        triton_head_attention(x, keep, *w, h)
+                    def with_tiles(x=x, keep=keep, w=weights, h=heads, tiles=dataclasses.replace(attention.TILES, **overrides)):
+                        with attention.tile_config(tiles):
+                            triton_head_attention(x, keep, *w, h)
 
-                yield f"attention {label} head-branch", with_head_branch
+                    yield f"attention {label} {variant}", with_tiles
                 # The whole-block update of the model path: residual and LayerScale in the epilogue.
                 yield f"attention {label} residual", lambda x=x, keep=keep, w=weights, h=heads: triton_head_attention(
                     x, keep, *w, h, residual=x, layer_scale=w[3])

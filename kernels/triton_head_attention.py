@@ -63,6 +63,12 @@ class TileConfig:
     # waiting; q|k at N = 128 needs 6 KiB per 64 cycles. (Estimated, untimed.) False: three
     # 64-wide dots, as timed on the H200 on 2026-11-26.
     qkv_fuse_qk: bool = True
+    # QKV and attention in one launch (`_qkv_attention_kernel`): persistent programs
+    # (qkv_programs_per_sm per SM) walk the kept (sample, head) pairs, each projecting one head's
+    # q, k, v for one sample's N tokens and attending right away, so the q/k/v it just wrote are
+    # read back from L2 rather than from memory after a launch boundary, and there is one launch
+    # (and one fill and drain of the GPU) fewer. Untimed; off: the two launches above.
+    fuse_qkv_attention: bool = False
     attn_block_m: int = 64  # queries per attention program
     attn_block_m_tail: int = 16  # narrowest pass over the ragged last query tile (`ragged_step`)
     attn_block_n: int = 32  # keys per online-softmax step
@@ -86,6 +92,13 @@ class TileConfig:
 # of 128 / 64; the 16-row and 16-key tail passes then cut each (sample, head)'s padded score
 # tile at N=197 from 256 x 256 to 208 x 208 (the sweep keeps the old tiling to compare).
 TILES = TileConfig()
+
+# QKV and attention in one launch (`fuse_qkv_attention`), untimed, in the two configurations
+# `--sweep` times (overrides of TILES): three QKV dots in 4 warps, 2 programs per SM; q|k as one
+# dot in 8 warps, 1 program per SM. Compiled for sm_90 both fit 255 registers (at most 32 B of
+# spills); q|k in 4 warps spills 76-144 B (`python -m headsteer.kernels.aot`).
+FUSED_QKV_ATTENTION = dict(fuse_qkv_attention=True, qkv_fuse_qk=False)
+FUSED_QKV_ATTENTION_8_WARPS = dict(fuse_qkv_attention=True, qkv_warps=8, qkv_programs_per_sm=1)
 
 # fp32 launches: 3xTF32 dots keep fp32 operands (twice the bytes) and three accumulating MMAs
 # per dot, so the 16-bit tiles spill registers and overflow shared memory on sm_90; these fit
@@ -444,6 +457,69 @@ def _attention_kernel(
 
 
 @triton.jit
+def _qkv_attention_kernel(
+    x_ptr, stride_xb, stride_xn, stride_xd,
+    w_ptr, stride_wr, stride_wd, bias_ptr,
+    keep_ptr, stride_keep_b, stride_keep_h,
+    qn_w_ptr, qn_b_ptr, q_eps, kn_w_ptr, kn_b_ptr, k_eps,
+    qkv_ptr, scratch_part, o_ptr,
+    B, N, D, H, HEAD_DIM, qk_scale,
+    HAS_BIAS: tl.constexpr,
+    Q_NORM: tl.constexpr, QN_W: tl.constexpr, QN_B: tl.constexpr,
+    K_NORM: tl.constexpr, KN_W: tl.constexpr, KN_B: tl.constexpr,
+    PRECISION: tl.constexpr, FUSE_QK: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_N_TAIL: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_M_TAIL: tl.constexpr, BLOCK_KEYS: tl.constexpr, BLOCK_KEYS_TAIL: tl.constexpr,
+    BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr,
+):
+    # Work items are the kept (sample, head) pairs in sample-major order, walked with a stride of
+    # the grid size: programs running at once work on nearby samples and share their x rows in
+    # L2, and a pruned pair costs its mask bit. Item i belongs to the sample whose running count
+    # of kept pairs first passes i, and is that sample's n-th kept head.
+    offs_b = tl.arange(0, BLOCK_B)
+    offs_h = tl.arange(0, BLOCK_H)
+    h_valid = offs_h < H
+    keeps = tl.load(keep_ptr + offs_b[:, None] * stride_keep_b + offs_h[None, :] * stride_keep_h,
+                    mask=(offs_b < B)[:, None] & h_valid[None, :], other=0) != 0
+    sample_kept = tl.sum(keeps.to(tl.int32), axis=1)
+    kept_through = tl.cumsum(sample_kept, axis=0)  # inclusive running count of kept pairs
+    for item in range(tl.program_id(0), tl.sum(sample_kept, axis=0), tl.num_programs(0)):
+        b = tl.sum((kept_through <= item).to(tl.int32), axis=0)
+        nth = item - tl.sum(tl.where(offs_b < b, sample_kept, 0), axis=0)
+        row_keeps = tl.load(keep_ptr + b * stride_keep_b + offs_h * stride_keep_h, mask=h_valid, other=0) != 0
+        head_rank = tl.cumsum(row_keeps.to(tl.int32), axis=0) - 1
+        h = tl.sum(tl.where(row_keeps & (head_rank == nth), offs_h, 0), axis=0)
+
+        # q, k, v of head h for the sample's N tokens: whole BLOCK_N tiles, then the ragged end
+        # in one narrow BLOCK_N_TAIL pass (the launcher sizes it: 16 rows for ViT's 197 tokens).
+        tiles_end = (N // BLOCK_N) * BLOCK_N
+        for t0 in range(0, tiles_end, BLOCK_N):
+            token = t0 + tl.arange(0, BLOCK_N)
+            _qkv_rows(x_ptr, stride_xb, stride_xn, stride_xd, w_ptr, stride_wr, stride_wd, bias_ptr,
+                      qn_w_ptr, qn_b_ptr, q_eps, kn_w_ptr, kn_b_ptr, k_eps, qkv_ptr, scratch_part,
+                      token * 0 + b, token, token < N, h, N, D, H, HEAD_DIM,
+                      HAS_BIAS, Q_NORM, QN_W, QN_B, K_NORM, KN_W, KN_B, PRECISION, FUSE_QK,
+                      BLOCK_N, BLOCK_K, BLOCK_D)
+        for t0 in range(tiles_end, N, BLOCK_N_TAIL):
+            token = t0 + tl.arange(0, BLOCK_N_TAIL)
+            _qkv_rows(x_ptr, stride_xb, stride_xn, stride_xd, w_ptr, stride_wr, stride_wd, bias_ptr,
+                      qn_w_ptr, qn_b_ptr, q_eps, kn_w_ptr, kn_b_ptr, k_eps, qkv_ptr, scratch_part,
+                      token * 0 + b, token, token < N, h, N, D, H, HEAD_DIM,
+                      HAS_BIAS, Q_NORM, QN_W, QN_B, K_NORM, KN_W, KN_B, PRECISION, FUSE_QK,
+                      BLOCK_N_TAIL, BLOCK_K, BLOCK_D)
+        # Every warp's q/k/v stores complete before any warp reads them back (same CTA: the
+        # barrier orders global memory too, and the reads hit L2 or this SM's L1).
+        tl.debug_barrier()
+        queries_end = (N // BLOCK_M) * BLOCK_M
+        for m0 in range(0, queries_end, BLOCK_M):
+            _attend_queries(qkv_ptr, scratch_part, o_ptr, b, h, m0, N, H, HEAD_DIM, qk_scale,
+                            PRECISION, BLOCK_M, BLOCK_KEYS, BLOCK_KEYS_TAIL, BLOCK_D)
+        for m0 in range(queries_end, N, BLOCK_M_TAIL):
+            _attend_queries(qkv_ptr, scratch_part, o_ptr, b, h, m0, N, H, HEAD_DIM, qk_scale,
+                            PRECISION, BLOCK_M_TAIL, BLOCK_KEYS, BLOCK_KEYS_TAIL, BLOCK_D)
+
+
+@triton.jit
 def _project_head(o_ptr, w_ptr, stride_wo, stride_wi, rows, row_kept, offs_o, o_mask, h, H, HEAD_DIM, acc,
                   PRECISION: tl.constexpr, BLOCK_D: tl.constexpr, CHUNK_D: tl.constexpr):
     """acc + o_h @ W_o[:, h]^T for a tile of rows (rows that pruned head h load as zeros), CHUNK_D
@@ -622,6 +698,12 @@ def head_attention_launches(
     qkv_programs = qkv_items
     if compact and tiles.qkv_programs_per_sm > 0:
         qkv_programs = min(qkv_items, tiles.qkv_programs_per_sm * _multiprocessors(x.device))
+    # QKV and attention in one launch: its persistent programs (at most one per (sample, head))
+    # each read all B x H mask bits, hence the same batch limit as the compacted QKV.
+    fused = tiles.fuse_qkv_attention and batch <= COMPACT_MAX_BATCH
+    fused_programs = batch * num_heads
+    if tiles.qkv_programs_per_sm > 0:
+        fused_programs = min(fused_programs, tiles.qkv_programs_per_sm * _multiprocessors(x.device))
     block_heads = triton.next_power_of_2(num_heads)
     block_batch = triton.next_power_of_2(batch)
 
@@ -654,6 +736,25 @@ def head_attention_launches(
             num_warps=tiles.attn_warps, num_stages=tiles.attn_stages,
         )
 
+    def qkv_attention():
+        _qkv_attention_kernel[(fused_programs,)](
+            x, *x.stride(),
+            qkv_weight, *qkv_weight.stride(), qkv_bias if qkv_bias is not None else dummy,
+            keep, keep_b, keep_h,
+            qn[0], qn[1], qn[2], kn[0], kn[1], kn[2],
+            qkv, scratch_part, heads,
+            batch, tokens, dim, num_heads, head_dim, 1.4426950408889634 / head_dim**0.5,
+            HAS_BIAS=qkv_bias is not None,
+            Q_NORM=qn[3], QN_W=qn[4], QN_B=qn[5], K_NORM=kn[3], KN_W=kn[4], KN_B=kn[5],
+            PRECISION=precision, FUSE_QK=fuse_qk,
+            BLOCK_N=tiles.qkv_block_n, BLOCK_N_TAIL=ragged_step(tokens, tiles.qkv_block_n, 16),
+            BLOCK_K=tiles.qkv_block_k, BLOCK_D=block_d,
+            BLOCK_M=tiles.attn_block_m, BLOCK_M_TAIL=query_tail, BLOCK_KEYS=tiles.attn_block_n,
+            BLOCK_KEYS_TAIL=key_tail,
+            BLOCK_B=block_batch, BLOCK_H=block_heads,
+            num_warps=tiles.qkv_warps, num_stages=tiles.qkv_stages,
+        )
+
     def output_projection():
         _proj_kernel[(triton.cdiv(batch * tokens, tiles.proj_block_t), triton.cdiv(d_out, tiles.proj_block_o))](
             heads, keep, keep_b, keep_h,
@@ -670,6 +771,8 @@ def head_attention_launches(
             num_warps=tiles.proj_warps, num_stages=tiles.proj_stages,
         )
 
+    if fused:
+        return out, [("qkv+attention", qkv_attention), ("proj", output_projection)]
     return out, [("qkv", qkv_projection), ("attention", attention), ("proj", output_projection)]
 
 
