@@ -37,10 +37,10 @@ cat "$dir/gpu.txt"
 step kernels 80 python -m headsteer.bench.kernels --json "$dir/kernels.json" --md "$dir/kernels.md"
 workers=$(( $(nproc) > 12 ? 12 : $(nproc) ))
 step tests 170 python -m pytest -q -n "$workers" tests/kernels tests/runtime/test_triton_backend.py -p no:cacheprovider
-step breakdown 50 python -m headsteer.bench.kernels --breakdown --json "$dir/breakdown.json"
+step breakdown 70 python -m headsteer.bench.kernels --breakdown --json "$dir/breakdown.json"
 if [ "$quick" != "--quick" ]; then
   step gate_sweep 60 python -m headsteer.bench.kernels --gate-sweep
-  step sweep 130 python -m headsteer.bench.kernels --sweep
+  step sweep 110 python -m headsteer.bench.kernels --sweep
   step model 50 python -m headsteer.bench --model vit_small_patch16_224 --device cuda --dtype bfloat16 \
     --backends timm,timm-graph,triton-graph --batch 64,8 --usage 1,0.67,0.33,0 --reps 10 --warmup 2 \
     --no-progress --json "$dir/model.json" --md "$dir/model.md"

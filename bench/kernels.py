@@ -32,6 +32,7 @@ DEVICE = "cuda"  # tests swap in "cpu" (under TRITON_INTERPRET) with tiny shapes
 MODELS = {"ViT-S": (6, 384), "ViT-B": (12, 768)}
 USAGES = (1.0, 0.67, 0.5, 0.33, 0.17)
 DTYPE = torch.bfloat16
+FUSED_BREAKDOWN_USAGES = (1.0, 0.33, 0.0)  # usages `--breakdown` also times with QKV and attention fused
 TARGETS = "usage 0.33: sparse >= 2.5x faster than dense; usage 1.0: at most 5% slower; fused gate < 5% of a block"
 
 
@@ -169,6 +170,7 @@ def dense_stages(x: torch.Tensor, w: dict, heads: int) -> list[tuple[str, callab
 
 def breakdown() -> dict:
     """Graph-replay microseconds of each kernel of the dense and the sparse branch."""
+    from headsteer.kernels import triton_head_attention as module
     from headsteer.kernels.triton_head_attention import head_attention_launches
 
     generator = torch.Generator().manual_seed(0)
@@ -185,6 +187,17 @@ def breakdown() -> dict:
                 launch()
             sparse = {stage: graph_timed(launch) for stage, launch in launches}
             rows.append(dict(model=name, usage=usage, branch="sparse", **sparse, total=sum(sparse.values())))
+        for usage in FUSED_BREAKDOWN_USAGES:  # the opt-in QKV + attention launch (`FUSED_QKV_ATTENTION`)
+            keep = random_keep(BATCH, heads, usage, generator)
+            with module.tile_config(dataclasses.replace(module.TILES, **module.FUSED_QKV_ATTENTION),
+                                    dataclasses.replace(module.TILES_FP32, **module.FUSED_QKV_ATTENTION)):
+                _, launches = module.head_attention_launches(x, keep, w["qkv_w"], w["qkv_b"], w["proj_w"], w["proj_b"],
+                                                             heads)
+                for _, launch in launches:
+                    launch()
+                fused = {stage: graph_timed(launch) for stage, launch in launches}
+            rows.append(dict(model=name, usage=usage, branch="sparse, qkv+attention fused", **fused,
+                             total=sum(fused.values())))
     return {"breakdown": rows}
 
 
@@ -192,8 +205,11 @@ def breakdown_markdown(results: dict) -> str:
     lines = ["| model | branch | usage | qkv us | attention us | proj us | sum us |", "| --- | --- | --- | --- | --- | --- | --- |"]
     for r in results["breakdown"]:
         usage = "" if r["usage"] is None else f"{r['usage']:.2f}"
-        lines.append(f"| {r['model']} | {r['branch']} | {usage} | {r['qkv']:.1f} | {r['attention']:.1f} | "
-                     f"{r['proj']:.1f} | {r['total']:.1f} |")
+        if "qkv+attention" in r:  # one launch for both: its time spans the two columns
+            qkv, attention = f"{r['qkv+attention']:.1f} (both)", ""
+        else:
+            qkv, attention = f"{r['qkv']:.1f}", f"{r['attention']:.1f}"
+        lines.append(f"| {r['model']} | {r['branch']} | {usage} | {qkv} | {attention} | {r['proj']:.1f} | {r['total']:.1f} |")
     return "\n".join(lines) + "\n"
 
 
@@ -206,7 +222,8 @@ def sweep_variants() -> list:
     variants = [base]
     # First, every kernel as timed on the H200 on 2026-11-26 (flattened three-dot QKV, 128/64
     # attention tiles without narrow tails, per-head branch in the projection): what the untimed
-    # changes add up to. Then each untimed default against its measured alternative: QKV over
+    # changes add up to. Then QKV and attention in one launch (opt-in), and each untimed default
+    # against its measured alternative: QKV over
     # compacted token lists by persistent programs against flattened tokens with a program per
     # (tile, head), q and k as one MMA against three, other persistent grid sizes; the output
     # projection walking a list of kept heads (no branch in its loop, so pipelined) against the
@@ -214,6 +231,10 @@ def sweep_variants() -> list:
     variants.append(dataclasses.replace(base, qkv_compact=False, qkv_fuse_qk=False, attn_block_m=128,
                                         attn_block_m_tail=128, attn_block_n=64, attn_block_tail=64,
                                         proj_kept_list=False))
+    # QKV and attention in one launch (opt-in, untimed), in both configurations that compile
+    # without spills.
+    variants.append(dataclasses.replace(base, **module.FUSED_QKV_ATTENTION))
+    variants.append(dataclasses.replace(base, **module.FUSED_QKV_ATTENTION_8_WARPS))
     variants.append(dataclasses.replace(base, qkv_compact=False))
     variants.append(dataclasses.replace(base, qkv_fuse_qk=False))
     for programs_per_sm in (1, 3, 0):

@@ -19,6 +19,10 @@ nothing waits on the host and the whole branch can be captured in a CUDA graph:
    heads kept by the tile's samples (the mask bits guard each head's loads and MMA), adds the bias
    and, when asked, a block's residual (times a LayerScale first) in the same epilogue.
 
+Opt-in (`TileConfig.fuse_qkv_attention`, untimed): launches 1 and 2 as one, `_qkv_attention_kernel`,
+whose persistent programs take the kept (sample, head) pairs one at a time, project that head's
+q, k, v for the sample's N tokens and attend over them at once, while they are in L2.
+
 Scratch buffers (q/k/v and per-head outputs, `new_scratch`) are uninitialized: slots of pruned
 heads are never written and never read. Math matches `reference.head_attention` with head_weight = keep; matmuls
 accumulate in fp32; fp32 inputs multiply as 3xTF32 on CUDA (fp32-level accuracy, never plain
@@ -633,8 +637,9 @@ def head_attention_launches(
     out: Optional[torch.Tensor] = None,
 ) -> tuple[torch.Tensor, list[tuple[str, Callable[[], None]]]]:
     """Check the arguments and allocate the output and scratch of `triton_head_attention`; return
-    the output and its three kernel launches in order as (name, launch) pairs, so a benchmark can
-    time each kernel (`headsteer.bench.kernels --breakdown`). Arguments as `triton_head_attention`."""
+    the output and its kernel launches in order as (name, launch) pairs, so a benchmark can
+    time each kernel (`headsteer.bench.kernels --breakdown`): qkv, attention, proj, or
+    qkv+attention, proj with `fuse_qkv_attention`. Arguments as `triton_head_attention`."""
     if x.dim() != 3:
         raise ValueError(f"x must be [B, N, D], got {tuple(x.shape)}")
     batch, tokens, dim = x.shape

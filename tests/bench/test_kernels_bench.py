@@ -47,9 +47,12 @@ def test_benchmark_tables(tiny):
 def test_breakdown_times_each_kernel(tiny):
     results = bench.breakdown()
     rows = results["breakdown"]
-    assert [(r["branch"], r["usage"]) for r in rows] == [("dense", None)] + [("sparse", u) for u in bench.USAGES + (0.0,)]
+    assert [(r["branch"], r["usage"]) for r in rows] == (
+        [("dense", None)] + [("sparse", u) for u in bench.USAGES + (0.0,)]
+        + [("sparse, qkv+attention fused", u) for u in bench.FUSED_BREAKDOWN_USAGES])
     for row in rows:
-        assert row["total"] == pytest.approx(row["qkv"] + row["attention"] + row["proj"])
+        stages = ("qkv+attention", "proj") if "fused" in row["branch"] else ("qkv", "attention", "proj")
+        assert row["total"] == pytest.approx(sum(row[stage] for stage in stages))
     assert bench.breakdown_markdown(results).count("| tiny |") == len(rows)
 
 
