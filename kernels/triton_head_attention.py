@@ -99,7 +99,7 @@ TILES = TileConfig()
 
 # QKV and attention in one launch (`fuse_qkv_attention`), untimed, in the two configurations
 # `--sweep` times (overrides of TILES): three QKV dots in 4 warps, 2 programs per SM; q|k as one
-# dot in 8 warps, 1 program per SM. Compiled for sm_90 both fit 255 registers (at most 32 B of
+# dot in 8 warps, 1 program per SM. Compiled for sm_90 both fit 255 registers (at most 64 B of
 # spills); q|k in 4 warps spills 76-144 B (`python -m headsteer.kernels.aot`).
 FUSED_QKV_ATTENTION = dict(fuse_qkv_attention=True, qkv_fuse_qk=False)
 FUSED_QKV_ATTENTION_8_WARPS = dict(fuse_qkv_attention=True, qkv_warps=8, qkv_programs_per_sm=1)
@@ -485,11 +485,13 @@ def _qkv_attention_kernel(
     h_valid = offs_h < H
     keeps = tl.load(keep_ptr + offs_b[:, None] * stride_keep_b + offs_h[None, :] * stride_keep_h,
                     mask=(offs_b < B)[:, None] & h_valid[None, :], other=0) != 0
-    sample_kept = tl.sum(keeps.to(tl.int32), axis=1)
-    kept_through = tl.cumsum(sample_kept, axis=0)  # inclusive running count of kept pairs
-    for item in range(tl.program_id(0), tl.sum(sample_kept, axis=0), tl.num_programs(0)):
-        b = tl.sum((kept_through <= item).to(tl.int32), axis=0)
-        nth = item - tl.sum(tl.where(offs_b < b, sample_kept, 0), axis=0)
+    # Inclusive running count of kept pairs, non-decreasing: the items before sample b number its
+    # largest value <= the item (the only [B] vector kept live through the loop).
+    kept_through = tl.cumsum(tl.sum(keeps.to(tl.int32), axis=1), axis=0)
+    for item in range(tl.program_id(0), tl.max(kept_through, axis=0), tl.num_programs(0)):
+        before = kept_through <= item
+        b = tl.sum(before.to(tl.int32), axis=0)
+        nth = item - tl.max(tl.where(before, kept_through, 0), axis=0)
         row_keeps = tl.load(keep_ptr + b * stride_keep_b + offs_h * stride_keep_h, mask=h_valid, other=0) != 0
         head_rank = tl.cumsum(row_keeps.to(tl.int32), axis=0) - 1
         h = tl.sum(tl.where(row_keeps & (head_rank == nth), offs_h, 0), axis=0)
