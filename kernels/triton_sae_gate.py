@@ -57,6 +57,10 @@ BLOCK_S = 128
 # ViT-S). One-sample programs replaced 16-sample ones without an SAE and took that gate from 42.3
 # to 10.9 us there; the per-sample SAE finishers are not timed yet (`--gate-sweep` compares).
 PER_SAMPLE_FINISH = True
+# Benchmarks only (`--gate-sweep`): True launches only the latent-tile programs of a split gate
+# with per-sample finishers, so their time (the SAE's first phase) can be read apart from the
+# whole launch's; logits and keep are then left unwritten.
+_LATENT_TILES_ONLY = False
 # Warps of every gate program (`python -m headsteer.bench.kernels --gate-sweep` times others).
 GATE_WARPS = 8
 # Software-pipeline depth of a one-sample program's fc1/fc2 loop (1 = not pipelined, as timed on
@@ -582,7 +586,8 @@ def triton_sae_steer_gate(
         chunk_g = min(_pow2(hidden, floor=1), max(1, _GATE_TILE_ELEMENTS // block_d))
     slice_d = _pow2(triton.cdiv(dim, num_s_tiles))  # D columns whose shift decode one program owns
 
-    grid = (num_b_tiles * num_s_tiles + batch,) if per_sample_finish else (num_b_tiles, num_s_tiles)
+    finishers = 0 if _LATENT_TILES_ONLY else batch
+    grid = (num_b_tiles * num_s_tiles + finishers,) if per_sample_finish else (num_b_tiles, num_s_tiles)
     _sae_steer_gate_kernel[grid](
         e, e.stride(0),
         *sae_args,

@@ -89,10 +89,11 @@ def test_sweep_runs_every_tile_variant_and_restores_the_default(tiny, capsys):
 def test_gate_sweep_runs_every_variant_and_restores_the_defaults(tiny, capsys):
     from headsteer.kernels import triton_sae_gate as gate
 
-    names = "BLOCK_S", "GATE_WARPS", "GATE_STAGES", "GATE_CHUNK_D", "_GATE_TILE_ELEMENTS", "PER_SAMPLE_FINISH"
+    names = ("BLOCK_S", "GATE_WARPS", "GATE_STAGES", "GATE_CHUNK_D", "_GATE_TILE_ELEMENTS", "PER_SAMPLE_FINISH",
+             "_LATENT_TILES_ONLY")
     defaults = [getattr(gate, name) for name in names]
     bench.gate_sweep()
     lines = capsys.readouterr().out.splitlines()
-    assert len(lines) == 12 and len(tiny) == 24  # each variant timed with and without an SAE
-    assert "defaults" in lines[0] and "'PER_SAMPLE_FINISH': False" in lines[1]
+    assert len(lines) == 13 and len(tiny) == 26  # each variant timed with and without an SAE
+    assert "defaults" in lines[0] and "_LATENT_TILES_ONLY" in lines[1] and "'PER_SAMPLE_FINISH': False" in lines[2]
     assert [getattr(gate, name) for name in names] == defaults
