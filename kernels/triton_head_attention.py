@@ -71,7 +71,8 @@ class TileConfig:
     # (qkv_programs_per_sm per SM) walk the kept (sample, head) pairs, each projecting one head's
     # q, k, v for one sample's N tokens and attending right away, so the q/k/v it just wrote are
     # read back from L2 rather than from memory after a launch boundary, and there is one launch
-    # (and one fill and drain of the GPU) fewer. Untimed; off: the two launches above.
+    # (and one fill and drain of the GPU) fewer. 16-bit inputs with heads up to 64 wide only (see
+    # the launcher). Untimed; off: the two launches above.
     fuse_qkv_attention: bool = False
     attn_block_m: int = 64  # queries per attention program
     attn_block_m_tail: int = 16  # narrowest pass over the ragged last query tile (`ragged_step`)
@@ -97,10 +98,12 @@ class TileConfig:
 # tile at N=197 from 256 x 256 to 208 x 208 (the sweep keeps the old tiling to compare).
 TILES = TileConfig()
 
-# QKV and attention in one launch (`fuse_qkv_attention`), untimed, in the two configurations
-# `--sweep` times (overrides of TILES): three QKV dots in 4 warps, 2 programs per SM; q|k as one
+# QKV and attention in one launch (`fuse_qkv_attention`; 16-bit inputs, heads up to
+# FUSED_MAX_HEAD_BLOCK wide, else two launches), untimed, in the two configurations `--sweep`
+# times (overrides of TILES): three QKV dots in 4 warps, 2 programs per SM; q|k as one
 # dot in 8 warps, 1 program per SM. Compiled for sm_90 both fit 255 registers (at most 64 B of
 # spills); q|k in 4 warps spills 76-144 B (`python -m headsteer.kernels.aot`).
+FUSED_MAX_HEAD_BLOCK = 64  # widest (padded) head the fused launch takes
 FUSED_QKV_ATTENTION = dict(fuse_qkv_attention=True, qkv_fuse_qk=False)
 FUSED_QKV_ATTENTION_8_WARPS = dict(fuse_qkv_attention=True, qkv_warps=8, qkv_programs_per_sm=1)
 
@@ -513,8 +516,10 @@ def _qkv_attention_kernel(
                       token * 0 + b, token, token < N, h, N, D, H, HEAD_DIM,
                       HAS_BIAS, Q_NORM, QN_W, QN_B, K_NORM, KN_W, KN_B, PRECISION, FUSE_QK,
                       BLOCK_N_TAIL, BLOCK_K, BLOCK_D)
-        # Every warp's q/k/v stores complete before any warp reads them back (same CTA: the
-        # barrier orders global memory too, and the reads hit L2 or this SM's L1).
+        # Every warp's q/k/v stores complete before any warp reads them back: the CTA barrier
+        # (bar.sync on sm_90) orders global memory too, and the reads are plain loads and
+        # cp.async.cg from L2, no TMA. (Checked in the compiled PTX; Triton may rename
+        # debug_barrier to tl.barrier.)
         tl.debug_barrier()
         queries_end = (N // BLOCK_M) * BLOCK_M
         for m0 in range(0, queries_end, BLOCK_M):
@@ -705,9 +710,12 @@ def head_attention_launches(
     qkv_programs = qkv_items
     if compact and tiles.qkv_programs_per_sm > 0:
         qkv_programs = min(qkv_items, tiles.qkv_programs_per_sm * _multiprocessors(x.device))
-    # QKV and attention in one launch: its persistent programs (at most one per (sample, head))
-    # each read all B x H mask bits, hence the same batch limit as the compacted QKV.
-    fused = tiles.fuse_qkv_attention and batch <= COMPACT_MAX_BATCH
+    # QKV and attention in one launch where it compiles to 255 registers with at most a few dozen
+    # bytes of spills on sm_90: 16-bit inputs and head dims up to 64 (fp32's 3xTF32 operands or
+    # 128-wide heads spill hundreds of bytes), up to COMPACT_MAX_BATCH samples (each persistent
+    # program reads all B x H mask bits). Elsewhere the two launches.
+    fused = (tiles.fuse_qkv_attention and precision is None and block_d <= FUSED_MAX_HEAD_BLOCK
+             and batch <= COMPACT_MAX_BATCH)
     fused_programs = batch * num_heads
     if tiles.qkv_programs_per_sm > 0:
         fused_programs = min(fused_programs, tiles.qkv_programs_per_sm * _multiprocessors(x.device))

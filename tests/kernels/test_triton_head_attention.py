@@ -107,8 +107,6 @@ TILE_VARIANTS = {
     "fused-qk": dict(qkv_fuse_qk=True),  # (the 16-bit default; fp32 launches run three dots by default)
     "three-dot-qkv": dict(qkv_fuse_qk=False),
     "query-tail": dict(attn_block_m=32, attn_block_m_tail=16, attn_block_n=32),
-    "fused-qkv-attention": dict(fuse_qkv_attention=True),
-    "fused-qkv-attention-program-per-pair": dict(fuse_qkv_attention=True, qkv_programs_per_sm=0),
 }
 
 
@@ -186,35 +184,47 @@ def test_compacted_qkv_falls_back_above_its_batch_limit(monkeypatch):
     run_and_check(branch, uneven_mask(5, 3, 21), 3)
 
 
-# N = 70, 131, 197: whole 64-token QKV tiles, 32-key steps and 64-query tiles, then each ragged
-# end in its narrow pass; fewer persistent programs than kept pairs (2 "SMs" on the CPU), one per
-# pair, and the batch limit's fallback to two launches.
-@pytest.mark.parametrize("batch,tokens,heads,head_dim", [(3, 70, 2, 64), (2, 131, 3, 32), (1, 197, 2, 32)])
-@pytest.mark.parametrize("programs_per_sm", [2, 0])
-@pytest.mark.parametrize("mask", ["distinct", "uneven"])
-def test_fused_qkv_attention_over_whole_and_ragged_tiles(monkeypatch, batch, tokens, heads, head_dim,
-                                                         programs_per_sm, mask):
-    tiles = dataclasses.replace(attention_module.TILES_FP32, fuse_qkv_attention=True,
-                                qkv_programs_per_sm=programs_per_sm)
-    monkeypatch.setattr(attention_module, "TILES_FP32", tiles)
-    seed = zlib.crc32(repr((batch, tokens, heads, head_dim, programs_per_sm, mask)).encode())
-    branch = make_branch(batch, tokens, heads, head_dim, seed)
-    keep = make_mask(mask, batch, heads, seed) if mask == "distinct" else uneven_mask(batch, heads, seed)
+def fused_tiles(monkeypatch, **overrides):
+    """Launch with QKV and attention in one kernel (16-bit inputs, head dims up to 64)."""
+    for name in ("TILES", "TILES_FP32"):
+        tiles = dataclasses.replace(getattr(attention_module, name), fuse_qkv_attention=True, **overrides)
+        monkeypatch.setattr(attention_module, name, tiles)
+
+
+def launch_names(branch, keep, heads):
     _, launches = attention_module.head_attention_launches(branch["x"], keep, branch["qkv_weight"], branch["qkv_bias"],
                                                            branch["proj_weight"], branch["proj_bias"], heads)
-    assert [name for name, _ in launches] == ["qkv+attention", "proj"]
+    return [name for name, _ in launches]
+
+
+# fp16 (the 16-bit tiles, q|k as one MMA or three dots). N = 70, 131, 197: whole 64-token QKV
+# tiles, 32-key steps and 64-query tiles, then each ragged end in its narrow pass; N = 1, 17:
+# ragged ends only. Fewer persistent programs than kept pairs (2 "SMs" on the CPU), one per pair.
+@pytest.mark.parametrize("batch,tokens,heads,head_dim", [(3, 70, 2, 64), (2, 131, 3, 32), (1, 197, 2, 32),
+                                                          (5, 17, 3, 16), (4, 1, 2, 64)])
+@pytest.mark.parametrize("overrides", [dict(), dict(qkv_programs_per_sm=0), dict(qkv_fuse_qk=False, qkv_warps=8)],
+                         ids=["qk-one-dot", "program-per-pair", "three-dots-8-warps"])
+@pytest.mark.parametrize("mask", ["distinct", "uneven", "none", "all"])
+def test_fused_qkv_attention_over_whole_and_ragged_tiles(monkeypatch, batch, tokens, heads, head_dim, overrides, mask):
+    fused_tiles(monkeypatch, **overrides)
+    seed = zlib.crc32(repr((batch, tokens, heads, head_dim, overrides, mask)).encode())
+    branch = make_branch(batch, tokens, heads, head_dim, seed, torch.float16)
+    keep = uneven_mask(batch, heads, seed) if mask == "uneven" else make_mask(mask, batch, heads, seed)
+    assert launch_names(branch, keep, heads) == ["qkv+attention", "proj"]
     run_and_check(branch, keep, heads)
 
 
-def test_fused_qkv_attention_falls_back_above_its_batch_limit(monkeypatch):
-    monkeypatch.setattr(attention_module, "TILES_FP32",
-                        dataclasses.replace(attention_module.TILES_FP32, fuse_qkv_attention=True))
-    monkeypatch.setattr(attention_module, "COMPACT_MAX_BATCH", 4)
-    branch = make_branch(5, 23, 3, 32, 22)
+@pytest.mark.parametrize("dtype,head_dim,batch_limit", [(torch.float32, 32, None), (torch.float16, 80, None),
+                                                        (torch.float16, 32, 4)],
+                         ids=["fp32", "head-dim-80", "over-batch-limit"])
+def test_fused_qkv_attention_falls_back_to_two_launches(monkeypatch, dtype, head_dim, batch_limit):
+    """fp32, heads wider than 64 and batches over COMPACT_MAX_BATCH run QKV and attention apart."""
+    fused_tiles(monkeypatch)
+    if batch_limit is not None:
+        monkeypatch.setattr(attention_module, "COMPACT_MAX_BATCH", batch_limit)
+    branch = make_branch(5, 23, 3, head_dim, 22, dtype)
     keep = uneven_mask(5, 3, 22)
-    _, launches = attention_module.head_attention_launches(branch["x"], keep, branch["qkv_weight"], branch["qkv_bias"],
-                                                           branch["proj_weight"], branch["proj_bias"], 3)
-    assert [name for name, _ in launches] == ["qkv", "attention", "proj"]
+    assert launch_names(branch, keep, 3) == ["qkv", "attention", "proj"]
     run_and_check(branch, keep, 3)
 
 
