@@ -1,13 +1,15 @@
 #!/usr/bin/env bash
 # The Triton checks that need a CUDA GPU, as one script for a short lease of a GPU machine:
 #   bash bench/gpu_checks.sh OUT_DIR [--quick]
-# Most valuable first, each step under its own time limit (540 s in all: give the lease ~580 s)
+# Most valuable first, each step under its own time limit (550 s in all: give the lease ~590 s)
 # so the script always finishes and packs what it has:
 # 1. the kernel benchmark (issue 4's table), as JSON and markdown;
 # 2. the kernel and triton-backend tests, compiled (the CPU runs them interpreted), spread over
-#    the CPUs with pytest-xdist since compiling the kernels for each shape dominates;
+#    the CPUs with pytest-xdist since compiling the kernels for each shape dominates; verbose, so
+#    a step cut by its limit still logs each finished test's outcome;
 # 3. the per-kernel breakdown of the attention branch;
-# 4. unless --quick, the fused gate's sweep, the attention tile sweep and the whole ViT-S (bf16,
+# 4. the tests of the opt-in tilings and the fused QKV + attention launch, compiled;
+# 5. unless --quick, the fused gate's sweep, the attention tile sweep and the whole ViT-S (bf16,
 #    CUDA graphs) against timm.
 # Everything lands in OUT_DIR/gpu_checks/ and is packed into OUT_DIR/gpu_checks.tar.gz (a lease
 # returns only a few files). The exit status is that of the first failing step.
@@ -35,12 +37,15 @@ trap pack EXIT
   date -u +"%Y-%m-%d %H:%M UTC"; } >"$dir/gpu.txt" 2>&1
 cat "$dir/gpu.txt"
 step kernels 80 python -m headsteer.bench.kernels --json "$dir/kernels.json" --md "$dir/kernels.md"
-workers=$(( $(nproc) > 12 ? 12 : $(nproc) ))
-step tests 170 python -m pytest -q -n "$workers" tests/kernels tests/runtime/test_triton_backend.py -p no:cacheprovider
+workers=$(( $(nproc) > 16 ? 16 : $(nproc) ))
+variants="test_tile_variants or test_fused_qkv"  # the opt-in configurations' tests, after the defaults' and the breakdown
+tests=(python -m pytest -v -rfE -n "$workers" -p no:cacheprovider tests/kernels tests/runtime/test_triton_backend.py)
+step tests 150 "${tests[@]}" -k "not ($variants)"
 step breakdown 70 python -m headsteer.bench.kernels --breakdown --json "$dir/breakdown.json"
+step tests_variants 60 "${tests[@]}" -k "$variants"
 if [ "$quick" != "--quick" ]; then
-  step gate_sweep 60 python -m headsteer.bench.kernels --gate-sweep
-  step sweep 110 python -m headsteer.bench.kernels --sweep
+  step gate_sweep 50 python -m headsteer.bench.kernels --gate-sweep
+  step sweep 90 python -m headsteer.bench.kernels --sweep
   step model 50 python -m headsteer.bench --model vit_small_patch16_224 --device cuda --dtype bfloat16 \
     --backends timm,timm-graph,triton-graph --batch 64,8 --usage 1,0.67,0.33,0 --reps 10 --warmup 2 \
     --no-progress --json "$dir/model.json" --md "$dir/model.md"
