@@ -702,6 +702,7 @@ def head_attention_launches(
     query_tail = ragged_step(tokens, tiles.attn_block_m, tiles.attn_block_m_tail)
     key_tail = ragged_step(tokens, tiles.attn_block_n, tiles.attn_block_tail)
     proj_chunk_d = min(block_d, 64) if precision is not None else block_d
+    qk_scale = 1.4426950408889634 / head_dim**0.5  # log2(e) / sqrt(d): softmax in base 2 (`_attend_queries`)
 
     qkv_tiles = triton.cdiv(batch * tokens, tiles.qkv_block_n)  # a head's tiles when every sample keeps it
     qkv_items = qkv_tiles * num_heads
@@ -744,7 +745,7 @@ def head_attention_launches(
     def attention():
         _attention_kernel[(batch * num_heads, triton.cdiv(tokens, tiles.attn_block_m))](
             qkv, scratch_part, keep, keep_b, keep_h, heads,
-            tokens, num_heads, head_dim, 1.4426950408889634 / head_dim**0.5,
+            tokens, num_heads, head_dim, qk_scale,
             PRECISION=precision,
             BLOCK_M=tiles.attn_block_m, BLOCK_M_TAIL=query_tail, BLOCK_N=tiles.attn_block_n, BLOCK_TAIL=key_tail,
             BLOCK_D=block_d,
@@ -758,7 +759,7 @@ def head_attention_launches(
             keep, keep_b, keep_h,
             qn[0], qn[1], qn[2], kn[0], kn[1], kn[2],
             qkv, scratch_part, heads,
-            batch, tokens, dim, num_heads, head_dim, 1.4426950408889634 / head_dim**0.5,
+            batch, tokens, dim, num_heads, head_dim, qk_scale,
             HAS_BIAS=qkv_bias is not None,
             Q_NORM=qn[3], QN_W=qn[4], QN_B=qn[5], K_NORM=kn[3], KN_W=kn[4], KN_B=kn[5],
             PRECISION=precision, FUSE_QK=fuse_qk,
