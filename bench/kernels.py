@@ -232,9 +232,12 @@ def sweep_variants() -> list:
                                         attn_block_m_tail=128, attn_block_n=64, attn_block_tail=64,
                                         proj_kept_list=False))
     # QKV and attention in one launch (opt-in, untimed), in both configurations that fit sm_90's
-    # 255 registers.
+    # 255 registers, then with 128-token QKV tiles: a program re-reads its head's 192 weight rows
+    # (147 KiB at ViT-S) from L2 for every token tile, 4 times per sample with 64-token tiles and
+    # twice with 128 (but 256 MMA rows for 197 tokens instead of 208).
     variants.append(dataclasses.replace(base, **module.FUSED_QKV_ATTENTION))
     variants.append(dataclasses.replace(base, **module.FUSED_QKV_ATTENTION_8_WARPS))
+    variants.append(dataclasses.replace(base, **module.FUSED_QKV_ATTENTION_8_WARPS, qkv_block_n=128))
     variants.append(dataclasses.replace(base, qkv_compact=False))
     variants.append(dataclasses.replace(base, qkv_fuse_qk=False))
     for programs_per_sm in (1, 3, 0):
