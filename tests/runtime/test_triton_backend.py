@@ -59,6 +59,35 @@ def test_triton_backend_with_several_latent_and_batch_tiles():
     torch.testing.assert_close(got.logits, expected.logits, atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.parametrize("budget", [None, 0.67])
+def test_fused_qkv_attention_in_the_model(monkeypatch, budget):
+    """The opt-in QKV + attention launch inside the whole fp16 model (LayerScale, so the residual
+    epilogue too) gives the same masks and logits as the default two launches."""
+    import dataclasses
+
+    from headsteer.kernels import triton_head_attention as attention
+
+    model = _model(init_values=0.5).half()
+    pixels = torch.randn(3, 3, 32, 32, device=DEVICE).half()
+    scale = (torch.rand(3, model.steer_width, device=DEVICE) * 3).half()
+    fused_launches = []
+
+    class LaunchSpy:  # counts launches of the fused kernel, then launches it
+        def __getitem__(self, grid, kernel=attention._qkv_attention_kernel):
+            fused_launches.append(grid)
+            return kernel[grid]
+
+    with torch.no_grad():
+        expected = model(pixels, scale, budget=budget, backend="triton")
+        monkeypatch.setattr(attention, "TILES", dataclasses.replace(attention.TILES, **attention.FUSED_QKV_ATTENTION))
+        monkeypatch.setattr(attention, "_qkv_attention_kernel", LaunchSpy())
+        got = model(pixels, scale, budget=budget, backend="triton")
+    assert len(fused_launches) == len(model.gate_blocks)  # one per gated block, none before the switch
+    assert torch.equal(got.head_mask, expected.head_mask)
+    assert 0 < got.head_mask.float().mean() < 1  # some heads pruned, some kept: both paths taken
+    torch.testing.assert_close(got.logits, expected.logits, atol=1e-3, rtol=1e-3)
+
+
 @pytest.mark.skipif(DEVICE != "cuda", reason="needs a CUDA device")
 def test_engine_auto_picks_triton_for_16_bit_on_cuda(tmp_path):
     from headsteer.runtime.bundle import save_bundle
