@@ -171,8 +171,15 @@ def dense_stages(x: torch.Tensor, w: dict, heads: int) -> list[tuple[str, callab
 def breakdown() -> dict:
     """Graph-replay microseconds of each kernel of the dense and the sparse branch."""
     from headsteer.kernels import triton_head_attention as module
-    from headsteer.kernels.triton_head_attention import head_attention_launches
 
+    def sparse_stages(x, keep, w, heads) -> dict:
+        _, launches = module.head_attention_launches(x, keep, w["qkv_w"], w["qkv_b"], w["proj_w"], w["proj_b"], heads)
+        for _, launch in launches:  # fill the scratch in order once, so each stage reads real data
+            launch()
+        return {stage: graph_timed(launch) for stage, launch in launches}
+
+    fused_tiles = (dataclasses.replace(module.TILES, **module.FUSED_QKV_ATTENTION),
+                   dataclasses.replace(module.TILES_FP32, **module.FUSED_QKV_ATTENTION))
     generator = torch.Generator().manual_seed(0)
     rows = []
     for name, (heads, dim) in MODELS.items():
@@ -181,21 +188,12 @@ def breakdown() -> dict:
         dense = {stage: graph_timed(fn) for stage, fn in dense_stages(x, w, heads)}
         rows.append(dict(model=name, usage=None, branch="dense", **dense, total=sum(dense.values())))
         for usage in USAGES + (0.0,):  # (usage 0: what each kernel costs with nothing to compute)
-            keep = random_keep(BATCH, heads, usage, generator)
-            _, launches = head_attention_launches(x, keep, w["qkv_w"], w["qkv_b"], w["proj_w"], w["proj_b"], heads)
-            for _, launch in launches:  # fill the scratch in order once, so each stage reads real data
-                launch()
-            sparse = {stage: graph_timed(launch) for stage, launch in launches}
+            sparse = sparse_stages(x, random_keep(BATCH, heads, usage, generator), w, heads)
             rows.append(dict(model=name, usage=usage, branch="sparse", **sparse, total=sum(sparse.values())))
         for usage in FUSED_BREAKDOWN_USAGES:  # the opt-in QKV + attention launch (`FUSED_QKV_ATTENTION`)
             keep = random_keep(BATCH, heads, usage, generator)
-            with module.tile_config(dataclasses.replace(module.TILES, **module.FUSED_QKV_ATTENTION),
-                                    dataclasses.replace(module.TILES_FP32, **module.FUSED_QKV_ATTENTION)):
-                _, launches = module.head_attention_launches(x, keep, w["qkv_w"], w["qkv_b"], w["proj_w"], w["proj_b"],
-                                                             heads)
-                for _, launch in launches:
-                    launch()
-                fused = {stage: graph_timed(launch) for stage, launch in launches}
+            with module.tile_config(*fused_tiles):
+                fused = sparse_stages(x, keep, w, heads)
             rows.append(dict(model=name, usage=usage, branch="sparse, qkv+attention fused", **fused,
                              total=sum(fused.values())))
     return {"breakdown": rows}

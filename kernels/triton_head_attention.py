@@ -184,6 +184,12 @@ def _multiprocessors(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 2
 
 
+def persistent_grid(items: int, programs_per_sm: int, device: torch.device) -> int:
+    """Programs of a persistent launch over `items` work items: programs_per_sm per SM, never
+    more than the items (0: one program per item)."""
+    return min(items, programs_per_sm * _multiprocessors(device)) if programs_per_sm > 0 else items
+
+
 def head_block(head_dim: int) -> int:
     """Columns of a head's tiles: the head dim padded to a power of two, at least 16 (tl.dot)."""
     return max(16, triton.next_power_of_2(head_dim))
@@ -292,6 +298,14 @@ def _qkv_rows(
 
 
 @triton.jit
+def _nth_flagged(flagged, rank, n, index):
+    """index[j] of the flagged entry j whose rank among the flagged entries is n (rank: their
+    0-based running count, cumsum - 1); 0 when there is none. Flagged entries hold distinct
+    ranks, so one reduction finds it."""
+    return tl.sum(tl.where(flagged & (rank == n), index, 0), axis=0)
+
+
+@triton.jit
 def _kept_token_rows(keep_ptr, stride_keep_b, stride_keep_h, h, B, N, first_row,
                      BLOCK_N: tl.constexpr, BLOCK_B: tl.constexpr, RANK_SPAN: tl.constexpr):
     """Rows [first_row, first_row + BLOCK_N) of head h's compacted token list (the N tokens of
@@ -302,13 +316,13 @@ def _kept_token_rows(keep_ptr, stride_keep_b, stride_keep_h, h, B, N, first_row,
     count of kept samples."""
     offs_b = tl.arange(0, BLOCK_B)
     kept = tl.load(keep_ptr + offs_b * stride_keep_b + h * stride_keep_h, mask=offs_b < B, other=0) != 0
-    kept_rank = tl.cumsum(kept.to(tl.int32), axis=0)  # inclusive: sample b is the kept_rank[b]-th keeping h
+    kept_rank = tl.cumsum(kept.to(tl.int32), axis=0) - 1  # 0-based: sample b is the kept_rank[b]-th keeping h
     rows = first_row + tl.arange(0, BLOCK_N)
     row_rank = rows // N  # 0-based
     first_rank = first_row // N
     sample = tl.zeros([BLOCK_N], dtype=tl.int32)
     for span in tl.static_range(RANK_SPAN):
-        holder = tl.sum(tl.where(kept & (kept_rank == first_rank + span + 1), offs_b, 0), axis=0)
+        holder = _nth_flagged(kept, kept_rank, first_rank + span, offs_b)
         sample = tl.where(row_rank == first_rank + span, holder, sample)
     valid = row_rank < tl.sum(kept.to(tl.int32), axis=0)
     return sample, rows % N, valid
@@ -357,7 +371,7 @@ def _qkv_kernel(
             has_tile = head_tiles > tile
             nth = item - tl.sum(tl.minimum(head_tiles, tile), axis=0)
             head_rank = tl.cumsum(has_tile.to(tl.int32), axis=0) - 1
-            h = tl.sum(tl.where(has_tile & (head_rank == nth), offs_h, 0), axis=0)
+            h = _nth_flagged(has_tile, head_rank, nth, offs_h)
             sample, token, row_valid = _kept_token_rows(keep_ptr, stride_keep_b, stride_keep_h, h, B, N,
                                                         tile * BLOCK_N, BLOCK_N, BLOCK_B, RANK_SPAN)
             _qkv_rows(x_ptr, stride_xb, stride_xn, stride_xd, w_ptr, stride_wr, stride_wd, bias_ptr,
@@ -497,7 +511,7 @@ def _qkv_attention_kernel(
         nth = item - tl.max(tl.where(before, kept_through, 0), axis=0)
         row_keeps = tl.load(keep_ptr + b * stride_keep_b + offs_h * stride_keep_h, mask=h_valid, other=0) != 0
         head_rank = tl.cumsum(row_keeps.to(tl.int32), axis=0) - 1
-        h = tl.sum(tl.where(row_keeps & (head_rank == nth), offs_h, 0), axis=0)
+        h = _nth_flagged(row_keeps, head_rank, nth, offs_h)
 
         # q, k, v of head h for the sample's N tokens: whole BLOCK_N tiles, then the ragged end
         # in one narrow BLOCK_N_TAIL pass (the launcher sizes it: 16 rows for ViT's 197 tokens).
@@ -574,7 +588,7 @@ def _proj_kernel(
         head_kept = tl.max(tile_keeps.to(tl.int32), axis=0)
         kept_rank = tl.cumsum(head_kept, axis=0) - 1
         for i in range(0, tl.sum(head_kept, axis=0)):
-            h = tl.sum(tl.where((kept_rank == i) & (head_kept != 0), offs_h, 0), axis=0)
+            h = _nth_flagged(head_kept != 0, kept_rank, i, offs_h)
             row_kept = tl.sum(tl.where(offs_h[None, :] == h, tile_keeps.to(tl.int32), 0), axis=1) != 0
             acc = _project_head(o_ptr, w_ptr, stride_wo, stride_wi, rows, row_kept, offs_o, o_mask, h, H, HEAD_DIM,
                                 acc, PRECISION, BLOCK_D, CHUNK_D)
@@ -708,18 +722,15 @@ def head_attention_launches(
     qkv_items = qkv_tiles * num_heads
     qkv_rank_span = rank_span(tokens, tiles.qkv_block_n)
     compact = (tiles.qkv_compact and batch <= COMPACT_MAX_BATCH and qkv_rank_span <= COMPACT_MAX_RANK_SPAN)
-    qkv_programs = qkv_items
-    if compact and tiles.qkv_programs_per_sm > 0:
-        qkv_programs = min(qkv_items, tiles.qkv_programs_per_sm * _multiprocessors(x.device))
+    qkv_programs = persistent_grid(qkv_items, tiles.qkv_programs_per_sm, x.device) if compact else qkv_items
     # QKV and attention in one launch where it compiles to 255 registers with at most a few dozen
     # bytes of spills on sm_90: 16-bit inputs and head dims up to 64 (fp32's 3xTF32 operands or
     # 128-wide heads spill hundreds of bytes), up to COMPACT_MAX_BATCH samples (each persistent
     # program reads all B x H mask bits). Elsewhere the two launches.
     fused = (tiles.fuse_qkv_attention and precision is None and block_d <= FUSED_MAX_HEAD_BLOCK
              and batch <= COMPACT_MAX_BATCH)
-    fused_programs = batch * num_heads
-    if tiles.qkv_programs_per_sm > 0:
-        fused_programs = min(fused_programs, tiles.qkv_programs_per_sm * _multiprocessors(x.device))
+    fused_programs = persistent_grid(batch * num_heads, tiles.qkv_programs_per_sm, x.device)
+    qkv_tail = ragged_step(tokens, tiles.qkv_block_n, 16)  # (the fused launch's per-sample QKV tiles)
     block_heads = triton.next_power_of_2(num_heads)
     block_batch = triton.next_power_of_2(batch)
 
@@ -763,7 +774,7 @@ def head_attention_launches(
             HAS_BIAS=qkv_bias is not None,
             Q_NORM=qn[3], QN_W=qn[4], QN_B=qn[5], K_NORM=kn[3], KN_W=kn[4], KN_B=kn[5],
             PRECISION=precision, FUSE_QK=fuse_qk,
-            BLOCK_N=tiles.qkv_block_n, BLOCK_N_TAIL=ragged_step(tokens, tiles.qkv_block_n, 16),
+            BLOCK_N=tiles.qkv_block_n, BLOCK_N_TAIL=qkv_tail,
             BLOCK_K=tiles.qkv_block_k, BLOCK_D=block_d,
             BLOCK_M=tiles.attn_block_m, BLOCK_M_TAIL=query_tail, BLOCK_KEYS=tiles.attn_block_n,
             BLOCK_KEYS_TAIL=key_tail,

@@ -1,5 +1,7 @@
 """The whole GatedViT on the triton backend against the reference backend (compiled on CUDA,
 under TRITON_INTERPRET=1 on the CPU), and the Engine's backend choice."""
+import dataclasses
+
 import pytest
 import torch
 
@@ -63,9 +65,7 @@ def test_triton_backend_with_several_latent_and_batch_tiles():
 def test_fused_qkv_attention_in_the_model(monkeypatch, budget):
     """The opt-in QKV + attention launch inside the whole fp16 model (LayerScale, so the residual
     epilogue too) gives the same masks and logits as the default two launches."""
-    import dataclasses
-
-    from headsteer.kernels import triton_head_attention as attention
+    from headsteer.kernels import triton_head_attention as attention  # (after the importorskip above)
 
     model = _model(init_values=0.5).half()
     pixels = torch.randn(3, 3, 32, 32, device=DEVICE).half()
