@@ -211,6 +211,12 @@ def breakdown_markdown(results: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def failure(error: Exception) -> str:
+    """One line saying why a sweep variant could not be timed; the sweep goes on to the next one."""
+    lines = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {lines[0] if lines else ''}"
+
+
 def sweep_variants() -> list:
     """The attention tile configurations `sweep` times: the defaults, then one kernel's tiles
     changed at a time."""
@@ -286,8 +292,12 @@ def sweep() -> None:
             if (name, tiles) in timed_tiles:
                 continue
             timed_tiles.add((name, tiles))
-            with module.tile_config(tiles):
-                times = {u: timed(lambda: sparse_attention(x, keep, w, heads)) for u, keep in keeps.items()}
+            try:
+                with module.tile_config(tiles):
+                    times = {u: timed(lambda: sparse_attention(x, keep, w, heads)) for u, keep in keeps.items()}
+            except Exception as error:  # (e.g. OutOfResources on this GPU): report it, time the rest
+                print(f"{name} FAILED {failure(error)}  {tiles}", flush=True)
+                continue
             print(f"{name} u=1.0 {times[1.0][0]:6.1f}us (graph {times[1.0][1]:6.1f}us) u=0.33 {times[0.33][0]:6.1f}us "
                   f"(graph {times[0.33][1]:6.1f}us)  {tiles}", flush=True)
 
@@ -314,7 +324,10 @@ def gate_sweep() -> None:
             times = []
             with module.gate_constants(**variant):
                 for label, (gate, sae, (scale, _)) in cases.items():
-                    times.append(f"{label} {graph_timed(lambda: module.triton_sae_steer_gate(e, gate, sae, scale)):6.1f}us")
+                    try:
+                        times.append(f"{label} {graph_timed(lambda: module.triton_sae_steer_gate(e, gate, sae, scale)):6.1f}us")
+                    except Exception as error:  # report it, time the rest
+                        times.append(f"{label} FAILED {failure(error)}")
             print(f"{name} gate graph: {'  '.join(times)}  {variant or 'defaults'}", flush=True)
 
 

@@ -98,3 +98,35 @@ def test_gate_sweep_runs_every_variant_and_restores_the_defaults(tiny, capsys):
     assert len(lines) == 13 and len(tiny) == 26  # each variant timed with and without an SAE
     assert "defaults" in lines[0] and "_LATENT_TILES_ONLY" in lines[1] and "'PER_SAMPLE_FINISH': False" in lines[2]
     assert [getattr(gate, name) for name in names] == defaults
+
+
+def test_sweeps_report_a_failing_variant_and_time_the_rest(tiny, capsys, monkeypatch):
+    """A variant that cannot run on the GPU at hand (e.g. out of shared memory) prints why and
+    the sweep goes on: a lease's few minutes must not end with the rest of the sweep untimed."""
+    from headsteer.kernels import triton_head_attention as attention
+    from headsteer.kernels import triton_sae_gate as gate
+
+    def run_or_fail(fn, make_fail):
+        if make_fail():
+            raise RuntimeError("out of resources: shared memory\nsecond line")
+        return fn()
+
+    timed, graph_timed = bench.timed, bench.graph_timed
+    # the attention sweep's second variant (the kernels as timed on the H200) fails
+    monkeypatch.setattr(bench, "timed", lambda fn: run_or_fail(lambda: timed(fn), lambda: not attention.TILES.qkv_compact))
+    bench.sweep()
+    lines = capsys.readouterr().out.splitlines()
+    failed = [line for line in lines if "FAILED" in line]
+    assert failed == [line for line in lines if "qkv_compact=False" in line] and len(failed) >= 1
+    assert "RuntimeError: out of resources: shared memory" in failed[0] and "second line" not in failed[0]
+    assert len(lines) - len(failed) >= 11 and "FAILED" not in lines[-1]  # the variants after it were timed
+
+    # the gate sweep's batch-tile finisher variants fail
+    monkeypatch.setattr(bench, "graph_timed", lambda fn: run_or_fail(lambda: graph_timed(fn), lambda: not gate.PER_SAMPLE_FINISH))
+    bench.gate_sweep()
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 13
+    failed = [line for line in lines if "FAILED" in line]
+    assert len(failed) == 2 and all("'PER_SAMPLE_FINISH': False" in line for line in failed)
+    assert "SAE topk, scale FAILED RuntimeError" in failed[0]
+    assert "us" in lines[-1] and "FAILED" not in lines[-1]
