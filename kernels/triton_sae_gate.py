@@ -63,10 +63,18 @@ PER_SAMPLE_FINISH = True
 _LATENT_TILES_ONLY = False
 # Warps of every gate program (`python -m headsteer.bench.kernels --gate-sweep` times others).
 GATE_WARPS = 8
-# Software-pipeline depth of a one-sample program's fc1/fc2 loop (1 = not pipelined, as timed on
-# the H200 on 2026-11-26; 2 prefetches the next weight tile with cp.async while this one reduces,
-# for 34 KiB of shared memory at ViT-S; 3 doubles that, and the launch's every program pays it).
-GATE_STAGES = 2
+# Software-pipeline depth of a one-sample program's fc1/fc2 loop, a chain of L2 round trips: 1 =
+# plain loads, each step waiting on its own (as timed on the H200 on 2026-11-26); S >= 2 stages
+# copy weight tiles into S - 1 shared-memory slots with cp.async. Triton issues the copy of step
+# i + S - 1 at the end of step i and waits for step i's at its start, so S = 2 overlaps nothing
+# (its TTGIR waits for every outstanding copy at the top of the loop) and S = 4 keeps the next two
+# steps' tiles in flight while one reduces: all three of ViT-S's steps are issued before the first
+# reduction, and ViT-B's twelve wait on about one round trip instead of twelve. At most this
+# deep: the launcher takes fewer slots where they would pass _GATE_SHARED_BUDGET (`gate_stages`).
+GATE_STAGES = 4
+# Shared memory the staged weight tiles may take: 16-bit gates get their 3 slots (96-99 KiB at
+# ViT-S/B, so 2 programs still fit on an sm_90 SM); fp32 tiles are twice the bytes and run unstaged.
+_GATE_SHARED_BUDGET = 100 * 1024
 # The finisher ranks all of a row's candidates (latent tiles x min(k, BLOCK_S)) in registers.
 MAX_TOPK_CANDIDATES = 16384
 # Register budget (elements) of the finisher's candidate tile: how many rows it ranks at once.
@@ -449,6 +457,14 @@ def _flat_steering(steer: Optional[torch.Tensor], batch: int, width: int, name: 
     return steer.expand(batch, width)
 
 
+def gate_stages(tile_elements: int, element_bytes: int) -> int:
+    """Pipeline depth of the gate's fc1/fc2 loop: GATE_STAGES, less where its S - 1 staged weight
+    tiles (`tile_elements` per step) would pass _GATE_SHARED_BUDGET; 1 (plain loads) rather than
+    2, whose single slot only adds a detour through shared memory (see GATE_STAGES)."""
+    slots = min(GATE_STAGES - 1, _GATE_SHARED_BUDGET // (tile_elements * element_bytes))
+    return slots + 1 if slots >= 2 else 1
+
+
 def _pow2(n: int, floor: int = 16) -> int:
     """Smallest power of two >= n and >= floor (tl.dot needs every dimension >= 16)."""
     return max(floor, triton.next_power_of_2(max(1, n)))
@@ -585,6 +601,9 @@ def triton_sae_steer_gate(
     else:  # one sample's FMA reductions: CHUNK_G whole rows of fc1
         chunk_g = min(_pow2(hidden, floor=1), max(1, _GATE_TILE_ELEMENTS // block_d))
     slice_d = _pow2(triton.cdiv(dim, num_s_tiles))  # D columns whose shift decode one program owns
+    # the fc1 and fc2 tiles one step of the gate loop stages
+    stages = gate_stages(chunk_g * (block_d if fin_rows < 16 else GATE_CHUNK_D) + _pow2(num_heads) * chunk_g,
+                         fc1_w.element_size())
 
     finishers = 0 if _LATENT_TILES_ONLY else batch
     grid = (num_b_tiles * num_s_tiles + finishers,) if per_sample_finish else (num_b_tiles, num_s_tiles)
@@ -608,7 +627,7 @@ def triton_sae_steer_gate(
         BLOCK_B=block_b, BLOCK_S=block_s, BLOCK_K=32, BLOCK_D=block_d, CHUNK_D=chunk_d, FIN_CHUNK_D=fin_chunk_d,
         SLICE_D=slice_d, SLICE_CHUNK=min(chunk_d, slice_d), PARTIAL_TILES=partial_tiles,
         BLOCK_C=block_c, SEL_ROWS=max(1, min(fin_rows, _TILE_ELEMENTS // block_c)),
-        K_STEP=k_step, CHUNK_G=chunk_g, GATE_CHUNK_D=GATE_CHUNK_D, GATE_STAGES=GATE_STAGES,
+        K_STEP=k_step, CHUNK_G=chunk_g, GATE_CHUNK_D=GATE_CHUNK_D, GATE_STAGES=stages,
         BLOCK_H=_pow2(num_heads),
         num_warps=GATE_WARPS,
     )

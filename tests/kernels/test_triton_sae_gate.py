@@ -355,3 +355,21 @@ def test_radix_select_matches_topk_mask(k):
     got = torch.zeros(rows, cols, dtype=torch.bool, device=DEVICE)
     _topk_rows_probe[(1,)](values.to(DEVICE), got, cols, k, ROWS=rows, BLOCK_C=32)
     assert torch.equal(got.cpu(), reference.topk_mask(values, k))
+
+
+def test_gate_pipeline_depth_stays_within_its_shared_memory_budget():
+    """16-bit ViT tiles get GATE_STAGES (3 slots), fp32 tiles (twice the bytes) plain loads, never
+    the 2-stage pipeline whose single slot overlaps nothing; the staged slots never pass the budget."""
+    vit_tile = 32 * 512 + 16 * 32  # a ViT-S one-sample step: 32 rows of fc1 (D padded to 512) and of fc2
+    assert gate_module.gate_stages(vit_tile, 2) == gate_module.GATE_STAGES == 4
+    assert gate_module.gate_stages(vit_tile, 4) == 1
+    assert gate_module.gate_stages(64, 4) == 4  # tiny gates: every slot fits
+    for tile in (64, 4096, 8192, 20000, vit_tile, 40000, 70000):
+        for element_bytes in (2, 4):
+            stages = gate_module.gate_stages(tile, element_bytes)
+            assert stages != 2 and 1 <= stages <= gate_module.GATE_STAGES
+            assert (stages - 1) * tile * element_bytes <= gate_module._GATE_SHARED_BUDGET
+    with gate_module.gate_constants(GATE_STAGES=1):
+        assert gate_module.gate_stages(64, 2) == 1
+    with gate_module.gate_constants(GATE_STAGES=3):
+        assert gate_module.gate_stages(vit_tile, 2) == 3
