@@ -309,7 +309,8 @@ def gate_sweep() -> None:
 
     # (_LATENT_TILES_ONLY: the SAE's latent-tile programs alone, i.e. the defaults' first phase;
     # the gate without an SAE runs whole.)
-    variants = [dict(), dict(_LATENT_TILES_ONLY=True), dict(PER_SAMPLE_FINISH=False), dict(BLOCK_S=64, PER_SAMPLE_FINISH=False)]
+    variants = [dict(), dict(_LATENT_TILES_ONLY=True), dict(PER_SAMPLE_FINISH=False), dict(TOPK_DIGIT_BITS=1)]
+    variants += [dict(BLOCK_S=64, PER_SAMPLE_FINISH=False)]
     variants += [dict(GATE_STAGES=1), dict(GATE_STAGES=3)] + [dict(BLOCK_S=s) for s in (64, 256)]
     variants += [dict(GATE_WARPS=4), dict(GATE_CHUNK_D=64)] + [dict(_GATE_TILE_ELEMENTS=n) for n in (8192, 32768)]
     variants += [dict(GATE_WARPS=4, _GATE_TILE_ELEMENTS=8192)]

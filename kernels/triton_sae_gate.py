@@ -75,6 +75,10 @@ GATE_STAGES = 4
 # Shared memory the staged weight tiles may take: 16-bit gates get their 3 slots (96-99 KiB at
 # ViT-S/B, so 2 programs still fit on an sm_90 SM); fp32 tiles are twice the bytes and run unstaged.
 _GATE_SHARED_BUDGET = 100 * 1024
+# Bits of the TopK radix select's digit per pass (`_topk_rows`): 0 picks 3 for rows of up to 128
+# columns (a latent tile) and 2 for wider ones (a finisher's candidates); 1 is the bit-by-bit
+# select timed on the H200 on 2026-11-26 (32 passes; `--gate-sweep` compares).
+TOPK_DIGIT_BITS = 0
 # The finisher ranks all of a row's candidates (latent tiles x min(k, BLOCK_S)) in registers.
 MAX_TOPK_CANDIDATES = 16384
 # Register budget (elements) of the finisher's candidate tile: how many rows it ranks at once.
@@ -103,9 +107,8 @@ def gate_constants(**values) -> Iterator[None]:
 
 
 @triton.jit
-def _topk_rows(values, valid, k):
-    """Mask of the k largest valid entries of each row of a 2-D tile, ties toward the lower
-    column, like `reference.topk_mask` (which also ranks NaN above everything).
+def _topk_rows_bitwise(values, valid, k):
+    """`_topk_rows` one bit per pass, as timed on the H200 on 2026-11-26 (TOPK_DIGIT_BITS = 1).
 
     Radix select: floats are mapped to integer keys in [0, 2**32) whose order is the float order,
     each row's k-th largest key is built bit by bit from the top (32 counting passes), then the
@@ -129,6 +132,89 @@ def _topk_rows(values, valid, k):
     tie = (key == kth[:, None]) & valid
     tie_rank = tl.cumsum(tie.to(tl.int32), axis=1)  # 1-based position among the row's ties
     return above | (tie & (tie_rank <= ties_wanted[:, None]))
+
+
+@triton.constexpr_function
+def _digit_high(p, bits):
+    """One past the top key bit of radix pass p's digit (digits of `bits` bits from bit 32 down)."""
+    return 32 - p * bits
+
+
+@triton.constexpr_function
+def _digit_low(p, bits):
+    """The lowest key bit of radix pass p's digit (the last digit may be narrower)."""
+    return max(32 - (p + 1) * bits, 0)
+
+
+@triton.constexpr_function
+def _digit_values(p, bits):
+    """How many values radix pass p's digit takes: 2 ** its width."""
+    return 1 << (_digit_high(p, bits) - _digit_low(p, bits))
+
+
+@triton.jit
+def _topk_rows(values, valid, k, DIGIT_BITS: tl.constexpr):
+    """Mask of the k largest valid entries of each row of a 2-D tile, ties toward the lower
+    column, like `reference.topk_mask` (which also ranks NaN above everything). A row with fewer
+    than k valid entries keeps all of them.
+
+    Radix select: floats map to unsigned 32-bit keys whose order is the float order, and each
+    row's k-th largest key is built from the top, DIGIT_BITS bits per pass (0: 3 for rows of up
+    to 128 columns, else 2; 1: `_topk_rows_bitwise`, as timed on the H200). A pass counts, for every value of the next digit, the row's keys
+    that match the digits chosen so far and have that digit: the counts are fields of one int64
+    per entry (1 << digit * FIELD_BITS), so a pass is one sum across the row, then the digit is
+    picked from the counts (row scalars). Each sum is a chain of shuffles and CTA barriers
+    (three per pass on sm_90) that dwarfs a pass's arithmetic, so fewer, wider passes: 11 or 16
+    instead of 32 one-bit passes. The keys equal to the k-th are then taken in column order (an
+    inclusive cumsum) until k are kept."""
+    if DIGIT_BITS == 1:
+        return _topk_rows_bitwise(values, valid, k)
+    COLUMNS: tl.constexpr = values.shape[1]
+    BITS: tl.constexpr = DIGIT_BITS if DIGIT_BITS > 0 else (3 if COLUMNS <= 128 else 2)
+    # A digit's 2**BITS counts share 64 bits; a count never exceeds COLUMNS (< 2**FIELD_BITS).
+    FIELD_BITS: tl.constexpr = 64 // (1 << BITS)
+    tl.static_assert(COLUMNS < (1 << FIELD_BITS), "too many columns for the radix select's count fields")
+    FIELD_MASK: tl.constexpr = (1 << FIELD_BITS) - 1
+    PASSES: tl.constexpr = (32 + BITS - 1) // BITS
+    values = values + 0.0  # -0.0 -> +0.0 so the two zeros get one key, as they compare equal
+    values = tl.where(values != values, float("nan"), values)  # every NaN positive: ranks first, as in torch.sort
+    bits = values.to(tl.int32, bitcast=True)
+    # Flipping the magnitude bits of negative floats makes the signed int order the float order;
+    # flipping the sign bit too makes the unsigned order the float order.
+    key = (bits ^ ((bits >> 31) & 0x7FFFFFFF) ^ -2147483648).to(tl.uint32, bitcast=True)
+    kth = tl.zeros([values.shape[0]], dtype=tl.uint32)  # the k-th largest key, digits chosen so far
+    remaining = tl.zeros([values.shape[0]], dtype=tl.int32)  # its rank among the keys that match them
+    one = tl.full([], 1, dtype=tl.int64)
+    for p in tl.static_range(PASSES):
+        # (Pass p's digit is bits [_digit_low, _digit_high) of the key; compile-time values stay
+        # inline, since a name reassigned in an unrolled loop becomes a runtime value.)
+        digit = ((key >> _digit_low(p, BITS)) & (_digit_values(p, BITS) - 1)).to(tl.int32)
+        if p == 0:
+            match = valid
+        else:
+            match = valid & ((key >> _digit_high(p, BITS)) == (kth >> _digit_high(p, BITS))[:, None])
+        counts = tl.sum(tl.where(match, one << (digit * FIELD_BITS).to(tl.int64), 0), axis=1)
+        if p == 0:  # every valid key matches the empty prefix: the row's k, capped by its valid count
+            valid_count = tl.zeros_like(remaining)
+            for d in tl.static_range(_digit_values(p, BITS)):
+                valid_count += ((counts >> (d * FIELD_BITS)) & FIELD_MASK).to(tl.int32)
+            remaining = tl.minimum(valid_count, k)
+        # The largest digit whose keys, with those of larger digits, reach `remaining`.
+        above = tl.zeros_like(remaining)
+        chosen = tl.zeros_like(remaining)
+        found = remaining < 0  # (all False)
+        for d in tl.static_range(_digit_values(p, BITS) - 1, -1, -1):
+            count = ((counts >> (d * FIELD_BITS)) & FIELD_MASK).to(tl.int32)
+            hit = (above + count >= remaining) & ~found
+            chosen = tl.where(hit, d, chosen)
+            above = tl.where(found | hit, above, above + count)
+            found = found | hit
+        remaining -= above
+        kth = kth | (chosen.to(tl.uint32) << _digit_low(p, BITS))
+    # k = 0 (or no valid entry) leaves remaining 0 and kth all ones, above every key: none kept.
+    tie = (key == kth[:, None]) & valid
+    tie_rank = tl.cumsum(tie.to(tl.int32), axis=1)  # 1-based position among the row's ties
+    return ((key > kth[:, None]) & valid) | (tie & (tie_rank <= remaining[:, None]))
 
 
 @triton.jit
@@ -187,7 +273,7 @@ def _sae_steer_gate_kernel(
     CHUNK_D: tl.constexpr, FIN_CHUNK_D: tl.constexpr, SLICE_D: tl.constexpr, SLICE_CHUNK: tl.constexpr, PARTIAL_TILES: tl.constexpr,
     BLOCK_C: tl.constexpr, SEL_ROWS: tl.constexpr, K_STEP: tl.constexpr, CHUNK_G: tl.constexpr,
     GATE_CHUNK_D: tl.constexpr, GATE_STAGES: tl.constexpr,
-    BLOCK_H: tl.constexpr,
+    BLOCK_H: tl.constexpr, TOPK_DIGIT_BITS: tl.constexpr,
 ):
     # Tile sizes: BLOCK_B samples and BLOCK_S latents per program; BLOCK_K the encoder's and the
     # shift decode's reduction step; BLOCK_D >= D; CHUNK_D columns of g per step; SLICE_D columns
@@ -286,7 +372,7 @@ def _sae_steer_gate_kernel(
                         tl.store(g_ptr + rows[:, None] * D + dd[None, :], acc, mask=row_mask[:, None] & d_mask[None, :])
             if GATHER:
                 # The tile's own top min(k, BLOCK_S) per row, packed in latent order into its slots.
-                chosen = _topk_rows(pre, tile_mask, cand_per_tile)
+                chosen = _topk_rows(pre, tile_mask, cand_per_tile, TOPK_DIGIT_BITS)
                 slot = tl.cumsum(chosen.to(tl.int32), axis=1) - 1
                 dst = rows[:, None] * (num_s_tiles * cand_per_tile) + tile_s * cand_per_tile + slot
                 tl.store(cand_val_ptr + dst, pre, mask=chosen)
@@ -326,7 +412,7 @@ def _sae_steer_gate_kernel(
                 cand_pre = tl.load(cand_val_ptr + src, mask=cand_valid, other=0.0, cache_modifier=".cg")
                 cand_latent = tl.load(cand_idx_ptr + src, mask=cand_valid, other=0, cache_modifier=".cg")
                 # Candidates sit in latent order, so column order breaks ties as the spec does.
-                selected = _topk_rows(cand_pre, cand_valid, sae_k)
+                selected = _topk_rows(cand_pre, cand_valid, sae_k, TOPK_DIGIT_BITS)
                 cand_z = tl.maximum(cand_pre, 0.0, propagate_nan=tl.PropagateNan.ALL)
                 if HAS_SCALE:
                     cand_scale = tl.load(
@@ -628,7 +714,7 @@ def triton_sae_steer_gate(
         SLICE_D=slice_d, SLICE_CHUNK=min(chunk_d, slice_d), PARTIAL_TILES=partial_tiles,
         BLOCK_C=block_c, SEL_ROWS=max(1, min(fin_rows, _TILE_ELEMENTS // block_c)),
         K_STEP=k_step, CHUNK_G=chunk_g, GATE_CHUNK_D=GATE_CHUNK_D, GATE_STAGES=stages,
-        BLOCK_H=_pow2(num_heads),
+        BLOCK_H=_pow2(num_heads), TOPK_DIGIT_BITS=TOPK_DIGIT_BITS,
         num_warps=GATE_WARPS,
     )
     return logits, keep

@@ -329,31 +329,48 @@ def test_nan_latents_propagate_like_relu(finisher, activation, k, mode):
 
 
 @triton.jit
-def _topk_rows_probe(values_ptr, mask_ptr, C, k, ROWS: tl.constexpr, BLOCK_C: tl.constexpr):
+def _topk_rows_probe(values_ptr, mask_ptr, C, k, ROWS: tl.constexpr, BLOCK_C: tl.constexpr, DIGIT_BITS: tl.constexpr):
     """Runs the kernel's radix select on a [ROWS, C] tile (columns padded to BLOCK_C)."""
     rows = tl.arange(0, ROWS)
     cols = tl.arange(0, BLOCK_C)
     valid = (cols < C)[None, :] & (rows < ROWS)[:, None]
     values = tl.load(values_ptr + rows[:, None] * C + cols[None, :], mask=valid, other=0.0)
-    chosen = _topk_rows(values, valid, k)
+    chosen = _topk_rows(values, valid, k, DIGIT_BITS)
     tl.store(mask_ptr + rows[:, None] * C + cols[None, :], chosen, mask=valid)
 
 
-@pytest.mark.parametrize("k", [0, 1, 3, 7, 20, 21, 40])
-def test_radix_select_matches_topk_mask(k):
-    """The TopK selection alone against `reference.topk_mask`, on rows built to be hard: exact
-    ties (cut by k), +-0.0, +-inf, NaN, subnormals, and 21 columns padded to 32."""
-    rows, cols = 16, 21
-    g = torch.Generator().manual_seed(zlib.crc32(repr(k).encode()))
-    values = torch.randint(-3, 4, (rows, cols), generator=g).float()  # many exact ties
-    values[1] = torch.randn(cols, generator=g)  # all distinct
+def hard_topk_rows(rows, cols, generator):
+    """Rows built to be hard for a radix select: exact ties (cut by k), +-0.0, +-inf, NaN,
+    subnormals, keys that share all but their last bits, and a row of one repeated value."""
+    values = torch.randint(-3, 4, (rows, cols), generator=generator).float()  # many exact ties
+    values[1] = torch.randn(cols, generator=generator)  # all distinct
     values[2, :4] = torch.tensor([0.0, -0.0, -0.0, 0.0])
     values[3, :5] = torch.tensor([float("inf"), float("-inf"), float("nan"), -float("nan"), 1e-40])
     values[4] = float("-inf")  # every entry tied at -inf
     values[5] = -1e-40  # tied negative subnormals
     values[6] = torch.linspace(-1e30, 1e30, cols)
+    # neighbouring floats: the keys agree on every digit but the last ones, some repeated
+    ulps = torch.randint(0, 6, (cols,), generator=generator, dtype=torch.int32)
+    values[7] = (torch.tensor(1.5).view(torch.int32) + ulps).view(torch.float32)
+    values[8] = -values[7]
+    return values
+
+
+# (columns, padded columns, digit bits): the auto choice for a latent tile (3 bits, also at its
+# widest, where a count of 128 fills its 8-bit field) and for a
+# finisher's candidates (2), and the bit-by-bit select as timed on the H200 (1).
+@pytest.mark.parametrize("cols, block_c, digit_bits", [(21, 32, 0), (21, 32, 1), (21, 32, 2), (128, 128, 0), (200, 256, 0)])
+@pytest.mark.parametrize("k", [0, 1, 3, 7, 20, 21, 40, 199, 200, 201])
+def test_radix_select_matches_topk_mask(k, cols, block_c, digit_bits):
+    """The TopK selection alone against `reference.topk_mask`, on hard rows (`hard_topk_rows`)
+    with columns padded to a power of two, k from 0 to past the row's width."""
+    if k > 40 and cols < 40:
+        pytest.skip("k past a short row's width is covered by k = 40")
+    rows = 16
+    g = torch.Generator().manual_seed(zlib.crc32(repr((k, cols, digit_bits)).encode()))
+    values = hard_topk_rows(rows, cols, g)
     got = torch.zeros(rows, cols, dtype=torch.bool, device=DEVICE)
-    _topk_rows_probe[(1,)](values.to(DEVICE), got, cols, k, ROWS=rows, BLOCK_C=32)
+    _topk_rows_probe[(1,)](values.to(DEVICE), got, cols, k, ROWS=rows, BLOCK_C=block_c, DIGIT_BITS=digit_bits)
     assert torch.equal(got.cpu(), reference.topk_mask(values, k))
 
 
