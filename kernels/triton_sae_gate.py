@@ -76,7 +76,7 @@ GATE_STAGES = 4
 # ViT-S/B, so 2 programs still fit on an sm_90 SM); fp32 tiles are twice the bytes and run unstaged.
 _GATE_SHARED_BUDGET = 100 * 1024
 # Bits of the TopK radix select's digit per pass (`_topk_rows`): 0 picks 3 for rows of up to 128
-# columns (a latent tile) and 2 for wider ones (a finisher's candidates); 1 is the bit-by-bit
+# columns (a latent tile; a finisher's candidates at small S) and 2 for wider ones; 1 is the bit-by-bit
 # select timed on the H200 on 2026-11-26 (32 passes; `--gate-sweep` compares).
 TOPK_DIGIT_BITS = 0
 # The finisher ranks all of a row's candidates (latent tiles x min(k, BLOCK_S)) in registers.
@@ -198,7 +198,7 @@ def _topk_rows(values, valid, k, DIGIT_BITS: tl.constexpr):
             valid_count = tl.zeros_like(remaining)
             for d in tl.static_range(_digit_values(p, BITS)):
                 valid_count += ((counts >> (d * FIELD_BITS)) & FIELD_MASK).to(tl.int32)
-            remaining = tl.minimum(valid_count, k)
+            remaining = tl.maximum(tl.minimum(valid_count, k), 0)  # (k < 0 keeps none, as k = 0)
         # The largest digit whose keys, with those of larger digits, reach `remaining`.
         above = tl.zeros_like(remaining)
         chosen = tl.zeros_like(remaining)

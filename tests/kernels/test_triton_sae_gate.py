@@ -357,7 +357,7 @@ def hard_topk_rows(rows, cols, generator):
 
 
 # (columns, padded columns, digit bits): the auto choice for a latent tile (3 bits, also at its
-# widest, where a count of 128 fills its 8-bit field) and for a
+# widest, where a count of 128 sets the top bit of its 8-bit field) and for a
 # finisher's candidates (2), and the bit-by-bit select as timed on the H200 (1).
 @pytest.mark.parametrize("cols, block_c, digit_bits", [(21, 32, 0), (21, 32, 1), (21, 32, 2), (128, 128, 0), (200, 256, 0)])
 @pytest.mark.parametrize("k", [0, 1, 3, 7, 20, 21, 40, 199, 200, 201])
@@ -372,6 +372,16 @@ def test_radix_select_matches_topk_mask(k, cols, block_c, digit_bits):
     got = torch.zeros(rows, cols, dtype=torch.bool, device=DEVICE)
     _topk_rows_probe[(1,)](values.to(DEVICE), got, cols, k, ROWS=rows, BLOCK_C=block_c, DIGIT_BITS=digit_bits)
     assert torch.equal(got.cpu(), reference.topk_mask(values, k))
+
+
+@pytest.mark.parametrize("digit_bits", [0, 1])
+def test_radix_select_keeps_nothing_for_a_negative_k(digit_bits):
+    """The launcher never passes k < 0; if a caller did, the select keeps nothing (as for k = 0)
+    instead of every entry."""
+    values = torch.tensor([3.0, 1.0, 2.0, 0.5] * 4).repeat(16, 1)
+    got = torch.ones(16, 16, dtype=torch.bool, device=DEVICE)
+    _topk_rows_probe[(1,)](values.to(DEVICE), got, 16, -1, ROWS=16, BLOCK_C=16, DIGIT_BITS=digit_bits)
+    assert not got.any()
 
 
 def test_gate_pipeline_depth_stays_within_its_shared_memory_budget():
