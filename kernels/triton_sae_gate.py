@@ -76,8 +76,8 @@ GATE_STAGES = 4
 # ViT-S/B, so 2 programs still fit on an sm_90 SM); fp32 tiles are twice the bytes and run unstaged.
 _GATE_SHARED_BUDGET = 100 * 1024
 # Bits of the TopK radix select's digit per pass (`_topk_rows`): 0 picks 3 for rows of up to 128
-# columns (a latent tile; a finisher's candidates at small S) and 2 for wider ones; 1 is the bit-by-bit
-# select timed on the H200 on 2026-11-26 (32 passes; `--gate-sweep` compares).
+# columns (a latent tile; a finisher's candidates at small S) and 2 for wider ones; 1 is the
+# bit-by-bit select timed on the H200 on 2026-11-26 (32 passes; `--gate-sweep` compares).
 TOPK_DIGIT_BITS = 0
 # The finisher ranks all of a row's candidates (latent tiles x min(k, BLOCK_S)) in registers.
 MAX_TOPK_CANDIDATES = 16384
@@ -160,13 +160,13 @@ def _topk_rows(values, valid, k, DIGIT_BITS: tl.constexpr):
 
     Radix select: floats map to unsigned 32-bit keys whose order is the float order, and each
     row's k-th largest key is built from the top, DIGIT_BITS bits per pass (0: 3 for rows of up
-    to 128 columns, else 2; 1: `_topk_rows_bitwise`, as timed on the H200). A pass counts, for every value of the next digit, the row's keys
-    that match the digits chosen so far and have that digit: the counts are fields of one int64
-    per entry (1 << digit * FIELD_BITS), so a pass is one sum across the row, then the digit is
-    picked from the counts (row scalars). Each sum is a chain of shuffles and CTA barriers
-    (three per pass on sm_90) that dwarfs a pass's arithmetic, so fewer, wider passes: 11 or 16
-    instead of 32 one-bit passes. The keys equal to the k-th are then taken in column order (an
-    inclusive cumsum) until k are kept."""
+    to 128 columns, else 2; 1: `_topk_rows_bitwise`, as timed on the H200). A pass counts, for
+    every value of the next digit, the row's keys that match the digits chosen so far and have
+    that digit: the counts are fields of one int64 per entry (1 << digit * FIELD_BITS), so a pass
+    is one sum across the row, then the digit is picked from the counts (row scalars). Each sum
+    is a chain of shuffles and CTA barriers (three per pass on sm_90) that dwarfs a pass's
+    arithmetic, so fewer, wider passes: 11 or 16 instead of 32 one-bit passes. The keys equal to
+    the k-th are then taken in column order (an inclusive cumsum) until k are kept."""
     if DIGIT_BITS == 1:
         return _topk_rows_bitwise(values, valid, k)
     COLUMNS: tl.constexpr = values.shape[1]
