@@ -226,12 +226,7 @@ def sweep_variants() -> list:
     variants = [base]
     # First, every kernel as timed on the H200 on 2026-11-26 (flattened three-dot QKV, 128/64
     # attention tiles without narrow tails, per-head branch in the projection): what the untimed
-    # changes add up to. Then QKV and attention in one launch (opt-in), and each untimed default
-    # against its measured alternative: QKV over
-    # compacted token lists by persistent programs against flattened tokens with a program per
-    # (tile, head), q and k as one MMA against three, other persistent grid sizes; the output
-    # projection walking a list of kept heads (no branch in its loop, so pipelined) against the
-    # per-head branch; software-pipeline depths (default 3).
+    # changes add up to.
     variants.append(dataclasses.replace(base, qkv_compact=False, qkv_fuse_qk=False, attn_block_m=128,
                                         attn_block_m_tail=128, attn_block_n=64, attn_block_tail=64,
                                         proj_kept_list=False))
@@ -242,6 +237,11 @@ def sweep_variants() -> list:
     variants.append(dataclasses.replace(base, **module.FUSED_QKV_ATTENTION))
     variants.append(dataclasses.replace(base, **module.FUSED_QKV_ATTENTION_8_WARPS))
     variants.append(dataclasses.replace(base, **module.FUSED_QKV_ATTENTION_8_WARPS, qkv_block_n=128))
+    # Then each untimed default against its measured alternative: QKV over compacted token lists
+    # by persistent programs against flattened tokens with a program per (tile, head), q and k as
+    # one MMA against three, other persistent grid sizes; the output projection walking a list of
+    # kept heads (no branch in its loop, so pipelined) against the per-head branch;
+    # software-pipeline depths (default 3).
     variants.append(dataclasses.replace(base, qkv_compact=False))
     variants.append(dataclasses.replace(base, qkv_fuse_qk=False))
     for programs_per_sm in (1, 3, 0):

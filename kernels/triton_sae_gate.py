@@ -107,6 +107,18 @@ def gate_constants(**values) -> Iterator[None]:
 
 
 @triton.jit
+def _order_keys(values):
+    """Unsigned 32-bit keys whose order is the order `reference.topk_mask` ranks floats in:
+    -0.0 and +0.0 get one key (they compare equal), every NaN the key of +NaN, above +inf."""
+    values = values + 0.0  # -0.0 -> +0.0
+    values = tl.where(values != values, float("nan"), values)  # every NaN positive: ranks first, as in torch.sort
+    bits = values.to(tl.int32, bitcast=True)
+    # Flipping the magnitude bits of negative floats makes the signed int order the float order;
+    # flipping the sign bit too makes the unsigned order the float order.
+    return (bits ^ ((bits >> 31) & 0x7FFFFFFF) ^ -2147483648).to(tl.uint32, bitcast=True)
+
+
+@triton.jit
 def _topk_rows_bitwise(values, valid, k):
     """`_topk_rows` one bit per pass, as timed on the H200 on 2026-11-26 (TOPK_DIGIT_BITS = 1).
 
@@ -114,13 +126,8 @@ def _topk_rows_bitwise(values, valid, k):
     each row's k-th largest key is built bit by bit from the top (32 counting passes), then the
     keys equal to it are taken in column order (an inclusive cumsum) until k are kept. A row with
     fewer than k valid entries keeps all of them."""
-    values = values + 0.0  # -0.0 -> +0.0 so the two zeros get one key, as they compare equal
-    values = tl.where(values != values, float("nan"), values)  # every NaN positive: ranks first, as in torch.sort
-    bits = values.to(tl.int32, bitcast=True)
-    # Flipping the magnitude bits of negative floats makes the signed int order the float order;
-    # the int64 offset then makes every key non-negative so bits can be set greedily from the top.
-    key = (bits ^ ((bits >> 31) & 0x7FFFFFFF)).to(tl.int64) + 2147483648
-    key = tl.where(valid, key, -1)  # padding ranks below every real value (even -inf)
+    # (as int64, so every key is non-negative and padding can rank below every real value)
+    key = tl.where(valid, _order_keys(values).to(tl.int64), -1)
     kth = tl.zeros_like(tl.max(key, axis=1))
     one = tl.full([], 1, dtype=tl.int64)
     for bit in tl.static_range(31, -1, -1):
@@ -176,12 +183,7 @@ def _topk_rows(values, valid, k, DIGIT_BITS: tl.constexpr):
     tl.static_assert(COLUMNS < (1 << FIELD_BITS), "too many columns for the radix select's count fields")
     FIELD_MASK: tl.constexpr = (1 << FIELD_BITS) - 1
     PASSES: tl.constexpr = (32 + BITS - 1) // BITS
-    values = values + 0.0  # -0.0 -> +0.0 so the two zeros get one key, as they compare equal
-    values = tl.where(values != values, float("nan"), values)  # every NaN positive: ranks first, as in torch.sort
-    bits = values.to(tl.int32, bitcast=True)
-    # Flipping the magnitude bits of negative floats makes the signed int order the float order;
-    # flipping the sign bit too makes the unsigned order the float order.
-    key = (bits ^ ((bits >> 31) & 0x7FFFFFFF) ^ -2147483648).to(tl.uint32, bitcast=True)
+    key = _order_keys(values)
     kth = tl.zeros([values.shape[0]], dtype=tl.uint32)  # the k-th largest key, digits chosen so far
     remaining = tl.zeros([values.shape[0]], dtype=tl.int32)  # its rank among the keys that match them
     one = tl.full([], 1, dtype=tl.int64)
@@ -688,7 +690,8 @@ def triton_sae_steer_gate(
         chunk_g = min(_pow2(hidden, floor=1), max(1, _GATE_TILE_ELEMENTS // block_d))
     slice_d = _pow2(triton.cdiv(dim, num_s_tiles))  # D columns whose shift decode one program owns
     # the fc1 and fc2 tiles one step of the gate loop stages
-    stages = gate_stages(chunk_g * (block_d if fin_rows < 16 else GATE_CHUNK_D) + _pow2(num_heads) * chunk_g,
+    block_h = _pow2(num_heads)
+    stages = gate_stages(chunk_g * (block_d if fin_rows < 16 else GATE_CHUNK_D) + block_h * chunk_g,
                          fc1_w.element_size())
 
     finishers = 0 if _LATENT_TILES_ONLY else batch
@@ -714,7 +717,7 @@ def triton_sae_steer_gate(
         SLICE_D=slice_d, SLICE_CHUNK=min(chunk_d, slice_d), PARTIAL_TILES=partial_tiles,
         BLOCK_C=block_c, SEL_ROWS=max(1, min(fin_rows, _TILE_ELEMENTS // block_c)),
         K_STEP=k_step, CHUNK_G=chunk_g, GATE_CHUNK_D=GATE_CHUNK_D, GATE_STAGES=stages,
-        BLOCK_H=_pow2(num_heads), TOPK_DIGIT_BITS=TOPK_DIGIT_BITS,
+        BLOCK_H=block_h, TOPK_DIGIT_BITS=TOPK_DIGIT_BITS,
         num_warps=GATE_WARPS,
     )
     return logits, keep
