@@ -1,6 +1,6 @@
 """GPU benchmark of the Triton kernels: head-sparse attention vs the dense branch, fused gate share.
 
-    python -m headsteer.bench.kernels [--json FILE] [--md FILE] [--sweep] [--breakdown]
+    python -m headsteer.bench.kernels [--json FILE] [--md FILE] [--sweep] [--breakdown] [--gate-sweep] [--warm-up]
 
 At B=64, N=197, bf16, for ViT-S (H=6, D=384) and ViT-B (H=12, D=768):
 - the attention branch, dense (F.linear qkv -> flash scaled_dot_product_attention -> F.linear proj)
@@ -11,16 +11,22 @@ At B=64, N=197, bf16, for ViT-S (H=6, D=384) and ViT-B (H=12, D=768):
 Times are medians of `triton.testing.do_bench` (which flushes L2 between runs) in microseconds.
 `--sweep` times alternative tile configurations of the attention kernels instead; `--breakdown`
 times each kernel of both branches on its own (CUDA-graph replay) at every usage, to show where
-the time goes.
+the time goes; `--gate-sweep` times the fused gate's tuning constants. `--warm-up [--jobs N]
+[--seconds S]` times nothing: it compiles the kernels of all four modes in N processes at once
+into Triton's on-disk cache, so a following timing run spends its time timing.
 Without CUDA it says so and exits 0 without writing anything.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import datetime
+import io
 import json
+import os
 import sys
+import time
 
 import torch
 import torch.nn.functional as F
@@ -271,11 +277,12 @@ def sweep_variants() -> list:
     return variants
 
 
-def sweep() -> None:
-    """Time the sparse branch under alternative tile configurations, one kernel's tiles at a time."""
+def sweep(variants: list | None = None) -> None:
+    """Time the sparse branch under alternative tile configurations (default `sweep_variants()`),
+    one kernel's tiles at a time."""
     from headsteer.kernels import triton_head_attention as module
 
-    variants = sweep_variants()
+    variants = sweep_variants() if variants is None else variants
     generator = torch.Generator().manual_seed(0)
     setups = {}
     for name, (heads, dim) in MODELS.items():
@@ -302,25 +309,32 @@ def sweep() -> None:
                   f"(graph {times[0.33][1]:6.1f}us)  {tiles}", flush=True)
 
 
-def gate_sweep() -> None:
-    """Time the fused gate (SAE TopK with scale, and without SAE) under alternative latent tiles,
-    warps and one-sample fc1 tiles; prints one line per configuration (graph replay)."""
-    from headsteer.kernels import triton_sae_gate as module
-
-    # (_LATENT_TILES_ONLY: the SAE's latent-tile programs alone, i.e. the defaults' first phase;
-    # the gate without an SAE runs whole.)
+def gate_sweep_variants() -> list[dict]:
+    """The fused gate's constant overrides `gate_sweep` times, most informative first: the
+    defaults, the SAE's first phase alone (`_LATENT_TILES_ONLY`: its latent-tile programs; the
+    gate without an SAE runs whole), then each untimed default against its measured alternative,
+    then other tiles and warps."""
     variants = [dict(), dict(_LATENT_TILES_ONLY=True), dict(PER_SAMPLE_FINISH=False), dict(TOPK_DIGIT_BITS=1)]
     variants += [dict(BLOCK_S=64, PER_SAMPLE_FINISH=False)]
     variants += [dict(GATE_STAGES=1), dict(GATE_STAGES=3)] + [dict(BLOCK_S=s) for s in (64, 256)]
     variants += [dict(GATE_WARPS=4), dict(GATE_CHUNK_D=64)] + [dict(_GATE_TILE_ELEMENTS=n) for n in (8192, 32768)]
     variants += [dict(GATE_WARPS=4, _GATE_TILE_ELEMENTS=8192)]
+    return variants
+
+
+def gate_sweep(variants: list[dict] | None = None) -> None:
+    """Time the fused gate (SAE TopK with scale, and without SAE) under `variants` (default
+    `gate_sweep_variants()`); prints one line per configuration (graph replay)."""
+    from headsteer.kernels import triton_sae_gate as module
+
     generator = torch.Generator().manual_seed(0)
     setups = {}
     for name, (heads, dim) in MODELS.items():
         e = torch.randn(BATCH, dim, generator=generator).to(DEVICE, DTYPE)
         setups[name] = e, {"SAE topk, scale": gate_params(dim, heads, generator, True),
                            "none": gate_params(dim, heads, generator, False)}
-    for variant in variants:  # variant by variant (both models each): a time limit cuts the tail
+    for variant in gate_sweep_variants() if variants is None else variants:
+        # variant by variant (both models each): a time limit cuts the tail
         for name, (e, cases) in setups.items():
             times = []
             with module.gate_constants(**variant):
@@ -330,6 +344,93 @@ def gate_sweep() -> None:
                     except Exception as error:  # report it, time the rest
                         times.append(f"{label} FAILED {failure(error)}")
             print(f"{name} gate graph: {'  '.join(times)}  {variant or 'defaults'}", flush=True)
+
+
+def _launch_once(fn) -> float:
+    """`graph_timed`'s stand-in while warming up: one launch (compiling what it needs), no timing;
+    returns a placeholder of 1 us (the modes divide by their times; their output is dropped)."""
+    fn()
+    if DEVICE == "cuda":
+        torch.cuda.synchronize()
+    return 1.0
+
+
+def _launch_once_eager_and_graph(fn) -> tuple[float, float]:
+    """`timed`'s stand-in while warming up."""
+    return _launch_once(fn), 1.0
+
+
+def warm_up_tasks() -> list[tuple[str, str, int]]:
+    """(mode, model, variant index) of every launch sequence the timing modes run, one model each:
+    the table and the breakdown, then each `--gate-sweep` and `--sweep` variant. The gate's
+    TopK kernels compile slowest (~5-10 s each), so they come first."""
+    tasks = [(mode, model, 0) for mode in ("table", "breakdown") for model in MODELS]
+    tasks += [("gate-sweep", model, index) for index in range(len(gate_sweep_variants())) for model in MODELS]
+    tasks += [("sweep", model, index) for index in range(len(sweep_variants())) for model in MODELS]
+    return tasks
+
+
+def warm_up_task(task: tuple[str, str, int]) -> tuple[tuple[str, str, int], float, str]:
+    """Run one of `warm_up_tasks()` with every timed call launched once instead, output dropped:
+    returns (task, seconds, error or "")."""
+    global MODELS, timed, graph_timed
+
+    mode, model, index = task
+    saved = MODELS, timed, graph_timed
+    MODELS, timed, graph_timed = {model: MODELS[model]}, _launch_once_eager_and_graph, _launch_once
+    start = time.perf_counter()
+    error = ""
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):  # (the modes print their placeholder "timings")
+            if mode == "table":
+                run_benchmark()
+            elif mode == "breakdown":
+                breakdown()
+            elif mode == "gate-sweep":
+                gate_sweep([gate_sweep_variants()[index]])
+            elif mode == "sweep":
+                sweep([sweep_variants()[index]])
+            else:
+                raise ValueError(f"unknown warm-up mode {mode!r}")
+    except Exception as failed:  # the timing step will meet it again and report it in place
+        error = failure(failed)
+    finally:
+        MODELS, timed, graph_timed = saved
+    return task, time.perf_counter() - start, error
+
+
+def warm_up(jobs: int, seconds: float, task_function=None, tasks: list | None = None) -> int:
+    """Compile the kernels of every timing mode in `jobs` processes at once, into Triton's on-disk
+    cache, so the timing steps that follow (one process each, serial by nature) load them instead
+    of compiling them one after another: on a short GPU lease the serial compiles, not the
+    timings, decide how much of `--sweep` and `--gate-sweep` gets timed. Stops at `seconds`
+    (what is left compiles when timed); returns the number of tasks finished.
+    `task_function`/`tasks` default to `warm_up_task` over `warm_up_tasks()` (tests swap them)."""
+    import importlib
+    import multiprocessing
+
+    # Workers pickle the task function by module name: `python -m` runs this file as __main__.
+    task_function = task_function or importlib.import_module("headsteer.bench.kernels").warm_up_task
+    tasks = warm_up_tasks() if tasks is None else tasks
+    deadline = time.monotonic() + seconds
+    finished = 0
+    # spawn: CUDA cannot be used in a forked child of a process that has initialized it.
+    pool = multiprocessing.get_context("spawn").Pool(jobs)
+    try:
+        results = pool.imap_unordered(task_function, tasks)
+        for _ in tasks:
+            try:
+                task, took, error = results.next(timeout=max(deadline - time.monotonic(), 0.0))
+            except multiprocessing.TimeoutError:
+                print(f"warm-up: stopped at its {seconds:.0f} s limit with {len(tasks) - finished} of {len(tasks)} "
+                      "tasks unfinished (they compile when timed)", flush=True)
+                break
+            finished += 1
+            print(f"{took:6.1f}s {' '.join(map(str, task))}{'  ' + error if error else ''}", flush=True)
+    finally:
+        pool.terminate()  # (unfinished compiles must not compete with the timing steps for CPUs)
+        pool.join()
+    return finished
 
 
 def markdown(results: dict, device: str, date: str, command: str) -> str:
@@ -364,9 +465,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sweep", action="store_true", help="time alternative attention tile configurations")
     parser.add_argument("--breakdown", action="store_true", help="time each kernel of the dense and sparse branch")
     parser.add_argument("--gate-sweep", action="store_true", help="time alternative tiles and warps of the fused gate")
+    parser.add_argument("--warm-up", action="store_true",
+                        help="only compile every mode's kernels into Triton's cache, in parallel processes")
+    parser.add_argument("--jobs", type=int, default=max(1, min(16, (os.cpu_count() or 2) - 1)),
+                        help="processes of --warm-up (default: one fewer than the CPUs, at most 16)")
+    parser.add_argument("--seconds", type=float, default=60.0, help="time limit of --warm-up")
     args = parser.parse_args(argv)
+    if args.jobs < 1 or args.seconds <= 0:
+        parser.error(f"--jobs must be at least 1 and --seconds positive (got {args.jobs} and {args.seconds})")
     if not torch.cuda.is_available():
         print("headsteer.bench.kernels: no CUDA device; the Triton kernel timings are GPU-only, nothing measured.")
+        return 0
+    if args.warm_up:
+        warm_up(args.jobs, args.seconds)
         return 0
     if args.sweep:
         sweep()

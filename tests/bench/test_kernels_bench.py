@@ -131,3 +131,71 @@ def test_sweeps_report_a_failing_variant_and_time_the_rest(tiny, capsys, monkeyp
     assert len(failed) == 2 and all("'PER_SAMPLE_FINISH': False" in line for line in failed)
     assert "SAE topk, scale FAILED RuntimeError" in failed[0]
     assert "us" in lines[-1] and "FAILED" not in lines[-1]
+
+
+@pytest.mark.parametrize("mode", ["table", "breakdown", "gate-sweep", "sweep"])
+def test_warm_up_task_launches_what_the_timed_mode_times(tiny, monkeypatch, capsys, mode):
+    """A warm-up task makes exactly the calls its timing mode times, each launched once, for one
+    model and one variant, prints nothing, and leaves the module as it found it."""
+    launched = []
+
+    def launch_once(fn):
+        fn()
+        launched.append(fn)
+        return 1.0
+
+    monkeypatch.setattr(bench, "_launch_once", launch_once)
+    monkeypatch.setattr(bench, "MODELS", {"tiny": (2, 32), "other": (2, 32)})
+    saved = bench.MODELS, bench.timed, bench.graph_timed
+    task, seconds, error = bench.warm_up_task((mode, "tiny", 0))
+    assert (task, error) == ((mode, "tiny", 0), "") and seconds > 0
+    assert capsys.readouterr().out == ""
+    assert (bench.MODELS, bench.timed, bench.graph_timed) == saved
+
+    monkeypatch.setattr(bench, "MODELS", {"tiny": (2, 32)})  # the same mode, timed with the fake timer
+    {"table": bench.run_benchmark, "breakdown": bench.breakdown,
+     "gate-sweep": lambda: bench.gate_sweep(bench.gate_sweep_variants()[:1]),
+     "sweep": lambda: bench.sweep(bench.sweep_variants()[:1])}[mode]()
+    assert len(launched) == len(tiny) >= 2
+
+
+def test_warm_up_task_reports_a_bad_task_as_an_error(tiny):
+    assert bench.warm_up_task(("sweep", "tiny", 10**6))[2].startswith("IndexError")
+    assert bench.warm_up_task(("timings", "tiny", 0))[2] == "ValueError: unknown warm-up mode 'timings'"
+    assert bench.timed is not bench._launch_once_eager_and_graph
+
+
+def test_warm_up_covers_every_mode_and_variant():
+    tasks = bench.warm_up_tasks()
+    per_mode = {mode: [t for t in tasks if t[0] == mode] for mode in ("table", "breakdown", "gate-sweep", "sweep")}
+    assert len(tasks) == sum(map(len, per_mode.values())) == len(set(tasks))
+    assert len(per_mode["sweep"]) == len(bench.sweep_variants()) * len(bench.MODELS)
+    assert len(per_mode["gate-sweep"]) == len(bench.gate_sweep_variants()) * len(bench.MODELS)
+    assert tasks.index(per_mode["gate-sweep"][0]) < tasks.index(per_mode["sweep"][0])  # slow compiles first
+
+
+def test_warm_up_runs_tasks_in_parallel_processes_and_reports_each(capsys):
+    from tests.bench.warm_up_tasks import sleep_task
+
+    assert bench.warm_up(2, 300, task_function=sleep_task, tasks=[("short", 0), ("fail", 0), ("short", 0.5)]) == 3
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 3 and sum("RuntimeError: planned failure" in line for line in lines) == 1
+    assert sum(line.endswith("short 0.5") for line in lines) == 1
+
+
+def test_warm_up_stops_at_its_limit_and_ends_its_workers(capsys):
+    import time
+
+    from tests.bench.warm_up_tasks import sleep_task
+
+    start = time.monotonic()
+    assert bench.warm_up(1, 2, task_function=sleep_task, tasks=[("long", 600), ("long", 600)]) == 0
+    assert time.monotonic() - start < 60  # the sleeping worker was terminated, not waited for
+    assert "stopped at its 2 s limit with 2 of 2 tasks unfinished" in capsys.readouterr().out
+
+
+def test_warm_up_arguments_are_checked_first(capsys):
+    for args in (["--warm-up", "--jobs", "0"], ["--warm-up", "--seconds", "-1"]):
+        with pytest.raises(SystemExit):
+            bench.main(args)
+        assert "--jobs must be at least 1" in capsys.readouterr().err
