@@ -58,6 +58,7 @@ class CompiledKernel:
     stack_bytes: int
     shared_bytes: int
     num_warps: int
+    cache_key: str  # Triton's hash of the compiled source, specialization and options: equal keys, one compile
 
 
 class _CompileOnlyDriver:
@@ -176,6 +177,9 @@ def _variants(quick: bool) -> Iterator[tuple[str, callable]]:
                 # The whole-block update of the model path: residual and LayerScale in the epilogue.
                 yield f"attention {label} residual", lambda x=x, keep=keep, w=weights, h=heads: triton_head_attention(
                     x, keep, *w, h, residual=x, layer_scale=w[3])
+                for rows in (1, 7):  # other batch sizes: the same attention and projection kernels
+                    yield f"attention {label} batch {rows}", lambda x=x, keep=keep, w=weights, h=heads, rows=rows: (
+                        triton_head_attention(x[:rows], keep[:rows], *w, h))
             if not quick:
                 norms = [torch.nn.LayerNorm(dim // heads).to(dtype) for _ in range(2)]
                 yield f"attention {label} qk-norm", lambda x=x, keep=keep, w=weights, h=heads, n=norms: triton_head_attention(
@@ -196,6 +200,10 @@ def _variants(quick: bool) -> Iterator[tuple[str, callable]]:
             sae = dict(enc_weight=rand(width, dim), enc_bias=rand(width), dec_weight=rand(width, dim), dec_bias=rand(dim),
                        threshold=None, activation=activation, k=16)
             yield f"gate {name} {activation} scale+shift", lambda e=e, g=gate, s=sae: triton_sae_steer_gate(e, g, s, scale, shift)
+            if activation == "topk":  # the same launch at other batch sizes: the same kernel, no new compile
+                for rows in (1, 7):
+                    yield f"gate {name} topk scale+shift batch {rows}", lambda e=e, g=gate, s=sae, rows=rows: (
+                        triton_sae_steer_gate(e[:rows], g, s, scale[:rows], shift[:rows]))
             if activation == "topk":
 
                 def batch_tile_finisher(e=e, g=gate, s=sae):
@@ -223,7 +231,7 @@ def compile_all(arch: int = 90, quick: bool = False, only: str = "") -> list[Com
             report = ptxas_report(kernel, arch)
             results.append(CompiledKernel(
                 variant=variant, kernel=function.__name__, shared_bytes=kernel.metadata.shared,
-                num_warps=kernel.metadata.num_warps, **report,
+                num_warps=kernel.metadata.num_warps, cache_key=kernel.hash, **report,
             ))
     return results
 

@@ -560,7 +560,7 @@ def _project_head(o_ptr, w_ptr, stride_wo, stride_wi, rows, row_kept, offs_o, o_
     return acc
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["B"])  # (B only bounds rows: one compile serves every batch size)
 def _proj_kernel(
     o_ptr, keep_ptr, stride_keep_b, stride_keep_h,
     w_ptr, stride_wo, stride_wi, bias_ptr,

@@ -255,7 +255,10 @@ def _decode_step(dec_w_ptr, latent, sel_coef, sel_mask, dd, d_mask, D):
     return tl.sum(sel_coef[:, :, None] * w_sel, axis=1)
 
 
-@triton.jit
+# Batch-dependent ints are not specialized (Triton would compile a variant for each of ==1, % 16
+# and other): they bound loops and masks and count rows, never the contiguous stride of a load, so one compile of
+# this kernel (5-10 s) then serves every batch size.
+@triton.jit(do_not_specialize=["B", "budget_k", "num_b_tiles"])
 def _sae_steer_gate_kernel(
     e_ptr, stride_eb,
     enc_w_ptr, enc_b_ptr, dec_w_ptr, dec_b_ptr, thr_ptr,
@@ -661,12 +664,16 @@ def triton_sae_steer_gate(
     )
     scratch, counter = {}, dummy
     if split:
-        workspace = torch.empty(sum(sizes.values()), device=e.device, dtype=torch.float32)
+        # Each part starts 16-byte aligned (a multiple of 4 floats), whatever B and k: Triton
+        # specializes pointer arguments on 16-byte alignment, so unaligned parts would take
+        # narrower loads and, at some batch sizes only, a compile of their own.
+        padded = {name: triton.cdiv(size, 4) * 4 for name, size in sizes.items()}
+        workspace = torch.empty(sum(padded.values()), device=e.device, dtype=torch.float32)
         start = 0
         for name, size in sizes.items():
             part = workspace[start:start + size]
             scratch[name] = part.view(torch.int32) if name.endswith("_idx") else part
-            start += size
+            start += padded[name]
         counter = torch.zeros(num_b_tiles + 1, device=e.device, dtype=torch.int32)
     scratch_args = [scratch.get(name) if sizes[name] else dummy for name in sizes]
 

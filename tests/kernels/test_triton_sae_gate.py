@@ -400,3 +400,25 @@ def test_gate_pipeline_depth_stays_within_its_shared_memory_budget():
         assert gate_module.gate_stages(64, 2) == 1
     with gate_module.gate_constants(GATE_STAGES=3):
         assert gate_module.gate_stages(vit_tile, 2) == 3
+
+
+@pytest.mark.parametrize("activation,k,steering", [("topk", 5, "scale+shift"), ("topk", 3, "scale"), ("relu", None, "scale")])
+def test_scratch_parts_are_16_byte_aligned_at_any_batch(monkeypatch, activation, k, steering):
+    """Triton specializes pointers on 16-byte alignment: every scratch part the launcher carves
+    from its workspace starts aligned whatever B and k, so a batch size never gets narrower loads
+    or a compile of its own (the kernel does not specialize on B either)."""
+    launches = []
+
+    class Recorder:
+        def __getitem__(self, grid):
+            return lambda *args, **kwargs: launches.append(args)
+
+    monkeypatch.setattr(gate_module, "_sae_steer_gate_kernel", Recorder())
+    gate, sae = make_gate(24, 8, 3, seed=1), make_sae(24, 40, activation, seed=2, k=k)
+    for batch in (1, 3, 7, 17):
+        e = torch.randn(batch, 24, device=DEVICE)
+        triton_sae_steer_gate(e, gate, sae, *make_steering(steering, batch, 40, seed=3))
+    assert len(launches) == 4
+    for args in launches:
+        pointers = [arg for arg in args if torch.is_tensor(arg)]
+        assert len(pointers) > 10 and all(pointer.data_ptr() % 16 == 0 for pointer in pointers)
