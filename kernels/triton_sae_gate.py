@@ -141,22 +141,22 @@ def _topk_rows_bitwise(values, valid, k):
     return above | (tie & (tie_rank <= ties_wanted[:, None]))
 
 
-@triton.constexpr_function
-def _digit_high(p, bits):
-    """One past the top key bit of radix pass p's digit (digits of `bits` bits from bit 32 down)."""
-    return 32 - p * bits
-
-
-@triton.constexpr_function
-def _digit_low(p, bits):
-    """The lowest key bit of radix pass p's digit (the last digit may be narrower)."""
-    return max(32 - (p + 1) * bits, 0)
-
-
-@triton.constexpr_function
-def _digit_values(p, bits):
-    """How many values radix pass p's digit takes: 2 ** its width."""
-    return 1 << (_digit_high(p, bits) - _digit_low(p, bits))
+@triton.jit
+def _pick_digit(counts, remaining, DIGIT_VALUES: tl.constexpr, FIELD_BITS: tl.constexpr):
+    """One radix pass's choice, per row: the largest digit whose keys, with those of the larger
+    digits, reach `remaining` (counts: one FIELD_BITS-bit count per digit value, packed in an
+    int64); returns (that digit, how many keys have a larger one)."""
+    FIELD_MASK: tl.constexpr = (1 << FIELD_BITS) - 1
+    above = tl.zeros_like(remaining)
+    chosen = tl.zeros_like(remaining)
+    found = remaining < 0  # (all False)
+    for d in tl.static_range(DIGIT_VALUES - 1, -1, -1):
+        count = ((counts >> (d * FIELD_BITS)) & FIELD_MASK).to(tl.int32)
+        hit = (above + count >= remaining) & ~found
+        chosen = tl.where(hit, d, chosen)
+        above = tl.where(found | hit, above, above + count)
+        found = found | hit
+    return chosen, above
 
 
 @triton.jit
@@ -179,40 +179,41 @@ def _topk_rows(values, valid, k, DIGIT_BITS: tl.constexpr):
     COLUMNS: tl.constexpr = values.shape[1]
     BITS: tl.constexpr = DIGIT_BITS if DIGIT_BITS > 0 else (3 if COLUMNS <= 128 else 2)
     # A digit's 2**BITS counts share 64 bits; a count never exceeds COLUMNS (< 2**FIELD_BITS).
-    FIELD_BITS: tl.constexpr = 64 // (1 << BITS)
+    DIGIT_VALUES: tl.constexpr = 1 << BITS
+    FIELD_BITS: tl.constexpr = 64 // DIGIT_VALUES
     tl.static_assert(COLUMNS < (1 << FIELD_BITS), "too many columns for the radix select's count fields")
     FIELD_MASK: tl.constexpr = (1 << FIELD_BITS) - 1
     PASSES: tl.constexpr = (32 + BITS - 1) // BITS
+    # Digits are taken from a PASSES * BITS-bit key (33 bits for 3-bit digits: the first digit's
+    # top bit is always 0), so every pass's digit has the same width.
+    TOP_LOW: tl.constexpr = PASSES * BITS - BITS  # the first digit's lowest bit
     key = _order_keys(values)
-    kth = tl.zeros([values.shape[0]], dtype=tl.uint32)  # the k-th largest key, digits chosen so far
-    remaining = tl.zeros([values.shape[0]], dtype=tl.int32)  # its rank among the keys that match them
     one = tl.full([], 1, dtype=tl.int64)
-    for p in tl.static_range(PASSES):
-        # (Pass p's digit is bits [_digit_low, _digit_high) of the key; compile-time values stay
-        # inline, since a name reassigned in an unrolled loop becomes a runtime value.)
-        digit = ((key >> _digit_low(p, BITS)) & (_digit_values(p, BITS) - 1)).to(tl.int32)
-        if p == 0:
-            match = valid
-        else:
-            match = valid & ((key >> _digit_high(p, BITS)) == (kth >> _digit_high(p, BITS))[:, None])
+
+    # Pass 0, every valid key matching the empty prefix; its counts also give each row's valid
+    # count, which caps k.
+    digit = ((key >> TOP_LOW) & (DIGIT_VALUES - 1)).to(tl.int32)
+    counts = tl.sum(tl.where(valid, one << (digit * FIELD_BITS).to(tl.int64), 0), axis=1)
+    valid_count = tl.zeros([values.shape[0]], dtype=tl.int32)
+    for d in tl.static_range(DIGIT_VALUES):
+        valid_count += ((counts >> (d * FIELD_BITS)) & FIELD_MASK).to(tl.int32)
+    remaining = tl.maximum(tl.minimum(valid_count, k), 0)  # the k-th's rank among the keys matching its digits so far (k < 0 keeps none, as k = 0)
+    chosen, above = _pick_digit(counts, remaining, DIGIT_VALUES, FIELD_BITS)
+    remaining -= above
+    kth = chosen.to(tl.uint32) << TOP_LOW  # the k-th largest key, digits chosen so far
+    # Passes 1.. as a loop, not unrolled: one copy of a pass in the compiled kernel instead of
+    # PASSES (the select runs twice per gate; unrolled, the kernel took twice as long to compile
+    # and its code was twice the size). Shifts stay below 32: the digit below the first one ends
+    # at bit TOP_LOW <= 30.
+    for p in range(1, PASSES):
+        high = tl.cast(TOP_LOW - (p - 1) * BITS, tl.uint32)  # one past the digit's top bit
+        low = high - BITS
+        digit = ((key >> low) & (DIGIT_VALUES - 1)).to(tl.int32)
+        match = valid & ((key >> high) == (kth >> high)[:, None])
         counts = tl.sum(tl.where(match, one << (digit * FIELD_BITS).to(tl.int64), 0), axis=1)
-        if p == 0:  # every valid key matches the empty prefix: the row's k, capped by its valid count
-            valid_count = tl.zeros_like(remaining)
-            for d in tl.static_range(_digit_values(p, BITS)):
-                valid_count += ((counts >> (d * FIELD_BITS)) & FIELD_MASK).to(tl.int32)
-            remaining = tl.maximum(tl.minimum(valid_count, k), 0)  # (k < 0 keeps none, as k = 0)
-        # The largest digit whose keys, with those of larger digits, reach `remaining`.
-        above = tl.zeros_like(remaining)
-        chosen = tl.zeros_like(remaining)
-        found = remaining < 0  # (all False)
-        for d in tl.static_range(_digit_values(p, BITS) - 1, -1, -1):
-            count = ((counts >> (d * FIELD_BITS)) & FIELD_MASK).to(tl.int32)
-            hit = (above + count >= remaining) & ~found
-            chosen = tl.where(hit, d, chosen)
-            above = tl.where(found | hit, above, above + count)
-            found = found | hit
+        chosen, above = _pick_digit(counts, remaining, DIGIT_VALUES, FIELD_BITS)
         remaining -= above
-        kth = kth | (chosen.to(tl.uint32) << _digit_low(p, BITS))
+        kth = kth | (chosen.to(tl.uint32) << low)
     # k = 0 (or no valid entry) leaves remaining 0 and kth all ones, above every key: none kept.
     tie = (key == kth[:, None]) & valid
     tie_rank = tl.cumsum(tie.to(tl.int32), axis=1)  # 1-based position among the row's ties
