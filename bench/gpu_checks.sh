@@ -4,8 +4,8 @@
 # Most valuable first, each step under its own time limit (555 s in all: give the lease ~590 s)
 # so the script always finishes and packs what it has:
 # 0. the kernels of every timing step below compiled at once, one process per CPU, into Triton's
-#    on-disk cache (`--warm-up`): one timing process compiles serially, and a TopK gate takes
-#    5-10 s to compile, so without it the sweeps spend their limits compiling;
+#    on-disk cache (`--warm-up`): one timing process compiles serially (a TopK gate takes 2-3 s
+#    to compile, ~100 of them in the sweeps), so without it the sweeps spend their limits compiling;
 # 1. the kernel benchmark (issue 4's table), as JSON and markdown;
 # 2. the kernel and triton-backend tests, compiled (the CPU runs them interpreted), spread over
 #    the CPUs with pytest-xdist since compiling the kernels for each shape dominates; verbose, so
@@ -40,12 +40,12 @@ trap pack EXIT
   date -u +"%Y-%m-%d %H:%M UTC"; } >"$dir/gpu.txt" 2>&1
 cat "$dir/gpu.txt"
 workers=$(( $(nproc) > 16 ? 16 : $(nproc) ))
-# (its table and breakdown tasks start first; --quick, which skips the sweeps, gives it 30 s)
-step warm_up 75 python -m headsteer.bench.kernels --warm-up --jobs "$workers" --seconds "$([ "$quick" = --quick ] && echo 30 || echo 65)"
+# (its table and breakdown tasks start first; --quick, which skips the sweeps, gives it 25 s)
+step warm_up 55 python -m headsteer.bench.kernels --warm-up --jobs "$workers" --seconds "$([ "$quick" = --quick ] && echo 25 || echo 45)"
 step kernels 60 python -m headsteer.bench.kernels --json "$dir/kernels.json" --md "$dir/kernels.md"
 variants="test_tile_variants or test_fused_qkv"  # the opt-in configurations' tests, after the defaults' and the breakdown
 tests=(python -m pytest -v -rfE -n "$workers" -p no:cacheprovider tests/kernels tests/runtime/test_triton_backend.py)
-step tests 150 "${tests[@]}" -k "not ($variants)"
+step tests 170 "${tests[@]}" -k "not ($variants)"
 step breakdown 45 python -m headsteer.bench.kernels --breakdown --json "$dir/breakdown.json"
 step tests_variants 60 "${tests[@]}" -k "$variants"
 if [ "$quick" != "--quick" ]; then

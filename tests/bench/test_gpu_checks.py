@@ -1,0 +1,29 @@
+"""`bench/gpu_checks.sh`, the script a short GPU lease runs in one device call: it parses, and its
+steps' time limits, which cut a step rather than the call, add up to less than one call."""
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+SCRIPT = Path(__file__).resolve().parents[2] / "bench" / "gpu_checks.sh"
+DEVICE_CALL_SECONDS = 600  # the longest command the device tool runs
+INSTALL_AND_PACK_SECONDS = 35  # `pip install --no-deps -e .` there, then the tarball
+
+
+@pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash")
+def test_script_parses():
+    subprocess.run(["bash", "-n", str(SCRIPT)], check=True)
+
+
+def test_step_limits_fit_one_device_call():
+    text = SCRIPT.read_text()
+    steps = dict(re.findall(r"^\s*step (\w+) (\d+) ", text, re.MULTILINE))
+    assert list(steps) == ["warm_up", "kernels", "tests", "breakdown", "tests_variants", "gate_sweep", "sweep", "model"]
+    total = sum(map(int, steps.values()))
+    assert total + INSTALL_AND_PACK_SECONDS <= DEVICE_CALL_SECONDS
+    assert f"({total} s in all" in text  # the header says what the limits add up to
+    # the warm-up stops itself (and its workers) before its step's limit would kill it alone
+    warm_up_seconds = re.search(r"--seconds \"\$\(\[ \"\$quick\" = --quick \] && echo (\d+) \|\| echo (\d+)\)\"", text)
+    assert warm_up_seconds and max(map(int, warm_up_seconds.groups())) + 5 <= int(steps["warm_up"])
