@@ -314,7 +314,8 @@ def gate_sweep_variants() -> list[dict]:
     defaults, the SAE's first phase alone (`_LATENT_TILES_ONLY`: its latent-tile programs; the
     gate without an SAE runs whole), then each untimed default against its measured alternative,
     then other tiles and warps."""
-    variants = [dict(), dict(_LATENT_TILES_ONLY=True), dict(PER_SAMPLE_FINISH=False), dict(TOPK_DIGIT_BITS=1)]
+    variants = [dict(), dict(_LATENT_TILES_ONLY=True), dict(PER_SAMPLE_FINISH=False), dict(TOPK_DIGIT_BITS=1),
+                dict(ENCODER_16BIT=False), dict(_LATENT_TILES_ONLY=True, ENCODER_16BIT=False)]
     variants += [dict(BLOCK_S=64, PER_SAMPLE_FINISH=False)]
     variants += [dict(GATE_STAGES=1), dict(GATE_STAGES=3)] + [dict(BLOCK_S=s) for s in (64, 256)]
     variants += [dict(GATE_WARPS=4), dict(GATE_CHUNK_D=64)] + [dict(_GATE_TILE_ELEMENTS=n) for n in (8192, 32768)]

@@ -6,7 +6,8 @@ S x D matrices are streamed by many SMs at once; an SAE is 2-10 MB, and one prog
 reading all of it made the gate latency-bound (measured 140-660 us on an H100 at ViT-S/B sizes).
 
 - Every program owns BLOCK_B samples x BLOCK_S latents. It computes that tile of pre-activations
-  with tensor-core dots (fp32 inputs, 3xTF32 on CUDA) and writes small things only:
+  with tensor-core dots (16-bit MMAs with exact products for 16-bit inputs, `ENCODER_16BIT`;
+  otherwise fp32 values, 3xTF32 on CUDA) and writes small things only:
   ReLU / JumpReLU: the tile knows its coefficients z' - z, so it writes its share of the decode,
   `coef @ W_dec[tile]`, as an fp32 partial [BLOCK_B, D].
   TopK: its own k best pre-activations (value, latent index) as candidates. The row's global top
@@ -40,7 +41,7 @@ import triton
 import triton.language as tl
 
 from headsteer.kernels import reference
-from headsteer.kernels.aot import fp32_dot_precision
+from headsteer.kernels.aot import fp32_dot_precision, targets_cuda
 from headsteer.kernels.triton_layer_norm import layer_norm_apply, layer_norm_stats
 
 _ACTIVATION_CODES = {"relu": 0, "topk": 1, "jumprelu": 2}
@@ -61,6 +62,11 @@ PER_SAMPLE_FINISH = True
 # with per-sample finishers, so their time (the SAE's first phase) can be read apart from the
 # whole launch's; logits and keep are then left unwritten.
 _LATENT_TILES_ONLY = False
+# SAE encoder of 16-bit inputs (e, W_enc and b_dec in one 16-bit dtype) as 16-bit MMAs, exact
+# products accumulated in fp32: per 32-wide reduction step a warp issues 8 bf16 mma.sync instead
+# of 24 3xTF32 ones (sm_90 PTX), on the latent tiles' critical path. False: 3xTF32 on the
+# fp32-converted values, as timed on the H200 on 2026-11-26 (`--gate-sweep` compares; untimed).
+ENCODER_16BIT = True
 # Warps of every gate program (`python -m headsteer.bench.kernels --gate-sweep` times others).
 GATE_WARPS = 8
 # Software-pipeline depth of a one-sample program's fc1/fc2 loop, a chain of L2 round trips: 1 =
@@ -274,7 +280,7 @@ def _sae_steer_gate_kernel(
     RECONSTRUCT: tl.constexpr, PARTIAL: tl.constexpr, GATHER: tl.constexpr,
     SHIFT_DECODE: tl.constexpr, SPLIT: tl.constexpr, PER_SAMPLE_FINISH: tl.constexpr, FIN_ROWS: tl.constexpr,
     HAS_LN_W: tl.constexpr, HAS_LN_B: tl.constexpr, HAS_FC1_B: tl.constexpr, HAS_FC2_B: tl.constexpr,
-    USE_BUDGET: tl.constexpr, G_SOURCE: tl.constexpr, PRECISION: tl.constexpr,
+    USE_BUDGET: tl.constexpr, G_SOURCE: tl.constexpr, PRECISION: tl.constexpr, ENCODE_16BIT: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
     CHUNK_D: tl.constexpr, FIN_CHUNK_D: tl.constexpr, SLICE_D: tl.constexpr, SLICE_CHUNK: tl.constexpr, PARTIAL_TILES: tl.constexpr,
     BLOCK_C: tl.constexpr, SEL_ROWS: tl.constexpr, K_STEP: tl.constexpr, CHUNK_G: tl.constexpr,
@@ -323,12 +329,21 @@ def _sae_steer_gate_kernel(
                 for k0 in range(0, D, BLOCK_K):
                     kk = k0 + tl.arange(0, BLOCK_K)
                     k_mask = kk < D
-                    centered = tl.load(e_ptr + rows[:, None] * stride_eb + kk[None, :],
-                                       mask=row_mask[:, None] & k_mask[None, :], other=0.0).to(tl.float32)
-                    centered -= tl.load(dec_b_ptr + kk, mask=k_mask, other=0.0).to(tl.float32)[None, :]
+                    e_tile = tl.load(e_ptr + rows[:, None] * stride_eb + kk[None, :],
+                                     mask=row_mask[:, None] & k_mask[None, :], other=0.0)
+                    b_dec = tl.load(dec_b_ptr + kk, mask=k_mask, other=0.0)
                     w_enc = tl.load(enc_w_ptr + offs_s[:, None] * D + kk[None, :],
-                                    mask=s_mask[:, None] & k_mask[None, :], other=0.0).to(tl.float32)
-                    pre = tl.dot(centered, tl.trans(w_enc), pre, input_precision=PRECISION)
+                                    mask=s_mask[:, None] & k_mask[None, :], other=0.0)
+                    if ENCODE_16BIT:
+                        # (e - b_dec) W^T as e W^T + (-b_dec) W^T on the 16-bit values themselves:
+                        # products of 16-bit floats are exact in the fp32 accumulator, so this is
+                        # the fp32 result up to summation order, in a sixth of 3xTF32's MMAs.
+                        pre = tl.dot(e_tile, tl.trans(w_enc), pre)
+                        neg_b_dec = tl.broadcast_to(-b_dec[None, :], [BLOCK_B, BLOCK_K])
+                        pre = tl.dot(neg_b_dec, tl.trans(w_enc), pre)
+                    else:
+                        centered = e_tile.to(tl.float32) - b_dec.to(tl.float32)[None, :]
+                        pre = tl.dot(centered, tl.trans(w_enc.to(tl.float32)), pre, input_precision=PRECISION)
                 pre += tl.load(enc_b_ptr + offs_s, mask=s_mask, other=0.0).to(tl.float32)[None, :]
             if PARTIAL:
                 # ReLU / JumpReLU: the tile knows its latents' full coefficients of the decode
@@ -604,7 +619,7 @@ def triton_sae_steer_gate(
     dummy = logits  # stands in for absent optional pointers; never dereferenced (constexpr-guarded)
     sae = sae_params
     activation, width, sae_k, scale, shift = "relu", 1, 0, None, None
-    partial = gather = shift_decode = reconstruct = False
+    partial = gather = shift_decode = reconstruct = encode_16bit = False
     sae_args = (dummy,) * 5
     if sae is not None:
         activation = sae["activation"]
@@ -634,6 +649,11 @@ def triton_sae_steer_gate(
                 partial = True
         threshold = threshold.contiguous() if activation == "jumprelu" else dummy
         sae_args = (enc_w, sae["enc_bias"].contiguous(), dec_w, sae["dec_bias"].contiguous(), threshold)
+        # 16-bit encoder MMAs need e, W_enc and b_dec in one 16-bit dtype (fp16 only under the
+        # CPU interpreter, whose dots read bf16 as raw bits).
+        encode_16bit = (ENCODER_16BIT and e.dtype in (torch.float16, torch.bfloat16)
+                        and enc_w.dtype == e.dtype and sae["dec_bias"].dtype == e.dtype
+                        and (targets_cuda(e.device) or e.dtype == torch.float16))
 
     split = partial or gather or shift_decode
     block_s = min(BLOCK_S, _pow2(width))
@@ -720,7 +740,7 @@ def triton_sae_steer_gate(
         HAS_LN_W=ln_w is not None, HAS_LN_B=ln_b is not None,
         HAS_FC1_B=fc1_b is not None, HAS_FC2_B=fc2_b is not None, USE_BUDGET=budget is not None,
         G_SOURCE=1 if split else 2 if reconstruct else 0,  # g: scratch, b_dec (TopK k=0, no shift), e
-        PRECISION=fp32_dot_precision(e.device),
+        PRECISION=fp32_dot_precision(e.device), ENCODE_16BIT=encode_16bit,
         BLOCK_B=block_b, BLOCK_S=block_s, BLOCK_K=32, BLOCK_D=block_d, CHUNK_D=chunk_d, FIN_CHUNK_D=fin_chunk_d,
         SLICE_D=slice_d, SLICE_CHUNK=min(chunk_d, slice_d), PARTIAL_TILES=partial_tiles,
         BLOCK_C=block_c, SEL_ROWS=max(1, min(fin_rows, _TILE_ELEMENTS // block_c)),

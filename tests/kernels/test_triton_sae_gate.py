@@ -422,3 +422,45 @@ def test_scratch_parts_are_16_byte_aligned_at_any_batch(monkeypatch, activation,
     for args in launches:
         pointers = [arg for arg in args if torch.is_tensor(arg)]
         assert len(pointers) > 10 and all(pointer.data_ptr() % 16 == 0 for pointer in pointers)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("encoder_16bit", [True, False])
+@pytest.mark.parametrize("batch", [1, 5, 17])
+@pytest.mark.parametrize("activation,k", [("topk", 8), ("relu", None), ("jumprelu", None)])
+def test_16bit_encoder_matches_reference(dtype, encoder_16bit, batch, activation, k):
+    """The SAE encoder on 16-bit MMAs (`ENCODER_16BIT`, e W^T - b_dec W^T with exact products)
+    and on 3xTF32 both give the fp32 reference's logits and keep mask for 16-bit inputs; D and S
+    not multiples of the encoder's tiles."""
+    if dtype == torch.bfloat16 and DEVICE == "cpu":
+        pytest.skip("the CPU interpreter's dots read bf16 as raw bits; covered on CUDA")
+    dim, width = 40, 300
+    e = torch.randn(batch, dim, generator=torch.Generator().manual_seed(batch)).to(DEVICE, dtype)
+    gate, sae = make_gate(dim, 16, 5, 51, dtype), make_sae(dim, width, activation, 52, k=k, dtype=dtype)
+    scale, shift = make_steering("scale+shift", batch, width, 53)
+    with gate_module.gate_constants(ENCODER_16BIT=encoder_16bit):
+        run_and_check(e, gate, sae, scale, shift, "preserve-error", 0.4)
+
+
+def test_16bit_encoder_needs_one_16bit_dtype(monkeypatch):
+    """The launcher takes 16-bit encoder MMAs only when e, W_enc and b_dec share a 16-bit dtype
+    (and the switch is on); anything else runs the 3xTF32 encoder on fp32 values."""
+    launches = []
+
+    class Recorder:
+        def __getitem__(self, grid):
+            return lambda *args, **kwargs: launches.append(kwargs["ENCODE_16BIT"])
+
+    monkeypatch.setattr(gate_module, "_sae_steer_gate_kernel", Recorder())
+    half = torch.float16
+    e = torch.randn(3, 24, device=DEVICE)
+    scale = torch.rand(3, 40, device=DEVICE) + 0.5
+    for e_dtype, sae_dtype, bias_dtype, switch in [(half, half, half, True), (half, half, half, False),
+                                                  (half, torch.float32, torch.float32, True),
+                                                  (half, half, torch.float32, True),
+                                                  (torch.float32, torch.float32, torch.float32, True)]:
+        sae = make_sae(24, 40, "topk", 2, k=4, dtype=sae_dtype)
+        sae["dec_bias"] = sae["dec_bias"].to(bias_dtype)
+        with gate_module.gate_constants(ENCODER_16BIT=switch):
+            triton_sae_steer_gate(e.to(e_dtype), make_gate(24, 8, 3, 1, e_dtype), sae, scale)
+    assert launches == [True, False, False, False, False]
