@@ -3,7 +3,7 @@
 #   bash bench/gpu_checks.sh OUT_DIR [--quick]
 # Most valuable first, each step under its own time limit (555 s in all: give the lease ~590 s)
 # so the script always finishes and packs what it has:
-# 0. the kernels of every timing step below compiled at once, one process per CPU, into Triton's
+# 0. unless --quick, the kernels of every timing step below compiled at once, one process per CPU, into Triton's
 #    on-disk cache (`--warm-up`): one timing process compiles serially (a TopK gate takes 2-3 s
 #    to compile, ~100 of them in the sweeps), so without it the sweeps spend their limits compiling;
 # 1. the kernel benchmark (issue 4's table), as JSON and markdown;
@@ -40,8 +40,9 @@ trap pack EXIT
   date -u +"%Y-%m-%d %H:%M UTC"; } >"$dir/gpu.txt" 2>&1
 cat "$dir/gpu.txt"
 workers=$(( $(nproc) > 16 ? 16 : $(nproc) ))
-# (its table and breakdown tasks start first; --quick, which skips the sweeps, gives it 25 s)
-step warm_up 55 python -m headsteer.bench.kernels --warm-up --jobs "$workers" --seconds "$([ "$quick" = --quick ] && echo 25 || echo 45)"
+if [ "$quick" != "--quick" ]; then  # (--quick skips the sweeps, most of what it compiles)
+  step warm_up 55 python -m headsteer.bench.kernels --warm-up --jobs "$workers" --seconds 45
+fi
 step kernels 60 python -m headsteer.bench.kernels --json "$dir/kernels.json" --md "$dir/kernels.md"
 variants="test_tile_variants or test_fused_qkv"  # the opt-in configurations' tests, after the defaults' and the breakdown
 tests=(python -m pytest -v -rfE -n "$workers" -p no:cacheprovider tests/kernels tests/runtime/test_triton_backend.py)

@@ -315,7 +315,8 @@ def gate_sweep_variants() -> list[dict]:
     gate without an SAE runs whole), then each untimed default against its measured alternative,
     then other tiles and warps."""
     variants = [dict(), dict(_LATENT_TILES_ONLY=True), dict(PER_SAMPLE_FINISH=False), dict(TOPK_DIGIT_BITS=1),
-                dict(ENCODER_16BIT=False), dict(_LATENT_TILES_ONLY=True, ENCODER_16BIT=False)]
+                dict(SAE_16BIT_MMA=False), dict(_LATENT_TILES_ONLY=True, SAE_16BIT_MMA=False),
+                dict(SHIFT_DECODE_CHAINS=1)]
     variants += [dict(BLOCK_S=64, PER_SAMPLE_FINISH=False)]
     variants += [dict(GATE_STAGES=1), dict(GATE_STAGES=3)] + [dict(BLOCK_S=s) for s in (64, 256)]
     variants += [dict(GATE_WARPS=4), dict(GATE_CHUNK_D=64)] + [dict(_GATE_TILE_ELEMENTS=n) for n in (8192, 32768)]
@@ -324,24 +325,27 @@ def gate_sweep_variants() -> list[dict]:
 
 
 def gate_sweep(variants: list[dict] | None = None) -> None:
-    """Time the fused gate (SAE TopK with scale, and without SAE) under `variants` (default
-    `gate_sweep_variants()`); prints one line per configuration (graph replay)."""
+    """Time the fused gate (SAE TopK with a steering scale, with a scale and a shift, and without
+    SAE) under `variants` (default `gate_sweep_variants()`); prints one line per configuration
+    (graph replay)."""
     from headsteer.kernels import triton_sae_gate as module
 
     generator = torch.Generator().manual_seed(0)
     setups = {}
     for name, (heads, dim) in MODELS.items():
         e = torch.randn(BATCH, dim, generator=generator).to(DEVICE, DTYPE)
-        setups[name] = e, {"SAE topk, scale": gate_params(dim, heads, generator, True),
-                           "none": gate_params(dim, heads, generator, False)}
+        gate, sae, (scale, shift) = gate_params(dim, heads, generator, True)
+        setups[name] = e, {"SAE topk, scale": (gate, sae, scale, None), "+ shift": (gate, sae, scale, shift),
+                           "none": (*gate_params(dim, heads, generator, False)[:2], None, None)}
     for variant in gate_sweep_variants() if variants is None else variants:
         # variant by variant (both models each): a time limit cuts the tail
         for name, (e, cases) in setups.items():
             times = []
             with module.gate_constants(**variant):
-                for label, (gate, sae, (scale, _)) in cases.items():
+                for label, (gate, sae, scale, shift) in cases.items():
                     try:
-                        times.append(f"{label} {graph_timed(lambda: module.triton_sae_steer_gate(e, gate, sae, scale)):6.1f}us")
+                        gate_time = graph_timed(lambda: module.triton_sae_steer_gate(e, gate, sae, scale, shift))
+                        times.append(f"{label} {gate_time:6.1f}us")
                     except Exception as error:  # report it, time the rest
                         times.append(f"{label} FAILED {failure(error)}")
             print(f"{name} gate graph: {'  '.join(times)}  {variant or 'defaults'}", flush=True)
@@ -363,8 +367,8 @@ def _launch_once_eager_and_graph(fn) -> tuple[float, float]:
 
 def warm_up_tasks() -> list[tuple[str, str, int]]:
     """(mode, model, variant index) of every launch sequence the timing modes run, one model each:
-    the table and the breakdown, then each `--gate-sweep` and `--sweep` variant. The gate's
-    TopK kernels compile slowest (~5-10 s each), so they come first."""
+    the table and the breakdown (timed first), then each `--gate-sweep` variant (its TopK gate
+    kernels compile slowest, 2-4 s each on one core), then each `--sweep` variant."""
     tasks = [(mode, model, 0) for mode in ("table", "breakdown") for model in MODELS]
     tasks += [("gate-sweep", model, index) for index in range(len(gate_sweep_variants())) for model in MODELS]
     tasks += [("sweep", model, index) for index in range(len(sweep_variants())) for model in MODELS]

@@ -6,8 +6,8 @@ S x D matrices are streamed by many SMs at once; an SAE is 2-10 MB, and one prog
 reading all of it made the gate latency-bound (measured 140-660 us on an H100 at ViT-S/B sizes).
 
 - Every program owns BLOCK_B samples x BLOCK_S latents. It computes that tile of pre-activations
-  with tensor-core dots (16-bit MMAs with exact products for 16-bit inputs, `ENCODER_16BIT`;
-  otherwise fp32 values, 3xTF32 on CUDA) and writes small things only:
+  with tensor-core dots (bf16 weights: bf16 MMAs on an exact three-term split of the fp32
+  e - b_dec, `SAE_16BIT_MMA`; other weights: 3xTF32 on CUDA) and writes small things only:
   ReLU / JumpReLU: the tile knows its coefficients z' - z, so it writes its share of the decode,
   `coef @ W_dec[tile]`, as an fp32 partial [BLOCK_B, D].
   TopK: its own k best pre-activations (value, latent index) as candidates. The row's global top
@@ -62,11 +62,22 @@ PER_SAMPLE_FINISH = True
 # with per-sample finishers, so their time (the SAE's first phase) can be read apart from the
 # whole launch's; logits and keep are then left unwritten.
 _LATENT_TILES_ONLY = False
-# SAE encoder of 16-bit inputs (e, W_enc and b_dec in one 16-bit dtype) as 16-bit MMAs, exact
-# products accumulated in fp32: per 32-wide reduction step a warp issues 8 bf16 mma.sync instead
-# of 24 3xTF32 ones (sm_90 PTX), on the latent tiles' critical path. False: 3xTF32 on the
-# fp32-converted values, as timed on the H200 on 2026-11-26 (`--gate-sweep` compares; untimed).
-ENCODER_16BIT = True
+# The SAE's dots with 16-bit weights as 16-bit MMAs, whose products are exact in the fp32
+# accumulator: the encoder when W_enc is bf16 (the fp32 e - b_dec split into three exact bf16
+# terms: per 32-wide reduction step a warp issues 12 bf16 mma.sync instead of 24 3xTF32 ones,
+# sm_90 PTX), the shift decode when steer_shift and W_dec share a 16-bit dtype (exact as they
+# are). Both are on the latent tiles' critical path. False: 3xTF32 on fp32 values, as timed on
+# the H200 on 2026-11-26 (`--gate-sweep` compares; untimed).
+SAE_16BIT_MMA = True
+# Tests only: the encoder's three-term split for fp16 weights too, whose low terms underflow for
+# |e - b_dec| below ~1e-3 (absolute error under 2**-24 per element, a relative one up to ~3e-4):
+# the CPU interpreter cannot run bf16 dots, so this is how it runs the split's code.
+_ENCODER_SPLIT_FP16 = False
+# Independent accumulator chains of the shift decode (TopK with a steering shift), 1, 2 or 4: its
+# dots have M = 16 rows and run S latents deep (1536 at ViT-S), i.e. on sm_90 a chain of 576
+# dependent 3xTF32 mma.sync per 8 output columns in one accumulator (1: as timed on the H200 on
+# 2026-11-26; `--gate-sweep` compares; untimed).
+SHIFT_DECODE_CHAINS = 4
 # Warps of every gate program (`python -m headsteer.bench.kernels --gate-sweep` times others).
 GATE_WARPS = 8
 # Software-pipeline depth of a one-sample program's fc1/fc2 loop, a chain of L2 round trips: 1 =
@@ -243,6 +254,20 @@ def _gate_input_chunk(e_ptr, stride_eb, g_ptr, dec_b_ptr, rows, row_mask, d0, D,
 
 
 @triton.jit
+def _shift_decode_dot(acc, shift_ptr, stride_shift_b, stride_shift_s, dec_w_ptr, rows, row_mask, kk, S, D, dd, d_mask,
+                      PRECISION: tl.constexpr, OPERANDS_16BIT: tl.constexpr):
+    """acc + shift[rows, kk] @ W_dec[kk, dd] in fp32 (latents kk past S contribute nothing):
+    16-bit operands as they are (OPERANDS_16BIT: exact products), else fp32 ones."""
+    k_mask = kk < S
+    shift = tl.load(shift_ptr + rows[:, None] * stride_shift_b + kk[None, :] * stride_shift_s,
+                    mask=row_mask[:, None] & k_mask[None, :], other=0.0)
+    w_dec = tl.load(dec_w_ptr + kk[:, None] * D + dd[None, :], mask=k_mask[:, None] & d_mask[None, :], other=0.0)
+    if OPERANDS_16BIT:
+        return tl.dot(shift, w_dec, acc)
+    return tl.dot(shift.to(tl.float32), w_dec.to(tl.float32), acc, input_precision=PRECISION)
+
+
+@triton.jit
 def _selected_latents(sel_idx_ptr, sel_coef_ptr, rows, row_mask, j0, sae_k, K_STEP: tl.constexpr):
     """Selected latents j0 .. j0 + K_STEP - 1 of each row: (latent index, decode coefficient, mask)."""
     j = j0 + tl.arange(0, K_STEP)
@@ -263,8 +288,8 @@ def _decode_step(dec_w_ptr, latent, sel_coef, sel_mask, dd, d_mask, D):
 
 
 # Batch-dependent ints are not specialized (Triton would compile a variant for each of ==1, % 16
-# and other): they bound loops and masks and count rows, never the contiguous stride of a load, so one compile of
-# this kernel (5-10 s) then serves every batch size.
+# and other): they bound loops and masks and count rows, never the contiguous stride of a load,
+# so one compile of this kernel (2-4 s for sm_90 on one CPU core) serves every batch size.
 @triton.jit(do_not_specialize=["B", "budget_k", "num_b_tiles"])
 def _sae_steer_gate_kernel(
     e_ptr, stride_eb,
@@ -281,6 +306,7 @@ def _sae_steer_gate_kernel(
     SHIFT_DECODE: tl.constexpr, SPLIT: tl.constexpr, PER_SAMPLE_FINISH: tl.constexpr, FIN_ROWS: tl.constexpr,
     HAS_LN_W: tl.constexpr, HAS_LN_B: tl.constexpr, HAS_FC1_B: tl.constexpr, HAS_FC2_B: tl.constexpr,
     USE_BUDGET: tl.constexpr, G_SOURCE: tl.constexpr, PRECISION: tl.constexpr, ENCODE_16BIT: tl.constexpr,
+    SHIFT_CHAINS: tl.constexpr, SHIFT_16BIT: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
     CHUNK_D: tl.constexpr, FIN_CHUNK_D: tl.constexpr, SLICE_D: tl.constexpr, SLICE_CHUNK: tl.constexpr, PARTIAL_TILES: tl.constexpr,
     BLOCK_C: tl.constexpr, SEL_ROWS: tl.constexpr, K_STEP: tl.constexpr, CHUNK_G: tl.constexpr,
@@ -326,6 +352,7 @@ def _sae_steer_gate_kernel(
             tile_mask = row_mask[:, None] & s_mask[None, :]
             if PARTIAL or GATHER:  # both need the tile's pre-activations
                 pre = tl.zeros([BLOCK_B, BLOCK_S], dtype=tl.float32)
+                pre_low = tl.zeros([BLOCK_B, BLOCK_S], dtype=tl.float32)  # (ENCODE_16BIT: mid and lo terms)
                 for k0 in range(0, D, BLOCK_K):
                     kk = k0 + tl.arange(0, BLOCK_K)
                     k_mask = kk < D
@@ -334,16 +361,24 @@ def _sae_steer_gate_kernel(
                     b_dec = tl.load(dec_b_ptr + kk, mask=k_mask, other=0.0)
                     w_enc = tl.load(enc_w_ptr + offs_s[:, None] * D + kk[None, :],
                                     mask=s_mask[:, None] & k_mask[None, :], other=0.0)
+                    centered = e_tile.to(tl.float32) - b_dec.to(tl.float32)[None, :]
                     if ENCODE_16BIT:
-                        # (e - b_dec) W^T as e W^T + (-b_dec) W^T on the 16-bit values themselves:
-                        # products of 16-bit floats are exact in the fp32 accumulator, so this is
-                        # the fp32 result up to summation order, in a sixth of 3xTF32's MMAs.
-                        pre = tl.dot(e_tile, tl.trans(w_enc), pre)
-                        neg_b_dec = tl.broadcast_to(-b_dec[None, :], [BLOCK_B, BLOCK_K])
-                        pre = tl.dot(neg_b_dec, tl.trans(w_enc), pre)
+                        # W_enc is bf16, so only the fp32 (e - b_dec) needs splitting: into three
+                        # bf16 terms hi + mid + lo (each remainder is exact in fp32, and three terms
+                        # of 8 significant bits hold fp32's 24), whose products with W are exact
+                        # in the fp32 accumulator: fp32-level like 3xTF32, in half its MMAs.
+                        # Centring first keeps the error relative to |e - b_dec| (e W - b_dec W
+                        # would cancel large e and b_dec: ViTs' massive activations). mid and lo
+                        # accumulate apart, a second MMA chain beside hi's.
+                        hi = centered.to(enc_w_ptr.dtype.element_ty)
+                        rest = centered - hi.to(tl.float32)
+                        mid = rest.to(enc_w_ptr.dtype.element_ty)
+                        lo = (rest - mid.to(tl.float32)).to(enc_w_ptr.dtype.element_ty)
+                        pre = tl.dot(hi, tl.trans(w_enc), pre)
+                        pre_low = tl.dot(lo, tl.trans(w_enc), tl.dot(mid, tl.trans(w_enc), pre_low))
                     else:
-                        centered = e_tile.to(tl.float32) - b_dec.to(tl.float32)[None, :]
                         pre = tl.dot(centered, tl.trans(w_enc.to(tl.float32)), pre, input_precision=PRECISION)
+                pre += pre_low
                 pre += tl.load(enc_b_ptr + offs_s, mask=s_mask, other=0.0).to(tl.float32)[None, :]
             if PARTIAL:
                 # ReLU / JumpReLU: the tile knows its latents' full coefficients of the decode
@@ -382,14 +417,26 @@ def _sae_steer_gate_kernel(
                     if tile_s * SLICE_D + c0 < D:
                         acc = _gate_input_chunk(e_ptr, stride_eb, g_ptr, dec_b_ptr, rows, row_mask,
                                                 tile_s * SLICE_D + c0, D, 2 if RECONSTRUCT else 0, SLICE_CHUNK)
-                        for k0 in range(0, S, BLOCK_K):
+                        # SHIFT_CHAINS independent accumulators over interleaved latent blocks: on M =
+                        # 16 rows each dot is a chain of dependent mma.sync (3 per 8 latents in
+                        # 3xTF32), S long, so separate chains overlap in the tensor pipe; they are
+                        # summed in a fixed order after the loop.
+                        acc1 = tl.zeros_like(acc)
+                        acc2 = tl.zeros_like(acc)
+                        acc3 = tl.zeros_like(acc)
+                        for k0 in range(0, S, SHIFT_CHAINS * BLOCK_K):
                             kk = k0 + tl.arange(0, BLOCK_K)
-                            k_mask = kk < S
-                            shift = tl.load(shift_ptr + rows[:, None] * stride_shift_b + kk[None, :] * stride_shift_s,
-                                            mask=row_mask[:, None] & k_mask[None, :], other=0.0).to(tl.float32)
-                            w_dec = tl.load(dec_w_ptr + kk[:, None] * D + dd[None, :],
-                                            mask=k_mask[:, None] & d_mask[None, :], other=0.0).to(tl.float32)
-                            acc = tl.dot(shift, w_dec, acc, input_precision=PRECISION)
+                            acc = _shift_decode_dot(acc, shift_ptr, stride_shift_b, stride_shift_s, dec_w_ptr, rows,
+                                                    row_mask, kk, S, D, dd, d_mask, PRECISION, SHIFT_16BIT)
+                            if SHIFT_CHAINS >= 2:
+                                acc1 = _shift_decode_dot(acc1, shift_ptr, stride_shift_b, stride_shift_s, dec_w_ptr, rows,
+                                                         row_mask, kk + BLOCK_K, S, D, dd, d_mask, PRECISION, SHIFT_16BIT)
+                            if SHIFT_CHAINS >= 4:
+                                acc2 = _shift_decode_dot(acc2, shift_ptr, stride_shift_b, stride_shift_s, dec_w_ptr, rows,
+                                                         row_mask, kk + 2 * BLOCK_K, S, D, dd, d_mask, PRECISION, SHIFT_16BIT)
+                                acc3 = _shift_decode_dot(acc3, shift_ptr, stride_shift_b, stride_shift_s, dec_w_ptr, rows,
+                                                         row_mask, kk + 3 * BLOCK_K, S, D, dd, d_mask, PRECISION, SHIFT_16BIT)
+                        acc += (acc1 + acc2) + acc3  # (zeros for chains not used: exact)
                         tl.store(g_ptr + rows[:, None] * D + dd[None, :], acc, mask=row_mask[:, None] & d_mask[None, :])
             if GATHER:
                 # The tile's own top min(k, BLOCK_S) per row, packed in latent order into its slots.
@@ -555,6 +602,14 @@ def _sae_steer_gate_kernel(
         tl.store(keep_ptr + out_offs, keep, mask=out_mask)
 
 
+def _mma_16bit(*operands: torch.Tensor) -> bool:
+    """Whether the SAE multiplies these operands as 16-bit MMAs (`SAE_16BIT_MMA`): one 16-bit
+    dtype for all, compiled for CUDA or fp16 (the CPU interpreter's dots misread bf16)."""
+    dtype = operands[0].dtype
+    return (SAE_16BIT_MMA and dtype in (torch.float16, torch.bfloat16) and all(op.dtype == dtype for op in operands)
+            and (targets_cuda(operands[0].device) or dtype == torch.float16))
+
+
 def _flat_steering(steer: Optional[torch.Tensor], batch: int, width: int, name: str) -> Optional[torch.Tensor]:
     """Broadcast a steering tensor ([S], [1, S] or [B, S]) to a [B, S] view without copying."""
     if steer is None:
@@ -619,7 +674,7 @@ def triton_sae_steer_gate(
     dummy = logits  # stands in for absent optional pointers; never dereferenced (constexpr-guarded)
     sae = sae_params
     activation, width, sae_k, scale, shift = "relu", 1, 0, None, None
-    partial = gather = shift_decode = reconstruct = encode_16bit = False
+    partial = gather = shift_decode = reconstruct = encode_16bit = shift_16bit = False
     sae_args = (dummy,) * 5
     if sae is not None:
         activation = sae["activation"]
@@ -649,13 +704,16 @@ def triton_sae_steer_gate(
                 partial = True
         threshold = threshold.contiguous() if activation == "jumprelu" else dummy
         sae_args = (enc_w, sae["enc_bias"].contiguous(), dec_w, sae["dec_bias"].contiguous(), threshold)
-        # 16-bit encoder MMAs need e, W_enc and b_dec in one 16-bit dtype (fp16 only under the
-        # CPU interpreter, whose dots read bf16 as raw bits).
-        encode_16bit = (ENCODER_16BIT and e.dtype in (torch.float16, torch.bfloat16)
-                        and enc_w.dtype == e.dtype and sae["dec_bias"].dtype == e.dtype
-                        and (targets_cuda(e.device) or e.dtype == torch.float16))
+        # 16-bit MMAs need their operands in one 16-bit dtype (fp16 only under the CPU
+        # interpreter, whose dots read bf16 as raw bits).
+        # (e - b_dec is formed in fp32 and split to W's dtype: exactly for bf16; fp16's narrow
+        # exponent loses the low terms of small values, so fp16 weights keep 3xTF32)
+        encode_16bit = _mma_16bit(enc_w) and (enc_w.dtype == torch.bfloat16 or _ENCODER_SPLIT_FP16)
+        shift_16bit = shift is not None and _mma_16bit(shift, dec_w)
 
     split = partial or gather or shift_decode
+    if shift_decode and SHIFT_DECODE_CHAINS not in (1, 2, 4):
+        raise ValueError(f"SHIFT_DECODE_CHAINS must be 1, 2 or 4, got {SHIFT_DECODE_CHAINS}")
     block_s = min(BLOCK_S, _pow2(width))
     num_s_tiles = triton.cdiv(width, block_s) if split else 1
     cand_per_tile = min(sae_k, block_s) if gather else 1
@@ -740,7 +798,8 @@ def triton_sae_steer_gate(
         HAS_LN_W=ln_w is not None, HAS_LN_B=ln_b is not None,
         HAS_FC1_B=fc1_b is not None, HAS_FC2_B=fc2_b is not None, USE_BUDGET=budget is not None,
         G_SOURCE=1 if split else 2 if reconstruct else 0,  # g: scratch, b_dec (TopK k=0, no shift), e
-        PRECISION=fp32_dot_precision(e.device), ENCODE_16BIT=encode_16bit,
+        PRECISION=fp32_dot_precision(e.device), ENCODE_16BIT=encode_16bit, SHIFT_CHAINS=SHIFT_DECODE_CHAINS,
+        SHIFT_16BIT=shift_16bit,
         BLOCK_B=block_b, BLOCK_S=block_s, BLOCK_K=32, BLOCK_D=block_d, CHUNK_D=chunk_d, FIN_CHUNK_D=fin_chunk_d,
         SLICE_D=slice_d, SLICE_CHUNK=min(chunk_d, slice_d), PARTIAL_TILES=partial_tiles,
         BLOCK_C=block_c, SEL_ROWS=max(1, min(fin_rows, _TILE_ELEMENTS // block_c)),

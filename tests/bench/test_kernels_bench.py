@@ -91,13 +91,13 @@ def test_gate_sweep_runs_every_variant_and_restores_the_defaults(tiny, capsys):
     from headsteer.kernels import triton_sae_gate as gate
 
     names = ("BLOCK_S", "GATE_WARPS", "GATE_STAGES", "GATE_CHUNK_D", "_GATE_TILE_ELEMENTS", "PER_SAMPLE_FINISH",
-             "_LATENT_TILES_ONLY", "TOPK_DIGIT_BITS", "ENCODER_16BIT")
+             "_LATENT_TILES_ONLY", "TOPK_DIGIT_BITS", "SAE_16BIT_MMA", "SHIFT_DECODE_CHAINS")
     defaults = [getattr(gate, name) for name in names]
     bench.gate_sweep()
     lines = capsys.readouterr().out.splitlines()
-    assert len(lines) == 16 and len(tiny) == 32  # each variant timed with and without an SAE
+    assert len(lines) == 17 and len(tiny) == 51  # each variant timed with an SAE (scale; + shift) and without
     assert "defaults" in lines[0] and "_LATENT_TILES_ONLY" in lines[1] and "'PER_SAMPLE_FINISH': False" in lines[2]
-    assert "'TOPK_DIGIT_BITS': 1" in lines[3] and "'ENCODER_16BIT': False" in lines[4] and "_LATENT_TILES_ONLY" in lines[5]
+    assert "'TOPK_DIGIT_BITS': 1" in lines[3] and "'SAE_16BIT_MMA': False" in lines[4] and "_LATENT_TILES_ONLY" in lines[5]
     assert [getattr(gate, name) for name in names] == defaults
 
 
@@ -126,7 +126,7 @@ def test_sweeps_report_a_failing_variant_and_time_the_rest(tiny, capsys, monkeyp
     monkeypatch.setattr(bench, "graph_timed", lambda fn: run_or_fail(lambda: graph_timed(fn), lambda: not gate.PER_SAMPLE_FINISH))
     bench.gate_sweep()
     lines = capsys.readouterr().out.splitlines()
-    assert len(lines) == 16
+    assert len(lines) == 17
     failed = [line for line in lines if "FAILED" in line]
     assert len(failed) == 2 and all("'PER_SAMPLE_FINISH': False" in line for line in failed)
     assert "SAE topk, scale FAILED RuntimeError" in failed[0]

@@ -425,42 +425,75 @@ def test_scratch_parts_are_16_byte_aligned_at_any_batch(monkeypatch, activation,
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("encoder_16bit", [True, False])
+@pytest.mark.parametrize("mma_16bit", [True, False])
 @pytest.mark.parametrize("batch", [1, 5, 17])
 @pytest.mark.parametrize("activation,k", [("topk", 8), ("relu", None), ("jumprelu", None)])
-def test_16bit_encoder_matches_reference(dtype, encoder_16bit, batch, activation, k):
-    """The SAE encoder on 16-bit MMAs (`ENCODER_16BIT`, e W^T - b_dec W^T with exact products)
-    and on 3xTF32 both give the fp32 reference's logits and keep mask for 16-bit inputs; D and S
-    not multiples of the encoder's tiles."""
+@pytest.mark.parametrize("steering_dtype", ["fp32", "same"])
+@pytest.mark.parametrize("mode", reference.STEER_MODES)
+def test_16bit_mma_matches_reference(dtype, mma_16bit, batch, activation, k, steering_dtype, mode):
+    """The SAE's dots on 16-bit MMAs (`SAE_16BIT_MMA`: the encoder as e W^T - b_dec W^T, and with
+    16-bit steering the shift decode, both with exact products) and on 3xTF32 all give the fp32
+    reference's logits and keep mask for 16-bit inputs; D and S not multiples of the tiles."""
     if dtype == torch.bfloat16 and DEVICE == "cpu":
         pytest.skip("the CPU interpreter's dots read bf16 as raw bits; covered on CUDA")
     dim, width = 40, 300
     e = torch.randn(batch, dim, generator=torch.Generator().manual_seed(batch)).to(DEVICE, dtype)
     gate, sae = make_gate(dim, 16, 5, 51, dtype), make_sae(dim, width, activation, 52, k=k, dtype=dtype)
     scale, shift = make_steering("scale+shift", batch, width, 53)
-    with gate_module.gate_constants(ENCODER_16BIT=encoder_16bit):
-        run_and_check(e, gate, sae, scale, shift, "preserve-error", 0.4)
+    if steering_dtype == "same":
+        scale, shift = scale.to(dtype), shift.to(dtype)
+    # (_ENCODER_SPLIT_FP16: the encoder's bf16 split code, run in fp16 where bf16 dots cannot run)
+    with gate_module.gate_constants(SAE_16BIT_MMA=mma_16bit, _ENCODER_SPLIT_FP16=DEVICE == "cpu"):
+        run_and_check(e, gate, sae, scale, shift, mode, 0.4)
 
 
-def test_16bit_encoder_needs_one_16bit_dtype(monkeypatch):
-    """The launcher takes 16-bit encoder MMAs only when e, W_enc and b_dec share a 16-bit dtype
-    (and the switch is on); anything else runs the 3xTF32 encoder on fp32 values."""
+@pytest.mark.parametrize("split_fp16", [False, True])
+def test_16bit_mma_follows_the_weights_dtype(monkeypatch, split_fp16):
+    """The launcher runs the encoder on 16-bit MMAs when W_enc is bf16 (fp16 only when tests ask:
+    e and b_dec may be any dtype, e - b_dec is formed in fp32 and split), and the shift decode
+    when steer_shift and W_dec share a 16-bit dtype, with the switch on; anything else runs
+    3xTF32 on fp32 values. (fp16 stands in for both 16-bit dtypes: the CPU interpreter cannot
+    run bf16 dots.)"""
     launches = []
 
     class Recorder:
         def __getitem__(self, grid):
-            return lambda *args, **kwargs: launches.append(kwargs["ENCODE_16BIT"])
+            return lambda *args, **kwargs: launches.append((kwargs["ENCODE_16BIT"], kwargs["SHIFT_16BIT"]))
 
     monkeypatch.setattr(gate_module, "_sae_steer_gate_kernel", Recorder())
-    half = torch.float16
-    e = torch.randn(3, 24, device=DEVICE)
+    half, single = torch.float16, torch.float32
     scale = torch.rand(3, 40, device=DEVICE) + 0.5
-    for e_dtype, sae_dtype, bias_dtype, switch in [(half, half, half, True), (half, half, half, False),
-                                                  (half, torch.float32, torch.float32, True),
-                                                  (half, half, torch.float32, True),
-                                                  (torch.float32, torch.float32, torch.float32, True)]:
+    expected = []
+    for e_dtype, sae_dtype, bias_dtype, switch, encode in [(half, half, half, True, True), (half, half, half, False, False),
+                                                           (half, single, single, True, False),
+                                                           (half, half, single, True, True), (single, half, single, True, True),
+                                                           (single, single, single, True, False)]:
         sae = make_sae(24, 40, "topk", 2, k=4, dtype=sae_dtype)
         sae["dec_bias"] = sae["dec_bias"].to(bias_dtype)
-        with gate_module.gate_constants(ENCODER_16BIT=switch):
-            triton_sae_steer_gate(e.to(e_dtype), make_gate(24, 8, 3, 1, e_dtype), sae, scale)
-    assert launches == [True, False, False, False, False]
+        e = torch.randn(3, 24, device=DEVICE).to(e_dtype)
+        with gate_module.gate_constants(SAE_16BIT_MMA=switch, _ENCODER_SPLIT_FP16=split_fp16):
+            triton_sae_steer_gate(e, make_gate(24, 8, 3, 1, e_dtype), sae, scale, scale.to(sae_dtype))
+            triton_sae_steer_gate(e, make_gate(24, 8, 3, 1, e_dtype), sae, scale, scale.to(single))
+        # (a 16-bit shift exactly when W_dec is 16-bit here)
+        expected += [(encode and split_fp16, encode), (encode and split_fp16, False)]
+    assert launches == expected
+
+
+@pytest.mark.parametrize("chains", [1, 2, 4])
+@pytest.mark.parametrize("width", [40, 300])
+@pytest.mark.parametrize("mode", reference.STEER_MODES)
+def test_shift_decode_chains(chains, width, mode):
+    """The shift decode's independent accumulator chains (`SHIFT_DECODE_CHAINS`) each match the
+    reference, with S not a multiple of chains x the reduction step."""
+    dim, batch = 48, 5
+    e = torch.randn(batch, dim, generator=torch.Generator().manual_seed(61)).to(DEVICE)
+    gate, sae = make_gate(dim, 16, 4, 62), make_sae(dim, width, "topk", 63, k=6)
+    scale, shift = make_steering("scale+shift", batch, width, 64)
+    with gate_module.gate_constants(SHIFT_DECODE_CHAINS=chains):
+        run_and_check(e, gate, sae, scale, shift, mode, None)
+
+
+def test_shift_decode_chains_are_checked():
+    gate, sae = make_gate(24, 8, 3, 1), make_sae(24, 40, "topk", 2, k=4)
+    with gate_module.gate_constants(SHIFT_DECODE_CHAINS=3), pytest.raises(ValueError, match="SHIFT_DECODE_CHAINS"):
+        triton_sae_steer_gate(torch.randn(2, 24, device=DEVICE), gate, sae, None, torch.randn(2, 40, device=DEVICE))
