@@ -70,8 +70,9 @@ _LATENT_TILES_ONLY = False
 # the H200 on 2026-11-26 (`--gate-sweep` compares; untimed).
 SAE_16BIT_MMA = True
 # Tests only: the encoder's three-term split for fp16 weights too, whose low terms underflow for
-# |e - b_dec| below ~1e-3 (absolute error under 2**-24 per element, a relative one up to ~3e-4):
-# the CPU interpreter cannot run bf16 dots, so this is how it runs the split's code.
+# |e - b_dec| below ~1e-3 (absolute error under 2**-24 per element, a relative one up to ~3e-4)
+# and whose hi term overflows above 65504: the CPU interpreter cannot run bf16 dots, so this is
+# how it runs the split's code.
 _ENCODER_SPLIT_FP16 = False
 # Independent accumulator chains of the shift decode (TopK with a steering shift), 1, 2 or 4: its
 # dots have M = 16 rows and run S latents deep (1536 at ViT-S), i.e. on sm_90 a chain of 576
@@ -365,8 +366,10 @@ def _sae_steer_gate_kernel(
                     if ENCODE_16BIT:
                         # W_enc is bf16, so only the fp32 (e - b_dec) needs splitting: into three
                         # bf16 terms hi + mid + lo (each remainder is exact in fp32, and three terms
-                        # of 8 significant bits hold fp32's 24), whose products with W are exact
-                        # in the fp32 accumulator: fp32-level like 3xTF32, in half its MMAs.
+                        # of 8 significant bits hold fp32's 24, for |e - b_dec| from 2**-110 up to
+                        # within 0.2% of fp32's max, where hi rounds to inf, as TF32 would), whose
+                        # products with W are exact in the fp32 accumulator: fp32-level like
+                        # 3xTF32, in half its MMAs.
                         # Centring first keeps the error relative to |e - b_dec| (e W - b_dec W
                         # would cancel large e and b_dec: ViTs' massive activations). mid and lo
                         # accumulate apart, a second MMA chain beside hi's.

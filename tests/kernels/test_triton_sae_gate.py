@@ -431,9 +431,10 @@ def test_scratch_parts_are_16_byte_aligned_at_any_batch(monkeypatch, activation,
 @pytest.mark.parametrize("steering_dtype", ["fp32", "same"])
 @pytest.mark.parametrize("mode", reference.STEER_MODES)
 def test_16bit_mma_matches_reference(dtype, mma_16bit, batch, activation, k, steering_dtype, mode):
-    """The SAE's dots on 16-bit MMAs (`SAE_16BIT_MMA`: the encoder as e W^T - b_dec W^T, and with
-    16-bit steering the shift decode, both with exact products) and on 3xTF32 all give the fp32
-    reference's logits and keep mask for 16-bit inputs; D and S not multiples of the tiles."""
+    """The SAE's dots on 16-bit MMAs (`SAE_16BIT_MMA`: the encoder on a three-term 16-bit split of
+    the fp32 e - b_dec, and with 16-bit steering the shift decode, both with exact products) and
+    on 3xTF32 all give the fp32 reference's logits and keep mask for 16-bit inputs; D and S not
+    multiples of the tiles."""
     if dtype == torch.bfloat16 and DEVICE == "cpu":
         pytest.skip("the CPU interpreter's dots read bf16 as raw bits; covered on CUDA")
     dim, width = 40, 300
