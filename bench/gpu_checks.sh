@@ -3,9 +3,10 @@
 #   bash bench/gpu_checks.sh OUT_DIR [--quick]
 # Most valuable first, each step under its own time limit (555 s in all: give the lease ~590 s)
 # so the script always finishes and packs what it has:
-# 0. unless --quick, the kernels of every timing step below compiled at once, one process per CPU, into Triton's
-#    on-disk cache (`--warm-up`): one timing process compiles serially (a TopK gate takes 2-3 s
-#    to compile, ~100 of them in the sweeps), so without it the sweeps spend their limits compiling;
+# 0. unless --quick, the kernels of every timing step below compiled at once, one process per
+#    CPU, into Triton's on-disk cache (`--warm-up`): one timing process compiles serially (a TopK
+#    gate takes 2-3 s to compile, ~100 of them in the sweeps), so without it the sweeps spend
+#    their limits compiling;
 # 1. the kernel benchmark (issue 4's table), as JSON and markdown;
 # 2. the kernel and triton-backend tests, compiled (the CPU runs them interpreted), spread over
 #    the CPUs with pytest-xdist since compiling the kernels for each shape dominates; verbose, so

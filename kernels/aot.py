@@ -200,11 +200,10 @@ def _variants(quick: bool) -> Iterator[tuple[str, callable]]:
             sae = dict(enc_weight=rand(width, dim), enc_bias=rand(width), dec_weight=rand(width, dim), dec_bias=rand(dim),
                        threshold=None, activation=activation, k=16)
             yield f"gate {name} {activation} scale+shift", lambda e=e, g=gate, s=sae: triton_sae_steer_gate(e, g, s, scale, shift)
-            if activation == "topk":  # the same launch at other batch sizes: the same kernel, no new compile
-                for rows in (1, 7):
+            if activation == "topk":
+                for rows in (1, 7):  # the same launch at other batch sizes: the same kernel, no new compile
                     yield f"gate {name} topk scale+shift batch {rows}", lambda e=e, g=gate, s=sae, rows=rows: (
                         triton_sae_steer_gate(e[:rows], g, s, scale[:rows], shift[:rows]))
-            if activation == "topk":
 
                 def batch_tile_finisher(e=e, g=gate, s=sae):
                     with gate_constants(PER_SAMPLE_FINISH=False):

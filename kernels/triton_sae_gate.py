@@ -353,7 +353,8 @@ def _sae_steer_gate_kernel(
             tile_mask = row_mask[:, None] & s_mask[None, :]
             if PARTIAL or GATHER:  # both need the tile's pre-activations
                 pre = tl.zeros([BLOCK_B, BLOCK_S], dtype=tl.float32)
-                pre_low = tl.zeros([BLOCK_B, BLOCK_S], dtype=tl.float32)  # (ENCODE_16BIT: mid and lo terms)
+                if ENCODE_16BIT:
+                    pre_low = tl.zeros([BLOCK_B, BLOCK_S], dtype=tl.float32)  # the mid and lo terms' chain
                 for k0 in range(0, D, BLOCK_K):
                     kk = k0 + tl.arange(0, BLOCK_K)
                     k_mask = kk < D
@@ -381,7 +382,8 @@ def _sae_steer_gate_kernel(
                         pre_low = tl.dot(lo, tl.trans(w_enc), tl.dot(mid, tl.trans(w_enc), pre_low))
                     else:
                         pre = tl.dot(centered, tl.trans(w_enc.to(tl.float32)), pre, input_precision=PRECISION)
-                pre += pre_low
+                if ENCODE_16BIT:
+                    pre += pre_low
                 pre += tl.load(enc_b_ptr + offs_s, mask=s_mask, other=0.0).to(tl.float32)[None, :]
             if PARTIAL:
                 # ReLU / JumpReLU: the tile knows its latents' full coefficients of the decode
@@ -707,10 +709,8 @@ def triton_sae_steer_gate(
                 partial = True
         threshold = threshold.contiguous() if activation == "jumprelu" else dummy
         sae_args = (enc_w, sae["enc_bias"].contiguous(), dec_w, sae["dec_bias"].contiguous(), threshold)
-        # 16-bit MMAs need their operands in one 16-bit dtype (fp16 only under the CPU
-        # interpreter, whose dots read bf16 as raw bits).
-        # (e - b_dec is formed in fp32 and split to W's dtype: exactly for bf16; fp16's narrow
-        # exponent loses the low terms of small values, so fp16 weights keep 3xTF32)
+        # The encoder forms e - b_dec in fp32 and splits it to W_enc's dtype: exactly for bf16;
+        # fp16's narrow exponent loses the low terms of small values, so fp16 weights keep 3xTF32.
         encode_16bit = _mma_16bit(enc_w) and (enc_w.dtype == torch.bfloat16 or _ENCODER_SPLIT_FP16)
         shift_16bit = shift is not None and _mma_16bit(shift, dec_w)
 

@@ -54,6 +54,20 @@ def make_steering(kind, batch, width, seed):
     return {"scale": (scale, None), "shift": (None, shift), "scale+shift": (scale, shift)}[kind]
 
 
+@pytest.fixture
+def recorded_launches(monkeypatch):
+    """The gate kernel replaced by a recorder: each launch's (args, kwargs), nothing run; for
+    checks of what the launcher passes."""
+    launches = []
+
+    class Recorder:
+        def __getitem__(self, grid):
+            return lambda *args, **kwargs: launches.append((args, kwargs))
+
+    monkeypatch.setattr(gate_module, "_sae_steer_gate_kernel", Recorder())
+    return launches
+
+
 @pytest.fixture(params=["batch-tile finisher", "per-sample finishers"])
 def finisher(request):
     """Both ways the SAE gate's second phase can run: the last latent-tile program of each batch
@@ -403,23 +417,16 @@ def test_gate_pipeline_depth_stays_within_its_shared_memory_budget():
 
 
 @pytest.mark.parametrize("activation,k,steering", [("topk", 5, "scale+shift"), ("topk", 3, "scale"), ("relu", None, "scale")])
-def test_scratch_parts_are_16_byte_aligned_at_any_batch(monkeypatch, activation, k, steering):
+def test_scratch_parts_are_16_byte_aligned_at_any_batch(recorded_launches, activation, k, steering):
     """Triton specializes pointers on 16-byte alignment: every scratch part the launcher carves
     from its workspace starts aligned whatever B and k, so a batch size never gets narrower loads
     or a compile of its own (the kernel does not specialize on B either)."""
-    launches = []
-
-    class Recorder:
-        def __getitem__(self, grid):
-            return lambda *args, **kwargs: launches.append(args)
-
-    monkeypatch.setattr(gate_module, "_sae_steer_gate_kernel", Recorder())
     gate, sae = make_gate(24, 8, 3, seed=1), make_sae(24, 40, activation, seed=2, k=k)
     for batch in (1, 3, 7, 17):
         e = torch.randn(batch, 24, device=DEVICE)
         triton_sae_steer_gate(e, gate, sae, *make_steering(steering, batch, 40, seed=3))
-    assert len(launches) == 4
-    for args in launches:
+    assert len(recorded_launches) == 4
+    for args, _ in recorded_launches:
         pointers = [arg for arg in args if torch.is_tensor(arg)]
         assert len(pointers) > 10 and all(pointer.data_ptr() % 16 == 0 for pointer in pointers)
 
@@ -449,19 +456,12 @@ def test_16bit_mma_matches_reference(dtype, mma_16bit, batch, activation, k, ste
 
 
 @pytest.mark.parametrize("split_fp16", [False, True])
-def test_16bit_mma_follows_the_weights_dtype(monkeypatch, split_fp16):
+def test_16bit_mma_follows_the_weights_dtype(recorded_launches, split_fp16):
     """The launcher runs the encoder on 16-bit MMAs when W_enc is bf16 (fp16 only when tests ask:
     e and b_dec may be any dtype, e - b_dec is formed in fp32 and split), and the shift decode
     when steer_shift and W_dec share a 16-bit dtype, with the switch on; anything else runs
     3xTF32 on fp32 values. (fp16 stands in for both 16-bit dtypes: the CPU interpreter cannot
     run bf16 dots.)"""
-    launches = []
-
-    class Recorder:
-        def __getitem__(self, grid):
-            return lambda *args, **kwargs: launches.append((kwargs["ENCODE_16BIT"], kwargs["SHIFT_16BIT"]))
-
-    monkeypatch.setattr(gate_module, "_sae_steer_gate_kernel", Recorder())
     half, single = torch.float16, torch.float32
     scale = torch.rand(3, 40, device=DEVICE) + 0.5
     expected = []
@@ -477,7 +477,7 @@ def test_16bit_mma_follows_the_weights_dtype(monkeypatch, split_fp16):
             triton_sae_steer_gate(e, make_gate(24, 8, 3, 1, e_dtype), sae, scale, scale.to(single))
         # (a 16-bit shift exactly when W_dec is 16-bit here)
         expected += [(encode and split_fp16, encode), (encode and split_fp16, False)]
-    assert launches == expected
+    assert [(kwargs["ENCODE_16BIT"], kwargs["SHIFT_16BIT"]) for _, kwargs in recorded_launches] == expected
 
 
 @pytest.mark.parametrize("chains", [1, 2, 4])
