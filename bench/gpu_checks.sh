@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The Triton checks that need a CUDA GPU, as one script for a short lease of a GPU machine:
 #   bash bench/gpu_checks.sh OUT_DIR [--quick]
-# Most valuable first, each step under its own time limit (555 s in all: give the lease ~590 s)
+# Most valuable first, each step under its own time limit (525 s in all: give the lease ~590 s)
 # so the script always finishes and packs what it has:
 # 0. unless --quick, the kernels of every timing step below compiled at once, one process per
 #    CPU, into Triton's on-disk cache (`--warm-up`): one timing process compiles serially (a TopK
@@ -10,11 +10,14 @@
 # 1. the kernel benchmark (issue 4's table), as JSON and markdown;
 # 2. the kernel and triton-backend tests, compiled (the CPU runs them interpreted), spread over
 #    the CPUs with pytest-xdist since compiling the kernels for each shape dominates; verbose, so
-#    a step cut by its limit still logs each finished test's outcome;
-# 3. the per-kernel breakdown of the attention branch;
-# 4. the tests of the opt-in tilings and the fused QKV + attention launch, compiled;
-# 5. unless --quick, the fused gate's sweep, the attention tile sweep and the whole ViT-S (bf16,
-#    CUDA graphs) against timm.
+#    a step cut by its limit still logs each finished test's outcome. Launches block
+#    (CUDA_LAUNCH_BLOCKING=1), so a kernel that faults fails its own test with its own name, and
+#    tests/conftest.py then ends that xdist worker (a faulted CUDA context stays broken; xdist
+#    starts a fresh worker for the rest);
+# 3. the per-kernel breakdown of the attention branch (printed row by row);
+# 4. the whole ViT-S (bf16, CUDA graphs) against timm;
+# 5. unless --quick, the attention tile sweep and the fused gate's sweep;
+# 6. the tests of the opt-in tilings and the fused QKV + attention launch, compiled.
 # Everything lands in OUT_DIR/gpu_checks/ and is packed into OUT_DIR/gpu_checks.tar.gz (a lease
 # returns only a few files). The exit status is that of the first failing step.
 set -uo pipefail
@@ -42,19 +45,20 @@ trap pack EXIT
 cat "$dir/gpu.txt"
 workers=$(( $(nproc) > 16 ? 16 : $(nproc) ))
 if [ "$quick" != "--quick" ]; then  # (--quick skips the sweeps, most of what it compiles)
-  step warm_up 55 python -m headsteer.bench.kernels --warm-up --jobs "$workers" --seconds 45
+  step warm_up 50 python -m headsteer.bench.kernels --warm-up --jobs "$workers" --seconds 40
 fi
-step kernels 60 python -m headsteer.bench.kernels --json "$dir/kernels.json" --md "$dir/kernels.md"
-variants="test_tile_variants or test_fused_qkv"  # the opt-in configurations' tests, after the defaults' and the breakdown
-tests=(python -m pytest -v -rfE -n "$workers" -p no:cacheprovider tests/kernels tests/runtime/test_triton_backend.py)
-step tests 170 "${tests[@]}" -k "not ($variants)"
+step kernels 45 python -m headsteer.bench.kernels --json "$dir/kernels.json" --md "$dir/kernels.md"
+variants="test_tile_variants or test_fused_qkv"  # the opt-in configurations' tests, last
+tests=(env CUDA_LAUNCH_BLOCKING=1 python -m pytest -v -rfE -n "$workers" -p no:cacheprovider tests/kernels
+       tests/runtime/test_triton_backend.py)
+step tests 190 "${tests[@]}" -k "not ($variants)"
 step breakdown 45 python -m headsteer.bench.kernels --breakdown --json "$dir/breakdown.json"
-step tests_variants 60 "${tests[@]}" -k "$variants"
+step model 30 python -m headsteer.bench --model vit_small_patch16_224 --device cuda --dtype bfloat16 \
+  --backends timm,timm-graph,triton-graph --batch 64,8 --usage 1,0.67,0.33,0 --reps 10 --warmup 2 \
+  --no-progress --json "$dir/model.json" --md "$dir/model.md"
 if [ "$quick" != "--quick" ]; then
-  step gate_sweep 45 python -m headsteer.bench.kernels --gate-sweep
   step sweep 75 python -m headsteer.bench.kernels --sweep
-  step model 45 python -m headsteer.bench --model vit_small_patch16_224 --device cuda --dtype bfloat16 \
-    --backends timm,timm-graph,triton-graph --batch 64,8 --usage 1,0.67,0.33,0 --reps 10 --warmup 2 \
-    --no-progress --json "$dir/model.json" --md "$dir/model.md"
+  step gate_sweep 30 python -m headsteer.bench.kernels --gate-sweep
 fi
+step tests_variants 60 "${tests[@]}" -k "$variants"
 exit "$status"

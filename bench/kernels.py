@@ -175,7 +175,8 @@ def dense_stages(x: torch.Tensor, w: dict, heads: int) -> list[tuple[str, callab
 
 
 def breakdown() -> dict:
-    """Graph-replay microseconds of each kernel of the dense and the sparse branch."""
+    """Graph-replay microseconds of each kernel of the dense and the sparse branch; prints each
+    row as soon as it is measured (a lease's time limit may cut the rest)."""
     from headsteer.kernels import triton_head_attention as module
 
     def sparse_stages(x, keep, w, heads) -> dict:
@@ -184,37 +185,44 @@ def breakdown() -> dict:
             launch()
         return {stage: graph_timed(launch) for stage, launch in launches}
 
+    def add(row: dict) -> None:
+        rows.append(dict(row, total=sum(row[stage] for stage in BREAKDOWN_STAGES if stage in row)))
+        print(breakdown_row(rows[-1]), flush=True)
+
     fused_tiles = (dataclasses.replace(module.TILES, **module.FUSED_QKV_ATTENTION),
                    dataclasses.replace(module.TILES_FP32, **module.FUSED_QKV_ATTENTION))
     generator = torch.Generator().manual_seed(0)
-    rows = []
+    setups = {}
     for name, (heads, dim) in MODELS.items():
         w = make_block(heads, dim, generator)
-        x = torch.randn(BATCH, TOKENS, dim, generator=generator).to(DEVICE, DTYPE)
-        dense = {stage: graph_timed(fn) for stage, fn in dense_stages(x, w, heads)}
-        rows.append(dict(model=name, usage=None, branch="dense", **dense, total=sum(dense.values())))
+        setups[name] = heads, w, torch.randn(BATCH, TOKENS, dim, generator=generator).to(DEVICE, DTYPE)
+    rows = []
+    print(BREAKDOWN_HEADER, flush=True)
+    for name, (heads, w, x) in setups.items():
+        add(dict(model=name, usage=None, branch="dense",
+                 **{stage: graph_timed(fn) for stage, fn in dense_stages(x, w, heads)}))
         for usage in USAGES + (0.0,):  # (usage 0: what each kernel costs with nothing to compute)
-            sparse = sparse_stages(x, random_keep(BATCH, heads, usage, generator), w, heads)
-            rows.append(dict(model=name, usage=usage, branch="sparse", **sparse, total=sum(sparse.values())))
-        for usage in FUSED_BREAKDOWN_USAGES:  # the opt-in QKV + attention launch (`FUSED_QKV_ATTENTION`)
+            add(dict(model=name, usage=usage, branch="sparse",
+                     **sparse_stages(x, random_keep(BATCH, heads, usage, generator), w, heads)))
+    for name, (heads, w, x) in setups.items():  # the opt-in QKV + attention launch, after both models' defaults
+        for usage in FUSED_BREAKDOWN_USAGES:
             keep = random_keep(BATCH, heads, usage, generator)
             with module.tile_config(*fused_tiles):
-                fused = sparse_stages(x, keep, w, heads)
-            rows.append(dict(model=name, usage=usage, branch="sparse, qkv+attention fused", **fused,
-                             total=sum(fused.values())))
+                add(dict(model=name, usage=usage, branch="sparse, qkv+attention fused", **sparse_stages(x, keep, w, heads)))
     return {"breakdown": rows}
 
 
-def breakdown_markdown(results: dict) -> str:
-    lines = ["| model | branch | usage | qkv us | attention us | proj us | sum us |", "| --- | --- | --- | --- | --- | --- | --- |"]
-    for r in results["breakdown"]:
-        usage = "" if r["usage"] is None else f"{r['usage']:.2f}"
-        if "qkv+attention" in r:  # one launch for both: its time spans the two columns
-            qkv, attention = f"{r['qkv+attention']:.1f} (both)", ""
-        else:
-            qkv, attention = f"{r['qkv']:.1f}", f"{r['attention']:.1f}"
-        lines.append(f"| {r['model']} | {r['branch']} | {usage} | {qkv} | {attention} | {r['proj']:.1f} | {r['total']:.1f} |")
-    return "\n".join(lines) + "\n"
+BREAKDOWN_STAGES = ("qkv", "attention", "qkv+attention", "proj")  # (the dense branch's stages share these names)
+BREAKDOWN_HEADER = "| model | branch | usage | qkv us | attention us | proj us | sum us |\n| --- | --- | --- | --- | --- | --- | --- |"
+
+
+def breakdown_row(r: dict) -> str:
+    usage = "" if r["usage"] is None else f"{r['usage']:.2f}"
+    if "qkv+attention" in r:  # one launch for both: its time spans the two columns
+        qkv, attention = f"{r['qkv+attention']:.1f} (both)", ""
+    else:
+        qkv, attention = f"{r['qkv']:.1f}", f"{r['attention']:.1f}"
+    return f"| {r['model']} | {r['branch']} | {usage} | {qkv} | {attention} | {r['proj']:.1f} | {r['total']:.1f} |"
 
 
 def failure(error: Exception) -> str:
@@ -225,55 +233,39 @@ def failure(error: Exception) -> str:
 
 def sweep_variants() -> list:
     """The attention tile configurations `sweep` times: the defaults, then one kernel's tiles
-    changed at a time."""
+    changed at a time, most informative first (a time limit cuts the tail)."""
     from headsteer.kernels import triton_head_attention as module
 
     base = module.TILES  # vary one kernel's tiles at a time around the current defaults
     variants = [base]
-    # First, every kernel as timed on the H200 on 2026-11-26 (flattened three-dot QKV, 128/64
-    # attention tiles without narrow tails, per-head branch in the projection): what the untimed
-    # changes add up to.
-    variants.append(dataclasses.replace(base, qkv_compact=False, qkv_fuse_qk=False, attn_block_m=128,
-                                        attn_block_m_tail=128, attn_block_n=64, attn_block_tail=64,
-                                        proj_kept_list=False))
-    # QKV and attention in one launch (opt-in, untimed), in both configurations that fit sm_90's
-    # 255 registers, then with 128-token QKV tiles: a program re-reads its head's 192 weight rows
-    # (147 KiB at ViT-S) from L2 for every token tile, 4 times per sample with 64-token tiles and
-    # twice with 128 (but 256 MMA rows for 197 tokens instead of 208).
-    variants.append(dataclasses.replace(base, **module.FUSED_QKV_ATTENTION))
-    variants.append(dataclasses.replace(base, **module.FUSED_QKV_ATTENTION_8_WARPS))
-    variants.append(dataclasses.replace(base, **module.FUSED_QKV_ATTENTION_8_WARPS, qkv_block_n=128))
-    # Then each untimed default against its measured alternative: QKV over compacted token lists
-    # by persistent programs against flattened tokens with a program per (tile, head), q and k as
-    # one MMA against three, other persistent grid sizes; the output projection walking a list of
-    # kept heads (no branch in its loop, so pipelined) against the per-head branch;
-    # software-pipeline depths (default 3).
-    variants.append(dataclasses.replace(base, qkv_compact=False))
-    variants.append(dataclasses.replace(base, qkv_fuse_qk=False))
-    for programs_per_sm in (1, 3, 0):
-        variants.append(dataclasses.replace(base, qkv_programs_per_sm=programs_per_sm))
+    # The output projection's per-head branch: with it, these are the kernels as timed on the
+    # H200 and the H100 on 2026-11-26 (the defaults' kept-head list was timed only at ViT-S).
     variants.append(dataclasses.replace(base, proj_kept_list=False))
+    # Attention: (query tile, queries per pass over the ragged end, key step, keys per step over
+    # the ragged end, warps). The first is the narrow-tail tiling the H100 timed slower at ViT-B.
+    for attn in ((64, 16, 32, 16, 4), (128, 16, 64, 16, 4), (128, 128, 64, 16, 4), (64, 64, 64, 64, 4),
+                 (64, 16, 64, 16, 4), (64, 16, 32, 32, 4), (128, 128, 64, 64, 8)):
+        variants.append(dataclasses.replace(base, attn_block_m=attn[0], attn_block_m_tail=attn[1], attn_block_n=attn[2],
+                                            attn_block_tail=attn[3], attn_warps=attn[4]))
+    # QKV: wider token tiles (each program re-reads its head's 192 weight rows from L2 per tile),
+    # q and k as one MMA, the compacted persistent grid and its sizes.
+    for qkv in ((128, 64, 8), (128, 32, 4), (64, 32, 4)):
+        variants.append(dataclasses.replace(base, qkv_block_n=qkv[0], qkv_block_k=qkv[1], qkv_warps=qkv[2]))
+    variants.append(dataclasses.replace(base, qkv_fuse_qk=True))
+    variants.append(dataclasses.replace(base, qkv_fuse_qk=True, qkv_block_n=128, qkv_warps=8))
+    for programs_per_sm in (2, 0):
+        variants.append(dataclasses.replace(base, qkv_compact=True, qkv_programs_per_sm=programs_per_sm))
+    # The output projection's tiles and pipeline depths.
     for proj in ((128, 128, 8, 3), (128, 64, 4, 3), (64, 128, 4, 2), (64, 128, 4, 4)):
         variants.append(dataclasses.replace(base, proj_block_t=proj[0], proj_block_o=proj[1], proj_warps=proj[2],
                                             proj_stages=proj[3]))
-    variants.append(dataclasses.replace(base, qkv_fuse_qk=True, qkv_block_n=128, qkv_warps=8, qkv_programs_per_sm=1))
     for stages in (2, 4):
         variants.append(dataclasses.replace(base, qkv_stages=stages))
         variants.append(dataclasses.replace(base, attn_stages=stages))
     variants.append(dataclasses.replace(base, qkv_block_k=128, qkv_stages=2))
-    # (query tile, queries per pass over the ragged end, key step, keys per step over the ragged
-    # end, warps). The first is the tiling timed on the H200 on 2026-11-26 (a key tail as wide as
-    # the key step does the MMA work the kernel did before the tail passes).
-    for attn in ((128, 128, 64, 64, 4), (128, 128, 64, 16, 4), (64, 64, 32, 16, 4), (64, 16, 64, 16, 4),
-                 (64, 16, 32, 32, 4), (64, 16, 32, 16, 8), (128, 16, 64, 16, 4)):
-        variants.append(dataclasses.replace(base, attn_block_m=attn[0], attn_block_m_tail=attn[1], attn_block_n=attn[2],
-                                            attn_block_tail=attn[3], attn_warps=attn[4]))
-    # Tilings the 2026-11-26 H200 sweep found within noise of the defaults.
-    for qkv in ((128, 64, 8), (64, 32, 4), (128, 32, 4)):
-        variants.append(dataclasses.replace(base, qkv_block_n=qkv[0], qkv_block_k=qkv[1], qkv_warps=qkv[2]))
-    for proj in ((128, 64, 4), (128, 128, 8)):
-        variants.append(dataclasses.replace(base, proj_block_t=proj[0], proj_block_o=proj[1], proj_warps=proj[2],
-                                            proj_kept_list=False))
+    # QKV and attention in one launch (opt-in; slower than the two launches where timed).
+    variants.append(dataclasses.replace(base, **module.FUSED_QKV_ATTENTION))
+    variants.append(dataclasses.replace(base, **module.FUSED_QKV_ATTENTION_8_WARPS))
     return variants
 
 
@@ -491,8 +483,7 @@ def main(argv: list[str] | None = None) -> int:
         gate_sweep()
         return 0
     if args.breakdown:
-        results = breakdown()
-        print(breakdown_markdown(results))
+        results = breakdown()  # (prints its table row by row)
         if args.json:
             write_text_atomic(args.json, json.dumps(results, indent=2))
         return 0

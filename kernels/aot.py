@@ -162,10 +162,15 @@ def _variants(quick: bool) -> Iterator[tuple[str, callable]]:
             weights = (rand(3 * dim, dim, dtype=dtype), rand(3 * dim, dtype=dtype), rand(dim, dim, dtype=dtype), rand(dim, dtype=dtype))
             yield f"attention {label}", lambda x=x, keep=keep, w=weights, h=heads: triton_head_attention(x, keep, *w, h)
             if dtype != torch.float32:  # (fp32 launches use TILES_FP32, not TILES)
-                # Opt-in variants the benchmark sweep times: the projection's per-head branch, QKV
-                # and attention in one launch (with three QKV dots in 4 warps, 2 programs per SM;
-                # with q|k as one dot, 8 warps: both fit 255 registers, the 4-warp q|k one spills).
+                # Opt-in variants the benchmark sweep times: the projection's per-head branch, the
+                # compacted persistent QKV with q|k as one dot, the attention's narrow passes over
+                # the ragged ends, QKV and attention in one launch (with three QKV dots in 4 warps,
+                # 2 programs per SM; with q|k as one dot, 8 warps: both fit 255 registers, the
+                # 4-warp q|k one spills).
                 for variant, overrides in (("head-branch", dict(proj_kept_list=False)),
+                                           ("compacted-qkv", dict(qkv_compact=True, qkv_fuse_qk=True)),
+                                           ("narrow-tails", dict(attn_block_m=64, attn_block_m_tail=16, attn_block_n=32,
+                                                                 attn_block_tail=16)),
                                            ("fused-qkv-attention", attention.FUSED_QKV_ATTENTION),
                                            ("fused-qkv-attention 8 warps", attention.FUSED_QKV_ATTENTION_8_WARPS)):
 

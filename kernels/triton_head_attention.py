@@ -4,24 +4,24 @@ Three launches, all with grids sized from B, H, N and the GPU alone (never from 
 nothing waits on the host and the whole branch can be captured in a CUDA graph:
 
 1. `_qkv_kernel` projects one head's q, k, v (and applies the q/k LayerNorm) for a tile of
-   tokens. By default each program first counts, per head, the samples that keep it (the mask's
-   B x H bits), which defines each head's compacted token list: the N tokens of every sample
-   that keeps the head, back to back. Work items are (head, tile of its list), so MMA rows are
-   never spent on pruned pairs, and a persistent grid (a few programs per SM) walks only the
-   items that exist: a pruned head costs its mask bits, not a launched program. Up to
-   COMPACT_MAX_BATCH samples; beyond, or with `TileConfig(qkv_compact=False)`, one program per
-   (tile of the flattened B*N tokens, head), where rows of samples that pruned the head load as
-   zeros and are not stored and a tile no sample keeps stops after its mask bits. Neither pads a
-   sample's N up to the tile (197 -> 256 with 64-token tiles).
+   tokens. By default one program per (tile of the flattened B*N tokens, head), where rows of
+   samples that pruned the head load as zeros and are not stored and a tile no sample keeps
+   stops after its mask bits. With `TileConfig(qkv_compact=True)` (up to COMPACT_MAX_BATCH
+   samples) each program first counts, per head, the samples that keep it (the mask's B x H
+   bits), which defines each head's compacted token list: the N tokens of every sample that
+   keeps the head, back to back. Work items are (head, tile of its list), so MMA rows are never
+   spent on pruned pairs, and a persistent grid (a few programs per SM) walks only the items
+   that exist. Neither pads a sample's N up to the tile (197 -> 256 with 64-token tiles).
 2. `_attention_kernel`, grid (B*H, query tiles): flash attention with an online softmax; pruned
    (sample, head) pairs return after reading their bit.
 3. `_proj_kernel`, grid (token tiles, output-column tiles): sums `o_h @ W_o[:, h]^T` over the
    heads kept by the tile's samples (the mask bits guard each head's loads and MMA), adds the bias
    and, when asked, a block's residual (times a LayerScale first) in the same epilogue.
 
-Opt-in (`TileConfig.fuse_qkv_attention`, untimed): launches 1 and 2 as one, `_qkv_attention_kernel`,
-whose persistent programs take the kept (sample, head) pairs one at a time, project that head's
-q, k, v for the sample's N tokens and attend over them at once, while they are in L2.
+Opt-in (`TileConfig.fuse_qkv_attention`, slower where timed): launches 1 and 2 as one,
+`_qkv_attention_kernel`, whose persistent programs take the kept (sample, head) pairs one at a
+time, project that head's q, k, v for the sample's N tokens and attend over them at once, while
+they are in L2.
 
 Scratch buffers (q/k/v and per-head outputs, `new_scratch`) are uninitialized: slots of pruned
 heads are never written and never read. Math matches `reference.head_attention` with head_weight = keep; matmuls
@@ -52,32 +52,35 @@ class TileConfig:
     qkv_block_k: int = 64  # reduction step over D
     qkv_warps: int = 4
     qkv_stages: int = 3  # software-pipeline depth of the reduction loop (copies of its input tiles)
-    # QKV over compacted token lists (each head's tiles hold only tokens of samples that keep it)
-    # walked by persistent programs, qkv_programs_per_sm per SM (0: one program per possible
-    # item). False: one program per (tile of the flattened B*N tokens, head), as timed on the
-    # H200 on 2026-11-26, where a tile shared by a sample that keeps the head and one that does
-    # not computes both, and every pruned tile is a launched program.
-    qkv_compact: bool = True
+    # False: one program per (tile of the flattened B*N tokens, head), where a tile shared by a
+    # sample that keeps the head and one that does not computes both, and every pruned tile is a
+    # launched program. True: QKV over compacted token lists (each head's tiles hold only tokens
+    # of samples that keep it) walked by persistent programs, qkv_programs_per_sm per SM (0: one
+    # program per possible item); on an H100 on 2026-11-26 (bf16, B=64, graph replay) it was the
+    # slower of the two at both sizes and usages: ViT-S 84.7 vs 81.3 us at usage 1, 41.9 vs 41.6
+    # at 0.33; ViT-B 287.5 vs 275.4, 119.5 vs 117.2.
+    qkv_compact: bool = False
     qkv_programs_per_sm: int = 2
     # QKV: q and k as one MMA of twice the width (blocks without q/k norms), v as a second, so
     # x's tile is read from shared memory twice per step instead of three times. An sm_90 wgmma
     # with both operands in shared memory reads (64 + N) x 16 x 2 bytes per 64 x N x 16 MACs: at
     # N = 64 that is 4 KiB per 32 tensor-core cycles, all of the SM's 128 B/cycle (which the
     # pipeline's copies into shared memory share), so three 64-wide dots leave the tensor cores
-    # waiting; q|k at N = 128 needs 6 KiB per 64 cycles. (Estimated, untimed.) False: three
-    # 64-wide dots, as timed on the H200 on 2026-11-26.
-    qkv_fuse_qk: bool = True
+    # waiting; q|k at N = 128 needs 6 KiB per 64 cycles. (Estimated.) Timed on an H100 on
+    # 2026-11-26 it gained nothing: three 64-wide dots ran ViT-S in 84.0 us against 84.7 and
+    # ViT-B in 283.7 against 287.5 (compacted QKV, usage 1), so three dots stay the default.
+    qkv_fuse_qk: bool = False
     # QKV and attention in one launch (`_qkv_attention_kernel`): persistent programs
     # (qkv_programs_per_sm per SM) walk the kept (sample, head) pairs, each projecting one head's
     # q, k, v for one sample's N tokens and attending right away, so the q/k/v it just wrote are
     # read back from L2 rather than from memory after a launch boundary, and there is one launch
     # (and one fill and drain of the GPU) fewer. 16-bit inputs with heads up to 64 wide only (see
-    # the launcher). Untimed; off: the two launches above.
+    # the launcher). Off: the two launches above, faster where timed (see FUSED_QKV_ATTENTION).
     fuse_qkv_attention: bool = False
-    attn_block_m: int = 64  # queries per attention program
-    attn_block_m_tail: int = 16  # narrowest pass over the ragged last query tile (`ragged_step`)
-    attn_block_n: int = 32  # keys per online-softmax step
-    attn_block_tail: int = 16  # narrowest step over the ragged last keys (`ragged_step`)
+    attn_block_m: int = 128  # queries per attention program
+    attn_block_m_tail: int = 128  # narrowest pass over the ragged last query tile (`ragged_step`)
+    attn_block_n: int = 64  # keys per online-softmax step
+    attn_block_tail: int = 64  # narrowest step over the ragged last keys (`ragged_step`)
     attn_warps: int = 4
     attn_stages: int = 3  # software-pipeline depth of the key loop
     proj_block_t: int = 64  # tokens per output-projection program
@@ -91,27 +94,39 @@ class TileConfig:
 
 
 # Used by every 16-bit launch; tuned on an H100/H200 for ViT shapes (N=197, d=64, bf16) with
-# `python -m headsteer.bench.kernels --sweep`, which swaps this module attribute. Not yet timed:
-# the attention's tails, the compacted persistent QKV with q|k as one MMA, the output
-# projection's kept-head list. The H200 sweep of 2026-11-26 put 64-query / 32-key tiles within noise
-# of 128 / 64; the 16-row and 16-key tail passes then cut each (sample, head)'s padded score
-# tile at N=197 from 256 x 256 to 208 x 208 (the sweep keeps the old tiling to compare).
+# `python -m headsteer.bench.kernels --sweep`, which swaps this module attribute. Attention:
+# 128-query tiles and 64-key steps, without narrow passes over the ragged ends. The H200 sweep of
+# 2026-11-26 put 64-query / 32-key tiles within noise of these; with 16-row and 16-key passes
+# over the ragged ends (each (sample, head)'s padded score tile at N=197 cut from 256 x 256 to
+# 208 x 208) the H100 sweep of the same day ran ViT-B's branch (bf16, B=64, graph replay) at 275 /
+# 117 us at usage 1 / 0.33 (flattened QKV with q|k as one MMA, kept-head projection list) against
+# 246 / 108 us with these tiles (three-dot QKV, per-head projection branch: worth about +1 and -5
+# us at ViT-S, so the tiles make ViT-B's difference); ViT-S ran at 81 / 42 against 88 / 42 us,
+# about even once the projection's 5 us are counted.
 TILES = TileConfig()
 
 # QKV and attention in one launch (`fuse_qkv_attention`; 16-bit inputs, heads up to
-# FUSED_MAX_HEAD_BLOCK wide, else two launches), untimed, in the two configurations `--sweep`
-# times (overrides of TILES): three QKV dots in 4 warps, 2 programs per SM; q|k as one
+# FUSED_MAX_HEAD_BLOCK wide, else two launches), opt-in, in the two configurations `--sweep`
+# times (overrides of TILES, with the 64-query / 32-key attention tiles and 16-wide ragged passes
+# they were compiled and timed with): three QKV dots in 4 warps, 2 programs per SM; q|k as one
 # dot in 8 warps, 1 program per SM. Compiled for sm_90 both fit 255 registers (at most 64 B of
-# spills); q|k in 4 warps spills 76-144 B (`python -m headsteer.kernels.aot`).
+# spills); q|k in 4 warps spills 76-144 B (`python -m headsteer.kernels.aot`). Timed on an H100
+# on 2026-11-26 (bf16, B=64, graph replay, against the then-default two launches): the first ran
+# ViT-S in 109.7 / 56.7 us at usage 1 / 0.33 against 84.7 / 41.9, ViT-B in 291.6 / 114.1 against
+# 287.5 / 119.5; the second slower still (135.6 / 52.7 and 381.8 / 149.1).
 FUSED_MAX_HEAD_BLOCK = 64  # widest (padded) head the fused launch takes
-FUSED_QKV_ATTENTION = dict(fuse_qkv_attention=True, qkv_fuse_qk=False)
-FUSED_QKV_ATTENTION_8_WARPS = dict(fuse_qkv_attention=True, qkv_warps=8, qkv_programs_per_sm=1)
+_FUSED_ATTENTION_TILES = dict(attn_block_m=64, attn_block_m_tail=16, attn_block_n=32, attn_block_tail=16)
+FUSED_QKV_ATTENTION = dict(fuse_qkv_attention=True, qkv_fuse_qk=False, **_FUSED_ATTENTION_TILES)
+FUSED_QKV_ATTENTION_8_WARPS = dict(fuse_qkv_attention=True, qkv_fuse_qk=True, qkv_warps=8, qkv_programs_per_sm=1,
+                                   **_FUSED_ATTENTION_TILES)
 
 # fp32 launches: 3xTF32 dots keep fp32 operands (twice the bytes) and three accumulating MMAs
 # per dot, so the 16-bit tiles spill registers and overflow shared memory on sm_90; these fit
 # (`python -m headsteer.kernels.aot`). Not tuned for speed: fp32 runs for parity, 16-bit for speed.
+# The ragged key end takes a whole 64-key step (`fit_tiles` explains why).
 TILES_FP32 = TileConfig(qkv_block_n=64, qkv_block_k=32, qkv_warps=8, qkv_fuse_qk=False, attn_block_m=64,
-                        attn_block_n=64, attn_warps=8, proj_block_t=64, proj_block_o=64, proj_warps=8)
+                        attn_block_m_tail=16, attn_block_n=64, attn_block_tail=64, attn_warps=8, proj_block_t=64,
+                        proj_block_o=64, proj_warps=8)
 
 
 # Shared memory a kernel's staged tiles may take; an H100/H200 block gets 227 KiB.
@@ -141,6 +156,11 @@ def fit_tiles(tiles: TileConfig, block_d: int, element_bytes: int) -> TileConfig
     attn_block_n = tiles.attn_block_n
     while attn_block_n > 16 and (2 * tiles.attn_stages + 2) * attn_block_n * block_d * element_bytes > _SHARED_BUDGET:
         attn_block_n //= 2
+    # fp32 takes its ragged key end as one whole masked key step: a narrower 3xTF32 step (16 keys
+    # after 64-key steps, 64-query tiles, 8 warps, d = 32 and 64) faulted with an illegal memory
+    # access on an H100 (Triton 3.6, 2026-11-26), where whole-width tails and 4 warps ran exact.
+    # fp32 is the parity path; the narrow tail only saves 16-bit MMA work.
+    attn_block_tail = attn_block_n if element_bytes >= 4 else min(tiles.attn_block_tail, attn_block_n)
     qkv_block_n = tiles.qkv_block_n
     accumulator_regs = 48 if element_bytes >= 4 else 96
     while qkv_block_n > 16 and 3 * qkv_block_n * block_d > accumulator_regs * 32 * tiles.qkv_warps:
@@ -153,7 +173,7 @@ def fit_tiles(tiles: TileConfig, block_d: int, element_bytes: int) -> TileConfig
         proj_block_o //= 2
     return dataclasses.replace(tiles, attn_block_m=attn_block_m,
                                attn_block_m_tail=min(tiles.attn_block_m_tail, attn_block_m), attn_block_n=attn_block_n,
-                               attn_block_tail=min(tiles.attn_block_tail, attn_block_n),
+                               attn_block_tail=attn_block_tail,
                                qkv_block_n=qkv_block_n, qkv_block_k=qkv_block_k, proj_block_o=proj_block_o)
 
 
@@ -328,7 +348,7 @@ def _kept_token_rows(keep_ptr, stride_keep_b, stride_keep_h, h, B, N, first_row,
     return sample, rows % N, valid
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["B"])  # (the default flattened grid: one compile serves every batch size)
 def _qkv_kernel(
     x_ptr, stride_xb, stride_xn, stride_xd,
     w_ptr, stride_wr, stride_wd, bias_ptr,

@@ -1,5 +1,6 @@
 """Shared test fixtures: small timm ViTs built locally (nothing is downloaded)."""
 import os
+import sys
 import zlib
 
 import pytest
@@ -19,6 +20,28 @@ def _fresh_seed(request):
     seed = zlib.crc32(request.node.nodeid.encode())
     torch.manual_seed(seed)
     return seed
+
+
+@pytest.fixture(autouse=True)
+def _stop_on_a_broken_cuda_context(request):
+    """After a test on CUDA, fail loudly if a kernel faulted (e.g. an illegal memory access).
+
+    A faulted CUDA context stays broken for the rest of the process, so every later test in it
+    would error at its first CUDA call and hide what ran. Under pytest-xdist the worker exits
+    (xdist reports the test as crashed and starts a fresh worker for the rest); without xdist
+    the run stops, naming the test."""
+    yield
+    if not (torch.cuda.is_available() and torch.cuda.is_initialized()):
+        return
+    try:
+        torch.cuda.synchronize()
+    except RuntimeError as error:
+        message = f"CUDA context broken after {request.node.nodeid}: {error}"
+        if os.environ.get("PYTEST_XDIST_WORKER"):
+            sys.stderr.write(message + "\n")
+            sys.stderr.flush()
+            os._exit(3)
+        pytest.exit(message, returncode=3)
 
 
 def tiny_vit_kwargs(**overrides) -> dict:

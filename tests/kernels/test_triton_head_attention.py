@@ -102,11 +102,13 @@ TILE_VARIANTS = {
     "large": dict(qkv_block_n=128, qkv_block_k=32, attn_block_m=64, attn_block_n=128, attn_block_tail=32,
                   proj_block_t=128, proj_block_o=64),
     "head-branch": dict(proj_kept_list=False),
-    "flattened-qkv": dict(qkv_compact=False),
-    "qkv-item-per-program": dict(qkv_programs_per_sm=0),
-    "fused-qk": dict(qkv_fuse_qk=True),  # (the 16-bit default; fp32 launches run three dots by default)
-    "three-dot-qkv": dict(qkv_fuse_qk=False),
+    "compacted-qkv": dict(qkv_compact=True),
+    "qkv-item-per-program": dict(qkv_compact=True, qkv_programs_per_sm=0),
+    "fused-qk": dict(qkv_fuse_qk=True),
+    "compacted-fused-qk": dict(qkv_compact=True, qkv_fuse_qk=True),
     "query-tail": dict(attn_block_m=32, attn_block_m_tail=16, attn_block_n=32),
+    # 64 queries, 32-key steps, 16-wide passes over both ragged ends (fp32 keeps whole key steps)
+    "narrow-tails": dict(attn_block_m=64, attn_block_m_tail=16, attn_block_n=32, attn_block_tail=16),
 }
 
 
@@ -170,7 +172,7 @@ def uneven_mask(batch, heads, seed):
 @pytest.mark.parametrize("batch,tokens", [(1, 23), (7, 23), (33, 23), (5, 70), (6, 3)])
 @pytest.mark.parametrize("programs_per_sm", [1, 0])
 def test_compacted_qkv_uneven_heads(monkeypatch, batch, tokens, programs_per_sm):
-    tiles = dataclasses.replace(attention_module.TILES_FP32, qkv_programs_per_sm=programs_per_sm)
+    tiles = dataclasses.replace(attention_module.TILES_FP32, qkv_compact=True, qkv_programs_per_sm=programs_per_sm)
     monkeypatch.setattr(attention_module, "TILES_FP32", tiles)
     seed = zlib.crc32(repr((batch, tokens, programs_per_sm)).encode())
     branch = make_branch(batch, tokens, 4, 32, seed)
@@ -179,15 +181,18 @@ def test_compacted_qkv_uneven_heads(monkeypatch, batch, tokens, programs_per_sm)
 
 def test_compacted_qkv_falls_back_above_its_batch_limit(monkeypatch):
     """Above COMPACT_MAX_BATCH the QKV projection runs over flattened tokens: still exact."""
+    monkeypatch.setattr(attention_module, "TILES_FP32", dataclasses.replace(attention_module.TILES_FP32, qkv_compact=True))
     monkeypatch.setattr(attention_module, "COMPACT_MAX_BATCH", 4)
     branch = make_branch(5, 23, 3, 32, 21)
     run_and_check(branch, uneven_mask(5, 3, 21), 3)
 
 
 def fused_tiles(monkeypatch, **overrides):
-    """Launch with QKV and attention in one kernel (16-bit inputs, head dims up to 64)."""
+    """Launch with QKV and attention in one kernel (16-bit inputs, head dims up to 64), in its
+    three-dot configuration `FUSED_QKV_ATTENTION` (the tiles it was compiled and timed with)."""
     for name in ("TILES", "TILES_FP32"):
-        tiles = dataclasses.replace(getattr(attention_module, name), fuse_qkv_attention=True, **overrides)
+        tiles = dataclasses.replace(getattr(attention_module, name), **{**attention_module.FUSED_QKV_ATTENTION,
+                                                                       **overrides})
         monkeypatch.setattr(attention_module, name, tiles)
 
 
@@ -197,13 +202,13 @@ def launch_names(branch, keep, heads):
     return [name for name, _ in launches]
 
 
-# fp16 (the 16-bit tiles, q|k as one MMA or three dots). N = 70, 131, 197: whole 64-token QKV
+# fp16 (the 16-bit tiles, three dots or q|k as one MMA). N = 70, 131, 197: whole 64-token QKV
 # tiles, 32-key steps and 64-query tiles, then each ragged end in its narrow pass; N = 1, 17:
 # ragged ends only. Fewer persistent programs than kept pairs (2 "SMs" on the CPU), one per pair.
 @pytest.mark.parametrize("batch,tokens,heads,head_dim", [(3, 70, 2, 64), (2, 131, 3, 32), (1, 197, 2, 32),
                                                           (5, 17, 3, 16), (4, 1, 2, 64)])
-@pytest.mark.parametrize("overrides", [dict(), dict(qkv_programs_per_sm=0), dict(qkv_fuse_qk=False, qkv_warps=8)],
-                         ids=["qk-one-dot", "program-per-pair", "three-dots-8-warps"])
+@pytest.mark.parametrize("overrides", [dict(), dict(qkv_programs_per_sm=0), attention_module.FUSED_QKV_ATTENTION_8_WARPS],
+                         ids=["three-dots", "program-per-pair", "qk-one-dot-8-warps"])
 @pytest.mark.parametrize("mask", ["distinct", "uneven", "none", "all"])
 def test_fused_qkv_attention_over_whole_and_ragged_tiles(monkeypatch, batch, tokens, heads, head_dim, overrides, mask):
     fused_tiles(monkeypatch, **overrides)
@@ -404,6 +409,19 @@ def test_fit_tiles_keeps_the_tuned_defaults_and_shrinks_wide_rows():
     assert wide.attn_block_tail <= wide.attn_block_n
     huge = fit(TileConfig(qkv_block_n=256, qkv_block_k=256, attn_block_n=256, proj_block_o=256), 1024, 4)
     assert min(huge.qkv_block_n, huge.qkv_block_k, huge.attn_block_n, huge.proj_block_o) == 16
+
+
+@pytest.mark.parametrize("block_d", [32, 64, 128])
+def test_fp32_takes_its_ragged_keys_in_a_whole_key_step(block_d):
+    """A 16-key 3xTF32 step under 64-query tiles in 8 warps faulted on an H100 (see fit_tiles):
+    fp32 tiles never get a key tail narrower than their key step; 16-bit ones keep theirs."""
+    narrow = TileConfig(attn_block_m=64, attn_block_m_tail=16, attn_block_n=32, attn_block_tail=16, attn_warps=8)
+    fp32 = attention_module.fit_tiles(narrow, block_d, 4)
+    assert fp32.attn_block_tail == fp32.attn_block_n
+    assert fp32.attn_block_m_tail == 16  # (narrow query passes ran exact on the H100)
+    assert attention_module.fit_tiles(narrow, block_d, 2).attn_block_tail == 16
+    assert attention_module.tiles_for(block_d, torch.float32).attn_block_tail == attention_module.tiles_for(
+        block_d, torch.float32).attn_block_n
 
 
 @cuda_only
