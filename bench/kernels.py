@@ -89,12 +89,21 @@ def sparse_attention(x: torch.Tensor, keep: torch.Tensor, w: dict, heads: int) -
     return triton_head_attention(x, keep, w["qkv_w"], w["qkv_b"], w["proj_w"], w["proj_b"], heads)
 
 
-def graph_timed(fn) -> float:
+# Milliseconds of calls each CUDA-graph timing captures: `do_bench_cudagraph` captures about rep
+# ms worth of calls (counted from an eager estimate, which launch costs inflate) one Python call
+# at a time, then replays that graph 10 times and takes the median. The table uses the long one;
+# the sweeps and the breakdown, hundreds of timings in a lease's few minutes, the short one
+# (a replay of ~10 ms of calls still averages hundreds of them).
+GRAPH_REP_MS = 200
+SWEEP_REP_MS = 50
+
+
+def graph_timed(fn, rep_ms: int = GRAPH_REP_MS) -> float:
     """Median microseconds of fn replayed from a CUDA graph (GPU time, no host launch cost)."""
     import triton.testing
 
     with torch.cuda.stream(torch.cuda.Stream()):
-        return 1000 * triton.testing.do_bench_cudagraph(fn, rep=200, return_mode="median")
+        return 1000 * triton.testing.do_bench_cudagraph(fn, rep=rep_ms, return_mode="median")
 
 
 def timed(fn) -> tuple[float, float]:
@@ -183,7 +192,7 @@ def breakdown() -> dict:
         _, launches = module.head_attention_launches(x, keep, w["qkv_w"], w["qkv_b"], w["proj_w"], w["proj_b"], heads)
         for _, launch in launches:  # fill the scratch in order once, so each stage reads real data
             launch()
-        return {stage: graph_timed(launch) for stage, launch in launches}
+        return {stage: graph_timed(launch, SWEEP_REP_MS) for stage, launch in launches}
 
     def add(row: dict) -> None:
         rows.append(dict(row, total=sum(row[stage] for stage in BREAKDOWN_STAGES if stage in row)))
@@ -200,7 +209,7 @@ def breakdown() -> dict:
     print(BREAKDOWN_HEADER, flush=True)
     for name, (heads, w, x) in setups.items():
         add(dict(model=name, usage=None, branch="dense",
-                 **{stage: graph_timed(fn) for stage, fn in dense_stages(x, w, heads)}))
+                 **{stage: graph_timed(fn, SWEEP_REP_MS) for stage, fn in dense_stages(x, w, heads)}))
         for usage in USAGES + (0.0,):  # (usage 0: what each kernel costs with nothing to compute)
             add(dict(model=name, usage=usage, branch="sparse",
                      **sparse_stages(x, random_keep(BATCH, heads, usage, generator), w, heads)))
@@ -293,12 +302,12 @@ def sweep(variants: list | None = None) -> None:
             timed_tiles.add((name, tiles))
             try:
                 with module.tile_config(tiles):
-                    times = {u: timed(lambda: sparse_attention(x, keep, w, heads)) for u, keep in keeps.items()}
+                    times = {u: graph_timed(lambda: sparse_attention(x, keep, w, heads), SWEEP_REP_MS)
+                             for u, keep in keeps.items()}
             except Exception as error:  # (e.g. OutOfResources on this GPU): report it, time the rest
                 print(f"{name} FAILED {failure(error)}  {tiles}", flush=True)
                 continue
-            print(f"{name} u=1.0 {times[1.0][0]:6.1f}us (graph {times[1.0][1]:6.1f}us) u=0.33 {times[0.33][0]:6.1f}us "
-                  f"(graph {times[0.33][1]:6.1f}us)  {tiles}", flush=True)
+            print(f"{name} graph u=1.0 {times[1.0]:6.1f}us u=0.33 {times[0.33]:6.1f}us  {tiles}", flush=True)
 
 
 def gate_sweep_variants() -> list[dict]:
@@ -336,14 +345,15 @@ def gate_sweep(variants: list[dict] | None = None) -> None:
             with module.gate_constants(**variant):
                 for label, (gate, sae, scale, shift) in cases.items():
                     try:
-                        gate_time = graph_timed(lambda: module.triton_sae_steer_gate(e, gate, sae, scale, shift))
+                        gate_time = graph_timed(lambda: module.triton_sae_steer_gate(e, gate, sae, scale, shift),
+                                                SWEEP_REP_MS)
                         times.append(f"{label} {gate_time:6.1f}us")
                     except Exception as error:  # report it, time the rest
                         times.append(f"{label} FAILED {failure(error)}")
             print(f"{name} gate graph: {'  '.join(times)}  {variant or 'defaults'}", flush=True)
 
 
-def _launch_once(fn) -> float:
+def _launch_once(fn, rep_ms: int = GRAPH_REP_MS) -> float:
     """`graph_timed`'s stand-in while warming up: one launch (compiling what it needs), no timing;
     returns a placeholder of 1 us (the modes divide by their times; their output is dropped)."""
     fn()

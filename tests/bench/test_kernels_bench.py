@@ -19,7 +19,7 @@ def tiny(monkeypatch):
         calls.append(fn)
         return float(len(calls)), float(len(calls)) / 2
 
-    def fake_graph_timed(fn):
+    def fake_graph_timed(fn, rep_ms=bench.GRAPH_REP_MS):
         fn()
         calls.append(fn)
         return float(len(calls)) / 2
@@ -102,6 +102,17 @@ def test_gate_sweep_runs_every_variant_and_restores_the_defaults(tiny, capsys):
     assert [getattr(gate, name) for name in names] == defaults
 
 
+def test_sweeps_and_breakdown_take_short_graph_timings(tiny, monkeypatch):
+    """Hundreds of timings in a lease's minutes: each captures SWEEP_REP_MS of calls, not the
+    table's GRAPH_REP_MS."""
+    reps, graph_timed = [], bench.graph_timed
+    monkeypatch.setattr(bench, "graph_timed", lambda fn, rep_ms=bench.GRAPH_REP_MS: reps.append(rep_ms) or graph_timed(fn))
+    bench.sweep(bench.sweep_variants()[:1])
+    bench.gate_sweep(bench.gate_sweep_variants()[:1])
+    bench.breakdown()
+    assert len(reps) > 10 and set(reps) == {bench.SWEEP_REP_MS} and bench.SWEEP_REP_MS < bench.GRAPH_REP_MS
+
+
 def test_sweeps_report_a_failing_variant_and_time_the_rest(tiny, capsys, monkeypatch):
     """A variant that cannot run on the GPU at hand (e.g. out of shared memory) prints why and
     the sweep goes on: a lease's few minutes must not end with the rest of the sweep untimed."""
@@ -113,9 +124,10 @@ def test_sweeps_report_a_failing_variant_and_time_the_rest(tiny, capsys, monkeyp
             raise RuntimeError("out of resources: shared memory\nsecond line")
         return fn()
 
-    timed, graph_timed = bench.timed, bench.graph_timed
+    graph_timed = bench.graph_timed
     # the attention sweep's compacted-QKV variants (in its middle) fail
-    monkeypatch.setattr(bench, "timed", lambda fn: run_or_fail(lambda: timed(fn), lambda: attention.TILES.qkv_compact))
+    monkeypatch.setattr(bench, "graph_timed", lambda fn, rep_ms: run_or_fail(lambda: graph_timed(fn, rep_ms),
+                                                                             lambda: attention.TILES.qkv_compact))
     bench.sweep()
     lines = capsys.readouterr().out.splitlines()
     failed = [line for line in lines if "FAILED" in line]
@@ -124,7 +136,8 @@ def test_sweeps_report_a_failing_variant_and_time_the_rest(tiny, capsys, monkeyp
     assert len(lines) - len(failed) >= 11 and "FAILED" not in lines[-1]  # the variants after it were timed
 
     # the gate sweep's batch-tile finisher variants fail
-    monkeypatch.setattr(bench, "graph_timed", lambda fn: run_or_fail(lambda: graph_timed(fn), lambda: not gate.PER_SAMPLE_FINISH))
+    monkeypatch.setattr(bench, "graph_timed", lambda fn, rep_ms: run_or_fail(lambda: graph_timed(fn, rep_ms),
+                                                                             lambda: not gate.PER_SAMPLE_FINISH))
     bench.gate_sweep()
     lines = capsys.readouterr().out.splitlines()
     assert len(lines) == 17
@@ -140,7 +153,7 @@ def test_warm_up_task_launches_what_the_timed_mode_times(tiny, monkeypatch, caps
     model and one variant, prints nothing, and leaves the module as it found it."""
     launched = []
 
-    def launch_once(fn):
+    def launch_once(fn, rep_ms=bench.GRAPH_REP_MS):
         fn()
         launched.append(fn)
         return 1.0
