@@ -68,7 +68,7 @@ class TileConfig:
     # pipeline's copies into shared memory share), so three 64-wide dots leave the tensor cores
     # waiting; q|k at N = 128 needs 6 KiB per 64 cycles. (Estimated.) Timed on an H100 on
     # 2026-11-26 it gained nothing: three 64-wide dots ran ViT-S in 84.0 us against 84.7 and
-    # ViT-B in 283.7 against 287.5 (compacted QKV, usage 1), so three dots stay the default.
+    # ViT-B in 283.7 against 287.5 (compacted QKV, usage 1), so three dots are the default.
     qkv_fuse_qk: bool = False
     # QKV and attention in one launch (`_qkv_attention_kernel`): persistent programs
     # (qkv_programs_per_sm per SM) walk the kept (sample, head) pairs, each projecting one head's
