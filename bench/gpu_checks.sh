@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The Triton checks that need a CUDA GPU, as one script for a short lease of a GPU machine:
 #   bash bench/gpu_checks.sh OUT_DIR [--quick]
-# Most valuable first, each step under its own time limit (525 s in all: give the lease ~590 s)
+# Most valuable first, each step under its own time limit (560 s in all: give the lease ~595 s)
 # so the script always finishes and packs what it has:
 # 0. unless --quick, the kernels of every timing step below compiled at once, one process per
 #    CPU, into Triton's on-disk cache (`--warm-up`): one timing process compiles serially (a TopK
@@ -16,8 +16,10 @@
 #    starts a fresh worker for the rest);
 # 3. the per-kernel breakdown of the attention branch (printed row by row);
 # 4. the whole ViT-S (bf16, CUDA graphs) against timm;
-# 5. unless --quick, the attention tile sweep and the fused gate's sweep;
-# 6. the tests of the opt-in tilings and the fused QKV + attention launch, compiled.
+# 5. where Nsight Compute is installed, its counters for one launch of the gate and of each branch
+#    (`--profile`: duration, occupancy, warp stall reasons, top stall locations by source line);
+# 6. unless --quick, the attention tile sweep and the fused gate's sweep;
+# 7. the tests of the opt-in tilings and the fused QKV + attention launch, compiled.
 # Everything lands in OUT_DIR/gpu_checks/ and is packed into OUT_DIR/gpu_checks.tar.gz (a lease
 # returns only a few files). The exit status is that of the first failing step.
 set -uo pipefail
@@ -45,7 +47,7 @@ trap pack EXIT
 cat "$dir/gpu.txt"
 workers=$(( $(nproc) > 16 ? 16 : $(nproc) ))
 if [ "$quick" != "--quick" ]; then  # (--quick skips the sweeps, most of what it compiles)
-  step warm_up 50 python -m headsteer.bench.kernels --warm-up --jobs "$workers" --seconds 40
+  step warm_up 45 python -m headsteer.bench.kernels --warm-up --jobs "$workers" --seconds 35
 fi
 step kernels 45 python -m headsteer.bench.kernels --json "$dir/kernels.json" --md "$dir/kernels.md"
 variants="test_tile_variants or test_fused_qkv"  # the opt-in configurations' tests, last
@@ -56,9 +58,13 @@ step breakdown 45 python -m headsteer.bench.kernels --breakdown --json "$dir/bre
 step model 30 python -m headsteer.bench --model vit_small_patch16_224 --device cuda --dtype bfloat16 \
   --backends timm,timm-graph,triton-graph --batch 64,8 --usage 1,0.67,0.33,0 --reps 10 --warmup 2 \
   --no-progress --json "$dir/model.json" --md "$dir/model.md"
+if command -v ncu >/dev/null; then  # (--clock-control none: leave the GPU's clocks as they are)
+  step profile 60 ncu --profile-from-start off --clock-control none --section SpeedOfLight --section LaunchStats \
+    --section Occupancy --section WarpStateStats --section SourceCounters python -m headsteer.bench.kernels --profile
+fi
 if [ "$quick" != "--quick" ]; then
-  step sweep 75 python -m headsteer.bench.kernels --sweep
+  step sweep 70 python -m headsteer.bench.kernels --sweep
   step gate_sweep 30 python -m headsteer.bench.kernels --gate-sweep
 fi
-step tests_variants 60 "${tests[@]}" -k "$variants"
+step tests_variants 45 "${tests[@]}" -k "$variants"
 exit "$status"

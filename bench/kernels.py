@@ -1,6 +1,7 @@
 """GPU benchmark of the Triton kernels: head-sparse attention vs the dense branch, fused gate share.
 
     python -m headsteer.bench.kernels [--json FILE] [--md FILE] [--sweep] [--breakdown] [--gate-sweep] [--warm-up]
+                                      [--profile]
 
 At B=64, N=197, bf16, for ViT-S (H=6, D=384) and ViT-B (H=12, D=768):
 - the attention branch, dense (F.linear qkv -> flash scaled_dot_product_attention -> F.linear proj)
@@ -13,7 +14,10 @@ Times are medians of `triton.testing.do_bench` (which flushes L2 between runs) i
 times each kernel of both branches on its own (CUDA-graph replay) at every usage, to show where
 the time goes; `--gate-sweep` times the fused gate's tuning constants. `--warm-up [--jobs N]
 [--seconds S]` times nothing: it compiles the kernels of all four modes in N processes at once
-into Triton's on-disk cache, so a following timing run spends its time timing.
+into Triton's on-disk cache, so a following timing run spends its time timing. `--profile`
+launches each kernel worth a hardware-counter look once, between cudaProfilerStart and Stop, for
+`ncu --profile-from-start off` (`bench/gpu_checks.sh`): where the gate's and the branch's time goes
+inside one launch, which timings alone cannot show.
 Without CUDA it says so and exits 0 without writing anything.
 """
 from __future__ import annotations
@@ -353,6 +357,45 @@ def gate_sweep(variants: list[dict] | None = None) -> None:
             print(f"{name} gate graph: {'  '.join(times)}  {variant or 'defaults'}", flush=True)
 
 
+def profile_launches() -> list[str]:
+    """Launch, once each and in this order, the fused gate (with the default SAE and a steering
+    scale; without an SAE), the sparse branch at usage 1 and 0.33 and the dense branch, for every
+    model, inside a CUDA profiler range (compiled and warmed up before it, so a profiler that
+    starts at the range sees only these launches). Prints and returns the labels in launch order:
+    the profiler's report lists the kernels in the same order."""
+    from headsteer.kernels.triton_sae_gate import triton_sae_steer_gate
+
+    generator = torch.Generator().manual_seed(0)
+    cases = []
+    for name, (heads, dim) in MODELS.items():
+        w = make_block(heads, dim, generator)
+        x = torch.randn(BATCH, TOKENS, dim, generator=generator).to(DEVICE, DTYPE)
+        e = x[:, 0]
+        gate, sae, (scale, _) = gate_params(dim, heads, generator, True)
+        plain_gate = gate_params(dim, heads, generator, False)[0]
+        keeps = {u: random_keep(BATCH, heads, u, generator) for u in (1.0, 0.33)}
+        cases += [
+            (f"{name} gate, SAE topk k=16, scale", lambda e=e, g=gate, s=sae, c=scale: triton_sae_steer_gate(e, g, s, c, None)),
+            (f"{name} gate, no SAE", lambda e=e, g=plain_gate: triton_sae_steer_gate(e, g, None, None, None)),
+            (f"{name} sparse branch, usage 1.00", lambda x=x, k=keeps[1.0], w=w, h=heads: sparse_attention(x, k, w, h)),
+            (f"{name} sparse branch, usage 0.33", lambda x=x, k=keeps[0.33], w=w, h=heads: sparse_attention(x, k, w, h)),
+            (f"{name} dense branch", lambda x=x, w=w, h=heads: dense_attention(x, w, h)),
+        ]
+    for _, launch in cases:  # compile and warm up outside the profiled range
+        launch()
+    cuda = DEVICE == "cuda"
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.profiler.start()
+    for label, launch in cases:
+        print(f"profiled launch: {label}", flush=True)
+        launch()
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.profiler.stop()
+    return [label for label, _ in cases]
+
+
 def _launch_once(fn, rep_ms: int = GRAPH_REP_MS) -> float:
     """`graph_timed`'s stand-in while warming up: one launch (compiling what it needs), no timing;
     returns a placeholder of 1 us (the modes divide by their times; their output is dropped)."""
@@ -472,6 +515,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sweep", action="store_true", help="time alternative attention tile configurations")
     parser.add_argument("--breakdown", action="store_true", help="time each kernel of the dense and sparse branch")
     parser.add_argument("--gate-sweep", action="store_true", help="time alternative tiles and warps of the fused gate")
+    parser.add_argument("--profile", action="store_true",
+                        help="launch the gate and both branches once each for `ncu --profile-from-start off`")
     parser.add_argument("--warm-up", action="store_true",
                         help="only compile every mode's kernels into Triton's cache, in parallel processes")
     parser.add_argument("--jobs", type=int, default=max(1, min(16, (os.cpu_count() or 2) - 1)),
@@ -485,6 +530,9 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.warm_up:
         warm_up(args.jobs, args.seconds)
+        return 0
+    if args.profile:
+        profile_launches()
         return 0
     if args.sweep:
         sweep()

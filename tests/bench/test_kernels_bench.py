@@ -102,6 +102,21 @@ def test_gate_sweep_runs_every_variant_and_restores_the_defaults(tiny, capsys):
     assert [getattr(gate, name) for name in names] == defaults
 
 
+def test_profile_launches_each_kernel_once_in_order(tiny, capsys, monkeypatch):
+    """`--profile` runs every case twice (compile, then the profiled launch), prints each label
+    just before its profiled launch, and times nothing."""
+    from headsteer.kernels import triton_head_attention as attention
+
+    launches = []
+    real = attention.head_attention_launches
+    monkeypatch.setattr(attention, "head_attention_launches", lambda *a, **k: launches.append(a[0].shape) or real(*a, **k))
+    labels = bench.profile_launches()
+    assert labels == ["tiny gate, SAE topk k=16, scale", "tiny gate, no SAE", "tiny sparse branch, usage 1.00",
+                      "tiny sparse branch, usage 0.33", "tiny dense branch"]
+    assert capsys.readouterr().out.splitlines() == [f"profiled launch: {label}" for label in labels]
+    assert len(launches) == 4 and tiny == []  # the two sparse cases, twice each; no timer called
+
+
 def test_sweeps_and_breakdown_take_short_graph_timings(tiny, monkeypatch):
     """Hundreds of timings in a lease's minutes: each captures SWEEP_REP_MS of calls, not the
     table's GRAPH_REP_MS."""
