@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The Triton checks that need a CUDA GPU, as one script for a short lease of a GPU machine:
 #   bash bench/gpu_checks.sh OUT_DIR [--quick]
-# Most valuable first, each step under its own time limit (560 s in all: give the lease ~595 s)
+# Most valuable first, each step under its own time limit (565 s in all: give the lease ~595 s)
 # so the script always finishes and packs what it has:
 # 0. unless --quick, the kernels of every timing step below compiled at once, one process per
 #    CPU, into Triton's on-disk cache (`--warm-up`): one timing process compiles serially (a TopK
@@ -59,8 +59,15 @@ step model 30 python -m headsteer.bench --model vit_small_patch16_224 --device c
   --backends timm,timm-graph,triton-graph --batch 64,8 --usage 1,0.67,0.33,0 --reps 10 --warmup 2 \
   --no-progress --json "$dir/model.json" --md "$dir/model.md"
 if command -v ncu >/dev/null; then  # (--clock-control none: leave the GPU's clocks as they are)
-  step profile 60 ncu --profile-from-start off --clock-control none --section SpeedOfLight --section LaunchStats \
-    --section Occupancy --section WarpStateStats --section SourceCounters python -m headsteer.bench.kernels --profile
+  # The report itself (tens of MB) stays out of the tarball, a lease returns at most 16 MB a file:
+  # its sections for every profiled kernel, then the gate's per-line counters (warp stall
+  # samples) by kernels/triton_sae_gate.py line, come back as text.
+  step profile 45 ncu --profile-from-start off --clock-control none --section SpeedOfLight --section LaunchStats \
+    --section Occupancy --section WarpStateStats --section SourceCounters --export /tmp/profile --force-overwrite \
+    python -m headsteer.bench.kernels --profile
+  step profile_details 10 ncu --import /tmp/profile.ncu-rep --page details
+  step profile_source 10 ncu --import /tmp/profile.ncu-rep --page source --csv --print-source cuda,sass \
+    --kernel-name regex:sae_steer_gate --launch-count 1
 fi
 if [ "$quick" != "--quick" ]; then
   step sweep 70 python -m headsteer.bench.kernels --sweep
