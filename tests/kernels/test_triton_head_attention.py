@@ -93,10 +93,11 @@ def test_matches_reference_fp32(batch, tokens, heads, head_dim, mask):
 
 
 # Alternative tilings the benchmark sweep may pick, small and large, the output projection that
-# tests each head in its loop (instead of the kept-list default), QKV over flattened tokens
-# (instead of compacted lists) or with one program per work item, and ragged query tiles, so
-# every configuration is correct. Each overrides both the 16-bit and the fp32
-# defaults; launches then shrink what would not fit (`fit_tiles`).
+# tests each head in its loop (instead of the kept-list default), QKV over compacted token lists
+# (instead of flattened tokens) with a persistent grid or one program per work item, q and k as
+# one MMA, and narrow passes over ragged query and key ends, so every configuration is correct.
+# Each overrides both the 16-bit and the fp32 defaults; launches then shrink what would not fit
+# (`fit_tiles`).
 TILE_VARIANTS = {
     "small": dict(qkv_block_n=16, qkv_block_k=16, attn_block_m=16, attn_block_n=16, proj_block_t=16, proj_block_o=32),
     "large": dict(qkv_block_n=128, qkv_block_k=32, attn_block_m=64, attn_block_n=128, attn_block_tail=32,
