@@ -10,10 +10,9 @@
 # 1. the kernel benchmark (issue 4's table), as JSON and markdown;
 # 2. the kernel and triton-backend tests, compiled (the CPU runs them interpreted), spread over
 #    the CPUs with pytest-xdist since compiling the kernels for each shape dominates; verbose, so
-#    a step cut by its limit still logs each finished test's outcome. Launches block
-#    (CUDA_LAUNCH_BLOCKING=1), so a kernel that faults fails its own test with its own name, and
-#    tests/conftest.py then ends that xdist worker (a faulted CUDA context stays broken; xdist
-#    starts a fresh worker for the rest);
+#    a step cut by its limit still logs each finished test's outcome. A kernel that faults fails
+#    its own test (tests/conftest.py synchronizes after each one) and then ends that xdist worker
+#    (a faulted CUDA context stays broken; xdist starts a fresh worker for the rest);
 # 3. the per-kernel breakdown of the attention branch (printed row by row);
 # 4. the whole ViT-S (bf16, CUDA graphs) against timm;
 # 5. where Nsight Compute is installed, its counters for one launch of the gate and of each branch
@@ -51,8 +50,7 @@ if [ "$quick" != "--quick" ]; then  # (--quick skips the sweeps, most of what it
 fi
 step kernels 45 python -m headsteer.bench.kernels --json "$dir/kernels.json" --md "$dir/kernels.md"
 variants="test_tile_variants or test_fused_qkv"  # the opt-in configurations' tests, last
-tests=(env CUDA_LAUNCH_BLOCKING=1 python -m pytest -v -rfE -n "$workers" -p no:cacheprovider tests/kernels
-       tests/runtime/test_triton_backend.py)
+tests=(python -m pytest -v -rfE -n "$workers" -p no:cacheprovider tests/kernels tests/runtime/test_triton_backend.py)
 step tests 190 "${tests[@]}" -k "not ($variants)"
 step breakdown 45 python -m headsteer.bench.kernels --breakdown --json "$dir/breakdown.json"
 step model 30 python -m headsteer.bench --model vit_small_patch16_224 --device cuda --dtype bfloat16 \
