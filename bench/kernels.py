@@ -317,11 +317,12 @@ def sweep(variants: list | None = None) -> None:
 def gate_sweep_variants() -> list[dict]:
     """The fused gate's constant overrides `gate_sweep` times, most informative first: the
     defaults, the SAE's first phase alone (`_LATENT_TILES_ONLY`: its latent-tile programs; the
-    gate without an SAE runs whole), then each untimed default against its measured alternative,
-    then other tiles and warps."""
+    gate without an SAE runs whole), then each default against its measured alternative, the
+    wider encoder steps (untimed), then other tiles and warps."""
     variants = [dict(), dict(_LATENT_TILES_ONLY=True), dict(PER_SAMPLE_FINISH=False), dict(TOPK_DIGIT_BITS=1),
                 dict(SAE_16BIT_MMA=False), dict(_LATENT_TILES_ONLY=True, SAE_16BIT_MMA=False),
-                dict(SHIFT_DECODE_CHAINS=1)]
+                dict(SHIFT_DECODE_CHAINS=1), dict(ENCODER_BLOCK_K=128), dict(ENCODER_BLOCK_K=64),
+                dict(_LATENT_TILES_ONLY=True, ENCODER_BLOCK_K=128)]
     variants += [dict(BLOCK_S=64, PER_SAMPLE_FINISH=False)]
     variants += [dict(GATE_STAGES=1), dict(GATE_STAGES=3)] + [dict(BLOCK_S=s) for s in (64, 256)]
     variants += [dict(GATE_WARPS=4), dict(GATE_CHUNK_D=64)] + [dict(_GATE_TILE_ELEMENTS=n) for n in (8192, 32768)]

@@ -69,6 +69,13 @@ _LATENT_TILES_ONLY = False
 # are). Both are on the latent tiles' critical path. False: 3xTF32 on fp32 values, as timed on
 # the H200 on 2026-11-26 (`--gate-sweep` compares; untimed).
 SAE_16BIT_MMA = True
+# Reduction step over D of the encoder on the 16-bit split path (SAE_16BIT_MMA): 32 as timed on
+# an H100 on 2026-11-26, where the latent-tile phase took 19.3 / 26.7 us at ViT-S / ViT-B (12 / 24
+# steps): ~0.6 us per extra step, as if each step of the 3-stage pipelined loop waited on about
+# half a load round trip, while twice the MMAs (3xTF32) cost only 10%. 64 or 128 halve or quarter
+# the chain of steps (a 128-wide step stages 36 KiB per stage); untimed, `--gate-sweep` compares.
+# The 3xTF32 path keeps 32 (its fp32 operand copies would spill wider).
+ENCODER_BLOCK_K = 32
 # Tests only: the encoder's three-term split for fp16 weights too, whose low terms underflow for
 # |e - b_dec| below ~1e-3 (absolute error under 2**-24 per element, a relative one up to ~3e-4)
 # and whose hi term overflows above 65504: the CPU interpreter cannot run bf16 dots, so this is
@@ -308,14 +315,14 @@ def _sae_steer_gate_kernel(
     HAS_LN_W: tl.constexpr, HAS_LN_B: tl.constexpr, HAS_FC1_B: tl.constexpr, HAS_FC2_B: tl.constexpr,
     USE_BUDGET: tl.constexpr, G_SOURCE: tl.constexpr, PRECISION: tl.constexpr, ENCODE_16BIT: tl.constexpr,
     SHIFT_CHAINS: tl.constexpr, SHIFT_16BIT: tl.constexpr,
-    BLOCK_B: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
-    CHUNK_D: tl.constexpr, FIN_CHUNK_D: tl.constexpr, SLICE_D: tl.constexpr, SLICE_CHUNK: tl.constexpr, PARTIAL_TILES: tl.constexpr,
+    BLOCK_B: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_K: tl.constexpr, ENC_BLOCK_K: tl.constexpr,
+    BLOCK_D: tl.constexpr, CHUNK_D: tl.constexpr, FIN_CHUNK_D: tl.constexpr, SLICE_D: tl.constexpr, SLICE_CHUNK: tl.constexpr, PARTIAL_TILES: tl.constexpr,
     BLOCK_C: tl.constexpr, SEL_ROWS: tl.constexpr, K_STEP: tl.constexpr, CHUNK_G: tl.constexpr,
     GATE_CHUNK_D: tl.constexpr, GATE_STAGES: tl.constexpr,
     BLOCK_H: tl.constexpr, TOPK_DIGIT_BITS: tl.constexpr,
 ):
-    # Tile sizes: BLOCK_B samples and BLOCK_S latents per program; BLOCK_K the encoder's and the
-    # shift decode's reduction step; BLOCK_D >= D; CHUNK_D columns of g per step; SLICE_D columns
+    # Tile sizes: BLOCK_B samples and BLOCK_S latents per program; ENC_BLOCK_K the encoder's and
+    # BLOCK_K the shift decode's reduction step; BLOCK_D >= D; CHUNK_D columns of g per step; SLICE_D columns
     # of the shift decode per program (SLICE_CHUNK at a time); PARTIAL_TILES partials per load;
     # BLOCK_C >= a row's TopK candidates, ranked SEL_ROWS rows at a time; K_STEP selected latents
     # per row per decode step; CHUNK_G hidden units of the gate per step (GATE_CHUNK_D columns of
@@ -355,8 +362,8 @@ def _sae_steer_gate_kernel(
                 pre = tl.zeros([BLOCK_B, BLOCK_S], dtype=tl.float32)
                 if ENCODE_16BIT:
                     pre_low = tl.zeros([BLOCK_B, BLOCK_S], dtype=tl.float32)  # the mid and lo terms' chain
-                for k0 in range(0, D, BLOCK_K):
-                    kk = k0 + tl.arange(0, BLOCK_K)
+                for k0 in range(0, D, ENC_BLOCK_K):
+                    kk = k0 + tl.arange(0, ENC_BLOCK_K)
                     k_mask = kk < D
                     e_tile = tl.load(e_ptr + rows[:, None] * stride_eb + kk[None, :],
                                      mask=row_mask[:, None] & k_mask[None, :], other=0.0)
@@ -803,7 +810,8 @@ def triton_sae_steer_gate(
         G_SOURCE=1 if split else 2 if reconstruct else 0,  # g: scratch, b_dec (TopK k=0, no shift), e
         PRECISION=fp32_dot_precision(e.device), ENCODE_16BIT=encode_16bit, SHIFT_CHAINS=SHIFT_DECODE_CHAINS,
         SHIFT_16BIT=shift_16bit,
-        BLOCK_B=block_b, BLOCK_S=block_s, BLOCK_K=32, BLOCK_D=block_d, CHUNK_D=chunk_d, FIN_CHUNK_D=fin_chunk_d,
+        BLOCK_B=block_b, BLOCK_S=block_s, BLOCK_K=32, ENC_BLOCK_K=ENCODER_BLOCK_K if encode_16bit else 32,
+        BLOCK_D=block_d, CHUNK_D=chunk_d, FIN_CHUNK_D=fin_chunk_d,
         SLICE_D=slice_d, SLICE_CHUNK=min(chunk_d, slice_d), PARTIAL_TILES=partial_tiles,
         BLOCK_C=block_c, SEL_ROWS=max(1, min(fin_rows, _TILE_ELEMENTS // block_c)),
         K_STEP=k_step, CHUNK_G=chunk_g, GATE_CHUNK_D=GATE_CHUNK_D, GATE_STAGES=stages,

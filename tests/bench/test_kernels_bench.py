@@ -96,7 +96,7 @@ def test_gate_sweep_runs_every_variant_and_restores_the_defaults(tiny, capsys):
     defaults = [getattr(gate, name) for name in names]
     bench.gate_sweep()
     lines = capsys.readouterr().out.splitlines()
-    assert len(lines) == 17 and len(tiny) == 51  # each variant timed with an SAE (scale; + shift) and without
+    assert len(lines) == 20 and len(tiny) == 60  # each variant timed with an SAE (scale; + shift) and without
     assert "defaults" in lines[0] and "_LATENT_TILES_ONLY" in lines[1] and "'PER_SAMPLE_FINISH': False" in lines[2]
     assert "'TOPK_DIGIT_BITS': 1" in lines[3] and "'SAE_16BIT_MMA': False" in lines[4] and "_LATENT_TILES_ONLY" in lines[5]
     assert [getattr(gate, name) for name in names] == defaults
@@ -155,7 +155,7 @@ def test_sweeps_report_a_failing_variant_and_time_the_rest(tiny, capsys, monkeyp
                                                                              lambda: not gate.PER_SAMPLE_FINISH))
     bench.gate_sweep()
     lines = capsys.readouterr().out.splitlines()
-    assert len(lines) == 17
+    assert len(lines) == 20
     failed = [line for line in lines if "FAILED" in line]
     assert len(failed) == 2 and all("'PER_SAMPLE_FINISH': False" in line for line in failed)
     assert "SAE topk, scale FAILED RuntimeError" in failed[0]

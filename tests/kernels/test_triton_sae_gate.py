@@ -455,6 +455,33 @@ def test_16bit_mma_matches_reference(dtype, mma_16bit, batch, activation, k, ste
         run_and_check(e, gate, sae, scale, shift, mode, 0.4)
 
 
+@pytest.mark.parametrize("encoder_block_k", [64, 128])
+@pytest.mark.parametrize("activation,k", [("topk", 8), ("relu", None)])
+def test_wider_encoder_steps_match_reference(encoder_block_k, activation, k):
+    """ENCODER_BLOCK_K, the 16-bit encoder's reduction step (`--gate-sweep` times 64 and 128), over
+    a D that is not a multiple of it: whole steps, then a ragged last one."""
+    dtype = torch.bfloat16 if DEVICE == "cuda" else torch.float16
+    dim, width, batch = 200, 300, 5
+    e = torch.randn(batch, dim, generator=torch.Generator().manual_seed(60)).to(DEVICE, dtype)
+    gate, sae = make_gate(dim, 16, 5, 61, dtype), make_sae(dim, width, activation, 62, k=k, dtype=dtype)
+    scale, shift = make_steering("scale+shift", batch, width, 63)
+    with gate_module.gate_constants(ENCODER_BLOCK_K=encoder_block_k, _ENCODER_SPLIT_FP16=DEVICE == "cpu"):
+        run_and_check(e, gate, sae, scale, shift, "preserve-error", 0.4)
+
+
+def test_wider_encoder_steps_only_on_the_16bit_split(recorded_launches):
+    """The 3xTF32 encoder keeps 32-wide steps whatever ENCODER_BLOCK_K (its fp32 operand copies
+    would spill wider); the 16-bit split takes ENCODER_BLOCK_K."""
+    gate = make_gate(24, 8, 3, seed=1, dtype=torch.float16)
+    sae = make_sae(24, 40, "topk", seed=2, k=4, dtype=torch.float16)
+    e = torch.randn(3, 24, device=DEVICE).half()
+    with gate_module.gate_constants(ENCODER_BLOCK_K=128):
+        for split_fp16 in (False, True):
+            with gate_module.gate_constants(_ENCODER_SPLIT_FP16=split_fp16):
+                triton_sae_steer_gate(e, gate, sae, *make_steering("scale", 3, 40, seed=3))
+    assert [kwargs["ENC_BLOCK_K"] for _, kwargs in recorded_launches] == [32, 128]
+
+
 @pytest.mark.parametrize("split_fp16", [False, True])
 def test_16bit_mma_follows_the_weights_dtype(recorded_launches, split_fp16):
     """The launcher runs the encoder on 16-bit MMAs when W_enc is bf16 (fp16 only when tests ask:
