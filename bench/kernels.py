@@ -254,9 +254,10 @@ def sweep_variants() -> list:
     # The output projection's per-head branch: with it, these are the kernels as timed on the
     # H200 and the H100 on 2026-11-26 (the defaults' kept-head list was timed only at ViT-S).
     variants.append(dataclasses.replace(base, proj_kept_list=False))
-    # Attention: (query tile, queries per pass over the ragged end, key step, keys per step over
-    # the ragged end, warps). The first is the narrow-tail tiling the H100 timed slower at ViT-B.
-    for attn in ((64, 16, 32, 16, 4), (128, 16, 64, 16, 4), (128, 128, 64, 16, 4), (64, 64, 64, 64, 4),
+    # Attention: the narrow-tail tiling the H100 timed slower at ViT-B, then (query tile, queries
+    # per pass over the ragged end, key step, keys per step over the ragged end, warps).
+    variants.append(dataclasses.replace(base, **module.NARROW_TAIL_TILES))
+    for attn in ((128, 16, 64, 16, 4), (128, 128, 64, 16, 4), (64, 64, 64, 64, 4),
                  (64, 16, 64, 16, 4), (64, 16, 32, 32, 4), (128, 128, 64, 64, 8)):
         variants.append(dataclasses.replace(base, attn_block_m=attn[0], attn_block_m_tail=attn[1], attn_block_n=attn[2],
                                             attn_block_tail=attn[3], attn_warps=attn[4]))

@@ -169,8 +169,7 @@ def _variants(quick: bool) -> Iterator[tuple[str, callable]]:
                 # 4-warp q|k one spills).
                 for variant, overrides in (("head-branch", dict(proj_kept_list=False)),
                                            ("compacted-qkv", dict(qkv_compact=True, qkv_fuse_qk=True)),
-                                           ("narrow-tails", dict(attn_block_m=64, attn_block_m_tail=16, attn_block_n=32,
-                                                                 attn_block_tail=16)),
+                                           ("narrow-tails", attention.NARROW_TAIL_TILES),
                                            ("fused-qkv-attention", attention.FUSED_QKV_ATTENTION),
                                            ("fused-qkv-attention 8 warps", attention.FUSED_QKV_ATTENTION_8_WARPS)):
 

@@ -115,10 +115,12 @@ TILES = TileConfig()
 # ViT-S in 109.7 / 56.7 us at usage 1 / 0.33 against 84.7 / 41.9, ViT-B in 291.6 / 114.1 against
 # 287.5 / 119.5; the second slower still (135.6 / 52.7 and 381.8 / 149.1).
 FUSED_MAX_HEAD_BLOCK = 64  # widest (padded) head the fused launch takes
-_FUSED_ATTENTION_TILES = dict(attn_block_m=64, attn_block_m_tail=16, attn_block_n=32, attn_block_tail=16)
-FUSED_QKV_ATTENTION = dict(fuse_qkv_attention=True, qkv_fuse_qk=False, **_FUSED_ATTENTION_TILES)
+# 64-query tiles and 32-key steps with 16-wide passes over the ragged query and key ends: the
+# 16-bit default before the H100 sweep, the fused launch's tiling, an alternative the sweep times.
+NARROW_TAIL_TILES = dict(attn_block_m=64, attn_block_m_tail=16, attn_block_n=32, attn_block_tail=16)
+FUSED_QKV_ATTENTION = dict(fuse_qkv_attention=True, qkv_fuse_qk=False, **NARROW_TAIL_TILES)
 FUSED_QKV_ATTENTION_8_WARPS = dict(fuse_qkv_attention=True, qkv_fuse_qk=True, qkv_warps=8, qkv_programs_per_sm=1,
-                                   **_FUSED_ATTENTION_TILES)
+                                   **NARROW_TAIL_TILES)
 
 # fp32 launches: 3xTF32 dots keep fp32 operands (twice the bytes) and three accumulating MMAs
 # per dot, so the 16-bit tiles spill registers and overflow shared memory on sm_90; these fit

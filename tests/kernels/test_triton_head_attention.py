@@ -108,8 +108,7 @@ TILE_VARIANTS = {
     "fused-qk": dict(qkv_fuse_qk=True),
     "compacted-fused-qk": dict(qkv_compact=True, qkv_fuse_qk=True),
     "query-tail": dict(attn_block_m=32, attn_block_m_tail=16, attn_block_n=32),
-    # 64 queries, 32-key steps, 16-wide passes over both ragged ends (fp32 keeps whole key steps)
-    "narrow-tails": dict(attn_block_m=64, attn_block_m_tail=16, attn_block_n=32, attn_block_tail=16),
+    "narrow-tails": attention_module.NARROW_TAIL_TILES,  # (fp32 keeps whole key steps)
 }
 
 
@@ -416,7 +415,7 @@ def test_fit_tiles_keeps_the_tuned_defaults_and_shrinks_wide_rows():
 def test_fp32_takes_its_ragged_keys_in_a_whole_key_step(block_d):
     """A 16-key 3xTF32 step under 64-query tiles in 8 warps faulted on an H100 (see fit_tiles):
     fp32 tiles never get a key tail narrower than their key step; 16-bit ones keep theirs."""
-    narrow = TileConfig(attn_block_m=64, attn_block_m_tail=16, attn_block_n=32, attn_block_tail=16, attn_warps=8)
+    narrow = TileConfig(**attention_module.NARROW_TAIL_TILES, attn_warps=8)
     fp32 = attention_module.fit_tiles(narrow, block_d, 4)
     assert fp32.attn_block_tail == fp32.attn_block_n
     assert fp32.attn_block_m_tail == 16  # (narrow query passes ran exact on the H100)
