@@ -18,7 +18,8 @@
 # 5. where Nsight Compute is installed, its counters for one launch of the gate and of each branch
 #    (`--profile`: duration, occupancy, warp stall reasons, top stall locations by source line);
 # 6. unless --quick, the attention tile sweep and the fused gate's sweep;
-# 7. the tests of the opt-in tilings and the fused QKV + attention launch, compiled.
+# 7. the tests of the opt-in tilings and fused launches (QKV + attention, attention + projection),
+#    compiled.
 # Everything lands in OUT_DIR/gpu_checks/ and is packed into OUT_DIR/gpu_checks.tar.gz (a lease
 # returns only a few files). The exit status is that of the first failing step.
 set -uo pipefail
@@ -49,7 +50,7 @@ if [ "$quick" != "--quick" ]; then  # (--quick skips the sweeps, most of what it
   step warm_up 45 python -m headsteer.bench.kernels --warm-up --jobs "$workers" --seconds 35
 fi
 step kernels 45 python -m headsteer.bench.kernels --json "$dir/kernels.json" --md "$dir/kernels.md"
-variants="test_tile_variants or test_fused_qkv"  # the opt-in configurations' tests, last
+variants="test_tile_variants or test_fused"  # the opt-in configurations' tests (fused launches too), last
 tests=(python -m pytest -v -rfE -n "$workers" -p no:cacheprovider tests/kernels tests/runtime/test_triton_backend.py)
 step tests 190 "${tests[@]}" -k "not ($variants)"
 step breakdown 45 python -m headsteer.bench.kernels --breakdown --json "$dir/breakdown.json"

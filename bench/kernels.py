@@ -42,7 +42,7 @@ DEVICE = "cuda"  # tests swap in "cpu" (under TRITON_INTERPRET) with tiny shapes
 MODELS = {"ViT-S": (6, 384), "ViT-B": (12, 768)}
 USAGES = (1.0, 0.67, 0.5, 0.33, 0.17)
 DTYPE = torch.bfloat16
-FUSED_BREAKDOWN_USAGES = (1.0, 0.33, 0.0)  # usages `--breakdown` also times with QKV and attention fused
+FUSED_BREAKDOWN_USAGES = (1.0, 0.33, 0.0)  # usages `--breakdown` also times with each opt-in fused launch
 TARGETS = "usage 0.33: sparse >= 2.5x faster than dense; usage 1.0: at most 5% slower; fused gate < 5% of a block"
 
 
@@ -202,8 +202,7 @@ def breakdown() -> dict:
         rows.append(dict(row, total=sum(row[stage] for stage in BREAKDOWN_STAGES if stage in row)))
         print(breakdown_row(rows[-1]), flush=True)
 
-    fused_tiles = (dataclasses.replace(module.TILES, **module.FUSED_QKV_ATTENTION),
-                   dataclasses.replace(module.TILES_FP32, **module.FUSED_QKV_ATTENTION))
+    fusions = {"qkv+attention": module.FUSED_QKV_ATTENTION, "attention+proj": module.FUSED_ATTENTION_PROJ}
     generator = torch.Generator().manual_seed(0)
     setups = {}
     for name, (heads, dim) in MODELS.items():
@@ -217,25 +216,29 @@ def breakdown() -> dict:
         for usage in USAGES + (0.0,):  # (usage 0: what each kernel costs with nothing to compute)
             add(dict(model=name, usage=usage, branch="sparse",
                      **sparse_stages(x, random_keep(BATCH, heads, usage, generator), w, heads)))
-    for name, (heads, w, x) in setups.items():  # the opt-in QKV + attention launch, after both models' defaults
-        for usage in FUSED_BREAKDOWN_USAGES:
-            keep = random_keep(BATCH, heads, usage, generator)
-            with module.tile_config(*fused_tiles):
-                add(dict(model=name, usage=usage, branch="sparse, qkv+attention fused", **sparse_stages(x, keep, w, heads)))
+    for fusion, overrides in fusions.items():  # the opt-in fused launches, after both models' defaults
+        for name, (heads, w, x) in setups.items():
+            for usage in FUSED_BREAKDOWN_USAGES:
+                keep = random_keep(BATCH, heads, usage, generator)
+                with module.tile_config(dataclasses.replace(module.TILES, **overrides)):
+                    add(dict(model=name, usage=usage, branch=f"sparse, {fusion} fused", **sparse_stages(x, keep, w, heads)))
     return {"breakdown": rows}
 
 
-BREAKDOWN_STAGES = ("qkv", "attention", "qkv+attention", "proj")  # (the dense branch's stages share these names)
+BREAKDOWN_STAGES = ("qkv", "attention", "qkv+attention", "attention+proj", "proj")  # (dense shares these names)
 BREAKDOWN_HEADER = "| model | branch | usage | qkv us | attention us | proj us | sum us |\n| --- | --- | --- | --- | --- | --- | --- |"
 
 
 def breakdown_row(r: dict) -> str:
     usage = "" if r["usage"] is None else f"{r['usage']:.2f}"
-    if "qkv+attention" in r:  # one launch for both: its time spans the two columns
-        qkv, attention = f"{r['qkv+attention']:.1f} (both)", ""
+    # A fused launch's time goes in the first of the two columns it spans, "(both)" after it.
+    if "qkv+attention" in r:
+        qkv, attention, proj = f"{r['qkv+attention']:.1f} (both)", "", f"{r['proj']:.1f}"
+    elif "attention+proj" in r:
+        qkv, attention, proj = f"{r['qkv']:.1f}", f"{r['attention+proj']:.1f} (both)", ""
     else:
-        qkv, attention = f"{r['qkv']:.1f}", f"{r['attention']:.1f}"
-    return f"| {r['model']} | {r['branch']} | {usage} | {qkv} | {attention} | {r['proj']:.1f} | {r['total']:.1f} |"
+        qkv, attention, proj = f"{r['qkv']:.1f}", f"{r['attention']:.1f}", f"{r['proj']:.1f}"
+    return f"| {r['model']} | {r['branch']} | {usage} | {qkv} | {attention} | {proj} | {r['total']:.1f} |"
 
 
 def failure(error: Exception) -> str:
@@ -251,6 +254,9 @@ def sweep_variants() -> list:
 
     base = module.TILES  # vary one kernel's tiles at a time around the current defaults
     variants = [base]
+    # Attention and output projection in one launch (opt-in, untimed): against the defaults first.
+    variants.append(dataclasses.replace(base, **module.FUSED_ATTENTION_PROJ))
+    variants.append(dataclasses.replace(base, **module.FUSED_ATTENTION_PROJ, attn_warps=8))
     # The output projection's per-head branch: with it, these are the kernels as timed on the
     # H200 and the H100 on 2026-11-26 (the defaults' kept-head list was timed only at ViT-S).
     variants.append(dataclasses.replace(base, proj_kept_list=False))

@@ -166,12 +166,15 @@ def _variants(quick: bool) -> Iterator[tuple[str, callable]]:
                 # compacted persistent QKV with q|k as one dot, the attention's narrow passes over
                 # the ragged ends, QKV and attention in one launch (with three QKV dots in 4 warps,
                 # 2 programs per SM; with q|k as one dot, 8 warps: both fit 255 registers, the
-                # 4-warp q|k one spills).
+                # 4-warp q|k one spills), attention and output projection in one launch.
                 for variant, overrides in (("head-branch", dict(proj_kept_list=False)),
                                            ("compacted-qkv", dict(qkv_compact=True, qkv_fuse_qk=True)),
                                            ("narrow-tails", attention.NARROW_TAIL_TILES),
                                            ("fused-qkv-attention", attention.FUSED_QKV_ATTENTION),
-                                           ("fused-qkv-attention 8 warps", attention.FUSED_QKV_ATTENTION_8_WARPS)):
+                                           ("fused-qkv-attention 8 warps", attention.FUSED_QKV_ATTENTION_8_WARPS),
+                                           ("fused-attention-proj", attention.FUSED_ATTENTION_PROJ),
+                                           ("fused-attention-proj 8 warps", dict(attention.FUSED_ATTENTION_PROJ,
+                                                                                 attn_warps=8))):
 
                     def with_tiles(x=x, keep=keep, w=weights, h=heads, tiles=dataclasses.replace(attention.TILES, **overrides)):
                         with attention.tile_config(tiles):

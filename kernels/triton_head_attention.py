@@ -21,7 +21,9 @@ nothing waits on the host and the whole branch can be captured in a CUDA graph:
 Opt-in (`TileConfig.fuse_qkv_attention`, slower where timed): launches 1 and 2 as one,
 `_qkv_attention_kernel`, whose persistent programs take the kept (sample, head) pairs one at a
 time, project that head's q, k, v for the sample's N tokens and attend over them at once, while
-they are in L2.
+they are in L2. Opt-in and untimed (`TileConfig.fuse_attention_proj`): launches 2 and 3 as one,
+`_attention_proj_kernel`, one program per (sample, query tile) attending with the sample's kept
+heads and then projecting the same rows.
 
 Scratch buffers (q/k/v and per-head outputs, `new_scratch`) are uninitialized: slots of pruned
 heads are never written and never read. Math matches `reference.head_attention` with head_weight = keep; matmuls
@@ -77,6 +79,14 @@ class TileConfig:
     # (and one fill and drain of the GPU) fewer. 16-bit inputs with heads up to 64 wide only (see
     # the launcher). Off: the two launches above, faster where timed (see FUSED_QKV_ATTENTION).
     fuse_qkv_attention: bool = False
+    # Attention and the output projection in one launch (`_attention_proj_kernel`): one program
+    # per (sample, attn_block_m query tile) attends with each head the sample keeps, then projects
+    # the same rows over all output columns (proj_block_o at a time) from the head outputs it has
+    # just written, in attn_warps warps. One launch (and one fill and drain of the GPU) fewer, and
+    # no program is launched for a pruned (sample, head). 16-bit inputs with heads up to 64 wide
+    # only (see the launcher). Not with fuse_qkv_attention (whose programs are (sample, head)
+    # pairs). Untimed: `--sweep` times FUSED_ATTENTION_PROJ.
+    fuse_attention_proj: bool = False
     attn_block_m: int = 128  # queries per attention program
     attn_block_m_tail: int = 128  # narrowest pass over the ragged last query tile (`ragged_step`)
     attn_block_n: int = 64  # keys per online-softmax step
@@ -91,6 +101,11 @@ class TileConfig:
     # Triton software-pipelines) instead of testing every head inside the loop (False; as timed
     # on the H200 on 2026-11-26, when the projection took 2x cuBLAS's time at full usage).
     proj_kept_list: bool = True
+
+    def __post_init__(self):
+        if self.fuse_qkv_attention and self.fuse_attention_proj:
+            raise ValueError("fuse_qkv_attention and fuse_attention_proj exclude each other: the first launch's "
+                             "programs are (sample, head) pairs, the second's (sample, query tile) rows of all heads")
 
 
 # Used by every 16-bit launch; tuned on an H100/H200 for ViT shapes (N=197, d=64, bf16) with
@@ -114,11 +129,15 @@ TILES = TileConfig()
 # on 2026-11-26 (bf16, B=64, graph replay, against the then-default two launches): the first ran
 # ViT-S in 109.7 / 56.7 us at usage 1 / 0.33 against 84.7 / 41.9, ViT-B in 291.6 / 114.1 against
 # 287.5 / 119.5; the second slower still (135.6 / 52.7 and 381.8 / 149.1).
-FUSED_MAX_HEAD_BLOCK = 64  # widest (padded) head the fused launch takes
+FUSED_MAX_HEAD_BLOCK = 64  # widest (padded) head the fused launches take
 # 64-query tiles and 32-key steps with 16-wide passes over the ragged query and key ends: the
 # 16-bit default before the H100 sweep, the fused launch's tiling, an alternative the sweep times.
 NARROW_TAIL_TILES = dict(attn_block_m=64, attn_block_m_tail=16, attn_block_n=32, attn_block_tail=16)
 FUSED_QKV_ATTENTION = dict(fuse_qkv_attention=True, qkv_fuse_qk=False, **NARROW_TAIL_TILES)
+# Attention and output projection in one launch (`fuse_attention_proj`), opt-in and untimed, as
+# `--sweep` times it: 64-query tiles (B x 4 programs at N=197, two per SM at B=64 on an H100,
+# where 128-query tiles would leave SMs idle) with the narrow ragged passes.
+FUSED_ATTENTION_PROJ = dict(fuse_attention_proj=True, **NARROW_TAIL_TILES)
 FUSED_QKV_ATTENTION_8_WARPS = dict(fuse_qkv_attention=True, qkv_fuse_qk=True, qkv_warps=8, qkv_programs_per_sm=1,
                                    **NARROW_TAIL_TILES)
 
@@ -150,7 +169,9 @@ def fit_tiles(tiles: TileConfig, block_d: int, element_bytes: int) -> TileConfig
       every operand); its staged x and weight tiles, stages x (BLOCK_N + 3 BLOCK_D) x BLOCK_K
       elements, stay under 200 KiB;
     - output projection: stages x (BLOCK_T + BLOCK_O) x BLOCK_D elements under 200 KiB (its loop
-      is pipelined with `proj_kept_list`, the default)."""
+      is pipelined with `proj_kept_list`, the default); with `fuse_attention_proj`, where its
+      rows are the attention's query tile, also its fp32 accumulator, BLOCK_M x BLOCK_O values
+      over 32 x attn_warps threads, at most 64 registers per thread beside the attention's."""
     attn_block_m = tiles.attn_block_m
     query_regs = 48 if element_bytes >= 4 else 128
     while attn_block_m > 16 and 2 * attn_block_m * block_d > query_regs * 32 * tiles.attn_warps:
@@ -173,6 +194,10 @@ def fit_tiles(tiles: TileConfig, block_d: int, element_bytes: int) -> TileConfig
     proj_block_o = tiles.proj_block_o
     while proj_block_o > 16 and tiles.proj_stages * (tiles.proj_block_t + proj_block_o) * block_d * element_bytes > _SHARED_BUDGET:
         proj_block_o //= 2
+    if tiles.fuse_attention_proj:  # (its projection runs on the attention's query tile, warps and stages)
+        while proj_block_o > 16 and (attn_block_m * proj_block_o > 64 * 32 * tiles.attn_warps or tiles.attn_stages * (
+                attn_block_m + proj_block_o) * block_d * element_bytes > _SHARED_BUDGET):
+            proj_block_o //= 2
     return dataclasses.replace(tiles, attn_block_m=attn_block_m,
                                attn_block_m_tail=min(tiles.attn_block_m_tail, attn_block_m), attn_block_n=attn_block_n,
                                attn_block_tail=attn_block_tail,
@@ -582,23 +607,21 @@ def _project_head(o_ptr, w_ptr, stride_wo, stride_wi, rows, row_kept, offs_o, o_
     return acc
 
 
-@triton.jit(do_not_specialize=["B"])  # (B only bounds rows: one compile serves every batch size)
-def _proj_kernel(
+@triton.jit
+def _project_rows(
     o_ptr, keep_ptr, stride_keep_b, stride_keep_h,
     w_ptr, stride_wo, stride_wi, bias_ptr,
     out_ptr, stride_ob, stride_on, stride_od,
     res_ptr, stride_rb, stride_rn, stride_rd, gamma_ptr,
-    B, N, H, HEAD_DIM, D_OUT,
+    rows, row_valid, offs_o, N, H, HEAD_DIM, D_OUT,
     HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr, HAS_LAYER_SCALE: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_D: tl.constexpr, CHUNK_D: tl.constexpr,
     BLOCK_H: tl.constexpr, KEPT_LIST: tl.constexpr,
 ):
-    # Token tiles run over the flattened B*N tokens, like the QKV projection. Each head's dot
-    # runs CHUNK_D of its BLOCK_D dims at a time (fp32 3xTF32 operands of a 128-wide head spill).
-    rows = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
-    row_valid = rows < B * N
+    """Output rows `rows` (flattened sample * N + token; those with row_valid False are neither
+    read nor written) at columns offs_o: the sum over the heads each row's sample keeps of
+    o_h @ W_o[:, h]^T, plus the bias and, when asked, a block's residual (times a LayerScale)."""
     sample = rows // N
-    offs_o = tl.program_id(1) * BLOCK_O + tl.arange(0, BLOCK_O)
     o_mask = offs_o < D_OUT
     acc = tl.zeros([BLOCK_T, BLOCK_O], dtype=tl.float32)
     if KEPT_LIST:
@@ -634,6 +657,95 @@ def _proj_kernel(
                        mask=row_valid[:, None] & o_mask[None, :], other=0.0).to(tl.float32)
     out_offs = tokens * stride_ob + (rows % N)[:, None] * stride_on + offs_o[None, :] * stride_od
     tl.store(out_ptr + out_offs, acc.to(out_ptr.dtype.element_ty), mask=row_valid[:, None] & o_mask[None, :])
+
+
+@triton.jit(do_not_specialize=["B"])  # (B only bounds rows: one compile serves every batch size)
+def _proj_kernel(
+    o_ptr, keep_ptr, stride_keep_b, stride_keep_h,
+    w_ptr, stride_wo, stride_wi, bias_ptr,
+    out_ptr, stride_ob, stride_on, stride_od,
+    res_ptr, stride_rb, stride_rn, stride_rd, gamma_ptr,
+    B, N, H, HEAD_DIM, D_OUT,
+    HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr, HAS_LAYER_SCALE: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_D: tl.constexpr, CHUNK_D: tl.constexpr,
+    BLOCK_H: tl.constexpr, KEPT_LIST: tl.constexpr,
+):
+    # Token tiles run over the flattened B*N tokens, like the QKV projection. Each head's dot
+    # runs CHUNK_D of its BLOCK_D dims at a time (fp32 3xTF32 operands of a 128-wide head spill).
+    rows = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    offs_o = tl.program_id(1) * BLOCK_O + tl.arange(0, BLOCK_O)
+    _project_rows(o_ptr, keep_ptr, stride_keep_b, stride_keep_h, w_ptr, stride_wo, stride_wi, bias_ptr,
+                  out_ptr, stride_ob, stride_on, stride_od, res_ptr, stride_rb, stride_rn, stride_rd, gamma_ptr,
+                  rows, rows < B * N, offs_o, N, H, HEAD_DIM, D_OUT,
+                  HAS_BIAS, HAS_RESIDUAL, HAS_LAYER_SCALE, PRECISION, BLOCK_T, BLOCK_O, BLOCK_D, CHUNK_D, BLOCK_H,
+                  KEPT_LIST)
+
+
+@triton.jit
+def _attend_and_project(
+    qkv_ptr, scratch_part, keep_ptr, stride_keep_b, stride_keep_h, o_ptr,
+    w_ptr, stride_wo, stride_wi, bias_ptr,
+    out_ptr, stride_ob, stride_on, stride_od,
+    res_ptr, stride_rb, stride_rn, stride_rd, gamma_ptr,
+    b, first_row, N, H, HEAD_DIM, D_OUT, qk_scale,
+    HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr, HAS_LAYER_SCALE: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_TAIL: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_O: tl.constexpr, CHUNK_D: tl.constexpr, BLOCK_H: tl.constexpr,
+):
+    """Queries [first_row, first_row + BLOCK_M) of sample b: attention of every head the sample
+    keeps (outputs to o_ptr), then the output projection of those rows, all D_OUT columns."""
+    offs_h = tl.arange(0, BLOCK_H)
+    sample_keeps = tl.load(keep_ptr + b * stride_keep_b + offs_h * stride_keep_h, mask=offs_h < H, other=0) != 0
+    kept_rank = tl.cumsum(sample_keeps.to(tl.int32), axis=0) - 1
+    for i in range(0, tl.sum(sample_keeps.to(tl.int32), axis=0)):
+        h = _nth_flagged(sample_keeps, kept_rank, i, offs_h)
+        _attend_queries(qkv_ptr, scratch_part, o_ptr, b, h, first_row, N, H, HEAD_DIM, qk_scale,
+                        PRECISION, BLOCK_M, BLOCK_N, BLOCK_TAIL, BLOCK_D)
+    # Every warp's head outputs are stored before any warp reads them back for the projection
+    # (the same CTA barrier as in `_qkv_attention_kernel`: bar.sync orders global memory too).
+    tl.debug_barrier()
+    token = first_row + tl.arange(0, BLOCK_M)
+    rows = b * N + token
+    for o0 in range(0, D_OUT, BLOCK_O):
+        _project_rows(o_ptr, keep_ptr, stride_keep_b, stride_keep_h, w_ptr, stride_wo, stride_wi, bias_ptr,
+                      out_ptr, stride_ob, stride_on, stride_od, res_ptr, stride_rb, stride_rn, stride_rd, gamma_ptr,
+                      rows, token < N, o0 + tl.arange(0, BLOCK_O), N, H, HEAD_DIM, D_OUT,
+                      HAS_BIAS, HAS_RESIDUAL, HAS_LAYER_SCALE, PRECISION, BLOCK_M, BLOCK_O, BLOCK_D, CHUNK_D, BLOCK_H,
+                      True)
+
+
+@triton.jit
+def _attention_proj_kernel(
+    qkv_ptr, scratch_part, keep_ptr, stride_keep_b, stride_keep_h, o_ptr,
+    w_ptr, stride_wo, stride_wi, bias_ptr,
+    out_ptr, stride_ob, stride_on, stride_od,
+    res_ptr, stride_rb, stride_rn, stride_rd, gamma_ptr,
+    N, H, HEAD_DIM, D_OUT, qk_scale,
+    HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr, HAS_LAYER_SCALE: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_M_TAIL: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_TAIL: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_O: tl.constexpr, CHUNK_D: tl.constexpr, BLOCK_H: tl.constexpr,
+):
+    # One program per (sample, query tile), query tiles of a sample adjacent (they read the same
+    # k and v): attention of the sample's kept heads for the tile's queries, then the output
+    # projection of the same rows, whose head outputs the program has just written (from L2).
+    query_tiles = tl.cdiv(N, BLOCK_M)
+    b = tl.program_id(0) // query_tiles
+    first_row = (tl.program_id(0) % query_tiles) * BLOCK_M
+    if BLOCK_M_TAIL == BLOCK_M or first_row + BLOCK_M <= N:
+        _attend_and_project(qkv_ptr, scratch_part, keep_ptr, stride_keep_b, stride_keep_h, o_ptr,
+                            w_ptr, stride_wo, stride_wi, bias_ptr, out_ptr, stride_ob, stride_on, stride_od,
+                            res_ptr, stride_rb, stride_rn, stride_rd, gamma_ptr, b, first_row, N, H, HEAD_DIM, D_OUT,
+                            qk_scale, HAS_BIAS, HAS_RESIDUAL, HAS_LAYER_SCALE, PRECISION,
+                            BLOCK_M, BLOCK_N, BLOCK_TAIL, BLOCK_D, BLOCK_O, CHUNK_D, BLOCK_H)
+    else:
+        # The ragged last query tile in BLOCK_M_TAIL-row passes (one: the launcher picks
+        # BLOCK_M_TAIL >= N % BLOCK_M), as in `_attention_kernel`.
+        for row in range(first_row, N, BLOCK_M_TAIL):
+            _attend_and_project(qkv_ptr, scratch_part, keep_ptr, stride_keep_b, stride_keep_h, o_ptr,
+                                w_ptr, stride_wo, stride_wi, bias_ptr, out_ptr, stride_ob, stride_on, stride_od,
+                                res_ptr, stride_rb, stride_rn, stride_rd, gamma_ptr, b, row, N, H, HEAD_DIM, D_OUT,
+                                qk_scale, HAS_BIAS, HAS_RESIDUAL, HAS_LAYER_SCALE, PRECISION,
+                                BLOCK_M_TAIL, BLOCK_N, BLOCK_TAIL, BLOCK_D, BLOCK_O, CHUNK_D, BLOCK_H)
 
 
 def new_scratch(shape: tuple, like: torch.Tensor) -> torch.Tensor:
@@ -681,8 +793,9 @@ def head_attention_launches(
 ) -> tuple[torch.Tensor, list[tuple[str, Callable[[], None]]]]:
     """Check the arguments and allocate the output and scratch of `triton_head_attention`; return
     the output and its kernel launches in order as (name, launch) pairs, so a benchmark can
-    time each kernel (`headsteer.bench.kernels --breakdown`): qkv, attention, proj, or
-    qkv+attention, proj with `fuse_qkv_attention`. Arguments as `triton_head_attention`."""
+    time each kernel (`headsteer.bench.kernels --breakdown`): qkv, attention, proj; or
+    qkv+attention, proj with `fuse_qkv_attention`; or qkv, attention+proj with
+    `fuse_attention_proj`. Arguments as `triton_head_attention`."""
     if x.dim() != 3:
         raise ValueError(f"x must be [B, N, D], got {tuple(x.shape)}")
     batch, tokens, dim = x.shape
@@ -751,6 +864,10 @@ def head_attention_launches(
     # program reads all B x H mask bits). Elsewhere the two launches.
     fused = (tiles.fuse_qkv_attention and precision is None and block_d <= FUSED_MAX_HEAD_BLOCK
              and batch <= COMPACT_MAX_BATCH)
+    # Attention and output projection in one launch likewise: 16-bit inputs, heads up to 64 wide
+    # (compiled for sm_90 with FUSED_ATTENTION_PROJ: no spills; fp32 spills 32-52 B a thread at
+    # d = 64 and 156-184 B at d = 128, fp16 at d = 128 4 B). Elsewhere attention and projection.
+    fused_attention_proj = tiles.fuse_attention_proj and precision is None and block_d <= FUSED_MAX_HEAD_BLOCK
     fused_programs = persistent_grid(batch * num_heads, tiles.qkv_programs_per_sm, x.device)
     qkv_tail = ragged_step(tokens, tiles.qkv_block_n, 16)  # (the fused launch's per-sample QKV tiles)
     block_heads = triton.next_power_of_2(num_heads)
@@ -804,6 +921,21 @@ def head_attention_launches(
             num_warps=tiles.qkv_warps, num_stages=tiles.qkv_stages,
         )
 
+    def attention_projection():
+        _attention_proj_kernel[(batch * triton.cdiv(tokens, tiles.attn_block_m),)](
+            qkv, scratch_part, keep, keep_b, keep_h, heads,
+            proj_weight, *proj_weight.stride(), proj_bias if proj_bias is not None else dummy,
+            out, *out.stride(),
+            *((residual, *residual.stride()) if residual is not None else (dummy, 0, 0, 0)),
+            layer_scale if layer_scale is not None else dummy,
+            tokens, num_heads, head_dim, d_out, qk_scale,
+            HAS_BIAS=proj_bias is not None, HAS_RESIDUAL=residual is not None,
+            HAS_LAYER_SCALE=layer_scale is not None, PRECISION=precision,
+            BLOCK_M=tiles.attn_block_m, BLOCK_M_TAIL=query_tail, BLOCK_N=tiles.attn_block_n, BLOCK_TAIL=key_tail,
+            BLOCK_D=block_d, BLOCK_O=tiles.proj_block_o, CHUNK_D=proj_chunk_d, BLOCK_H=block_heads,
+            num_warps=tiles.attn_warps, num_stages=tiles.attn_stages,
+        )
+
     def output_projection():
         _proj_kernel[(triton.cdiv(batch * tokens, tiles.proj_block_t), triton.cdiv(d_out, tiles.proj_block_o))](
             heads, keep, keep_b, keep_h,
@@ -822,6 +954,8 @@ def head_attention_launches(
 
     if fused:
         return out, [("qkv+attention", qkv_attention), ("proj", output_projection)]
+    if fused_attention_proj:
+        return out, [("qkv", qkv_projection), ("attention+proj", attention_projection)]
     return out, [("qkv", qkv_projection), ("attention", attention), ("proj", output_projection)]
 
 

@@ -233,6 +233,83 @@ def test_fused_qkv_attention_falls_back_to_two_launches(monkeypatch, dtype, head
     run_and_check(branch, keep, 3)
 
 
+def attention_proj_tiles(monkeypatch, **overrides):
+    """Launch with attention and the output projection in one kernel (`FUSED_ATTENTION_PROJ`,
+    the configuration the sweep times; 16-bit inputs, head dims up to 64)."""
+    for name in ("TILES", "TILES_FP32"):
+        tiles = dataclasses.replace(getattr(attention_module, name), **{**attention_module.FUSED_ATTENTION_PROJ,
+                                                                       **overrides})
+        monkeypatch.setattr(attention_module, name, tiles)
+
+
+# N = 70, 131, 197: whole 64-query tiles (32-key steps), then the ragged query and key ends in
+# their narrow passes; N = 1, 17: ragged ends only; D_out = 96 and 160 against 32- and 128-wide
+# column tiles: a ragged last column tile.
+@pytest.mark.parametrize("batch,tokens,heads,head_dim", [(3, 70, 2, 64), (2, 131, 3, 32), (1, 197, 2, 32),
+                                                          (5, 17, 5, 32), (4, 1, 2, 64)])
+@pytest.mark.parametrize("proj_block_o", [32, 128])
+@pytest.mark.parametrize("mask", ["distinct", "uneven", "none", "all"])
+def test_fused_attention_proj_over_whole_and_ragged_tiles(monkeypatch, batch, tokens, heads, head_dim, proj_block_o,
+                                                          mask):
+    attention_proj_tiles(monkeypatch, proj_block_o=proj_block_o)
+    seed = zlib.crc32(repr((batch, tokens, heads, head_dim, proj_block_o, mask)).encode())
+    branch = make_branch(batch, tokens, heads, head_dim, seed, torch.float16)
+    keep = uneven_mask(batch, heads, seed) if mask == "uneven" else make_mask(mask, batch, heads, seed)
+    assert launch_names(branch, keep, heads) == ["qkv", "attention+proj"]
+    run_and_check(branch, keep, heads)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32], ids=["fused", "fp32-apart"])
+def test_fused_attention_proj_residual_in_place(monkeypatch, dtype):
+    """The block update `residual + layer_scale * branch` from the fused launch (fp32 runs the two
+    launches), into a strided output and in place into the residual itself."""
+    attention_proj_tiles(monkeypatch)
+    seed = zlib.crc32(repr(("attention+proj residual", dtype)).encode())
+    branch = make_branch(3, 70, 3, 32, seed, dtype)
+    keep = make_mask("random", 3, 3, seed)
+    g = torch.Generator().manual_seed(seed)
+    residual = torch.randn(70, 3, 96, generator=g).to(DEVICE, dtype).transpose(0, 1)
+    gamma = (0.1 + torch.rand(96, generator=g)).to(DEVICE, dtype)
+    expected = residual.float() + reference_branch(branch, keep, 3) * gamma.float()
+    args = (branch["x"], keep, branch["qkv_weight"], branch["qkv_bias"], branch["proj_weight"], branch["proj_bias"], 3)
+    got = triton_head_attention(*args, residual=residual, layer_scale=gamma)
+    torch.testing.assert_close(got.float(), expected, atol=TOLERANCE[dtype], rtol=TOLERANCE[dtype])
+    in_place = residual.clone()
+    triton_head_attention(*args, residual=in_place, layer_scale=gamma, out=in_place)
+    torch.testing.assert_close(in_place, got, atol=0, rtol=0)
+
+
+def test_fused_attention_proj_with_qk_norm(monkeypatch):
+    attention_proj_tiles(monkeypatch)
+    branch = make_branch(3, 17, 3, 32, 31, torch.float16)
+    norms = layer_norm(32, True, True, 32, torch.float16), layer_norm(32, True, False, 33, torch.float16)
+    run_and_check(branch, make_mask("distinct", 3, 3, 31), 3, *norms)
+
+
+@pytest.mark.parametrize("dtype,head_dim", [(torch.float32, 32), (torch.float16, 80)], ids=["fp32", "head-dim-80"])
+def test_fused_attention_proj_falls_back_to_two_launches(monkeypatch, dtype, head_dim):
+    """fp32 and heads wider than 64 run attention and the output projection apart."""
+    attention_proj_tiles(monkeypatch)
+    branch = make_branch(5, 23, 3, head_dim, 34, dtype)
+    keep = uneven_mask(5, 3, 34)
+    assert launch_names(branch, keep, 3) == ["qkv", "attention", "proj"]
+    run_and_check(branch, keep, 3)
+
+
+def test_both_fusions_are_refused():
+    with pytest.raises(ValueError, match="exclude each other"):
+        TileConfig(fuse_qkv_attention=True, fuse_attention_proj=True)
+
+
+def test_fused_attention_proj_fits_its_projection_to_the_query_tile():
+    """The projection's accumulator shares the attention's warps: 128-query tiles in 4 warps
+    get 64-column tiles (64 registers a thread), 64-query tiles keep 128."""
+    fit = attention_module.fit_tiles
+    assert fit(TileConfig(fuse_attention_proj=True, attn_block_m=128, attn_warps=4), 64, 2).proj_block_o == 64
+    assert fit(TileConfig(**attention_module.FUSED_ATTENTION_PROJ), 64, 2).proj_block_o == 128
+    assert fit(TileConfig(attn_block_m=128, attn_warps=4), 64, 2).proj_block_o == 128  # (unfused: its own tile)
+
+
 @pytest.mark.parametrize("tokens,block,span", [(197, 64, 2), (64, 64, 2), (63, 64, 2), (62, 64, 3), (23, 64, 4),
                                                (1, 16, 16), (5, 16, 4)])
 def test_rank_span_bounds_the_samples_a_tile_touches(tokens, block, span):

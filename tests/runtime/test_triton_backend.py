@@ -62,10 +62,15 @@ def test_triton_backend_with_several_latent_and_batch_tiles():
 
 
 @pytest.mark.parametrize("budget", [None, 0.67])
-def test_fused_qkv_attention_in_the_model(monkeypatch, budget):
-    """The opt-in QKV + attention launch inside the whole fp16 model (LayerScale, so the residual
-    epilogue too) gives the same masks and logits as the default two launches."""
+@pytest.mark.parametrize("fusion", ["qkv+attention", "attention+proj"])
+def test_fused_launches_in_the_model(monkeypatch, budget, fusion):
+    """The opt-in fused launches (QKV + attention; attention + output projection) inside the
+    whole fp16 model (LayerScale, so the residual epilogue too) give the same masks and logits
+    as the default three launches."""
     from headsteer.kernels import triton_head_attention as attention  # (after the importorskip above)
+
+    overrides, kernel_name = {"qkv+attention": (attention.FUSED_QKV_ATTENTION, "_qkv_attention_kernel"),
+                              "attention+proj": (attention.FUSED_ATTENTION_PROJ, "_attention_proj_kernel")}[fusion]
 
     model = _model(init_values=0.5).half()
     pixels = torch.randn(3, 3, 32, 32, device=DEVICE).half()
@@ -73,14 +78,14 @@ def test_fused_qkv_attention_in_the_model(monkeypatch, budget):
     fused_launches = []
 
     class LaunchSpy:  # counts launches of the fused kernel, then launches it
-        def __getitem__(self, grid, kernel=attention._qkv_attention_kernel):
+        def __getitem__(self, grid, kernel=getattr(attention, kernel_name)):
             fused_launches.append(grid)
             return kernel[grid]
 
     with torch.no_grad():
         expected = model(pixels, scale, budget=budget, backend="triton")
-        monkeypatch.setattr(attention, "TILES", dataclasses.replace(attention.TILES, **attention.FUSED_QKV_ATTENTION))
-        monkeypatch.setattr(attention, "_qkv_attention_kernel", LaunchSpy())
+        monkeypatch.setattr(attention, "TILES", dataclasses.replace(attention.TILES, **overrides))
+        monkeypatch.setattr(attention, kernel_name, LaunchSpy())
         got = model(pixels, scale, budget=budget, backend="triton")
     assert len(fused_launches) == len(model.gate_blocks)  # one per gated block, none before the switch
     assert torch.equal(got.head_mask, expected.head_mask)
