@@ -257,6 +257,9 @@ def sweep_variants() -> list:
     # Attention and output projection in one launch (opt-in, untimed): against the defaults first.
     variants.append(dataclasses.replace(base, **module.FUSED_ATTENTION_PROJ))
     variants.append(dataclasses.replace(base, **module.FUSED_ATTENTION_PROJ, attn_warps=8))
+    # Programmatic dependent launches (opt-in, untimed), of the default launches and the fused pair.
+    variants.append(dataclasses.replace(base, programmatic_launch=True))
+    variants.append(dataclasses.replace(base, **module.FUSED_ATTENTION_PROJ, programmatic_launch=True))
     # The output projection's per-head branch: with it, these are the kernels as timed on the
     # H200 and the H100 on 2026-11-26 (the defaults' kept-head list was timed only at ViT-S).
     variants.append(dataclasses.replace(base, proj_kept_list=False))

@@ -38,6 +38,17 @@ def targets_cuda(device: torch.device) -> bool:
     return device.type == "cuda" or _COMPILE_ONLY_ARCH is not None
 
 
+def cuda_capability(device: torch.device) -> Optional[int]:
+    """Compute capability (e.g. 90 for an H100) that kernels launched for tensors on `device` are
+    compiled for: the `compile_only` target, the CUDA device's, or None (the CPU interpreter)."""
+    if _COMPILE_ONLY_ARCH is not None:
+        return _COMPILE_ONLY_ARCH
+    if device.type == "cuda":
+        major, minor = torch.cuda.get_device_capability(device)
+        return 10 * major + minor
+    return None
+
+
 def fp32_dot_precision(device: torch.device) -> str:
     """How Triton dots multiply fp32 inputs: as 3xTF32 on CUDA tensor cores (fp32-level accuracy,
     unlike plain TF32; exact fp32 FMA dots of the tile sizes used here spill registers by the
@@ -58,6 +69,9 @@ class CompiledKernel:
     stack_bytes: int
     shared_bytes: int
     num_warps: int
+    # launched with programmatic dependent launch, and its code waits on the previous launch
+    # (griddepcontrol.wait in the PTX) before it reads anything
+    programmatic_launch: bool
     cache_key: str  # Triton's hash of the compiled source, specialization and options: equal keys, one compile
 
 
@@ -166,7 +180,8 @@ def _variants(quick: bool) -> Iterator[tuple[str, callable]]:
                 # compacted persistent QKV with q|k as one dot, the attention's narrow passes over
                 # the ragged ends, QKV and attention in one launch (with three QKV dots in 4 warps,
                 # 2 programs per SM; with q|k as one dot, 8 warps: both fit 255 registers, the
-                # 4-warp q|k one spills), attention and output projection in one launch.
+                # 4-warp q|k one spills), attention and output projection in one launch,
+                # programmatic dependent launches.
                 for variant, overrides in (("head-branch", dict(proj_kept_list=False)),
                                            ("compacted-qkv", dict(qkv_compact=True, qkv_fuse_qk=True)),
                                            ("narrow-tails", attention.NARROW_TAIL_TILES),
@@ -174,7 +189,10 @@ def _variants(quick: bool) -> Iterator[tuple[str, callable]]:
                                            ("fused-qkv-attention 8 warps", attention.FUSED_QKV_ATTENTION_8_WARPS),
                                            ("fused-attention-proj", attention.FUSED_ATTENTION_PROJ),
                                            ("fused-attention-proj 8 warps", dict(attention.FUSED_ATTENTION_PROJ,
-                                                                                 attn_warps=8))):
+                                                                                 attn_warps=8)),
+                                           ("programmatic-launch", dict(programmatic_launch=True)),
+                                           ("fused-attention-proj programmatic-launch",
+                                            dict(attention.FUSED_ATTENTION_PROJ, programmatic_launch=True))):
 
                     def with_tiles(x=x, keep=keep, w=weights, h=heads, tiles=dataclasses.replace(attention.TILES, **overrides)):
                         with attention.tile_config(tiles):
@@ -238,6 +256,7 @@ def compile_all(arch: int = 90, quick: bool = False, only: str = "") -> list[Com
             results.append(CompiledKernel(
                 variant=variant, kernel=function.__name__, shared_bytes=kernel.metadata.shared,
                 num_warps=kernel.metadata.num_warps, cache_key=kernel.hash, **report,
+                programmatic_launch=bool(kernel.metadata.launch_pdl) and "griddepcontrol.wait" in kernel.asm["ptx"],
             ))
     return results
 

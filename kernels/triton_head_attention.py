@@ -42,8 +42,9 @@ import torch
 import triton
 import triton.language as tl
 from torch import nn
+from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
-from headsteer.kernels.aot import fp32_dot_precision, targets_cuda
+from headsteer.kernels.aot import cuda_capability, fp32_dot_precision, targets_cuda
 from headsteer.kernels.triton_layer_norm import layer_norm_apply, layer_norm_stats
 
 @dataclass(frozen=True)
@@ -101,6 +102,13 @@ class TileConfig:
     # Triton software-pipelines) instead of testing every head inside the loop (False; as timed
     # on the H200 on 2026-11-26, when the projection took 2x cuBLAS's time at full usage).
     proj_kept_list: bool = True
+    # Programmatic dependent launch (sm_90 and later; opt-in, untimed): each launch of the branch
+    # may be scheduled while the one before it drains, and waits on the device for its results
+    # (`_follow_previous_launch`) instead of the stream holding it back until the previous grid
+    # has retired; the gap between dependent launches, a few microseconds each inside a CUDA
+    # graph (captured as programmatic edges), is what a branch of 2-3 short launches at low head
+    # usage can shave. `--sweep` times it.
+    programmatic_launch: bool = False
 
     def __post_init__(self):
         if self.fuse_qkv_attention and self.fuse_attention_proj:
@@ -353,6 +361,18 @@ def _nth_flagged(flagged, rank, n, index):
 
 
 @triton.jit
+def _follow_previous_launch(PDL: tl.constexpr):
+    """A kernel's first step. With programmatic dependent launch (PDL: the launcher sets it, and
+    launch_pdl, on sm_90 and later), the kernel may start while the launch before it in the stream
+    drains: wait here until that launch has finished and its writes are visible, before any
+    memory access (its outputs are this kernel's inputs, and memory it still reads may be this
+    kernel's scratch), then let the next launch start the same way. Without PDL, nothing."""
+    if PDL:
+        gdc_wait()
+        gdc_launch_dependents()
+
+
+@triton.jit
 def _kept_token_rows(keep_ptr, stride_keep_b, stride_keep_h, h, B, N, first_row,
                      BLOCK_N: tl.constexpr, BLOCK_B: tl.constexpr, RANK_SPAN: tl.constexpr):
     """Rows [first_row, first_row + BLOCK_N) of head h's compacted token list (the N tokens of
@@ -389,8 +409,9 @@ def _qkv_kernel(
     PRECISION: tl.constexpr, FUSE_QK: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
     COMPACT: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, COUNT_ROWS: tl.constexpr,
-    RANK_SPAN: tl.constexpr, TILE_BITS: tl.constexpr,
+    RANK_SPAN: tl.constexpr, TILE_BITS: tl.constexpr, PDL: tl.constexpr,
 ):
+    _follow_previous_launch(PDL)
     if COMPACT:
         # Work items are (head, tile of the head's compacted token list): only tokens of samples
         # that keep the head, so every MMA row is a kept one (but a head's last tile's). Programs
@@ -505,8 +526,9 @@ def _attention_kernel(
     N, H, HEAD_DIM, qk_scale,
     PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_M_TAIL: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_TAIL: tl.constexpr,
-    BLOCK_D: tl.constexpr,
+    BLOCK_D: tl.constexpr, PDL: tl.constexpr,
 ):
+    _follow_previous_launch(PDL)
     pid_bh = tl.program_id(0)
     b = pid_bh // H
     h = pid_bh % H
@@ -538,8 +560,9 @@ def _qkv_attention_kernel(
     PRECISION: tl.constexpr, FUSE_QK: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_N_TAIL: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_M_TAIL: tl.constexpr, BLOCK_KEYS: tl.constexpr, BLOCK_KEYS_TAIL: tl.constexpr,
-    BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr,
+    BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, PDL: tl.constexpr,
 ):
+    _follow_previous_launch(PDL)
     # Work items are the kept (sample, head) pairs in sample-major order, walked with a stride of
     # the grid size: programs running at once work on nearby samples and share their x rows in
     # L2, and a pruned pair costs its mask bit. Item i belongs to the sample whose running count
@@ -668,8 +691,9 @@ def _proj_kernel(
     B, N, H, HEAD_DIM, D_OUT,
     HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr, HAS_LAYER_SCALE: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_D: tl.constexpr, CHUNK_D: tl.constexpr,
-    BLOCK_H: tl.constexpr, KEPT_LIST: tl.constexpr,
+    BLOCK_H: tl.constexpr, KEPT_LIST: tl.constexpr, PDL: tl.constexpr,
 ):
+    _follow_previous_launch(PDL)
     # Token tiles run over the flattened B*N tokens, like the QKV projection. Each head's dot
     # runs CHUNK_D of its BLOCK_D dims at a time (fp32 3xTF32 operands of a 128-wide head spill).
     rows = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
@@ -723,8 +747,9 @@ def _attention_proj_kernel(
     N, H, HEAD_DIM, D_OUT, qk_scale,
     HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr, HAS_LAYER_SCALE: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_M_TAIL: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_TAIL: tl.constexpr,
-    BLOCK_D: tl.constexpr, BLOCK_O: tl.constexpr, CHUNK_D: tl.constexpr, BLOCK_H: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_O: tl.constexpr, CHUNK_D: tl.constexpr, BLOCK_H: tl.constexpr, PDL: tl.constexpr,
 ):
+    _follow_previous_launch(PDL)
     # One program per (sample, query tile), query tiles of a sample adjacent (they read the same
     # k and v): attention of the sample's kept heads for the tile's queries, then the output
     # projection of the same rows, whose head outputs the program has just written (from L2).
@@ -872,6 +897,8 @@ def head_attention_launches(
     qkv_tail = ragged_step(tokens, tiles.qkv_block_n, 16)  # (the fused launch's per-sample QKV tiles)
     block_heads = triton.next_power_of_2(num_heads)
     block_batch = triton.next_power_of_2(batch)
+    # Programmatic dependent launch needs sm_90's griddepcontrol (never under the interpreter).
+    pdl = tiles.programmatic_launch and (cuda_capability(x.device) or 0) >= 90
 
     def qkv_projection():
         _qkv_kernel[(qkv_programs,)](
@@ -889,7 +916,7 @@ def head_attention_launches(
             COMPACT=compact, BLOCK_B=block_batch if compact else 1, BLOCK_H=block_heads,
             COUNT_ROWS=min(block_batch, 128) if compact else 1, RANK_SPAN=qkv_rank_span if compact else 1,
             TILE_BITS=qkv_tiles.bit_length() if compact else 1,
-            num_warps=tiles.qkv_warps, num_stages=tiles.qkv_stages,
+            PDL=pdl, launch_pdl=pdl, num_warps=tiles.qkv_warps, num_stages=tiles.qkv_stages,
         )
 
     def attention():
@@ -899,7 +926,7 @@ def head_attention_launches(
             PRECISION=precision,
             BLOCK_M=tiles.attn_block_m, BLOCK_M_TAIL=query_tail, BLOCK_N=tiles.attn_block_n, BLOCK_TAIL=key_tail,
             BLOCK_D=block_d,
-            num_warps=tiles.attn_warps, num_stages=tiles.attn_stages,
+            PDL=pdl, launch_pdl=pdl, num_warps=tiles.attn_warps, num_stages=tiles.attn_stages,
         )
 
     def qkv_attention():
@@ -918,7 +945,7 @@ def head_attention_launches(
             BLOCK_M=tiles.attn_block_m, BLOCK_M_TAIL=query_tail, BLOCK_KEYS=tiles.attn_block_n,
             BLOCK_KEYS_TAIL=key_tail,
             BLOCK_B=block_batch, BLOCK_H=block_heads,
-            num_warps=tiles.qkv_warps, num_stages=tiles.qkv_stages,
+            PDL=pdl, launch_pdl=pdl, num_warps=tiles.qkv_warps, num_stages=tiles.qkv_stages,
         )
 
     def attention_projection():
@@ -933,7 +960,7 @@ def head_attention_launches(
             HAS_LAYER_SCALE=layer_scale is not None, PRECISION=precision,
             BLOCK_M=tiles.attn_block_m, BLOCK_M_TAIL=query_tail, BLOCK_N=tiles.attn_block_n, BLOCK_TAIL=key_tail,
             BLOCK_D=block_d, BLOCK_O=tiles.proj_block_o, CHUNK_D=proj_chunk_d, BLOCK_H=block_heads,
-            num_warps=tiles.attn_warps, num_stages=tiles.attn_stages,
+            PDL=pdl, launch_pdl=pdl, num_warps=tiles.attn_warps, num_stages=tiles.attn_stages,
         )
 
     def output_projection():
@@ -949,7 +976,7 @@ def head_attention_launches(
             BLOCK_T=tiles.proj_block_t, BLOCK_O=tiles.proj_block_o, BLOCK_D=block_d,
             CHUNK_D=proj_chunk_d,
             BLOCK_H=block_heads, KEPT_LIST=tiles.proj_kept_list,
-            num_warps=tiles.proj_warps, num_stages=tiles.proj_stages,
+            PDL=pdl, launch_pdl=pdl, num_warps=tiles.proj_warps, num_stages=tiles.proj_stages,
         )
 
     if fused:

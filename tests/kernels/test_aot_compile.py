@@ -60,3 +60,13 @@ def test_one_compile_serves_every_batch_size(report):
     for kernel in ("_qkv_kernel", "_attention_kernel", "_proj_kernel"):
         assert keys[(attention, kernel)] == keys[(f"{attention} batch 1", kernel)] == keys[(f"{attention} batch 7", kernel)]
     assert len({keys[(gate, "_sae_steer_gate_kernel")], keys[("gate ViT-S no SAE", "_sae_steer_gate_kernel")]}) == 2
+
+
+def test_programmatic_launch_only_where_asked(report):
+    """The opt-in programmatic dependent launch reaches every kernel of the branch it is asked for
+    (launched with launch_pdl, griddepcontrol.wait in the code) and no other launch."""
+    for kernel in report["kernels"]:
+        asked = kernel["variant"].endswith("programmatic-launch")
+        assert kernel["programmatic_launch"] == asked, f"{kernel['variant']} / {kernel['kernel']}"
+    assert {k["kernel"] for k in report["kernels"] if k["programmatic_launch"]} == {
+        "_qkv_kernel", "_attention_kernel", "_proj_kernel", "_attention_proj_kernel"}

@@ -109,6 +109,7 @@ TILE_VARIANTS = {
     "compacted-fused-qk": dict(qkv_compact=True, qkv_fuse_qk=True),
     "query-tail": dict(attn_block_m=32, attn_block_m_tail=16, attn_block_n=32),
     "narrow-tails": attention_module.NARROW_TAIL_TILES,  # (fp32 keeps whole key steps)
+    "programmatic-launch": dict(programmatic_launch=True),  # (on sm_90 and later; the interpreter runs it plain)
 }
 
 
@@ -501,8 +502,17 @@ def test_fp32_takes_its_ragged_keys_in_a_whole_key_step(block_d):
         block_d, torch.float32).attn_block_n
 
 
+# The default launches, and the opt-in ones a graph must capture as well: programmatic dependent
+# launches (captured as programmatic edges), and with attention and projection in one launch.
+GRAPH_LAUNCHES = {"defaults": {}, "programmatic-launch": dict(programmatic_launch=True),
+                  "fused-attention-proj programmatic-launch": dict(attention_module.FUSED_ATTENTION_PROJ,
+                                                                   programmatic_launch=True)}
+
+
 @cuda_only
-def test_no_host_sync_and_graph_replay_with_new_mask():
+@pytest.mark.parametrize("launches", sorted(GRAPH_LAUNCHES))
+def test_no_host_sync_and_graph_replay_with_new_mask(monkeypatch, launches):
+    monkeypatch.setattr(attention_module, "TILES", dataclasses.replace(attention_module.TILES, **GRAPH_LAUNCHES[launches]))
     heads = 6
     branch = make_branch(5, 50, heads, 64, 12, torch.bfloat16)
     args = (branch["qkv_weight"], branch["qkv_bias"], branch["proj_weight"], branch["proj_bias"], heads)
