@@ -105,9 +105,9 @@ class TileConfig:
     # Programmatic dependent launch (sm_90 and later; opt-in, untimed): each launch of the branch
     # may be scheduled while the one before it drains, and waits on the device for its results
     # (`_follow_previous_launch`) instead of the stream holding it back until the previous grid
-    # has retired; the gap between dependent launches, a few microseconds each inside a CUDA
-    # graph (captured as programmatic edges), is what a branch of 2-3 short launches at low head
-    # usage can shave. `--sweep` times it.
+    # has retired (stream capture records programmatic graph edges). What it can shave is the gap
+    # between dependent launches, which a branch of 2-3 short launches at low head usage pays
+    # 1-2 times. `--sweep` times it.
     programmatic_launch: bool = False
 
     def __post_init__(self):
