@@ -188,6 +188,8 @@ def _variants(quick: bool) -> Iterator[tuple[str, callable]]:
                                            ("fused-qkv-attention", attention.FUSED_QKV_ATTENTION),
                                            ("fused-qkv-attention 8 warps", attention.FUSED_QKV_ATTENTION_8_WARPS),
                                            ("fused-attention-proj", attention.FUSED_ATTENTION_PROJ),
+                                           ("fused-attention-proj 64-key steps",
+                                            dict(attention.FUSED_ATTENTION_PROJ, attn_block_n=64)),
                                            ("fused-attention-proj 8 warps", dict(attention.FUSED_ATTENTION_PROJ,
                                                                                  attn_warps=8)),
                                            ("programmatic-launch", dict(programmatic_launch=True)),

@@ -84,10 +84,14 @@ def test_sweep_runs_every_tile_variant_and_restores_the_default(tiny, capsys):
 
     default = attention.TILES
     bench.sweep()
-    lines = capsys.readouterr().out.splitlines()
-    assert len(lines) == len(tiny) // 2 >= 12  # one line per distinct fitted variant, two usages each
+    dense, *lines = capsys.readouterr().out.splitlines()
+    assert dense.startswith("tiny dense graph ")  # the baseline, timed first
+    assert len(lines) == (len(tiny) - 1) // 2 >= 12  # one line per distinct fitted variant, two usages each
     assert len({line.split("TileConfig", 1)[1] for line in lines}) == len(lines)  # no tiling timed twice
     assert any("proj_kept_list=False" in line for line in lines)  # a non-default variant ran
+    # speedup = dense time / variant time (the fake timer counts calls: dense 0.5 us, then 1, 1.5, ...)
+    first = lines[0].split()
+    assert first[2:8] == ["u=1.0", "1.0us", "0.50x", "u=0.33", "1.5us", "0.33x"]
     assert attention.TILES is default
 
 
