@@ -18,8 +18,9 @@
 # 5. where Nsight Compute is installed, its counters for one launch of the gate and of each branch
 #    (`--profile`: duration, occupancy, warp stall reasons, top stall locations by source line);
 # 6. unless --quick, the attention tile sweep and the fused gate's sweep;
-# 7. the tests of the opt-in tilings and fused launches (QKV + attention, attention + projection),
-#    compiled.
+# 7. the tests of the opt-in tilings and fused launches (QKV + attention, attention + projection,
+#    the whole branch), compiled: last, and under their own limit, since the one-launch branch's
+#    attention items wait on the device for their sample's q, k, v.
 # Everything lands in OUT_DIR/gpu_checks/ and is packed into OUT_DIR/gpu_checks.tar.gz (a lease
 # returns only a few files). The exit status is that of the first failing step.
 set -uo pipefail

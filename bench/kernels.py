@@ -202,8 +202,10 @@ def breakdown() -> dict:
         rows.append(dict(row, total=sum(row[stage] for stage in BREAKDOWN_STAGES if stage in row)))
         print(breakdown_row(rows[-1]), flush=True)
 
-    # (the untimed attention + projection launch before the QKV + attention one timed on an H100)
-    fusions = {"attention+proj": module.FUSED_ATTENTION_PROJ, "qkv+attention": module.FUSED_QKV_ATTENTION}
+    # (the untimed attention + projection and whole-branch launches before the QKV + attention one
+    # timed on an H100)
+    fusions = {"attention+proj": module.FUSED_ATTENTION_PROJ, "qkv+attention+proj": module.FUSED_BRANCH,
+               "qkv+attention": module.FUSED_QKV_ATTENTION}
     generator = torch.Generator().manual_seed(0)
     setups = {}
     for name, (heads, dim) in MODELS.items():
@@ -226,14 +228,17 @@ def breakdown() -> dict:
     return {"breakdown": rows}
 
 
-BREAKDOWN_STAGES = ("qkv", "attention", "qkv+attention", "attention+proj", "proj")  # (dense shares these names)
+# (dense shares these names)
+BREAKDOWN_STAGES = ("qkv", "attention", "qkv+attention", "attention+proj", "qkv+attention+proj", "proj")
 BREAKDOWN_HEADER = "| model | branch | usage | qkv us | attention us | proj us | sum us |\n| --- | --- | --- | --- | --- | --- | --- |"
 
 
 def breakdown_row(r: dict) -> str:
     usage = "" if r["usage"] is None else f"{r['usage']:.2f}"
-    # A fused launch's time goes in the first of the two columns it spans, "(both)" after it.
-    if "qkv+attention" in r:
+    # A fused launch's time goes in the first of the columns it spans, "(both)" or "(all)" after it.
+    if "qkv+attention+proj" in r:
+        qkv, attention, proj = f"{r['qkv+attention+proj']:.1f} (all)", "", ""
+    elif "qkv+attention" in r:
         qkv, attention, proj = f"{r['qkv+attention']:.1f} (both)", "", f"{r['proj']:.1f}"
     elif "attention+proj" in r:
         qkv, attention, proj = f"{r['qkv']:.1f}", f"{r['attention+proj']:.1f} (both)", ""
@@ -262,6 +267,12 @@ def sweep_variants() -> list:
     # Programmatic dependent launches (opt-in, untimed), of the default launches and the fused pair.
     variants.append(dataclasses.replace(base, programmatic_launch=True))
     variants.append(dataclasses.replace(base, **module.FUSED_ATTENTION_PROJ, programmatic_launch=True))
+    # The whole branch in one launch (opt-in, untimed; after the others, since its attention items
+    # wait on the device and a kernel that never ended would stop the sweep here).
+    # (2 stages: 64 KiB of shared memory where 3 take 96, three programs per SM instead of two.)
+    variants.append(dataclasses.replace(base, **module.FUSED_BRANCH))
+    variants.append(dataclasses.replace(base, **module.FUSED_BRANCH, programmatic_launch=True))
+    variants.append(dataclasses.replace(base, **{**module.FUSED_BRANCH, "attn_stages": 2}))
     # The output projection's per-head branch: with it, these are the kernels as timed on the
     # H200 and the H100 on 2026-11-26 (the defaults' kept-head list was timed only at ViT-S).
     variants.append(dataclasses.replace(base, proj_kept_list=False))

@@ -181,7 +181,7 @@ def _variants(quick: bool) -> Iterator[tuple[str, callable]]:
                 # the ragged ends, QKV and attention in one launch (with three QKV dots in 4 warps,
                 # 2 programs per SM; with q|k as one dot, 8 warps: both fit 255 registers, the
                 # 4-warp q|k one spills), attention and output projection in one launch,
-                # programmatic dependent launches.
+                # programmatic dependent launches, the whole branch in one launch.
                 for variant, overrides in (("head-branch", dict(proj_kept_list=False)),
                                            ("compacted-qkv", dict(qkv_compact=True, qkv_fuse_qk=True)),
                                            ("narrow-tails", attention.NARROW_TAIL_TILES),
@@ -194,7 +194,11 @@ def _variants(quick: bool) -> Iterator[tuple[str, callable]]:
                                                                                  attn_warps=8)),
                                            ("programmatic-launch", dict(programmatic_launch=True)),
                                            ("fused-attention-proj programmatic-launch",
-                                            dict(attention.FUSED_ATTENTION_PROJ, programmatic_launch=True))):
+                                            dict(attention.FUSED_ATTENTION_PROJ, programmatic_launch=True)),
+                                           ("fused-branch", attention.FUSED_BRANCH),
+                                           ("fused-branch 2 stages", dict(attention.FUSED_BRANCH, attn_stages=2)),
+                                           ("fused-branch programmatic-launch",
+                                            dict(attention.FUSED_BRANCH, programmatic_launch=True))):
 
                     def with_tiles(x=x, keep=keep, w=weights, h=heads, tiles=dataclasses.replace(attention.TILES, **overrides)):
                         with attention.tile_config(tiles):

@@ -23,7 +23,8 @@ Opt-in (`TileConfig.fuse_qkv_attention`, slower where timed): launches 1 and 2 a
 time, project that head's q, k, v for the sample's N tokens and attend over them at once, while
 they are in L2. Opt-in and untimed (`TileConfig.fuse_attention_proj`): launches 2 and 3 as one,
 `_attention_proj_kernel`, one program per (sample, query tile) attending with the sample's kept
-heads and then projecting the same rows.
+heads and then projecting the same rows; and (`TileConfig.fuse_branch`) all three as one,
+`_branch_kernel`, whose attention items wait on the device for their sample's q, k, v.
 
 Scratch buffers (q/k/v and per-head outputs, `new_scratch`) are uninitialized: slots of pruned
 heads are never written and never read. Math matches `reference.head_attention` with head_weight = keep; matmuls
@@ -88,6 +89,12 @@ class TileConfig:
     # only (see the launcher). Not with fuse_qkv_attention (whose programs are (sample, head)
     # pairs). Untimed: `--sweep` times FUSED_ATTENTION_PROJ.
     fuse_attention_proj: bool = False
+    # The whole branch in one launch (`_branch_kernel`): the flattened QKV items and then
+    # fuse_attention_proj's (sample, query tile) items, each of which waits on the device for its
+    # sample's q, k, v (an atomic count; see the kernel), so there is no launch boundary between
+    # the two. Runs in attn_warps warps and attn_stages stages; same limits as fuse_attention_proj;
+    # takes precedence over it. Untimed: `--sweep` times FUSED_BRANCH.
+    fuse_branch: bool = False
     attn_block_m: int = 128  # queries per attention program
     attn_block_m_tail: int = 128  # narrowest pass over the ragged last query tile (`ragged_step`)
     attn_block_n: int = 64  # keys per online-softmax step
@@ -111,9 +118,9 @@ class TileConfig:
     programmatic_launch: bool = False
 
     def __post_init__(self):
-        if self.fuse_qkv_attention and self.fuse_attention_proj:
-            raise ValueError("fuse_qkv_attention and fuse_attention_proj exclude each other: the first launch's "
-                             "programs are (sample, head) pairs, the second's (sample, query tile) rows of all heads")
+        if self.fuse_qkv_attention and (self.fuse_attention_proj or self.fuse_branch):
+            raise ValueError("fuse_qkv_attention excludes fuse_attention_proj and fuse_branch: its programs are "
+                             "(sample, head) pairs, theirs (sample, query tile) rows of all heads")
 
 
 # Used by every 16-bit launch; tuned on an H100/H200 for ViT shapes (N=197, d=64, bf16) with
@@ -146,6 +153,8 @@ FUSED_QKV_ATTENTION = dict(fuse_qkv_attention=True, qkv_fuse_qk=False, **NARROW_
 # `--sweep` times it: 64-query tiles (B x 4 programs at N=197, two per SM at B=64 on an H100,
 # where 128-query tiles would leave SMs idle) with the narrow ragged passes.
 FUSED_ATTENTION_PROJ = dict(fuse_attention_proj=True, **NARROW_TAIL_TILES)
+# The whole branch in one launch (`fuse_branch`), opt-in and untimed, with the same attention tiles.
+FUSED_BRANCH = dict(fuse_branch=True, **NARROW_TAIL_TILES)
 FUSED_QKV_ATTENTION_8_WARPS = dict(fuse_qkv_attention=True, qkv_fuse_qk=True, qkv_warps=8, qkv_programs_per_sm=1,
                                    **NARROW_TAIL_TILES)
 
@@ -175,7 +184,8 @@ def fit_tiles(tiles: TileConfig, block_d: int, element_bytes: int) -> TileConfig
     - QKV: its three fp32 accumulators hold 3 x BLOCK_N x BLOCK_D values over 32 x warps threads,
       at most 96 registers per thread (48 for fp32 inputs, whose 3xTF32 dots keep split copies of
       every operand); its staged x and weight tiles, stages x (BLOCK_N + 3 BLOCK_D) x BLOCK_K
-      elements, stay under 200 KiB;
+      elements, stay under 200 KiB (with `fuse_branch`, for both its own and the attention's
+      warps and stages);
     - output projection: stages x (BLOCK_T + BLOCK_O) x BLOCK_D elements under 200 KiB (its loop
       is pipelined with `proj_kept_list`, the default); with `fuse_attention_proj`, where its
       rows are the attention's query tile, also its fp32 accumulator, BLOCK_M x BLOCK_O values
@@ -192,17 +202,22 @@ def fit_tiles(tiles: TileConfig, block_d: int, element_bytes: int) -> TileConfig
     # access on an H100 (Triton 3.6, 2026-11-26), where whole-width tails and 4 warps ran exact.
     # fp32 is the parity path; the narrow tail only saves 16-bit MMA work.
     attn_block_tail = attn_block_n if element_bytes >= 4 else min(tiles.attn_block_tail, attn_block_n)
+    # (fuse_branch runs its QKV items in the attention's warps and stages, or, where it falls back
+    # to separate launches, in the QKV's own: fit for the fewer warps and the more stages.)
+    qkv_warps, qkv_stages = tiles.qkv_warps, tiles.qkv_stages
+    if tiles.fuse_branch:
+        qkv_warps, qkv_stages = min(qkv_warps, tiles.attn_warps), max(qkv_stages, tiles.attn_stages)
     qkv_block_n = tiles.qkv_block_n
     accumulator_regs = 48 if element_bytes >= 4 else 96
-    while qkv_block_n > 16 and 3 * qkv_block_n * block_d > accumulator_regs * 32 * tiles.qkv_warps:
+    while qkv_block_n > 16 and 3 * qkv_block_n * block_d > accumulator_regs * 32 * qkv_warps:
         qkv_block_n //= 2
     qkv_block_k = tiles.qkv_block_k
-    while qkv_block_k > 16 and tiles.qkv_stages * (qkv_block_n + 3 * block_d) * qkv_block_k * element_bytes > _SHARED_BUDGET:
+    while qkv_block_k > 16 and qkv_stages * (qkv_block_n + 3 * block_d) * qkv_block_k * element_bytes > _SHARED_BUDGET:
         qkv_block_k //= 2
     proj_block_o = tiles.proj_block_o
     while proj_block_o > 16 and tiles.proj_stages * (tiles.proj_block_t + proj_block_o) * block_d * element_bytes > _SHARED_BUDGET:
         proj_block_o //= 2
-    if tiles.fuse_attention_proj:  # (its projection runs on the attention's query tile, warps and stages)
+    if tiles.fuse_attention_proj or tiles.fuse_branch:  # (its projection runs on the attention's query tile, warps, stages)
         while proj_block_o > 16 and (attn_block_m * proj_block_o > 64 * 32 * tiles.attn_warps or tiles.attn_stages * (
                 attn_block_m + proj_block_o) * block_d * element_bytes > _SHARED_BUDGET):
             proj_block_o //= 2
@@ -739,6 +754,35 @@ def _attend_and_project(
 
 
 @triton.jit
+def _attend_and_project_tile(
+    qkv_ptr, scratch_part, keep_ptr, stride_keep_b, stride_keep_h, o_ptr,
+    w_ptr, stride_wo, stride_wi, bias_ptr,
+    out_ptr, stride_ob, stride_on, stride_od,
+    res_ptr, stride_rb, stride_rn, stride_rd, gamma_ptr,
+    b, first_row, N, H, HEAD_DIM, D_OUT, qk_scale,
+    HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr, HAS_LAYER_SCALE: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_M_TAIL: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_TAIL: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_O: tl.constexpr, CHUNK_D: tl.constexpr, BLOCK_H: tl.constexpr,
+):
+    """`_attend_and_project` for the query tile of sample b that starts at first_row: a whole
+    BLOCK_M-row tile, or the ragged last one in BLOCK_M_TAIL-row passes (one: the launcher picks
+    BLOCK_M_TAIL >= N % BLOCK_M), as in `_attention_kernel`."""
+    if BLOCK_M_TAIL == BLOCK_M or first_row + BLOCK_M <= N:
+        _attend_and_project(qkv_ptr, scratch_part, keep_ptr, stride_keep_b, stride_keep_h, o_ptr,
+                            w_ptr, stride_wo, stride_wi, bias_ptr, out_ptr, stride_ob, stride_on, stride_od,
+                            res_ptr, stride_rb, stride_rn, stride_rd, gamma_ptr, b, first_row, N, H, HEAD_DIM, D_OUT,
+                            qk_scale, HAS_BIAS, HAS_RESIDUAL, HAS_LAYER_SCALE, PRECISION,
+                            BLOCK_M, BLOCK_N, BLOCK_TAIL, BLOCK_D, BLOCK_O, CHUNK_D, BLOCK_H)
+    else:
+        for row in range(first_row, N, BLOCK_M_TAIL):
+            _attend_and_project(qkv_ptr, scratch_part, keep_ptr, stride_keep_b, stride_keep_h, o_ptr,
+                                w_ptr, stride_wo, stride_wi, bias_ptr, out_ptr, stride_ob, stride_on, stride_od,
+                                res_ptr, stride_rb, stride_rn, stride_rd, gamma_ptr, b, row, N, H, HEAD_DIM, D_OUT,
+                                qk_scale, HAS_BIAS, HAS_RESIDUAL, HAS_LAYER_SCALE, PRECISION,
+                                BLOCK_M_TAIL, BLOCK_N, BLOCK_TAIL, BLOCK_D, BLOCK_O, CHUNK_D, BLOCK_H)
+
+
+@triton.jit
 def _attention_proj_kernel(
     qkv_ptr, scratch_part, keep_ptr, stride_keep_b, stride_keep_h, o_ptr,
     w_ptr, stride_wo, stride_wi, bias_ptr,
@@ -754,29 +798,93 @@ def _attention_proj_kernel(
     # k and v): attention of the sample's kept heads for the tile's queries, then the output
     # projection of the same rows, whose head outputs the program has just written (from L2).
     query_tiles = tl.cdiv(N, BLOCK_M)
-    b = tl.program_id(0) // query_tiles
-    first_row = (tl.program_id(0) % query_tiles) * BLOCK_M
-    if BLOCK_M_TAIL == BLOCK_M or first_row + BLOCK_M <= N:
-        _attend_and_project(qkv_ptr, scratch_part, keep_ptr, stride_keep_b, stride_keep_h, o_ptr,
-                            w_ptr, stride_wo, stride_wi, bias_ptr, out_ptr, stride_ob, stride_on, stride_od,
-                            res_ptr, stride_rb, stride_rn, stride_rd, gamma_ptr, b, first_row, N, H, HEAD_DIM, D_OUT,
-                            qk_scale, HAS_BIAS, HAS_RESIDUAL, HAS_LAYER_SCALE, PRECISION,
-                            BLOCK_M, BLOCK_N, BLOCK_TAIL, BLOCK_D, BLOCK_O, CHUNK_D, BLOCK_H)
+    _attend_and_project_tile(qkv_ptr, scratch_part, keep_ptr, stride_keep_b, stride_keep_h, o_ptr,
+                             w_ptr, stride_wo, stride_wi, bias_ptr, out_ptr, stride_ob, stride_on, stride_od,
+                             res_ptr, stride_rb, stride_rn, stride_rd, gamma_ptr,
+                             tl.program_id(0) // query_tiles, (tl.program_id(0) % query_tiles) * BLOCK_M,
+                             N, H, HEAD_DIM, D_OUT, qk_scale, HAS_BIAS, HAS_RESIDUAL, HAS_LAYER_SCALE, PRECISION,
+                             BLOCK_M, BLOCK_M_TAIL, BLOCK_N, BLOCK_TAIL, BLOCK_D, BLOCK_O, CHUNK_D, BLOCK_H)
+
+
+@triton.jit(do_not_specialize=["B", "qkv_items"])  # (one compile serves every batch size)
+def _branch_kernel(
+    x_ptr, stride_xb, stride_xn, stride_xd,
+    w_ptr, stride_wr, stride_wd, bias_ptr,
+    keep_ptr, stride_keep_b, stride_keep_h,
+    qn_w_ptr, qn_b_ptr, q_eps, kn_w_ptr, kn_b_ptr, k_eps,
+    qkv_ptr, scratch_part, o_ptr,
+    proj_w_ptr, stride_wo, stride_wi, proj_b_ptr,
+    out_ptr, stride_ob, stride_on, stride_od,
+    res_ptr, stride_rb, stride_rn, stride_rd, gamma_ptr,
+    counter_ptr,
+    B, N, D, H, HEAD_DIM, D_OUT, qk_scale, qkv_items,
+    HAS_BIAS: tl.constexpr,
+    Q_NORM: tl.constexpr, QN_W: tl.constexpr, QN_B: tl.constexpr,
+    K_NORM: tl.constexpr, KN_W: tl.constexpr, KN_B: tl.constexpr,
+    HAS_PROJ_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr, HAS_LAYER_SCALE: tl.constexpr,
+    PRECISION: tl.constexpr, FUSE_QK: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_M_TAIL: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_TAIL: tl.constexpr,
+    BLOCK_O: tl.constexpr, CHUNK_D: tl.constexpr, BLOCK_H: tl.constexpr, PDL: tl.constexpr,
+):
+    # The whole branch in one launch. Roles go by a ticket drawn from an atomic counter, not by
+    # program id (as the fused gate's finishers do): the first qkv_items tickets are
+    # `_qkv_kernel`'s (BLOCK_T-token tile, head) items over the flattened B*N tokens, the rest
+    # `_attention_proj_kernel`'s (sample, query tile) items. An attention item waits until every
+    # QKV item over its sample's tokens has announced itself on the sample's counter; those drew
+    # earlier tickets, so they belong to programs already running and the wait always ends (no
+    # grid barrier, no deadlock; the serial CPU interpreter draws tickets in program order and
+    # never waits). So a sample's attention starts as soon as its q, k, v exist, while later
+    # samples' are still being projected: no launch boundary, no drain of the GPU between the two.
+    _follow_previous_launch(PDL)
+    ticket = tl.atomic_add(counter_ptr + B, 1, sem="relaxed")  # counter_ptr[B]: the ticket counter
+    if ticket < qkv_items:
+        tile = ticket // H
+        h = ticket % H
+        rows = tile * BLOCK_T + tl.arange(0, BLOCK_T)
+        sample = rows // N
+        row_kept = tl.load(keep_ptr + sample * stride_keep_b + h * stride_keep_h, mask=rows < B * N, other=0) != 0
+        if tl.max(row_kept.to(tl.int32), axis=0) != 0:
+            _qkv_rows(x_ptr, stride_xb, stride_xn, stride_xd, w_ptr, stride_wr, stride_wd, bias_ptr,
+                      qn_w_ptr, qn_b_ptr, q_eps, kn_w_ptr, kn_b_ptr, k_eps, qkv_ptr, scratch_part,
+                      sample, rows % N, row_kept, h, N, D, H, HEAD_DIM,
+                      HAS_BIAS, Q_NORM, QN_W, QN_B, K_NORM, KN_W, KN_B, PRECISION, FUSE_QK,
+                      BLOCK_T, BLOCK_K, BLOCK_D)
+        # Every warp's q/k/v stores complete before the announcement (CTA barrier), which
+        # releases them at GPU scope to the attention items that acquire the count.
+        tl.debug_barrier()
+        last_sample = tl.minimum((tile * BLOCK_T + BLOCK_T - 1) // N, B - 1)
+        for b in range(tile * BLOCK_T // N, last_sample + 1):
+            tl.atomic_add(counter_ptr + b, 1, sem="release")
     else:
-        # The ragged last query tile in BLOCK_M_TAIL-row passes (one: the launcher picks
-        # BLOCK_M_TAIL >= N % BLOCK_M), as in `_attention_kernel`.
-        for row in range(first_row, N, BLOCK_M_TAIL):
-            _attend_and_project(qkv_ptr, scratch_part, keep_ptr, stride_keep_b, stride_keep_h, o_ptr,
-                                w_ptr, stride_wo, stride_wi, bias_ptr, out_ptr, stride_ob, stride_on, stride_od,
-                                res_ptr, stride_rb, stride_rn, stride_rd, gamma_ptr, b, row, N, H, HEAD_DIM, D_OUT,
-                                qk_scale, HAS_BIAS, HAS_RESIDUAL, HAS_LAYER_SCALE, PRECISION,
-                                BLOCK_M_TAIL, BLOCK_N, BLOCK_TAIL, BLOCK_D, BLOCK_O, CHUNK_D, BLOCK_H)
+        query_tiles = tl.cdiv(N, BLOCK_M)
+        b = (ticket - qkv_items) // query_tiles
+        first_row = ((ticket - qkv_items) % query_tiles) * BLOCK_M
+        # QKV items over sample b: the token tiles its rows span, times every head (items of
+        # pruned heads announce themselves too, after reading their mask bits).
+        expected = ((b * N + N - 1) // BLOCK_T - b * N // BLOCK_T + 1) * H
+        arrived = tl.atomic_add(counter_ptr + b, 0, sem="acquire")
+        while arrived < expected:
+            arrived = tl.atomic_add(counter_ptr + b, 0, sem="acquire")
+        tl.debug_barrier()  # (every warp past the acquire before any reads q, k, v)
+        _attend_and_project_tile(qkv_ptr, scratch_part, keep_ptr, stride_keep_b, stride_keep_h, o_ptr,
+                                 proj_w_ptr, stride_wo, stride_wi, proj_b_ptr, out_ptr, stride_ob, stride_on, stride_od,
+                                 res_ptr, stride_rb, stride_rn, stride_rd, gamma_ptr, b, first_row,
+                                 N, H, HEAD_DIM, D_OUT, qk_scale, HAS_PROJ_BIAS, HAS_RESIDUAL, HAS_LAYER_SCALE,
+                                 PRECISION, BLOCK_M, BLOCK_M_TAIL, BLOCK_N, BLOCK_TAIL, BLOCK_D, BLOCK_O, CHUNK_D,
+                                 BLOCK_H)
 
 
 def new_scratch(shape: tuple, like: torch.Tensor) -> torch.Tensor:
     """An uninitialized scratch buffer of `like`'s device and dtype (the tests swap this for one
     filled with NaN, so a read of a slot no kernel wrote shows in the output)."""
     return torch.empty(shape, device=like.device, dtype=like.dtype)
+
+
+def new_counters(count: int, like: torch.Tensor) -> torch.Tensor:
+    """`count` zeroed int32 counters on `like`'s device, for the atomic tickets and counts of
+    `_branch_kernel` (one memset per launch; the tests keep a reference to read them back)."""
+    return torch.zeros(count, device=like.device, dtype=torch.int32)
 
 
 def _norm_args(norm: Optional[nn.Module], head_dim: int, which: str, dummy: torch.Tensor) -> tuple:
@@ -820,7 +928,8 @@ def head_attention_launches(
     the output and its kernel launches in order as (name, launch) pairs, so a benchmark can
     time each kernel (`headsteer.bench.kernels --breakdown`): qkv, attention, proj; or
     qkv+attention, proj with `fuse_qkv_attention`; or qkv, attention+proj with
-    `fuse_attention_proj`. Arguments as `triton_head_attention`."""
+    `fuse_attention_proj`; or qkv+attention+proj with `fuse_branch` (its counters zeroed, then
+    the one kernel). Arguments as `triton_head_attention`."""
     if x.dim() != 3:
         raise ValueError(f"x must be [B, N, D], got {tuple(x.shape)}")
     batch, tokens, dim = x.shape
@@ -892,7 +1001,9 @@ def head_attention_launches(
     # Attention and output projection in one launch likewise: 16-bit inputs, heads up to 64 wide
     # (compiled for sm_90 with FUSED_ATTENTION_PROJ: no spills; fp32 spills 32-52 B a thread at
     # d = 64 and 156-184 B at d = 128, fp16 at d = 128 4 B). Elsewhere attention and projection.
-    fused_attention_proj = tiles.fuse_attention_proj and precision is None and block_d <= FUSED_MAX_HEAD_BLOCK
+    fused_attention_proj = ((tiles.fuse_attention_proj or tiles.fuse_branch) and precision is None
+                            and block_d <= FUSED_MAX_HEAD_BLOCK)
+    fused_branch = tiles.fuse_branch and fused_attention_proj
     fused_programs = persistent_grid(batch * num_heads, tiles.qkv_programs_per_sm, x.device)
     qkv_tail = ragged_step(tokens, tiles.qkv_block_n, 16)  # (the fused launch's per-sample QKV tiles)
     block_heads = triton.next_power_of_2(num_heads)
@@ -963,6 +1074,31 @@ def head_attention_launches(
             PDL=pdl, launch_pdl=pdl, num_warps=tiles.attn_warps, num_stages=tiles.attn_stages,
         )
 
+    def branch():
+        counter = new_counters(batch + 1, x)  # one per sample, then the ticket counter
+        _branch_kernel[(qkv_tiles * num_heads + batch * triton.cdiv(tokens, tiles.attn_block_m),)](
+            x, *x.stride(),
+            qkv_weight, *qkv_weight.stride(), qkv_bias if qkv_bias is not None else dummy,
+            keep, keep_b, keep_h,
+            qn[0], qn[1], qn[2], kn[0], kn[1], kn[2],
+            qkv, scratch_part, heads,
+            proj_weight, *proj_weight.stride(), proj_bias if proj_bias is not None else dummy,
+            out, *out.stride(),
+            *((residual, *residual.stride()) if residual is not None else (dummy, 0, 0, 0)),
+            layer_scale if layer_scale is not None else dummy,
+            counter,
+            batch, tokens, dim, num_heads, head_dim, d_out, qk_scale, qkv_tiles * num_heads,
+            HAS_BIAS=qkv_bias is not None,
+            Q_NORM=qn[3], QN_W=qn[4], QN_B=qn[5], K_NORM=kn[3], KN_W=kn[4], KN_B=kn[5],
+            HAS_PROJ_BIAS=proj_bias is not None, HAS_RESIDUAL=residual is not None,
+            HAS_LAYER_SCALE=layer_scale is not None,
+            PRECISION=precision, FUSE_QK=fuse_qk,
+            BLOCK_T=tiles.qkv_block_n, BLOCK_K=tiles.qkv_block_k, BLOCK_D=block_d,
+            BLOCK_M=tiles.attn_block_m, BLOCK_M_TAIL=query_tail, BLOCK_N=tiles.attn_block_n, BLOCK_TAIL=key_tail,
+            BLOCK_O=tiles.proj_block_o, CHUNK_D=proj_chunk_d, BLOCK_H=block_heads,
+            PDL=pdl, launch_pdl=pdl, num_warps=tiles.attn_warps, num_stages=tiles.attn_stages,
+        )
+
     def output_projection():
         _proj_kernel[(triton.cdiv(batch * tokens, tiles.proj_block_t), triton.cdiv(d_out, tiles.proj_block_o))](
             heads, keep, keep_b, keep_h,
@@ -981,6 +1117,8 @@ def head_attention_launches(
 
     if fused:
         return out, [("qkv+attention", qkv_attention), ("proj", output_projection)]
+    if fused_branch:
+        return out, [("qkv+attention+proj", branch)]
     if fused_attention_proj:
         return out, [("qkv", qkv_projection), ("attention+proj", attention_projection)]
     return out, [("qkv", qkv_projection), ("attention", attention), ("proj", output_projection)]

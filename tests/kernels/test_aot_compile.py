@@ -37,6 +37,7 @@ def test_every_kernel_compiles_for_sm90(report):
     assert compiled == {
         ("attention", "_qkv_kernel"), ("attention", "_attention_kernel"), ("attention", "_proj_kernel"),
         ("attention", "_qkv_attention_kernel"), ("attention", "_attention_proj_kernel"),
+        ("attention", "_branch_kernel"),
         ("gate", "_sae_steer_gate_kernel"),
     }
 
@@ -69,4 +70,4 @@ def test_programmatic_launch_only_where_asked(report):
         asked = kernel["variant"].endswith("programmatic-launch")
         assert kernel["programmatic_launch"] == asked, f"{kernel['variant']} / {kernel['kernel']}"
     assert {k["kernel"] for k in report["kernels"] if k["programmatic_launch"]} == {
-        "_qkv_kernel", "_attention_kernel", "_proj_kernel", "_attention_proj_kernel"}
+        "_qkv_kernel", "_attention_kernel", "_proj_kernel", "_attention_proj_kernel", "_branch_kernel"}

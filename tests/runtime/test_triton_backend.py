@@ -1,6 +1,7 @@
 """The whole GatedViT on the triton backend against the reference backend (compiled on CUDA,
 under TRITON_INTERPRET=1 on the CPU), and the Engine's backend choice."""
 import dataclasses
+import zlib
 
 import pytest
 import torch
@@ -62,19 +63,23 @@ def test_triton_backend_with_several_latent_and_batch_tiles():
 
 
 @pytest.mark.parametrize("budget", [None, 0.67])
-@pytest.mark.parametrize("fusion", ["qkv+attention", "attention+proj"])
+@pytest.mark.parametrize("fusion", ["qkv+attention", "attention+proj", "qkv+attention+proj"])
 def test_fused_launches_in_the_model(monkeypatch, budget, fusion):
-    """The opt-in fused launches (QKV + attention; attention + output projection) inside the
-    whole fp16 model (LayerScale, so the residual epilogue too) give the same masks and logits
-    as the default three launches."""
+    """The opt-in fused launches (QKV + attention; attention + output projection; the whole
+    branch) inside the whole fp16 model (LayerScale, so the residual epilogue too) give the same
+    masks and logits as the default three launches."""
     from headsteer.kernels import triton_head_attention as attention  # (after the importorskip above)
 
     overrides, kernel_name = {"qkv+attention": (attention.FUSED_QKV_ATTENTION, "_qkv_attention_kernel"),
-                              "attention+proj": (attention.FUSED_ATTENTION_PROJ, "_attention_proj_kernel")}[fusion]
+                              "attention+proj": (attention.FUSED_ATTENTION_PROJ, "_attention_proj_kernel"),
+                              "qkv+attention+proj": (attention.FUSED_BRANCH, "_branch_kernel")}[fusion]
 
+    # The same model and inputs for every fusion (drawn on the CPU: the same on CUDA), a draw
+    # whose threshold gate keeps some heads and prunes others.
+    torch.manual_seed(zlib.crc32(repr(("fused launches", budget)).encode()))
     model = _model(init_values=0.5).half()
-    pixels = torch.randn(3, 3, 32, 32, device=DEVICE).half()
-    scale = (torch.rand(3, model.steer_width, device=DEVICE) * 3).half()
+    pixels = torch.randn(3, 3, 32, 32).to(DEVICE).half()
+    scale = (torch.rand(3, model.steer_width) * 3).to(DEVICE).half()
     fused_launches = []
 
     class LaunchSpy:  # counts launches of the fused kernel, then launches it
