@@ -19,8 +19,11 @@
 #    (`--profile`: duration, occupancy, warp stall reasons, top stall locations by source line);
 # 6. unless --quick, the attention tile sweep and the fused gate's sweep;
 # 7. the tests of the opt-in tilings and fused launches (QKV + attention, attention + projection,
-#    the whole branch), compiled: last, and under their own limit, since the one-launch branch's
-#    attention items wait on the device for their sample's q, k, v.
+#    the whole branch), compiled.
+# The one-launch branch's attention items wait on the device for their sample's q, k, v; it
+# comes last wherever it runs (its tests in step 7, its rows of the breakdown, its sweep variants
+# after the other new candidates), so a kernel that never ended would cost only the rest of
+# that step.
 # Everything lands in OUT_DIR/gpu_checks/ and is packed into OUT_DIR/gpu_checks.tar.gz (a lease
 # returns only a few files). The exit status is that of the first failing step.
 set -uo pipefail

@@ -806,7 +806,14 @@ def _attention_proj_kernel(
                              BLOCK_M, BLOCK_M_TAIL, BLOCK_N, BLOCK_TAIL, BLOCK_D, BLOCK_O, CHUNK_D, BLOCK_H)
 
 
-@triton.jit(do_not_specialize=["B", "qkv_items"])  # (one compile serves every batch size)
+@triton.jit
+def _branch_segment_start(tile, B, N, H, query_tiles, BLOCK_T: tl.constexpr):
+    """`_branch_kernel`'s first ticket of QKV token tile `tile`'s segment: the H items of every
+    earlier tile, and the attention items of every sample whose rows end before this tile."""
+    return tile * H + tl.minimum(B, tile * BLOCK_T // N) * query_tiles
+
+
+@triton.jit(do_not_specialize=["B", "qkv_tiles"])  # (one compile serves every batch size)
 def _branch_kernel(
     x_ptr, stride_xb, stride_xn, stride_xd,
     w_ptr, stride_wr, stride_wd, bias_ptr,
@@ -817,7 +824,7 @@ def _branch_kernel(
     out_ptr, stride_ob, stride_on, stride_od,
     res_ptr, stride_rb, stride_rn, stride_rd, gamma_ptr,
     counter_ptr,
-    B, N, D, H, HEAD_DIM, D_OUT, qk_scale, qkv_items,
+    B, N, D, H, HEAD_DIM, D_OUT, qk_scale, qkv_tiles,
     HAS_BIAS: tl.constexpr,
     Q_NORM: tl.constexpr, QN_W: tl.constexpr, QN_B: tl.constexpr,
     K_NORM: tl.constexpr, KN_W: tl.constexpr, KN_B: tl.constexpr,
@@ -828,19 +835,30 @@ def _branch_kernel(
     BLOCK_O: tl.constexpr, CHUNK_D: tl.constexpr, BLOCK_H: tl.constexpr, PDL: tl.constexpr,
 ):
     # The whole branch in one launch. Roles go by a ticket drawn from an atomic counter, not by
-    # program id (as the fused gate's finishers do): the first qkv_items tickets are
-    # `_qkv_kernel`'s (BLOCK_T-token tile, head) items over the flattened B*N tokens, the rest
-    # `_attention_proj_kernel`'s (sample, query tile) items. An attention item waits until every
-    # QKV item over its sample's tokens has announced itself on the sample's counter; those drew
-    # earlier tickets, so they belong to programs already running and the wait always ends (no
-    # grid barrier, no deadlock; the serial CPU interpreter draws tickets in program order and
-    # never waits). So a sample's attention starts as soon as its q, k, v exist, while later
-    # samples' are still being projected: no launch boundary, no drain of the GPU between the two.
+    # program id (as the fused gate's finishers do). Tickets run in segments, one per
+    # BLOCK_T-token tile of the flattened B*N tokens: the tile's H `_qkv_kernel` items (one per
+    # head), then `_attention_proj_kernel`'s (sample, query tile) items of every sample whose last
+    # row is in this tile. An attention item waits until every QKV item over its sample's tokens
+    # has announced itself on the sample's counter; those drew earlier tickets, so they belong to
+    # programs already running and the wait always ends (no grid barrier, no deadlock; the serial
+    # CPU interpreter draws tickets in program order and never waits). So a sample's attention
+    # starts as soon as its q, k, v exist, while later samples' are still being projected: no
+    # launch boundary, no drain of the GPU between the two.
     _follow_previous_launch(PDL)
     ticket = tl.atomic_add(counter_ptr + B, 1, sem="relaxed")  # counter_ptr[B]: the ticket counter
-    if ticket < qkv_items:
-        tile = ticket // H
-        h = ticket % H
+    query_tiles = tl.cdiv(N, BLOCK_M)
+    # The ticket's segment: the last tile whose segment starts at or before it (binary search,
+    # ~log2(B*N / BLOCK_T) steps of scalar arithmetic).
+    tile = ticket * 0
+    last = qkv_tiles - 1
+    while tile < last:
+        middle = (tile + last + 1) // 2
+        at_or_after = _branch_segment_start(middle, B, N, H, query_tiles, BLOCK_T) <= ticket
+        tile = tl.where(at_or_after, middle, tile)
+        last = tl.where(at_or_after, last, middle - 1)
+    item = ticket - _branch_segment_start(tile, B, N, H, query_tiles, BLOCK_T)
+    if item < H:
+        h = item
         rows = tile * BLOCK_T + tl.arange(0, BLOCK_T)
         sample = rows // N
         row_kept = tl.load(keep_ptr + sample * stride_keep_b + h * stride_keep_h, mask=rows < B * N, other=0) != 0
@@ -854,12 +872,12 @@ def _branch_kernel(
         # releases them at GPU scope to the attention items that acquire the count.
         tl.debug_barrier()
         last_sample = tl.minimum((tile * BLOCK_T + BLOCK_T - 1) // N, B - 1)
-        for b in range(tile * BLOCK_T // N, last_sample + 1):
-            tl.atomic_add(counter_ptr + b, 1, sem="release")
+        for covered in range(tile * BLOCK_T // N, last_sample + 1):
+            tl.atomic_add(counter_ptr + covered, 1, sem="release")
     else:
-        query_tiles = tl.cdiv(N, BLOCK_M)
-        b = (ticket - qkv_items) // query_tiles
-        first_row = ((ticket - qkv_items) % query_tiles) * BLOCK_M
+        # The attention items of the samples ending in this tile, in sample order.
+        b = tl.minimum(B, tile * BLOCK_T // N) + (item - H) // query_tiles
+        first_row = ((item - H) % query_tiles) * BLOCK_M
         # QKV items over sample b: the token tiles its rows span, times every head (items of
         # pruned heads announce themselves too, after reading their mask bits).
         expected = ((b * N + N - 1) // BLOCK_T - b * N // BLOCK_T + 1) * H
@@ -1087,7 +1105,7 @@ def head_attention_launches(
             *((residual, *residual.stride()) if residual is not None else (dummy, 0, 0, 0)),
             layer_scale if layer_scale is not None else dummy,
             counter,
-            batch, tokens, dim, num_heads, head_dim, d_out, qk_scale, qkv_tiles * num_heads,
+            batch, tokens, dim, num_heads, head_dim, d_out, qk_scale, qkv_tiles,
             HAS_BIAS=qkv_bias is not None,
             Q_NORM=qn[3], QN_W=qn[4], QN_B=qn[5], K_NORM=kn[3], KN_W=kn[4], KN_B=kn[5],
             HAS_PROJ_BIAS=proj_bias is not None, HAS_RESIDUAL=residual is not None,

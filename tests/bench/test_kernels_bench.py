@@ -51,8 +51,8 @@ def test_breakdown_times_each_kernel(tiny, capsys):
     assert [(r["branch"], r["usage"]) for r in rows] == (
         [("dense", None)] + [("sparse", u) for u in bench.USAGES + (0.0,)]
         + [("sparse, attention+proj fused", u) for u in bench.FUSED_BREAKDOWN_USAGES]
-        + [("sparse, qkv+attention+proj fused", u) for u in bench.FUSED_BREAKDOWN_USAGES]
-        + [("sparse, qkv+attention fused", u) for u in bench.FUSED_BREAKDOWN_USAGES])
+        + [("sparse, qkv+attention fused", u) for u in bench.FUSED_BREAKDOWN_USAGES]
+        + [("sparse, qkv+attention+proj fused", u) for u in bench.FUSED_BREAKDOWN_USAGES])
     for row in rows:
         stages = {"sparse, qkv+attention fused": ("qkv+attention", "proj"),
                   "sparse, attention+proj fused": ("qkv", "attention+proj"),

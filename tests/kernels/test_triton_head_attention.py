@@ -2,6 +2,8 @@
 
 Runs compiled on CUDA and under TRITON_INTERPRET=1 on the CPU (set by conftest.py)."""
 import dataclasses
+import os
+import signal
 import zlib
 
 import pytest
@@ -240,6 +242,28 @@ PROJECTING_FUSIONS = {"attention+proj": (attention_module.FUSED_ATTENTION_PROJ, 
                       "qkv+attention+proj": (attention_module.FUSED_BRANCH, ["qkv+attention+proj"])}
 
 
+@pytest.fixture
+def interpreter_hang_limit():
+    """Under the interpreter, fail a test still running after 300 s instead of letting it hang:
+    programs run one at a time in ticket order there, so a one-launch branch that gave an
+    attention item a ticket before one of its sample's QKV items would spin forever."""
+    if not os.environ.get("TRITON_INTERPRET"):
+        yield
+        return
+
+    def expire(signum, frame):
+        raise TimeoutError("still running after 300 s under the interpreter: an attention item waiting "
+                           "on a QKV item with a later ticket?")
+
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.alarm(300)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+
+
 def attention_proj_tiles(monkeypatch, fusion="attention+proj", **overrides):
     """Launch with `fusion`, one of PROJECTING_FUSIONS; returns the launch names it makes."""
     fused, names = PROJECTING_FUSIONS[fusion]
@@ -258,8 +282,8 @@ def attention_proj_tiles(monkeypatch, fusion="attention+proj", **overrides):
                                                           (5, 17, 5, 32), (4, 1, 2, 64), (70, 1, 2, 32)])
 @pytest.mark.parametrize("proj_block_o", [32, 128])
 @pytest.mark.parametrize("mask", ["distinct", "uneven", "none", "all"])
-def test_fused_attention_proj_over_whole_and_ragged_tiles(monkeypatch, fusion, batch, tokens, heads, head_dim,
-                                                          proj_block_o, mask):
+def test_fused_attention_proj_over_whole_and_ragged_tiles(monkeypatch, interpreter_hang_limit, fusion, batch, tokens,
+                                                          heads, head_dim, proj_block_o, mask):
     launches = attention_proj_tiles(monkeypatch, fusion, proj_block_o=proj_block_o)
     seed = zlib.crc32(repr((fusion, batch, tokens, heads, head_dim, proj_block_o, mask)).encode())
     branch = make_branch(batch, tokens, heads, head_dim, seed, torch.float16)
@@ -269,7 +293,8 @@ def test_fused_attention_proj_over_whole_and_ragged_tiles(monkeypatch, fusion, b
 
 
 @pytest.mark.parametrize("batch,tokens,block_t", [(3, 70, 64), (5, 17, 64), (70, 1, 64), (2, 64, 64), (3, 9, 16)])
-def test_fused_branch_counts_every_qkv_item_its_samples_wait_for(monkeypatch, batch, tokens, block_t):
+def test_fused_branch_counts_every_qkv_item_its_samples_wait_for(monkeypatch, interpreter_hang_limit, batch, tokens,
+                                                                 block_t):
     """After a one-launch branch, each sample's counter holds one announcement per (token tile
     over its rows, head), brute-forced here (what its attention items wait for: a count short of
     it would let them read q, k, v too early on a GPU, one over it would never be reached), and
@@ -293,7 +318,7 @@ def test_fused_branch_counts_every_qkv_item_its_samples_wait_for(monkeypatch, ba
 
 @pytest.mark.parametrize("fusion", sorted(PROJECTING_FUSIONS))
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32], ids=["fused", "fp32-apart"])
-def test_fused_attention_proj_residual_in_place(monkeypatch, fusion, dtype):
+def test_fused_attention_proj_residual_in_place(monkeypatch, interpreter_hang_limit, fusion, dtype):
     """The block update `residual + layer_scale * branch` from the fused launch (fp32 runs the
     three launches), into a strided output and in place into the residual itself."""
     attention_proj_tiles(monkeypatch, fusion)
@@ -313,7 +338,7 @@ def test_fused_attention_proj_residual_in_place(monkeypatch, fusion, dtype):
 
 
 @pytest.mark.parametrize("fusion", sorted(PROJECTING_FUSIONS))
-def test_fused_attention_proj_with_qk_norm(monkeypatch, fusion):
+def test_fused_attention_proj_with_qk_norm(monkeypatch, interpreter_hang_limit, fusion):
     attention_proj_tiles(monkeypatch, fusion)
     branch = make_branch(3, 17, 3, 32, 31, torch.float16)
     norms = layer_norm(32, True, True, 32, torch.float16), layer_norm(32, True, False, 33, torch.float16)
@@ -598,3 +623,17 @@ def test_no_host_sync_and_graph_replay_with_new_mask(monkeypatch, launches):
 @pytest.mark.parametrize("launches", sorted(GRAPH_BRANCH_LAUNCHES))
 def test_fused_branch_no_host_sync_and_graph_replay(monkeypatch, launches):
     check_no_host_sync_and_graph_replay(monkeypatch, GRAPH_BRANCH_LAUNCHES[launches])
+
+
+@cuda_only
+@pytest.mark.parametrize("launches", sorted(GRAPH_BRANCH_LAUNCHES))
+def test_fused_branch_at_scale_many_times(monkeypatch, launches):
+    """Thousands of programs, many waves of them (B=256, N=197, H=6: 4,728 QKV and 1,024 attention
+    items), so attention items really wait on QKV items still running; each run's output is
+    poisoned first and must match the reference, run after run."""
+    monkeypatch.setattr(attention_module, "TILES", dataclasses.replace(attention_module.TILES,
+                                                                       **GRAPH_BRANCH_LAUNCHES[launches]))
+    heads = 6
+    branch = make_branch(256, 197, heads, 64, 13, torch.bfloat16)
+    for run in range(5):
+        run_and_check(branch, make_mask("random", 256, heads, run), heads)
