@@ -217,7 +217,7 @@ def fit_tiles(tiles: TileConfig, block_d: int, element_bytes: int) -> TileConfig
     proj_block_o = tiles.proj_block_o
     while proj_block_o > 16 and tiles.proj_stages * (tiles.proj_block_t + proj_block_o) * block_d * element_bytes > _SHARED_BUDGET:
         proj_block_o //= 2
-    if tiles.fuse_attention_proj or tiles.fuse_branch:  # (its projection runs on the attention's query tile, warps, stages)
+    if tiles.fuse_attention_proj or tiles.fuse_branch:  # (projecting the attention's query tile, warps, stages)
         while proj_block_o > 16 and (attn_block_m * proj_block_o > 64 * 32 * tiles.attn_warps or tiles.attn_stages * (
                 attn_block_m + proj_block_o) * block_d * element_bytes > _SHARED_BUDGET):
             proj_block_o //= 2
@@ -464,20 +464,35 @@ def _qkv_kernel(
                       BLOCK_N, BLOCK_K, BLOCK_D)
     else:
         # One program per (tile of the flattened B*N tokens, head); the head varies fastest so the
-        # H programs of a token tile share its x rows in L2. Rows whose sample pruned head h load
-        # as zeros and are never stored; a tile where no sample keeps the head does nothing
-        # beyond reading the mask bits.
-        tile = tl.program_id(0) // H
-        h = tl.program_id(0) % H
-        rows = tile * BLOCK_N + tl.arange(0, BLOCK_N)
-        sample = rows // N
-        row_kept = tl.load(keep_ptr + sample * stride_keep_b + h * stride_keep_h, mask=rows < B * N, other=0) != 0
-        if tl.max(row_kept.to(tl.int32), axis=0) != 0:
-            _qkv_rows(x_ptr, stride_xb, stride_xn, stride_xd, w_ptr, stride_wr, stride_wd, bias_ptr,
-                      qn_w_ptr, qn_b_ptr, q_eps, kn_w_ptr, kn_b_ptr, k_eps, qkv_ptr, scratch_part,
-                      sample, rows % N, row_kept, h, N, D, H, HEAD_DIM,
-                      HAS_BIAS, Q_NORM, QN_W, QN_B, K_NORM, KN_W, KN_B, PRECISION, FUSE_QK,
-                      BLOCK_N, BLOCK_K, BLOCK_D)
+        # H programs of a token tile share its x rows in L2.
+        _qkv_token_tile(x_ptr, stride_xb, stride_xn, stride_xd, w_ptr, stride_wr, stride_wd, bias_ptr,
+                        keep_ptr, stride_keep_b, stride_keep_h, qn_w_ptr, qn_b_ptr, q_eps, kn_w_ptr, kn_b_ptr, k_eps,
+                        qkv_ptr, scratch_part, tl.program_id(0) // H, tl.program_id(0) % H, B, N, D, H, HEAD_DIM,
+                        HAS_BIAS, Q_NORM, QN_W, QN_B, K_NORM, KN_W, KN_B, PRECISION, FUSE_QK,
+                        BLOCK_N, BLOCK_K, BLOCK_D)
+
+
+@triton.jit
+def _qkv_token_tile(
+    x_ptr, stride_xb, stride_xn, stride_xd, w_ptr, stride_wr, stride_wd, bias_ptr,
+    keep_ptr, stride_keep_b, stride_keep_h, qn_w_ptr, qn_b_ptr, q_eps, kn_w_ptr, kn_b_ptr, k_eps,
+    qkv_ptr, scratch_part, tile, h, B, N, D, H, HEAD_DIM,
+    HAS_BIAS: tl.constexpr, Q_NORM: tl.constexpr, QN_W: tl.constexpr, QN_B: tl.constexpr,
+    K_NORM: tl.constexpr, KN_W: tl.constexpr, KN_B: tl.constexpr, PRECISION: tl.constexpr, FUSE_QK: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """Head h's q, k, v for token tile `tile` of the flattened B*N tokens. Rows whose sample pruned
+    head h load as zeros and are never stored; a tile where no sample keeps the head does nothing
+    beyond reading the mask bits."""
+    rows = tile * BLOCK_T + tl.arange(0, BLOCK_T)
+    sample = rows // N
+    row_kept = tl.load(keep_ptr + sample * stride_keep_b + h * stride_keep_h, mask=rows < B * N, other=0) != 0
+    if tl.max(row_kept.to(tl.int32), axis=0) != 0:
+        _qkv_rows(x_ptr, stride_xb, stride_xn, stride_xd, w_ptr, stride_wr, stride_wd, bias_ptr,
+                  qn_w_ptr, qn_b_ptr, q_eps, kn_w_ptr, kn_b_ptr, k_eps, qkv_ptr, scratch_part,
+                  sample, rows % N, row_kept, h, N, D, H, HEAD_DIM,
+                  HAS_BIAS, Q_NORM, QN_W, QN_B, K_NORM, KN_W, KN_B, PRECISION, FUSE_QK,
+                  BLOCK_T, BLOCK_K, BLOCK_D)
 
 
 @triton.jit
@@ -858,16 +873,11 @@ def _branch_kernel(
         last = tl.where(at_or_after, last, middle - 1)
     item = ticket - _branch_segment_start(tile, B, N, H, query_tiles, BLOCK_T)
     if item < H:
-        h = item
-        rows = tile * BLOCK_T + tl.arange(0, BLOCK_T)
-        sample = rows // N
-        row_kept = tl.load(keep_ptr + sample * stride_keep_b + h * stride_keep_h, mask=rows < B * N, other=0) != 0
-        if tl.max(row_kept.to(tl.int32), axis=0) != 0:
-            _qkv_rows(x_ptr, stride_xb, stride_xn, stride_xd, w_ptr, stride_wr, stride_wd, bias_ptr,
-                      qn_w_ptr, qn_b_ptr, q_eps, kn_w_ptr, kn_b_ptr, k_eps, qkv_ptr, scratch_part,
-                      sample, rows % N, row_kept, h, N, D, H, HEAD_DIM,
-                      HAS_BIAS, Q_NORM, QN_W, QN_B, K_NORM, KN_W, KN_B, PRECISION, FUSE_QK,
-                      BLOCK_T, BLOCK_K, BLOCK_D)
+        _qkv_token_tile(x_ptr, stride_xb, stride_xn, stride_xd, w_ptr, stride_wr, stride_wd, bias_ptr,
+                        keep_ptr, stride_keep_b, stride_keep_h, qn_w_ptr, qn_b_ptr, q_eps, kn_w_ptr, kn_b_ptr, k_eps,
+                        qkv_ptr, scratch_part, tile, item, B, N, D, H, HEAD_DIM,
+                        HAS_BIAS, Q_NORM, QN_W, QN_B, K_NORM, KN_W, KN_B, PRECISION, FUSE_QK,
+                        BLOCK_T, BLOCK_K, BLOCK_D)
         # Every warp's q/k/v stores complete before the announcement (CTA barrier), which
         # releases them at GPU scope to the attention items that acquire the count.
         tl.debug_barrier()
