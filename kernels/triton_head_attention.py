@@ -1038,18 +1038,24 @@ def head_attention_launches(
     block_batch = triton.next_power_of_2(batch)
     # Programmatic dependent launch needs sm_90's griddepcontrol (never under the interpreter).
     pdl = tiles.programmatic_launch and (cuda_capability(x.device) or 0) >= 90
+    # The arguments every launch that projects q, k, v takes (x, weights, keep mask, q/k norms;
+    # their flags), and those every launch that writes the output projection takes (weights,
+    # output, residual and LayerScale of the epilogue), in the kernels' order.
+    qkv_inputs = (x, *x.stride(), qkv_weight, *qkv_weight.stride(), qkv_bias if qkv_bias is not None else dummy,
+                  keep, keep_b, keep_h, qn[0], qn[1], qn[2], kn[0], kn[1], kn[2])
+    qkv_flags = dict(HAS_BIAS=qkv_bias is not None, Q_NORM=qn[3], QN_W=qn[4], QN_B=qn[5],
+                     K_NORM=kn[3], KN_W=kn[4], KN_B=kn[5], PRECISION=precision, FUSE_QK=fuse_qk)
+    projection_outputs = (proj_weight, *proj_weight.stride(), proj_bias if proj_bias is not None else dummy,
+                          out, *out.stride(),
+                          *((residual, *residual.stride()) if residual is not None else (dummy, 0, 0, 0)),
+                          layer_scale if layer_scale is not None else dummy)
 
     def qkv_projection():
         _qkv_kernel[(qkv_programs,)](
-            x, *x.stride(),
-            qkv_weight, *qkv_weight.stride(), qkv_bias if qkv_bias is not None else dummy,
-            keep, keep_b, keep_h,
-            qn[0], qn[1], qn[2], kn[0], kn[1], kn[2],
+            *qkv_inputs,
             qkv, scratch_part,
             batch, tokens, dim, num_heads, head_dim,
-            HAS_BIAS=qkv_bias is not None,
-            Q_NORM=qn[3], QN_W=qn[4], QN_B=qn[5], K_NORM=kn[3], KN_W=kn[4], KN_B=kn[5],
-            PRECISION=precision, FUSE_QK=fuse_qk,
+            **qkv_flags,
             BLOCK_N=tiles.qkv_block_n, BLOCK_K=tiles.qkv_block_k, BLOCK_D=block_d,
             # (constants of the compacted path only; fixed otherwise, so no needless recompiles)
             COMPACT=compact, BLOCK_B=block_batch if compact else 1, BLOCK_H=block_heads,
@@ -1070,15 +1076,10 @@ def head_attention_launches(
 
     def qkv_attention():
         _qkv_attention_kernel[(fused_programs,)](
-            x, *x.stride(),
-            qkv_weight, *qkv_weight.stride(), qkv_bias if qkv_bias is not None else dummy,
-            keep, keep_b, keep_h,
-            qn[0], qn[1], qn[2], kn[0], kn[1], kn[2],
+            *qkv_inputs,
             qkv, scratch_part, heads,
             batch, tokens, dim, num_heads, head_dim, qk_scale,
-            HAS_BIAS=qkv_bias is not None,
-            Q_NORM=qn[3], QN_W=qn[4], QN_B=qn[5], K_NORM=kn[3], KN_W=kn[4], KN_B=kn[5],
-            PRECISION=precision, FUSE_QK=fuse_qk,
+            **qkv_flags,
             BLOCK_N=tiles.qkv_block_n, BLOCK_N_TAIL=qkv_tail,
             BLOCK_K=tiles.qkv_block_k, BLOCK_D=block_d,
             BLOCK_M=tiles.attn_block_m, BLOCK_M_TAIL=query_tail, BLOCK_KEYS=tiles.attn_block_n,
@@ -1090,10 +1091,7 @@ def head_attention_launches(
     def attention_projection():
         _attention_proj_kernel[(batch * triton.cdiv(tokens, tiles.attn_block_m),)](
             qkv, scratch_part, keep, keep_b, keep_h, heads,
-            proj_weight, *proj_weight.stride(), proj_bias if proj_bias is not None else dummy,
-            out, *out.stride(),
-            *((residual, *residual.stride()) if residual is not None else (dummy, 0, 0, 0)),
-            layer_scale if layer_scale is not None else dummy,
+            *projection_outputs,
             tokens, num_heads, head_dim, d_out, qk_scale,
             HAS_BIAS=proj_bias is not None, HAS_RESIDUAL=residual is not None,
             HAS_LAYER_SCALE=layer_scale is not None, PRECISION=precision,
@@ -1105,22 +1103,14 @@ def head_attention_launches(
     def branch():
         counter = new_counters(batch + 1, x)  # one per sample, then the ticket counter
         _branch_kernel[(qkv_tiles * num_heads + batch * triton.cdiv(tokens, tiles.attn_block_m),)](
-            x, *x.stride(),
-            qkv_weight, *qkv_weight.stride(), qkv_bias if qkv_bias is not None else dummy,
-            keep, keep_b, keep_h,
-            qn[0], qn[1], qn[2], kn[0], kn[1], kn[2],
+            *qkv_inputs,
             qkv, scratch_part, heads,
-            proj_weight, *proj_weight.stride(), proj_bias if proj_bias is not None else dummy,
-            out, *out.stride(),
-            *((residual, *residual.stride()) if residual is not None else (dummy, 0, 0, 0)),
-            layer_scale if layer_scale is not None else dummy,
+            *projection_outputs,
             counter,
             batch, tokens, dim, num_heads, head_dim, d_out, qk_scale, qkv_tiles,
-            HAS_BIAS=qkv_bias is not None,
-            Q_NORM=qn[3], QN_W=qn[4], QN_B=qn[5], K_NORM=kn[3], KN_W=kn[4], KN_B=kn[5],
+            **qkv_flags,
             HAS_PROJ_BIAS=proj_bias is not None, HAS_RESIDUAL=residual is not None,
             HAS_LAYER_SCALE=layer_scale is not None,
-            PRECISION=precision, FUSE_QK=fuse_qk,
             BLOCK_T=tiles.qkv_block_n, BLOCK_K=tiles.qkv_block_k, BLOCK_D=block_d,
             BLOCK_M=tiles.attn_block_m, BLOCK_M_TAIL=query_tail, BLOCK_N=tiles.attn_block_n, BLOCK_TAIL=key_tail,
             BLOCK_O=tiles.proj_block_o, CHUNK_D=proj_chunk_d, BLOCK_H=block_heads,
@@ -1130,10 +1120,7 @@ def head_attention_launches(
     def output_projection():
         _proj_kernel[(triton.cdiv(batch * tokens, tiles.proj_block_t), triton.cdiv(d_out, tiles.proj_block_o))](
             heads, keep, keep_b, keep_h,
-            proj_weight, *proj_weight.stride(), proj_bias if proj_bias is not None else dummy,
-            out, *out.stride(),
-            *((residual, *residual.stride()) if residual is not None else (dummy, 0, 0, 0)),
-            layer_scale if layer_scale is not None else dummy,
+            *projection_outputs,
             batch, tokens, num_heads, head_dim, d_out,
             HAS_BIAS=proj_bias is not None, HAS_RESIDUAL=residual is not None,
             HAS_LAYER_SCALE=layer_scale is not None, PRECISION=precision,

@@ -302,9 +302,12 @@ def test_fused_branch_counts_every_qkv_item_its_samples_wait_for(monkeypatch, in
     heads = 3
     attention_proj_tiles(monkeypatch, "qkv+attention+proj", qkv_block_n=block_t)
     counters = []
-    monkeypatch.setattr(attention_module, "new_counters",
-                        lambda count, like: counters.append(torch.zeros(count, dtype=torch.int32, device=like.device))
-                        or counters[-1])
+
+    def kept_counters(count, like, new_counters=attention_module.new_counters):
+        counters.append(new_counters(count, like))
+        return counters[-1]
+
+    monkeypatch.setattr(attention_module, "new_counters", kept_counters)
     branch = make_branch(batch, tokens, heads, 32, 35, torch.float16)
     run_and_check(branch, make_mask("distinct", batch, heads, 35), heads)
     (counter,) = counters
