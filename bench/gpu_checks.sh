@@ -18,7 +18,7 @@
 # 5. where Nsight Compute is installed, its counters for one launch of the gate and of each branch
 #    (`--profile`: duration, occupancy, warp stall reasons, top stall locations by source line);
 # 6. unless --quick, the attention tile sweep and the fused gate's sweep;
-# 7. the tests of the opt-in tilings and fused launches (QKV + attention, attention + projection,
+# 7. the tests of the opt-in tilings and fused launches (attention + projection,
 #    the whole branch), compiled.
 # The one-launch branch's attention items wait on the device for their sample's q, k, v; it
 # comes last wherever it runs (its tests in step 7, its rows of the breakdown, its sweep variants

@@ -202,10 +202,8 @@ def breakdown() -> dict:
         rows.append(dict(row, total=sum(row[stage] for stage in BREAKDOWN_STAGES if stage in row)))
         print(breakdown_row(rows[-1]), flush=True)
 
-    # (the untimed attention + projection launch before the QKV + attention one timed on an H100;
-    # the whole-branch launch, whose attention items wait on the device, last)
-    fusions = {"attention+proj": module.FUSED_ATTENTION_PROJ, "qkv+attention": module.FUSED_QKV_ATTENTION,
-               "qkv+attention+proj": module.FUSED_BRANCH}
+    # (the whole-branch launch, whose attention items wait on the device, last)
+    fusions = {"attention+proj": module.FUSED_ATTENTION_PROJ, "qkv+attention+proj": module.FUSED_BRANCH}
     generator = torch.Generator().manual_seed(0)
     setups = {}
     for name, (heads, dim) in MODELS.items():
@@ -229,7 +227,7 @@ def breakdown() -> dict:
 
 
 # (dense shares these names)
-BREAKDOWN_STAGES = ("qkv", "attention", "qkv+attention", "attention+proj", "qkv+attention+proj", "proj")
+BREAKDOWN_STAGES = ("qkv", "attention", "attention+proj", "qkv+attention+proj", "proj")
 BREAKDOWN_HEADER = "| model | branch | usage | qkv us | attention us | proj us | sum us |\n| --- | --- | --- | --- | --- | --- | --- |"
 
 
@@ -238,8 +236,6 @@ def breakdown_row(r: dict) -> str:
     # A fused launch's time goes in the first of the columns it spans, "(both)" or "(all)" after it.
     if "qkv+attention+proj" in r:
         qkv, attention, proj = f"{r['qkv+attention+proj']:.1f} (all)", "", ""
-    elif "qkv+attention" in r:
-        qkv, attention, proj = f"{r['qkv+attention']:.1f} (both)", "", f"{r['proj']:.1f}"
     elif "attention+proj" in r:
         qkv, attention, proj = f"{r['qkv']:.1f}", f"{r['attention+proj']:.1f} (both)", ""
     else:
@@ -284,13 +280,11 @@ def sweep_variants() -> list:
         variants.append(dataclasses.replace(base, attn_block_m=attn[0], attn_block_m_tail=attn[1], attn_block_n=attn[2],
                                             attn_block_tail=attn[3], attn_warps=attn[4]))
     # QKV: wider token tiles (each program re-reads its head's 192 weight rows from L2 per tile),
-    # q and k as one MMA, the compacted persistent grid and its sizes.
+    # q and k as one MMA.
     for qkv in ((128, 64, 8), (128, 32, 4), (64, 32, 4)):
         variants.append(dataclasses.replace(base, qkv_block_n=qkv[0], qkv_block_k=qkv[1], qkv_warps=qkv[2]))
     variants.append(dataclasses.replace(base, qkv_fuse_qk=True))
     variants.append(dataclasses.replace(base, qkv_fuse_qk=True, qkv_block_n=128, qkv_warps=8))
-    for programs_per_sm in (2, 0):
-        variants.append(dataclasses.replace(base, qkv_compact=True, qkv_programs_per_sm=programs_per_sm))
     # The output projection's tiles and pipeline depths.
     for proj in ((128, 128, 8, 3), (128, 64, 4, 3), (64, 128, 4, 2), (64, 128, 4, 4)):
         variants.append(dataclasses.replace(base, proj_block_t=proj[0], proj_block_o=proj[1], proj_warps=proj[2],
@@ -299,9 +293,6 @@ def sweep_variants() -> list:
         variants.append(dataclasses.replace(base, qkv_stages=stages))
         variants.append(dataclasses.replace(base, attn_stages=stages))
     variants.append(dataclasses.replace(base, qkv_block_k=128, qkv_stages=2))
-    # QKV and attention in one launch (opt-in; slower than the two launches where timed).
-    variants.append(dataclasses.replace(base, **module.FUSED_QKV_ATTENTION))
-    variants.append(dataclasses.replace(base, **module.FUSED_QKV_ATTENTION_8_WARPS))
     return variants
 
 
@@ -347,16 +338,16 @@ def sweep(variants: list | None = None) -> None:
 def gate_sweep_variants() -> list[dict]:
     """The fused gate's constant overrides `gate_sweep` times, most informative first: the
     defaults, the SAE's first phase alone (`_LATENT_TILES_ONLY`: its latent-tile programs; the
-    gate without an SAE runs whole), then each default against its measured alternative, the
-    wider encoder steps (untimed), then other tiles and warps."""
-    variants = [dict(), dict(_LATENT_TILES_ONLY=True), dict(PER_SAMPLE_FINISH=False), dict(TOPK_DIGIT_BITS=1),
-                dict(SAE_16BIT_MMA=False), dict(_LATENT_TILES_ONLY=True, SAE_16BIT_MMA=False),
-                dict(SHIFT_DECODE_CHAINS=1), dict(ENCODER_BLOCK_K=128), dict(ENCODER_BLOCK_K=64),
-                dict(_LATENT_TILES_ONLY=True, ENCODER_BLOCK_K=128)]
-    variants += [dict(BLOCK_S=64, PER_SAMPLE_FINISH=False)]
-    variants += [dict(GATE_STAGES=1), dict(GATE_STAGES=3)] + [dict(BLOCK_S=s) for s in (64, 256)]
-    variants += [dict(GATE_WARPS=4), dict(GATE_CHUNK_D=64)] + [dict(_GATE_TILE_ELEMENTS=n) for n in (8192, 32768)]
+    gate without an SAE runs whole), the untimed candidates (wider encoder steps, other latent
+    tiles, warps and fc1 tiles), then the alternatives an H100 already timed against the defaults
+    on 2026-11-26 (ties or losses there: a time limit cuts these first)."""
+    variants = [dict(), dict(_LATENT_TILES_ONLY=True)]
+    variants += [dict(ENCODER_BLOCK_K=128), dict(ENCODER_BLOCK_K=64), dict(_LATENT_TILES_ONLY=True, ENCODER_BLOCK_K=128)]
+    variants += [dict(BLOCK_S=s) for s in (64, 256)]
+    variants += [dict(GATE_WARPS=4)] + [dict(_GATE_TILE_ELEMENTS=n) for n in (8192, 32768)]
     variants += [dict(GATE_WARPS=4, _GATE_TILE_ELEMENTS=8192)]
+    variants += [dict(TOPK_DIGIT_BITS=1), dict(SAE_16BIT_MMA=False), dict(_LATENT_TILES_ONLY=True, SAE_16BIT_MMA=False),
+                 dict(SHIFT_DECODE_CHAINS=1), dict(GATE_STAGES=1), dict(GATE_STAGES=3)]
     return variants
 
 

@@ -159,7 +159,7 @@ def _variants(quick: bool) -> Iterator[tuple[str, callable]]:
     """(name, thunk) pairs; each thunk calls the real wrappers once on CPU tensors."""
     from headsteer.kernels import triton_head_attention as attention
     from headsteer.kernels.triton_head_attention import triton_head_attention
-    from headsteer.kernels.triton_sae_gate import gate_constants, triton_sae_steer_gate
+    from headsteer.kernels.triton_sae_gate import triton_sae_steer_gate
 
     generator = torch.Generator().manual_seed(0)
     models = {"ViT-S": (6, 384)} if quick else {"ViT-S": (6, 384), "ViT-B": (12, 768)}
@@ -176,17 +176,13 @@ def _variants(quick: bool) -> Iterator[tuple[str, callable]]:
             weights = (rand(3 * dim, dim, dtype=dtype), rand(3 * dim, dtype=dtype), rand(dim, dim, dtype=dtype), rand(dim, dtype=dtype))
             yield f"attention {label}", lambda x=x, keep=keep, w=weights, h=heads: triton_head_attention(x, keep, *w, h)
             if dtype != torch.float32:  # (fp32 launches use TILES_FP32, not TILES)
-                # Opt-in variants the benchmark sweep times: the projection's per-head branch, the
-                # compacted persistent QKV with q|k as one dot, the attention's narrow passes over
-                # the ragged ends, QKV and attention in one launch (with three QKV dots in 4 warps,
-                # 2 programs per SM; with q|k as one dot, 8 warps: both fit 255 registers, the
-                # 4-warp q|k one spills), attention and output projection in one launch,
-                # programmatic dependent launches, the whole branch in one launch.
+                # Opt-in variants the benchmark sweep times: the projection's per-head branch, q|k
+                # as one QKV dot, the attention's narrow passes over the ragged ends, attention and
+                # output projection in one launch, programmatic dependent launches, the whole
+                # branch in one launch.
                 for variant, overrides in (("head-branch", dict(proj_kept_list=False)),
-                                           ("compacted-qkv", dict(qkv_compact=True, qkv_fuse_qk=True)),
+                                           ("fused-qk", dict(qkv_fuse_qk=True)),
                                            ("narrow-tails", attention.NARROW_TAIL_TILES),
-                                           ("fused-qkv-attention", attention.FUSED_QKV_ATTENTION),
-                                           ("fused-qkv-attention 8 warps", attention.FUSED_QKV_ATTENTION_8_WARPS),
                                            ("fused-attention-proj", attention.FUSED_ATTENTION_PROJ),
                                            ("fused-attention-proj 64-key steps",
                                             dict(attention.FUSED_ATTENTION_PROJ, attn_block_n=64)),
@@ -235,12 +231,6 @@ def _variants(quick: bool) -> Iterator[tuple[str, callable]]:
                 for rows in (1, 7):  # the same launch at other batch sizes: the same kernel, no new compile
                     yield f"gate {name} topk scale+shift batch {rows}", lambda e=e, g=gate, s=sae, rows=rows: (
                         triton_sae_steer_gate(e[:rows], g, s, scale[:rows], shift[:rows]))
-
-                def batch_tile_finisher(e=e, g=gate, s=sae):
-                    with gate_constants(PER_SAMPLE_FINISH=False):
-                        triton_sae_steer_gate(e, g, s, scale, None)
-
-                yield f"gate {name} topk scale batch-tile finisher", batch_tile_finisher
             if activation == "topk" and not quick:
                 yield f"gate {name} topk scale", lambda e=e, g=gate, s=sae: triton_sae_steer_gate(e, g, s, scale, None, budget=0.5)
                 yield f"gate {name} topk reconstruct", lambda e=e, g=gate, s=sae: triton_sae_steer_gate(

@@ -4,27 +4,24 @@ Three launches, all with grids sized from B, H, N and the GPU alone (never from 
 nothing waits on the host and the whole branch can be captured in a CUDA graph:
 
 1. `_qkv_kernel` projects one head's q, k, v (and applies the q/k LayerNorm) for a tile of
-   tokens. By default one program per (tile of the flattened B*N tokens, head), where rows of
-   samples that pruned the head load as zeros and are not stored and a tile no sample keeps
-   stops after its mask bits. With `TileConfig(qkv_compact=True)` (up to COMPACT_MAX_BATCH
-   samples) each program first counts, per head, the samples that keep it (the mask's B x H
-   bits), which defines each head's compacted token list: the N tokens of every sample that
-   keeps the head, back to back. Work items are (head, tile of its list), so MMA rows are never
-   spent on pruned pairs, and a persistent grid (a few programs per SM) walks only the items
-   that exist. Neither pads a sample's N up to the tile (197 -> 256 with 64-token tiles).
+   tokens: one program per (tile of the flattened B*N tokens, head), where rows of samples that
+   pruned the head load as zeros and are not stored and a tile no sample keeps stops after its
+   mask bits. A sample's N is not padded up to the tile (197 -> 256 with 64-token tiles).
 2. `_attention_kernel`, grid (B*H, query tiles): flash attention with an online softmax; pruned
    (sample, head) pairs return after reading their bit.
 3. `_proj_kernel`, grid (token tiles, output-column tiles): sums `o_h @ W_o[:, h]^T` over the
    heads kept by the tile's samples (the mask bits guard each head's loads and MMA), adds the bias
    and, when asked, a block's residual (times a LayerScale first) in the same epilogue.
 
-Opt-in (`TileConfig.fuse_qkv_attention`, slower where timed): launches 1 and 2 as one,
-`_qkv_attention_kernel`, whose persistent programs take the kept (sample, head) pairs one at a
-time, project that head's q, k, v for the sample's N tokens and attend over them at once, while
-they are in L2. Opt-in and untimed (`TileConfig.fuse_attention_proj`): launches 2 and 3 as one,
+Opt-in and untimed (`TileConfig.fuse_attention_proj`): launches 2 and 3 as one,
 `_attention_proj_kernel`, one program per (sample, query tile) attending with the sample's kept
 heads and then projecting the same rows; and (`TileConfig.fuse_branch`) all three as one,
 `_branch_kernel`, whose attention items wait on the device for their sample's q, k, v.
+
+Removed after timing (H100, 2026-11-26, `bench/RESULTS.md`; see git history): QKV over compacted
+per-head token lists walked by persistent programs (`qkv_compact`), and QKV with attention in
+one launch (`fuse_qkv_attention`); both were slower than the flattened QKV launch at ViT-S and
+ViT-B, at usage 1 and 0.33.
 
 Scratch buffers (q/k/v and per-head outputs, `new_scratch`) are uninitialized: slots of pruned
 heads are never written and never read. Math matches `reference.head_attention` with head_weight = keep; matmuls
@@ -48,6 +45,7 @@ from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 from headsteer.kernels.aot import cuda_capability, fp32_dot_precision, targets_cuda
 from headsteer.kernels.triton_layer_norm import layer_norm_apply, layer_norm_stats
 
+
 @dataclass(frozen=True)
 class TileConfig:
     """Tile sizes and warps of the three kernels (BLOCK_* are rows of the tiles each program owns)."""
@@ -56,38 +54,22 @@ class TileConfig:
     qkv_block_k: int = 64  # reduction step over D
     qkv_warps: int = 4
     qkv_stages: int = 3  # software-pipeline depth of the reduction loop (copies of its input tiles)
-    # False: one program per (tile of the flattened B*N tokens, head), where a tile shared by a
-    # sample that keeps the head and one that does not computes both, and every pruned tile is a
-    # launched program. True: QKV over compacted token lists (each head's tiles hold only tokens
-    # of samples that keep it) walked by persistent programs, qkv_programs_per_sm per SM (0: one
-    # program per possible item); on an H100 on 2026-11-26 (bf16, B=64, graph replay) it was the
-    # slower of the two at both sizes and usages: ViT-S 84.7 vs 81.3 us at usage 1, 41.9 vs 41.6
-    # at 0.33; ViT-B 287.5 vs 275.4, 119.5 vs 117.2.
-    qkv_compact: bool = False
-    qkv_programs_per_sm: int = 2
     # QKV: q and k as one MMA of twice the width (blocks without q/k norms), v as a second, so
     # x's tile is read from shared memory twice per step instead of three times. An sm_90 wgmma
     # with both operands in shared memory reads (64 + N) x 16 x 2 bytes per 64 x N x 16 MACs: at
     # N = 64 that is 4 KiB per 32 tensor-core cycles, all of the SM's 128 B/cycle (which the
     # pipeline's copies into shared memory share), so three 64-wide dots leave the tensor cores
     # waiting; q|k at N = 128 needs 6 KiB per 64 cycles. (Estimated.) Timed on an H100 on
-    # 2026-11-26 it gained nothing: three 64-wide dots ran ViT-S in 84.0 us against 84.7 and
-    # ViT-B in 283.7 against 287.5 (compacted QKV, usage 1), so three dots are the default.
+    # 2026-11-26 it gained nothing in the since-removed compacted QKV: three 64-wide dots ran
+    # ViT-S in 84.0 us against 84.7 and ViT-B in 283.7 against 287.5 (usage 1), so three dots
+    # are the default; with this flattened QKV only q|k was timed (`--sweep` compares both).
     qkv_fuse_qk: bool = False
-    # QKV and attention in one launch (`_qkv_attention_kernel`): persistent programs
-    # (qkv_programs_per_sm per SM) walk the kept (sample, head) pairs, each projecting one head's
-    # q, k, v for one sample's N tokens and attending right away, so the q/k/v it just wrote are
-    # read back from L2 rather than from memory after a launch boundary, and there is one launch
-    # (and one fill and drain of the GPU) fewer. 16-bit inputs with heads up to 64 wide only (see
-    # the launcher). Off: the two launches above, faster where timed (see FUSED_QKV_ATTENTION).
-    fuse_qkv_attention: bool = False
     # Attention and the output projection in one launch (`_attention_proj_kernel`): one program
     # per (sample, attn_block_m query tile) attends with each head the sample keeps, then projects
     # the same rows over all output columns (proj_block_o at a time) from the head outputs it has
     # just written, in attn_warps warps. One launch (and one fill and drain of the GPU) fewer, and
     # no program is launched for a pruned (sample, head). 16-bit inputs with heads up to 64 wide
-    # only (see the launcher). Not with fuse_qkv_attention (whose programs are (sample, head)
-    # pairs). Untimed: `--sweep` times FUSED_ATTENTION_PROJ.
+    # only (see the launcher). Untimed: `--sweep` times FUSED_ATTENTION_PROJ.
     fuse_attention_proj: bool = False
     # The whole branch in one launch (`_branch_kernel`): the flattened QKV items and then
     # fuse_attention_proj's (sample, query tile) items, each of which waits on the device for its
@@ -117,11 +99,6 @@ class TileConfig:
     # 1-2 times. `--sweep` times it.
     programmatic_launch: bool = False
 
-    def __post_init__(self):
-        if self.fuse_qkv_attention and (self.fuse_attention_proj or self.fuse_branch):
-            raise ValueError("fuse_qkv_attention excludes fuse_attention_proj and fuse_branch: its programs are "
-                             "(sample, head) pairs, theirs (sample, query tile) rows of all heads")
-
 
 # Used by every 16-bit launch; tuned on an H100/H200 for ViT shapes (N=197, d=64, bf16) with
 # `python -m headsteer.bench.kernels --sweep`, which swaps this module attribute. Attention:
@@ -135,28 +112,19 @@ class TileConfig:
 # about even once the projection's 5 us are counted.
 TILES = TileConfig()
 
-# QKV and attention in one launch (`fuse_qkv_attention`; 16-bit inputs, heads up to
-# FUSED_MAX_HEAD_BLOCK wide, else two launches), opt-in, in the two configurations `--sweep`
-# times (overrides of TILES, with the 64-query / 32-key attention tiles and 16-wide ragged passes
-# they were compiled and timed with): three QKV dots in 4 warps, 2 programs per SM; q|k as one
-# dot in 8 warps, 1 program per SM. Compiled for sm_90 both fit 255 registers (at most 64 B of
-# spills); q|k in 4 warps spills 76-144 B (`python -m headsteer.kernels.aot`). Timed on an H100
-# on 2026-11-26 (bf16, B=64, graph replay, against the then-default two launches): the first ran
-# ViT-S in 109.7 / 56.7 us at usage 1 / 0.33 against 84.7 / 41.9, ViT-B in 291.6 / 114.1 against
-# 287.5 / 119.5; the second slower still (135.6 / 52.7 and 381.8 / 149.1).
-FUSED_MAX_HEAD_BLOCK = 64  # widest (padded) head the fused launches take
+# The fused launches (`fuse_attention_proj`, `fuse_branch`) take 16-bit heads up to this wide; others
+# run the separate launches (fp32 and 128-wide heads spill there: see the launcher).
+FUSED_MAX_HEAD_BLOCK = 64
 # 64-query tiles and 32-key steps with 16-wide passes over the ragged query and key ends: the
-# 16-bit default before the H100 sweep, the fused launch's tiling, an alternative the sweep times.
+# 16-bit default before the H100 sweep, the fused launches' tiling, an alternative the sweep times.
 NARROW_TAIL_TILES = dict(attn_block_m=64, attn_block_m_tail=16, attn_block_n=32, attn_block_tail=16)
-FUSED_QKV_ATTENTION = dict(fuse_qkv_attention=True, qkv_fuse_qk=False, **NARROW_TAIL_TILES)
 # Attention and output projection in one launch (`fuse_attention_proj`), opt-in and untimed, as
 # `--sweep` times it: 64-query tiles (B x 4 programs at N=197, two per SM at B=64 on an H100,
 # where 128-query tiles would leave SMs idle) with the narrow ragged passes.
 FUSED_ATTENTION_PROJ = dict(fuse_attention_proj=True, **NARROW_TAIL_TILES)
 # The whole branch in one launch (`fuse_branch`), opt-in and untimed, with the same attention tiles.
 FUSED_BRANCH = dict(fuse_branch=True, **NARROW_TAIL_TILES)
-FUSED_QKV_ATTENTION_8_WARPS = dict(fuse_qkv_attention=True, qkv_fuse_qk=True, qkv_warps=8, qkv_programs_per_sm=1,
-                                   **NARROW_TAIL_TILES)
+
 
 # fp32 launches: 3xTF32 dots keep fp32 operands (twice the bytes) and three accumulating MMAs
 # per dot, so the 16-bit tiles spill registers and overflow shared memory on sm_90; these fit
@@ -233,31 +201,6 @@ def ragged_step(length: int, block: int, narrowest: int) -> int:
     64-row tiles, 16 rows for the 5 left over; a ragged end over half a tile gets a whole one)."""
     ragged = length % block
     return block if ragged == 0 else min(block, max(narrowest, triton.next_power_of_2(ragged)))
-
-
-# Compacted QKV reads a head's whole keep column per work item: batches up to this size.
-COMPACT_MAX_BATCH = 1024
-# ... and finds each of a tile's samples by one reduction: tiles spanning up to this many samples.
-COMPACT_MAX_RANK_SPAN = 8
-
-
-def rank_span(tokens: int, block: int) -> int:
-    """Most samples one tile of `block` consecutive rows of a compacted token list (N = `tokens`
-    rows per sample) touches: 2 for N >= block - 1, more for shorter sequences."""
-    return triton.cdiv(block - 1, tokens) + 1
-
-
-@functools.lru_cache(maxsize=None)
-def _multiprocessors(device: torch.device) -> int:
-    """SMs of a CUDA device (persistent grids are sized from it); 2 elsewhere (the CPU
-    interpreter and compile-only runs), so small grids still exercise the programs' loops."""
-    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 2
-
-
-def persistent_grid(items: int, programs_per_sm: int, device: torch.device) -> int:
-    """Programs of a persistent launch over `items` work items: programs_per_sm per SM, never
-    more than the items (0: one program per item)."""
-    return min(items, programs_per_sm * _multiprocessors(device)) if programs_per_sm > 0 else items
 
 
 def head_block(head_dim: int) -> int:
@@ -387,30 +330,7 @@ def _follow_previous_launch(PDL: tl.constexpr):
         gdc_launch_dependents()
 
 
-@triton.jit
-def _kept_token_rows(keep_ptr, stride_keep_b, stride_keep_h, h, B, N, first_row,
-                     BLOCK_N: tl.constexpr, BLOCK_B: tl.constexpr, RANK_SPAN: tl.constexpr):
-    """Rows [first_row, first_row + BLOCK_N) of head h's compacted token list (the N tokens of
-    each sample that keeps h, samples in order, no padding between them): (sample, token, valid).
-
-    The row's sample is the j-th sample keeping h, j = row // N; a tile spans at most RANK_SPAN
-    consecutive j (2 for 64-row tiles and N >= 64), each found by one reduction over the running
-    count of kept samples."""
-    offs_b = tl.arange(0, BLOCK_B)
-    kept = tl.load(keep_ptr + offs_b * stride_keep_b + h * stride_keep_h, mask=offs_b < B, other=0) != 0
-    kept_rank = tl.cumsum(kept.to(tl.int32), axis=0) - 1  # 0-based: sample b is the kept_rank[b]-th keeping h
-    rows = first_row + tl.arange(0, BLOCK_N)
-    row_rank = rows // N  # 0-based
-    first_rank = first_row // N
-    sample = tl.zeros([BLOCK_N], dtype=tl.int32)
-    for span in tl.static_range(RANK_SPAN):
-        holder = _nth_flagged(kept, kept_rank, first_rank + span, offs_b)
-        sample = tl.where(row_rank == first_rank + span, holder, sample)
-    valid = row_rank < tl.sum(kept.to(tl.int32), axis=0)
-    return sample, rows % N, valid
-
-
-@triton.jit(do_not_specialize=["B"])  # (the default flattened grid: one compile serves every batch size)
+@triton.jit(do_not_specialize=["B"])  # (one compile serves every batch size)
 def _qkv_kernel(
     x_ptr, stride_xb, stride_xn, stride_xd,
     w_ptr, stride_wr, stride_wd, bias_ptr,
@@ -423,53 +343,16 @@ def _qkv_kernel(
     K_NORM: tl.constexpr, KN_W: tl.constexpr, KN_B: tl.constexpr,
     PRECISION: tl.constexpr, FUSE_QK: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
-    COMPACT: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, COUNT_ROWS: tl.constexpr,
-    RANK_SPAN: tl.constexpr, TILE_BITS: tl.constexpr, PDL: tl.constexpr,
+    PDL: tl.constexpr,
 ):
     _follow_previous_launch(PDL)
-    if COMPACT:
-        # Work items are (head, tile of the head's compacted token list): only tokens of samples
-        # that keep the head, so every MMA row is a kept one (but a head's last tile's). Programs
-        # are persistent and walk the items with a stride of the grid size: no program is
-        # launched for pruned work, so pruned heads cost the mask reads below.
-        offs_h = tl.arange(0, BLOCK_H)
-        kept_count = tl.zeros([BLOCK_H], dtype=tl.int32)
-        for b0 in range(0, B, COUNT_ROWS):
-            offs_b = b0 + tl.arange(0, COUNT_ROWS)
-            kept = tl.load(keep_ptr + offs_b[:, None] * stride_keep_b + offs_h[None, :] * stride_keep_h,
-                           mask=(offs_b < B)[:, None] & (offs_h < H)[None, :], other=0) != 0
-            kept_count += tl.sum(kept.to(tl.int32), axis=0)
-        head_tiles = (kept_count * N + BLOCK_N - 1) // BLOCK_N
-        # Items go tile-major: tile t of every head that has one, then tile t + 1. The programs
-        # running at once then read x rows of nearby samples (shared in L2, where head-major
-        # order would stream all of x once per head) and each takes an even share. Items before
-        # tile t number sum_h min(head_tiles[h], t); an item's tile is the largest t whose count
-        # is <= the item, built bit by bit from the top (2**TILE_BITS > any head's tile count).
-        for item in range(tl.program_id(0), tl.sum(head_tiles, axis=0), tl.num_programs(0)):
-            tile = item * 0
-            for bit in tl.static_range(TILE_BITS - 1, -1, -1):
-                candidate = tile + (1 << bit)
-                tile = tl.where(tl.sum(tl.minimum(head_tiles, candidate), axis=0) <= item, candidate, tile)
-            # ... and its head the n-th, in head order, of the heads with a tile t.
-            has_tile = head_tiles > tile
-            nth = item - tl.sum(tl.minimum(head_tiles, tile), axis=0)
-            head_rank = tl.cumsum(has_tile.to(tl.int32), axis=0) - 1
-            h = _nth_flagged(has_tile, head_rank, nth, offs_h)
-            sample, token, row_valid = _kept_token_rows(keep_ptr, stride_keep_b, stride_keep_h, h, B, N,
-                                                        tile * BLOCK_N, BLOCK_N, BLOCK_B, RANK_SPAN)
-            _qkv_rows(x_ptr, stride_xb, stride_xn, stride_xd, w_ptr, stride_wr, stride_wd, bias_ptr,
-                      qn_w_ptr, qn_b_ptr, q_eps, kn_w_ptr, kn_b_ptr, k_eps, qkv_ptr, scratch_part,
-                      sample, token, row_valid, h, N, D, H, HEAD_DIM,
-                      HAS_BIAS, Q_NORM, QN_W, QN_B, K_NORM, KN_W, KN_B, PRECISION, FUSE_QK,
-                      BLOCK_N, BLOCK_K, BLOCK_D)
-    else:
-        # One program per (tile of the flattened B*N tokens, head); the head varies fastest so the
-        # H programs of a token tile share its x rows in L2.
-        _qkv_token_tile(x_ptr, stride_xb, stride_xn, stride_xd, w_ptr, stride_wr, stride_wd, bias_ptr,
-                        keep_ptr, stride_keep_b, stride_keep_h, qn_w_ptr, qn_b_ptr, q_eps, kn_w_ptr, kn_b_ptr, k_eps,
-                        qkv_ptr, scratch_part, tl.program_id(0) // H, tl.program_id(0) % H, B, N, D, H, HEAD_DIM,
-                        HAS_BIAS, Q_NORM, QN_W, QN_B, K_NORM, KN_W, KN_B, PRECISION, FUSE_QK,
-                        BLOCK_N, BLOCK_K, BLOCK_D)
+    # One program per (tile of the flattened B*N tokens, head); the head varies fastest so the
+    # H programs of a token tile share its x rows in L2.
+    _qkv_token_tile(x_ptr, stride_xb, stride_xn, stride_xd, w_ptr, stride_wr, stride_wd, bias_ptr,
+                    keep_ptr, stride_keep_b, stride_keep_h, qn_w_ptr, qn_b_ptr, q_eps, kn_w_ptr, kn_b_ptr, k_eps,
+                    qkv_ptr, scratch_part, tl.program_id(0) // H, tl.program_id(0) % H, B, N, D, H, HEAD_DIM,
+                    HAS_BIAS, Q_NORM, QN_W, QN_B, K_NORM, KN_W, KN_B, PRECISION, FUSE_QK,
+                    BLOCK_N, BLOCK_K, BLOCK_D)
 
 
 @triton.jit
@@ -574,74 +457,6 @@ def _attention_kernel(
             for row in range(first_row, N, BLOCK_M_TAIL):
                 _attend_queries(qkv_ptr, scratch_part, o_ptr, b, h, row, N, H, HEAD_DIM, qk_scale,
                                 PRECISION, BLOCK_M_TAIL, BLOCK_N, BLOCK_TAIL, BLOCK_D)
-
-
-@triton.jit
-def _qkv_attention_kernel(
-    x_ptr, stride_xb, stride_xn, stride_xd,
-    w_ptr, stride_wr, stride_wd, bias_ptr,
-    keep_ptr, stride_keep_b, stride_keep_h,
-    qn_w_ptr, qn_b_ptr, q_eps, kn_w_ptr, kn_b_ptr, k_eps,
-    qkv_ptr, scratch_part, o_ptr,
-    B, N, D, H, HEAD_DIM, qk_scale,
-    HAS_BIAS: tl.constexpr,
-    Q_NORM: tl.constexpr, QN_W: tl.constexpr, QN_B: tl.constexpr,
-    K_NORM: tl.constexpr, KN_W: tl.constexpr, KN_B: tl.constexpr,
-    PRECISION: tl.constexpr, FUSE_QK: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_N_TAIL: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_M_TAIL: tl.constexpr, BLOCK_KEYS: tl.constexpr, BLOCK_KEYS_TAIL: tl.constexpr,
-    BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, PDL: tl.constexpr,
-):
-    _follow_previous_launch(PDL)
-    # Work items are the kept (sample, head) pairs in sample-major order, walked with a stride of
-    # the grid size: programs running at once work on nearby samples and share their x rows in
-    # L2, and a pruned pair costs its mask bit. Item i belongs to the sample whose running count
-    # of kept pairs first passes i, and is that sample's n-th kept head.
-    offs_b = tl.arange(0, BLOCK_B)
-    offs_h = tl.arange(0, BLOCK_H)
-    h_valid = offs_h < H
-    keeps = tl.load(keep_ptr + offs_b[:, None] * stride_keep_b + offs_h[None, :] * stride_keep_h,
-                    mask=(offs_b < B)[:, None] & h_valid[None, :], other=0) != 0
-    # Inclusive running count of kept pairs, non-decreasing: the items before sample b number its
-    # largest value <= the item (the only [B] vector kept live through the loop).
-    kept_through = tl.cumsum(tl.sum(keeps.to(tl.int32), axis=1), axis=0)
-    for item in range(tl.program_id(0), tl.max(kept_through, axis=0), tl.num_programs(0)):
-        before = kept_through <= item
-        b = tl.sum(before.to(tl.int32), axis=0)
-        nth = item - tl.max(tl.where(before, kept_through, 0), axis=0)
-        row_keeps = tl.load(keep_ptr + b * stride_keep_b + offs_h * stride_keep_h, mask=h_valid, other=0) != 0
-        head_rank = tl.cumsum(row_keeps.to(tl.int32), axis=0) - 1
-        h = _nth_flagged(row_keeps, head_rank, nth, offs_h)
-
-        # q, k, v of head h for the sample's N tokens: whole BLOCK_N tiles, then the ragged end
-        # in one narrow BLOCK_N_TAIL pass (the launcher sizes it: 16 rows for ViT's 197 tokens).
-        tiles_end = (N // BLOCK_N) * BLOCK_N
-        for t0 in range(0, tiles_end, BLOCK_N):
-            token = t0 + tl.arange(0, BLOCK_N)
-            _qkv_rows(x_ptr, stride_xb, stride_xn, stride_xd, w_ptr, stride_wr, stride_wd, bias_ptr,
-                      qn_w_ptr, qn_b_ptr, q_eps, kn_w_ptr, kn_b_ptr, k_eps, qkv_ptr, scratch_part,
-                      token * 0 + b, token, token < N, h, N, D, H, HEAD_DIM,
-                      HAS_BIAS, Q_NORM, QN_W, QN_B, K_NORM, KN_W, KN_B, PRECISION, FUSE_QK,
-                      BLOCK_N, BLOCK_K, BLOCK_D)
-        for t0 in range(tiles_end, N, BLOCK_N_TAIL):
-            token = t0 + tl.arange(0, BLOCK_N_TAIL)
-            _qkv_rows(x_ptr, stride_xb, stride_xn, stride_xd, w_ptr, stride_wr, stride_wd, bias_ptr,
-                      qn_w_ptr, qn_b_ptr, q_eps, kn_w_ptr, kn_b_ptr, k_eps, qkv_ptr, scratch_part,
-                      token * 0 + b, token, token < N, h, N, D, H, HEAD_DIM,
-                      HAS_BIAS, Q_NORM, QN_W, QN_B, K_NORM, KN_W, KN_B, PRECISION, FUSE_QK,
-                      BLOCK_N_TAIL, BLOCK_K, BLOCK_D)
-        # Every warp's q/k/v stores complete before any warp reads them back: the CTA barrier
-        # (bar.sync on sm_90) orders global memory too, and the reads are plain loads and
-        # cp.async.cg from L2, no TMA. (Checked in the compiled PTX; Triton may rename
-        # debug_barrier to tl.barrier.)
-        tl.debug_barrier()
-        queries_end = (N // BLOCK_M) * BLOCK_M
-        for m0 in range(0, queries_end, BLOCK_M):
-            _attend_queries(qkv_ptr, scratch_part, o_ptr, b, h, m0, N, H, HEAD_DIM, qk_scale,
-                            PRECISION, BLOCK_M, BLOCK_KEYS, BLOCK_KEYS_TAIL, BLOCK_D)
-        for m0 in range(queries_end, N, BLOCK_M_TAIL):
-            _attend_queries(qkv_ptr, scratch_part, o_ptr, b, h, m0, N, H, HEAD_DIM, qk_scale,
-                            PRECISION, BLOCK_M_TAIL, BLOCK_KEYS, BLOCK_KEYS_TAIL, BLOCK_D)
 
 
 @triton.jit
@@ -755,8 +570,10 @@ def _attend_and_project(
         h = _nth_flagged(sample_keeps, kept_rank, i, offs_h)
         _attend_queries(qkv_ptr, scratch_part, o_ptr, b, h, first_row, N, H, HEAD_DIM, qk_scale,
                         PRECISION, BLOCK_M, BLOCK_N, BLOCK_TAIL, BLOCK_D)
-    # Every warp's head outputs are stored before any warp reads them back for the projection
-    # (the same CTA barrier as in `_qkv_attention_kernel`: bar.sync orders global memory too).
+    # Every warp's head outputs are stored before any warp reads them back for the projection:
+    # the CTA barrier (bar.sync on sm_90) orders global memory too, and the reads are plain loads
+    # and cp.async.cg from L2, no TMA. (Checked in the compiled PTX; Triton may rename
+    # debug_barrier to tl.barrier.)
     tl.debug_barrier()
     token = first_row + tl.arange(0, BLOCK_M)
     rows = b * N + token
@@ -955,8 +772,7 @@ def head_attention_launches(
     """Check the arguments and allocate the output and scratch of `triton_head_attention`; return
     the output and its kernel launches in order as (name, launch) pairs, so a benchmark can
     time each kernel (`headsteer.bench.kernels --breakdown`): qkv, attention, proj; or
-    qkv+attention, proj with `fuse_qkv_attention`; or qkv, attention+proj with
-    `fuse_attention_proj`; or qkv+attention+proj with `fuse_branch` (its counters zeroed, then
+    qkv, attention+proj with `fuse_attention_proj`; or qkv+attention+proj with `fuse_branch` (its counters zeroed, then
     the one kernel). Arguments as `triton_head_attention`."""
     if x.dim() != 3:
         raise ValueError(f"x must be [B, N, D], got {tuple(x.shape)}")
@@ -1016,26 +832,14 @@ def head_attention_launches(
     qk_scale = 1.4426950408889634 / head_dim**0.5  # log2(e) / sqrt(d): softmax in base 2 (`_attend_queries`)
 
     qkv_tiles = triton.cdiv(batch * tokens, tiles.qkv_block_n)  # a head's tiles when every sample keeps it
-    qkv_items = qkv_tiles * num_heads
-    qkv_rank_span = rank_span(tokens, tiles.qkv_block_n)
-    compact = (tiles.qkv_compact and batch <= COMPACT_MAX_BATCH and qkv_rank_span <= COMPACT_MAX_RANK_SPAN)
-    qkv_programs = persistent_grid(qkv_items, tiles.qkv_programs_per_sm, x.device) if compact else qkv_items
-    # QKV and attention in one launch where it compiles to 255 registers with at most a few dozen
-    # bytes of spills on sm_90: 16-bit inputs and head dims up to 64 (fp32's 3xTF32 operands or
-    # 128-wide heads spill hundreds of bytes), up to COMPACT_MAX_BATCH samples (each persistent
-    # program reads all B x H mask bits). Elsewhere the two launches.
-    fused = (tiles.fuse_qkv_attention and precision is None and block_d <= FUSED_MAX_HEAD_BLOCK
-             and batch <= COMPACT_MAX_BATCH)
-    # Attention and output projection in one launch likewise: 16-bit inputs, heads up to 64 wide
+    # Attention and output projection in one launch where it compiles without spills on sm_90:
+    # 16-bit inputs, heads up to 64 wide
     # (compiled for sm_90 with FUSED_ATTENTION_PROJ: no spills; fp32 spills 32-52 B a thread at
     # d = 64 and 156-184 B at d = 128, fp16 at d = 128 4 B). Elsewhere attention and projection.
     fused_attention_proj = ((tiles.fuse_attention_proj or tiles.fuse_branch) and precision is None
                             and block_d <= FUSED_MAX_HEAD_BLOCK)
     fused_branch = tiles.fuse_branch and fused_attention_proj
-    fused_programs = persistent_grid(batch * num_heads, tiles.qkv_programs_per_sm, x.device)
-    qkv_tail = ragged_step(tokens, tiles.qkv_block_n, 16)  # (the fused launch's per-sample QKV tiles)
     block_heads = triton.next_power_of_2(num_heads)
-    block_batch = triton.next_power_of_2(batch)
     # Programmatic dependent launch needs sm_90's griddepcontrol (never under the interpreter).
     pdl = tiles.programmatic_launch and (cuda_capability(x.device) or 0) >= 90
     # The arguments every launch that projects q, k, v takes (x, weights, keep mask, q/k norms;
@@ -1051,16 +855,12 @@ def head_attention_launches(
                           layer_scale if layer_scale is not None else dummy)
 
     def qkv_projection():
-        _qkv_kernel[(qkv_programs,)](
+        _qkv_kernel[(qkv_tiles * num_heads,)](
             *qkv_inputs,
             qkv, scratch_part,
             batch, tokens, dim, num_heads, head_dim,
             **qkv_flags,
             BLOCK_N=tiles.qkv_block_n, BLOCK_K=tiles.qkv_block_k, BLOCK_D=block_d,
-            # (constants of the compacted path only; fixed otherwise, so no needless recompiles)
-            COMPACT=compact, BLOCK_B=block_batch if compact else 1, BLOCK_H=block_heads,
-            COUNT_ROWS=min(block_batch, 128) if compact else 1, RANK_SPAN=qkv_rank_span if compact else 1,
-            TILE_BITS=qkv_tiles.bit_length() if compact else 1,
             PDL=pdl, launch_pdl=pdl, num_warps=tiles.qkv_warps, num_stages=tiles.qkv_stages,
         )
 
@@ -1072,20 +872,6 @@ def head_attention_launches(
             BLOCK_M=tiles.attn_block_m, BLOCK_M_TAIL=query_tail, BLOCK_N=tiles.attn_block_n, BLOCK_TAIL=key_tail,
             BLOCK_D=block_d,
             PDL=pdl, launch_pdl=pdl, num_warps=tiles.attn_warps, num_stages=tiles.attn_stages,
-        )
-
-    def qkv_attention():
-        _qkv_attention_kernel[(fused_programs,)](
-            *qkv_inputs,
-            qkv, scratch_part, heads,
-            batch, tokens, dim, num_heads, head_dim, qk_scale,
-            **qkv_flags,
-            BLOCK_N=tiles.qkv_block_n, BLOCK_N_TAIL=qkv_tail,
-            BLOCK_K=tiles.qkv_block_k, BLOCK_D=block_d,
-            BLOCK_M=tiles.attn_block_m, BLOCK_M_TAIL=query_tail, BLOCK_KEYS=tiles.attn_block_n,
-            BLOCK_KEYS_TAIL=key_tail,
-            BLOCK_B=block_batch, BLOCK_H=block_heads,
-            PDL=pdl, launch_pdl=pdl, num_warps=tiles.qkv_warps, num_stages=tiles.qkv_stages,
         )
 
     def attention_projection():
@@ -1130,8 +916,6 @@ def head_attention_launches(
             PDL=pdl, launch_pdl=pdl, num_warps=tiles.proj_warps, num_stages=tiles.proj_stages,
         )
 
-    if fused:
-        return out, [("qkv+attention", qkv_attention), ("proj", output_projection)]
     if fused_branch:
         return out, [("qkv+attention+proj", branch)]
     if fused_attention_proj:

@@ -14,15 +14,15 @@ reading all of it made the gate latency-bound (measured 140-660 us on an H100 at
   k lies among them: an entry beaten by k entries of its own tile is beaten by k of the row. A
   steering shift's part of the decode (z' - z = z (scale - 1) + shift) needs no encoder, so the
   programs also split it by D columns: each writes `base + shift @ W_dec[:, its columns]`.
-- Finishers then complete each row: global TopK over the candidates (radix select), the decode
-  of the selected latents as a gathered FMA reduction, the partials summed in tile order
-  (deterministic: no floating-point atomics), then LayerNorm -> Linear -> GELU(erf) -> Linear,
-  the logits and the keep mask. By default (`PER_SAMPLE_FINISH`) B one-sample finishers follow
-  the latent-tile programs in the same launch and each waits on an atomic counter for its batch
-  tile; programs take their roles from an atomic ticket, so a waiting finisher only ever waits on
-  programs that are already running (no grid barrier, no deadlock, and Triton's serial CPU
-  interpreter, which runs programs in ticket order, never waits). Otherwise the last latent-tile
-  program of a batch tile to finish runs its 16 rows.
+- B one-sample finishers, in the same launch after the latent-tile programs, then complete each
+  row: global TopK over the candidates (radix select), the decode of the selected latents as a
+  gathered FMA reduction, the partials summed in tile order (deterministic: no floating-point
+  atomics), then LayerNorm -> Linear -> GELU(erf) -> Linear, the logits and the keep mask. Each
+  waits on an atomic counter for its batch tile's latent tiles; programs take their roles from
+  an atomic ticket, so a waiting finisher only ever waits on programs that are already running
+  (no grid barrier, no deadlock, and Triton's serial CPU interpreter, which runs programs in
+  ticket order, never waits). (The last latent-tile program of each batch tile running its 16
+  rows, as on the H200 on 2026-11-26, was 2.3-2.5x slower on an H100 and has been removed.)
 
 The SAE latents z never go to memory as a [B, S] tensor: only partial decodes, up to k
 candidates per row and latent tile, the k selected (latent, coefficient) pairs per row and the
@@ -46,21 +46,15 @@ from headsteer.kernels.triton_layer_norm import layer_norm_apply, layer_norm_sta
 
 _ACTIVATION_CODES = {"relu": 0, "topk": 1, "jumprelu": 2}
 
-# Samples per program when there is SAE work. tl.dot needs every dimension >= 16; more rows would
-# share each encoder tile among more samples but leave fewer finishing programs to run the gate in
-# parallel. Without SAE work a program owns one sample.
+# Samples per latent-tile program when there is SAE work (tl.dot needs every dimension >= 16;
+# more rows would share each encoder tile among more samples). Finishers, and every program of a
+# gate without SAE work, own one sample.
 BLOCK_B = 16
 # Latents per program: each program streams BLOCK_S rows of the encoder (and the decoder).
 BLOCK_S = 128
-# With SAE work, who runs the gate: True = B extra one-sample programs that wait for their batch
-# tile's latent tiles (see the kernel's comment on why the wait always ends); False = the last
-# latent-tile program of each 16-sample batch tile, as timed on the H200 on 2026-11-26 (84 us at
-# ViT-S). One-sample programs replaced 16-sample ones without an SAE and took that gate from 42.3
-# to 10.9 us there; the per-sample SAE finishers are not timed yet (`--gate-sweep` compares).
-PER_SAMPLE_FINISH = True
-# Benchmarks only (`--gate-sweep`): True launches only the latent-tile programs of a split gate
-# with per-sample finishers, so their time (the SAE's first phase) can be read apart from the
-# whole launch's; logits and keep are then left unwritten.
+# Benchmarks only (`--gate-sweep`): True launches only the latent-tile programs of a gate with SAE
+# work, so their time (the SAE's first phase) can be read apart from the whole launch's; logits
+# and keep are then left unwritten.
 _LATENT_TILES_ONLY = False
 # The SAE's dots with 16-bit weights as 16-bit MMAs, whose products are exact in the fp32
 # accumulator: the encoder when W_enc is bf16 (the fp32 e - b_dec split into three exact bf16
@@ -106,19 +100,17 @@ _GATE_SHARED_BUDGET = 100 * 1024
 TOPK_DIGIT_BITS = 0
 # The finisher ranks all of a row's candidates (latent tiles x min(k, BLOCK_S)) in registers.
 MAX_TOPK_CANDIDATES = 16384
-# Register budget (elements) of the finisher's candidate tile: how many rows it ranks at once.
+# Register budget (elements) of a finisher's gathered decoder tile: how many columns of g it
+# assembles per step.
 _TILE_ELEMENTS = 4096
 # Register budget (elements) of one fc1 weight tile of a one-sample gate: CHUNK_G whole rows of D.
 _GATE_TILE_ELEMENTS = 16384
-# fc1 columns per tensor-core step of a 16-row finisher: fewer dependent steps; wider 3xTF32
-# operands spill on sm_90 (`python -m headsteer.kernels.aot`).
-GATE_CHUNK_D = 128
 
 
 @contextlib.contextmanager
 def gate_constants(**values) -> Iterator[None]:
     """Launch with some of this module's tuning constants (BLOCK_S, GATE_WARPS, GATE_STAGES,
-    PER_SAMPLE_FINISH, ...) set to `values` inside the block, then restore them; for sweeps,
+    SAE_16BIT_MMA, ...) set to `values` inside the block, then restore them; for sweeps,
     tests and compile reports."""
     module = sys.modules[__name__]
     saved = {name: getattr(module, name) for name in values}
@@ -311,45 +303,40 @@ def _sae_steer_gate_kernel(
     B, D, S, G, H, sae_k, cand_per_tile, budget_k, num_b_tiles, num_s_tiles,
     ACTIVATION: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr,
     RECONSTRUCT: tl.constexpr, PARTIAL: tl.constexpr, GATHER: tl.constexpr,
-    SHIFT_DECODE: tl.constexpr, SPLIT: tl.constexpr, PER_SAMPLE_FINISH: tl.constexpr, FIN_ROWS: tl.constexpr,
+    SHIFT_DECODE: tl.constexpr, SPLIT: tl.constexpr,
     HAS_LN_W: tl.constexpr, HAS_LN_B: tl.constexpr, HAS_FC1_B: tl.constexpr, HAS_FC2_B: tl.constexpr,
     USE_BUDGET: tl.constexpr, G_SOURCE: tl.constexpr, PRECISION: tl.constexpr, ENCODE_16BIT: tl.constexpr,
     SHIFT_CHAINS: tl.constexpr, SHIFT_16BIT: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_K: tl.constexpr, ENC_BLOCK_K: tl.constexpr,
     BLOCK_D: tl.constexpr, CHUNK_D: tl.constexpr, FIN_CHUNK_D: tl.constexpr, SLICE_D: tl.constexpr, SLICE_CHUNK: tl.constexpr, PARTIAL_TILES: tl.constexpr,
-    BLOCK_C: tl.constexpr, SEL_ROWS: tl.constexpr, K_STEP: tl.constexpr, CHUNK_G: tl.constexpr,
-    GATE_CHUNK_D: tl.constexpr, GATE_STAGES: tl.constexpr,
+    BLOCK_C: tl.constexpr, K_STEP: tl.constexpr, CHUNK_G: tl.constexpr, GATE_STAGES: tl.constexpr,
     BLOCK_H: tl.constexpr, TOPK_DIGIT_BITS: tl.constexpr,
 ):
     # Tile sizes: BLOCK_B samples and BLOCK_S latents per program; ENC_BLOCK_K the encoder's and
     # BLOCK_K the shift decode's reduction step; BLOCK_D >= D; CHUNK_D columns of g per step; SLICE_D columns
     # of the shift decode per program (SLICE_CHUNK at a time); PARTIAL_TILES partials per load;
-    # BLOCK_C >= a row's TopK candidates, ranked SEL_ROWS rows at a time; K_STEP selected latents
-    # per row per decode step; CHUNK_G hidden units of the gate per step (GATE_CHUNK_D columns of
-    # fc1 per dot); BLOCK_H >= H.
-    # Who finishes (phase 2) the gate of which rows:
-    # - PER_SAMPLE_FINISH: a 1-D grid of num_b_tiles * num_s_tiles latent-tile programs, then B
-    #   one-sample finishers. Roles go by a ticket drawn from an atomic counter, not by program id:
-    #   a finisher (a late ticket) waits only on tiles whose tickets were drawn earlier, i.e. by
-    #   programs already running, so the wait always ends (as in a decoupled look-back scan); the
-    #   serial CPU interpreter draws tickets in program order and never waits.
-    # - otherwise: a (batch tiles, latent tiles) grid whose last program to finish a batch tile
-    #   runs the gate of its BLOCK_B rows; without SAE work, one program per sample (grid axis 0 is
-    #   the batch, up to 2**31 - 1 programs).
-    if PER_SAMPLE_FINISH:
+    # BLOCK_C >= a row's TopK candidates; K_STEP selected latents per row per decode step; CHUNK_G
+    # hidden units of the gate per step; BLOCK_H >= H.
+    # Roles:
+    # - SPLIT (SAE work): a 1-D grid of num_b_tiles * num_s_tiles latent-tile programs, then B
+    #   one-sample finishers, each gating one row (phase 2). Roles go by a ticket drawn from an
+    #   atomic counter, not by program id: a finisher (a late ticket) waits only on tiles whose
+    #   tickets were drawn earlier, i.e. by programs already running, so the wait always ends (as
+    #   in a decoupled look-back scan); the serial CPU interpreter draws tickets in program order
+    #   and never waits.
+    # - otherwise: one program per sample (grid axis 0 is the batch, up to 2**31 - 1 programs).
+    if SPLIT:
         ticket = tl.atomic_add(counter_ptr + num_b_tiles, 1, sem="relaxed")
         tiles_total = num_b_tiles * num_s_tiles
         do_tile = ticket < tiles_total
         sample = ticket - tiles_total
         tile_b = tl.where(do_tile, ticket // num_s_tiles, sample // BLOCK_B)
         tile_s = ticket % num_s_tiles
+        offs_b = tl.arange(0, BLOCK_B)
+        rows = tile_b * BLOCK_B + offs_b  # a latent-tile program's batch tile
+        row_mask = rows < B
     else:
-        tile_b = tl.program_id(0)
-        tile_s = tl.program_id(1)
-        do_tile = True
-    offs_b = tl.arange(0, BLOCK_B)
-    rows = tile_b * BLOCK_B + offs_b
-    row_mask = rows < B
+        sample = tl.program_id(0)
 
     # ---- Phase 1, every latent-tile program: one [BLOCK_B, BLOCK_S] tile of latents. ----
     finishing = True  # without SAE work every program finishes its own sample
@@ -457,12 +444,13 @@ def _sae_steer_gate_kernel(
                 dst = rows[:, None] * (num_s_tiles * cand_per_tile) + tile_s * cand_per_tile + slot
                 tl.store(cand_val_ptr + dst, pre, mask=chosen)
                 tl.store(cand_idx_ptr + dst, tl.broadcast_to(offs_s[None, :], [BLOCK_B, BLOCK_S]), mask=chosen)
-            # Make this CTA's stores visible before announcing them (release), and learn whether
-            # every other latent tile of these rows is done (acquire): the last one finishes.
+            # Make this CTA's stores visible before announcing them (release; acq_rel as compiled
+            # and timed on an H100).
             tl.debug_barrier()
             arrived = tl.atomic_add(counter_ptr + tile_b, 1, sem="acq_rel")
-            # (a tensor in both branches of the runtime `if do_tile`; False with per-sample finishers)
-            finishing = arrived == (-1 if PER_SAMPLE_FINISH else num_s_tiles - 1)
+            # Never: latent-tile programs leave the gate to the finishers. (A tensor, as in the
+            # other branch of the runtime `if do_tile`; the count starts at 0.)
+            finishing = arrived == -1
         else:
             # A one-sample finisher: wait (acquire) until every latent tile of its batch tile is done.
             arrived = tl.atomic_add(counter_ptr + tile_b, 0, sem="acquire")
@@ -470,13 +458,9 @@ def _sae_steer_gate_kernel(
                 arrived = tl.atomic_add(counter_ptr + tile_b, 0, sem="acquire")
             finishing = arrived >= num_s_tiles
 
-    # ---- Phase 2, per batch tile or per sample: the gate input g, then the gate. ----
+    # ---- Phase 2, one sample per program: the gate input g, then the gate. ----
     if finishing:
-        if PER_SAMPLE_FINISH:
-            fin_first = sample
-        else:
-            fin_first = tile_b * BLOCK_B
-        fin_rows = fin_first + tl.arange(0, FIN_ROWS)
+        fin_rows = sample + tl.arange(0, 1)  # (the sample as a [1] row block, for 2-D tiles)
         fin_mask = fin_rows < B
         if GATHER:
             num_cand = num_s_tiles * cand_per_tile
@@ -484,26 +468,24 @@ def _sae_steer_gate_kernel(
             slot_tile = slots // cand_per_tile
             # Slot j of a tile is written only if the tile had more than j real latents.
             slot_valid = (slots < num_cand) & (slots % cand_per_tile < S - slot_tile * BLOCK_S)
-            for r0 in range(0, FIN_ROWS, SEL_ROWS):
-                # (Names differ from phase 1's: Triton types loop-carried variables by first use.)
-                sel_rows = fin_first + r0 + tl.arange(0, SEL_ROWS)
-                cand_valid = (sel_rows < B)[:, None] & slot_valid[None, :]
-                src = sel_rows[:, None] * num_cand + slots[None, :]
-                cand_pre = tl.load(cand_val_ptr + src, mask=cand_valid, other=0.0, cache_modifier=".cg")
-                cand_latent = tl.load(cand_idx_ptr + src, mask=cand_valid, other=0, cache_modifier=".cg")
-                # Candidates sit in latent order, so column order breaks ties as the spec does.
-                selected = _topk_rows(cand_pre, cand_valid, sae_k, TOPK_DIGIT_BITS)
-                cand_z = tl.maximum(cand_pre, 0.0, propagate_nan=tl.PropagateNan.ALL)
-                if HAS_SCALE:
-                    cand_scale = tl.load(
-                        scale_ptr + sel_rows[:, None] * stride_scale_b + cand_latent * stride_scale_s,
-                        mask=selected, other=1.0).to(tl.float32)
-                    cand_coef = cand_z * cand_scale if RECONSTRUCT else cand_z * (cand_scale - 1.0)
-                else:
-                    cand_coef = cand_z  # only reached when reconstructing: preserve-error cancels z
-                sel_slot = sel_rows[:, None] * sae_k + tl.cumsum(selected.to(tl.int32), axis=1) - 1
-                tl.store(sel_idx_ptr + sel_slot, cand_latent, mask=selected)
-                tl.store(sel_coef_ptr + sel_slot, cand_coef, mask=selected)
+            # (Names differ from phase 1's: Triton types variables by first use.)
+            cand_valid = fin_mask[:, None] & slot_valid[None, :]
+            src = fin_rows[:, None] * num_cand + slots[None, :]
+            cand_pre = tl.load(cand_val_ptr + src, mask=cand_valid, other=0.0, cache_modifier=".cg")
+            cand_latent = tl.load(cand_idx_ptr + src, mask=cand_valid, other=0, cache_modifier=".cg")
+            # Candidates sit in latent order, so column order breaks ties as the spec does.
+            selected = _topk_rows(cand_pre, cand_valid, sae_k, TOPK_DIGIT_BITS)
+            cand_z = tl.maximum(cand_pre, 0.0, propagate_nan=tl.PropagateNan.ALL)
+            if HAS_SCALE:
+                cand_scale = tl.load(
+                    scale_ptr + fin_rows[:, None] * stride_scale_b + cand_latent * stride_scale_s,
+                    mask=selected, other=1.0).to(tl.float32)
+                cand_coef = cand_z * cand_scale if RECONSTRUCT else cand_z * (cand_scale - 1.0)
+            else:
+                cand_coef = cand_z  # only reached when reconstructing: preserve-error cancels z
+            sel_slot = fin_rows[:, None] * sae_k + tl.cumsum(selected.to(tl.int32), axis=1) - 1
+            tl.store(sel_idx_ptr + sel_slot, cand_latent, mask=selected)
+            tl.store(sel_coef_ptr + sel_slot, cand_coef, mask=selected)
             tl.debug_barrier()
 
         if SPLIT:
@@ -530,7 +512,7 @@ def _sae_steer_gate_kernel(
                 if GATHER:
                     # sum_j coef[b, j] W_dec[latent[b, j]] over the k selected latents of each
                     # row, K_STEP of them per step as exact fp32 FMA reductions of a gathered
-                    # [FIN_ROWS, K_STEP, FIN_CHUNK_D] tile (each gathered decoder row is contiguous).
+                    # [1, K_STEP, FIN_CHUNK_D] tile (each gathered decoder row is contiguous).
                     # The first step's latents were loaded once for every chunk (all of them when
                     # k <= K_STEP, e.g. k = 16), so a chunk waits on one gather, not on two loads.
                     acc += _decode_step(dec_w_ptr, first_latent, first_coef, first_mask, dd, d_mask, D)
@@ -542,53 +524,35 @@ def _sae_steer_gate_kernel(
             tl.debug_barrier()
 
         # LayerNorm statistics over D (two passes over the registers, mean then variance, as
-        # torch does) from one load of the whole [FIN_ROWS, D] tile of g.
+        # torch does) from one load of the whole row of g.
         offs_d = tl.arange(0, BLOCK_D)
         d_full = offs_d < D
         whole = _gate_input_chunk(e_ptr, stride_eb, g_ptr, dec_b_ptr, fin_rows, fin_mask, 0, D, G_SOURCE, BLOCK_D)
         mean, rstd = layer_norm_stats(whole, d_full, D, ln_eps)  # columns past D load as zeros
-        if FIN_ROWS < 16:  # one sample: its whole normalized row stays in registers for every step
-            normed_row = layer_norm_apply(whole, mean, rstd, ln_w_ptr, ln_b_ptr, offs_d, d_full, HAS_LN_W, HAS_LN_B)
+        # (the whole normalized row stays in registers for every step)
+        normed_row = layer_norm_apply(whole, mean, rstd, ln_w_ptr, ln_b_ptr, offs_d, d_full, HAS_LN_W, HAS_LN_B)
 
         # fc1 -> GELU -> fc2, CHUNK_G hidden units per step, each chunk folded straight into the
         # logits. The chain of dependent steps, not the FLOPs, sets this phase's time.
         offs_h = tl.arange(0, BLOCK_H)
         h_mask = offs_h < H
-        logits = tl.zeros([FIN_ROWS, BLOCK_H], dtype=tl.float32)
-        # One-sample programs: a loop of loads and FMA reductions that Triton pipelines only when
-        # asked (GATE_STAGES): the fc1/fc2 tiles of the next steps load while this one reduces.
+        logits = tl.zeros([1, BLOCK_H], dtype=tl.float32)
+        # A loop of loads and FMA reductions that Triton pipelines only when asked (GATE_STAGES):
+        # the fc1/fc2 tiles of the next steps load while this one reduces.
         for g0 in tl.range(0, G, CHUNK_G, num_stages=GATE_STAGES):
             gi = g0 + tl.arange(0, CHUNK_G)
             g_mask = gi < G
-            if FIN_ROWS >= 16:
-                # Tensor-core dots over GATE_CHUNK_D columns at a time (whole rows of 3xTF32
-                # operands spill); the normalized input is recomputed per chunk from L1-resident g.
-                hidden = tl.zeros([FIN_ROWS, CHUNK_G], dtype=tl.float32)
-                for d0 in range(0, D, GATE_CHUNK_D):
-                    dd = d0 + tl.arange(0, GATE_CHUNK_D)
-                    d_mask = dd < D
-                    normed = layer_norm_apply(
-                        _gate_input_chunk(e_ptr, stride_eb, g_ptr, dec_b_ptr, fin_rows, fin_mask, d0, D, G_SOURCE,
-                                          GATE_CHUNK_D),
-                        mean, rstd, ln_w_ptr, ln_b_ptr, dd, d_mask, HAS_LN_W, HAS_LN_B)
-                    w1 = tl.load(fc1_w_ptr + gi[:, None] * D + dd[None, :],
-                                 mask=g_mask[:, None] & d_mask[None, :], other=0.0).to(tl.float32)
-                    hidden = tl.dot(normed, tl.trans(w1), hidden, input_precision=PRECISION)
-            else:
-                # One sample: whole fc1 rows against the normalized row, FMA reductions.
-                w1 = tl.load(fc1_w_ptr + gi[:, None] * D + offs_d[None, :],
-                             mask=g_mask[:, None] & d_full[None, :], other=0.0).to(tl.float32)
-                hidden = tl.sum(normed_row[:, None, :] * w1[None, :, :], axis=2)
+            # Whole fc1 rows against the normalized row, FMA reductions.
+            w1 = tl.load(fc1_w_ptr + gi[:, None] * D + offs_d[None, :],
+                         mask=g_mask[:, None] & d_full[None, :], other=0.0).to(tl.float32)
+            hidden = tl.sum(normed_row[:, None, :] * w1[None, :, :], axis=2)
             if HAS_FC1_B:
                 hidden += tl.load(fc1_b_ptr + gi, mask=g_mask, other=0.0).to(tl.float32)[None, :]
             hidden = 0.5 * hidden * (1.0 + tl.math.erf(hidden * 0.7071067811865476))
             hidden = tl.where(g_mask[None, :], hidden, 0.0)
             w2 = tl.load(fc2_w_ptr + offs_h[:, None] * G + gi[None, :],
                          mask=h_mask[:, None] & g_mask[None, :], other=0.0).to(tl.float32)
-            if FIN_ROWS >= 16:
-                logits = tl.dot(hidden, tl.trans(w2), logits, input_precision=PRECISION)
-            else:
-                logits += tl.sum(hidden[:, None, :] * w2[None, :, :], axis=2)
+            logits += tl.sum(hidden[:, None, :] * w2[None, :, :], axis=2)
         if HAS_FC2_B:
             logits += tl.load(fc2_b_ptr + offs_h, mask=h_mask, other=0.0).to(tl.float32)[None, :]
 
@@ -596,7 +560,7 @@ def _sae_steer_gate_kernel(
             # Rank count over the H logits, identical to reference.topk_mask: head i is kept when
             # fewer than budget_k heads beat it (larger, or equal with a lower index; NaN ranks
             # above every number, as torch.sort puts it first).
-            rank = tl.zeros([FIN_ROWS, BLOCK_H], dtype=tl.int32)
+            rank = tl.zeros([1, BLOCK_H], dtype=tl.int32)
             logit_nan = logits != logits
             for j in range(0, H):
                 is_j = offs_h[None, :] == j
@@ -738,11 +702,8 @@ def triton_sae_steer_gate(
 
     # Scratch, all written before it is read: partial decodes, TopK candidates, selected latents,
     # the gate input; one fp32 buffer (int32 parts are views of it) and zeroed counters: one per
-    # batch tile, then the per-sample finishers' ticket dispenser.
-    block_b = BLOCK_B if split else 1
-    num_b_tiles = triton.cdiv(batch, block_b)
-    per_sample_finish = split and PER_SAMPLE_FINISH
-    fin_rows = 1 if per_sample_finish else block_b  # rows one finishing program gates
+    # batch tile, then the finishers' ticket dispenser.
+    num_b_tiles = triton.cdiv(batch, BLOCK_B)
     sizes = dict(
         partial=num_s_tiles * batch * dim if partial else 0,
         cand_val=batch * num_s_tiles * cand_per_tile if gather else 0,
@@ -775,23 +736,20 @@ def triton_sae_steer_gate(
     chunk_d = min(64, block_d)
     k_step = min(16, _pow2(sae_k, floor=1))
     partial_tiles = 4  # partial decodes summed per load
-    # Columns of g a finisher assembles per step: its gathered [rows, k_step, columns] decoder tile
-    # and its [partial_tiles, rows, columns] partials stay within _TILE_ELEMENTS * 2 (a one-sample
-    # finisher takes a whole ViT row at once).
+    # Columns of g a finisher assembles per step: its gathered [1, k_step, columns] decoder tile
+    # and its [partial_tiles, 1, columns] partials stay within _TILE_ELEMENTS * 2 (a whole ViT row
+    # at once).
     per_column = max(k_step if gather else 1, partial_tiles if partial else 1)
-    fin_chunk_d = chunk_d if fin_rows > 1 else min(block_d, max(chunk_d, 2 * _TILE_ELEMENTS // per_column))
-    if fin_rows >= 16:  # the finisher's dots: CHUNK_G x GATE_CHUNK_D weight tiles
-        chunk_g = min(_pow2(hidden), 32)
-    else:  # one sample's FMA reductions: CHUNK_G whole rows of fc1
-        chunk_g = min(_pow2(hidden, floor=1), max(1, _GATE_TILE_ELEMENTS // block_d))
+    fin_chunk_d = min(block_d, max(chunk_d, 2 * _TILE_ELEMENTS // per_column))
+    chunk_g = min(_pow2(hidden, floor=1), max(1, _GATE_TILE_ELEMENTS // block_d))  # whole rows of fc1 per step
     slice_d = _pow2(triton.cdiv(dim, num_s_tiles))  # D columns whose shift decode one program owns
     # the fc1 and fc2 tiles one step of the gate loop stages
     block_h = _pow2(num_heads)
-    stages = gate_stages(chunk_g * (block_d if fin_rows < 16 else GATE_CHUNK_D) + block_h * chunk_g,
-                         fc1_w.element_size())
+    stages = gate_stages(chunk_g * block_d + block_h * chunk_g, fc1_w.element_size())
 
+    # latent-tile programs, then one finisher per sample; without SAE work, one program per sample
     finishers = 0 if _LATENT_TILES_ONLY else batch
-    grid = (num_b_tiles * num_s_tiles + finishers,) if per_sample_finish else (num_b_tiles, num_s_tiles)
+    grid = (num_b_tiles * num_s_tiles + finishers,) if split else (batch,)
     _sae_steer_gate_kernel[grid](
         e, e.stride(0),
         *sae_args,
@@ -804,17 +762,16 @@ def triton_sae_steer_gate(
         batch, dim, width, hidden, num_heads, max(sae_k, 1), cand_per_tile, budget_k, num_b_tiles, num_s_tiles,
         ACTIVATION=_ACTIVATION_CODES[activation], HAS_SCALE=scale is not None, HAS_SHIFT=shift is not None,
         RECONSTRUCT=reconstruct, PARTIAL=partial, GATHER=gather,
-        SHIFT_DECODE=shift_decode, SPLIT=split, PER_SAMPLE_FINISH=per_sample_finish, FIN_ROWS=fin_rows,
+        SHIFT_DECODE=shift_decode, SPLIT=split,
         HAS_LN_W=ln_w is not None, HAS_LN_B=ln_b is not None,
         HAS_FC1_B=fc1_b is not None, HAS_FC2_B=fc2_b is not None, USE_BUDGET=budget is not None,
         G_SOURCE=1 if split else 2 if reconstruct else 0,  # g: scratch, b_dec (TopK k=0, no shift), e
         PRECISION=fp32_dot_precision(e.device), ENCODE_16BIT=encode_16bit, SHIFT_CHAINS=SHIFT_DECODE_CHAINS,
         SHIFT_16BIT=shift_16bit,
-        BLOCK_B=block_b, BLOCK_S=block_s, BLOCK_K=32, ENC_BLOCK_K=ENCODER_BLOCK_K if encode_16bit else 32,
+        BLOCK_B=BLOCK_B, BLOCK_S=block_s, BLOCK_K=32, ENC_BLOCK_K=ENCODER_BLOCK_K if encode_16bit else 32,
         BLOCK_D=block_d, CHUNK_D=chunk_d, FIN_CHUNK_D=fin_chunk_d,
         SLICE_D=slice_d, SLICE_CHUNK=min(chunk_d, slice_d), PARTIAL_TILES=partial_tiles,
-        BLOCK_C=block_c, SEL_ROWS=max(1, min(fin_rows, _TILE_ELEMENTS // block_c)),
-        K_STEP=k_step, CHUNK_G=chunk_g, GATE_CHUNK_D=GATE_CHUNK_D, GATE_STAGES=stages,
+        BLOCK_C=block_c, K_STEP=k_step, CHUNK_G=chunk_g, GATE_STAGES=stages,
         BLOCK_H=block_h, TOPK_DIGIT_BITS=TOPK_DIGIT_BITS,
         num_warps=GATE_WARPS,
     )

@@ -51,11 +51,9 @@ def test_breakdown_times_each_kernel(tiny, capsys):
     assert [(r["branch"], r["usage"]) for r in rows] == (
         [("dense", None)] + [("sparse", u) for u in bench.USAGES + (0.0,)]
         + [("sparse, attention+proj fused", u) for u in bench.FUSED_BREAKDOWN_USAGES]
-        + [("sparse, qkv+attention fused", u) for u in bench.FUSED_BREAKDOWN_USAGES]
         + [("sparse, qkv+attention+proj fused", u) for u in bench.FUSED_BREAKDOWN_USAGES])
     for row in rows:
-        stages = {"sparse, qkv+attention fused": ("qkv+attention", "proj"),
-                  "sparse, attention+proj fused": ("qkv", "attention+proj"),
+        stages = {"sparse, attention+proj fused": ("qkv", "attention+proj"),
                   "sparse, qkv+attention+proj fused": ("qkv+attention+proj",)}.get(row["branch"], ("qkv", "attention", "proj"))
         assert set(row) - {"model", "usage", "branch", "total"} == set(stages)  # (each fused row timed its launches)
         assert row["total"] == pytest.approx(sum(row[stage] for stage in stages))
@@ -100,14 +98,15 @@ def test_sweep_runs_every_tile_variant_and_restores_the_default(tiny, capsys):
 def test_gate_sweep_runs_every_variant_and_restores_the_defaults(tiny, capsys):
     from headsteer.kernels import triton_sae_gate as gate
 
-    names = ("BLOCK_S", "GATE_WARPS", "GATE_STAGES", "GATE_CHUNK_D", "_GATE_TILE_ELEMENTS", "PER_SAMPLE_FINISH",
-             "_LATENT_TILES_ONLY", "TOPK_DIGIT_BITS", "SAE_16BIT_MMA", "SHIFT_DECODE_CHAINS")
+    names = ("BLOCK_S", "GATE_WARPS", "GATE_STAGES", "_GATE_TILE_ELEMENTS", "ENCODER_BLOCK_K", "_LATENT_TILES_ONLY",
+             "TOPK_DIGIT_BITS", "SAE_16BIT_MMA", "SHIFT_DECODE_CHAINS")
     defaults = [getattr(gate, name) for name in names]
     bench.gate_sweep()
     lines = capsys.readouterr().out.splitlines()
-    assert len(lines) == 20 and len(tiny) == 60  # each variant timed with an SAE (scale; + shift) and without
-    assert "defaults" in lines[0] and "_LATENT_TILES_ONLY" in lines[1] and "'PER_SAMPLE_FINISH': False" in lines[2]
-    assert "'TOPK_DIGIT_BITS': 1" in lines[3] and "'SAE_16BIT_MMA': False" in lines[4] and "_LATENT_TILES_ONLY" in lines[5]
+    assert len(lines) == 17 and len(tiny) == 51  # each variant timed with an SAE (scale; + shift) and without
+    assert "defaults" in lines[0] and "_LATENT_TILES_ONLY" in lines[1] and "'ENCODER_BLOCK_K': 128" in lines[2]
+    # (the alternatives already timed come last)
+    assert "'TOPK_DIGIT_BITS': 1" in lines[11] and "'GATE_STAGES': 3" in lines[-1]
     assert [getattr(gate, name) for name in names] == defaults
 
 
@@ -149,24 +148,24 @@ def test_sweeps_report_a_failing_variant_and_time_the_rest(tiny, capsys, monkeyp
         return fn()
 
     graph_timed = bench.graph_timed
-    # the attention sweep's compacted-QKV variants (in its middle) fail
+    # the attention sweep's q|k-as-one-MMA variants (in its middle) fail
     monkeypatch.setattr(bench, "graph_timed", lambda fn, rep_ms: run_or_fail(lambda: graph_timed(fn, rep_ms),
-                                                                             lambda: attention.TILES.qkv_compact))
+                                                                             lambda: attention.TILES.qkv_fuse_qk))
     bench.sweep()
     lines = capsys.readouterr().out.splitlines()
     failed = [line for line in lines if "FAILED" in line]
-    assert failed == [line for line in lines if "qkv_compact=True" in line] and len(failed) >= 1
+    assert failed == [line for line in lines if "qkv_fuse_qk=True" in line] and len(failed) >= 1
     assert "RuntimeError: out of resources: shared memory" in failed[0] and "second line" not in failed[0]
     assert len(lines) - len(failed) >= 11 and "FAILED" not in lines[-1]  # the variants after it were timed
 
-    # the gate sweep's batch-tile finisher variants fail
+    # the gate sweep's 256-latent-tile variant fails
     monkeypatch.setattr(bench, "graph_timed", lambda fn, rep_ms: run_or_fail(lambda: graph_timed(fn, rep_ms),
-                                                                             lambda: not gate.PER_SAMPLE_FINISH))
+                                                                             lambda: gate.BLOCK_S == 256))
     bench.gate_sweep()
     lines = capsys.readouterr().out.splitlines()
-    assert len(lines) == 20
+    assert len(lines) == 17
     failed = [line for line in lines if "FAILED" in line]
-    assert len(failed) == 2 and all("'PER_SAMPLE_FINISH': False" in line for line in failed)
+    assert len(failed) == 1 and "'BLOCK_S': 256" in failed[0]
     assert "SAE topk, scale FAILED RuntimeError" in failed[0]
     assert "us" in lines[-1] and "FAILED" not in lines[-1]
 

@@ -36,7 +36,7 @@ def test_every_kernel_compiles_for_sm90(report):
     compiled = {(k["variant"].split()[0], k["kernel"]) for k in report["kernels"]}
     assert compiled == {
         ("attention", "_qkv_kernel"), ("attention", "_attention_kernel"), ("attention", "_proj_kernel"),
-        ("attention", "_qkv_attention_kernel"), ("attention", "_attention_proj_kernel"),
+        ("attention", "_attention_proj_kernel"),
         ("attention", "_branch_kernel"),
         ("gate", "_sae_steer_gate_kernel"),
     }

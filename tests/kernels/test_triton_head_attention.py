@@ -95,9 +95,8 @@ def test_matches_reference_fp32(batch, tokens, heads, head_dim, mask):
 
 
 # Alternative tilings the benchmark sweep may pick, small and large, the output projection that
-# tests each head in its loop (instead of the kept-list default), QKV over compacted token lists
-# (instead of flattened tokens) with a persistent grid or one program per work item, q and k as
-# one MMA, and narrow passes over ragged query and key ends, so every configuration is correct.
+# tests each head in its loop (instead of the kept-list default), q and k as one MMA, and narrow
+# passes over ragged query and key ends, so every configuration is correct.
 # Each overrides both the 16-bit and the fp32 defaults; launches then shrink what would not fit
 # (`fit_tiles`).
 TILE_VARIANTS = {
@@ -105,10 +104,7 @@ TILE_VARIANTS = {
     "large": dict(qkv_block_n=128, qkv_block_k=32, attn_block_m=64, attn_block_n=128, attn_block_tail=32,
                   proj_block_t=128, proj_block_o=64),
     "head-branch": dict(proj_kept_list=False),
-    "compacted-qkv": dict(qkv_compact=True),
-    "qkv-item-per-program": dict(qkv_compact=True, qkv_programs_per_sm=0),
     "fused-qk": dict(qkv_fuse_qk=True),
-    "compacted-fused-qk": dict(qkv_compact=True, qkv_fuse_qk=True),
     "query-tail": dict(attn_block_m=32, attn_block_m_tail=16, attn_block_n=32),
     "narrow-tails": attention_module.NARROW_TAIL_TILES,  # (fp32 keeps whole key steps)
     "programmatic-launch": dict(programmatic_launch=True),  # (on sm_90 and later; the interpreter runs it plain)
@@ -157,8 +153,8 @@ def test_bf16_under_interpreter_is_a_clear_error():
 
 
 def uneven_mask(batch, heads, seed):
-    """Heads kept by very different numbers of samples, so each head's compacted token list has
-    its own length: head 0 by one sample mid-batch, head 1 by all but one, head 2 by none, the
+    """Heads kept by very different numbers of samples, so QKV token tiles mix samples that keep
+    a head with samples that prune it: head 0 by one sample mid-batch, head 1 by all but one, head 2 by none, the
     rest at random."""
     keep = make_mask("random", batch, heads, seed)
     keep[:, 0] = False
@@ -170,70 +166,19 @@ def uneven_mask(batch, heads, seed):
     return keep
 
 
-# (batch, tokens): N=23 puts up to 4 samples in a 64-row tile, N=70 two, N=3 more than
-# COMPACT_MAX_RANK_SPAN (the flattened fallback); batch 1; a batch of 33 over 64 heads' tiles.
+# (batch, tokens): N=23 puts up to 4 samples in a 64-token QKV tile, N=70 two, N=3 up to 22;
+# batch 1; a batch of 33.
 @pytest.mark.parametrize("batch,tokens", [(1, 23), (7, 23), (33, 23), (5, 70), (6, 3)])
-@pytest.mark.parametrize("programs_per_sm", [1, 0])
-def test_compacted_qkv_uneven_heads(monkeypatch, batch, tokens, programs_per_sm):
-    tiles = dataclasses.replace(attention_module.TILES_FP32, qkv_compact=True, qkv_programs_per_sm=programs_per_sm)
-    monkeypatch.setattr(attention_module, "TILES_FP32", tiles)
-    seed = zlib.crc32(repr((batch, tokens, programs_per_sm)).encode())
+def test_uneven_heads(batch, tokens):
+    seed = zlib.crc32(repr(("uneven heads", batch, tokens)).encode())
     branch = make_branch(batch, tokens, 4, 32, seed)
     run_and_check(branch, uneven_mask(batch, 4, seed), 4)
-
-
-def test_compacted_qkv_falls_back_above_its_batch_limit(monkeypatch):
-    """Above COMPACT_MAX_BATCH the QKV projection runs over flattened tokens: still exact."""
-    monkeypatch.setattr(attention_module, "TILES_FP32", dataclasses.replace(attention_module.TILES_FP32, qkv_compact=True))
-    monkeypatch.setattr(attention_module, "COMPACT_MAX_BATCH", 4)
-    branch = make_branch(5, 23, 3, 32, 21)
-    run_and_check(branch, uneven_mask(5, 3, 21), 3)
-
-
-def fused_tiles(monkeypatch, **overrides):
-    """Launch with QKV and attention in one kernel (16-bit inputs, head dims up to 64), in its
-    three-dot configuration `FUSED_QKV_ATTENTION` (the tiles it was compiled and timed with)."""
-    for name in ("TILES", "TILES_FP32"):
-        tiles = dataclasses.replace(getattr(attention_module, name), **{**attention_module.FUSED_QKV_ATTENTION,
-                                                                       **overrides})
-        monkeypatch.setattr(attention_module, name, tiles)
 
 
 def launch_names(branch, keep, heads):
     _, launches = attention_module.head_attention_launches(branch["x"], keep, branch["qkv_weight"], branch["qkv_bias"],
                                                            branch["proj_weight"], branch["proj_bias"], heads)
     return [name for name, _ in launches]
-
-
-# fp16 (the 16-bit tiles, three dots or q|k as one MMA). N = 70, 131, 197: whole 64-token QKV
-# tiles, 32-key steps and 64-query tiles, then each ragged end in its narrow pass; N = 1, 17:
-# ragged ends only. Fewer persistent programs than kept pairs (2 "SMs" on the CPU), one per pair.
-@pytest.mark.parametrize("batch,tokens,heads,head_dim", [(3, 70, 2, 64), (2, 131, 3, 32), (1, 197, 2, 32),
-                                                          (5, 17, 3, 16), (4, 1, 2, 64)])
-@pytest.mark.parametrize("overrides", [dict(), dict(qkv_programs_per_sm=0), attention_module.FUSED_QKV_ATTENTION_8_WARPS],
-                         ids=["three-dots", "program-per-pair", "qk-one-dot-8-warps"])
-@pytest.mark.parametrize("mask", ["distinct", "uneven", "none", "all"])
-def test_fused_qkv_attention_over_whole_and_ragged_tiles(monkeypatch, batch, tokens, heads, head_dim, overrides, mask):
-    fused_tiles(monkeypatch, **overrides)
-    seed = zlib.crc32(repr((batch, tokens, heads, head_dim, overrides, mask)).encode())
-    branch = make_branch(batch, tokens, heads, head_dim, seed, torch.float16)
-    keep = uneven_mask(batch, heads, seed) if mask == "uneven" else make_mask(mask, batch, heads, seed)
-    assert launch_names(branch, keep, heads) == ["qkv+attention", "proj"]
-    run_and_check(branch, keep, heads)
-
-
-@pytest.mark.parametrize("dtype,head_dim,batch_limit", [(torch.float32, 32, None), (torch.float16, 80, None),
-                                                        (torch.float16, 32, 4)],
-                         ids=["fp32", "head-dim-80", "over-batch-limit"])
-def test_fused_qkv_attention_falls_back_to_two_launches(monkeypatch, dtype, head_dim, batch_limit):
-    """fp32, heads wider than 64 and batches over COMPACT_MAX_BATCH run QKV and attention apart."""
-    fused_tiles(monkeypatch)
-    if batch_limit is not None:
-        monkeypatch.setattr(attention_module, "COMPACT_MAX_BATCH", batch_limit)
-    branch = make_branch(5, 23, 3, head_dim, 22, dtype)
-    keep = uneven_mask(5, 3, 22)
-    assert launch_names(branch, keep, 3) == ["qkv", "attention", "proj"]
-    run_and_check(branch, keep, 3)
 
 
 # Attention and output projection in one launch, alone or with QKV before it in the same launch
@@ -359,12 +304,6 @@ def test_fused_attention_proj_falls_back_to_three_launches(monkeypatch, fusion, 
     run_and_check(branch, keep, 3)
 
 
-@pytest.mark.parametrize("other", ["fuse_attention_proj", "fuse_branch"])
-def test_fusions_by_head_and_by_query_tile_are_refused_together(other):
-    with pytest.raises(ValueError, match="excludes"):
-        TileConfig(fuse_qkv_attention=True, **{other: True})
-
-
 def test_fused_attention_proj_fits_its_projection_to_the_query_tile():
     """The projection's accumulator shares the attention's warps: 128-query tiles in 4 warps
     get 64-column tiles (64 registers a thread), 64-query tiles keep 128."""
@@ -385,14 +324,6 @@ def test_fused_branch_fits_its_qkv_to_both_warps_and_stages():
     deep = dict(qkv_block_k=64, qkv_stages=3, attn_stages=7)
     assert fit(TileConfig(**deep), 64, 2).qkv_block_k == 64
     assert fit(TileConfig(fuse_branch=True, **deep), 64, 2).qkv_block_k == 32
-
-
-@pytest.mark.parametrize("tokens,block,span", [(197, 64, 2), (64, 64, 2), (63, 64, 2), (62, 64, 3), (23, 64, 4),
-                                               (1, 16, 16), (5, 16, 4)])
-def test_rank_span_bounds_the_samples_a_tile_touches(tokens, block, span):
-    assert attention_module.rank_span(tokens, block) == span
-    # brute force over every tile start: the most distinct samples among `block` consecutive rows
-    assert max(len({row // tokens for row in range(start, start + block)}) for start in range(2 * tokens)) <= span
 
 
 @pytest.mark.parametrize("bias", [True, False])

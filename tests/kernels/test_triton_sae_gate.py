@@ -68,14 +68,6 @@ def recorded_launches(monkeypatch):
     return launches
 
 
-@pytest.fixture(params=["batch-tile finisher", "per-sample finishers"])
-def finisher(request):
-    """Both ways the SAE gate's second phase can run: the last latent-tile program of each batch
-    tile, or one waiting program per sample (`PER_SAMPLE_FINISH`)."""
-    with gate_module.gate_constants(PER_SAMPLE_FINISH=request.param == "per-sample finishers"):
-        yield request.param
-
-
 def upcast(params):
     return None if params is None else {k: v.float() if torch.is_tensor(v) else v for k, v in params.items()}
 
@@ -98,7 +90,7 @@ def run_and_check(e, gate, sae, scale, shift, mode, budget, atol=1e-4):
 @pytest.mark.parametrize("activation", ["topk", "relu", "jumprelu"])
 @pytest.mark.parametrize("steering", ["identity", "scale", "shift", "scale+shift"])
 @pytest.mark.parametrize("mode", reference.STEER_MODES)
-def test_sae_gate_matches_reference(finisher, batch, activation, steering, mode):
+def test_sae_gate_matches_reference(batch, activation, steering, mode):
     seed = zlib.crc32(repr((batch, activation, steering, mode)).encode())
     dim, width, hidden, heads = 48, 40, 20, 6  # none a power of two: every tile is masked
     e = torch.randn(batch, dim, generator=torch.Generator().manual_seed(seed)).to(DEVICE)
@@ -154,7 +146,7 @@ def test_budget_ties_break_toward_lower_head():
 
 
 @pytest.mark.parametrize("steering", ["identity", "scale", "scale+shift"])
-def test_vit_small_shapes(finisher, steering):
+def test_vit_small_shapes(steering):
     """ViT-S sizes with the runtime's defaults: D=384, S=4D, k=16, G=D/4, H=6: twelve latent tiles,
     and unshifted TopK steering decodes only the selected latents."""
     dim, batch = 384, 3
@@ -169,10 +161,10 @@ def test_vit_small_shapes(finisher, steering):
 @pytest.mark.parametrize("steering", ["scale", "shift", "scale+shift"])
 @pytest.mark.parametrize("mode", reference.STEER_MODES)
 @pytest.mark.parametrize("dim,width", [(40, 300), (200, 40)])
-def test_many_latent_and_batch_tiles(finisher, batch, activation, steering, mode, dim, width):
+def test_many_latent_and_batch_tiles(batch, activation, steering, mode, dim, width):
     """Several batch tiles (16 rows each, the last one ragged) times several latent tiles (the last
     one ragged), or one latent tile whose program decodes the shift for all 200 columns in
-    chunks: every program writes its share and exactly one per batch tile finishes."""
+    chunks: every program writes its share and each row's finisher waits for its batch tile."""
     seed = zlib.crc32(repr(("tiles", batch, activation, steering, mode, dim)).encode())
     e = torch.randn(batch, dim, generator=torch.Generator().manual_seed(seed)).to(DEVICE)
     scale, shift = make_steering(steering, batch, width, seed + 1)
@@ -181,7 +173,7 @@ def test_many_latent_and_batch_tiles(finisher, batch, activation, steering, mode
 
 
 @pytest.mark.parametrize("activation,k", [("topk", 17), ("topk", 40), ("relu", None)])
-def test_wide_rows_and_full_batch_tiles(finisher, activation, k):
+def test_wide_rows_and_full_batch_tiles(activation, k):
     """D = 600 (a one-sample finisher assembles g in two column chunks), k above one 16-latent
     decode step, and a batch of exactly two 16-row tiles."""
     dim, width, batch = 600, 200, 32
@@ -195,7 +187,7 @@ def test_wide_rows_and_full_batch_tiles(finisher, activation, k):
 
 @pytest.mark.parametrize("k", [0, 1, 100, 200, 300])
 @pytest.mark.parametrize("mode", reference.STEER_MODES)
-def test_topk_k_edges(finisher, k, mode):
+def test_topk_k_edges(k, mode):
     """k = 0 (nothing active), k above a latent tile (every latent of a tile is a candidate) and
     k = S (every latent active)."""
     dim, width, batch = 24, 300, 5
@@ -205,7 +197,7 @@ def test_topk_k_edges(finisher, k, mode):
         run_and_check(e, make_gate(dim, 16, 4, k + 2), make_sae(dim, width, "topk", k + 3, k=k), scale, shift, mode, 0.5)
 
 
-def test_topk_ties_across_latent_tiles(finisher):
+def test_topk_ties_across_latent_tiles():
     """Latent i ties latents i + 64, i + 128, ... across three latent tiles of 128: the global
     selection must still prefer the lower latent index, as the reference's stable sort does."""
     dim, width, batch = 16, 320, 19
@@ -219,15 +211,15 @@ def test_topk_ties_across_latent_tiles(finisher):
     run_and_check(e, make_gate(dim, 8, 4, 83), sae, scale, shift, "preserve-error", None)
 
 
-def test_many_candidates_ranked_in_row_groups(finisher):
-    """S = 4096 in 32 latent tiles with k = 64: 2048 candidates per row, ranked a few rows at a time."""
+def test_many_candidates_per_row():
+    """S = 4096 in 32 latent tiles with k = 64: 2048 candidates per row, ranked in one tile."""
     dim, width, batch = 32, 4096, 18
     e = torch.randn(batch, dim, generator=torch.Generator().manual_seed(91)).to(DEVICE)
     scale, shift = make_steering("scale+shift", batch, width, 92)
     run_and_check(e, make_gate(dim, 16, 6, 93), make_sae(dim, width, "topk", 94, k=64), scale, shift, "reconstruct", None)
 
 
-def test_repeated_runs_are_bitwise_identical(finisher):
+def test_repeated_runs_are_bitwise_identical():
     """Partial decodes are summed in a fixed order (no floating-point atomics): same bits every run."""
     dim, width, batch = 64, 512, 20
     e = torch.randn(batch, dim, generator=torch.Generator().manual_seed(95)).to(DEVICE)
@@ -328,7 +320,7 @@ def test_nan_logits_rank_first_under_a_budget():
 
 @pytest.mark.parametrize("activation,k", [("relu", None), ("topk", 4), ("topk", 40)])
 @pytest.mark.parametrize("mode", reference.STEER_MODES)
-def test_nan_latents_propagate_like_relu(finisher, activation, k, mode):
+def test_nan_latents_propagate_like_relu(activation, k, mode):
     """A NaN pre-activation stays NaN through the activation, as F.relu keeps it (a max that
     dropped NaN would hide a broken encoder row behind finite logits)."""
     dim, width = 32, 300

@@ -63,15 +63,14 @@ def test_triton_backend_with_several_latent_and_batch_tiles():
 
 
 @pytest.mark.parametrize("budget", [None, 0.67])
-@pytest.mark.parametrize("fusion", ["qkv+attention", "attention+proj", "qkv+attention+proj"])
+@pytest.mark.parametrize("fusion", ["attention+proj", "qkv+attention+proj"])
 def test_fused_launches_in_the_model(monkeypatch, budget, fusion):
-    """The opt-in fused launches (QKV + attention; attention + output projection; the whole
-    branch) inside the whole fp16 model (LayerScale, so the residual epilogue too) give the same
-    masks and logits as the default three launches."""
+    """The opt-in fused launches (attention + output projection; the whole branch) inside the
+    whole fp16 model (LayerScale, so the residual epilogue too) give the same masks and logits as
+    the default three launches."""
     from headsteer.kernels import triton_head_attention as attention  # (after the importorskip above)
 
-    overrides, kernel_name = {"qkv+attention": (attention.FUSED_QKV_ATTENTION, "_qkv_attention_kernel"),
-                              "attention+proj": (attention.FUSED_ATTENTION_PROJ, "_attention_proj_kernel"),
+    overrides, kernel_name = {"attention+proj": (attention.FUSED_ATTENTION_PROJ, "_attention_proj_kernel"),
                               "qkv+attention+proj": (attention.FUSED_BRANCH, "_branch_kernel")}[fusion]
 
     # The same model and inputs for every fusion (drawn on the CPU: the same on CUDA), a draw
