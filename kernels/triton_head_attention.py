@@ -1,6 +1,6 @@
 """Head-sparse attention branch in Triton: only kept (sample, head) pairs do any work.
 
-Three launches, all with grids sized from B, H, N and the GPU alone (never from the mask), so
+Three launches, all with grids sized from B, H and N alone (never from the mask), so
 nothing waits on the host and the whole branch can be captured in a CUDA graph:
 
 1. `_qkv_kernel` projects one head's q, k, v (and applies the q/k LayerNorm) for a tile of

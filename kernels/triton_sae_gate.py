@@ -1,11 +1,12 @@
 """Fused SAE -> steer -> gate: one Triton launch per gated block, decision vectors in, keep mask out.
 
 The math is `headsteer.kernels.reference.sae_steer_gate`, computed in fp32 whatever the storage
-dtype of the inputs. The launch is a grid of (latent tiles, batch tiles) so that the SAE's two
-S x D matrices are streamed by many SMs at once; an SAE is 2-10 MB, and one program per sample
+dtype of the inputs. With SAE work the launch is a grid of (latent tile, batch tile) programs, so
+that the SAE's two S x D matrices are streamed by many SMs at once, followed by one finisher per
+sample; an SAE is 2-10 MB, and one program per sample
 reading all of it made the gate latency-bound (measured 140-660 us on an H100 at ViT-S/B sizes).
 
-- Every program owns BLOCK_B samples x BLOCK_S latents. It computes that tile of pre-activations
+- Every latent-tile program owns BLOCK_B samples x BLOCK_S latents. It computes that tile of pre-activations
   with tensor-core dots (bf16 weights: bf16 MMAs on an exact three-term split of the fp32
   e - b_dec, `SAE_16BIT_MMA`; other weights: 3xTF32 on CUDA) and writes small things only:
   ReLU / JumpReLU: the tile knows its coefficients z' - z, so it writes its share of the decode,
@@ -100,8 +101,9 @@ _GATE_SHARED_BUDGET = 100 * 1024
 TOPK_DIGIT_BITS = 0
 # The finisher ranks all of a row's candidates (latent tiles x min(k, BLOCK_S)) in registers.
 MAX_TOPK_CANDIDATES = 16384
-# Register budget (elements) of a finisher's gathered decoder tile: how many columns of g it
-# assembles per step.
+# Half the register budget (elements) of a finisher's per-step tile, its gathered [K_STEP, columns]
+# decoder rows or its [PARTIAL_TILES, columns] partials: it sets how many columns of g a step
+# assembles (FIN_CHUNK_D).
 _TILE_ELEMENTS = 4096
 # Register budget (elements) of one fc1 weight tile of a one-sample gate: CHUNK_G whole rows of D.
 _GATE_TILE_ELEMENTS = 16384
@@ -312,7 +314,7 @@ def _sae_steer_gate_kernel(
     BLOCK_C: tl.constexpr, K_STEP: tl.constexpr, CHUNK_G: tl.constexpr, GATE_STAGES: tl.constexpr,
     BLOCK_H: tl.constexpr, TOPK_DIGIT_BITS: tl.constexpr,
 ):
-    # Tile sizes: BLOCK_B samples and BLOCK_S latents per program; ENC_BLOCK_K the encoder's and
+    # Tile sizes: BLOCK_B samples and BLOCK_S latents per latent-tile program; ENC_BLOCK_K the encoder's and
     # BLOCK_K the shift decode's reduction step; BLOCK_D >= D; CHUNK_D columns of g per step; SLICE_D columns
     # of the shift decode per program (SLICE_CHUNK at a time); PARTIAL_TILES partials per load;
     # BLOCK_C >= a row's TopK candidates; K_STEP selected latents per row per decode step; CHUNK_G
@@ -703,7 +705,7 @@ def triton_sae_steer_gate(
     # Scratch, all written before it is read: partial decodes, TopK candidates, selected latents,
     # the gate input; one fp32 buffer (int32 parts are views of it) and zeroed counters: one per
     # batch tile, then the finishers' ticket dispenser.
-    num_b_tiles = triton.cdiv(batch, BLOCK_B)
+    num_b_tiles = triton.cdiv(batch, BLOCK_B)  # (passed but unused without SAE work)
     sizes = dict(
         partial=num_s_tiles * batch * dim if partial else 0,
         cand_val=batch * num_s_tiles * cand_per_tile if gather else 0,
@@ -737,8 +739,8 @@ def triton_sae_steer_gate(
     k_step = min(16, _pow2(sae_k, floor=1))
     partial_tiles = 4  # partial decodes summed per load
     # Columns of g a finisher assembles per step: its gathered [1, k_step, columns] decoder tile
-    # and its [partial_tiles, 1, columns] partials stay within _TILE_ELEMENTS * 2 (a whole ViT row
-    # at once).
+    # and its [partial_tiles, 1, columns] partials stay within _TILE_ELEMENTS * 2 (a whole ViT-S
+    # row at once; ViT-B's TopK decode in two steps).
     per_column = max(k_step if gather else 1, partial_tiles if partial else 1)
     fin_chunk_d = min(block_d, max(chunk_d, 2 * _TILE_ELEMENTS // per_column))
     chunk_g = min(_pow2(hidden, floor=1), max(1, _GATE_TILE_ELEMENTS // block_d))  # whole rows of fc1 per step
