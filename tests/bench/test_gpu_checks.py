@@ -28,3 +28,24 @@ def test_step_limits_fit_one_device_call():
     # the warm-up stops itself (and its workers) before its step's limit would kill it alone
     warm_up_seconds = re.search(r"--warm-up .*--seconds (\d+)", text)
     assert warm_up_seconds and int(warm_up_seconds.group(1)) + 5 <= int(steps["warm_up"])
+
+
+def test_test_steps_split_the_kernel_tests_between_them():
+    """The compiled-test steps select with `-k`: `tests` everything but the opt-in variants,
+    `tests_variants` those last. Both must select tests (a renamed test could empty a step, which
+    a lease would only show as 'no tests ran'), and none runs twice."""
+    import sys
+
+    text = SCRIPT.read_text()
+    variants = re.search(r'^variants="([^"]+)"', text, re.MULTILINE).group(1)
+    files = re.search(r"^tests=\(python -m pytest .* -p no:cacheprovider (.+)\)$", text, re.MULTILINE).group(1).split()
+
+    def collected(expression: str) -> set:
+        result = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider",
+                                 "-k", expression, *files], cwd=SCRIPT.parents[1], capture_output=True, text=True)
+        assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+        return {line for line in result.stdout.splitlines() if "::" in line}
+
+    main, last = collected(f"not ({variants})"), collected(variants)
+    assert main and last and not main & last
+    assert any("_branch" in test or "qkv+attention+proj" in test for test in last)
