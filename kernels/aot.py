@@ -7,11 +7,16 @@ swaps Triton's active driver for one that only names a target (sm_90 by default)
 real wrapper functions on CPU tensors compiles each launch for that GPU instead of running it;
 `ptxas -v` then reports registers, spills and shared memory of every compiled kernel.
 
-    python -m headsteer.kernels.aot [--arch 90] [--quick] [--json FILE]
+    python -m headsteer.kernels.aot [--arch 90] [--quick] [--only NAME] [--json FILE] [--ptx DIR]
 
 compiles the kernels at the shapes `headsteer.bench.kernels` times (ViT-S and ViT-B, bf16) plus
 fp32 and q/k-norm variants and prints one line per kernel. Run it without TRITON_INTERPRET: a
 kernel is interpreted or compiled from the moment its module is imported.
+
+`--ptx DIR` also writes each launch's PTX without its debug information (`normalized_ptx`), one
+file per variant and kernel, so that two checkouts' directories can be compared with `diff -r`:
+a refactor that claims to leave the compiled kernels alone can show it instruction for
+instruction.
 """
 from __future__ import annotations
 
@@ -155,6 +160,14 @@ def ptxas_report(kernel, arch: int) -> dict:
     )
 
 
+def normalized_ptx(ptx: str) -> str:
+    """A kernel's PTX without what moves when its source lines move: the DWARF sections, `.loc`
+    and `.file` directives, comments and the debug labels Triton numbers."""
+    code = ptx.split("\t.section\t.debug")[0]
+    lines = (line for line in code.splitlines() if not re.match(r"\s*(\.loc|\.file|//)", line))
+    return re.sub(r"\$L__(tmp|func_begin|func_end)\d+", "", "\n".join(lines)) + "\n"
+
+
 def _variants(quick: bool) -> Iterator[tuple[str, callable]]:
     """(name, thunk) pairs; each thunk calls the real wrappers once on CPU tensors."""
     from headsteer.kernels import triton_head_attention as attention
@@ -239,15 +252,21 @@ def _variants(quick: bool) -> Iterator[tuple[str, callable]]:
         yield f"gate {name} no SAE budget", lambda e=e, g=gate: triton_sae_steer_gate(e, g, budget=0.5)
 
 
-def compile_all(arch: int = 90, quick: bool = False, only: str = "") -> list[CompiledKernel]:
-    """Compile every variant (whose name contains `only`) for sm_<arch>; one entry per kernel launch."""
+def compile_all(arch: int = 90, quick: bool = False, only: str = "", ptx_dir: Optional[str] = None) -> list[CompiledKernel]:
+    """Compile every variant (whose name contains `only`) for sm_<arch>; one entry per kernel launch.
+    With `ptx_dir`, each launch's `normalized_ptx` goes to <ptx_dir>/<variant>/<launch>_<kernel>.ptx."""
     results = []
     for variant, thunk in _variants(quick):
         if only not in variant:
             continue
         with compile_only(arch) as compiled:
             thunk()
-        for function, kernel in compiled:
+        for launch, (function, kernel) in enumerate(compiled):
+            if ptx_dir is not None:
+                folder = os.path.join(ptx_dir, re.sub(r"[^\w.=+-]", "_", variant))
+                os.makedirs(folder, exist_ok=True)
+                with open(os.path.join(folder, f"{launch}_{function.__name__}.ptx"), "w") as f:
+                    f.write(normalized_ptx(kernel.asm["ptx"]))
             report = ptxas_report(kernel, arch)
             results.append(CompiledKernel(
                 variant=variant, kernel=function.__name__, shared_bytes=kernel.metadata.shared,
@@ -263,11 +282,13 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--quick", action="store_true", help="ViT-S only, fewer attention and gate variants")
     parser.add_argument("--only", default="", help="compile only variants whose name contains this, e.g. 'gate'")
     parser.add_argument("--json", help="write the report as JSON to this file")
+    parser.add_argument("--ptx", metavar="DIR", help="also write each launch's PTX, debug information stripped, "
+                                                     "under DIR (compare two checkouts with diff -r)")
     args = parser.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET") == "1":
         print("headsteer.kernels.aot: unset TRITON_INTERPRET; interpreted kernels are never compiled", file=sys.stderr)
         return 2
-    results = compile_all(args.arch, args.quick, args.only)
+    results = compile_all(args.arch, args.quick, args.only, args.ptx)
     print(f"{'variant':<34} {'kernel':<24} {'warps':>5} {'regs':>5} {'spill st/ld':>12} {'stack':>6} {'shared':>7}")
     for r in results:
         print(f"{r.variant:<34} {r.kernel:<24} {r.num_warps:>5} {r.registers:>5} {r.spill_stores:>5}/{r.spill_loads:<6} "

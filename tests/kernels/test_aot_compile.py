@@ -21,14 +21,37 @@ NEGLIGIBLE_SPILL_BYTES = 128
 
 @pytest.fixture(scope="module")
 def report(tmp_path_factory):
-    out = tmp_path_factory.mktemp("aot") / "kernels.json"
+    folder = tmp_path_factory.mktemp("aot")
+    out, ptx = folder / "kernels.json", folder / "ptx"
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    result = subprocess.run([sys.executable, "-m", "headsteer.kernels.aot", "--quick", "--json", str(out)],
-                            env=env, capture_output=True, text=True, timeout=900)
+    result = subprocess.run([sys.executable, "-m", "headsteer.kernels.aot", "--quick", "--json", str(out),
+                             "--ptx", str(ptx)], env=env, capture_output=True, text=True, timeout=900)
     if result.returncode != 0 and "Triton" in result.stderr and "driver" in result.stderr:
         pytest.skip(f"this Triton's driver interface cannot be swapped for compile-only use: {result.stderr[-300:]}")
     assert result.returncode == 0, result.stdout + result.stderr
-    return json.loads(out.read_text())
+    return dict(json.loads(out.read_text()), ptx_dir=ptx)
+
+
+def test_ptx_written_per_launch_without_debug_information(report):
+    """`--ptx` writes one file per compiled launch, named after its variant and kernel, with the
+    code (an .entry) and none of the line information that would differ between checkouts."""
+    files = sorted(report["ptx_dir"].glob("*/*.ptx"))
+    assert len(files) == len(report["kernels"])
+    assert {path.name.split("_", 1)[1].removesuffix(".ptx") for path in files} == {k["kernel"] for k in report["kernels"]}
+    for path in files:
+        text = path.read_text()
+        assert ".entry" in text and ".loc" not in text and ".debug" not in text, path
+
+
+def test_normalized_ptx_ignores_moved_lines_only():
+    from headsteer.kernels.aot import normalized_ptx
+
+    def ptx(line: int, constant: str) -> str:
+        return (f"// generated\n.file 1 \"k.py\"\n.entry k()\n{{\n$L__tmp{line}:\n\t.loc 1 {line} 5\n"
+                f"\tmov.u32 %r1, {constant};\n}}\n\t.section\t.debug_info\n{{ .b32 {line} }}\n")
+
+    assert normalized_ptx(ptx(10, "7")) == normalized_ptx(ptx(42, "7"))
+    assert normalized_ptx(ptx(10, "7")) != normalized_ptx(ptx(10, "8"))
 
 
 def test_every_kernel_compiles_for_sm90(report):
