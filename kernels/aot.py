@@ -255,6 +255,9 @@ def _variants(quick: bool) -> Iterator[tuple[str, callable]]:
 def compile_all(arch: int = 90, quick: bool = False, only: str = "", ptx_dir: Optional[str] = None) -> list[CompiledKernel]:
     """Compile every variant (whose name contains `only`) for sm_<arch>; one entry per kernel launch.
     With `ptx_dir`, each launch's `normalized_ptx` goes to <ptx_dir>/<variant>/<launch>_<kernel>.ptx."""
+    # (imported here: headsteer.runtime imports the model, whose kernels import this module)
+    from headsteer.runtime.files import write_text_atomic
+
     results = []
     for variant, thunk in _variants(quick):
         if only not in variant:
@@ -262,16 +265,15 @@ def compile_all(arch: int = 90, quick: bool = False, only: str = "", ptx_dir: Op
         with compile_only(arch) as compiled:
             thunk()
         for launch, (function, kernel) in enumerate(compiled):
+            ptx = kernel.asm["ptx"]
             if ptx_dir is not None:
                 folder = os.path.join(ptx_dir, re.sub(r"[^\w.=+-]", "_", variant))
-                os.makedirs(folder, exist_ok=True)
-                with open(os.path.join(folder, f"{launch}_{function.__name__}.ptx"), "w") as f:
-                    f.write(normalized_ptx(kernel.asm["ptx"]))
+                write_text_atomic(os.path.join(folder, f"{launch}_{function.__name__}.ptx"), normalized_ptx(ptx))
             report = ptxas_report(kernel, arch)
             results.append(CompiledKernel(
                 variant=variant, kernel=function.__name__, shared_bytes=kernel.metadata.shared,
                 num_warps=kernel.metadata.num_warps, cache_key=kernel.hash, **report,
-                programmatic_launch=bool(kernel.metadata.launch_pdl) and "griddepcontrol.wait" in kernel.asm["ptx"],
+                programmatic_launch=bool(kernel.metadata.launch_pdl) and "griddepcontrol.wait" in ptx,
             ))
     return results
 

@@ -771,9 +771,9 @@ def head_attention_launches(
 ) -> tuple[torch.Tensor, list[tuple[str, Callable[[], None]]]]:
     """Check the arguments and allocate the output and scratch of `triton_head_attention`; return
     the output and its kernel launches in order as (name, launch) pairs, so a benchmark can
-    time each kernel (`headsteer.bench.kernels --breakdown`): qkv, attention, proj; or
-    qkv, attention+proj with `fuse_attention_proj`; or qkv+attention+proj with `fuse_branch` (its counters zeroed, then
-    the one kernel). Arguments as `triton_head_attention`."""
+    time each kernel (`headsteer.bench.kernels --breakdown`): qkv, attention, proj; or qkv,
+    attention+proj with `fuse_attention_proj`; or qkv+attention+proj with `fuse_branch` (its
+    counters zeroed, then the one kernel). Arguments as `triton_head_attention`."""
     if x.dim() != 3:
         raise ValueError(f"x must be [B, N, D], got {tuple(x.shape)}")
     batch, tokens, dim = x.shape
@@ -833,9 +833,9 @@ def head_attention_launches(
 
     qkv_tiles = triton.cdiv(batch * tokens, tiles.qkv_block_n)  # a head's tiles when every sample keeps it
     # Attention and output projection in one launch where it compiles without spills on sm_90:
-    # 16-bit inputs, heads up to 64 wide
-    # (compiled for sm_90 with FUSED_ATTENTION_PROJ: no spills; fp32 spills 32-52 B a thread at
-    # d = 64 and 156-184 B at d = 128, fp16 at d = 128 4 B). Elsewhere attention and projection.
+    # 16-bit inputs, heads up to 64 wide (compiled with FUSED_ATTENTION_PROJ: no spills; fp32
+    # spills 32-52 B a thread at d = 64 and 156-184 B at d = 128, fp16 at d = 128 4 B).
+    # Elsewhere attention and projection apart.
     fused_attention_proj = ((tiles.fuse_attention_proj or tiles.fuse_branch) and precision is None
                             and block_d <= FUSED_MAX_HEAD_BLOCK)
     fused_branch = tiles.fuse_branch and fused_attention_proj
@@ -844,7 +844,7 @@ def head_attention_launches(
     pdl = tiles.programmatic_launch and (cuda_capability(x.device) or 0) >= 90
     # The arguments every launch that projects q, k, v takes (x, weights, keep mask, q/k norms;
     # their flags), and those every launch that writes the output projection takes (weights,
-    # output, residual and LayerScale of the epilogue), in the kernels' order.
+    # output, residual and LayerScale of the epilogue; their flags), in the kernels' order.
     qkv_inputs = (x, *x.stride(), qkv_weight, *qkv_weight.stride(), qkv_bias if qkv_bias is not None else dummy,
                   keep, keep_b, keep_h, qn[0], qn[1], qn[2], kn[0], kn[1], kn[2])
     qkv_flags = dict(HAS_BIAS=qkv_bias is not None, Q_NORM=qn[3], QN_W=qn[4], QN_B=qn[5],
@@ -853,6 +853,7 @@ def head_attention_launches(
                           out, *out.stride(),
                           *((residual, *residual.stride()) if residual is not None else (dummy, 0, 0, 0)),
                           layer_scale if layer_scale is not None else dummy)
+    epilogue_flags = dict(HAS_RESIDUAL=residual is not None, HAS_LAYER_SCALE=layer_scale is not None)
 
     def qkv_projection():
         _qkv_kernel[(qkv_tiles * num_heads,)](
@@ -879,8 +880,7 @@ def head_attention_launches(
             qkv, scratch_part, keep, keep_b, keep_h, heads,
             *projection_outputs,
             tokens, num_heads, head_dim, d_out, qk_scale,
-            HAS_BIAS=proj_bias is not None, HAS_RESIDUAL=residual is not None,
-            HAS_LAYER_SCALE=layer_scale is not None, PRECISION=precision,
+            HAS_BIAS=proj_bias is not None, **epilogue_flags, PRECISION=precision,
             BLOCK_M=tiles.attn_block_m, BLOCK_M_TAIL=query_tail, BLOCK_N=tiles.attn_block_n, BLOCK_TAIL=key_tail,
             BLOCK_D=block_d, BLOCK_O=tiles.proj_block_o, CHUNK_D=proj_chunk_d, BLOCK_H=block_heads,
             PDL=pdl, launch_pdl=pdl, num_warps=tiles.attn_warps, num_stages=tiles.attn_stages,
@@ -895,8 +895,7 @@ def head_attention_launches(
             counter,
             batch, tokens, dim, num_heads, head_dim, d_out, qk_scale, qkv_tiles,
             **qkv_flags,
-            HAS_PROJ_BIAS=proj_bias is not None, HAS_RESIDUAL=residual is not None,
-            HAS_LAYER_SCALE=layer_scale is not None,
+            HAS_PROJ_BIAS=proj_bias is not None, **epilogue_flags,
             BLOCK_T=tiles.qkv_block_n, BLOCK_K=tiles.qkv_block_k, BLOCK_D=block_d,
             BLOCK_M=tiles.attn_block_m, BLOCK_M_TAIL=query_tail, BLOCK_N=tiles.attn_block_n, BLOCK_TAIL=key_tail,
             BLOCK_O=tiles.proj_block_o, CHUNK_D=proj_chunk_d, BLOCK_H=block_heads,
@@ -908,8 +907,7 @@ def head_attention_launches(
             heads, keep, keep_b, keep_h,
             *projection_outputs,
             batch, tokens, num_heads, head_dim, d_out,
-            HAS_BIAS=proj_bias is not None, HAS_RESIDUAL=residual is not None,
-            HAS_LAYER_SCALE=layer_scale is not None, PRECISION=precision,
+            HAS_BIAS=proj_bias is not None, **epilogue_flags, PRECISION=precision,
             BLOCK_T=tiles.proj_block_t, BLOCK_O=tiles.proj_block_o, BLOCK_D=block_d,
             CHUNK_D=proj_chunk_d,
             BLOCK_H=block_heads, KEPT_LIST=tiles.proj_kept_list,

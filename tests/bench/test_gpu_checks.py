@@ -3,6 +3,7 @@ steps' time limits, which cut a step rather than the call, add up to less than o
 import re
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -34,8 +35,6 @@ def test_test_steps_split_the_kernel_tests_between_them():
     """The compiled-test steps select with `-k`: `tests` everything but the opt-in variants,
     `tests_variants` those last. Both must select tests (a renamed test could empty a step, which
     a lease would only show as 'no tests ran'), and none runs twice."""
-    import sys
-
     text = SCRIPT.read_text()
     variants = re.search(r'^variants="([^"]+)"', text, re.MULTILINE).group(1)
     files = re.search(r"^tests=\(python -m pytest .* -p no:cacheprovider (.+)\)$", text, re.MULTILINE).group(1).split()

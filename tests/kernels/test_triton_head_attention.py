@@ -155,8 +155,8 @@ def test_bf16_under_interpreter_is_a_clear_error():
 
 def uneven_mask(batch, heads, seed):
     """Heads kept by very different numbers of samples, so QKV token tiles mix samples that keep
-    a head with samples that prune it: head 0 by one sample mid-batch, head 1 by all but one, head 2 by none, the
-    rest at random."""
+    a head with samples that prune it: head 0 by one sample mid-batch, head 1 by all but one,
+    head 2 by none, the rest at random."""
     keep = make_mask("random", batch, heads, seed)
     keep[:, 0] = False
     keep[batch // 2, 0] = True
