@@ -43,6 +43,7 @@ from torch import nn
 from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 from headsteer.kernels.aot import cuda_capability, fp32_dot_precision, targets_cuda
+from headsteer.kernels.launch_math import cdiv, next_power_of_2
 from headsteer.kernels.triton_layer_norm import layer_norm_apply, layer_norm_stats
 
 
@@ -200,12 +201,12 @@ def ragged_step(length: int, block: int, narrowest: int) -> int:
     tiled by `block`: the next power of two, at least `narrowest`, at most `block` (for N=197 and
     64-row tiles, 16 rows for the 5 left over; a ragged end over half a tile gets a whole one)."""
     ragged = length % block
-    return block if ragged == 0 else min(block, max(narrowest, triton.next_power_of_2(ragged)))
+    return block if ragged == 0 else min(block, max(narrowest, next_power_of_2(ragged)))
 
 
 def head_block(head_dim: int) -> int:
     """Columns of a head's tiles: the head dim padded to a power of two, at least 16 (tl.dot)."""
-    return max(16, triton.next_power_of_2(head_dim))
+    return max(16, next_power_of_2(head_dim))
 
 
 def tiles_for(head_dim: int, dtype: torch.dtype) -> TileConfig:
@@ -831,7 +832,7 @@ def head_attention_launches(
     proj_chunk_d = min(block_d, 64) if precision is not None else block_d
     qk_scale = 1.4426950408889634 / head_dim**0.5  # log2(e) / sqrt(d): softmax in base 2 (`_attend_queries`)
 
-    qkv_tiles = triton.cdiv(batch * tokens, tiles.qkv_block_n)  # a head's tiles when every sample keeps it
+    qkv_tiles = cdiv(batch * tokens, tiles.qkv_block_n)  # a head's tiles when every sample keeps it
     # Attention and output projection in one launch where it compiles without spills on sm_90:
     # 16-bit inputs, heads up to 64 wide (compiled with FUSED_ATTENTION_PROJ: no spills; fp32
     # spills 32-52 B a thread at d = 64 and 156-184 B at d = 128, fp16 at d = 128 4 B).
@@ -839,7 +840,7 @@ def head_attention_launches(
     fused_attention_proj = ((tiles.fuse_attention_proj or tiles.fuse_branch) and precision is None
                             and block_d <= FUSED_MAX_HEAD_BLOCK)
     fused_branch = tiles.fuse_branch and fused_attention_proj
-    block_heads = triton.next_power_of_2(num_heads)
+    block_heads = next_power_of_2(num_heads)
     # Programmatic dependent launch needs sm_90's griddepcontrol (never under the interpreter).
     pdl = tiles.programmatic_launch and (cuda_capability(x.device) or 0) >= 90
     # The arguments every launch that projects q, k, v takes (x, weights, keep mask, q/k norms;
@@ -866,7 +867,7 @@ def head_attention_launches(
         )
 
     def attention():
-        _attention_kernel[(batch * num_heads, triton.cdiv(tokens, tiles.attn_block_m))](
+        _attention_kernel[(batch * num_heads, cdiv(tokens, tiles.attn_block_m))](
             qkv, scratch_part, keep, keep_b, keep_h, heads,
             tokens, num_heads, head_dim, qk_scale,
             PRECISION=precision,
@@ -876,7 +877,7 @@ def head_attention_launches(
         )
 
     def attention_projection():
-        _attention_proj_kernel[(batch * triton.cdiv(tokens, tiles.attn_block_m),)](
+        _attention_proj_kernel[(batch * cdiv(tokens, tiles.attn_block_m),)](
             qkv, scratch_part, keep, keep_b, keep_h, heads,
             *projection_outputs,
             tokens, num_heads, head_dim, d_out, qk_scale,
@@ -888,7 +889,7 @@ def head_attention_launches(
 
     def branch():
         counter = new_counters(batch + 1, x)  # one per sample, then the ticket counter
-        _branch_kernel[(qkv_tiles * num_heads + batch * triton.cdiv(tokens, tiles.attn_block_m),)](
+        _branch_kernel[(qkv_tiles * num_heads + batch * cdiv(tokens, tiles.attn_block_m),)](
             *qkv_inputs,
             qkv, scratch_part, heads,
             *projection_outputs,
@@ -903,7 +904,7 @@ def head_attention_launches(
         )
 
     def output_projection():
-        _proj_kernel[(triton.cdiv(batch * tokens, tiles.proj_block_t), triton.cdiv(d_out, tiles.proj_block_o))](
+        _proj_kernel[(cdiv(batch * tokens, tiles.proj_block_t), cdiv(d_out, tiles.proj_block_o))](
             heads, keep, keep_b, keep_h,
             *projection_outputs,
             batch, tokens, num_heads, head_dim, d_out,

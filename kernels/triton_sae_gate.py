@@ -43,6 +43,7 @@ import triton.language as tl
 
 from headsteer.kernels import reference
 from headsteer.kernels.aot import fp32_dot_precision, targets_cuda
+from headsteer.kernels.launch_math import cdiv, next_power_of_2
 from headsteer.kernels.triton_layer_norm import layer_norm_apply, layer_norm_stats
 
 _ACTIVATION_CODES = {"relu": 0, "topk": 1, "jumprelu": 2}
@@ -607,7 +608,7 @@ def gate_stages(tile_elements: int, element_bytes: int) -> int:
 
 def _pow2(n: int, floor: int = 16) -> int:
     """Smallest power of two >= n and >= floor (tl.dot needs every dimension >= 16)."""
-    return max(floor, triton.next_power_of_2(max(1, n)))
+    return max(floor, next_power_of_2(max(1, n)))
 
 
 def triton_sae_steer_gate(
@@ -691,7 +692,7 @@ def triton_sae_steer_gate(
     if shift_decode and SHIFT_DECODE_CHAINS not in (1, 2, 4):
         raise ValueError(f"SHIFT_DECODE_CHAINS must be 1, 2 or 4, got {SHIFT_DECODE_CHAINS}")
     block_s = min(BLOCK_S, _pow2(width))
-    num_s_tiles = triton.cdiv(width, block_s) if split else 1
+    num_s_tiles = cdiv(width, block_s) if split else 1
     cand_per_tile = min(sae_k, block_s) if gather else 1
     block_c = _pow2(num_s_tiles * cand_per_tile, floor=1)
     if gather and block_c > MAX_TOPK_CANDIDATES:
@@ -705,7 +706,7 @@ def triton_sae_steer_gate(
     # Scratch, all written before it is read: partial decodes, TopK candidates, selected latents,
     # the gate input; one fp32 buffer (int32 parts are views of it) and zeroed counters: one per
     # batch tile, then the finishers' ticket dispenser.
-    num_b_tiles = triton.cdiv(batch, BLOCK_B)  # (passed but unused without SAE work)
+    num_b_tiles = cdiv(batch, BLOCK_B)  # (passed but unused without SAE work)
     sizes = dict(
         partial=num_s_tiles * batch * dim if partial else 0,
         cand_val=batch * num_s_tiles * cand_per_tile if gather else 0,
@@ -719,7 +720,7 @@ def triton_sae_steer_gate(
         # Each part starts 16-byte aligned (a multiple of 4 floats), whatever B and k: Triton
         # specializes pointer arguments on 16-byte alignment, so unaligned parts would take
         # narrower loads and, at some batch sizes only, a compile of their own.
-        padded = {name: triton.cdiv(size, 4) * 4 for name, size in sizes.items()}
+        padded = {name: cdiv(size, 4) * 4 for name, size in sizes.items()}
         workspace = torch.empty(sum(padded.values()), device=e.device, dtype=torch.float32)
         start = 0
         for name, size in sizes.items():
@@ -744,7 +745,7 @@ def triton_sae_steer_gate(
     per_column = max(k_step if gather else 1, partial_tiles if partial else 1)
     fin_chunk_d = min(block_d, max(chunk_d, 2 * _TILE_ELEMENTS // per_column))
     chunk_g = min(_pow2(hidden, floor=1), max(1, _GATE_TILE_ELEMENTS // block_d))  # whole rows of fc1 per step
-    slice_d = _pow2(triton.cdiv(dim, num_s_tiles))  # D columns whose shift decode one program owns
+    slice_d = _pow2(cdiv(dim, num_s_tiles))  # D columns whose shift decode one program owns
     # the fc1 and fc2 tiles one step of the gate loop stages
     block_h = _pow2(num_heads)
     stages = gate_stages(chunk_g * block_d + block_h * chunk_g, fc1_w.element_size())
