@@ -249,7 +249,8 @@ class BenchConfig:
 
 
 # -- environment ----------------------------------------------------------------------------------
-def _cpu_name() -> str:
+def cpu_name() -> str:
+    """The CPU model (Linux: /proc/cpuinfo), which host-side timings depend on."""
     try:
         with open("/proc/cpuinfo") as handle:
             for line in handle:
@@ -272,7 +273,7 @@ def environment(device: torch.device, dtype: str = "float32") -> dict:
         torch=torch.__version__,
         timm=timm.__version__,
         device=str(device),
-        cpu=_cpu_name(),
+        cpu=cpu_name(),
         cpu_count=os.cpu_count(),
         threads=torch.get_num_threads(),
         gpu=torch.cuda.get_device_name(device) if device.type == "cuda" else None,

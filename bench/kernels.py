@@ -1,7 +1,7 @@
 """GPU benchmark of the Triton kernels: head-sparse attention vs the dense branch, fused gate share.
 
     python -m headsteer.bench.kernels [--json FILE] [--md FILE] [--sweep] [--breakdown] [--gate-sweep] [--warm-up]
-                                      [--profile]
+                                      [--profile] [--host [--repeats N]]
 
 At B=64, N=197, bf16, for ViT-S (H=6, D=384) and ViT-B (H=12, D=768):
 - the attention branch, dense (F.linear qkv -> flash scaled_dot_product_attention -> F.linear proj)
@@ -17,8 +17,10 @@ the time goes; `--gate-sweep` times the fused gate's tuning constants. `--warm-u
 into Triton's on-disk cache, so a following timing run spends its time timing. `--profile`
 launches each kernel worth a hardware-counter look once, between cudaProfilerStart and Stop, for
 `ncu --profile-from-start off` (`bench/gpu_checks.sh`): where the gate's and the branch's time goes
-inside one launch, which timings alone cannot show.
-Without CUDA it says so and exits 0 without writing anything.
+inside one launch, which timings alone cannot show. `--host` times what each of those launches
+costs the host (the eager columns' launch overhead, which CUDA graphs remove); it also runs without
+CUDA, with the kernels compiled for sm_90 and not launched.
+Without CUDA every other mode says so and exits 0 without writing anything.
 """
 from __future__ import annotations
 
@@ -29,6 +31,7 @@ import datetime
 import io
 import json
 import os
+import statistics
 import sys
 import time
 
@@ -379,12 +382,10 @@ def gate_sweep(variants: list[dict] | None = None) -> None:
             print(f"{name} gate graph: {'  '.join(times)}  {variant or 'defaults'}", flush=True)
 
 
-def profile_launches() -> list[str]:
-    """Launch, once each and in this order, the fused gate (with the default SAE and a steering
-    scale; without an SAE), the sparse branch at usage 1 and 0.33 and the dense branch, for every
-    model, inside a CUDA profiler range (compiled and warmed up before it, so a profiler that
-    starts at the range sees only these launches). Prints and returns the labels in launch order:
-    the profiler's report lists the kernels in the same order."""
+def launch_cases() -> list[tuple[str, callable]]:
+    """(label, call) for each launch worth a look, per model: the fused gate (with the default
+    SAE and a steering scale; without an SAE), the sparse branch at usage 1 and 0.33 and the
+    dense branch; `--profile` and `--host` go through them in this order."""
     from headsteer.kernels.triton_sae_gate import triton_sae_steer_gate
 
     generator = torch.Generator().manual_seed(0)
@@ -403,6 +404,15 @@ def profile_launches() -> list[str]:
             (f"{name} sparse branch, usage 0.33", lambda x=x, k=keeps[0.33], w=w, h=heads: sparse_attention(x, k, w, h)),
             (f"{name} dense branch", lambda x=x, w=w, h=heads: dense_attention(x, w, h)),
         ]
+    return cases
+
+
+def profile_launches() -> list[str]:
+    """Launch each of `launch_cases()` once, in order, inside a CUDA profiler range (compiled and
+    warmed up before it, so a profiler that starts at the range sees only these launches). Prints
+    and returns the labels in launch order: the profiler's report lists the kernels in the same
+    order."""
+    cases = launch_cases()
     for _, launch in cases:  # compile and warm up outside the profiled range
         launch()
     cuda = DEVICE == "cuda"
@@ -416,6 +426,40 @@ def profile_launches() -> list[str]:
         torch.cuda.synchronize()
         torch.cuda.profiler.stop()
     return [label for label, _ in cases]
+
+
+HOST_REPEATS = 300
+
+
+def host_us(fn, repeats: int = HOST_REPEATS, clock=time.perf_counter) -> float:
+    """Median microseconds fn takes to return, i.e. the host's share of an eager call: on CUDA
+    each call starts on an idle GPU (synchronized between calls, outside the timing), so it returns
+    once its launches are enqueued and never waits for a full launch queue."""
+    fn()  # (compiles on the first call)
+    samples = []
+    for _ in range(repeats):
+        if DEVICE == "cuda":
+            torch.cuda.synchronize()
+        start = clock()
+        fn()
+        samples.append(clock() - start)
+    return 1e6 * statistics.median(samples)
+
+
+def host_costs(repeats: int = HOST_REPEATS) -> list[dict]:
+    """`host_us` of each of `launch_cases()`, printed as it is measured: what an eager forward pays
+    on the host per gated block, which CUDA-graph replay removes and the eager columns of the
+    table include. Without CUDA (`main` runs it inside `compile_only`) the kernels are compiled for
+    sm_90 and not launched, so the driver's launch calls are left out, and the dense branch, which
+    would compute on the CPU, is skipped."""
+    rows = []
+    print("| launch | host us |\n| --- | --- |", flush=True)
+    for label, launch in launch_cases():
+        if DEVICE != "cuda" and label.endswith("dense branch"):
+            continue
+        rows.append(dict(launch=label, host_us=host_us(launch, repeats)))
+        print(f"| {label} | {rows[-1]['host_us']:.1f} |", flush=True)
+    return rows
 
 
 def _launch_once(fn, rep_ms: int = GRAPH_REP_MS) -> float:
@@ -544,9 +588,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--jobs", type=int, default=max(1, min(16, (os.cpu_count() or 2) - 1)),
                         help="processes of --warm-up (default: one fewer than the CPUs, at most 16)")
     parser.add_argument("--seconds", type=float, default=60.0, help="time limit of --warm-up")
+    parser.add_argument("--host", action="store_true",
+                        help="time each launch's host cost (what eager calls pay before the GPU runs anything); "
+                             "without CUDA, compiled for sm_90 and not launched")
+    parser.add_argument("--repeats", type=int, default=HOST_REPEATS, help=f"calls --host times per launch (default {HOST_REPEATS})")
     args = parser.parse_args(argv)
-    if args.jobs < 1 or args.seconds <= 0:
-        parser.error(f"--jobs must be at least 1 and --seconds positive (got {args.jobs} and {args.seconds})")
+    if args.jobs < 1 or args.seconds <= 0 or args.repeats < 1:
+        parser.error(f"--jobs and --repeats must be at least 1 and --seconds positive "
+                     f"(got {args.jobs}, {args.repeats} and {args.seconds})")
+    if args.host:
+        return host_main(args.repeats, args.json, argv)
     if not torch.cuda.is_available():
         print("headsteer.bench.kernels: no CUDA device; the Triton kernel timings are GPU-only, nothing measured.")
         return 0
@@ -577,6 +628,31 @@ def main(argv: list[str] | None = None) -> int:
         write_text_atomic(args.json, json.dumps(dict(device=device, date=date, command=command.strip(), **results), indent=2))
     if args.md:
         write_text_atomic(args.md, text)
+    return 0
+
+
+def host_main(repeats: int, json_path: str | None, argv: list[str] | None) -> int:
+    """`--host`: `host_costs` on the GPU, or without one inside `compile_only` on CPU tensors."""
+    global DEVICE
+
+    from headsteer.bench.harness import cpu_name
+    from headsteer.kernels.aot import compile_only
+
+    cuda = torch.cuda.is_available()
+    host = f"{cpu_name()} ({os.cpu_count()} CPUs)"
+    device = f"{torch.cuda.get_device_name()}, host {host}" if cuda else f"{host}, no GPU"
+    if cuda:
+        rows = host_costs(repeats)
+    else:
+        DEVICE = "cpu"  # (CPU tensors stand in for CUDA ones: `compile_only` compiles, nothing runs)
+        with compile_only():
+            rows = host_costs(repeats)
+    if json_path:
+        date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+        command = "python -m headsteer.bench.kernels " + " ".join(argv if argv is not None else sys.argv[1:])
+        write_text_atomic(json_path, json.dumps(dict(
+            device=device, date=date, command=command.strip(), torch=torch.__version__,
+            triton=__import__("triton").__version__, launched=cuda, host=rows), indent=2))
     return 0
 
 

@@ -234,8 +234,57 @@ def test_warm_up_stops_at_its_limit_and_ends_its_workers(capsys):
     assert "stopped at its 2 s limit with 2 of 2 tasks unfinished" in capsys.readouterr().out
 
 
+def test_host_costs_time_each_launch_case(tiny, capsys, monkeypatch):
+    """`--host` times `launch_cases()` in order, each call on its own, and prints each row as it
+    is measured; without CUDA the dense branch (plain torch, which would compute here) is left out."""
+    from headsteer.kernels import triton_head_attention as attention
+
+    branch_calls = []
+    real = attention.head_attention_launches
+    monkeypatch.setattr(attention, "head_attention_launches", lambda *a, **k: branch_calls.append(1) or real(*a, **k))
+    rows = bench.host_costs(repeats=3)
+    labels = ["tiny gate, SAE topk k=16, scale", "tiny gate, no SAE", "tiny sparse branch, usage 1.00",
+              "tiny sparse branch, usage 0.33"] + (["tiny dense branch"] if DEVICE == "cuda" else [])
+    assert [row["launch"] for row in rows] == labels
+    assert all(row["host_us"] > 0 for row in rows)
+    assert len(branch_calls) == 2 * (1 + 3)  # a first call (compiling), then the timed ones
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[2:] == [f"| {row['launch']} | {row['host_us']:.1f} |" for row in rows]
+    assert tiny == []  # no GPU timer
+
+
+def test_host_us_is_the_median_of_single_calls(monkeypatch):
+    """Each call is timed on its own after one untimed call; the median, in microseconds."""
+    monkeypatch.setattr(bench, "DEVICE", "cpu")  # (nothing to synchronize)
+    calls, ticks = [], iter([0, 5, 10, 11, 20, 22])  # calls of 5, 1 and 2 us
+    median = bench.host_us(lambda: calls.append(1), repeats=3, clock=lambda: next(ticks) * 1e-6)
+    assert median == pytest.approx(2.0) and len(calls) == 4
+
+
+def test_host_costs_without_cuda_compile_for_sm90_and_time_the_host(tmp_path):
+    """`--host` on a machine without CUDA times the launchers inside `compile_only` (kernels
+    compiled for sm_90, not launched) and writes where it measured."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    if torch.cuda.is_available():
+        pytest.skip("checks the compile-only path of a machine without CUDA")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = tmp_path / "host.json"
+    result = subprocess.run([sys.executable, "-m", "headsteer.bench.kernels", "--host", "--repeats", "3",
+                             "--json", str(out)], env=env, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stdout + result.stderr
+    report = json.loads(out.read_text())
+    assert report["launched"] is False and "no GPU" in report["device"] and "--host" in report["command"]
+    assert [row["launch"].split(" ", 1)[1] for row in report["host"]] == 2 * [
+        "gate, SAE topk k=16, scale", "gate, no SAE", "sparse branch, usage 1.00", "sparse branch, usage 0.33"]
+    assert all(row["host_us"] > 0 for row in report["host"])
+
+
 def test_warm_up_arguments_are_checked_first(capsys):
-    for args in (["--warm-up", "--jobs", "0"], ["--warm-up", "--seconds", "-1"]):
+    for args in (["--warm-up", "--jobs", "0"], ["--warm-up", "--seconds", "-1"], ["--host", "--repeats", "0"]):
         with pytest.raises(SystemExit):
             bench.main(args)
-        assert "--jobs must be at least 1" in capsys.readouterr().err
+        assert "--jobs and --repeats must be at least 1" in capsys.readouterr().err
