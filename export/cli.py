@@ -16,7 +16,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--format", required=True, choices=FORMATS, help="what to write")
     parser.add_argument(
         "--out", required=True,
-        help="onnx: the .onnx file (FILE.steering.json is written beside it); tensorrt: the .plan file; "
+        help="onnx: the .onnx file (FILE.steering.json is written beside it); tensorrt: the .plan file (likewise); "
         "triton-repo: the model repository directory (DIR/<name>/... is written)",
     )
     parser.add_argument(
@@ -50,13 +50,14 @@ def run(args: argparse.Namespace) -> int:
         size = path.stat().st_size / 2**20
         print(f"wrote {path} ({args.attention} attention, opset {args.opset}, {size:.1f} MiB) and {steering_path_for(path)}")
     elif args.format == "tensorrt":
+        from headsteer.export.onnx_export import steering_path_for
         from headsteer.export.tensorrt import build_engine
 
         path = build_engine(
             args.bundle, out, precision=args.precision, min_batch=args.min_batch, opt_batch=opt_batch,
             max_batch=args.max_batch, attention=args.attention, opset=args.opset, overwrite=args.overwrite,
         )
-        print(f"wrote {path} ({args.precision}, batch {args.min_batch}/{opt_batch}/{args.max_batch}, {args.attention} attention)")
+        print(f"wrote {path} ({args.precision}, batch {args.min_batch}/{opt_batch}/{args.max_batch}, {args.attention} attention) and {steering_path_for(path)}")
     else:
         from headsteer.export.triton_repo import write_triton_repo
 

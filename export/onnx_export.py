@@ -2,7 +2,8 @@
 
     to_onnx(bundle_or_model, "model.onnx", attention="masked" | "sparse", opset=18)
 
-writes `model.onnx` (one self-contained file) and, beside it, `model.steering.json`: the per-class
+writes `model.onnx` (one self-contained file; above protobuf's 2 GiB cap, plus its weights in
+`model.onnx.data`) and, beside it, `model.steering.json`: the per-class
 `steer_scale`/`steer_shift` rows, so a client maps a class name to the two input vectors.
 
 Graph inputs: `pixel_values` float32 [B, C, H, W] (normalized with the bundle's mean/std, which
@@ -20,6 +21,8 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import tempfile
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -60,6 +63,12 @@ def steering_path_for(onnx_path: Union[str, os.PathLike]) -> Path:
     """`dir/model.onnx` -> `dir/model.steering.json`."""
     path = Path(onnx_path)
     return path.with_name(path.stem + ".steering.json")
+
+
+def external_data_path(onnx_path: Union[str, os.PathLike]) -> Path:
+    """`dir/model.onnx` -> `dir/model.onnx.data`: the weights sidecar of a model over protobuf's cap."""
+    path = Path(onnx_path)
+    return path.with_name(path.name + ".data")
 
 
 def resolve_source(bundle_or_model, *, class_names=None, steering=None, mean=None, std=None) -> ExportSource:
@@ -192,6 +201,36 @@ def _check_args(attention: str, opset: int) -> None:
         raise InputError(f"opset must be an integer in [{MIN_OPSET}, {MAX_OPSET}], got {opset!r}")
 
 
+def _save_checked(onnx, proto, path: Path, attention: str, check: bool, sidecar: Optional[str] = None) -> None:
+    """Save `proto` to `path` (weights to the file `sidecar` beside it when given), then check it."""
+    if sidecar:
+        onnx.save_model(proto, str(path), save_as_external_data=True, all_tensors_to_one_file=True, location=sidecar)
+    else:
+        onnx.save_model(proto, str(path))
+    if check:
+        try:
+            onnx.checker.check_model(str(path), full_check=True)
+        except Exception as error:
+            raise ExportError(f"the exported {attention} graph fails onnx.checker: {error}") from error
+
+
+def _save_with_sidecar(onnx, proto, out_path: Path, attention: str, check: bool) -> None:
+    """Save a model over protobuf's cap as `out_path` plus `external_data_path(out_path)`.
+
+    onnx writes (appends to) the sidecar beside the model under the name the model records, its
+    final name; so both are written and checked in a fresh folder beside `out_path`, then moved
+    onto temporary names and renamed into place, the sidecar first."""
+    sidecar = external_data_path(out_path)
+    with atomic_path(out_path, suffix=".onnx") as temp, atomic_path(sidecar, suffix=".data") as sidecar_temp:
+        folder = Path(tempfile.mkdtemp(prefix=f".{out_path.name}.", dir=out_path.parent))
+        try:
+            _save_checked(onnx, proto, folder / out_path.name, attention, check, sidecar=sidecar.name)
+            os.replace(folder / sidecar.name, sidecar_temp)
+            os.replace(folder / out_path.name, temp)
+        finally:
+            shutil.rmtree(folder, ignore_errors=True)
+
+
 def export_proto(
     model: torch.nn.Module, attention: str = "masked", opset: int = DEFAULT_OPSET, example_batch: int = 2, precision: str = "fp32"
 ):
@@ -287,18 +326,11 @@ def to_onnx(
         "Outputs: logits float32 [B,classes], head_mask bool [B,L_gated,H]."
     )
     weight_bytes = sum(init.ByteSize() for init in proto.graph.initializer)
-    external = weight_bytes > EXTERNAL_DATA_BYTES
-    with atomic_path(out_path, suffix=".onnx") as temp:
-        if external:
-            location = out_path.name + ".data"
-            onnx.save_model(proto, str(temp), save_as_external_data=True, all_tensors_to_one_file=True, location=location)
-        else:
-            onnx.save_model(proto, str(temp))
-        if check:
-            try:
-                onnx.checker.check_model(str(temp), full_check=True)
-            except Exception as error:
-                raise ExportError(f"the exported {attention} graph fails onnx.checker: {error}") from error
+    if weight_bytes > EXTERNAL_DATA_BYTES:
+        _save_with_sidecar(onnx, proto, out_path, attention, check)
+    else:
+        with atomic_path(out_path, suffix=".onnx") as temp:
+            _save_checked(onnx, proto, temp, attention, check)
     if write_steering:
         write_text_atomic(steering_path_for(out_path), json.dumps(steering_document(source)))
     return out_path
@@ -309,6 +341,7 @@ __all__ = [
     "INPUT_NAMES",
     "OUTPUT_NAMES",
     "export_proto",
+    "external_data_path",
     "load_steering",
     "read_metadata",
     "resolve_source",

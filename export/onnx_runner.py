@@ -87,18 +87,37 @@ class OrtCallable:
         self.steer_width = int(steer_width)
         self.metadata = read_metadata(dict(session.get_modelmeta().custom_metadata_map))
         self.providers = session.get_providers()
+        # Declared input shapes: ints are static dims, str/None symbolic ones (the batch).
+        self.input_shapes = {value.name: list(value.shape) for value in session.get_inputs()}
 
     @staticmethod
     def _host(tensor: torch.Tensor) -> np.ndarray:
         return np.ascontiguousarray(tensor.detach().to("cpu", torch.float32).numpy())
 
+    def _check_input(self, name: str, tensor) -> None:
+        """Raise InputError unless `tensor` is a floating tensor of the rank and static dims the
+        graph declares, so ONNX Runtime never sees (or silently casts) a malformed input."""
+        declared = self.input_shapes.get(name)
+        if declared is None:
+            return
+        expected = "[" + ", ".join(str(dim) if isinstance(dim, int) else (dim or "B") for dim in declared) + "]"
+        if not isinstance(tensor, torch.Tensor):
+            raise InputError(f"{name} must be a float torch tensor {expected}, got {type(tensor).__name__}")
+        if not tensor.is_floating_point():
+            raise InputError(f"{name} must be floating point, got {tensor.dtype}")
+        shape = list(tensor.shape)
+        if len(shape) != len(declared) or any(isinstance(want, int) and got != want for got, want in zip(shape, declared)):
+            raise InputError(f"{name} must be {expected}, got shape {shape}")
+
     def __call__(self, pixel_values: torch.Tensor, steer_scale: Optional[torch.Tensor] = None, steer_shift: Optional[torch.Tensor] = None):
+        self._check_input("pixel_values", pixel_values)
         batch = pixel_values.shape[0]
         feeds = {"pixel_values": self._host(pixel_values)}
         for name, vector, fill in (("steer_scale", steer_scale, 1.0), ("steer_shift", steer_shift, 0.0)):
             if vector is None:
                 feeds[name] = np.full((batch, self.steer_width), fill, dtype=np.float32)
             else:
+                self._check_input(name, vector)
                 if tuple(vector.shape) != (batch, self.steer_width):
                     raise InputError(f"{name} must be [B, S_total] = {[batch, self.steer_width]}, got {list(vector.shape)}")
                 feeds[name] = self._host(vector)
@@ -140,6 +159,13 @@ def _cache_key(info, attention: str, opset: int) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:24]
 
 
+def _require_same(found: dict, expected: dict, path) -> None:
+    """Raise BundleError naming the first key whose value in `found` differs from `expected`."""
+    for key, value in expected.items():
+        if found.get(key) != value:
+            raise BundleError(f"{path} was exported from another model: its {key} is {found.get(key)!r}, the bundle's is {value!r}")
+
+
 def check_against_bundle(metadata: dict, info, path) -> None:
     """Raise BundleError when an ONNX file's headsteer metadata does not describe this bundle."""
     if metadata.get("format") != ONNX_FORMAT:
@@ -151,9 +177,26 @@ def check_against_bundle(metadata: dict, info, path) -> None:
         "image_size": list(config["image_size"]),
         "gated_blocks": list(config.get("gated_blocks", [])),
     }
-    for key, value in expected.items():
-        if metadata.get(key) != value:
-            raise BundleError(f"{path} was exported from another model: its {key} is {metadata.get(key)!r}, the bundle's is {value!r}")
+    _require_same(metadata, expected, path)
+
+
+def check_io_dims(dims: dict, info, path) -> None:
+    """Raise BundleError when a model's I/O dims (batch left out, by tensor name) are not this
+    bundle's: a TensorRT plan carries no metadata, so its tensor shapes are all there is to check.
+    A tensor with a dim the engine leaves unknown (-1) is not compared (its run-time shape is)."""
+    config = info.config
+    steer = [int(config["steer_width"])]
+    expected = {
+        "pixel_values": [int(config.get("in_chans", 3)), *config["image_size"]],
+        "steer_scale": steer,
+        "steer_shift": steer,
+        "logits": [len(info.class_names)],
+        "head_mask": [len(config.get("gated_blocks", [])), int(config["num_heads"])],
+    }
+    key = "{} shape without the batch".format
+    known = [name for name in expected if name in dims and all(int(d) >= 0 for d in dims[name])]
+    _require_same({key(name): [int(d) for d in dims[name]] for name in known},
+                  {key(name): expected[name] for name in known}, path)
 
 
 class OnnxRunner(OrtCallable):
@@ -204,4 +247,4 @@ class OnnxRunner(OrtCallable):
             raise BundleError(f"the ONNX model lacks the inputs {sorted(missing)}")
 
 
-__all__ = ["OnnxRunner", "OrtCallable", "build_session", "default_providers", "make_ort_callable"]
+__all__ = ["OnnxRunner", "OrtCallable", "build_session", "check_against_bundle", "check_io_dims", "default_providers", "make_ort_callable"]

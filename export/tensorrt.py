@@ -6,7 +6,11 @@
 Building: the ONNX file is parsed with TensorRT's ONNX parser into an explicit-batch network
 (TensorRT 10 networks are always explicit batch; on TensorRT 8 the EXPLICIT_BATCH flag is set),
 one optimization profile spans [min_batch, opt_batch, max_batch] for the three inputs, and the
-serialized engine is written under a temporary name and renamed into place.
+serialized engine is written under a temporary name and renamed into place. Built from a bundle,
+the per-class steering rows are written beside it as `<stem>.steering.json`, as the ONNX export does.
+
+TF32 is off (TensorRT enables BuilderFlag.TF32 by default): fp32 layers, the SAEs and gates that
+decide the head mask among them, run in full fp32 as the spec does, not with 10-bit-mantissa inputs.
 
 Precision: "fp32" builds the contract's fp32 graph. "fp16"/"bf16" build from a graph whose
 backbone weights are already fp16/bf16 while the SAEs and gates (which decide the head mask) stay
@@ -30,8 +34,9 @@ from typing import Optional, Union
 
 import torch
 
-from headsteer.export._common import ExportError, MissingDependencyError, atomic_path, require
-from headsteer.export.onnx_export import DEFAULT_OPSET, INPUT_NAMES, read_metadata, to_onnx
+from headsteer.export._common import ExportError, MissingDependencyError, atomic_path, require, write_text_atomic
+from headsteer.export.onnx_export import DEFAULT_OPSET, INPUT_NAMES, read_metadata, steering_path_for, to_onnx
+from headsteer.export.onnx_runner import check_io_dims
 from headsteer.runtime.errors import BundleError, InputError
 
 PRECISIONS = ("fp32", "fp16", "bf16")
@@ -82,8 +87,9 @@ def build_engine(
 ) -> Path:
     """Build and serialize a TensorRT engine; returns `plan_path`.
 
-    source: a bundle directory (exported to ONNX first, in `precision`), or an `.onnx` file
-    from `to_onnx` (then `precision` must match the file's, which its metadata records)."""
+    source: a bundle directory (exported to ONNX first, in `precision`; its steering rows are then
+    written to `steering_path_for(plan_path)` once the plan is in place), or an `.onnx` file from
+    `to_onnx` (then `precision` must match the file's, which its metadata records)."""
     if precision not in PRECISIONS:
         raise InputError(f"precision must be one of {PRECISIONS}, got {precision!r}")
     _check_batches(min_batch, opt_batch, max_batch)
@@ -96,8 +102,10 @@ def build_engine(
     workdir = Path(tempfile.mkdtemp(prefix="headsteer-trt-"))
     try:
         source = Path(source)
+        steering = None
         if source.is_dir():
-            onnx_path = to_onnx(source, workdir / "model.onnx", attention=attention, opset=opset, precision=precision, write_steering=False)
+            onnx_path = to_onnx(source, workdir / "model.onnx", attention=attention, opset=opset, precision=precision)
+            steering = steering_path_for(onnx_path)
         elif source.is_file():
             onnx_path = source
             recorded = read_metadata(onnx_path).get("precision", "fp32")
@@ -115,6 +123,7 @@ def build_engine(
             raise ExportError(f"TensorRT's ONNX parser rejected {onnx_path}: {errors}")
         config = builder.create_builder_config()
         config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_gib * (1 << 30)))
+        config.clear_flag(trt.BuilderFlag.TF32)  # on by default; the gates must decide in fp32
         profile = builder.create_optimization_profile()
         for index in range(network.num_inputs):
             tensor = network.get_input(index)
@@ -127,6 +136,8 @@ def build_engine(
         with atomic_path(plan_path, suffix=".plan") as temp:
             with open(temp, "wb") as handle:
                 handle.write(memoryview(serialized))
+        if steering is not None:  # only beside a plan that was written
+            write_text_atomic(steering_path_for(plan_path), steering.read_text())
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
     return plan_path
@@ -148,13 +159,27 @@ def _torch_dtype(trt, dtype):
     return table[dtype]
 
 
+def _bind(context, name: str, tensor: torch.Tensor, batches: tuple[int, int], is_input: bool) -> None:
+    """Give TensorRT one tensor's shape (inputs) and address. TensorRT answers False, not an
+    exception, for a shape outside the optimization profile; that becomes an InputError here,
+    before anything is enqueued."""
+    shape = list(tensor.shape)
+    allowed = f"batch {batches[0]} to {batches[1]}, the other dims as built"
+    if is_input and not context.set_input_shape(name, tuple(shape)):
+        raise InputError(f"{name} of shape {shape} is outside this engine's optimization profile ({allowed}); split the batch or rebuild")
+    if not context.set_tensor_address(name, tensor.data_ptr()):
+        raise InputError(f"TensorRT refused the address of {name} of shape {shape} (the profile allows {allowed})")
+
+
 class TensorRTRunner:
     """`Engine` runner for backend "tensorrt": deserializes a plan and runs it on torch CUDA tensors.
 
     engine_path: a `.plan` from `headsteer export --format tensorrt`. Without it, the bundle is
     exported and built into a temporary directory (slow: minutes for large models) with
     `precision`, `min_batch`/`opt_batch`/`max_batch`. Calls are serialized by a lock (one
-    execution context)."""
+    execution context) and run on a stream of the runner's own, ordered after the caller's
+    current stream and before its later work (enqueueV3 on the legacy default stream would add
+    synchronizations)."""
 
     def __init__(
         self,
@@ -192,6 +217,7 @@ class TensorRTRunner:
                 if self.engine is None:
                     raise BundleError(f"{engine_path} is not a TensorRT engine for this TensorRT version/GPU (rebuild it here)")
                 self.context = self.engine.create_execution_context()
+                self._stream = torch.cuda.Stream(device=device)
         finally:
             if workdir is not None:
                 shutil.rmtree(workdir, ignore_errors=True)
@@ -209,9 +235,8 @@ class TensorRTRunner:
             raise BundleError(f"{engine_path} has inputs {sorted(self.inputs)} and outputs {sorted(self.outputs)}; not a headsteer engine")
         shape_min, _, shape_max = self.engine.get_tensor_profile_shape("pixel_values", 0)
         self.min_batch, self.max_batch = int(shape_min[0]), int(shape_max[0])
-        expected = (int(info.config.get("in_chans", 3)), *info.config["image_size"])
-        if tuple(shape_max[1:]) != tuple(expected):
-            raise BundleError(f"{engine_path} takes images {list(shape_max[1:])}; the bundle's are {list(expected)}")
+        dims = {name: list(self.engine.get_tensor_shape(name))[1:] for name in (*self.inputs, *self.outputs)}
+        check_io_dims(dims, info, engine_path)
 
     def __call__(self, pixel_values: torch.Tensor, steer_scale: Optional[torch.Tensor] = None, steer_shift: Optional[torch.Tensor] = None):
         batch = pixel_values.shape[0]
@@ -228,21 +253,23 @@ class TensorRTRunner:
             "steer_shift": (torch.zeros(batch, self.steer_width) if steer_shift is None else steer_shift)
             .to(dtype=self.inputs["steer_shift"], **to).contiguous(),
         }
+        batches = (self.min_batch, self.max_batch)
         with self._lock, torch.cuda.device(self.device):
             for name, tensor in feeds.items():
-                self.context.set_input_shape(name, tuple(tensor.shape))
-                self.context.set_tensor_address(name, tensor.data_ptr())
+                _bind(self.context, name, tensor, batches, is_input=True)
             results = {}
             for name, dtype in self.outputs.items():
                 shape = tuple(self.context.get_tensor_shape(name))
                 if any(dim < 0 for dim in shape):
                     raise BundleError(f"output {name} has an unresolved shape {shape}")
-                results[name] = torch.empty(shape, dtype=dtype, **to)
-                self.context.set_tensor_address(name, results[name].data_ptr())
-            stream = torch.cuda.current_stream(self.device)
-            if not self.context.execute_async_v3(stream.cuda_stream):
+                results[name] = torch.empty(shape, dtype=dtype, **to)  # on the caller's stream
+                _bind(self.context, name, results[name], batches, is_input=False)
+            caller = torch.cuda.current_stream(self.device)
+            self._stream.wait_stream(caller)  # the inputs were copied (and outputs allocated) there
+            if not self.context.execute_async_v3(self._stream.cuda_stream):
                 raise ExportError("TensorRT execution failed (see the TensorRT log)")
-            stream.synchronize()
+            caller.wait_stream(self._stream)  # the caller's later work sees the results
+            self._stream.synchronize()  # the inputs, allocated on the caller's stream, are freed on return
         return results["logits"].float().cpu(), results["head_mask"].bool().cpu()
 
 

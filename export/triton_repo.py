@@ -19,7 +19,7 @@ from typing import Optional, Union
 
 from headsteer.export._common import require
 from headsteer.runtime.files import staged_directory
-from headsteer.export.onnx_export import DEFAULT_OPSET, resolve_source, steering_document, to_onnx
+from headsteer.export.onnx_export import DEFAULT_OPSET, external_data_path, resolve_source, steering_document, to_onnx
 from headsteer.runtime.errors import InputError
 
 ONNX_TO_TRITON = {
@@ -148,6 +148,24 @@ def _model_name(name: Optional[str], fallback: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]", "_", fallback).strip("._-") or "headsteer"
 
 
+def _check_plan_args(precision: str, min_batch: int, opt_batch: Optional[int], max_batch_size: int) -> int:
+    """Check a plan's precision and profile batches before anything is exported; returns opt_batch
+    (default min(8, max_batch_size)). Triton's dynamic batcher sends any batch from 1 to
+    max_batch_size, so the profile must start at 1."""
+    from headsteer.export.tensorrt import PRECISIONS, _check_batches  # importable without tensorrt
+
+    if precision not in PRECISIONS:
+        raise InputError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    opt_batch = opt_batch if opt_batch is not None else max(min_batch, min(8, max_batch_size))
+    _check_batches(min_batch, opt_batch, max_batch_size)
+    if min_batch != 1:
+        raise InputError(
+            f"min_batch is {min_batch}, but Triton's dynamic batcher sends batches from 1 to max_batch_size, "
+            "which a plan whose profile starts above 1 rejects; use min_batch 1 (--min-batch 1)"
+        )
+    return opt_batch
+
+
 def write_triton_repo(
     bundle: Union[str, os.PathLike],
     out_dir: Union[str, os.PathLike],
@@ -164,12 +182,17 @@ def write_triton_repo(
 ) -> Path:
     """Write `out_dir/<name>/...` (see the module docstring); returns the model directory.
 
-    engine "onnx" serves the ONNX file with Triton's ONNX Runtime backend; "plan" builds a
-    TensorRT engine (needs tensorrt and a CUDA device) whose profile spans [min_batch, max_batch]."""
+    engine "onnx" serves the float32 ONNX file with Triton's ONNX Runtime backend (precision must
+    be "fp32"); "plan" builds a TensorRT engine (needs tensorrt and a CUDA device) in `precision`
+    whose profile spans [min_batch, max_batch], with min_batch 1 (the batcher sends any batch)."""
     if engine not in PLATFORMS:
         raise InputError(f"engine must be one of {sorted(PLATFORMS)}, got {engine!r}")
     if not isinstance(max_batch_size, int) or max_batch_size < 1:
         raise InputError(f"max_batch_size must be a positive integer, got {max_batch_size!r}")
+    if engine == "onnx" and precision != "fp32":
+        raise InputError(f"precision {precision!r} applies to TensorRT plans; the ONNX model is float32 (use engine 'plan' / --engine plan)")
+    if engine == "plan":
+        opt_batch = _check_plan_args(precision, min_batch, opt_batch, max_batch_size)
     out_dir = Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
         raise InputError(f"{out_dir} exists and is not a directory; --out names the model repository directory")
@@ -197,9 +220,10 @@ def write_triton_repo(
 
             build_engine(
                 onnx_path, version_dir / file_name, precision=precision, min_batch=min_batch,
-                opt_batch=opt_batch or max(min_batch, min(8, max_batch_size)), max_batch=max_batch_size,
+                opt_batch=opt_batch, max_batch=max_batch_size,
             )
             onnx_path.unlink()
+            external_data_path(onnx_path).unlink(missing_ok=True)  # the weights of a model over 2 GiB
         (staging / "config.pbtxt").write_text(render_config(model_name, platform, max_batch_size, inputs, outputs, "logits"))
         (staging / "steering.json").write_text(json.dumps(steering_document(source)))
         (staging / "labels.txt").write_text("".join(f"{label}\n" for label in source.class_names))

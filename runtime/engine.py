@@ -5,6 +5,8 @@ shared mutable state (weights are read-only, caches are built at load).
 """
 from __future__ import annotations
 
+import importlib
+import inspect
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional, Sequence, Union
@@ -57,6 +59,25 @@ def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype = tor
             return "compact"
         return "triton"
     return "compact"
+
+
+def _runner_class(backend: str, options: dict):
+    """Import the runner of an external backend and check `options` against the keyword arguments
+    it takes (all but `info` and `device`, which `Engine.load` passes), so an option meant for
+    another backend is a clear error, not a TypeError from inside the runner."""
+    module_name, _, class_name = EXTERNAL_BACKENDS[backend].partition(":")
+    runner_cls = getattr(importlib.import_module(module_name), class_name)
+    parameters = inspect.signature(runner_cls).parameters
+    if any(parameter.kind is inspect.Parameter.VAR_KEYWORD for parameter in parameters.values()):
+        return runner_cls
+    accepted = sorted(
+        name for name, parameter in parameters.items()
+        if name not in ("info", "device") and parameter.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    )
+    unknown = sorted(set(options) - set(accepted))
+    if unknown:
+        raise InputError(f"backend {backend!r} does not take the option(s) {unknown}; it takes {accepted}")
+    return runner_cls
 
 
 class Engine:
@@ -124,6 +145,7 @@ class Engine:
         known = TORCH_BACKENDS + tuple(EXTERNAL_BACKENDS)
         if backend not in known:
             raise InputError(f"unknown backend {backend!r}; expected auto or one of {known}")
+        runner_cls = _runner_class(backend, options) if backend in EXTERNAL_BACKENDS else None
         model, info = load_bundle(path, map_location=device)
         if backend in TORCH_BACKENDS:
             if options:
@@ -131,10 +153,6 @@ class Engine:
             engine = cls(model.to(DTYPES[dtype]), info, backend, device, dtype=DTYPES[dtype], cuda_graphs=cuda_graphs)
             engine._warm_up()
             return engine
-        module_name, _, class_name = EXTERNAL_BACKENDS[backend].partition(":")
-        import importlib
-
-        runner_cls = getattr(importlib.import_module(module_name), class_name)
         if dtype != "float32":
             raise InputError(f"backend {backend!r} runs an exported model; choose its precision at export time")
         runner = runner_cls(info, device=device, **options)

@@ -179,3 +179,37 @@ def test_cli_export_and_its_errors(exported, tmp_path, capsys):
     assert main(["export", str(exported.bundle), "--format", "onnx", "--out", str(tmp_path / "x.onnx"), "--opset", "9"]) == 2
     assert "opset" in capsys.readouterr().err
     assert not (tmp_path / "x.onnx").exists()
+
+
+def test_weights_over_the_cap_go_to_a_sidecar_written_atomically(exported, tmp_path, monkeypatch):
+    """With the size threshold lowered, the tiny model takes the >2 GiB path: `m.onnx` plus
+    `m.onnx.data`, both renamed into place; a re-export replaces the sidecar (onnx appends to an
+    existing one), and a failed export leaves the previous files as they were and nothing else."""
+    import headsteer.export.onnx_export as onnx_export
+    from headsteer.export.onnx_runner import OrtCallable, build_session
+
+    monkeypatch.setattr(onnx_export, "EXTERNAL_DATA_BYTES", 0)
+    out = tmp_path / "m.onnx"
+    sidecar = onnx_export.external_data_path(out)
+    to_onnx(exported.bundle, out, write_steering=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx", "m.onnx.data"]
+    assert out.stat().st_size < 200_000 < sidecar.stat().st_size  # the weights are in the sidecar
+    pixels = torch.randn(2, 3, 32, 32)
+    ort_run = OrtCallable(build_session(out, ["CPUExecutionProvider"]), exported.model.steer_width)
+    inline_run = OrtCallable(build_session(exported.onnx["masked"], ["CPUExecutionProvider"]), exported.model.steer_width)
+    torch.testing.assert_close(ort_run(pixels)[0], inline_run(pixels)[0])
+
+    size = sidecar.stat().st_size
+    to_onnx(exported.bundle, out, write_steering=False)
+    assert sidecar.stat().st_size == size
+    before = (out.read_bytes(), sidecar.read_bytes())
+
+    def failing_check(*args, **kwargs):
+        raise onnx.checker.ValidationError("planted failure")
+
+    monkeypatch.setattr(onnx.checker, "check_model", failing_check)
+    for target in (out, tmp_path / "n.onnx"):
+        with pytest.raises(ExportError, match="planted failure"):
+            to_onnx(exported.bundle, target, write_steering=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx", "m.onnx.data"]
+    assert (out.read_bytes(), sidecar.read_bytes()) == before

@@ -176,3 +176,30 @@ def test_other_architecture_options():
     shift = 0.1 * torch.randn(3, model.steer_width, generator=generator)
     pixels, expected = pixels_away_from_threshold(model, 3, scale, shift, seed=13)
     assert_parity(run(pixels, scale, shift), expected.logits, expected.head_mask)
+
+
+@pytest.mark.parametrize(
+    "pixels,scale,match",
+    [
+        (torch.randn(3, 32, 32), None, r"pixel_values must be \[batch, 3, 32, 32\], got shape \[3, 32, 32\]"),
+        (torch.randn(2, 3, 30, 32), None, r"pixel_values must be \[batch, 3, 32, 32\], got shape \[2, 3, 30, 32\]"),
+        (torch.randn(2, 1, 32, 32), None, r"pixel_values must be \[batch, 3, 32, 32\]"),
+        (torch.ones(2, 3, 32, 32, dtype=torch.int64), None, "pixel_values must be floating point, got torch.int64"),
+        (torch.randn(2, 3, 32, 32), torch.ones(2, 128, dtype=torch.int32), "steer_scale must be floating point"),
+        (torch.randn(2, 3, 32, 32), torch.ones(128), r"steer_scale must be \[batch, 128\], got shape \[128\]"),
+        (torch.randn(2, 3, 32, 32), torch.ones(2, 64), r"steer_scale must be \[batch, 128\], got shape \[2, 64\]"),
+        (torch.randn(2, 3, 32, 32), torch.ones(3, 128), r"steer_scale must be \[B, S_total\] = \[2, 128\]"),
+    ],
+)
+def test_malformed_inputs_fail_before_onnxruntime_runs(sessions, monkeypatch, pixels, scale, match):
+    """The callable the bench harness builds directly checks what Engine would have checked."""
+    from headsteer.runtime.errors import InputError
+
+    run = sessions["masked"]
+
+    def no_run(*args, **kwargs):
+        raise AssertionError("onnxruntime ran on a malformed input")
+
+    monkeypatch.setattr(run.session, "run", no_run)
+    with pytest.raises(InputError, match=match):
+        run(pixels, scale)

@@ -1,14 +1,19 @@
 """TensorRT engines: build from both ONNX variants, run through Engine, compare with compact.
 
 These need the `tensorrt` package and a CUDA device and skip with that reason elsewhere; the
-error paths for a machine without them run everywhere."""
+error paths for a machine without them, the load-time checks and a build against a fake tensorrt
+module run everywhere."""
 from __future__ import annotations
+
+import json
+import re
+from types import SimpleNamespace
 
 import pytest
 import torch
 
-from headsteer.export._common import MissingDependencyError
-from headsteer.runtime.errors import InputError
+from headsteer.export._common import ExportError, MissingDependencyError
+from headsteer.runtime.errors import BundleError, InputError
 
 try:
     import tensorrt  # noqa: F401
@@ -51,6 +56,123 @@ def test_batch_profile_arguments_are_checked(exported, tmp_path):
         _check_batches(0, 1, 8)
 
 
+def test_engine_io_dims_are_checked_against_the_bundle(exported):
+    """What the runner checks at load (a plan carries no metadata, only tensor shapes)."""
+    from headsteer.export.onnx_runner import check_io_dims
+    from headsteer.runtime.bundle import load_bundle
+
+    _, info = load_bundle(exported.bundle)
+    good = dict(pixel_values=[3, 32, 32], steer_scale=[128], steer_shift=[128], logits=[5], head_mask=[2, 3])
+    check_io_dims(good, info, "m.plan")
+    check_io_dims({**good, "head_mask": [-1, 3]}, info, "m.plan")  # (a dim the engine leaves open is not compared)
+    for name, dims in dict(pixel_values=[3, 16, 16], steer_scale=[64], steer_shift=[64], logits=[4], head_mask=[2, 4]).items():
+        with pytest.raises(BundleError, match=re.escape(f"m.plan was exported from another model: its {name} shape without the batch is {dims}")):
+            check_io_dims({**good, name: dims}, info, "m.plan")
+
+
+class FakeContext:
+    """An execution context whose set_input_shape / set_tensor_address answer as told."""
+
+    def __init__(self, shape_ok=True, address_ok=True):
+        self.shape_ok, self.address_ok, self.calls = shape_ok, address_ok, []
+
+    def set_input_shape(self, name, shape):
+        self.calls.append(("shape", name))
+        return self.shape_ok
+
+    def set_tensor_address(self, name, address):
+        self.calls.append(("address", name))
+        return self.address_ok
+
+
+def test_a_shape_or_address_tensorrt_refuses_is_an_input_error():
+    from headsteer.export.tensorrt import _bind
+
+    tensor = torch.zeros(40, 3, 32, 32)
+    context = FakeContext(shape_ok=False)
+    with pytest.raises(InputError, match=r"pixel_values of shape \[40, 3, 32, 32\] is outside .* \(batch 1 to 32"):
+        _bind(context, "pixel_values", tensor, (1, 32), is_input=True)
+    assert context.calls == [("shape", "pixel_values")]
+    with pytest.raises(InputError, match=r"refused the address of logits .*batch 1 to 32"):
+        _bind(FakeContext(address_ok=False), "logits", torch.zeros(4, 5), (1, 32), is_input=False)
+    context = FakeContext()
+    _bind(context, "logits", torch.zeros(4, 5), (1, 32), is_input=False)
+    assert context.calls == [("address", "logits")]
+
+
+class FakeTensorRT:
+    """Just enough of the tensorrt module for `build_engine` to run without it (or a GPU): the
+    parser accepts the file, and the "engine" serializes to b"plan" (or fails, when told)."""
+
+    __version__ = "10.0.0"
+    NetworkDefinitionCreationFlag = SimpleNamespace(STRONGLY_TYPED=1)
+    MemoryPoolType = SimpleNamespace(WORKSPACE="workspace")
+    BuilderFlag = SimpleNamespace(TF32="tf32")
+
+    class Logger:
+        WARNING = 0
+
+        def __init__(self, level):
+            pass
+
+    def __init__(self, build_ok=True):
+        self.build_ok, self.cleared_flags = build_ok, []
+
+    def Builder(self, logger):
+        inputs = [SimpleNamespace(name="pixel_values", shape=(-1, 3, 32, 32)), SimpleNamespace(name="steer_scale", shape=(-1, 128))]
+        network = SimpleNamespace(num_inputs=len(inputs), get_input=inputs.__getitem__)
+        config = SimpleNamespace(
+            set_memory_pool_limit=lambda pool, size: None,
+            clear_flag=self.cleared_flags.append,
+            add_optimization_profile=lambda profile: None,
+        )
+        return SimpleNamespace(
+            create_network=lambda flags: network,
+            create_builder_config=lambda: config,
+            create_optimization_profile=lambda: SimpleNamespace(set_shape=lambda *args: None),
+            build_serialized_network=lambda network, config: b"plan" if self.build_ok else None,
+        )
+
+    def OnnxParser(self, network, logger):
+        return SimpleNamespace(parse_from_file=lambda path: True, num_errors=0)
+
+
+@pytest.fixture
+def fake_tensorrt(monkeypatch):
+    import headsteer.export.tensorrt as tensorrt_module
+
+    def install(**kwargs):
+        fake = FakeTensorRT(**kwargs)
+        monkeypatch.setattr(tensorrt_module, "_tensorrt", lambda: fake)
+        monkeypatch.setattr(tensorrt_module, "_require_cuda", lambda what: None)
+        return fake
+
+    return install
+
+
+def test_build_turns_tf32_off_and_writes_the_steering_rows_beside_the_plan(exported, tmp_path, fake_tensorrt):
+    from headsteer.export import steering_path_for
+    from headsteer.export.tensorrt import build_engine
+
+    trt = fake_tensorrt()
+    plan = build_engine(exported.bundle, tmp_path / "m.plan", max_batch=8)
+    assert plan.read_bytes() == b"plan"
+    assert trt.cleared_flags == [trt.BuilderFlag.TF32]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.plan", "m.steering.json"]
+    # The same document as the ONNX export writes beside FILE.onnx.
+    expected = json.loads(steering_path_for(exported.onnx["masked"]).read_text())
+    assert json.loads(steering_path_for(plan).read_text()) == expected
+
+
+def test_failed_build_writes_neither_plan_nor_steering(exported, tmp_path, fake_tensorrt):
+    from headsteer.export.tensorrt import build_engine
+
+    fake_tensorrt(build_ok=False)
+    with pytest.raises(ExportError, match="failed to build"):
+        build_engine(exported.bundle, tmp_path / "m.plan", max_batch=8)
+    assert list(tmp_path.iterdir()) == []
+
+
 @needs_tensorrt
 @pytest.mark.parametrize("variant", ("masked", "sparse"))
 def test_engine_parity_fp32(exported, tmp_path, variant):
@@ -67,7 +189,7 @@ def test_engine_parity_fp32(exported, tmp_path, variant):
                 scale, shift = reference.steering_vectors(steer, batch)
                 gate_logits = exported.model(pixels, scale, shift, backend="reference").gate_logits
             got, expected = engine.predict(pixels, steer=steer), reference.predict(pixels, steer=steer)
-            # TF32 may be used by TensorRT's fp32 matmuls: compare masks where decisions are clear.
+            # TensorRT's fp32 kernels sum in another order than torch's: compare masks where decisions are clear.
             clear = gate_logits.abs() > 1e-2
             assert torch.equal(got.head_mask[clear], expected.head_mask[clear])
             if torch.equal(got.head_mask, expected.head_mask):

@@ -79,3 +79,54 @@ def test_plan_engine_without_tensorrt_is_a_clear_error(exported, tmp_path, capsy
     assert main(argv) == 2
     assert "tensorrt" in capsys.readouterr().err
     assert not (tmp_path / "repo").exists() or not any((tmp_path / "repo").iterdir())
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        (dict(min_batch=2), "min_batch is 2, but Triton's dynamic batcher sends batches from 1"),
+        (dict(opt_batch=64), r"min <= opt <= max, got 1, 64, 32"),
+        (dict(opt_batch=0), "opt_batch must be a positive integer, got 0"),
+        (dict(min_batch=0), "min_batch must be a positive integer"),
+        (dict(precision="fp64"), "precision must be one of"),
+    ],
+)
+def test_plan_arguments_are_checked_before_anything_is_exported(exported, tmp_path, monkeypatch, kwargs, match):
+    import headsteer.export.triton_repo as triton_repo
+    from headsteer.runtime.errors import InputError
+
+    def no_export(*args, **kwargs):
+        raise AssertionError("exported before the arguments were checked")
+
+    monkeypatch.setattr(triton_repo, "to_onnx", no_export)
+    with pytest.raises(InputError, match=match):
+        triton_repo.write_triton_repo(exported.bundle, tmp_path / "repo", engine="plan", max_batch_size=32, **kwargs)
+    assert not (tmp_path / "repo").exists()
+
+
+def test_onnx_engine_rejects_a_precision(exported, tmp_path, capsys):
+    argv = ["export", str(exported.bundle), "--format", "triton-repo", "--out", str(tmp_path / "repo"), "--precision", "fp16"]
+    assert main(argv) == 2
+    assert "precision 'fp16' applies to TensorRT plans" in capsys.readouterr().err
+    assert not (tmp_path / "repo").exists()
+
+
+def test_plan_repository_keeps_no_onnx_weights_sidecar(exported, tmp_path, monkeypatch):
+    """A model over protobuf's cap (threshold lowered here) is exported with `model.onnx.data`;
+    once the plan is built (faked: TensorRT cannot run here), neither ONNX file stays behind."""
+    import headsteer.export.onnx_export as onnx_export
+    import headsteer.export.tensorrt as tensorrt_module
+    from headsteer.export.triton_repo import write_triton_repo
+
+    def fake_build(onnx_path, plan_path, **kwargs):
+        assert onnx_export.external_data_path(onnx_path).is_file()  # the sidecar path was taken
+        plan_path.write_bytes(b"plan")
+        return plan_path
+
+    monkeypatch.setattr(onnx_export, "EXTERNAL_DATA_BYTES", 0)
+    monkeypatch.setattr(tensorrt_module, "_tensorrt", lambda: None)
+    monkeypatch.setattr(tensorrt_module, "_require_cuda", lambda what: None)
+    monkeypatch.setattr(tensorrt_module, "build_engine", fake_build)
+    model_dir = write_triton_repo(exported.bundle, tmp_path / "repo", engine="plan", max_batch_size=8)
+    assert [p.name for p in (model_dir / "1").iterdir()] == ["model.plan"]
+    assert parse_pbtxt((model_dir / "config.pbtxt").read_text())["platform"] == "tensorrt_plan"

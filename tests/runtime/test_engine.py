@@ -169,3 +169,12 @@ def test_more_bad_requests_are_clear_errors(bundle_path, engine, monkeypatch):
     with pytest.raises(InputError, match="expected HxW"):
         engine.predict([np.zeros((0, 8, 3), dtype=np.uint8)])
     assert torch.equal(engine.predict(pixels, steer=np.int64(1)).logits, engine.predict(pixels, steer="bee").logits)
+
+
+@pytest.mark.parametrize(
+    "backend,options,accepted",
+    [("onnxruntime", dict(engine_path="model.plan"), "onnx_path"), ("tensorrt", dict(onnx_path="model.onnx", threads=2), "engine_path")],
+)
+def test_options_a_runner_does_not_take_are_clear_errors(bundle_path, backend, options, accepted):
+    with pytest.raises(InputError, match=rf"backend '{backend}' does not take the option\(s\) \[.*'{sorted(options)[0]}'.*{accepted}"):
+        Engine.load(bundle_path, backend=backend, **options)
