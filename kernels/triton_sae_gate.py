@@ -626,7 +626,11 @@ def triton_sae_steer_gate(
     keep [B, H] bool), in one kernel launch and without a host synchronization.
 
     Inputs may be fp32/fp16/bf16 (math is fp32). `out=(logits, keep)` writes into preallocated
-    tensors (contiguous, float32 and bool)."""
+    tensors (contiguous, float32 and bool).
+
+    Steering must be finite (`Engine` refuses anything else before any work). A TopK SAE reads
+    `steer_scale` only at the k latents each row selects, so a NaN or inf at an unselected latent,
+    where the reference computes 0 * NaN = NaN for the whole row, leaves this row's logits finite."""
     if mode not in reference.STEER_MODES:
         raise ValueError(f"unknown steering mode {mode!r}; expected one of {reference.STEER_MODES}")
     if e.dim() != 2:
