@@ -38,8 +38,10 @@ def _require_triton(tensor: torch.Tensor) -> None:
 
 
 def _head_major(attn: nn.Module) -> tuple:
-    qkv, proj = attn.qkv.weight, attn.proj.weight
-    key = (qkv.data_ptr(), qkv._version, proj.data_ptr(), proj._version, qkv.dtype, qkv.device)
+    qkv, proj, bias = attn.qkv.weight, attn.proj.weight, attn.qkv.bias
+    # (the head-major copies include the qkv bias, so its updates count too: e.g. a bias-only step)
+    key = (qkv.data_ptr(), qkv._version, proj.data_ptr(), proj._version, qkv.dtype, qkv.device,
+           None if bias is None else (bias.data_ptr(), bias._version, bias.dtype))
     cached = _HEAD_MAJOR_CACHE.get(attn)
     if cached is None or cached[0] != key:
         with torch.no_grad():

@@ -71,12 +71,14 @@ def steer_gate_input(
     """Gate input from steered latents `z' = z * steer_scale + steer_shift`.
 
     "preserve-error": `g = e + W_dec (z' - z)`, so identity steering gives exactly `e`.
-    "reconstruct": `g = W_dec z' + b_dec`."""
+    "reconstruct": `g = W_dec z' + b_dec`. Steering vectors of another float dtype than z (fp32
+    rows steering a bf16 model) steer in the wider of the two; z' is rounded once to z's dtype."""
     steered = z
     if steer_scale is not None:
         steered = steered * steer_scale
     if steer_shift is not None:
         steered = steered + steer_shift
+    steered = steered.to(z.dtype)
     if mode == "preserve-error":
         return e + (steered - z) @ dec_weight
     if mode == "reconstruct":

@@ -145,11 +145,11 @@ class Engine:
         known = TORCH_BACKENDS + tuple(EXTERNAL_BACKENDS)
         if backend not in known:
             raise InputError(f"unknown backend {backend!r}; expected auto or one of {known}")
+        if backend in TORCH_BACKENDS and options:
+            raise InputError(f"backend {backend!r} takes no options, got {sorted(options)}")
         runner_cls = _runner_class(backend, options) if backend in EXTERNAL_BACKENDS else None
         model, info = load_bundle(path, map_location=device)
         if backend in TORCH_BACKENDS:
-            if options:
-                raise InputError(f"backend {backend!r} takes no options, got {sorted(options)}")
             engine = cls(model.to(DTYPES[dtype]), info, backend, device, dtype=DTYPES[dtype], cuda_graphs=cuda_graphs)
             engine._warm_up()
             return engine
@@ -226,6 +226,10 @@ class Engine:
         """Map a steer request (None, a class name/index, or one per sample) to [B, S] vectors."""
         if steer is None:
             return None, None
+        if isinstance(steer, (torch.Tensor, np.ndarray)) and steer.ndim > 0:  # e.g. steer=labels
+            if steer.ndim != 1:
+                raise InputError(f"per-sample steering targets must be 1-D, got shape {list(steer.shape)}")
+            steer = steer.tolist()
         targets: Sequence[SteerTarget] = list(steer) if isinstance(steer, (list, tuple)) else [steer] * batch
         if len(targets) != batch:
             raise InputError(f"{len(targets)} steering targets for a batch of {batch}")

@@ -26,7 +26,9 @@ class HeadUsage:
 
     @property
     def head_usage(self) -> torch.Tensor:
-        """Per-sample fraction of gated heads kept, [B]."""
+        """Per-sample fraction of gated heads kept, [B]; 1 without gated blocks (every head runs)."""
+        if self.head_mask.shape[1] == 0:
+            return torch.ones(self.head_mask.shape[0], device=self.head_mask.device)
         return self.head_mask.float().mean(dim=(1, 2))
 
     @property
@@ -336,6 +338,10 @@ class GatedViT(nn.Module):
         if not isinstance(pixel_values, torch.Tensor) or pixel_values.dim() != 4:
             got = tuple(pixel_values.shape) if isinstance(pixel_values, torch.Tensor) else type(pixel_values).__name__
             raise InputError(f"pixel_values must be a [B, C, H, W] tensor, got {got}")
+        weight_dtype = self.vit.patch_embed.proj.weight.dtype
+        if pixel_values.dtype != weight_dtype:
+            raise InputError(f"pixel_values is {pixel_values.dtype}; the model's weights are {weight_dtype} "
+                             f"(cast the input, or the model with .to(dtype))")
         in_chans = self.vit.patch_embed.proj.in_channels
         if pixel_values.shape[1] != in_chans:
             raise InputError(f"pixel_values has {pixel_values.shape[1]} channels; the model expects {in_chans}")
@@ -350,6 +356,8 @@ class GatedViT(nn.Module):
             if not isinstance(vector, torch.Tensor) or tuple(vector.shape) != expected:
                 got = tuple(vector.shape) if isinstance(vector, torch.Tensor) else type(vector).__name__
                 raise InputError(f"{name} must be [B, S_total] = {list(expected)}, got {got}")
+            if not vector.is_floating_point():
+                raise InputError(f"{name} must be floating point, got {vector.dtype}")
         if budget is not None and (isinstance(budget, bool) or not (isinstance(budget, (int, float)) and 0.0 <= budget <= 1.0)):
             raise InputError(f"budget must be a number in [0, 1] or None, got {budget!r}")
 
@@ -434,7 +442,9 @@ class GatedViT(nn.Module):
 
         steer_scale/steer_shift: [B, S_total] (None = identity). budget: keep exactly
         round(budget*H) heads per gated block (None = the gate's own threshold). backend:
-        "reference" (masked dense, the spec), "compact" (only kept heads), "triton"."""
+        "reference" (masked dense, the spec), "compact" (only kept heads), "triton".
+        Shapes and dtypes are checked here; values are not (a NaN check would wait on the device,
+        which the triton path and CUDA-graph capture must not): `Engine` refuses non-finite inputs."""
         self._check_inputs(pixel_values, steer_scale, steer_shift, budget, backend)
         x, decisions, latents = self.forward_features(
             pixel_values, steer_scale, steer_shift, budget, backend, return_latents

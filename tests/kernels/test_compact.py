@@ -81,6 +81,23 @@ def test_compact_bfloat16_close_to_fp32_reference():
     torch.testing.assert_close(out.float(), expected, atol=0.1, rtol=0.05)
 
 
+def test_compact_backend_sees_in_place_updates_of_the_qkv_bias():
+    """The compact backend caches head-major weight copies per module; an in-place update of the
+    qkv bias alone (a bias-only training step) must rebuild them like a weight update does."""
+    from timm.models.vision_transformer import Attention
+
+    from headsteer.kernels import dispatch
+
+    torch.manual_seed(5)
+    attn = Attention(32, num_heads=4, qkv_bias=True).eval()
+    x, keep = torch.randn(3, 9, 32), torch.rand(3, 4) > 0.4
+    dispatch.head_attention("compact", x, keep, None, attn)  # (fills the cache)
+    with torch.no_grad():
+        attn.qkv.bias.add_(torch.randn_like(attn.qkv.bias))
+    torch.testing.assert_close(dispatch.head_attention("compact", x, keep, None, attn),
+                               dispatch.head_attention("reference", x, keep, None, attn), atol=1e-5, rtol=1e-5)
+
+
 def test_head_major_weights_slices_one_head():
     qkv_weight, qkv_bias, proj_weight, _, heads = _weights(12, 3, 4, 12)
     qkv_heads, bias_heads, proj_heads = compact.head_major_weights(qkv_weight, qkv_bias, proj_weight, heads)

@@ -152,6 +152,43 @@ def test_half_precision_engine_close_to_float32(bundle_path):
         Engine.load(bundle_path, dtype="int8")
 
 
+@pytest.mark.parametrize("backend,dtype", [("compact", "bfloat16"), ("reference", "float16")])
+def test_half_precision_engine_steers(bundle_path, backend, dtype):
+    """Steering rows are float32 whatever the model's dtype; a bf16/fp16 engine steers with them
+    (it used to fail in the SAE decode's matmul on mixed dtypes)."""
+    full = Engine.load(bundle_path, backend=backend)
+    half = Engine.load(bundle_path, backend=backend, dtype=dtype)
+    pixels = torch.randn(4, 3, 32, 32)
+    for request in (dict(steer="cat"), dict(steer=["dog", None, "ant", 1]), dict(steer_scale=torch.rand(24) * 2)):
+        got, expected = half.predict(pixels, **request), full.predict(pixels, **request)
+        torch.testing.assert_close(got.logits, expected.logits, atol=0.1, rtol=0.1)
+        assert (got.head_mask == expected.head_mask).float().mean() > 0.9  # (near-threshold gates may flip)
+
+
+def test_per_sample_targets_as_a_tensor_or_array(engine):
+    """`steer=labels` (a 1-D integer tensor or array) means one target per sample, as a list does."""
+    pixels = torch.randn(3, 3, 32, 32)
+    expected = engine.predict(pixels, steer=[2, 0, 3]).logits
+    for targets in (torch.tensor([2, 0, 3]), np.array([2, 0, 3])):
+        assert torch.equal(engine.predict(pixels, steer=targets).logits, expected)
+    assert torch.equal(engine.predict(pixels, steer=torch.tensor(2)).logits, engine.predict(pixels, steer=2).logits)
+    with pytest.raises(InputError, match="must be 1-D"):
+        engine.predict(pixels, steer=torch.zeros(3, 1, dtype=torch.long))
+    with pytest.raises(InputError, match="2 steering targets for a batch of 3"):
+        engine.predict(pixels, steer=np.array([1, 2]))
+
+
+def test_torch_backend_options_refused_before_loading(bundle_path, monkeypatch):
+    import headsteer.runtime.engine as engine_module
+
+    def no_load(*args, **kwargs):
+        raise AssertionError("the bundle was loaded before the options were checked")
+
+    monkeypatch.setattr(engine_module, "load_bundle", no_load)
+    with pytest.raises(InputError, match="backend 'compact' takes no options"):
+        Engine.load(bundle_path, backend="compact", providers=["CPUExecutionProvider"])
+
+
 def test_cuda_graphs_need_the_triton_backend_on_cuda(bundle_path):
     with pytest.raises(InputError, match="cuda_graphs needs backend 'triton'"):
         Engine.load(bundle_path, backend="compact", cuda_graphs=True)

@@ -218,6 +218,8 @@ def test_unknown_timm_name_is_a_clear_error():
         (torch.randn(2, 3, 30, 32), {}, r"\(30, 32\) pixels; the model expects \(32, 32\)"),
         (torch.randn(3, 32, 32), {}, r"\[B, C, H, W\]"),
         (torch.randn(2, 3, 32, 32), dict(steer_scale=torch.ones(2, 5)), "steer_scale must be"),
+        (torch.randn(2, 3, 32, 32, dtype=torch.float64), {}, "pixel_values is torch.float64; the model's weights are torch.float32"),
+        (torch.zeros(2, 3, 32, 32, dtype=torch.uint8), {}, "pixel_values is torch.uint8"),
         (torch.randn(2, 3, 32, 32), dict(budget=1.5), "budget must be"),
         (torch.randn(2, 3, 32, 32), dict(backend="cuda-magic"), "unknown backend"),
     ],
@@ -226,6 +228,21 @@ def test_bad_inputs_are_clear_errors(pixels, kwargs, match):
     model = GatedViT.from_timm(VisionTransformer(**tiny_vit_kwargs())).eval()
     with pytest.raises(InputError, match=match):
         model(pixels, **kwargs)
+
+
+def test_integer_steering_vectors_are_refused():
+    model = GatedViT.from_timm(VisionTransformer(**tiny_vit_kwargs()), sae_blocks=(-1,)).eval()
+    scale = torch.ones(2, model.steer_width, dtype=torch.long)
+    with pytest.raises(InputError, match="steer_scale must be floating point, got torch.int64"):
+        model(torch.randn(2, 3, 32, 32), steer_scale=scale)
+
+
+def test_head_usage_without_gated_blocks_is_one():
+    """Every head runs in a model without gates: usage 1 (not the NaN of a mean over nothing)."""
+    model = GatedViT.from_timm(VisionTransformer(**tiny_vit_kwargs()), gate_blocks="none", sae_blocks="none").eval()
+    out = model(torch.randn(2, 3, 32, 32))
+    assert out.head_mask.shape == (2, 0, model.num_heads)
+    assert out.head_usage.tolist() == [1.0, 1.0] and out.block_usage.shape == (2, 0)
 
 
 def test_bad_configuration_is_a_clear_error():
