@@ -11,7 +11,9 @@ temporary sibling directory and renamed into place, so a crash never leaves half
 from __future__ import annotations
 
 import hashlib
+import inspect
 import json
+import math
 import operator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,6 +34,14 @@ WEIGHTS_FILE = "model.safetensors"
 STEERING_FILE = "steering.safetensors"
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+# What a bundle's model section may pass to GatedViT.from_timm: its options, never
+# pretrained_file (that would read an arbitrary, possibly pickled, checkpoint).
+MODEL_OPTIONS = tuple(
+    name for name in inspect.signature(GatedViT.from_timm).parameters
+    if name not in ("cls", "model_or_name", "timm_kwargs", "pretrained_file")
+)
+# timm_kwargs that would download or unpickle weights while rebuilding the model.
+FETCHING_TIMM_KWARGS = ("pretrained", "checkpoint_path", "pretrained_cfg_overlay")
 
 
 @dataclass
@@ -134,9 +144,8 @@ def save_bundle(
         raise InputError(f"steering table is {steering.width} wide; the model's steer_width is {model.steer_width}")
     if path.exists() and not overwrite:
         raise BundleError(f"{path} already exists; pass overwrite=True to replace it")
-    for name, values in (("mean", mean), ("std", std)):
-        if len(values) != model.vit.patch_embed.proj.in_channels:
-            raise InputError(f"normalization {name} needs one value per input channel, got {list(values)}")
+    in_chans = model.vit.patch_embed.proj.in_channels
+    mean, std = (_normalization_argument(name, values, in_chans) for name, values in (("mean", mean), ("std", std)))
 
     with staged_directory(path) as staging:
         state = {name: tensor.detach().cpu().contiguous() for name, tensor in model.state_dict().items()}
@@ -156,7 +165,7 @@ def save_bundle(
             model=model.config(),
             image_size=list(model.image_size),
             in_chans=model.vit.patch_embed.proj.in_channels,
-            normalization=dict(mean=[float(v) for v in mean], std=[float(v) for v in std]),
+            normalization=dict(mean=mean, std=std),
             class_names=class_names,
             num_heads=model.num_heads,
             gated_blocks=model.gate_blocks,
@@ -173,8 +182,129 @@ def save_bundle(
     return path
 
 
+def _normalization_problem(name: str, values: list, in_chans: int) -> Optional[str]:
+    """Why `values` cannot be the normalization `name` of a model with `in_chans` channels (or None):
+    images are normalized as (x - mean) / std per channel, so a short list fails at predict time
+    and a zero or non-finite std gives NaN logits."""
+    if len(values) != in_chans:
+        return f"normalization {name} needs one value per input channel ({in_chans}), got {values}"
+    if not all(math.isfinite(v) for v in values):
+        return f"normalization {name} must be finite, got {values}"
+    if name == "std" and not all(v > 0 for v in values):
+        return f"normalization std must be positive (images are divided by it), got {values}"
+    return None
+
+
+def _normalization_argument(name: str, values, in_chans: int) -> list[float]:
+    """save_bundle's `mean`/`std` as a list of floats; InputError if it is not usable."""
+    try:
+        floats = [float(v) for v in values]
+    except (TypeError, ValueError):
+        raise InputError(f"normalization {name} must be a sequence of numbers, got {values!r}") from None
+    problem = _normalization_problem(name, floats, in_chans)
+    if problem:
+        raise InputError(problem)
+    return floats
+
+
+_MISSING = object()
+
+
+def _shown(value) -> str:
+    """A header value for an error message: short, and 'nothing' for a missing key."""
+    if value is _MISSING:
+        return "nothing (the key is missing)"
+    text = json.dumps(value) if isinstance(value, (dict, list, str, int, float, bool, type(None))) else repr(value)
+    return text if len(text) <= 160 else text[:157] + "..."
+
+
+def _is_int(value, low: int = 0) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= low
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _is_list_of(value, check) -> bool:
+    return isinstance(value, list) and all(check(item) for item in value)
+
+
+def _expect(config_path: Path, field: str, value, ok: bool, expected: str) -> None:
+    """BundleError naming the header file and `field` unless `ok`."""
+    if not ok:
+        raise BundleError(f"{config_path}: {field} must be {expected}, got {_shown(value)}; the bundle is corrupt")
+
+
+def _check_model_section(config: dict, config_path: Path) -> None:
+    """`model` is an object with a timm name, timm kwargs that fetch nothing, and known options."""
+    model = config["model"]
+    _expect(config_path, "model", model, isinstance(model, dict), "an object (timm_name, timm_kwargs, gate/SAE options)")
+    name = model.get("timm_name", _MISSING)
+    _expect(config_path, "model.timm_name", name, isinstance(name, str) and bool(name), "a timm model name")
+    kwargs = model.get("timm_kwargs", _MISSING)
+    _expect(config_path, "model.timm_kwargs", kwargs, isinstance(kwargs, dict), "an object of timm.create_model arguments")
+    fetching = [key for key in FETCHING_TIMM_KWARGS if kwargs.get(key)]
+    _expect(config_path, "model.timm_kwargs", kwargs, not fetching,
+            f"free of {fetching} (loading a bundle never downloads or unpickles weights)")
+    unknown = sorted(set(model) - {"timm_name", "timm_kwargs", *MODEL_OPTIONS})
+    _expect(config_path, "model", model, not unknown, f"free of unknown keys {unknown} (known: {list(MODEL_OPTIONS)})")
+
+
+def _check_normalization_section(config: dict, config_path: Path) -> None:
+    """`normalization` holds one finite mean and one positive std per input channel."""
+    norm = config["normalization"]
+    _expect(config_path, "normalization", norm, isinstance(norm, dict), "an object with mean and std")
+    for name in ("mean", "std"):
+        values = norm.get(name, _MISSING)
+        _expect(config_path, f"normalization.{name}", values, _is_list_of(values, _is_number), "a list of numbers")
+        problem = _normalization_problem(name, values, config["in_chans"])
+        if problem:
+            raise BundleError(f"{config_path}: {problem}; the bundle is corrupt")
+
+
+def _check_steering_section(config: dict, config_path: Path) -> None:
+    """`steering` is null or names a checksummed file and its row classes."""
+    index = config.get("steering")
+    if index is None:
+        return
+    _expect(config_path, "steering", index, isinstance(index, dict), "null or an object (file, classes, info)")
+    file = index.get("file", _MISSING)
+    _expect(config_path, "steering.file", file, isinstance(file, str) and file in config["files"],
+            f"one of the checksummed files {sorted(config['files'])}")
+    classes = index.get("classes", _MISSING)
+    _expect(config_path, "steering.classes", classes, _is_list_of(classes, lambda c: isinstance(c, str)),
+            "a list of class names, one per steering row")
+    info = index.get("info", [])
+    _expect(config_path, "steering.info", info, isinstance(info, list), "a list")
+
+
+def _check_header_types(config: dict, config_path: Path) -> None:
+    """Every section has the type and form save_bundle writes, so a hand-edited or damaged
+    header fails here with the field named instead of deep inside loading or predicting."""
+    files = config["files"]
+    _expect(config_path, "files", files,
+            isinstance(files, dict) and all(isinstance(d, str) for d in files.values()),
+            "an object mapping file names to sha256 digests")
+    _check_model_section(config, config_path)
+    size = config["image_size"]
+    _expect(config_path, "image_size", size, _is_list_of(size, lambda v: _is_int(v, 1)) and len(size) == 2,
+            "[height, width] in pixels")
+    _expect(config_path, "in_chans", config["in_chans"], _is_int(config["in_chans"], 1), "a positive channel count")
+    _expect(config_path, "num_heads", config["num_heads"], _is_int(config["num_heads"], 1), "a positive head count")
+    _expect(config_path, "gated_blocks", config["gated_blocks"], _is_list_of(config["gated_blocks"], _is_int),
+            "a list of block indices")
+    _expect(config_path, "steer_width", config["steer_width"], _is_int(config["steer_width"]), "a latent count (an integer >= 0)")
+    names = config["class_names"]
+    _expect(config_path, "class_names", names, _is_list_of(names, lambda c: isinstance(c, str)), "a list of class names")
+    _expect(config_path, "extra", config.get("extra", {}), isinstance(config.get("extra", {}), dict), "an object")
+    _check_normalization_section(config, config_path)
+    _check_steering_section(config, config_path)
+
+
 def read_bundle_config(path: Union[str, Path]) -> dict:
-    """Parse and validate `headsteer.json` (format, version, checksums) without building the model."""
+    """Parse and validate `headsteer.json` (format, version, the type of every section, checksums)
+    without building the model."""
     path = Path(path)
     config_path = path / CONFIG_FILE
     if not path.is_dir():
@@ -188,15 +318,18 @@ def read_bundle_config(path: Union[str, Path]) -> dict:
     if not isinstance(config, dict) or config.get("format") != FORMAT_NAME:
         raise BundleError(f"{config_path} is not a {FORMAT_NAME} file")
     version = config.get("format_version")
-    if not isinstance(version, int):
+    if not _is_int(version):
         raise BundleError(f"{config_path} has no integer format_version")
     if version > FORMAT_VERSION:
         raise BundleError(
             f"bundle format version {version} is newer than this headsteer supports ({FORMAT_VERSION}); upgrade headsteer"
         )
-    for key in ("model", "image_size", "normalization", "class_names", "files", "steer_width"):
+    required = ("model", "image_size", "in_chans", "normalization", "class_names", "num_heads", "gated_blocks",
+                "files", "steer_width")
+    for key in required:
         if key not in config:
             raise BundleError(f"{config_path} lacks the required key {key!r}")
+    _check_header_types(config, config_path)
     for name, digest in config["files"].items():
         file_path = path / name
         if not file_path.is_file():
@@ -213,17 +346,51 @@ def _load_tensors(file_path: Path) -> dict:
         raise BundleError(f"cannot read {file_path}: {error}") from None
 
 
+def _build_model(config: dict, config_path: Path) -> GatedViT:
+    """The (untrained) GatedViT the header's model section describes; BundleError if timm or
+    GatedViT refuse it (timm reports e.g. a width not divisible by num_heads as an AssertionError)."""
+    options = {key: value for key, value in config["model"].items() if key in MODEL_OPTIONS}
+    name, timm_kwargs = config["model"]["timm_name"], config["model"]["timm_kwargs"]
+    try:
+        return GatedViT.from_timm(name, timm_kwargs=timm_kwargs, **options)
+    except (TypeError, KeyError, ValueError, AssertionError, RuntimeError) as error:
+        raise BundleError(
+            f"{config_path}: the model section (timm {name!r}, timm_kwargs {_shown(timm_kwargs)}) "
+            f"cannot be built: {type(error).__name__}: {error}; the bundle is corrupt"
+        ) from None
+
+
+def _check_header_matches_model(config: dict, model: GatedViT, config_path: Path) -> None:
+    """The header's shapes are what the Engine and exporters trust: each must be the model's own."""
+    recorded = {
+        "class_names (count)": len(config["class_names"]),
+        "steer_width": config["steer_width"],
+        "image_size": list(config["image_size"]),
+        "in_chans": config["in_chans"],
+        "num_heads": config["num_heads"],
+        "gated_blocks": list(config["gated_blocks"]),
+    }
+    actual = {
+        "class_names (count)": model.vit.num_classes,
+        "steer_width": model.steer_width,
+        "image_size": list(model.image_size),
+        "in_chans": model.vit.patch_embed.proj.in_channels,
+        "num_heads": model.num_heads,
+        "gated_blocks": list(model.gate_blocks),
+    }
+    for field_name, value in recorded.items():
+        if value != actual[field_name]:
+            raise BundleError(
+                f"{config_path}: {field_name} is {value}, but the model it describes has {actual[field_name]}; "
+                "the bundle is corrupt or mismatched"
+            )
+
+
 def load_bundle(path: Union[str, Path], map_location: Union[str, torch.device] = "cpu") -> tuple[GatedViT, BundleInfo]:
     """Rebuild the GatedViT saved at `path` (eval mode) and its BundleInfo."""
     path = Path(path)
     config = read_bundle_config(path)
-    model_config = dict(config["model"])
-    name = model_config.pop("timm_name")
-    timm_kwargs = model_config.pop("timm_kwargs")
-    try:
-        model = GatedViT.from_timm(name, timm_kwargs=timm_kwargs, **model_config)
-    except TypeError as error:
-        raise BundleError(f"{path / CONFIG_FILE} has an unusable model section: {error}") from None
+    model = _build_model(config, path / CONFIG_FILE)
     state = _load_tensors(path / WEIGHTS_FILE)
     expected = model.state_dict()
     missing = sorted(set(expected) - set(state))
@@ -240,6 +407,7 @@ def load_bundle(path: Union[str, Path], map_location: Union[str, torch.device] =
                 f"tensor {name_} in {path / WEIGHTS_FILE} has shape {list(tensor.shape)}; "
                 f"the model expects {list(expected[name_].shape)}"
             )
+    _check_header_matches_model(config, model, path / CONFIG_FILE)
     model.load_state_dict(state)
     model.eval().to(map_location)
 

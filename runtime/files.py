@@ -62,12 +62,36 @@ def staged_directory(final: PathLike) -> Iterator[Path]:
         os.chmod(staging, 0o777 & ~current_umask())  # mkdtemp makes 0700
         yield staging
         if final.exists():
-            retired = Path(tempfile.mkdtemp(prefix=f".{final.name}.old.", dir=final.parent))
-            os.replace(final, retired / final.name)
-            os.replace(staging, final)
-            shutil.rmtree(retired, ignore_errors=True)
+            _swap_in(staging, final)
         else:
             os.replace(staging, final)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
+
+
+def _swap_in(staging: Path, final: Path) -> None:
+    """Replace the existing `final` by `staging`: move the old one aside, move the new one in,
+    then delete the old one. If that is cut short (an error, or Ctrl-C between the two moves),
+    the old `final` is put back, so the path never ends up empty with the old copy hidden."""
+    retired = Path(tempfile.mkdtemp(prefix=f".{final.name}.old.", dir=final.parent))
+    old = retired / final.name
+    try:
+        os.replace(final, old)
+        os.replace(staging, final)
+    except BaseException:
+        _put_back(old, final)
+        raise
+    shutil.rmtree(retired, ignore_errors=True)
+
+
+def _put_back(old: Path, final: Path) -> None:
+    """Undo a half-done swap: move `old` back to `final` if nothing is there, then drop the
+    emptied hiding folder. If the move back fails too, the old copy is kept, never deleted."""
+    if os.path.lexists(old) and not os.path.lexists(final):
+        try:
+            os.replace(old, final)
+        except OSError:
+            return
+    if not os.path.lexists(old):
+        shutil.rmtree(old.parent, ignore_errors=True)

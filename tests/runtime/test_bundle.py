@@ -161,3 +161,131 @@ def test_bundle_gets_the_usual_folder_mode(bundle):
     umask = os.umask(0)
     os.umask(umask)
     assert (path.stat().st_mode & 0o777) == (0o777 & ~umask)
+
+
+# -- a corrupt or inconsistent headsteer.json is a BundleError naming the field, at load time ------
+@pytest.fixture(scope="module")
+def pristine_bundle(tmp_path_factory):
+    model = _model(sae_blocks="all")
+    steering = _steering(model)
+    root = tmp_path_factory.mktemp("pristine")
+    return save_bundle(model, root / "bundle", class_names=steering.class_names, steering=steering, mean=(0.5,) * 3, std=(0.25,) * 3)
+
+
+def _set(*keys, value):
+    """An edit that sets config[keys[0]][keys[1]]... to `value`."""
+    def edit(config):
+        section = config
+        for key in keys[:-1]:
+            section = section[key]
+        section[keys[-1]] = value
+    return edit
+
+
+def _drop(*keys):
+    """An edit that deletes config[keys[0]][keys[1]]..."""
+    def edit(config):
+        section = config
+        for key in keys[:-1]:
+            section = section[key]
+        del section[keys[-1]]
+    return edit
+
+
+CORRUPT_HEADERS = {
+    # sections of the wrong type or missing (were AttributeError / KeyError / TypeError)
+    "files a list": (_set("files", value=[WEIGHTS_FILE]), r"files must be an object"),
+    "model a list": (_set("model", value=[1]), r"model must be an object"),
+    "no timm_name": (_drop("model", "timm_name"), r"model.timm_name must be a timm model name, got nothing"),
+    "timm_kwargs a list": (_set("model", "timm_kwargs", value=[]), r"model.timm_kwargs must be an object"),
+    "unknown model key": (_set("model", "pretrained_file", value="/tmp/x.pth"), r"model must be free of unknown keys \['pretrained_file'\]"),
+    "downloading timm_kwargs": (_set("model", "timm_kwargs", "pretrained", value=True), r"model.timm_kwargs must be free of \['pretrained'\]"),
+    "no mean": (_drop("normalization", "mean"), r"normalization.mean must be a list of numbers, got nothing"),
+    "no steering classes": (_drop("steering", "classes"), r"steering.classes must be a list"),
+    "steering file unlisted": (_set("steering", "file", value="other.safetensors"), r"steering.file must be one of the checksummed files"),
+    "image_size a string": (_set("image_size", value="32"), r"image_size must be \[height, width\]"),
+    "no in_chans": (_drop("in_chans"), r"lacks the required key 'in_chans'"),
+    "format_version a bool": (_set("format_version", value=True), r"no integer format_version"),
+    # a model section timm or GatedViT refuses (was timm's AssertionError / InputError)
+    "num_heads not dividing width": (_set("model", "timm_kwargs", "num_heads", value=5), r"model section .* cannot be built: AssertionError"),
+    "gate block out of range": (_set("model", "gate_blocks", value=[7]), r"model section .* cannot be built: .*gate_blocks index 7"),
+    # normalization that would fail or give NaN at predict time
+    "mean of 2 values": (_set("normalization", "mean", value=[0.1, 0.2]), r"normalization mean needs one value per input channel \(3\)"),
+    "std of zeros": (_set("normalization", "std", value=[0, 0, 0]), r"normalization std must be positive"),
+    "std not finite": (_set("normalization", "std", value=[float("nan"), 1.0, 1.0]), r"normalization std must be finite"),
+    # header fields the Engine and exporters trust, differing from the model built
+    "class names short": (_set("class_names", value=["a", "b", "c"]), r"class_names \(count\) is 3, but the model it describes has 7"),
+    "steer_width": (_set("steer_width", value=5), r"steer_width is 5, but the model it describes has 48"),
+    "image_size": (_set("image_size", value=[16, 16]), r"image_size is \[16, 16\], but the model it describes has \[32, 32\]"),
+    "in_chans": (lambda c: c.update(in_chans=1, normalization=dict(mean=[0.5], std=[0.25])), r"in_chans is 1, but the model it describes has 3"),
+    "num_heads": (_set("num_heads", value=4), r"num_heads is 4, but the model it describes has 3"),
+    "gated_blocks": (_set("gated_blocks", value=[0]), r"gated_blocks is \[0\], but the model it describes has \[0, 1\]"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CORRUPT_HEADERS))
+def test_corrupt_header_is_a_bundle_error_naming_the_field(pristine_bundle, tmp_path, case):
+    import shutil
+
+    from headsteer.runtime.engine import Engine
+
+    edit, match = CORRUPT_HEADERS[case]
+    path = tmp_path / "bundle"
+    shutil.copytree(pristine_bundle, path)
+    config = json.loads((path / CONFIG_FILE).read_text())
+    edit(config)
+    (path / CONFIG_FILE).write_text(json.dumps(config))
+    with pytest.raises(BundleError, match=match) as raised:
+        load_bundle(path)
+    if "cannot be built" not in match and "format_version" not in match:
+        assert str(path / CONFIG_FILE) in str(raised.value)
+    with pytest.raises(BundleError, match=match):
+        Engine.load(path, backend="compact")  # fails in load, so no predict can ever run on it
+
+
+def test_pristine_bundle_loads(pristine_bundle):
+    """The corrupt-header cases above start from a bundle that loads."""
+    model, info = load_bundle(pristine_bundle)
+    assert len(info.class_names) == model.vit.num_classes == 7 and info.std == (0.25,) * 3
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(mean=(0.5, 0.5)), r"normalization mean needs one value per input channel \(3\)"),
+        (dict(std=(0.0, 0.0, 0.0)), r"normalization std must be positive"),
+        (dict(std=(0.2, -0.1, 0.2)), r"normalization std must be positive"),
+        (dict(mean=(float("inf"), 0.5, 0.5)), r"normalization mean must be finite"),
+        (dict(std=("a", "b", "c")), r"normalization std must be a sequence of numbers"),
+        (dict(mean=0.5), r"normalization mean must be a sequence of numbers"),
+    ],
+)
+def test_save_refuses_bad_normalization_before_writing(tmp_path, kwargs, match):
+    with pytest.raises(InputError, match=match):
+        save_bundle(_model(), tmp_path / "b", **kwargs)
+    assert list(tmp_path.iterdir()) == []
+
+
+# -- overwriting a bundle cut short between its two renames keeps the old one ----------------------
+@pytest.mark.parametrize("interruption", [KeyboardInterrupt, OSError])
+def test_interrupted_overwrite_puts_the_old_bundle_back(bundle, tmp_path, monkeypatch, interruption):
+    import headsteer.runtime.files as files_module
+
+    model, _, path = bundle
+    before = {p.name: p.read_bytes() for p in path.iterdir()}
+    real_replace, calls = files_module.os.replace, []
+
+    def replace_cut_after_the_old_one_moved(src, dst):
+        calls.append((src, dst))
+        if len(calls) == 2:  # the old bundle is aside, the new one not yet in place
+            raise interruption("interrupted")
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(files_module.os, "replace", replace_cut_after_the_old_one_moved)
+    with pytest.raises(interruption):
+        save_bundle(model, path, overwrite=True)
+    monkeypatch.setattr(files_module.os, "replace", real_replace)
+    assert len(calls) >= 2  # it was cut after the old bundle moved aside
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bundle"]  # no staging or hidden old copy left
+    assert {p.name: p.read_bytes() for p in path.iterdir()} == before
+    load_bundle(path)
