@@ -619,16 +619,22 @@ def main(argv: list[str] | None = None) -> int:
             write_text_atomic(args.json, json.dumps(results, indent=2))
         return 0
     device = torch.cuda.get_device_name()
-    date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    command = "python -m headsteer.bench.kernels " + " ".join(argv if argv is not None else sys.argv[1:])
+    date, command = run_stamp(argv)
     results = run_benchmark()
-    text = markdown(results, device, date, command.strip())
+    text = markdown(results, device, date, command)
     print(text)
     if args.json:
-        write_text_atomic(args.json, json.dumps(dict(device=device, date=date, command=command.strip(), **results), indent=2))
+        write_text_atomic(args.json, json.dumps(dict(device=device, date=date, command=command, **results), indent=2))
     if args.md:
         write_text_atomic(args.md, text)
     return 0
+
+
+def run_stamp(argv: list[str] | None) -> tuple[str, str]:
+    """(UTC date, the command line) that a measured table is recorded with."""
+    date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    command = "python -m headsteer.bench.kernels " + " ".join(argv if argv is not None else sys.argv[1:])
+    return date, command.strip()
 
 
 def host_main(repeats: int, json_path: str | None, argv: list[str] | None) -> int:
@@ -648,10 +654,9 @@ def host_main(repeats: int, json_path: str | None, argv: list[str] | None) -> in
         with compile_only():
             rows = host_costs(repeats)
     if json_path:
-        date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-        command = "python -m headsteer.bench.kernels " + " ".join(argv if argv is not None else sys.argv[1:])
+        date, command = run_stamp(argv)
         write_text_atomic(json_path, json.dumps(dict(
-            device=device, date=date, command=command.strip(), torch=torch.__version__,
+            device=device, date=date, command=command, torch=torch.__version__,
             triton=__import__("triton").__version__, launched=cuda, host=rows), indent=2))
     return 0
 

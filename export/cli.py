@@ -38,7 +38,9 @@ def run(args: argparse.Namespace) -> int:
 
     read_bundle_config(args.bundle)  # a bad bundle fails before anything is exported
     out = Path(args.out)
-    opt_batch = args.opt_batch if args.opt_batch is not None else max(args.min_batch, min(8, args.max_batch))
+    from headsteer.export.tensorrt import default_opt_batch  # (importable without tensorrt)
+
+    opt_batch = args.opt_batch if args.opt_batch is not None else default_opt_batch(args.min_batch, args.max_batch)
     if args.format == "onnx":
         from headsteer.export.onnx_export import steering_path_for, to_onnx
 

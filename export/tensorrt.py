@@ -51,6 +51,11 @@ def _require_cuda(what: str) -> None:
         raise MissingDependencyError(f"{what} needs a CUDA device, and torch sees none (TensorRT runs on NVIDIA GPUs only)")
 
 
+def default_opt_batch(min_batch: int, max_batch: int) -> int:
+    """The batch a profile is tuned for when none is given: 8, within [min_batch, max_batch]."""
+    return max(min_batch, min(8, max_batch))
+
+
 def _check_batches(min_batch: int, opt_batch: int, max_batch: int) -> None:
     for name, value in (("min_batch", min_batch), ("opt_batch", opt_batch), ("max_batch", max_batch)):
         if not isinstance(value, int) or value < 1:

@@ -152,11 +152,11 @@ def _check_plan_args(precision: str, min_batch: int, opt_batch: Optional[int], m
     """Check a plan's precision and profile batches before anything is exported; returns opt_batch
     (default min(8, max_batch_size)). Triton's dynamic batcher sends any batch from 1 to
     max_batch_size, so the profile must start at 1."""
-    from headsteer.export.tensorrt import PRECISIONS, _check_batches  # importable without tensorrt
+    from headsteer.export.tensorrt import PRECISIONS, _check_batches, default_opt_batch  # importable without tensorrt
 
     if precision not in PRECISIONS:
         raise InputError(f"precision must be one of {PRECISIONS}, got {precision!r}")
-    opt_batch = opt_batch if opt_batch is not None else max(min_batch, min(8, max_batch_size))
+    opt_batch = opt_batch if opt_batch is not None else default_opt_batch(min_batch, max_batch_size)
     _check_batches(min_batch, opt_batch, max_batch_size)
     if min_batch != 1:
         raise InputError(

@@ -349,7 +349,8 @@ def _load_tensors(file_path: Path) -> dict:
 def _build_model(config: dict, config_path: Path) -> GatedViT:
     """The (untrained) GatedViT the header's model section describes; BundleError if timm or
     GatedViT refuse it (timm reports e.g. a width not divisible by num_heads as an AssertionError)."""
-    options = {key: value for key, value in config["model"].items() if key in MODEL_OPTIONS}
+    # (`_check_model_section` allowed only timm_name, timm_kwargs and MODEL_OPTIONS)
+    options = {key: value for key, value in config["model"].items() if key not in ("timm_name", "timm_kwargs")}
     name, timm_kwargs = config["model"]["timm_name"], config["model"]["timm_kwargs"]
     try:
         return GatedViT.from_timm(name, timm_kwargs=timm_kwargs, **options)
@@ -362,26 +363,18 @@ def _build_model(config: dict, config_path: Path) -> GatedViT:
 
 def _check_header_matches_model(config: dict, model: GatedViT, config_path: Path) -> None:
     """The header's shapes are what the Engine and exporters trust: each must be the model's own."""
-    recorded = {
-        "class_names (count)": len(config["class_names"]),
-        "steer_width": config["steer_width"],
-        "image_size": list(config["image_size"]),
-        "in_chans": config["in_chans"],
-        "num_heads": config["num_heads"],
-        "gated_blocks": list(config["gated_blocks"]),
-    }
-    actual = {
-        "class_names (count)": model.vit.num_classes,
-        "steer_width": model.steer_width,
-        "image_size": list(model.image_size),
-        "in_chans": model.vit.patch_embed.proj.in_channels,
-        "num_heads": model.num_heads,
-        "gated_blocks": list(model.gate_blocks),
-    }
-    for field_name, value in recorded.items():
-        if value != actual[field_name]:
+    fields = (  # (name, the header's value, the model's)
+        ("class_names (count)", len(config["class_names"]), model.vit.num_classes),
+        ("steer_width", config["steer_width"], model.steer_width),
+        ("image_size", list(config["image_size"]), list(model.image_size)),
+        ("in_chans", config["in_chans"], model.vit.patch_embed.proj.in_channels),
+        ("num_heads", config["num_heads"], model.num_heads),
+        ("gated_blocks", list(config["gated_blocks"]), list(model.gate_blocks)),
+    )
+    for field_name, recorded, actual in fields:
+        if recorded != actual:
             raise BundleError(
-                f"{config_path}: {field_name} is {value}, but the model it describes has {actual[field_name]}; "
+                f"{config_path}: {field_name} is {recorded}, but the model it describes has {actual}; "
                 "the bundle is corrupt or mismatched"
             )
 
