@@ -32,6 +32,7 @@ FORMAT_VERSION = 1
 CONFIG_FILE = "headsteer.json"
 WEIGHTS_FILE = "model.safetensors"
 STEERING_FILE = "steering.safetensors"
+BUNDLE_FILES = (WEIGHTS_FILE, STEERING_FILE)  # every file a bundle may hold besides its header
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 # What a bundle's model section may pass to GatedViT.from_timm: its options, never
@@ -62,6 +63,9 @@ class SteeringTable:
                 f"steering table needs scale and shift of shape [{rows}, S_total], "
                 f"got {tuple(self.scale.shape)} and {tuple(self.shift.shape)}"
             )
+        repeated = sorted({name for name in self.class_names if self.class_names.count(name) > 1})
+        if repeated:
+            raise InputError(f"steering table class names must be unique (a name picks one row), repeated: {repeated}")
 
     @property
     def width(self) -> int:
@@ -107,6 +111,14 @@ class BundleInfo:
     extra: dict
 
 
+def _sae_sites(model: GatedViT) -> list[dict]:
+    """The header's `sae_sites`: where each SAE reads and which latent columns of steering it owns."""
+    return [
+        dict(block=block, width=width, offset=offset, activation=model.sae_activation, k=model.sae_k)
+        for block, width, offset in zip(model.sae_blocks, model.sae_widths, model.sae_offsets)
+    ]
+
+
 def _sha256(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as handle:
@@ -142,6 +154,13 @@ def save_bundle(
         raise InputError(f"{len(class_names)} class names for a model with {num_classes} classes")
     if steering is not None and steering.width != model.steer_width:
         raise InputError(f"steering table is {steering.width} wide; the model's steer_width is {model.steer_width}")
+    if steering is not None:
+        foreign = [name for name in steering.class_names if name not in class_names]
+        if foreign:
+            raise InputError(
+                f"the steering table has rows for classes the model does not have: {foreign[:8]}; "
+                "its class names must be among the bundle's class_names"
+            )
     if path.exists() and not overwrite:
         raise BundleError(f"{path} already exists; pass overwrite=True to replace it")
     in_chans = model.vit.patch_embed.proj.in_channels
@@ -169,10 +188,7 @@ def save_bundle(
             class_names=class_names,
             num_heads=model.num_heads,
             gated_blocks=model.gate_blocks,
-            sae_sites=[
-                dict(block=block, width=width, offset=offset, activation=model.sae_activation, k=model.sae_k)
-                for block, width, offset in zip(model.sae_blocks, model.sae_widths, model.sae_offsets)
-            ],
+            sae_sites=_sae_sites(model),
             steer_width=model.steer_width,
             steering=steering_index,
             files=files,
@@ -263,8 +279,29 @@ def _check_normalization_section(config: dict, config_path: Path) -> None:
             raise BundleError(f"{config_path}: {problem}; the bundle is corrupt")
 
 
+def _check_files_section(config: dict, config_path: Path) -> None:
+    """`files` maps the bundle's own file names (the weights, and the steering table if any) to
+    sha256 digests: nothing outside the bundle directory is ever read or hashed."""
+    files = config["files"]
+    _expect(config_path, "files", files, isinstance(files, dict), "an object mapping file names to sha256 digests")
+    unknown = sorted(set(files) - set(BUNDLE_FILES))
+    _expect(config_path, "files", files, not unknown, f"free of names other than {list(BUNDLE_FILES)}, found {unknown}")
+    _expect(config_path, "files", files, WEIGHTS_FILE in files, f"an object listing {WEIGHTS_FILE}")
+    for name, digest in files.items():
+        _expect(config_path, f"files.{name}", digest,
+                isinstance(digest, str) and len(digest) == 64 and all(c in "0123456789abcdef" for c in digest),
+                "a sha256 digest (64 lowercase hex digits)")
+
+
+def _is_sae_site(site) -> bool:
+    return (isinstance(site, dict) and set(site) == {"block", "width", "offset", "activation", "k"}
+            and _is_int(site["block"]) and _is_int(site["width"], 1) and _is_int(site["offset"])
+            and isinstance(site["activation"], str) and (site["k"] is None or _is_int(site["k"], 1)))
+
+
 def _check_steering_section(config: dict, config_path: Path) -> None:
-    """`steering` is null or names a checksummed file and its row classes."""
+    """`steering` is null or names a checksummed file and its row classes: unique names, each
+    one of the bundle's classes, with per-row provenance for every row or none."""
     index = config.get("steering")
     if index is None:
         return
@@ -275,17 +312,20 @@ def _check_steering_section(config: dict, config_path: Path) -> None:
     classes = index.get("classes", _MISSING)
     _expect(config_path, "steering.classes", classes, _is_list_of(classes, lambda c: isinstance(c, str)),
             "a list of class names, one per steering row")
+    repeated = sorted({name for name in classes if classes.count(name) > 1})
+    _expect(config_path, "steering.classes", classes, not repeated, f"free of repeated names, found {repeated}")
+    foreign = [name for name in classes if name not in config["class_names"]]
+    _expect(config_path, "steering.classes", classes, not foreign,
+            f"names among class_names, found {foreign[:8]}")
     info = index.get("info", [])
-    _expect(config_path, "steering.info", info, isinstance(info, list), "a list")
+    _expect(config_path, "steering.info", info, isinstance(info, list) and len(info) in (0, len(classes)),
+            f"a list with one entry per steering row ({len(classes)}) or none")
 
 
 def _check_header_types(config: dict, config_path: Path) -> None:
     """Every section has the type and form save_bundle writes, so a hand-edited or damaged
     header fails here with the field named instead of deep inside loading or predicting."""
-    files = config["files"]
-    _expect(config_path, "files", files,
-            isinstance(files, dict) and all(isinstance(d, str) for d in files.values()),
-            "an object mapping file names to sha256 digests")
+    _check_files_section(config, config_path)
     _check_model_section(config, config_path)
     size = config["image_size"]
     _expect(config_path, "image_size", size, _is_list_of(size, lambda v: _is_int(v, 1)) and len(size) == 2,
@@ -297,6 +337,8 @@ def _check_header_types(config: dict, config_path: Path) -> None:
     _expect(config_path, "steer_width", config["steer_width"], _is_int(config["steer_width"]), "a latent count (an integer >= 0)")
     names = config["class_names"]
     _expect(config_path, "class_names", names, _is_list_of(names, lambda c: isinstance(c, str)), "a list of class names")
+    _expect(config_path, "sae_sites", config["sae_sites"], _is_list_of(config["sae_sites"], _is_sae_site),
+            "a list of {block, width, offset, activation, k} objects, one per SAE")
     _expect(config_path, "extra", config.get("extra", {}), isinstance(config.get("extra", {}), dict), "an object")
     _check_normalization_section(config, config_path)
     _check_steering_section(config, config_path)
@@ -325,7 +367,7 @@ def read_bundle_config(path: Union[str, Path]) -> dict:
             f"bundle format version {version} is newer than this headsteer supports ({FORMAT_VERSION}); upgrade headsteer"
         )
     required = ("model", "image_size", "in_chans", "normalization", "class_names", "num_heads", "gated_blocks",
-                "files", "steer_width")
+                "sae_sites", "files", "steer_width")
     for key in required:
         if key not in config:
             raise BundleError(f"{config_path} lacks the required key {key!r}")
@@ -370,6 +412,7 @@ def _check_header_matches_model(config: dict, model: GatedViT, config_path: Path
         ("in_chans", config["in_chans"], model.vit.patch_embed.proj.in_channels),
         ("num_heads", config["num_heads"], model.num_heads),
         ("gated_blocks", list(config["gated_blocks"]), list(model.gate_blocks)),
+        ("sae_sites", config["sae_sites"], _sae_sites(model)),
     )
     for field_name, recorded, actual in fields:
         if recorded != actual:

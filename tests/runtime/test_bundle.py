@@ -138,6 +138,9 @@ def test_save_validates_before_writing(tmp_path):
         save_bundle(model, tmp_path / "b", class_names=["a", "b"])
     with pytest.raises(InputError, match="steer_width"):
         save_bundle(model, tmp_path / "b", steering=SteeringTable(["a"], torch.ones(1, 3), torch.zeros(1, 3)))
+    width = model.steer_width
+    with pytest.raises(InputError, match=r"rows for classes the model does not have: \['zebra'\]"):
+        save_bundle(model, tmp_path / "b", steering=SteeringTable(["1", "zebra"], torch.ones(2, width), torch.zeros(2, width)))
     instance_model = GatedViT.from_timm(model.vit)
     with pytest.raises(BundleError, match="from_timm\\(name"):
         save_bundle(instance_model, tmp_path / "b")
@@ -152,6 +155,8 @@ def test_steering_table_lookup_errors():
         table.rows([2])
     with pytest.raises(InputError, match="shape"):
         SteeringTable(["cat"], torch.ones(2, 4), torch.zeros(2, 4))
+    with pytest.raises(InputError, match=r"class names must be unique .*repeated: \['cat'\]"):
+        SteeringTable(["cat", "dog", "cat"], torch.ones(3, 4), torch.zeros(3, 4))
 
 
 def test_bundle_gets_the_usual_folder_mode(bundle):
@@ -205,6 +210,18 @@ CORRUPT_HEADERS = {
     "steering file unlisted": (_set("steering", "file", value="other.safetensors"), r"steering.file must be one of the checksummed files"),
     "image_size a string": (_set("image_size", value="32"), r"image_size must be \[height, width\]"),
     "no in_chans": (_drop("in_chans"), r"lacks the required key 'in_chans'"),
+    # files outside the bundle, or malformed digests and SAE sites (were read, hashed, or a KeyError in `info`)
+    "file outside the bundle": (_set("files", "../elsewhere.safetensors", value="0" * 64), r"files must be free of names other than"),
+    "absolute file": (_set("files", "/etc/hostname", value="0" * 64), r"files must be free of names other than"),
+    "no weights checksum": (_drop("files", WEIGHTS_FILE), r"files must be an object listing model.safetensors"),
+    "digest not hex": (_set("files", WEIGHTS_FILE, value="x" * 64), r"files.model.safetensors must be a sha256 digest"),
+    "no sae_sites": (_drop("sae_sites"), r"lacks the required key 'sae_sites'"),
+    "sae site without block": (_drop("sae_sites", 0, "block"), r"sae_sites must be a list of \{block, width"),
+    "sae site k a string": (_set("sae_sites", 1, "k", value="3"), r"sae_sites must be a list of \{block, width"),
+    # steering rows a name cannot pick unambiguously, or for classes the model lacks
+    "repeated steering class": (_set("steering", "classes", 1, value="class0"), r"steering.classes must be free of repeated names, found \['class0'\]"),
+    "foreign steering class": (_set("steering", "classes", 2, value="zebra"), r"steering.classes must be names among class_names, found \['zebra'\]"),
+    "steering info short": (_set("steering", "info", value=[{}]), r"steering.info must be a list with one entry per steering row \(7\) or none"),
     "format_version a bool": (_set("format_version", value=True), r"no integer format_version"),
     # a model section timm or GatedViT refuses (was timm's AssertionError / InputError)
     "num_heads not dividing width": (_set("model", "timm_kwargs", "num_heads", value=5), r"model section .* cannot be built: AssertionError"),
@@ -214,7 +231,9 @@ CORRUPT_HEADERS = {
     "std of zeros": (_set("normalization", "std", value=[0, 0, 0]), r"normalization std must be positive"),
     "std not finite": (_set("normalization", "std", value=[float("nan"), 1.0, 1.0]), r"normalization std must be finite"),
     # header fields the Engine and exporters trust, differing from the model built
-    "class names short": (_set("class_names", value=["a", "b", "c"]), r"class_names \(count\) is 3, but the model it describes has 7"),
+    "class names short": (lambda c: c.update(class_names=["a", "b", "c"], steering=None),
+                          r"class_names \(count\) is 3, but the model it describes has 7"),
+    "sae site width": (_set("sae_sites", 0, "width", value=16), r"sae_sites is .*, but the model it describes has"),
     "steer_width": (_set("steer_width", value=5), r"steer_width is 5, but the model it describes has 48"),
     "image_size": (_set("image_size", value=[16, 16]), r"image_size is \[16, 16\], but the model it describes has \[32, 32\]"),
     "in_chans": (lambda c: c.update(in_chans=1, normalization=dict(mean=[0.5], std=[0.25])), r"in_chans is 1, but the model it describes has 3"),
