@@ -53,6 +53,49 @@ class GatedViTOutput(HeadUsage):
     latents: dict = field(default_factory=dict)
 
 
+class _GateDecisions:
+    """Each gated block's gate logits, keep mask and head weight, for GatedViTOutput's [B, L_gated, H].
+
+    At inference on the CPU, logits and keep are copied into [L_gated, B, H] buffers allocated at
+    the first gated block instead of living until the forward ends: glibc carves such small
+    long-lived tensors out of the holes that each MLP's freed activations leave, so every MLP took
+    fresh pages (about 1,300 page faults per vit_small forward at batch 1). Elsewhere they are
+    kept in lists: CUDA's caching allocator has no such problem and each copy would be one more
+    launch, and in training the straight-through head weights carry gradients."""
+
+    def __init__(self, count: int, buffered: bool):
+        self.count, self.buffered, self.filled = count, buffered, 0
+        self.logits, self.keep, self.weights = [], [], []
+
+    def add(self, logits: torch.Tensor, keep: torch.Tensor, weight: Optional[torch.Tensor]) -> None:
+        if not self.buffered:
+            self.logits.append(logits)
+            self.keep.append(keep)
+            self.weights.append(weight)
+        else:
+            if self.filled == 0:
+                self.logits = logits.new_empty(self.count, *logits.shape)
+                self.keep = keep.new_empty(self.count, *keep.shape)
+            self.logits[self.filled] = logits
+            self.keep[self.filled] = keep
+        self.filled += 1
+
+    def stacked(self, batch: int, heads: int, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(gate_logits, head_mask, head_weight), each [B, L_gated, H]."""
+        if self.filled == 0:
+            head_mask = torch.zeros(batch, 0, heads, dtype=torch.bool, device=like.device)
+            return like.new_zeros(batch, 0, heads), head_mask, like.new_zeros(batch, 0, heads)
+        if self.buffered:
+            gate_logits = self.logits.transpose(0, 1).contiguous()
+            head_mask = self.keep.transpose(0, 1).contiguous()
+            return gate_logits, head_mask, head_mask.to(like.dtype)
+        gate_logits = torch.stack(self.logits, dim=1)
+        head_mask = torch.stack(self.keep, dim=1)
+        weights = self.weights
+        head_weight = head_mask.to(like.dtype) if weights[0] is None else torch.stack(weights, dim=1)
+        return gate_logits, head_mask, head_weight
+
+
 class HeadGate(nn.Module):
     """AdaViT-style head gate: `LayerNorm -> Linear(D, G) -> GELU -> Linear(G, H)` on the decision
     vector. Training uses a straight-through Gumbel-sigmoid; inference thresholds at logit 0
@@ -399,7 +442,7 @@ class GatedViT(nn.Module):
         backend: str = "reference",
         return_latents: bool = False,
     ):
-        """Tokens after the final norm, plus per-gated-block (logits, keep, weight) and latents."""
+        """Tokens after the final norm, the gated blocks' `_GateDecisions`, and latents."""
         vit = self.vit
         x = vit.patch_embed(pixel_values)
         x = vit._pos_embed(x)
@@ -407,14 +450,15 @@ class GatedViT(nn.Module):
         x = vit.norm_pre(x)
         has_class_token = getattr(vit, "cls_token", None) is not None
         gated = set(self.gate_blocks)
-        decisions, latents = [], ({} if return_latents else None)
+        decisions = _GateDecisions(len(gated), buffered=not self.training and x.device.type == "cpu")
+        latents = {} if return_latents else None
         for index, block in enumerate(vit.blocks):
             if index not in gated:
                 x = block(x)
                 continue
             e = reference.decision_vector(x, vit.num_prefix_tokens, has_class_token)
             logits, keep, weight = self._decide(index, e, steer_scale, steer_shift, budget, backend, latents)
-            decisions.append((logits, keep, weight))
+            decisions.add(logits, keep, weight)
             if not self.training and isinstance(block.ls1, (nn.Identity, LayerScale)):
                 # x + ls1(attention): one call, so the triton backend adds it in its epilogue
                 # (drop_path1 is the identity at inference).
@@ -449,16 +493,7 @@ class GatedViT(nn.Module):
         x, decisions, latents = self.forward_features(
             pixel_values, steer_scale, steer_shift, budget, backend, return_latents
         )
-        batch, heads = pixel_values.shape[0], self.num_heads
-        if decisions:
-            gate_logits = torch.stack([d[0] for d in decisions], dim=1)
-            head_mask = torch.stack([d[1] for d in decisions], dim=1)
-            weights = [d[2] for d in decisions]
-            head_weight = head_mask.to(x.dtype) if weights[0] is None else torch.stack(weights, dim=1)
-        else:
-            gate_logits = x.new_zeros(batch, 0, heads)
-            head_mask = torch.zeros(batch, 0, heads, dtype=torch.bool, device=x.device)
-            head_weight = x.new_zeros(batch, 0, heads)
+        gate_logits, head_mask, head_weight = decisions.stacked(pixel_values.shape[0], self.num_heads, x)
         return GatedViTOutput(
             logits=self.forward_head(x),
             head_mask=head_mask,

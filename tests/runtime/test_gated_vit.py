@@ -266,3 +266,27 @@ def test_training_with_a_budget_runs_on_every_backend():
         out = model(torch.randn(2, 3, 32, 32), budget=0.67, backend=backend)
         assert (out.head_mask.sum(-1) == 2).all()
         out.logits.sum().backward()
+
+
+@pytest.mark.parametrize("batch, blocks", [(1, 1), (5, 4), (3, 0)])
+def test_buffered_gate_decisions_equal_the_stacked_lists(batch, blocks):
+    """At inference on the CPU each block's gate outputs are copied into preallocated buffers;
+    elsewhere they are stacked from lists. Both give the same [B, L_gated, H] tensors."""
+    from headsteer.runtime.gated_vit import _GateDecisions
+
+    heads = 6
+    like = torch.randn(batch, 7, 16, dtype=torch.bfloat16)
+    per_block = [(torch.randn(batch, heads), torch.rand(batch, heads) > 0.5) for _ in range(blocks)]
+    results = []
+    for buffered in (True, False):
+        decisions = _GateDecisions(blocks, buffered=buffered)
+        for logits, keep in per_block:
+            decisions.add(logits.clone(), keep.clone(), None)
+        results.append(decisions.stacked(batch, heads, like))
+    for buffered, listed in zip(*results):
+        assert buffered.shape == (batch, blocks, heads) and buffered.is_contiguous()
+        assert buffered.dtype == listed.dtype and torch.equal(buffered, listed)
+    gate_logits, head_mask, head_weight = results[0]
+    assert head_weight.dtype == torch.bfloat16 and torch.equal(head_weight, head_mask.to(torch.bfloat16))
+    if blocks:
+        assert torch.equal(gate_logits[:, -1], per_block[-1][0]) and torch.equal(head_mask[:, 0], per_block[0][1])
