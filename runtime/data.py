@@ -385,3 +385,26 @@ def _make_splits(train: ImageDataset, val: ImageDataset, test: ImageDataset) -> 
     if not torch.all(std > 0):
         raise DataError(f"train images have a constant channel (std {std.tolist()}); cannot normalize")
     return Splits(train, val, test, tuple(mean.tolist()), tuple(std.tolist()))
+
+
+# --- what a bundle records of its data ---------------------------------------------------------
+
+
+def data_record(spec: str, split_seed: int) -> dict:
+    """A bundle's `extra["data"]`: the data spec it was trained on and the seed of its
+    train/val/test split, so later stages and `eval` split the same way (another seed would
+    put training images into their validation or test split)."""
+    return {"spec": spec, "split_seed": int(split_seed)}
+
+
+def recorded_split_seed(extra: dict) -> int | None:
+    """The split seed a bundle's `extra` records: `extra["data"]["split_seed"]`, or for bundles
+    written before that was recorded, the `seed` of the first training stage; None if neither."""
+    record = extra.get("data") if isinstance(extra, dict) else None
+    if isinstance(record, dict) and isinstance(record.get("split_seed"), int):
+        return record["split_seed"]
+    for stage in extra.get("stages", []) if isinstance(extra, dict) else []:
+        seed = stage.get("config", {}).get("seed") if isinstance(stage, dict) else None
+        if isinstance(seed, int) and not isinstance(seed, bool):
+            return seed
+    return None
