@@ -24,7 +24,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from headsteer.runtime.errors import BundleError, InputError
-from headsteer.runtime.files import staged_directory
+from headsteer.runtime.files import give_usual_file_mode, staged_directory
 from headsteer.runtime.gated_vit import GatedViT
 
 FORMAT_NAME = "headsteer-bundle"
@@ -169,6 +169,7 @@ def save_bundle(
     with staged_directory(path) as staging:
         state = {name: tensor.detach().cpu().contiguous() for name, tensor in model.state_dict().items()}
         save_file(state, staging / WEIGHTS_FILE)
+        give_usual_file_mode(staging / WEIGHTS_FILE)
         files = {WEIGHTS_FILE: _sha256(staging / WEIGHTS_FILE)}
         steering_index = None
         if steering is not None:
@@ -176,6 +177,7 @@ def save_bundle(
                 {"steer_scale": steering.scale.float().contiguous(), "steer_shift": steering.shift.float().contiguous()},
                 staging / STEERING_FILE,
             )
+            give_usual_file_mode(staging / STEERING_FILE)
             files[STEERING_FILE] = _sha256(staging / STEERING_FILE)
             steering_index = dict(file=STEERING_FILE, classes=list(steering.class_names), info=list(steering.info))
         config = dict(

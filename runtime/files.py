@@ -20,6 +20,12 @@ def current_umask() -> int:
     return mask
 
 
+def give_usual_file_mode(path: PathLike) -> None:
+    """Set the mode a plain `open(path, "w")` would have given (0666 less the umask): mkstemp and
+    safetensors' writer make files 0600, which another account (e.g. a serving process) cannot read."""
+    os.chmod(path, 0o666 & ~current_umask())
+
+
 @contextmanager
 def atomic_path(final: PathLike, suffix: str = "") -> Iterator[Path]:
     """Yield a unique temporary path beside `final` (ending in `suffix`, so tools that infer a
@@ -34,7 +40,7 @@ def atomic_path(final: PathLike, suffix: str = "") -> Iterator[Path]:
     temp = Path(name)
     try:
         yield temp
-        os.chmod(temp, 0o666 & ~current_umask())  # mkstemp makes 0600; give the usual file mode
+        give_usual_file_mode(temp)
         os.replace(temp, final)
     except BaseException:
         temp.unlink(missing_ok=True)

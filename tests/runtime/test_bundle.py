@@ -159,13 +159,16 @@ def test_steering_table_lookup_errors():
         SteeringTable(["cat", "dog", "cat"], torch.ones(3, 4), torch.zeros(3, 4))
 
 
-def test_bundle_gets_the_usual_folder_mode(bundle):
+def test_bundle_gets_the_usual_folder_and_file_modes(bundle):
     import os
 
     _, _, path = bundle
     umask = os.umask(0)
     os.umask(umask)
     assert (path.stat().st_mode & 0o777) == (0o777 & ~umask)
+    # safetensors writes 0600: a server running under another account could not read the weights
+    for name in ("headsteer.json", "model.safetensors", "steering.safetensors"):
+        assert ((path / name).stat().st_mode & 0o777) == (0o666 & ~umask), name
 
 
 # -- a corrupt or inconsistent headsteer.json is a BundleError naming the field, at load time ------
