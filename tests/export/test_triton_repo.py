@@ -8,6 +8,7 @@ import pytest
 
 from headsteer.export.triton_repo import ONNX_TO_TRITON, parse_pbtxt, render_config
 from headsteer.runtime.cli import main
+from headsteer.runtime.files import current_umask
 
 from .conftest import CLASS_NAMES
 
@@ -29,6 +30,10 @@ def test_triton_repository_matches_the_exported_model(exported, tmp_path, capsys
     model_dir = repo / "steered_vit"
     assert sorted(p.name for p in model_dir.iterdir()) == ["1", "config.pbtxt", "labels.txt", "steering.json"]
     assert [p.name for p in (model_dir / "1").iterdir()] == ["model.onnx"]
+    # the server usually runs under another account: everything must have the usual modes
+    umask = current_umask()
+    for path in [model_dir, *model_dir.rglob("*")]:
+        assert (path.stat().st_mode & 0o777) == ((0o777 if path.is_dir() else 0o666) & ~umask), path
     assert not [p for p in repo.iterdir() if p.name.startswith(".")]  # no staging leftovers
 
     config = parse_pbtxt((model_dir / "config.pbtxt").read_text())
