@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import operator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional, Sequence, Union
@@ -237,7 +238,19 @@ class Engine:
             return None, None
         if self.info.steering is None:
             raise InputError("this bundle has no steering table; steer must be None")
-        return self.info.steering.rows(targets)
+        return self.info.steering.rows([self._steering_class(target) for target in targets])
+
+    def _steering_class(self, target: SteerTarget) -> SteerTarget:
+        """A steer target as a class name: an index is one of the bundle's classes (as in
+        `steer=labels`), not a row of the steering table, whose rows may be in another order or
+        cover only some classes."""
+        if target is None or isinstance(target, (str, bool)) or not hasattr(target, "__index__"):
+            return target  # names, and non-targets for SteeringTable to refuse
+        index = operator.index(target)
+        names = self.info.class_names
+        if not 0 <= index < len(names):
+            raise InputError(f"steering class index {index} out of range [0, {len(names)})")
+        return names[index]
 
     # -- inference ----------------------------------------------------------------------------
     def _explicit_steering(self, vector, name: str, batch: int) -> torch.Tensor:
@@ -264,8 +277,8 @@ class Engine:
         steer_scale: Optional[torch.Tensor] = None,
         steer_shift: Optional[torch.Tensor] = None,
     ) -> Prediction:
-        """Classify a batch. `steer`: None, a class name or index, or a per-sample list of them
-        (None items = unsteered). Or give raw `steer_scale`/`steer_shift` vectors ([B, S_total]
+        """Classify a batch. `steer`: None, a class name or index (of the bundle's classes), or a
+        per-sample list of them (None items = unsteered). Or give raw `steer_scale`/`steer_shift` vectors ([B, S_total]
         or [S_total]; the missing one is identity) instead of `steer`. `budget`: force
         round(budget*H) heads per gated block."""
         pixels = self.preprocess(images)

@@ -215,3 +215,22 @@ def test_more_bad_requests_are_clear_errors(bundle_path, engine, monkeypatch):
 def test_options_a_runner_does_not_take_are_clear_errors(bundle_path, backend, options, accepted):
     with pytest.raises(InputError, match=rf"backend '{backend}' does not take the option\(s\) \[.*'{sorted(options)[0]}'.*{accepted}"):
         Engine.load(bundle_path, backend=backend, **options)
+
+
+def test_a_steering_index_is_a_class_of_the_bundle_not_a_table_row(tmp_path):
+    """A table may list its rows in another order, or only some classes: steer=2 means the
+    bundle's class 2 ("cat") wherever its row is, and a class without a row is refused."""
+    torch.manual_seed(1)
+    model = GatedViT.from_timm("vit_tiny_patch16_224", timm_kwargs=tiny_vit_kwargs(num_classes=4), gate_init_bias=0.0, sae_width=24, sae_k=3)
+    names = ["ant", "bee", "cat", "dog"]
+    rows = ["dog", "cat", "ant"]  # reordered, and no row for "bee"
+    steering = SteeringTable(rows, torch.rand(3, model.steer_width) * 4, torch.randn(3, model.steer_width) * 2)
+    engine = Engine.load(save_bundle(model, tmp_path / "b", class_names=names, steering=steering), backend="compact")
+    pixels = torch.randn(3, 3, 32, 32)
+    by_name = engine.predict(pixels, steer=["cat", "dog", "ant"]).logits
+    assert torch.equal(engine.predict(pixels, steer=[2, 3, 0]).logits, by_name)
+    assert torch.equal(engine.predict(pixels, steer=torch.tensor([2, 3, 0])).logits, by_name)
+    with pytest.raises(InputError, match="unknown steering class 'bee'"):
+        engine.predict(pixels, steer=1)
+    with pytest.raises(InputError, match=r"steering class index 4 out of range \[0, 4\)"):
+        engine.predict(pixels, steer=4)
