@@ -12,6 +12,10 @@ Specs accepted by `load_data`:
   read with a restricted unpickler; the ``train`` file is split into train/val, ``test`` is test.
 - ``imagefolder:PATH``: ``PATH/train/<class>/*.png`` (optionally ``PATH/val``, ``PATH/test``;
   a missing one is carved from train), or a flat ``PATH/<class>/*.png`` split 60/20/20.
+
+Every class must have images in every split (a `DataError` names the classes that lack them):
+steering settings are chosen per class on val and reported per class on test, so a class missing
+from either would silently go unsteered or unreported.
 """
 
 from __future__ import annotations
@@ -121,13 +125,14 @@ def load_data(
     seed: int = 0,
     val_fraction: float = DEFAULT_VAL_FRACTION,
     test_fraction: float = DEFAULT_TEST_FRACTION,
+    progress: bool = True,
 ) -> Splits:
     """Load the data set named by `spec` and split it reproducibly for `seed`.
 
     `val_fraction`/`test_fraction` are the shares of the pool a split is carved from: the whole
     set for `digits` and flat image folders, the ``train`` file or folder when the data brings
     its own test (and for image folders, val) split. `image_size` defaults to 32 for digits and
-    CIFAR-100 and to 224 for image folders.
+    CIFAR-100 and to 224 for image folders. `progress`: show a bar while reading image folders.
     """
     if not isinstance(spec, str) or not spec.strip():
         raise DataError(f"empty data spec; expected {ACCEPTED_SPECS}")
@@ -154,7 +159,7 @@ def load_data(
         if kind == "cifar100":
             return _load_cifar100(folder, image_size or CIFAR_IMAGE_SIZE, seed, val_fraction)
         return _load_imagefolder(
-            folder, image_size or IMAGEFOLDER_IMAGE_SIZE, seed, val_fraction, test_fraction
+            folder, image_size or IMAGEFOLDER_IMAGE_SIZE, seed, val_fraction, test_fraction, progress
         )
     raise DataError(f"unknown data spec {spec!r}; expected {ACCEPTED_SPECS}")
 
@@ -267,14 +272,14 @@ def _load_cifar100(folder: Path, image_size: int, seed: int, val_fraction: float
 
 
 def _load_imagefolder(
-    folder: Path, image_size: int, seed: int, val_fraction: float, test_fraction: float
+    folder: Path, image_size: int, seed: int, val_fraction: float, test_fraction: float, progress: bool = True
 ) -> Splits:
     """An ImageFolder tree: `train/`[`val/`, `test/`] of class folders, or class folders directly."""
     if (folder / "train").is_dir():
         class_names, class_to_idx = _find_classes(folder / "train")
-        pool = _read_image_tree(folder / "train", class_names, class_to_idx, image_size)
+        pool = _read_image_tree(folder / "train", class_names, class_to_idx, image_size, progress)
         given = {
-            split: _read_image_tree(folder / split, class_names, class_to_idx, image_size)
+            split: _read_image_tree(folder / split, class_names, class_to_idx, image_size, progress)
             for split in ("val", "test")
             if (folder / split).is_dir()
         }
@@ -287,7 +292,7 @@ def _load_imagefolder(
             given["test"] if "test" in given else pool.subset(test),
         )
     class_names, class_to_idx = _find_classes(folder)
-    pool = _read_image_tree(folder, class_names, class_to_idx, image_size)
+    pool = _read_image_tree(folder, class_names, class_to_idx, image_size, progress)
     train, val, test = _stratified_partition(pool.labels, val_fraction, test_fraction, seed)
     return _make_splits(pool.subset(train), pool.subset(val), pool.subset(test))
 
@@ -302,7 +307,7 @@ def _find_classes(folder: Path) -> tuple[list[str], dict[str, int]]:
 
 
 def _read_image_tree(
-    folder: Path, class_names: list[str], class_to_idx: dict[str, int], image_size: int
+    folder: Path, class_names: list[str], class_to_idx: dict[str, int], image_size: int, progress: bool = True
 ) -> ImageDataset:
     """Every image under `folder`/<class>/, as RGB resized to `image_size` squared."""
     found, _ = _find_classes(folder)
@@ -318,7 +323,8 @@ def _read_image_tree(
     except FileNotFoundError as error:
         raise DataError(f"{error}; every class folder needs at least one image") from error
     images = torch.empty(len(samples), 3, image_size, image_size)
-    for position, (path, _) in enumerate(tqdm(samples, desc=f"loading {folder.name}", unit="img")):
+    bar = tqdm(samples, desc=f"loading {folder.name}", unit="img", disable=not progress)
+    for position, (path, _) in enumerate(bar):
         images[position] = _read_image(Path(path), image_size)
     labels = torch.tensor([label for _, label in samples], dtype=torch.int64)
     return ImageDataset(images, labels, class_names)
@@ -376,10 +382,33 @@ def _split_off(
     return kept, split
 
 
+def _check_every_class_present(train: ImageDataset, val: ImageDataset, test: ImageDataset) -> None:
+    """DataError naming the classes some split has no image of (per-class steering is chosen on
+    val and reported on test, so such a class would silently go unsteered or unreported)."""
+    splits = {"train": train, "validation": val, "test": test}
+    counts = {name: torch.bincount(s.labels, minlength=train.num_classes).tolist() for name, s in splits.items()}
+    missing = {
+        name: [train.class_names[c] for c, n in enumerate(per_class) if n == 0] for name, per_class in counts.items()
+    }
+    missing = {name: classes for name, classes in missing.items() if classes}
+    if not missing:
+        return
+    where = "; ".join(f"the {name} split has no image of {classes[:10]}" + (" ..." if len(classes) > 10 else "")
+                      for name, classes in missing.items())
+    images = {c: sum(counts[name][i] for name in counts) for i, c in enumerate(train.class_names)}
+    short = {c: images[c] for classes in missing.values() for c in classes}
+    raise DataError(
+        f"{where} (images per class in all splits: {short}); every split needs at least one image of "
+        "every class: give those classes more images, or (image folders) val/ and test/ folders "
+        "that hold them"
+    )
+
+
 def _make_splits(train: ImageDataset, val: ImageDataset, test: ImageDataset) -> Splits:
     """Bundle the splits with the per-channel mean/std of the train images."""
     if len(train) == 0:
         raise DataError("the train split is empty; expected at least one image per class")
+    _check_every_class_present(train, val, test)
     mean = train.images.mean(dim=(0, 2, 3))
     std = train.images.std(dim=(0, 2, 3))
     if not torch.all(std > 0):

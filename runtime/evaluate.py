@@ -1,8 +1,13 @@
 """Evaluate a bundle through `Engine` (the path users get): per-class accuracy, head usage (whole
-model and final gated block), kept heads, under no steering, a class's steering row, or per-class
-(oracle) steering; the strategies of the design on a whole split; steered vs unsteered latency.
+model and the steered block(s): those with an SAE), kept heads, under no steering, a class's
+steering row, or per-class (oracle) steering; the strategies of the design on a whole split;
+steered vs unsteered latency. Steering rows are looked up by class name, so a table whose rows
+are in another order, or cover only some classes, steers each image with its own class's row
+(classes without one stay unsteered).
 
 `headsteer eval BUNDLE --data SPEC [--split test] [--steer CLASS|per-class|none] [--json FILE]`
+splits the data with the seed the bundle records (the one it was trained with), so its test
+split holds no training image.
 """
 from __future__ import annotations
 
@@ -16,7 +21,7 @@ from typing import Optional, Sequence, Union
 import torch
 
 from headsteer.runtime.bundle import SteeringTable
-from headsteer.runtime.data import ImageDataset, load_data
+from headsteer.runtime.data import ImageDataset, load_data, recorded_split_seed
 from headsteer.runtime.engine import Engine
 from headsteer.runtime.errors import InputError
 from headsteer.runtime.files import write_text_atomic
@@ -72,34 +77,79 @@ def engine_latents(engine: Engine, images: torch.Tensor, batch_size: int = 256) 
 
 
 # -- summaries -----------------------------------------------------------------------------------------
-def summarize(pred: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor) -> dict:
-    """accuracy, correct, head_usage (whole model), final_block_usage, kept_heads (heads of the
-    final gated block kept by a majority of the images), final_block_head_usage (per head of the
-    final block, the fraction of images keeping it)."""
+def steered_sites(engine: Engine) -> list[tuple[int, int]]:
+    """(block, position in head_mask) of every block with an SAE, the blocks steering acts on."""
+    gated = list(engine.info.config.get("gated_blocks", []))
+    blocks = [site["block"] for site in engine.info.config.get("sae_sites", [])]
+    return [(b, gated.index(b)) for b in blocks if b in gated]
+
+
+def _kept(block_mask: torch.Tensor) -> list[int]:
+    """Heads kept by a majority of the images ([n, H] float mask)."""
+    n = len(block_mask)
+    return [h for h in range(block_mask.shape[1]) if n and float(block_mask[:, h].mean()) > 0.5]
+
+
+def summarize(pred: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor,
+              sites: Sequence[tuple[int, int]] = ()) -> dict:
+    """accuracy, correct, head_usage (whole model); at the steered blocks (`sites`, from
+    `steered_sites`): steered_block_usage (mean over their heads; None without an SAE) and
+    steered_kept_heads ({block: heads kept by a majority of the images}); at the last gated block:
+    final_block_usage, kept_heads and final_block_head_usage (per head, the fraction keeping it)."""
     maskf = mask.float()
     n = len(labels)
+    accuracy = float((pred == labels).float().mean()) if n else 0.0
     if maskf.shape[1] == 0:
-        return dict(accuracy=float((pred == labels).float().mean()) if n else 0.0, correct=int((pred == labels).sum()),
-                    head_usage=1.0, final_block_usage=1.0, kept_heads=None, final_block_head_usage=None)
+        return dict(accuracy=accuracy, correct=int((pred == labels).sum()), head_usage=1.0,
+                    steered_block_usage=None, steered_kept_heads=None,
+                    final_block_usage=1.0, kept_heads=None, final_block_head_usage=None)
     final = maskf[:, -1]
+    positions = [p for _, p in sites]
     return dict(
-        accuracy=float((pred == labels).float().mean()) if n else 0.0,
+        accuracy=accuracy,
         correct=int((pred == labels).sum()),
         head_usage=float(maskf.mean()) if n else 0.0,
+        steered_block_usage=(float(maskf[:, positions].mean()) if n else 0.0) if positions else None,
+        steered_kept_heads={str(b): _kept(maskf[:, p]) for b, p in sites} if positions else None,
         final_block_usage=float(final.mean()) if n else 0.0,
-        kept_heads=[h for h in range(final.shape[1]) if n and float(final[:, h].mean()) > 0.5],
+        kept_heads=_kept(final),
         final_block_head_usage=[float(v) for v in final.mean(0)] if n else [0.0] * final.shape[1],
     )
 
 
-def _class_setting(table: Optional[SteeringTable], c: int) -> dict:
-    if table is None or c >= len(table.info):
-        return dict(latents=[], alpha=1.0)
-    row = table.info[c]
+def target_usage(part: dict) -> float:
+    """The usage steering is judged by: the steered blocks', or the last gated block's for a
+    summary without one (no SAE, or written before steered_block_usage existed)."""
+    usage = part.get("steered_block_usage")
+    return part["final_block_usage"] if usage is None else usage
+
+
+def _class_setting(table: Optional[SteeringTable], name: Optional[str]) -> dict:
+    """The latents and alpha (or shift) of the steering row named `name` (None: unsteered)."""
+    from headsteer.runtime.steering import row_info
+
+    row = row_info(table, name) if name is not None else {}
     setting = dict(latents=list(row.get("latents", [])), alpha=float(row.get("alpha", 1.0)))
     if row.get("mode") == "shift":
         setting.update(mode="shift", beta=row.get("beta"))
     return setting
+
+
+def class_targets(table: Optional[SteeringTable], names: Sequence[str], labels: torch.Tensor) -> list:
+    """Each image's own class name when the table has a row of that name, else None (unsteered)."""
+    rows = set(table.class_names) if table is not None else set()
+    return [names[int(y)] if names[int(y)] in rows else None for y in labels]
+
+
+def steer_name(table: SteeringTable, names: Sequence[str], steer: Union[str, int]) -> str:
+    """The steering row name for a class name or a bundle class index; InputError if the table has
+    no such row."""
+    if not isinstance(steer, (str, bool)) and hasattr(steer, "__index__"):
+        index = int(steer)
+        if not 0 <= index < len(names):
+            raise InputError(f"class index {index} out of range [0, {len(names)})")
+        steer = names[index]
+    return table.class_names[table.index_of(steer)]
 
 
 def per_class_table(
@@ -110,78 +160,84 @@ def per_class_table(
     batch_size: int = 256,
     others: Optional[dict] = None,
 ) -> list[dict]:
-    """One row per class: class, n_test, latents, alpha, unsteered {...}, steered {...} (and
-    `random` {...} with `random_control`: the class's random-latent control row; and one part per
-    entry of `others`, name -> per-image (scale, shift) [N, S], e.g. the global strategy). Each part holds
-    accuracy, correct, head_usage, final_block_usage, kept_heads over that class's images.
+    """One row per class: class, n_test, steered_blocks, steering_row (the table row steering this
+    class's images, None: unsteered), latents, alpha, unsteered {...}, steered {...} (and `random`
+    {...} with `random_control`: the random-latent control of that row; and one part per entry of
+    `others`, name -> per-image (scale, shift) [N, S], e.g. the global strategy). Each part is a
+    `summarize` over that class's images.
 
     steer: "per-class" (each image steered by its own class's row: the paper's per-class
-    analysis), a class name/index (every image steered by that row), or None."""
+    analysis; classes the table has no row for stay unsteered), a class name or bundle class
+    index (every image steered by that class's row), or None."""
+    from headsteer.runtime.steering import random_table, row_info
+
     table = engine.info.steering
-    names = engine.class_names
-    if list(dataset.class_names) != list(names):
+    names = list(engine.class_names)
+    if list(dataset.class_names) != names:
         raise InputError(f"the data's classes {dataset.class_names[:10]} are not the bundle's {names[:10]}")
     if steer is not None and table is None:
         raise InputError("this bundle has no steering table; use --steer none")
     labels = dataset.labels
+    sites = steered_sites(engine)
+    fixed = steer_name(table, names, steer) if steer not in (None, "per-class") else None
+    targets = class_targets(table, names, labels) if fixed is None else [fixed] * len(labels)
+    rand = random_table(table, engine.steer_width) if random_control else None  # fails before any work
     pred_u, mask_u = run_engine(engine, dataset.images, None, batch_size=batch_size)
-    fixed = None
-    if steer == "per-class":
-        pred_s, mask_s = run_engine(engine, dataset.images, [int(y) for y in labels], batch_size=batch_size)
-    elif steer is not None:
-        fixed = table.index_of(steer)
-        pred_s, mask_s = run_engine(engine, dataset.images, fixed, batch_size=batch_size)
-    if random_control:
-        from headsteer.runtime.steering import random_table
-
-        rand = random_table(table, engine.steer_width)
-        rows = rand.rows([int(y) for y in labels])
-        pred_r, mask_r = run_engine(engine, dataset.images, vectors=rows, batch_size=batch_size)
+    if steer is not None:
+        pred_s, mask_s = run_engine(engine, dataset.images, targets, batch_size=batch_size)
+    if rand is not None:
+        pred_r, mask_r = run_engine(engine, dataset.images, vectors=rand.rows(targets), batch_size=batch_size)
     other_runs = {key: run_engine(engine, dataset.images, vectors=rows, batch_size=batch_size)
                   for key, rows in (others or {}).items()}
+    rows = set(table.class_names) if table is not None else set()
     result = []
     for c, name in enumerate(names):
         idx = (labels == c).nonzero().squeeze(1)
-        setting = _class_setting(table, c if fixed is None else fixed)
-        row = {"class": name, "n_test": len(idx), **setting}
+        row_name = fixed if fixed is not None else (name if steer is not None and name in rows else None)
+        row = {"class": name, "n_test": len(idx), "steered_blocks": [b for b, _ in sites],
+               "steering_row": row_name, **_class_setting(table, row_name)}
         if fixed is not None:
-            row["steered_toward"] = names[fixed]
-        row["unsteered"] = summarize(pred_u[idx], mask_u[idx], labels[idx])
-        row["steered"] = summarize(pred_s[idx], mask_s[idx], labels[idx]) if steer is not None else None
-        if random_control:
-            row["random"] = dict(summarize(pred_r[idx], mask_r[idx], labels[idx]),
-                                 latents=list(table.info[c].get("random_latents", [])))
+            row["steered_toward"] = fixed
+        row["unsteered"] = summarize(pred_u[idx], mask_u[idx], labels[idx], sites)
+        row["steered"] = summarize(pred_s[idx], mask_s[idx], labels[idx], sites) if steer is not None else None
+        if rand is not None:
+            random_latents = row_info(table, row_name).get("random_latents", []) if row_name else []
+            row["random"] = dict(summarize(pred_r[idx], mask_r[idx], labels[idx], sites),
+                                 latents=list(random_latents))
         for key, (pred_o, mask_o) in other_runs.items():
-            row[key] = summarize(pred_o[idx], mask_o[idx], labels[idx])
+            row[key] = summarize(pred_o[idx], mask_o[idx], labels[idx], sites)
         result.append(row)
     return result
 
 
 def meets_target(row: dict, part: str = "steered", min_reduction: float = 0.4, max_lost: int = 1) -> bool:
-    """The issue's per-class target: final-block usage falls by >= 40% and the class loses at
-    most one image."""
+    """The issue's per-class target: head usage at the steered block(s) (`target_usage`) falls by
+    >= 40% and the class loses at most one image."""
     base, other = row["unsteered"], row.get(part)
-    if not other or base["final_block_usage"] <= 0:
+    if not other or target_usage(base) <= 0:
         return False
-    reduction = (base["final_block_usage"] - other["final_block_usage"]) / base["final_block_usage"]
+    reduction = (target_usage(base) - target_usage(other)) / target_usage(base)
     return reduction >= min_reduction - 1e-9 and other["correct"] >= base["correct"] - max_lost
 
 
 def strategies_summary(engine: Engine, dataset: ImageDataset, choices: dict, batch_size: int = 256) -> dict:
-    """Every strategy on the whole split: {name: {test_accuracy, head_usage, final_block_usage}}.
+    """Every strategy on the whole split: {name: {test_accuracy, head_usage, steered_block_usage,
+    final_block_usage}}.
 
     choices: the steering stage record ({global_amplification: {alpha}, topk_amplification:
     {k, alpha}}) chosen on val. per_class and random_latents steer each image by its own class's
-    row (oracle class), as in the per-class table."""
+    row (oracle class; classes without a row unsteered), as in the per-class table."""
     from headsteer.runtime.steering import global_rows, random_table, topk_rows
 
     table = engine.info.steering
     labels = dataset.labels
     n, width = len(labels), engine.steer_width
+    sites = steered_sites(engine)
 
     def entry(pred, mask, **setting):
-        s = summarize(pred, mask, labels)
-        return dict(test_accuracy=s["accuracy"], head_usage=s["head_usage"], final_block_usage=s["final_block_usage"],
+        s = summarize(pred, mask, labels, sites)
+        return dict(test_accuracy=s["accuracy"], head_usage=s["head_usage"],
+                    steered_block_usage=s["steered_block_usage"], final_block_usage=s["final_block_usage"],
                     **setting)
 
     out = {"none": entry(*run_engine(engine, dataset.images, None, batch_size=batch_size))}
@@ -197,7 +253,7 @@ def strategies_summary(engine: Engine, dataset: ImageDataset, choices: dict, bat
                     batch_size=batch_size),
         k=t["k"], alpha=t["alpha"],
     )
-    targets = [int(y) for y in labels]
+    targets = class_targets(table, engine.class_names, labels)
     out["per_class"] = entry(*run_engine(engine, dataset.images, targets, batch_size=batch_size))
     rand = random_table(table, width)
     out["random_latents"] = entry(*run_engine(engine, dataset.images, vectors=rand.rows(targets),
@@ -207,15 +263,17 @@ def strategies_summary(engine: Engine, dataset: ImageDataset, choices: dict, bat
 
 def measure_latency(engine: Engine, dataset: ImageDataset, repeats: int = 7, batch_size: int = 64) -> dict:
     """Median wall time of classifying the split, unsteered vs per-class steered (each class's
-    images batched together, steered by that class's row; compact backend skips pruned heads).
-    Alternates the two settings each repeat so machine load hits both alike."""
+    images batched together, steered by that class's row, or unsteered if the table has none;
+    compact backend skips pruned heads). Alternates the two settings each repeat so machine load
+    hits both alike."""
     labels = dataset.labels
+    rows = set(engine.info.steering.class_names) if engine.info.steering is not None else set()
     batches = []
-    for c in range(len(engine.class_names)):
+    for c, name in enumerate(engine.class_names):
         idx = (labels == c).nonzero().squeeze(1)
         for start in range(0, len(idx), batch_size):
             part = idx[start : start + batch_size]
-            batches.append((normalized(engine, dataset.images[part]), c))
+            batches.append((normalized(engine, dataset.images[part]), name if name in rows else None))
     timings = {"unsteered": [], "steered": []}
     for name in ("unsteered", "steered"):  # warm-up
         for x, c in batches[:2]:
@@ -241,22 +299,37 @@ def measure_latency(engine: Engine, dataset: ImageDataset, repeats: int = 7, bat
 
 
 # -- formatting ------------------------------------------------------------------------------------------
+def _kept_text(part: dict) -> str:
+    """Kept heads at the steered block(s) ("2,5"; "b1:2,5 b3:0" for several), else the last block's."""
+    by_block = part.get("steered_kept_heads")
+    if not by_block:
+        return ",".join(map(str, part["kept_heads"] or []))
+    if len(by_block) == 1:
+        return ",".join(map(str, next(iter(by_block.values()))))
+    return " ".join(f"b{b}:" + ",".join(map(str, heads)) for b, heads in by_block.items())
+
+
 def format_table(rows: Sequence[dict]) -> str:
     """The per-class table as aligned text."""
     head = (f"{'class':>8} {'n':>4} {'#lat':>4} {'alpha':>6} | {'acc':>6} {'acc*':>6} | {'usage':>6} {'usage*':>6} "
-            f"| {'final':>6} {'final*':>6} {'drop':>6} | {'kept*':<14}")
+            f"| {'block':>6} {'block*':>6} {'drop':>6} | {'kept*':<14}")
     lines = [head, "-" * len(head)]
     for r in rows:
         u, s = r["unsteered"], r["steered"] or r["unsteered"]
-        drop = (u["final_block_usage"] - s["final_block_usage"]) / u["final_block_usage"] if u["final_block_usage"] else 0.0
-        setting = f"{r['alpha']:.2g}" if r.get("mode") != "shift" else f"+{r.get('beta'):.2g}m"
+        drop = (target_usage(u) - target_usage(s)) / target_usage(u) if target_usage(u) else 0.0
+        if r.get("steering_row", "") is None and r["steered"] is not None:
+            setting = "no row"
+        else:
+            setting = f"{r['alpha']:.2g}" if r.get("mode") != "shift" else f"+{r.get('beta'):.2g}m"
         lines.append(
             f"{str(r['class'])[:8]:>8} {r['n_test']:>4} {len(r['latents']):>4} {setting:>6} | "
             f"{u['accuracy']:>6.3f} {s['accuracy']:>6.3f} | {u['head_usage']:>6.3f} {s['head_usage']:>6.3f} | "
-            f"{u['final_block_usage']:>6.3f} {s['final_block_usage']:>6.3f} {drop:>6.1%} | "
-            f"{','.join(map(str, s['kept_heads'] or [])):<14}"
+            f"{target_usage(u):>6.3f} {target_usage(s):>6.3f} {drop:>6.1%} | {_kept_text(s):<14}"
         )
-    lines.append("(* = steered; final = the last gated block; drop = relative fall of final-block usage)")
+    blocks = rows[0].get("steered_blocks") if rows else None
+    where = f"the steered (SAE) block(s) {blocks}" if blocks else "the last gated block (no SAE)"
+    lines.append(f"(* = steered; block = head usage at {where}; drop = its relative fall; "
+                 "no row = the steering table has no row for the class: unsteered)")
     return "\n".join(lines)
 
 
@@ -265,33 +338,75 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("bundle", help="bundle directory")
     parser.add_argument("--data", default="digits", help="digits, cifar100:PATH or imagefolder:PATH")
     parser.add_argument("--split", default="test", choices=SPLITS)
-    parser.add_argument("--seed", type=int, default=0, help="data split seed (the one the bundle was trained with)")
+    parser.add_argument("--seed", type=int, default=None,
+                        help="data split seed; default: the one the bundle records (it was trained with). "
+                             "Only needed for bundles that record none; another seed than the recorded one "
+                             "is refused (its test split would hold training images)")
     parser.add_argument("--steer", default="per-class",
                         help="per-class (each image by its own class's row), a class name, or none")
     parser.add_argument("--random-control", action="store_true", help="also run the random-latent control rows")
     parser.add_argument("--backend", default="compact", help="reference, compact, triton (default compact)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--json", default=None, help="also write the table to this JSON file")
+    parser.add_argument("--no-progress", action="store_true", help="hide progress bars (image-folder loading)")
+
+
+def _check_json_path(path: Optional[str]) -> None:
+    """--json must name a file that can be written: not a folder, inside an existing folder."""
+    if not path:
+        return
+    target = Path(path).resolve()
+    if target.is_dir():
+        raise InputError(f"--json {path} is a folder; expected a file name (e.g. {Path(path) / 'eval.json'})")
+    if not target.parent.is_dir():
+        raise InputError(f"--json {path}: the folder {target.parent} does not exist")
+
+
+def split_seed(extra: dict, asked: Optional[int], split: str) -> tuple[int, str]:
+    """(seed, where it came from) for splitting the data: the bundle's recorded split seed;
+    InputError if `asked` (--seed) differs from it; `asked` or 0 when the bundle records none."""
+    recorded = recorded_split_seed(extra)
+    if recorded is not None:
+        if asked is not None and asked != recorded:
+            raise InputError(
+                f"--seed {asked}: this bundle was trained on the split made with seed {recorded}; splitting "
+                f"with {asked} would put its training images into the {split} split it is evaluated on. "
+                f"Leave --seed out (or pass --seed {recorded})"
+            )
+        return recorded, "recorded in the bundle"
+    if asked is not None:
+        return asked, "from --seed; the bundle records none"
+    return 0, "default 0: the bundle records none; pass --seed with the seed it was trained with"
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.json and not Path(args.json).resolve().parent.is_dir():
-        raise InputError(f"--json {args.json}: the folder {Path(args.json).resolve().parent} does not exist")
+    _check_json_path(args.json)
     engine = Engine.load(args.bundle, backend=args.backend, device=args.device)
+    table = engine.info.steering
     steer = None if args.steer in (None, "none") else args.steer
-    if steer is not None and steer != "per-class" and engine.info.steering is None:
+    if steer is not None and steer != "per-class" and table is None:
         raise InputError("this bundle has no steering table; use --steer none")
     if steer is not None and steer != "per-class":
-        engine.info.steering.index_of(steer)  # unknown class: fail before loading data
-    if steer == "per-class" and engine.info.steering is None:
+        table.index_of(steer)  # unknown class: fail before loading data
+    if steer == "per-class" and table is None:
         steer = None
-    splits = load_data(args.data, image_size=engine.image_size[0], seed=args.seed)
+    random_control = args.random_control and steer is not None
+    if random_control and not table.info:
+        raise InputError("--random-control: this bundle's steering table records no random-latent control rows "
+                         "(no per-row info); run without --random-control")
+    seed, origin = split_seed(engine.info.extra, args.seed, args.split)
+    splits = load_data(args.data, image_size=engine.image_size[0], seed=seed, progress=not args.no_progress)
     dataset = getattr(splits, args.split)
-    rows = per_class_table(engine, dataset, steer, random_control=args.random_control and steer is not None)
+    print(f"{args.data} {args.split} split ({len(dataset)} images), split seed {seed} ({origin})")
+    rows = per_class_table(engine, dataset, steer, random_control=random_control)
     print(format_table(rows))
     if steer is not None:
         hit = sum(meets_target(r) for r in rows)
-        print(f"{hit} of {len(rows)} classes: final-block usage down >= 40% losing <= 1 image")
+        print(f"{hit} of {len(rows)} classes: usage at the steered block(s) down >= 40% losing <= 1 image")
+        unsteered = [r["class"] for r in rows if r["steering_row"] is None]
+        if unsteered:
+            more = " ..." if len(unsteered) > 20 else ""
+            print(f"no steering row (left unsteered): {', '.join(unsteered[:20])}{more}")
     if args.json:
         write_text_atomic(args.json, json.dumps(rows, indent=2))
     return 0

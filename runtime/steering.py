@@ -19,6 +19,7 @@ concatenated in site order) applied as `z' = z * scale + shift` ahead of the gat
       identity row. The grid holds amplification (alpha > 1, positive shifts) and attenuation
       (alpha < 1, alpha = 0 ablation, negative shifts); the objective picks the direction. (On
       digits it picks attenuation: amplifying a class's latents makes these gates keep MORE heads.)
+      A class without val images (nothing to choose on) gets the identity row; its info says why.
 
   The test split is never looked at here.
 - random latents (`random_row`): a control with the same number of latents per site and the
@@ -196,7 +197,10 @@ def measure(
     batch_size: int = 512,
 ) -> dict:
     """Correct count, per-sample head usage and per-block usage for normalized inputs x with
-    per-sample steering vectors (None = identity)."""
+    per-sample steering vectors (None = identity). No inputs: zero usage."""
+    if len(x) == 0:
+        mask = torch.zeros(0, len(model.gate_blocks), model.num_heads)
+        return dict(correct=0, n=0, usage=0.0, block_usage=torch.zeros(len(model.gate_blocks)), mask=mask)
     correct, masks = 0, []
     for start in range(0, len(x), batch_size):
         sl = slice(start, start + batch_size)
@@ -219,6 +223,15 @@ def steered_usage(result: dict, model: GatedViT) -> float:
         return result["usage"]
     positions = [model.gate_blocks.index(b) for b in model.sae_blocks]
     return float(result["block_usage"][positions].mean())
+
+
+def _unsteered_reason(n_train: int, n_val: int) -> Optional[str]:
+    """Why a class keeps the identity row when its data, not the objective, decided it."""
+    if n_val == 0:
+        return "no validation images of this class: nothing to choose its steering on; left unsteered"
+    if n_train == 0:
+        return "no training images of this class: no latents to rank; left unsteered"
+    return None
 
 
 def _better(candidate: tuple, best: Optional[tuple]) -> bool:
@@ -267,7 +280,7 @@ def fit_steering(
         base = measure(model, xc, yc, None, None, config.batch_size)
         base_usage = steered_usage(base, model)
         best, best_setting = None, None
-        per_site = ranked[c]
+        per_site = ranked[c] if len(xc) else []  # no val images: nothing to choose on
         for count in config.counts:
             chosen_by_site = [site[:count] for site in per_site]
             chosen = [j for site in chosen_by_site for j in site]
@@ -299,6 +312,9 @@ def fit_steering(
             row_info.update(latents=[], latents_by_block={}, mode="scale", alpha=1.0, beta=None,
                             val_correct_steered=base["correct"], val_usage_steered=base_usage,
                             random_latents=[], random_scale_latents=[], random_shift={})
+            note = _unsteered_reason(int((y_train == c).sum()), len(xc))
+            if note:
+                row_info["note"] = note
         else:
             s = best_setting
             scale, shift = make_row(width, s["chosen"], s["mode"], s["value"], class_means[c])
@@ -386,13 +402,29 @@ def collect_latents_normalized(model: GatedViT, x: torch.Tensor, batch_size: int
         out = model(x[start : start + batch_size], return_latents=True)
         chunks.append(torch.cat([out.latents[b] for b in model.sae_blocks], dim=1))
     model.train(was)
-    return torch.cat(chunks)
+    return torch.cat(chunks) if chunks else torch.zeros(0, model.steer_width)
+
+
+def row_info(table: Optional[SteeringTable], name: str) -> dict:
+    """The provenance `table.info` records for the row named `name` (info is one entry per row, in
+    the table's row order, which need not be the bundle's class order); {} if none."""
+    if table is None or not table.info or name not in table.class_names:
+        return {}
+    entry = table.info[table.class_names.index(name)]
+    return entry if isinstance(entry, dict) else {}
 
 
 def random_table(table: SteeringTable, width: int) -> SteeringTable:
-    """The random-latent control rows recorded in `table.info` as a SteeringTable of their own."""
+    """The random-latent control rows recorded in `table.info` as a SteeringTable of their own
+    (same row names). InputError if the table records no info (no control rows to rebuild)."""
+    if not table.info:
+        raise InputError(
+            "this steering table records no per-row info, so it has no random-latent control rows "
+            "(fit_steering records them); evaluate it without the random control"
+        )
     scale_rows, shift_rows = [], []
-    for row in table.info:
+    for name in table.class_names:
+        row = row_info(table, name)
         scale, shift = identity_row(width)
         for j in row.get("random_scale_latents", []):
             scale[int(j)] = float(row.get("alpha", 1.0))

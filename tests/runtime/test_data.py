@@ -246,6 +246,31 @@ def test_imagefolder_too_few_images_to_stratify(tmp_path):
         load_data(f"imagefolder:{tmp_path}", image_size=8)
 
 
+def test_imagefolder_val_folder_missing_a_class_is_named(tmp_path):
+    _write_png_tree(tmp_path / "train", classes=("cat", "dog", "owl"), per_class=4)
+    _write_png_tree(tmp_path / "val", classes=("cat", "dog"), per_class=1)
+    _write_png_tree(tmp_path / "test", classes=("cat", "dog", "owl"), per_class=1)
+    with pytest.raises(DataError, match=r"the validation split has no image of \['owl'\]"):
+        load_data(f"imagefolder:{tmp_path}", image_size=8)
+
+
+def test_imagefolder_class_too_rare_for_a_split_is_named(tmp_path):
+    # 8 + 8 + 3 images: the seeded stratified 60/20/20 split leaves "rare" no test image
+    _write_png_tree(tmp_path, classes=("cat", "dog", "rare"), per_class=8)
+    for i in range(3, 8):
+        (tmp_path / "rare" / f"{i}.png").unlink()
+    with pytest.raises(DataError, match=r"the test split has no image of \['rare'\] .*'rare': 3"):
+        load_data(f"imagefolder:{tmp_path}", image_size=8)
+
+
+def test_imagefolder_progress_bar_can_be_hidden(tmp_path, capsys):
+    _write_png_tree(tmp_path, per_class=5)
+    load_data(f"imagefolder:{tmp_path}", image_size=8, progress=False)
+    assert "loading" not in capsys.readouterr().err
+    load_data(f"imagefolder:{tmp_path}", image_size=8)
+    assert "loading" in capsys.readouterr().err
+
+
 # --- specs and arguments ----------------------------------------------------------------------
 
 

@@ -4,15 +4,21 @@ import json
 import pytest
 import torch
 
+from headsteer.runtime import evaluate as E
 from headsteer.runtime import steering as S
 from headsteer.runtime import train as T
+from headsteer.runtime.bundle import SteeringTable, save_bundle
 from headsteer.runtime.cli import main as cli_main
-from headsteer.runtime.data import load_data
+from headsteer.runtime.data import data_record, load_data
 from headsteer.runtime.engine import Engine
-from headsteer.runtime.evaluate import format_table, meets_target, per_class_table, strategies_summary
+from headsteer.runtime.errors import InputError
+from headsteer.runtime.evaluate import (format_table, meets_target, per_class_table, run_engine, strategies_summary,
+                                        summarize)
+from headsteer.runtime.gated_vit import GatedViT
 
 TINY = dict(img_size=8, patch_size=4, embed_dim=24, depth=2, num_heads=6, mlp_ratio=1.0, num_classes=10)
-PART_KEYS = {"accuracy", "correct", "head_usage", "final_block_usage", "kept_heads", "final_block_head_usage"}
+PART_KEYS = {"accuracy", "correct", "head_usage", "steered_block_usage", "steered_kept_heads", "final_block_usage",
+             "kept_heads", "final_block_head_usage"}
 
 
 @pytest.fixture(scope="module")
@@ -34,11 +40,31 @@ def bundle(tmp_path_factory):
     return path, splits, stage
 
 
+def _resaved(path, out, steering="same", extra=None):
+    """The bundle at `path` saved again at `out` with another steering table and/or `extra`."""
+    engine = Engine.load(path, backend="compact")
+    table = engine.info.steering if steering == "same" else steering
+    save_bundle(engine.model, out, class_names=engine.class_names, steering=table, mean=engine.info.mean,
+                std=engine.info.std, extra=engine.info.extra if extra is None else extra)
+    return out
+
+
+def _reordered(table, order):
+    """`table` with its rows (and their info) in another order, or only some of them."""
+    rows = [table.class_names.index(name) for name in order]
+    return SteeringTable(list(order), table.scale[rows], table.shift[rows], [table.info[r] for r in rows])
+
+
+def _no_data(*args, **kwargs):
+    raise AssertionError("eval loaded data before refusing its input")
+
+
 def _check_part(part):
     assert set(part) == PART_KEYS
-    for key in ("accuracy", "head_usage", "final_block_usage"):
+    for key in ("accuracy", "head_usage", "steered_block_usage", "final_block_usage"):
         assert 0.0 <= part[key] <= 1.0
     assert all(0 <= h < 6 for h in part["kept_heads"])
+    assert set(part["steered_kept_heads"]) == {"1"}  # the SAE sits on the last of two blocks
 
 
 def test_per_class_table_and_strategies(bundle):
@@ -61,7 +87,7 @@ def test_per_class_table_and_strategies(bundle):
     summary = strategies_summary(engine, splits.test, stage)
     assert set(summary) == {"none", "global_amplification", "topk_amplification", "per_class", "random_latents"}
     for s in summary.values():
-        for key in ("test_accuracy", "head_usage", "final_block_usage"):
+        for key in ("test_accuracy", "head_usage", "steered_block_usage", "final_block_usage"):
             assert 0.0 <= s[key] <= 1.0
     assert "accuracy" in format_table(rows).splitlines()[0] or "acc" in format_table(rows)
 
@@ -95,3 +121,138 @@ def test_eval_cli(bundle, tmp_path, capsys):
     assert cli_main(["eval", str(path), "--data", "digits", "--steer", "seven"]) == 2
     assert "unknown steering class" in capsys.readouterr().err
     assert cli_main(["eval", str(tmp_path / "nope"), "--data", "digits"]) == 2
+
+
+def test_eval_splits_with_the_bundles_recorded_seed(bundle, tmp_path, capsys, monkeypatch):
+    """eval's default split is the bundle's own (trained with seed 3 here); another --seed is refused
+    before any data is loaded, since its test split would hold training images."""
+    path, _, _ = bundle
+    seeded = _resaved(path, tmp_path / "seed3", extra={"data": data_record("digits", 3)})
+    seen = []
+    monkeypatch.setattr(E, "load_data", lambda *a, **k: seen.append(k["seed"]) or load_data(*a, **k))
+    assert cli_main(["eval", str(seeded), "--data", "digits", "--steer", "none"]) == 0
+    assert seen == [3] and "split seed 3 (recorded in the bundle)" in capsys.readouterr().out
+    assert cli_main(["eval", str(seeded), "--data", "digits", "--steer", "none", "--seed", "3"]) == 0
+    monkeypatch.setattr(E, "load_data", _no_data)
+    assert cli_main(["eval", str(seeded), "--data", "digits", "--seed", "0"]) == 2
+    assert "trained on the split made with seed 3" in capsys.readouterr().err
+
+
+def test_eval_without_a_recorded_seed_uses_seed_or_zero_and_says_so(bundle, tmp_path, capsys, monkeypatch):
+    path, _, _ = bundle
+    unrecorded = _resaved(path, tmp_path / "none", extra={"note": "no stages"})
+    seen = []
+    monkeypatch.setattr(E, "load_data", lambda *a, **k: seen.append(k["seed"]) or load_data(*a, **k))
+    assert cli_main(["eval", str(unrecorded), "--data", "digits", "--steer", "none"]) == 0
+    assert "split seed 0 (default 0: the bundle records none" in capsys.readouterr().out
+    assert cli_main(["eval", str(unrecorded), "--data", "digits", "--steer", "none", "--seed", "5"]) == 0
+    assert "split seed 5 (from --seed" in capsys.readouterr().out
+    assert seen == [0, 5]
+
+
+def test_steering_rows_are_found_by_class_name(bundle, tmp_path):
+    """A table whose rows are in another order steers, describes and controls each class exactly like
+    the table in class order."""
+    path, splits, _ = bundle
+    engine = Engine.load(path, backend="compact")
+    reverse = _resaved(path, tmp_path / "rev", _reordered(engine.info.steering, engine.class_names[::-1]))
+    flipped = Engine.load(reverse, backend="compact")
+    for steer in ("per-class", "3"):
+        rows = per_class_table(engine, splits.test, steer, random_control=True)
+        other = per_class_table(flipped, splits.test, steer, random_control=True)
+        assert rows == other
+    assert all(r["steered_toward"] == "3" and r["steering_row"] == "3" for r in other)
+    assert other[3]["latents"] == engine.info.steering.info[3]["latents"]
+    assert strategies_summary(engine, splits.test, {}) == strategies_summary(flipped, splits.test, {})
+
+
+def test_classes_without_a_steering_row_stay_unsteered(bundle, tmp_path, capsys):
+    path, splits, _ = bundle
+    engine = Engine.load(path, backend="compact")
+    subset = Engine.load(_resaved(path, tmp_path / "sub", _reordered(engine.info.steering, ["7", "3"])),
+                         backend="compact")
+    full = per_class_table(engine, splits.test, "per-class", random_control=True)
+    rows = per_class_table(subset, splits.test, "per-class", random_control=True)
+    for row, ref in zip(rows, full):
+        if row["class"] in ("3", "7"):
+            assert row == ref
+        else:
+            assert row["steering_row"] is None and row["latents"] == []
+            assert row["unsteered"] == ref["unsteered"] and row["steered"] == row["unsteered"]
+            assert row["random"] == dict(row["unsteered"], latents=[])
+    assert cli_main(["eval", str(tmp_path / "sub"), "--data", "digits"]) == 0
+    assert "no steering row (left unsteered): 0, 1, 2, 4, 5, 6, 8, 9" in capsys.readouterr().out
+
+
+def test_random_control_without_table_info_is_an_input_error(bundle, tmp_path, capsys, monkeypatch):
+    path, splits, _ = bundle
+    table = Engine.load(path, backend="compact").info.steering
+    bare = _resaved(path, tmp_path / "bare", SteeringTable(table.class_names, table.scale, table.shift))
+    with pytest.raises(InputError, match="no random-latent control rows"):
+        per_class_table(Engine.load(bare, backend="compact"), splits.test, "3", random_control=True)
+    monkeypatch.setattr(E, "load_data", _no_data)
+    assert cli_main(["eval", str(bare), "--data", "digits", "--random-control"]) == 2
+    assert "--random-control" in capsys.readouterr().err
+
+
+def _sae_block_1_engine(tmp_path, table_info=()):
+    """A 3-block model (gates undecided: bias 0) with its SAE on block 1 and identity steering rows."""
+    torch.manual_seed(0)
+    model = GatedViT.from_timm("vit_tiny_patch16_224", timm_kwargs=dict(TINY, depth=3), sae_blocks=(1,),
+                               sae_width=8, sae_k=2, gate_init_bias=0.0)
+    names = [str(i) for i in range(10)]
+    table = SteeringTable(names, torch.ones(10, 8), torch.zeros(10, 8), list(table_info))
+    return Engine.load(save_bundle(model, tmp_path / "b", class_names=names, steering=table), backend="compact")
+
+
+def test_random_control_toward_one_class_uses_that_class_row(tmp_path):
+    """--steer 3 --random-control: every image gets class 3's random row (only that one moves latents)."""
+    info = [dict(alpha=16.0, random_scale_latents=list(range(8)) if c == 3 else [], random_latents=[c])
+            for c in range(10)]
+    engine = _sae_block_1_engine(tmp_path, info)
+    test = load_data("digits", image_size=8).test
+    rows = per_class_table(engine, test, "3", random_control=True)
+    control = S.random_table(engine.info.steering, engine.steer_width).rows(["3"] * len(test))
+    pred, mask = run_engine(engine, test.images, vectors=control)
+    _, unsteered = run_engine(engine, test.images)
+    assert not torch.equal(mask, unsteered)  # the control row does move the gates
+    for c, row in enumerate(rows):
+        idx = (test.labels == c).nonzero().squeeze(1)
+        assert row["random"] == dict(summarize(pred[idx], mask[idx], test.labels[idx], [(1, 1)]), latents=[3])
+
+
+def test_usage_is_reported_at_the_steered_block_not_the_last():
+    """SAE on block 1 of 3: steered-block usage and kept heads are block 1's; meets_target judges them."""
+    model = GatedViT.from_timm("vit_tiny_patch16_224", timm_kwargs=dict(TINY, depth=3), sae_blocks=(1,),
+                               sae_width=8, sae_k=2)
+    assert model.sae_blocks == [1] and model.gate_blocks == [0, 1, 2]
+    mask = torch.zeros(4, 3, 6, dtype=torch.bool)
+    mask[:, 1, :2] = True  # steered block: heads 0, 1
+    mask[:, 2] = True  # last block: every head
+    part = summarize(torch.zeros(4), mask, torch.zeros(4), [(1, 1)])
+    assert part["steered_block_usage"] == pytest.approx(2 / 6) and part["steered_kept_heads"] == {"1": [0, 1]}
+    assert part["final_block_usage"] == 1.0 and part["kept_heads"] == list(range(6))
+    base = dict(steered_block_usage=0.8, final_block_usage=0.5, correct=10)
+    assert meets_target(dict(unsteered=base, steered=dict(steered_block_usage=0.4, final_block_usage=0.5, correct=10)))
+    assert not meets_target(dict(unsteered=base, steered=dict(steered_block_usage=0.6, final_block_usage=0.1,
+                                                              correct=10)))
+
+
+def test_per_class_table_reports_the_sae_block(tmp_path):
+    engine = _sae_block_1_engine(tmp_path)
+    test = load_data("digits", image_size=8).test
+    rows = per_class_table(engine, test, "per-class")
+    _, mask = run_engine(engine, test.images)
+    assert mask[:, 1].float().mean() != mask[:, 2].float().mean()
+    for c, row in enumerate(rows):
+        block = mask[test.labels == c][:, 1].float()
+        assert row["steered_blocks"] == [1]
+        assert row["unsteered"]["steered_block_usage"] == pytest.approx(float(block.mean()))
+    assert "steered (SAE) block(s) [1]" in format_table(rows)
+
+
+def test_eval_json_folder_is_refused_before_any_work(bundle, tmp_path, capsys, monkeypatch):
+    path, _, _ = bundle
+    monkeypatch.setattr(E, "load_data", _no_data)
+    assert cli_main(["eval", str(path), "--data", "digits", "--json", str(tmp_path)]) == 2
+    assert "is a folder" in capsys.readouterr().err

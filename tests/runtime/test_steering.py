@@ -5,7 +5,9 @@ import torch
 
 from headsteer.runtime import steering as S
 from headsteer.runtime import train as T
-from headsteer.runtime.data import Splits, load_data
+from headsteer.runtime.bundle import SteeringTable
+from headsteer.runtime.data import ImageDataset, Splits, load_data
+from headsteer.runtime.errors import InputError
 from headsteer.runtime.gated_vit import GatedViT
 from headsteer.kernels import reference
 
@@ -139,3 +141,32 @@ def test_steering_is_identity_when_unsteered():
     scale, shift = S.identity_row(5)
     g = reference.steer_gate_input(e, z, dec, torch.zeros(8), scale.expand(3, -1), shift.expand(3, -1))
     torch.testing.assert_close(g, e)
+
+
+def test_a_class_without_val_images_gets_the_identity_row_and_says_why():
+    torch.manual_seed(0)
+    names = ["a", "b", "c"]
+
+    def dataset(labels):
+        return ImageDataset(torch.rand(len(labels), 3, 8, 8), torch.tensor(labels), names)
+
+    splits = Splits(dataset([0, 1, 2] * 10), dataset([0, 1, 0, 1]), dataset([0, 1, 2]), (0.5,) * 3, (0.25,) * 3)
+    model = GatedViT.from_timm("vit_tiny_patch16_224", timm_kwargs=dict(TINY, num_classes=3), sae_width=16, sae_k=4)
+    config = S.SteeringConfig(counts=(1,), alphas=(0.0,), betas=(1.0,), global_alphas=(0.0,), topk_ks=(1,),
+                              topk_alphas=(0.0,))
+    table, _ = S.fit_steering(model, splits, config, progress=False)
+    assert torch.equal(table.scale[2], torch.ones(16)) and torch.equal(table.shift[2], torch.zeros(16))
+    assert table.info[2]["val_n"] == 0 and table.info[2]["latents"] == []
+    assert "no validation images" in table.info[2]["note"]
+    assert all("note" not in row for row in table.info[:2])
+
+
+def test_random_table_follows_row_names_and_needs_info():
+    info = [dict(alpha=0.0, random_scale_latents=[1]), dict(alpha=4.0, random_scale_latents=[2])]
+    table = SteeringTable(["b", "a"], torch.ones(2, 3), torch.zeros(2, 3), info)
+    rand = S.random_table(table, 3)
+    assert rand.class_names == ["b", "a"]
+    assert rand.rows(["a"])[0].tolist() == [[1.0, 1.0, 4.0]] and rand.rows(["b"])[0].tolist() == [[1.0, 0.0, 1.0]]
+    with pytest.raises(InputError, match="no random-latent control rows"):
+        S.random_table(SteeringTable(["b", "a"], torch.ones(2, 3), torch.zeros(2, 3)), 3)
+    assert S.row_info(table, "a") is info[1] and S.row_info(table, "zebra") == {}
