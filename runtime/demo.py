@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from headsteer.runtime import train as T
-from headsteer.runtime.data import load_data
+from headsteer.runtime.data import data_record, load_data
 from headsteer.runtime.engine import Engine
 from headsteer.runtime.errors import InputError
 from headsteer.runtime.files import write_text_atomic
@@ -102,12 +102,28 @@ def _setting_report(engine: Engine, dataset, choices: dict, latency_repeats: int
     )
 
 
+def bundle_paths(out: Path, settings: DemoSettings) -> list[Path]:
+    """Every bundle the demo writes (and replaces) under `out`."""
+    paths = [out / "stages" / "backbone", out / "stages" / "gates", out / "bundle"]
+    return paths + [out / "bundle_all"] if settings.whole_network else paths
+
+
+def check_out(out: Path, settings: DemoSettings) -> None:
+    """Refuse an output folder the demo cannot use, before any work: `out` must be a folder (or
+    new), and each bundle path in it new, empty or a bundle, so no other folder is ever replaced."""
+    if out.exists() and not out.is_dir():
+        raise InputError(f"--out {out} exists and is not a directory")
+    for path in bundle_paths(out, settings):
+        T.check_bundle_out(path, f"--out {out}: bundle folder")
+
+
 def run_demo(out: Path, settings: DemoSettings, progress: bool = True, log=print) -> dict:
     """Train everything, save bundles, measure on test through Engine, write the report; returns
     the report dict."""
     settings = settings.seeded()
     start = time.perf_counter()
     out = Path(out)
+    check_out(out, settings)
     out.mkdir(parents=True, exist_ok=True)
     stages_dir = out / "stages"
     timings = {}
@@ -117,18 +133,19 @@ def run_demo(out: Path, settings: DemoSettings, progress: bool = True, log=print
         log(f"[{time.perf_counter() - start:6.1f}s] {name} done ({timings[name]:.1f}s)")
 
     splits = load_data(settings.data, image_size=settings.image_size, seed=settings.seed)
+    data = data_record(settings.data, settings.seed)  # one seed splits the data and seeds training
     kwargs = dict(settings.timm_kwargs, img_size=settings.image_size, num_classes=len(splits.class_names))
 
     t0 = time.perf_counter()
     model = T.new_backbone(T.DEFAULT_TIMM_NAME, kwargs, seed=settings.seed)
     model, stage = T.train_backbone(model, splits, settings.backbone, progress)
-    T.save_stage(model, stages_dir / "backbone", splits, T._json_safe(T._record({}, stage)))
+    T.save_stage(model, stages_dir / "backbone", splits, T._json_safe(dict(T._record({}, stage), data=data)))
     lap("backbone", t0)
 
     t0 = time.perf_counter()
     gated = T.add_gates(model)
     gated, gate_stage = T.train_gates(gated, splits, settings.gates, progress)
-    extra = T._record(T._record({}, stage), gate_stage)
+    extra = dict(T._record(T._record({}, stage), gate_stage), data=data)
     T.save_stage(gated, stages_dir / "gates", splits, T._json_safe(extra))
     lap("gates", t0)
 
@@ -339,7 +356,9 @@ def report_markdown(report: dict) -> str:
 
 # -- CLI -------------------------------------------------------------------------------------------
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--out", required=True, help="output directory (bundles, report.json, report.md, plots)")
+    parser.add_argument("--out", required=True,
+                        help="output directory (bundles, report.json, report.md, plots); its bundle folders "
+                             "(stages/backbone, stages/gates, bundle, bundle_all) are replaced only if bundles or empty")
     parser.add_argument("--quick", action="store_true", help="a short run (CI, impatient users): same outputs")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1,
@@ -352,11 +371,10 @@ def run(args: argparse.Namespace) -> int:
     if args.threads < 1:
         raise InputError(f"--threads must be >= 1, got {args.threads}")
     out = Path(args.out)
-    if out.exists() and not out.is_dir():
-        raise InputError(f"--out {out} exists and is not a directory")
-    torch.set_num_threads(args.threads)
     settings = DemoSettings.quick(args.seed) if args.quick else DemoSettings.full(args.seed)
     settings.whole_network = not args.no_whole_network
+    check_out(out, settings)
+    torch.set_num_threads(args.threads)
     report = run_demo(out, settings, progress=not args.no_progress)
     print()
     print("Per-class steering, last block (test split, Engine compact):")

@@ -5,21 +5,27 @@ The stages chain through bundles:
 
     backbone  -> a GatedViT with no gates (the dense timm ViT), trained from scratch or from a
                  local timm checkpoint (`pretrained_file`), or continued from a bundle;
-    gates     -> AdaViT-style head gates on every block (straight-through Gumbel-sigmoid, usage
-                 loss `usage_weight * |mean(head_weight) - target_usage|` beside cross-entropy),
-                 the backbone fine-tuned jointly or frozen;
-    sae       -> a Sparse Autoencoder on the decision vector (residual stream entering the block,
-                 class token) of the chosen SAE sites (default: the last block), trained on
-                 decision vectors of the frozen gated model; FVE, L0 and dead latents on val;
+    gates     -> AdaViT-style head gates on every block (straight-through Gumbel-sigmoid) trained
+                 with cross-entropy plus a usage loss, by default ("block")
+                 `usage_weight * mean over gated blocks of |usage of the block - target_usage|`
+                 (AdaViT's whole-model `|mean(head_weight) - target|` is "model"), the backbone
+                 fine-tuned jointly or frozen;
+    sae       -> a Sparse Autoencoder (TopK or ReLU; JumpReLU SAEs load and run but are not
+                 trained here) on the decision vector (residual stream entering the block, class
+                 token) of the chosen SAE sites (default: the last block), trained on decision
+                 vectors of the frozen gated model; FVE, L0 and dead latents on val;
     steering  -> the per-class steering table (`headsteer.runtime.steering`), chosen on val.
 
 Every recipe seeds torch and uses a seeded data order, so the same arguments give the same weights
-(on the same machine and thread count).
+(on the same machine and thread count). Every bundle records its data spec and split seed
+(`extra["data"]`); a recipe continuing a bundle splits the data with that seed, so its validation
+and test images are never ones an earlier stage trained on.
 """
 from __future__ import annotations
 
 import argparse
 import math
+import os
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -29,9 +35,9 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from headsteer.runtime.bundle import load_bundle, save_bundle
-from headsteer.runtime.data import ImageDataset, Splits, load_data
-from headsteer.runtime.errors import BundleError, InputError
+from headsteer.runtime.bundle import CONFIG_FILE, load_bundle, save_bundle
+from headsteer.runtime.data import ImageDataset, Splits, data_record, load_data, recorded_split_seed
+from headsteer.runtime.errors import BundleError, HeadsteerError, InputError
 from headsteer.runtime.gated_vit import GatedViT
 
 DEFAULT_TIMM_NAME = "vit_tiny_patch16_224"
@@ -120,9 +126,11 @@ def rebuild(
     sae_width: Optional[int] = None,
     sae_activation: Optional[str] = None,
     sae_k: Optional[int] = None,
+    gate_init_bias: Optional[float] = None,
 ) -> GatedViT:
     """A new GatedViT over the same timm architecture with other gate/SAE sites, carrying over
-    every weight whose name and shape still match (backbone, surviving gates and SAEs)."""
+    every weight whose name and shape still match (backbone, surviving gates and SAEs); new gates
+    start at `gate_init_bias` (default: the model's)."""
     config = model.config()
     name, timm_kwargs = config.pop("timm_name"), config.pop("timm_kwargs")
     if name is None:
@@ -139,6 +147,8 @@ def rebuild(
             config["sae_k"] = None
     if sae_k is not None:
         config["sae_k"] = sae_k
+    if gate_init_bias is not None:
+        config["gate_init_bias"] = gate_init_bias
     fresh = GatedViT.from_timm(name, timm_kwargs=timm_kwargs, **config)
     old_state = model.state_dict()
     new_state = fresh.state_dict()
@@ -168,15 +178,24 @@ def new_backbone(
     pretrained_file: Optional[str] = None,
     seed: int = 0,
 ) -> GatedViT:
-    """A dense GatedViT (no gates, no SAEs) over a freshly built (seeded) or checkpointed timm ViT."""
+    """A dense GatedViT (no gates, no SAEs) over a freshly built (seeded) or checkpointed timm ViT.
+
+    A checkpoint that does not load into that architecture is an InputError naming both."""
     torch.manual_seed(seed)
-    return GatedViT.from_timm(
-        timm_name,
-        timm_kwargs=timm_kwargs if timm_kwargs is not None else digits_vit_kwargs(),
-        gate_blocks="none",
-        sae_blocks="none",
-        pretrained_file=pretrained_file,
-    )
+    timm_kwargs = timm_kwargs if timm_kwargs is not None else digits_vit_kwargs()
+    try:
+        return GatedViT.from_timm(
+            timm_name, timm_kwargs=timm_kwargs, gate_blocks="none", sae_blocks="none", pretrained_file=pretrained_file
+        )
+    except HeadsteerError:
+        raise
+    except Exception as error:  # torch, timm and safetensors each raise their own types for a bad file
+        if pretrained_file is None:
+            raise
+        lines = [line.strip() for line in str(error).strip().splitlines()]
+        detail = " ".join(lines[:3]) + (f" ... ({len(lines) - 3} more lines)" if len(lines) > 3 else "")
+        options = {k: v for k, v in timm_kwargs.items() if k != "num_classes"}
+        raise InputError(f"cannot load {pretrained_file} into timm {timm_name} with {options}: {detail}") from None
 
 
 def train_backbone(
@@ -241,12 +260,20 @@ def _dense_accuracy(model: GatedViT, dataset: ImageDataset, mean, std, batch_siz
     return correct / max(1, len(dataset))
 
 
-def _check_classes(model: GatedViT, splits: Splits) -> None:
+def _check_classes(model: GatedViT, splits: Splits, class_names: Optional[Sequence[str]] = None) -> None:
+    """The model fits the data: as many outputs as classes, its image size, and (given the class
+    names a bundle recorded) the same classes in the same order."""
     classes = model.vit.num_classes
     if classes != len(splits.class_names):
         raise InputError(f"the model has {classes} outputs but the data has {len(splits.class_names)} classes")
     if model.image_size != (splits.image_size, splits.image_size):
         raise InputError(f"the model takes {model.image_size} images but the data is {splits.image_size} pixels")
+    if class_names is not None and list(class_names) != list(splits.class_names):
+        index = next(i for i, (a, b) in enumerate(zip(class_names, splits.class_names)) if a != b)
+        raise InputError(
+            f"the bundle's class {index} is {class_names[index]!r} but the data's is {splits.class_names[index]!r}; "
+            "continue a bundle on the data it was trained on (same classes in the same order)"
+        )
 
 
 # -- gates ---------------------------------------------------------------------------------------
@@ -289,11 +316,11 @@ def noise_schedule(epoch: int, epochs: int, anneal_start: float) -> float:
 
 
 def add_gates(model: GatedViT, gate_blocks: Union[str, Sequence[int]] = "all", gate_init_bias: float = 3.0) -> GatedViT:
-    """`model` with head gates at `gate_blocks` (existing gates kept), no SAE."""
+    """`model` with head gates at `gate_blocks` (existing gates kept), no SAE; new gates' output
+    bias starts at `gate_init_bias` (3.0: sigmoid 0.95, nearly every head kept)."""
     if model.gate_blocks and gate_blocks == "all" and len(model.gate_blocks) == len(model.vit.blocks):
         return model
-    rebuilt = rebuild(model, gate_blocks=gate_blocks, sae_blocks="none")
-    return rebuilt
+    return rebuild(model, gate_blocks=gate_blocks, sae_blocks="none", gate_init_bias=gate_init_bias)
 
 
 def train_gates(
@@ -302,7 +329,9 @@ def train_gates(
     config: GateConfig = GateConfig(),
     progress: bool = True,
 ) -> tuple[GatedViT, dict]:
-    """AdaViT-style gate training: cross-entropy + `usage_weight * |mean(head_weight) - target|`.
+    """AdaViT-style gate training: cross-entropy + `usage_weight * usage_loss(head_weight)`, by
+    default (`usage_granularity="block"`) the mean over gated blocks of `|block usage - target|`;
+    "model" is AdaViT's `|mean(head_weight) - target|` over the whole model.
 
     head_weight is the straight-through Gumbel-sigmoid mask over every gated head of the batch.
     With `freeze_backbone` only the gates learn; otherwise the backbone is fine-tuned at
@@ -379,12 +408,15 @@ def train_gates(
 
 
 # -- SAE -----------------------------------------------------------------------------------------
+TRAINED_SAE_ACTIVATIONS = ("topk", "relu")
+
+
 @dataclass
 class SAEConfig:
     width: Optional[int] = None  # default: 4 x model width
-    activation: str = "topk"
+    activation: str = "topk"  # "topk" or "relu" (JumpReLU SAEs run, but are not trained here)
     k: int = 8
-    l1: float = 1e-3  # sparsity penalty for relu/jumprelu SAEs (TopK needs none)
+    l1: float = 1e-3  # sparsity penalty for relu SAEs (TopK needs none)
     epochs: int = 300
     batch_size: int = 128
     lr: float = 2e-3
@@ -425,18 +457,28 @@ def decision_vectors(
     return {b: torch.cat(v) if v else torch.zeros(0, model.embed_dim) for b, v in captured.items()}
 
 
+def check_trainable_sae(activation: str, width: Optional[int] = None) -> None:
+    """Refuse an SAE this module cannot train: JumpReLU (its threshold needs a straight-through
+    estimator and an L0 loss, not implemented) or a width below 1."""
+    if activation == "jumprelu":
+        raise InputError(
+            "JumpReLU SAEs are supported for inference (a bundle that has one loads and runs) but cannot be "
+            f"trained here; train a {' or '.join(TRAINED_SAE_ACTIVATIONS)} SAE"
+        )
+    if activation not in TRAINED_SAE_ACTIVATIONS:
+        raise InputError(f"SAE activation must be one of {TRAINED_SAE_ACTIVATIONS}, got {activation!r}")
+    if width is not None and width < 1:
+        raise InputError(f"SAE width must be at least 1, got {width}")
+
+
 def _fast_encode(sae, e: torch.Tensor) -> torch.Tensor:
-    """SAE encode for training: torch.topk instead of the reference rank-count (same result up
-    to exact ties), differentiable."""
+    """SAE encode for training (TopK or ReLU): torch.topk instead of the reference rank-count
+    (same result up to exact ties), differentiable."""
     pre = (e - sae.decoder_bias) @ sae.encoder_weight.t() + sae.encoder_bias
     if sae.activation == "topk":
         values, index = pre.topk(sae.k, dim=-1)
         return torch.zeros_like(pre).scatter(-1, index, F.relu(values))
-    if sae.activation == "relu":
-        return F.relu(pre)
-    # jumprelu: straight-through on the threshold (a rectangle-window pseudo-gradient)
-    gate = (pre > sae.threshold).to(pre.dtype)
-    return pre * gate
+    return F.relu(pre)
 
 
 @torch.no_grad()
@@ -464,7 +506,8 @@ def train_sae_on(sae, e_train: torch.Tensor, config: SAEConfig, progress: bool =
     Training runs on standardized vectors `(e - mean) / s` (s: RMS distance to the mean), so the
     optimizer sees the same scale whatever the backbone's residual norm; the result is folded back
     into raw-space weights (TopK/ReLU are positively homogeneous: W_enc and W_dec are unchanged,
-    b_enc and the JumpReLU threshold scale by s, b_dec becomes mean + s * b_dec)."""
+    b_enc scales by s, b_dec becomes mean + s * b_dec)."""
+    check_trainable_sae(sae.activation)
     torch.manual_seed(config.seed)
     generator = torch.Generator().manual_seed(config.seed)
     mu = e_train.mean(0)
@@ -475,8 +518,6 @@ def train_sae_on(sae, e_train: torch.Tensor, config: SAEConfig, progress: bool =
         sae.decoder_bias.zero_()
         sae.encoder_weight.copy_(sae.decoder_weight)
         sae.encoder_bias.zero_()
-        if sae.activation == "jumprelu":
-            sae.threshold.fill_(0.0)
     params = [sae.encoder_weight, sae.encoder_bias, sae.decoder_weight, sae.decoder_bias]
     optimizer = torch.optim.Adam(params, lr=config.lr)
     n = data.shape[0]
@@ -518,7 +559,6 @@ def train_sae_on(sae, e_train: torch.Tensor, config: SAEConfig, progress: bool =
     with torch.no_grad():  # fold the standardization back into raw-space weights
         sae.encoder_bias.mul_(s)
         sae.decoder_bias.copy_(mu + s * sae.decoder_bias)
-        sae.threshold.mul_(s)
     return [loss * float(s) ** 2 for loss in losses]
 
 
@@ -532,6 +572,7 @@ def train_sae(
     """Put SAEs at `sae_blocks` (they must be gated) and fit each to the decision vectors of the
     frozen model at that block on the train split. Returns the model and per-site validation
     metrics {block: {fve, l0, dead_fraction}} plus their mean."""
+    check_trainable_sae(config.activation, config.width)
     _check_classes(model, splits)
     start = time.perf_counter()
     width = config.width or 4 * model.embed_dim
@@ -567,7 +608,37 @@ def load_model(path: Union[str, Path]) -> tuple[GatedViT, dict, list]:
     return model, dict(info.extra or {}), list(info.class_names)
 
 
+def check_bundle_out(path: Union[str, Path], what: str = "--out") -> Path:
+    """Refuse a bundle destination that saving must not replace. It may be a new path, an empty
+    folder or an existing bundle (replaced); a file, or a folder holding anything but a bundle, is
+    left alone and refused, as is a parent folder that cannot be created or written in."""
+    path = Path(path)
+    if path.exists() or path.is_symlink():
+        if not path.is_dir():
+            raise InputError(f"{what} {path} exists and is not a directory; give a new path, an empty folder "
+                             "or a bundle to replace")
+        try:
+            has_files = any(path.iterdir())
+        except OSError as error:
+            raise InputError(f"{what} {path} cannot be read: {error.strerror or error}") from None
+        if has_files and not (path / CONFIG_FILE).is_file():
+            raise InputError(f"{what} {path} is a folder that is not a headsteer bundle (no {CONFIG_FILE}) and not "
+                             "empty; it would be replaced, so it is refused: give a new path, an empty folder or a "
+                             "bundle to replace")
+    parent = path.absolute().parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise InputError(f"{what} {path} cannot be created: {parent} is not a directory")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise InputError(f"{what} {path} cannot be created: no permission to write in {parent}")
+    return path
+
+
 def save_stage(model: GatedViT, path, splits: Splits, extra: dict, steering=None, overwrite: bool = True) -> Path:
+    """Save a recipe's bundle; with `overwrite` only a bundle or an empty folder is replaced."""
+    if overwrite:
+        check_bundle_out(path, "bundle path")
     return save_bundle(
         model, path, class_names=splits.class_names, steering=steering, mean=splits.mean, std=splits.std,
         extra=extra, overwrite=overwrite,
@@ -593,33 +664,52 @@ def _json_safe(value):
 
 
 # -- CLI -----------------------------------------------------------------------------------------
+# `train backbone` architecture options -> timm kwargs; from scratch they default to the digits ViT,
+# with --pretrained-file to the timm model's own.
+ARCHITECTURE_OPTIONS = dict(image_size="img_size", patch_size="patch_size", embed_dim="embed_dim", depth="depth",
+                            num_heads="num_heads", mlp_ratio="mlp_ratio")
+DIGITS_IMAGE_SIZE = 16
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     sub = parser.add_subparsers(dest="recipe", metavar="RECIPE", required=True)
 
-    def common(p, needs_from: bool):
+    def common(p, needs_from: bool, trains: bool = True, lr_help: Optional[str] = None):
         p.add_argument("--data", default="digits", help="digits, cifar100:PATH or imagefolder:PATH (default digits)")
-        p.add_argument("--out", required=True, help="bundle directory to write (replaced if it exists)")
+        p.add_argument("--out", required=True,
+                       help="bundle directory to write: a new path, an empty folder or a bundle (replaced)")
         if needs_from:
             p.add_argument("--from", dest="from_bundle", required=True, help="bundle to start from")
-        p.add_argument("--seed", type=int, default=0)
-        p.add_argument("--epochs", type=int, default=None)
-        p.add_argument("--lr", type=float, default=None)
+        p.add_argument("--seed", type=int, default=0, help="seed of initialisation, data order and random draws")
+        p.add_argument("--split-seed", type=int, default=None,
+                       help="seed of the train/val/test split (default: the one the --from bundle recorded, else "
+                            "--seed); a continued bundle keeps its split, so another value is refused")
+        if trains:
+            p.add_argument("--epochs", type=int, default=None)
+            p.add_argument("--lr", type=float, default=None, help=lr_help)
         p.add_argument("--no-progress", action="store_true", help="hide progress bars")
 
-    p = sub.add_parser("backbone", help="train a small timm ViT from scratch, a local checkpoint, or a bundle")
+    p = sub.add_parser(
+        "backbone", help="train a small timm ViT from scratch, a local checkpoint, or a bundle",
+        description="From scratch the architecture options default to the digits ViT (16 px, patch 4, width 72, "
+                    "depth 4, 6 heads, MLP ratio 2); with --pretrained-file to the timm model's own; with --from "
+                    "they are the bundle's and cannot be given.",
+    )
     common(p, needs_from=False)
     p.add_argument("--from", dest="from_bundle", default=None, help="continue from this bundle's backbone")
-    p.add_argument("--timm-name", default=DEFAULT_TIMM_NAME)
+    p.add_argument("--timm-name", default=None, help=f"timm model name (default {DEFAULT_TIMM_NAME})")
     p.add_argument("--pretrained-file", default=None, help="local timm checkpoint (nothing is downloaded)")
-    p.add_argument("--image-size", type=int, default=16)
-    p.add_argument("--patch-size", type=int, default=4)
-    p.add_argument("--embed-dim", type=int, default=72)
-    p.add_argument("--depth", type=int, default=4)
-    p.add_argument("--num-heads", type=int, default=6)
-    p.add_argument("--mlp-ratio", type=float, default=2.0)
+    p.add_argument("--image-size", type=int, default=None)
+    p.add_argument("--patch-size", type=int, default=None)
+    p.add_argument("--embed-dim", type=int, default=None)
+    p.add_argument("--depth", type=int, default=None)
+    p.add_argument("--num-heads", type=int, default=None)
+    p.add_argument("--mlp-ratio", type=float, default=None)
 
     p = sub.add_parser("gates", help="AdaViT-style head gates on every block, with a usage loss")
-    common(p, needs_from=True)
+    common(p, needs_from=True,
+           lr_help=f"learning rate of the gates only (default {GateConfig.lr}); the backbone is fine-tuned at "
+                   f"{GateConfig.backbone_lr} unless --freeze-backbone")
     p.add_argument("--target-usage", type=float, default=GateConfig.target_usage)
     p.add_argument("--usage-weight", type=float, default=GateConfig.usage_weight)
     p.add_argument("--freeze-backbone", action="store_true", help="train only the gates")
@@ -627,16 +717,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p = sub.add_parser("sae", help="SAE(s) on the decision vector entering the last (or every) block")
     common(p, needs_from=True)
     p.add_argument("--sae-blocks", default="-1", help="'-1' (the paper's last block), 'all', or indices '0,3'")
-    p.add_argument("--width", type=int, default=None)
-    p.add_argument("--k", type=int, default=SAEConfig.k)
-    p.add_argument("--activation", default="topk", choices=["topk", "relu", "jumprelu"])
+    p.add_argument("--width", type=int, default=None, help="latents per SAE (default 4 x the model's width)")
+    p.add_argument("--k", type=int, default=SAEConfig.k, help="active latents of a topk SAE")
+    p.add_argument("--activation", default="topk", choices=["topk", "relu", "jumprelu"],
+                   help="topk or relu (JumpReLU SAEs load and run, but are not trained here)")
 
     p = sub.add_parser("steering", help="choose per-class steering rows on the validation split")
-    common(p, needs_from=True)
+    common(p, needs_from=True, trains=False)
 
 
-def _data_for(args, image_size: Optional[int]) -> Splits:
-    return load_data(args.data, image_size=image_size, seed=args.seed)
+def _option(name: str) -> str:
+    return "--" + name.replace("_", "-")
 
 
 def _check_args(args: argparse.Namespace) -> None:
@@ -645,55 +736,134 @@ def _check_args(args: argparse.Namespace) -> None:
         value = getattr(args, name, None)
         if value is not None and value <= 0:
             raise InputError(f"--{name} must be positive, got {value}")
-    if getattr(args, "pretrained_file", None) and not Path(args.pretrained_file).is_file():
+    check_bundle_out(args.out)
+    if args.recipe == "backbone":
+        _check_backbone_args(args)
+    elif args.recipe == "gates":
+        if not 0.0 < args.target_usage <= 1.0:
+            raise InputError(f"--target-usage must be in (0, 1], got {args.target_usage}")
+        if args.usage_weight < 0:
+            raise InputError(f"--usage-weight must be >= 0, got {args.usage_weight}")
+    elif args.recipe == "sae":
+        check_trainable_sae(args.activation, args.width)
+        if args.activation == "topk" and args.k < 1:
+            raise InputError(f"--k must be at least 1, got {args.k}")
+
+
+def _check_backbone_args(args: argparse.Namespace) -> None:
+    given = [name for name in ("timm_name", "pretrained_file", *ARCHITECTURE_OPTIONS) if getattr(args, name) is not None]
+    if args.from_bundle:
+        if given:
+            raise InputError(f"--from {args.from_bundle} continues that bundle's model, so "
+                             f"{', '.join(map(_option, given))} cannot change it; leave them out, or drop --from")
+        return
+    for name in ARCHITECTURE_OPTIONS:
+        value = getattr(args, name)
+        if value is not None and value <= 0:
+            raise InputError(f"{_option(name)} must be positive, got {value}")
+    if args.pretrained_file and not Path(args.pretrained_file).is_file():
         raise InputError(f"--pretrained-file {args.pretrained_file} does not exist")
-    if args.recipe == "backbone" and not args.from_bundle and args.embed_dim % args.num_heads:
-        raise InputError(f"--embed-dim {args.embed_dim} is not divisible by --num-heads {args.num_heads}")
+    kwargs = _backbone_kwargs(args, num_classes=0)
+    dim, heads = kwargs.get("embed_dim"), kwargs.get("num_heads")
+    if dim is not None and heads is not None and dim % heads:
+        raise InputError(f"--embed-dim {dim} is not divisible by --num-heads {heads}")
+    image, patch = kwargs.get("img_size"), kwargs.get("patch_size")
+    if image is not None and patch is not None and patch > image:
+        raise InputError(f"--patch-size {patch} is larger than --image-size {image}")
+
+
+def _backbone_kwargs(args: argparse.Namespace, num_classes: int) -> dict:
+    """timm kwargs of a new backbone: from scratch the digits ViT's with the options given over
+    them; with --pretrained-file only the options given (the rest are the timm model's own)."""
+    given = {key: getattr(args, name) for name, key in ARCHITECTURE_OPTIONS.items() if getattr(args, name) is not None}
+    if args.pretrained_file:
+        return dict(given, num_classes=num_classes)
+    return digits_vit_kwargs(num_classes=num_classes, image_size=DIGITS_IMAGE_SIZE, **given)
+
+
+def _new_backbone_image_size(args: argparse.Namespace) -> int:
+    """The image size of the backbone to train, before the data is loaded. A checkpoint is loaded
+    here once, into a model without a head, so one that does not fit is refused before any work."""
+    if not args.pretrained_file:
+        return _backbone_kwargs(args, num_classes=0)["img_size"]
+    probe = new_backbone(args.timm_name or DEFAULT_TIMM_NAME, _backbone_kwargs(args, num_classes=0),
+                         args.pretrained_file, seed=args.seed)
+    return probe.image_size[0]
+
+
+def _split_seed(args: argparse.Namespace, extra: dict) -> int:
+    """The seed to split the data with when continuing a bundle: the one it recorded (else
+    --split-seed or 0). Another --split-seed is refused, before any data is loaded."""
+    recorded = recorded_split_seed(extra)
+    if recorded is None:
+        return args.split_seed if args.split_seed is not None else 0
+    if args.split_seed is not None and args.split_seed != recorded:
+        raise InputError(
+            f"--split-seed {args.split_seed} differs from split seed {recorded} that {args.from_bundle} was trained "
+            "with: another split would mix that bundle's training images into validation and test; leave "
+            "--split-seed out"
+        )
+    return recorded
+
+
+def _check_source(args: argparse.Namespace, model: GatedViT) -> None:
+    """What a recipe needs of its --from bundle, checked before the data is loaded."""
+    if args.recipe == "sae":
+        if not model.gate_blocks:
+            raise InputError(f"{args.from_bundle} has no head gates; run `headsteer train gates` first")
+        width = args.width or 4 * model.embed_dim
+        if args.activation == "topk" and args.k > width:
+            raise InputError(f"--k {args.k} is larger than the SAE width {width}")
+    if args.recipe == "steering" and not model.sae_blocks:
+        raise InputError(f"{args.from_bundle} has no SAE; run `headsteer train sae` first")
+
+
+def _train_recipe(args: argparse.Namespace, model: GatedViT, splits: Splits, progress: bool):
+    """Run the recipe on a loaded model and data: (model, stage record, steering table or None)."""
+    overrides = {k: getattr(args, k) for k in ("epochs", "lr") if getattr(args, k, None) is not None}
+    if args.recipe == "backbone":
+        model, stage = train_backbone(model, splits, BackboneConfig(seed=args.seed, **overrides), progress)
+        print(f"backbone: val accuracy {stage['val_accuracy']:.4f} ({stage['seconds']:.0f} s)")
+    elif args.recipe == "gates":
+        config = GateConfig(seed=args.seed, target_usage=args.target_usage, usage_weight=args.usage_weight,
+                            freeze_backbone=args.freeze_backbone, **overrides)
+        model, stage = train_gates(add_gates(model), splits, config, progress)
+        print(f"gates: val accuracy {stage['val_accuracy']:.4f}, head usage {stage['val_head_usage']:.3f}")
+    elif args.recipe == "sae":
+        config = SAEConfig(seed=args.seed, width=args.width, k=args.k, activation=args.activation, **overrides)
+        model, stage = train_sae(model, splits, args.sae_blocks, config, progress)
+        for block, site in stage["sites"].items():
+            fve = "undefined (constant input)" if site["fve"] is None else f"{site['fve']:.3f}"
+            print(f"sae block {block}: val FVE {fve}, L0 {site['l0']:.1f}, dead {site['dead_fraction']:.3f}")
+    elif args.recipe == "steering":
+        from headsteer.runtime.steering import fit_steering
+
+        table, stage = fit_steering(model, splits, progress=progress, seed=args.seed)
+        return model, stage, table
+    else:  # pragma: no cover - argparse restricts the choices
+        raise InputError(f"unknown recipe {args.recipe!r}")
+    return model, stage, None
 
 
 def run(args: argparse.Namespace) -> int:
     _check_args(args)
-    progress = not args.no_progress
-    overrides = {k: v for k, v in dict(epochs=args.epochs, lr=args.lr).items() if v is not None}
-    if args.recipe == "backbone":
-        if args.from_bundle:
-            model, extra, _ = load_model(args.from_bundle)
-            splits = _data_for(args, model.image_size[0])
-        else:
-            splits = _data_for(args, args.image_size)
-            kwargs = dict(img_size=args.image_size, patch_size=args.patch_size, embed_dim=args.embed_dim,
-                          depth=args.depth, num_heads=args.num_heads, mlp_ratio=args.mlp_ratio,
-                          num_classes=len(splits.class_names))
-            model = new_backbone(args.timm_name, kwargs, args.pretrained_file, seed=args.seed)
-            extra = {}
-        model, stage = train_backbone(model, splits, BackboneConfig(seed=args.seed, **overrides), progress)
-        print(f"backbone: val accuracy {stage['val_accuracy']:.4f} ({stage['seconds']:.0f} s)")
+    if args.recipe == "backbone" and not args.from_bundle:
+        split_seed = args.split_seed if args.split_seed is not None else args.seed
+        splits = load_data(args.data, image_size=_new_backbone_image_size(args), seed=split_seed)
+        model = new_backbone(args.timm_name or DEFAULT_TIMM_NAME, _backbone_kwargs(args, len(splits.class_names)),
+                             args.pretrained_file, seed=args.seed)
+        extra = {}
     else:
-        model, extra, _ = load_model(args.from_bundle)
-        splits = _data_for(args, model.image_size[0])
-        if args.recipe == "gates":
-            model = add_gates(model)
-            config = GateConfig(seed=args.seed, target_usage=args.target_usage, usage_weight=args.usage_weight,
-                                freeze_backbone=args.freeze_backbone, **overrides)
-            model, stage = train_gates(model, splits, config, progress)
-            print(f"gates: val accuracy {stage['val_accuracy']:.4f}, head usage {stage['val_head_usage']:.3f}")
-        elif args.recipe == "sae":
-            config = SAEConfig(seed=args.seed, width=args.width, k=args.k, activation=args.activation, **overrides)
-            model, stage = train_sae(model, splits, args.sae_blocks, config, progress)
-            for block, site in stage["sites"].items():
-                fve = "undefined (constant input)" if site["fve"] is None else f"{site['fve']:.3f}"
-                print(f"sae block {block}: val FVE {fve}, L0 {site['l0']:.1f}, dead {site['dead_fraction']:.3f}")
-        elif args.recipe == "steering":
-            from headsteer.runtime.steering import fit_steering
-
-            if not model.sae_blocks:
-                raise InputError(f"{args.from_bundle} has no SAE; run `headsteer train sae` first")
-            table, stage = fit_steering(model, splits, progress=progress, seed=args.seed)
-            save_stage(model, args.out, splits, _json_safe(_record(extra, stage)), steering=table)
-            print(f"steering: {len(table.class_names)} per-class rows written to {args.out}")
-            return 0
-        else:  # pragma: no cover - argparse restricts the choices
-            raise InputError(f"unknown recipe {args.recipe!r}")
-    save_stage(model, args.out, splits, _json_safe(_record(extra, stage)))
-    print(f"wrote {args.out}")
+        model, extra, class_names = load_model(args.from_bundle)
+        split_seed = _split_seed(args, extra)
+        _check_source(args, model)
+        splits = load_data(args.data, image_size=model.image_size[0], seed=split_seed)
+        _check_classes(model, splits, class_names)
+    model, stage, table = _train_recipe(args, model, splits, progress=not args.no_progress)
+    extra = dict(_record(extra, stage), data=data_record(args.data, split_seed))
+    save_stage(model, args.out, splits, _json_safe(extra), steering=table)
+    if table is not None:
+        print(f"steering: {len(table.class_names)} per-class rows written to {args.out}")
+    else:
+        print(f"wrote {args.out}")
     return 0

@@ -6,18 +6,17 @@ import pytest
 import torch
 
 from headsteer.runtime import train as T
+from headsteer.runtime.bundle import load_bundle
 from headsteer.runtime.demo import DemoSettings, run_demo
+from headsteer.runtime.errors import InputError
 from headsteer.runtime.steering import SteeringConfig
 
 TINY = dict(img_size=8, patch_size=4, embed_dim=24, depth=2, num_heads=6, mlp_ratio=1.0, num_classes=10)
 STRATEGY_KEYS = {"test_accuracy", "head_usage", "final_block_usage"}
 
 
-@pytest.fixture(scope="module")
-def demo(tmp_path_factory):
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    settings = DemoSettings(
+def tiny_settings() -> DemoSettings:
+    return DemoSettings(
         image_size=8,
         timm_kwargs=dict(TINY),
         backbone=T.BackboneConfig(epochs=2),
@@ -27,6 +26,13 @@ def demo(tmp_path_factory):
                                 topk_alphas=(0.0,)),
         latency_repeats=1,
     )
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    settings = tiny_settings()
     out = tmp_path_factory.mktemp("demo")
     try:
         report = run_demo(out, settings, progress=False, log=lambda *_: None)
@@ -80,3 +86,21 @@ def test_demo_report_keys_and_ranges(demo):
     assert len(whole["per_class"]) == 10 and set(whole["strategies"]) == set(report["strategies"])
     for lat in (report["latency"], whole["latency"]):
         assert lat["backend"] == "compact" and lat["unsteered_ms_per_image"] > 0 and lat["steered_ms_per_image"] > 0
+
+
+def test_demo_bundles_record_their_split(demo):
+    out, _ = demo
+    for name in ("stages/backbone", "stages/gates", "bundle", "bundle_all"):
+        assert load_bundle(out / name)[1].extra["data"] == {"spec": "digits", "split_seed": 0}, name
+
+
+def test_demo_never_replaces_a_folder_that_is_not_a_bundle(tmp_path):
+    notes = tmp_path / "bundle" / "notes.txt"
+    notes.parent.mkdir()
+    notes.write_text("precious")
+    with pytest.raises(InputError, match="not a headsteer bundle"):
+        run_demo(tmp_path, tiny_settings(), progress=False, log=lambda *_: None)
+    assert notes.read_text() == "precious" and not (tmp_path / "stages").exists()  # refused before any work
+    (tmp_path / "stages").write_text("a file")
+    with pytest.raises(InputError, match="not a directory"):
+        run_demo(tmp_path / "stages", tiny_settings(), progress=False, log=lambda *_: None)

@@ -5,12 +5,14 @@ import pytest
 import torch
 
 from headsteer.runtime import train as T
-from headsteer.runtime.bundle import load_bundle
+from headsteer.runtime.bundle import load_bundle, save_bundle
 from headsteer.runtime.cli import main as cli_main
 from headsteer.runtime.data import load_data
 from headsteer.runtime.errors import InputError
+from headsteer.runtime.gated_vit import SparseAutoencoder
 
 TINY = dict(img_size=8, patch_size=4, embed_dim=24, depth=2, num_heads=6, mlp_ratio=1.0, num_classes=10)
+SIZE = ["--image-size", "8", "--patch-size", "4", "--embed-dim", "24", "--depth", "2", "--mlp-ratio", "1"]
 
 
 @pytest.fixture(scope="module")
@@ -126,3 +128,169 @@ def test_cli_errors(tmp_path):
     assert cli_main(["train", "backbone", "--out", b1, "--epochs", "1", "--no-progress", *size]) == 0
     # steering needs an SAE
     assert cli_main(["train", "steering", "--from", b1, "--out", str(tmp_path / "s")]) == 2
+
+
+# -- the split a bundle was trained on, what --out may replace, options that must not be ignored ----
+@pytest.fixture(scope="module")
+def seed3_backbone(tmp_path_factory):
+    """A tiny backbone bundle trained with --seed 3: its data was split with seed 3."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    path = tmp_path_factory.mktemp("seed3") / "backbone"
+    try:
+        argv = ["train", "backbone", "--out", str(path), "--seed", "3", "--epochs", "1", "--no-progress", *SIZE]
+        assert cli_main(argv) == 0
+    finally:
+        torch.set_num_threads(threads)
+    return str(path)
+
+
+@pytest.fixture
+def data_calls(monkeypatch):
+    """The (spec, image_size, seed) of every load_data call the recipes make."""
+    calls, real = [], T.load_data
+
+    def recording(spec, *, image_size=None, seed=0, **kwargs):
+        calls.append((spec, image_size, seed))
+        return real(spec, image_size=image_size, seed=seed, **kwargs)
+
+    monkeypatch.setattr(T, "load_data", recording)
+    return calls
+
+
+def test_continuing_splits_with_the_recorded_seed(seed3_backbone, data_calls, tmp_path):
+    assert load_bundle(seed3_backbone)[1].extra["data"] == {"spec": "digits", "split_seed": 3}
+    out = tmp_path / "gates"
+    assert cli_main(["train", "gates", "--from", seed3_backbone, "--out", str(out), "--seed", "1", "--epochs", "1",
+                     "--no-progress"]) == 0
+    assert [seed for _, _, seed in data_calls] == [3]  # --seed 1 seeds training only
+    extra = load_bundle(out)[1].extra
+    assert extra["data"] == {"spec": "digits", "split_seed": 3} and extra["stages"][-1]["config"]["seed"] == 1
+    # naming the recorded split seed is fine
+    assert cli_main(["train", "backbone", "--from", seed3_backbone, "--out", str(tmp_path / "b2"), "--split-seed", "3",
+                     "--epochs", "1", "--no-progress"]) == 0
+    assert [seed for _, _, seed in data_calls] == [3, 3]
+
+
+def test_another_split_seed_is_refused_before_work(seed3_backbone, data_calls, tmp_path, capsys):
+    out = tmp_path / "gates"
+    assert cli_main(["train", "gates", "--from", seed3_backbone, "--out", str(out), "--split-seed", "0"]) == 2
+    assert "split seed 3" in capsys.readouterr().err
+    assert data_calls == [] and not out.exists()
+
+
+def test_class_names_must_match_the_bundle(tmp_path, data_calls, capsys):
+    source, out = tmp_path / "renamed", tmp_path / "out"
+    names = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
+    save_bundle(tiny_backbone(), source, class_names=names, extra=dict(data=dict(spec="digits", split_seed=0)))
+    assert cli_main(["train", "backbone", "--from", str(source), "--out", str(out), "--epochs", "1",
+                     "--no-progress"]) == 2
+    assert "'zero'" in capsys.readouterr().err and not out.exists()
+
+
+def test_out_is_new_empty_or_a_bundle(tmp_path, data_calls, capsys):
+    train = ["train", "backbone", "--epochs", "1", "--no-progress", *SIZE, "--out"]
+    folder = tmp_path / "notes"
+    (folder / "sub").mkdir(parents=True)
+    (folder / "notes.txt").write_text("precious")
+    a_file = tmp_path / "file.txt"
+    a_file.write_text("precious")
+    for out in (folder, folder / "sub" / "..", a_file, a_file / "bundle"):
+        assert cli_main([*train, str(out)]) == 2, out
+        assert str(out) in capsys.readouterr().err
+    assert (folder / "notes.txt").read_text() == "precious" and (folder / "sub").is_dir()
+    assert a_file.read_text() == "precious" and data_calls == []
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert cli_main([*train, str(empty)]) == 0  # an empty folder is written into
+    assert cli_main([*train, str(empty), "--seed", "1"]) == 0  # a bundle is replaced
+    assert load_bundle(empty)[1].extra["stages"][0]["config"]["seed"] == 1
+
+
+def test_jumprelu_sae_is_refused_not_trained_as_relu(tmp_path, data_calls, capsys):
+    argv = ["train", "sae", "--from", str(tmp_path / "any"), "--out", str(tmp_path / "o"), "--activation", "jumprelu"]
+    assert cli_main(argv) == 2
+    assert "JumpReLU SAEs are supported for inference" in capsys.readouterr().err and data_calls == []
+    with pytest.raises(InputError, match="JumpReLU"):
+        T.train_sae_on(SparseAutoencoder(8, 16, "jumprelu"), torch.randn(32, 8), T.SAEConfig(activation="jumprelu"),
+                       progress=False)
+
+
+@pytest.fixture
+def vit_checkpoint(tmp_path):
+    """A timm test_vit checkpoint (width 64, depth 6, 2 heads, 16 px patches, 160 px): not the digits ViT."""
+    import timm
+
+    torch.manual_seed(0)
+    path = tmp_path / "test_vit.pth"
+    state = timm.create_model("test_vit").state_dict()
+    torch.save(state, path)
+    return path, state
+
+
+def test_pretrained_file_keeps_the_timm_architecture(vit_checkpoint, tmp_path, data_calls):
+    path, state = vit_checkpoint
+    out = tmp_path / "b"
+    assert cli_main(["train", "backbone", "--timm-name", "test_vit", "--pretrained-file", str(path), "--image-size",
+                     "32", "--epochs", "1", "--lr", "1e-7", "--out", str(out), "--no-progress"]) == 0
+    model, _ = load_bundle(out)
+    assert model.timm_kwargs == dict(img_size=32, num_classes=10)  # only what was given
+    assert (model.embed_dim, len(model.vit.blocks), model.num_heads) == (64, 6, 2)
+    torch.testing.assert_close(model.vit.blocks[5].mlp.fc2.weight, state["blocks.5.mlp.fc2.weight"], atol=1e-4, rtol=0)
+    assert data_calls[-1][1] == 32
+
+
+def test_pretrained_file_image_size_and_load_errors_before_data(vit_checkpoint, tmp_path, monkeypatch, capsys):
+    path, _ = vit_checkpoint
+    sizes = []
+
+    def stop(spec, *, image_size=None, seed=0, **kwargs):
+        sizes.append(image_size)
+        raise InputError("stopped before loading data")
+
+    monkeypatch.setattr(T, "load_data", stop)
+    train = ["train", "backbone", "--timm-name", "test_vit", "--out", str(tmp_path / "b"), "--pretrained-file"]
+    assert cli_main([*train, str(path)]) == 2
+    assert sizes == [160]  # the data is loaded at the checkpoint model's own size
+    corrupt = tmp_path / "corrupt.pth"
+    corrupt.write_bytes(b"not a checkpoint")
+    capsys.readouterr()
+    for argv in ([*train, str(path), "--embed-dim", "72", "--num-heads", "6"], [*train, str(corrupt)]):
+        assert cli_main(argv) == 2
+        assert "cannot load" in capsys.readouterr().err
+    assert sizes == [160] and not (tmp_path / "b").exists()
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["backbone", "--num-heads", "0"], "--num-heads must be positive"),
+    (["backbone", "--embed-dim", "-8"], "--embed-dim must be positive"),
+    (["backbone", "--patch-size", "32"], "--patch-size 32 is larger"),
+    (["backbone", "--from", "SRC", "--embed-dim", "24", "--timm-name", "vit_small_patch16_224"], "--embed-dim"),
+    (["backbone", "--from", "SRC", "--pretrained-file", "x.pth"], "--pretrained-file cannot change"),
+    (["sae", "--from", "SRC", "--width", "-4", "--activation", "relu"], "width must be at least 1"),
+    (["sae", "--from", "SRC", "--width", "0"], "width must be at least 1"),
+    (["sae", "--from", "SRC", "--k", "0"], "--k must be at least 1"),
+    (["sae", "--from", "SRC"], "has no head gates"),
+    (["gates", "--from", "SRC", "--target-usage", "1.5"], "--target-usage"),
+])
+def test_bad_options_are_refused_before_work(argv, message, seed3_backbone, data_calls, tmp_path, capsys):
+    argv = [seed3_backbone if a == "SRC" else a for a in argv]
+    assert cli_main(["train", *argv, "--out", str(tmp_path / "o"), "--epochs", "1", "--no-progress"]) == 2
+    assert message in capsys.readouterr().err
+    assert data_calls == [] and not (tmp_path / "o").exists()
+
+
+def test_steering_takes_no_training_options(seed3_backbone, tmp_path):
+    with pytest.raises(SystemExit):
+        cli_main(["train", "steering", "--from", seed3_backbone, "--out", str(tmp_path / "o"), "--epochs", "5"])
+
+
+def test_add_gates_uses_gate_init_bias():
+    for bias in (-5.0, 3.0):
+        model = T.add_gates(tiny_backbone(), gate_init_bias=bias)
+        for gate in model.gates.values():
+            assert torch.equal(gate.fc2.bias, torch.full_like(gate.fc2.bias, bias))
+    kept = T.add_gates(tiny_backbone(), gate_blocks=[1])
+    grown = T.add_gates(kept, gate_blocks=[0, 1], gate_init_bias=-5.0)  # an existing gate is carried over
+    assert torch.equal(grown.gates["1"].fc2.bias, kept.gates["1"].fc2.bias)
+    assert torch.equal(grown.gates["0"].fc2.bias, torch.full((6,), -5.0))
