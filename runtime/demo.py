@@ -132,7 +132,7 @@ def run_demo(out: Path, settings: DemoSettings, progress: bool = True, log=print
         timings[name] = round(time.perf_counter() - t0, 2)
         log(f"[{time.perf_counter() - start:6.1f}s] {name} done ({timings[name]:.1f}s)")
 
-    splits = load_data(settings.data, image_size=settings.image_size, seed=settings.seed)
+    splits = load_data(settings.data, image_size=settings.image_size, seed=settings.seed, progress=progress)
     data = data_record(settings.data, settings.seed)  # one seed splits the data and seeds training
     kwargs = dict(settings.timm_kwargs, img_size=settings.image_size, num_classes=len(splits.class_names))
 

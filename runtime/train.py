@@ -849,7 +849,8 @@ def run(args: argparse.Namespace) -> int:
     _check_args(args)
     if args.recipe == "backbone" and not args.from_bundle:
         split_seed = args.split_seed if args.split_seed is not None else args.seed
-        splits = load_data(args.data, image_size=_new_backbone_image_size(args), seed=split_seed)
+        splits = load_data(args.data, image_size=_new_backbone_image_size(args), seed=split_seed,
+                           progress=not args.no_progress)
         model = new_backbone(args.timm_name or DEFAULT_TIMM_NAME, _backbone_kwargs(args, len(splits.class_names)),
                              args.pretrained_file, seed=args.seed)
         extra = {}
@@ -857,7 +858,8 @@ def run(args: argparse.Namespace) -> int:
         model, extra, class_names = load_model(args.from_bundle)
         split_seed = _split_seed(args, extra)
         _check_source(args, model)
-        splits = load_data(args.data, image_size=model.image_size[0], seed=split_seed)
+        splits = load_data(args.data, image_size=model.image_size[0], seed=split_seed,
+                           progress=not args.no_progress)
         _check_classes(model, splits, class_names)
     model, stage, table = _train_recipe(args, model, splits, progress=not args.no_progress)
     extra = dict(_record(extra, stage), data=data_record(args.data, split_seed))
