@@ -427,13 +427,40 @@ def data_record(spec: str, split_seed: int) -> dict:
 
 
 def recorded_split_seed(extra: dict) -> int | None:
-    """The split seed a bundle's `extra` records: `extra["data"]["split_seed"]`, or for bundles
-    written before that was recorded, the `seed` of the first training stage; None if neither."""
+    """The split seed a bundle's `extra["data"]` records (bundles written from 2026-11-27 on), else None."""
     record = extra.get("data") if isinstance(extra, dict) else None
-    if isinstance(record, dict) and isinstance(record.get("split_seed"), int):
-        return record["split_seed"]
+    seed = record.get("split_seed") if isinstance(record, dict) else None
+    return seed if isinstance(seed, int) and not isinstance(seed, bool) else None
+
+
+def guessed_split_seed(extra: dict) -> int | None:
+    """For a bundle that records no split seed: the `seed` of its first training stage, which split
+    that stage's data (each stage then split with its own --seed, so this is a guess); else None."""
     for stage in extra.get("stages", []) if isinstance(extra, dict) else []:
         seed = stage.get("config", {}).get("seed") if isinstance(stage, dict) else None
         if isinstance(seed, int) and not isinstance(seed, bool):
             return seed
     return None
+
+
+def resolve_split_seed(extra: dict, asked: int | None, option: str, default: int) -> tuple[int, str]:
+    """(seed, where it came from) to split the data of a bundle with `extra` on: the seed it
+    records; InputError if `asked` (the value of `option`) differs from it, since another split
+    would put the bundle's training images into validation and test. A bundle that records none:
+    `asked`, else the guess from its first stage, else `default`."""
+    recorded = recorded_split_seed(extra)
+    if recorded is not None:
+        if asked is not None and asked != recorded:
+            raise InputError(
+                f"{option} {asked}: the bundle was trained on the split made with seed {recorded}; another "
+                f"split would put its training images into validation and test. Leave {option} out "
+                f"(or pass {recorded})"
+            )
+        return recorded, "recorded in the bundle"
+    if asked is not None:
+        return asked, f"from {option}; the bundle records no split seed"
+    guessed = guessed_split_seed(extra)
+    if guessed is not None:
+        return guessed, (f"guessed from the bundle's first training stage (it records no split seed); "
+                         f"pass {option} to choose another")
+    return default, f"default {default}: the bundle records no split seed; pass {option} to choose another"

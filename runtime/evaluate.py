@@ -21,7 +21,7 @@ from typing import Optional, Sequence, Union
 import torch
 
 from headsteer.runtime.bundle import SteeringTable
-from headsteer.runtime.data import ImageDataset, load_data, recorded_split_seed
+from headsteer.runtime.data import ImageDataset, load_data, resolve_split_seed
 from headsteer.runtime.engine import Engine
 from headsteer.runtime.errors import InputError
 from headsteer.runtime.files import write_text_atomic
@@ -362,23 +362,6 @@ def _check_json_path(path: Optional[str]) -> None:
         raise InputError(f"--json {path}: the folder {target.parent} does not exist")
 
 
-def split_seed(extra: dict, asked: Optional[int], split: str) -> tuple[int, str]:
-    """(seed, where it came from) for splitting the data: the bundle's recorded split seed;
-    InputError if `asked` (--seed) differs from it; `asked` or 0 when the bundle records none."""
-    recorded = recorded_split_seed(extra)
-    if recorded is not None:
-        if asked is not None and asked != recorded:
-            raise InputError(
-                f"--seed {asked}: this bundle was trained on the split made with seed {recorded}; splitting "
-                f"with {asked} would put its training images into the {split} split it is evaluated on. "
-                f"Leave --seed out (or pass --seed {recorded})"
-            )
-        return recorded, "recorded in the bundle"
-    if asked is not None:
-        return asked, "from --seed; the bundle records none"
-    return 0, "default 0: the bundle records none; pass --seed with the seed it was trained with"
-
-
 def run(args: argparse.Namespace) -> int:
     _check_json_path(args.json)
     engine = Engine.load(args.bundle, backend=args.backend, device=args.device)
@@ -394,7 +377,7 @@ def run(args: argparse.Namespace) -> int:
     if random_control and not table.info:
         raise InputError("--random-control: this bundle's steering table records no random-latent control rows "
                          "(no per-row info); run without --random-control")
-    seed, origin = split_seed(engine.info.extra, args.seed, args.split)
+    seed, origin = resolve_split_seed(engine.info.extra, args.seed, "--seed", default=0)
     splits = load_data(args.data, image_size=engine.image_size[0], seed=seed, progress=not args.no_progress)
     dataset = getattr(splits, args.split)
     print(f"{args.data} {args.split} split ({len(dataset)} images), split seed {seed} ({origin})")

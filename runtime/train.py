@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from headsteer.runtime.bundle import CONFIG_FILE, load_bundle, save_bundle
-from headsteer.runtime.data import ImageDataset, Splits, data_record, load_data, recorded_split_seed
+from headsteer.runtime.data import ImageDataset, Splits, data_record, load_data, resolve_split_seed
 from headsteer.runtime.errors import BundleError, HeadsteerError, InputError
 from headsteer.runtime.gated_vit import GatedViT
 
@@ -682,8 +682,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
             p.add_argument("--from", dest="from_bundle", required=True, help="bundle to start from")
         p.add_argument("--seed", type=int, default=0, help="seed of initialisation, data order and random draws")
         p.add_argument("--split-seed", type=int, default=None,
-                       help="seed of the train/val/test split (default: the one the --from bundle recorded, else "
-                            "--seed); a continued bundle keeps its split, so another value is refused")
+                       help="seed of the train/val/test split (default: the one the --from bundle recorded; for a "
+                            "bundle that records none, its first stage's seed, else --seed); a continued bundle "
+                            "keeps its recorded split, so another value is refused")
         if trains:
             p.add_argument("--epochs", type=int, default=None)
             p.add_argument("--lr", type=float, default=None, help=lr_help)
@@ -792,18 +793,14 @@ def _new_backbone_image_size(args: argparse.Namespace) -> int:
 
 
 def _split_seed(args: argparse.Namespace, extra: dict) -> int:
-    """The seed to split the data with when continuing a bundle: the one it recorded (else
-    --split-seed or 0). Another --split-seed is refused, before any data is loaded."""
-    recorded = recorded_split_seed(extra)
-    if recorded is None:
-        return args.split_seed if args.split_seed is not None else 0
-    if args.split_seed is not None and args.split_seed != recorded:
-        raise InputError(
-            f"--split-seed {args.split_seed} differs from split seed {recorded} that {args.from_bundle} was trained "
-            "with: another split would mix that bundle's training images into validation and test; leave "
-            "--split-seed out"
-        )
-    return recorded
+    """The seed to split the data with when continuing a bundle (`resolve_split_seed`; a bundle
+    that records none: --split-seed, else its first stage's seed, else --seed, as recipes split
+    before bundles recorded it). Another --split-seed than a recorded one is refused before any
+    data is loaded."""
+    seed, origin = resolve_split_seed(extra, args.split_seed, "--split-seed", default=args.seed)
+    if origin != "recorded in the bundle":
+        print(f"split seed {seed}: {origin}")
+    return seed
 
 
 def _check_source(args: argparse.Namespace, model: GatedViT) -> None:

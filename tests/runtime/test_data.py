@@ -303,3 +303,21 @@ def test_spec_with_missing_folder(tmp_path):
 def test_bad_arguments_are_input_errors(arguments):
     with pytest.raises(InputError):
         load_data("digits", **arguments)
+
+
+def test_resolve_split_seed_trusts_only_a_recorded_seed():
+    """A recorded split seed wins and another is refused; a bundle that records none takes the
+    asked seed, else the guess from its first stage, else the default, and says which."""
+    from headsteer.runtime.data import data_record, resolve_split_seed
+
+    recorded = {"data": data_record("digits", 3), "stages": [{"config": {"seed": 9}}]}
+    assert resolve_split_seed(recorded, None, "--seed", default=0) == (3, "recorded in the bundle")
+    assert resolve_split_seed(recorded, 3, "--seed", default=0)[0] == 3
+    with pytest.raises(InputError, match=r"--split-seed 4: the bundle was trained on the split made with seed 3"):
+        resolve_split_seed(recorded, 4, "--split-seed", default=0)
+    older = {"stages": [{"recipe": "backbone", "config": {"seed": 9}}]}
+    seed, origin = resolve_split_seed(older, None, "--seed", default=0)
+    assert seed == 9 and origin.startswith("guessed from the bundle's first training stage")
+    assert resolve_split_seed(older, 5, "--seed", default=0) == (5, "from --seed; the bundle records no split seed")
+    assert resolve_split_seed({}, None, "--split-seed", default=7)[0] == 7
+    assert resolve_split_seed({"data": {"split_seed": True}}, None, "--seed", default=0)[0] == 0

@@ -144,7 +144,7 @@ def test_eval_without_a_recorded_seed_uses_seed_or_zero_and_says_so(bundle, tmp_
     seen = []
     monkeypatch.setattr(E, "load_data", lambda *a, **k: seen.append(k["seed"]) or load_data(*a, **k))
     assert cli_main(["eval", str(unrecorded), "--data", "digits", "--steer", "none"]) == 0
-    assert "split seed 0 (default 0: the bundle records none" in capsys.readouterr().out
+    assert "split seed 0 (default 0: the bundle records no split seed" in capsys.readouterr().out
     assert cli_main(["eval", str(unrecorded), "--data", "digits", "--steer", "none", "--seed", "5"]) == 0
     assert "split seed 5 (from --seed" in capsys.readouterr().out
     assert seen == [0, 5]

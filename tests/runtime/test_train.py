@@ -175,8 +175,19 @@ def test_continuing_splits_with_the_recorded_seed(seed3_backbone, data_calls, tm
 def test_another_split_seed_is_refused_before_work(seed3_backbone, data_calls, tmp_path, capsys):
     out = tmp_path / "gates"
     assert cli_main(["train", "gates", "--from", seed3_backbone, "--out", str(out), "--split-seed", "0"]) == 2
-    assert "split seed 3" in capsys.readouterr().err
+    assert "split made with seed 3" in capsys.readouterr().err
     assert data_calls == [] and not out.exists()
+
+
+def test_a_bundle_recording_no_split_seed_splits_with_seed_as_before(tmp_path, data_calls, capsys):
+    """A bundle saved without a record (e.g. through the API) and without training stages: the
+    recipe splits with --seed, as recipes did before bundles recorded their split, and says so."""
+    source = tmp_path / "unrecorded"
+    save_bundle(tiny_backbone(), source, class_names=[str(c) for c in range(10)])
+    assert cli_main(["train", "backbone", "--from", str(source), "--out", str(tmp_path / "b"), "--seed", "7",
+                     "--epochs", "1", "--no-progress"]) == 0
+    assert [seed for _, _, seed in data_calls] == [7]
+    assert "split seed 7: default 7: the bundle records no split seed" in capsys.readouterr().out
 
 
 def test_class_names_must_match_the_bundle(tmp_path, data_calls, capsys):
