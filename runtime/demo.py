@@ -240,11 +240,15 @@ def _pct(x) -> str:
     return "n/a" if x is None else f"{100 * x:.1f}%"
 
 
+# What `evaluate.strategies_summary` measured per strategy; its other keys are the chosen setting.
+MEASURED_KEYS = ("test_accuracy", "head_usage", "steered_block_usage", "final_block_usage")
+
+
 def _strategy_md(strategies: dict) -> list[str]:
     lines = ["| strategy | setting (chosen on val) | test accuracy | head usage | final-block usage |",
              "| --- | --- | ---: | ---: | ---: |"]
     for name, s in strategies.items():
-        setting = ", ".join(f"{k}={v}" for k, v in s.items() if k not in ("test_accuracy", "head_usage", "final_block_usage"))
+        setting = ", ".join(f"{k}={v}" for k, v in s.items() if k not in MEASURED_KEYS)
         lines.append(f"| {name} | {setting or '-'} | {_pct(s['test_accuracy'])} | {s['head_usage']:.3f} | "
                      f"{s['final_block_usage']:.3f} |")
     return lines

@@ -320,7 +320,7 @@ def format_table(rows: Sequence[dict]) -> str:
         if r.get("steering_row", "") is None and r["steered"] is not None:
             setting = "no row"
         else:
-            setting = f"{r['alpha']:.2g}" if r.get("mode") != "shift" else f"+{r.get('beta'):.2g}m"
+            setting = f"{r['alpha']:.2g}" if r.get("mode") != "shift" else f"{r.get('beta'):+.2g}m"
         lines.append(
             f"{str(r['class'])[:8]:>8} {r['n_test']:>4} {len(r['latents']):>4} {setting:>6} | "
             f"{u['accuracy']:>6.3f} {s['accuracy']:>6.3f} | {u['head_usage']:>6.3f} {s['head_usage']:>6.3f} | "

@@ -55,6 +55,8 @@ def test_demo_writes_everything(demo):
     assert not list(out.glob(".*tmp*"))
     md = (out / "report.md").read_text()
     assert "Per-class steering" in md and "whole-network" in md
+    # the strategy tables' setting column holds the chosen setting, never a measured number
+    assert "| none | - |" in md and "_usage=" not in md and "test_accuracy=" not in md
 
 
 def test_demo_report_keys_and_ranges(demo):
