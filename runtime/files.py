@@ -58,7 +58,7 @@ def write_text_atomic(final: PathLike, text: str) -> Path:
 def staged_directory(final: PathLike) -> Iterator[Path]:
     """Yield an empty staging folder beside `final` (with the usual folder mode); on success it
     replaces `final` (an existing one is swapped out, then removed), else it is deleted."""
-    final = Path(final)
+    final = Path(os.path.abspath(final))  # "." or "x/.." have no name to stage beside
     try:
         final.parent.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))

@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from headsteer.runtime.bundle import CONFIG_FILE, load_bundle, save_bundle
+from headsteer.runtime.bundle import BUNDLE_FILES, CONFIG_FILE, load_bundle, save_bundle
 from headsteer.runtime.data import ImageDataset, Splits, data_record, load_data, resolve_split_seed
 from headsteer.runtime.errors import BundleError, HeadsteerError, InputError
 from headsteer.runtime.gated_vit import GatedViT
@@ -610,22 +610,31 @@ def load_model(path: Union[str, Path]) -> tuple[GatedViT, dict, list]:
 
 def check_bundle_out(path: Union[str, Path], what: str = "--out") -> Path:
     """Refuse a bundle destination that saving must not replace. It may be a new path, an empty
-    folder or an existing bundle (replaced); a file, or a folder holding anything but a bundle, is
-    left alone and refused, as is a parent folder that cannot be created or written in."""
+    folder or an existing bundle holding only bundle files (replaced); a file, a folder holding
+    anything else, the current folder or one above it (saving replaces the whole folder) are left
+    alone and refused, as is a parent folder that cannot be created or written in."""
     path = Path(path)
+    absolute, cwd = Path(os.path.abspath(path)), Path(os.path.abspath(os.getcwd()))
+    if absolute == cwd or absolute in cwd.parents:
+        raise InputError(f"{what} {path} is the current folder or one above it; saving a bundle replaces its "
+                         "whole folder: give a path below the current folder")
     if path.exists() or path.is_symlink():
         if not path.is_dir():
             raise InputError(f"{what} {path} exists and is not a directory; give a new path, an empty folder "
                              "or a bundle to replace")
         try:
-            has_files = any(path.iterdir())
+            entries = sorted(entry.name for entry in path.iterdir())
         except OSError as error:
             raise InputError(f"{what} {path} cannot be read: {error.strerror or error}") from None
-        if has_files and not (path / CONFIG_FILE).is_file():
+        if entries and CONFIG_FILE not in entries:
             raise InputError(f"{what} {path} is a folder that is not a headsteer bundle (no {CONFIG_FILE}) and not "
                              "empty; it would be replaced, so it is refused: give a new path, an empty folder or a "
                              "bundle to replace")
-    parent = path.absolute().parent
+        foreign = [name for name in entries if name not in (CONFIG_FILE, *BUNDLE_FILES)]
+        if foreign:
+            raise InputError(f"{what} {path} holds files beside its bundle ({foreign[:8]}), which replacing the "
+                             "bundle would delete; move them, or give another path")
+    parent = absolute.parent
     while not parent.exists() and parent != parent.parent:
         parent = parent.parent
     if not parent.is_dir():

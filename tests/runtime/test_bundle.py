@@ -311,3 +311,11 @@ def test_interrupted_overwrite_puts_the_old_bundle_back(bundle, tmp_path, monkey
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bundle"]  # no staging or hidden old copy left
     assert {p.name: p.read_bytes() for p in path.iterdir()} == before
     load_bundle(path)
+
+
+def test_a_path_ending_in_dot_dot_names_its_folder(tmp_path):
+    """`b/c/..` is the folder b: the bundle is staged beside b, not beside a folder named ".."."""
+    model = _model()
+    save_bundle(model, tmp_path / "b" / "c" / "..")
+    assert load_bundle(tmp_path / "b")[0].steer_width == model.steer_width
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["b"]

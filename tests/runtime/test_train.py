@@ -216,6 +216,25 @@ def test_out_is_new_empty_or_a_bundle(tmp_path, data_calls, capsys):
     assert cli_main([*train, str(empty)]) == 0  # an empty folder is written into
     assert cli_main([*train, str(empty), "--seed", "1"]) == 0  # a bundle is replaced
     assert load_bundle(empty)[1].extra["stages"][0]["config"]["seed"] == 1
+    (empty / "model.onnx").write_text("an export kept beside the bundle")
+    loads = len(data_calls)
+    assert cli_main([*train, str(empty)]) == 2  # replacing the bundle would delete it
+    assert "holds files beside its bundle (['model.onnx'])" in capsys.readouterr().err
+    assert (empty / "model.onnx").is_file() and len(data_calls) == loads
+
+
+def test_out_is_never_the_current_folder_or_above(tmp_path, data_calls, capsys, monkeypatch):
+    """Saving replaces the bundle's whole folder: `--out .` (an empty current folder) crashed after
+    training on the rename of ".", and a folder above would be replaced with everything in it."""
+    train = ["train", "backbone", "--epochs", "1", "--no-progress", *SIZE, "--out"]
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    for out in (".", str(work), "..", "sub/../.."):
+        assert cli_main([*train, out]) == 2, out
+        assert "is the current folder or one above it" in capsys.readouterr().err
+    assert data_calls == [] and list(work.iterdir()) == []
+    assert cli_main([*train, "sub/../b"]) == 0 and (work / "b" / "headsteer.json").is_file()
 
 
 def test_jumprelu_sae_is_refused_not_trained_as_relu(tmp_path, data_calls, capsys):
