@@ -185,7 +185,7 @@ class SparseAutoencoder(nn.Module):
         self.decoder_weight.div_(self.decoder_weight.norm(dim=1, keepdim=True).clamp_min(1e-8))
 
 
-def _resolve_blocks(spec: Union[str, int, Sequence[int]], depth: int, what: str) -> list[int]:
+def resolve_blocks(spec: Union[str, int, Sequence[int]], depth: int, what: str) -> list[int]:
     """Turn "all", "none", a slice like "1:" (AdaViT leaves block 0 ungated), an int or a list of
     (possibly negative) block indices into sorted indices."""
     if isinstance(spec, str):
@@ -267,8 +267,8 @@ class GatedViT(nn.Module):
         self.vit = vit
         self.embed_dim = vit.embed_dim
         self.num_heads = vit.blocks[0].attn.num_heads
-        self.gate_blocks = _resolve_blocks(gate_blocks, depth, "gate_blocks")
-        self.sae_blocks = _resolve_blocks(sae_blocks, depth, "sae_blocks")
+        self.gate_blocks = resolve_blocks(gate_blocks, depth, "gate_blocks")
+        self.sae_blocks = resolve_blocks(sae_blocks, depth, "sae_blocks")
         ungated = sorted(set(self.sae_blocks) - set(self.gate_blocks))
         if ungated:
             raise InputError(f"sae_blocks {ungated} are not gated; an SAE sits ahead of a gate (gate_blocks={self.gate_blocks})")

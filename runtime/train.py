@@ -38,7 +38,7 @@ from tqdm.auto import tqdm
 from headsteer.runtime.bundle import BUNDLE_FILES, CONFIG_FILE, load_bundle, save_bundle
 from headsteer.runtime.data import ImageDataset, Splits, data_record, load_data, resolve_split_seed
 from headsteer.runtime.errors import BundleError, HeadsteerError, InputError
-from headsteer.runtime.gated_vit import GatedViT
+from headsteer.runtime.gated_vit import GatedViT, resolve_blocks
 
 DEFAULT_TIMM_NAME = "vit_tiny_patch16_224"
 
@@ -817,6 +817,11 @@ def _check_source(args: argparse.Namespace, model: GatedViT) -> None:
     if args.recipe == "sae":
         if not model.gate_blocks:
             raise InputError(f"{args.from_bundle} has no head gates; run `headsteer train gates` first")
+        blocks = resolve_blocks(args.sae_blocks, len(model.vit.blocks), "--sae-blocks")
+        ungated = [block for block in blocks if block not in model.gate_blocks]
+        if ungated:
+            raise InputError(f"--sae-blocks {args.sae_blocks}: block(s) {ungated} have no head gate (an SAE sits "
+                             f"ahead of a gate; gated blocks: {list(model.gate_blocks)})")
         width = args.width or 4 * model.embed_dim
         if args.activation == "topk" and args.k > width:
             raise InputError(f"--k {args.k} is larger than the SAE width {width}")

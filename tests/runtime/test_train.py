@@ -1,5 +1,6 @@
 """Training recipes on a tiny ViT and a few steps: they learn, they repeat, they resume from bundles."""
 import json
+import re
 
 import pytest
 import torch
@@ -324,3 +325,14 @@ def test_add_gates_uses_gate_init_bias():
     grown = T.add_gates(kept, gate_blocks=[0, 1], gate_init_bias=-5.0)  # an existing gate is carried over
     assert torch.equal(grown.gates["1"].fc2.bias, kept.gates["1"].fc2.bias)
     assert torch.equal(grown.gates["0"].fc2.bias, torch.full((6,), -5.0))
+
+
+@pytest.mark.parametrize("blocks, match", [("7", "index 7 is out of range"), ("abc", "must be 'all', 'none'"),
+                                           ("0", r"block\(s\) \[0\] have no head gate")])
+def test_sae_blocks_are_checked_before_the_data_loads(tmp_path, data_calls, capsys, blocks, match):
+    source = tmp_path / "gated"
+    model = T.add_gates(tiny_backbone(), gate_blocks=[1])  # 2 blocks, block 0 ungated
+    save_bundle(model, source, class_names=[str(c) for c in range(10)], extra=dict(data=dict(spec="digits", split_seed=0)))
+    argv = ["train", "sae", "--from", str(source), "--out", str(tmp_path / "o"), "--sae-blocks", blocks]
+    assert cli_main(argv) == 2
+    assert re.search(match, capsys.readouterr().err) and data_calls == []
