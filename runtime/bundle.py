@@ -110,6 +110,25 @@ class BundleInfo:
     steering: Optional[SteeringTable]
     extra: dict
 
+    def steering_row(self, target: Union[str, int, None]) -> Optional[str]:
+        """The steering-table row name for a steer target: a class name, or an index of the
+        bundle's classes (as in `steer=labels`; the table's rows may be in another order or cover
+        only some classes); None stays None. InputError for an unknown class, an index out of
+        range, a class the table has no row for, or a bundle without a table."""
+        if target is None:
+            return None
+        if not isinstance(target, (str, bool)) and hasattr(target, "__index__"):
+            index = operator.index(target)  # numpy and torch integers too
+            if not 0 <= index < len(self.class_names):
+                raise InputError(f"steering class index {index} out of range [0, {len(self.class_names)})")
+            target = self.class_names[index]
+        if self.steering is None:
+            raise InputError("this bundle has no steering table; steer must be None")
+        if isinstance(target, str) and target in self.class_names and target not in self.steering.class_names:
+            shown = ", ".join(self.steering.class_names[:12]) + (", ..." if len(self.steering.class_names) > 12 else "")
+            raise InputError(f"class {target!r} has no row in the steering table (rows: {shown})")
+        return self.steering.class_names[self.steering.index_of(target)]
+
 
 def _sae_sites(model: GatedViT) -> list[dict]:
     """The header's `sae_sites`: where each SAE reads and which latent columns of steering it owns."""

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import importlib
 import inspect
-import operator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional, Sequence, Union
@@ -238,19 +237,7 @@ class Engine:
             return None, None
         if self.info.steering is None:
             raise InputError("this bundle has no steering table; steer must be None")
-        return self.info.steering.rows([self._steering_class(target) for target in targets])
-
-    def _steering_class(self, target: SteerTarget) -> SteerTarget:
-        """A steer target as a class name: an index is one of the bundle's classes (as in
-        `steer=labels`), not a row of the steering table, whose rows may be in another order or
-        cover only some classes."""
-        if target is None or isinstance(target, (str, bool)) or not hasattr(target, "__index__"):
-            return target  # names, and non-targets for SteeringTable to refuse
-        index = operator.index(target)
-        names = self.info.class_names
-        if not 0 <= index < len(names):
-            raise InputError(f"steering class index {index} out of range [0, {len(names)})")
-        return names[index]
+        return self.info.steering.rows([self.info.steering_row(target) for target in targets])
 
     # -- inference ----------------------------------------------------------------------------
     def _explicit_steering(self, vector, name: str, batch: int) -> torch.Tensor:

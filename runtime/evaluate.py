@@ -141,17 +141,6 @@ def class_targets(table: Optional[SteeringTable], names: Sequence[str], labels: 
     return [names[int(y)] if names[int(y)] in rows else None for y in labels]
 
 
-def steer_name(table: SteeringTable, names: Sequence[str], steer: Union[str, int]) -> str:
-    """The steering row name for a class name or a bundle class index; InputError if the table has
-    no such row."""
-    if not isinstance(steer, (str, bool)) and hasattr(steer, "__index__"):
-        index = int(steer)
-        if not 0 <= index < len(names):
-            raise InputError(f"class index {index} out of range [0, {len(names)})")
-        steer = names[index]
-    return table.class_names[table.index_of(steer)]
-
-
 def per_class_table(
     engine: Engine,
     dataset: ImageDataset,
@@ -179,7 +168,7 @@ def per_class_table(
         raise InputError("this bundle has no steering table; use --steer none")
     labels = dataset.labels
     sites = steered_sites(engine)
-    fixed = steer_name(table, names, steer) if steer not in (None, "per-class") else None
+    fixed = engine.info.steering_row(steer) if steer not in (None, "per-class") else None
     targets = class_targets(table, names, labels) if fixed is None else [fixed] * len(labels)
     rand = random_table(table, engine.steer_width) if random_control else None  # fails before any work
     pred_u, mask_u = run_engine(engine, dataset.images, None, batch_size=batch_size)
@@ -370,7 +359,7 @@ def run(args: argparse.Namespace) -> int:
     if steer is not None and steer != "per-class" and table is None:
         raise InputError("this bundle has no steering table; use --steer none")
     if steer is not None and steer != "per-class":
-        table.index_of(steer)  # unknown class: fail before loading data
+        engine.info.steering_row(steer)  # an unknown class, or one without a row: fail before loading data
     if steer == "per-class" and table is None:
         steer = None
     random_control = args.random_control and steer is not None
