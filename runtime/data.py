@@ -315,7 +315,7 @@ def _read_image_tree(
     if unknown:
         raise DataError(
             f"{folder} has class folders {unknown} that the train split lacks; "
-            f"expected a subset of {class_names}"
+            f"its class folders must be among the train split's {class_names}"
         )
     present = {name: class_to_idx[name] for name in found}
     try:
