@@ -159,14 +159,21 @@ def test_steering_table_lookup_errors():
         SteeringTable(["cat", "dog", "cat"], torch.ones(3, 4), torch.zeros(3, 4))
 
 
-def test_bundle_gets_the_usual_folder_and_file_modes(bundle):
+@pytest.mark.parametrize("umask", [0o022, 0o002])
+def test_bundle_gets_the_usual_folder_and_file_modes(tmp_path, umask):
+    """Folder and files get the modes a plain mkdir/open would give under the process umask (set
+    here, so the check can fail whatever umask the test runner has): mkdtemp makes 0700, and
+    safetensors writes 0600, which a server under another account could not read."""
     import os
 
-    _, _, path = bundle
-    umask = os.umask(0)
-    os.umask(umask)
+    model = _model(sae_blocks="all")
+    previous = os.umask(umask)
+    try:
+        steering = _steering(model)
+        path = save_bundle(model, tmp_path / "bundle", class_names=steering.class_names, steering=steering)
+    finally:
+        os.umask(previous)
     assert (path.stat().st_mode & 0o777) == (0o777 & ~umask)
-    # safetensors writes 0600: a server running under another account could not read the weights
     for name in ("headsteer.json", "model.safetensors", "steering.safetensors"):
         assert ((path / name).stat().st_mode & 0o777) == (0o666 & ~umask), name
 

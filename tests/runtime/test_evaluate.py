@@ -12,7 +12,8 @@ from headsteer.runtime.cli import main as cli_main
 from headsteer.runtime.data import data_record, load_data
 from headsteer.runtime.engine import Engine
 from headsteer.runtime.errors import InputError
-from headsteer.runtime.evaluate import (format_table, meets_target, per_class_table, run_engine, strategies_summary,
+from headsteer.runtime.evaluate import (format_table, meets_target, per_class_table, run_engine, steered_sites,
+                                        strategies_summary,
                                         summarize)
 from headsteer.runtime.gated_vit import GatedViT
 
@@ -223,9 +224,6 @@ def test_random_control_toward_one_class_uses_that_class_row(tmp_path):
 
 def test_usage_is_reported_at_the_steered_block_not_the_last():
     """SAE on block 1 of 3: steered-block usage and kept heads are block 1's; meets_target judges them."""
-    model = GatedViT.from_timm("vit_tiny_patch16_224", timm_kwargs=dict(TINY, depth=3), sae_blocks=(1,),
-                               sae_width=8, sae_k=2)
-    assert model.sae_blocks == [1] and model.gate_blocks == [0, 1, 2]
     mask = torch.zeros(4, 3, 6, dtype=torch.bool)
     mask[:, 1, :2] = True  # steered block: heads 0, 1
     mask[:, 2] = True  # last block: every head
@@ -236,6 +234,19 @@ def test_usage_is_reported_at_the_steered_block_not_the_last():
     assert meets_target(dict(unsteered=base, steered=dict(steered_block_usage=0.4, final_block_usage=0.5, correct=10)))
     assert not meets_target(dict(unsteered=base, steered=dict(steered_block_usage=0.6, final_block_usage=0.1,
                                                               correct=10)))
+
+
+def test_steered_sites_map_sae_blocks_to_head_mask_positions(tmp_path):
+    """head_mask holds gated blocks only: with gates on blocks 1 and 3 of 4 and the SAE on block 3,
+    the steered block is mask position 1, not 3."""
+    model = GatedViT.from_timm("vit_tiny_patch16_224", timm_kwargs=dict(TINY, depth=4), gate_blocks=[1, 3],
+                               sae_blocks=(3,), sae_width=8, sae_k=2)
+    engine = Engine.load(save_bundle(model, tmp_path / "b"), backend="compact")
+    assert steered_sites(engine) == [(3, 1)]
+    mask = torch.zeros(2, 2, 6, dtype=torch.bool)
+    mask[:, 1, :3] = True
+    part = summarize(torch.zeros(2), mask, torch.zeros(2), steered_sites(engine))
+    assert part["steered_block_usage"] == 0.5 and part["steered_kept_heads"] == {"3": [0, 1, 2]}
 
 
 def test_per_class_table_reports_the_sae_block(tmp_path):
