@@ -135,10 +135,14 @@ def _class_setting(table: Optional[SteeringTable], name: Optional[str]) -> dict:
     return setting
 
 
+def own_row(table: Optional[SteeringTable], name: str) -> Optional[str]:
+    """`name` if the steering table has a row for that class, else None (the class stays unsteered)."""
+    return name if table is not None and name in table.class_names else None
+
+
 def class_targets(table: Optional[SteeringTable], names: Sequence[str], labels: torch.Tensor) -> list:
     """Each image's own class name when the table has a row of that name, else None (unsteered)."""
-    rows = set(table.class_names) if table is not None else set()
-    return [names[int(y)] if names[int(y)] in rows else None for y in labels]
+    return [own_row(table, names[int(y)]) for y in labels]
 
 
 def per_class_table(
@@ -178,11 +182,10 @@ def per_class_table(
         pred_r, mask_r = run_engine(engine, dataset.images, vectors=rand.rows(targets), batch_size=batch_size)
     other_runs = {key: run_engine(engine, dataset.images, vectors=rows, batch_size=batch_size)
                   for key, rows in (others or {}).items()}
-    rows = set(table.class_names) if table is not None else set()
     result = []
     for c, name in enumerate(names):
         idx = (labels == c).nonzero().squeeze(1)
-        row_name = fixed if fixed is not None else (name if steer is not None and name in rows else None)
+        row_name = fixed if fixed is not None else (own_row(table, name) if steer is not None else None)
         row = {"class": name, "n_test": len(idx), "steered_blocks": [b for b, _ in sites],
                "steering_row": row_name, **_class_setting(table, row_name)}
         if fixed is not None:
@@ -256,13 +259,12 @@ def measure_latency(engine: Engine, dataset: ImageDataset, repeats: int = 7, bat
     compact backend skips pruned heads). Alternates the two settings each repeat so machine load
     hits both alike."""
     labels = dataset.labels
-    rows = set(engine.info.steering.class_names) if engine.info.steering is not None else set()
     batches = []
     for c, name in enumerate(engine.class_names):
         idx = (labels == c).nonzero().squeeze(1)
         for start in range(0, len(idx), batch_size):
             part = idx[start : start + batch_size]
-            batches.append((normalized(engine, dataset.images[part]), name if name in rows else None))
+            batches.append((normalized(engine, dataset.images[part]), own_row(engine.info.steering, name)))
     timings = {"unsteered": [], "steered": []}
     for name in ("unsteered", "steered"):  # warm-up
         for x, c in batches[:2]:
