@@ -1,8 +1,9 @@
 """FLOP accounting for a timm VisionTransformer, and the ideal speed-up of skipping pruned heads.
 
 Counts multiply-adds as 2 FLOPs, for the matrix products only (patch embedding, per block the QKV
-projection, the two attention products, the output projection and the MLP's linear layers, and
-the classifier head). Norms, activations, softmax and residual adds are not counted; neither is
+projection, the two attention products, the output projection and the MLP's linear layers, the
+attention-pool head of `global_pool="map"` models (its linears and its latent queries' attention)
+and the classifier head). Norms, activations, softmax and residual adds are not counted; neither is
 the head gate or the SAE (a few [B, D] products per gated block), so the unpruned gated model
 has exactly the FLOPs of timm dense and its ideal speed-up is 1.0.
 
@@ -26,11 +27,12 @@ class ViTFlops:
     patch_embed: int
     blocks: list = field(default_factory=list)  # per block: dict(qkv, attn, proj, mlp, head_flops)
     head: int = 0
+    pool: int = 0  # the attention-pool head (global_pool="map"), 0 without one
 
     @property
     def total(self) -> int:
         """Dense FLOPs per sample."""
-        return self.patch_embed + self.head + sum(b["qkv"] + b["attn"] + b["proj"] + b["mlp"] for b in self.blocks)
+        return self.patch_embed + self.pool + self.head + sum(b["qkv"] + b["attn"] + b["proj"] + b["mlp"] for b in self.blocks)
 
     def head_flops(self, block: int) -> int:
         """FLOPs one head of block `block` costs per sample (what pruning it saves)."""
@@ -76,9 +78,26 @@ def vit_flops(vit: nn.Module, img_size: Optional[Sequence[int]] = None) -> ViTFl
         counts.blocks.append(
             dict(qkv=qkv, attn=scores, proj=proj, mlp=_linear_flops(block.mlp, n), head_flops=head_flops, heads=heads)
         )
+    counts.pool = _attention_pool_flops(vit, tokens, patches)
     head = getattr(vit, "head", None)
     counts.head = _linear_flops(head, 1) if isinstance(head, nn.Module) else 0
     return counts
+
+
+def _attention_pool_flops(vit: nn.Module, tokens: int, patches: int) -> int:
+    """timm's AttentionPoolLatent (`vit.attn_pool`): q on the latent queries, kv on the pooled
+    tokens, q k^T and (.)v between them, then proj and the MLP on the latent queries."""
+    pool = getattr(vit, "attn_pool", None)
+    if pool is None:
+        return 0
+    keys = tokens if getattr(vit, "pool_include_prefix", False) else patches
+    queries = int(pool.latent_len)
+    flops = _linear_flops(pool.kv, keys) + 2 * 2 * queries * keys * pool.num_heads * pool.head_dim
+    for name in ("q", "proj", "mlp"):
+        module = getattr(pool, name, None)
+        if isinstance(module, nn.Module):
+            flops += _linear_flops(module, queries)
+    return flops
 
 
 def skipped_flops(counts: ViTFlops, head_mask: torch.Tensor, gate_blocks: Sequence[int]) -> int:

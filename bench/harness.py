@@ -20,6 +20,8 @@ import argparse
 import copy
 import datetime as _dt
 import json
+import math
+import numbers
 import os
 import platform
 import random
@@ -35,6 +37,7 @@ import torch
 
 from headsteer.bench.flops import ideal_speedup, vit_flops
 from headsteer.runtime.engine import DTYPES
+from headsteer.runtime.errors import InputError
 from headsteer.runtime.files import atomic_path
 
 ROW_KEYS = (
@@ -52,6 +55,7 @@ ROW_KEYS = (
 )
 DEFAULT_USAGES = (1.0, 0.67, 0.5, 0.33, 0.17, 0.0)
 RANDOM_WEIGHTS_NOTE = "random weights (latency does not depend on the weight values)"
+GIVEN_WEIGHTS_NOTE = "the given module's weights"
 
 
 class BackendUnavailable(Exception):
@@ -78,6 +82,10 @@ class Runner:
         clone = copy.copy(self)
         clone.model = model
         return clone
+
+    def environment(self) -> dict:
+        """Settings of this backend the report's environment records (none by default)."""
+        return {}
 
     def __call__(self, x, steer_scale, steer_shift, budget):
         raise NotImplementedError
@@ -150,10 +158,12 @@ def _gated_factory(name, model, device):
 class OnnxRuntimeRunner(Runner):
     """The model exported to ONNX by `headsteer.export` and run by ONNX Runtime ("onnxruntime":
     the sparse attention variant; "onnxruntime-masked": the masked one), CPU provider on the CPU,
-    CUDA first on a GPU, with torch's thread count.
+    CUDA first on a GPU, with torch's thread count and thread spinning off (ORT's threads would
+    otherwise busy-wait after each run and take the cores from the torch cell timed next).
 
     The ONNX contract has no head-budget input, so this runner only appears in gate-deciding rows
-    (`--gate`); each gate-deciding copy of the model is exported once, during its warm-up."""
+    (`--gate`); each gate-deciding copy of the model is exported once, during its warm-up. The
+    contract is float32: with another --dtype the backend is unavailable."""
 
     supports_budget = False
 
@@ -167,8 +177,18 @@ class OnnxRuntimeRunner(Runner):
             from headsteer.export.onnx_runner import make_ort_callable  # noqa: F401
         except ImportError as error:
             raise BackendUnavailable(f"the ONNX exporter is not available ({error})") from None
+        dtype = next(model.parameters()).dtype
+        if dtype != torch.float32:
+            raise BackendUnavailable(f"the ONNX contract is float32; not run with --dtype {str(dtype).replace('torch.', '')}")
         self.attention = "masked" if name.endswith("-masked") else "sparse"
         self._fn = None
+
+    def environment(self) -> dict:
+        import onnxruntime
+
+        from headsteer.export.onnx_runner import NO_SPINNING
+
+        return {"onnxruntime": dict(version=onnxruntime.__version__, session_config=dict(NO_SPINNING))}
 
     def for_model(self, model):
         clone = super().for_model(model)
@@ -183,7 +203,7 @@ class OnnxRuntimeRunner(Runner):
 
             with torch.inference_mode(False):
                 self._fn = make_ort_callable(self.model, attention=self.attention, device=self.device,
-                                             intra_op_num_threads=torch.get_num_threads())
+                                             intra_op_num_threads=torch.get_num_threads(), allow_spinning=False)
         _, head_mask = self._fn(x, steer_scale, steer_shift)
         return head_mask
 
@@ -288,36 +308,50 @@ def environment(device: torch.device, dtype: str = "float32") -> dict:
 
 # -- model ----------------------------------------------------------------------------------------
 def _load_model(config: BenchConfig, img_size: Optional[int], device: torch.device):
-    """(GatedViT in eval mode, description, weights note)."""
+    """(GatedViT in eval mode, description, weights note). A module given as `config.model` is
+    copied (the caller's stays on its device and dtype); `check_config` has refused what cannot
+    apply to it (img_sizes, timm_kwargs)."""
     from headsteer.runtime.gated_vit import GatedViT
 
-    if (config.model is None) == (config.bundle is None):
-        from headsteer.runtime.errors import InputError
-
-        raise InputError("bench needs exactly one of a timm model name (--model) or a bundle (--bundle)")
+    dtype = DTYPES[config.dtype]
     if config.bundle is not None:
         try:
             from headsteer.runtime.bundle import load_bundle
         except ImportError:
-            from headsteer.runtime.errors import InputError
-
             raise InputError("this installation cannot load bundles (headsteer.runtime.bundle is missing)") from None
         model, _info = load_bundle(config.bundle)
-        if img_size is not None and tuple(model.image_size) != (img_size, img_size):
-            from headsteer.runtime.errors import InputError
-
-            raise InputError(f"the bundle's model takes {tuple(model.image_size)} pixels; --img-size {img_size} does not match")
-        return model.eval().to(device, DTYPES[config.dtype]), f"bundle {config.bundle}", "the bundle's trained weights"
+        return model.eval().to(device, dtype), f"bundle {config.bundle}", "the bundle's trained weights"
     torch.manual_seed(config.seed)
     if isinstance(config.model, GatedViT):
-        model = config.model
-        return model.eval().to(device, DTYPES[config.dtype]), type(model.vit).__name__, RANDOM_WEIGHTS_NOTE
+        model = copy.deepcopy(config.model)
+        return model.eval().to(device, dtype), type(model.vit).__name__, GIVEN_WEIGHTS_NOTE
+    if isinstance(config.model, torch.nn.Module):
+        model = GatedViT.from_timm(copy.deepcopy(config.model), **config.gated_kwargs)
+        return model.eval().to(device, dtype), type(config.model).__name__, GIVEN_WEIGHTS_NOTE
     kwargs = dict(config.timm_kwargs)
     if img_size is not None:
         kwargs["img_size"] = img_size
     model = GatedViT.from_timm(config.model, timm_kwargs=kwargs, **config.gated_kwargs)
-    name = config.model if isinstance(config.model, str) else type(config.model).__name__
-    return model.eval().to(device, DTYPES[config.dtype]), name, RANDOM_WEIGHTS_NOTE
+    return model.eval().to(device, dtype), config.model, RANDOM_WEIGHTS_NOTE
+
+
+def _check_img_sizes(config: BenchConfig, model) -> None:
+    """Refuse image sizes the loaded model cannot take: a bundle's only its own, a timm model's
+    none smaller than its patch (InputError; before anything is timed)."""
+    if not config.img_sizes:
+        return
+    if config.bundle is not None:
+        wrong = [s for s in config.img_sizes if (s, s) != tuple(model.image_size)]
+        if wrong:
+            raise InputError(f"the bundle's model takes {tuple(model.image_size)} pixels; "
+                             f"--img-size {','.join(map(str, wrong))} does not match")
+        return
+    embed = model.vit.patch_embed
+    patch = embed.patch_size if isinstance(embed.patch_size, (tuple, list)) else (embed.patch_size,) * 2
+    small = [s for s in config.img_sizes if s < max(int(p) for p in patch)]
+    if small:
+        raise InputError(f"--img-size {','.join(map(str, small))} is smaller than the model's "
+                         f"{'x'.join(map(str, patch))} patch")
 
 
 def _gate_copy(model):
@@ -351,7 +385,8 @@ def calibrate_gate(model, target: float, pixels: torch.Tensor, steer, iterations
 class _Timer:
     """Wall clock (CUDA events on a GPU), or with clock="process" the CPU time this process used:
     immune to being descheduled by other processes on a shared machine, and equal to the wall
-    time on an idle one when running one thread."""
+    time on an idle one when running one thread. It sums over threads and never waits for a
+    GPU, so `check_config` allows it only on the CPU with one thread."""
 
     def __init__(self, device: torch.device, clock: str = "wall"):
         self.cuda = device.type == "cuda" and clock == "wall"
@@ -411,24 +446,35 @@ class _Cell:
 
 
 def run_bench(config: BenchConfig) -> dict:
-    """Time the grid described by `config`; returns `{"environment": {...}, "rows": [...]}`."""
-    device = torch.device("cuda" if config.device == "auto" and torch.cuda.is_available() else
-                          ("cpu" if config.device == "auto" else config.device))
-    if config.threads:
-        torch.set_num_threads(int(config.threads))
-    env = environment(device, config.dtype)
+    """Time the grid described by `config`; returns `{"environment": {...}, "rows": [...]}`.
+    Every setting is checked first (InputError); torch's thread count and global RNG state are as
+    they were afterwards, and a module given as `config.model` is not changed."""
+    device = check_config(config)
     names = list(config.backends) if config.backends else default_backends(device)
     if "timm" not in names:
         names.insert(0, "timm")  # the baseline every speed-up is measured against
     unknown = [n for n in names if n not in BACKEND_FACTORIES]
     if unknown:
-        from headsteer.runtime.errors import InputError
-
         raise InputError(f"unknown backend(s) {unknown}; known: {sorted(BACKEND_FACTORIES)}")
-    rows, skipped = [], {}
+    threads = torch.get_num_threads()
+    rng_devices = [device.index or torch.cuda.current_device()] if device.type == "cuda" else []
+    try:
+        with torch.random.fork_rng(devices=rng_devices):
+            if config.threads:
+                torch.set_num_threads(int(config.threads))
+            return _run_grid(config, names, device)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _run_grid(config: BenchConfig, names: list, device: torch.device) -> dict:
+    env = environment(device, config.dtype)
+    rows, skipped, failed = [], {}, {}
     img_sizes = list(config.img_sizes) if config.img_sizes else [None]
-    for img_size in img_sizes:
-        model, description, weights = _load_model(config, img_size, device)
+    loaded = _load_model(config, img_sizes[0], device)
+    _check_img_sizes(config, loaded[0])
+    for index, img_size in enumerate(img_sizes):
+        model, description, weights = loaded if index == 0 else _load_model(config, img_size, device)
         size = tuple(model.image_size)
         counts = vit_flops(model.vit, size)
         runners = []
@@ -436,21 +482,127 @@ def run_bench(config: BenchConfig) -> dict:
             try:
                 runners.append(BACKEND_FACTORIES[name](name, model, device))
             except BackendUnavailable as why:
-                skipped[name] = str(why)
+                skipped[name] = _one_line(why)
+        for runner in runners:
+            env.update(runner.environment())
         env.update(model=description, weights=weights, gated_blocks=list(model.gate_blocks),
                    num_heads=model.num_heads, sae_blocks=list(model.sae_blocks),
                    steering=f"first {STEERED_LATENTS} latents of each SAE site amplified 2x (every SAE computed)"
                    if model.steer_width else "no SAE")
         for batch in config.batches:
-            rows.extend(_bench_batch(config, model, runners, counts, size, int(batch), device, skipped))
+            rows.extend(_bench_batch(config, model, runners, counts, size, int(batch), device, skipped, failed))
     env["backends_skipped"] = skipped
+    if failed:
+        env["backends_failed"] = {name: _failure_summary(cells) for name, cells in failed.items()}
     try:
         env["load_average_end"] = [round(v, 2) for v in os.getloadavg()]
     except OSError:
         pass
-    env.update(reps=config.reps, warmup=config.warmup, clock=config.clock, interleaved="round-robin, order shuffled per repetition",
+    env.update(reps=config.reps, warmup=_warmup_runs(config), clock=config.clock,
+               interleaved="round-robin, order shuffled per repetition",
                inference_mode=True, flops="matmul FLOPs (2 per multiply-add); gate/SAE not counted")
     return dict(environment=env, rows=rows)
+
+
+def _warmup_runs(config: BenchConfig) -> int:
+    """Untimed calls per cell: `config.warmup`, at least one (it records the head mask, and
+    exports for onnxruntime)."""
+    return max(int(config.warmup), 1)
+
+
+def _one_line(error) -> str:
+    """A reason on one line: an exception's type and first line (a BackendUnavailable's message alone)."""
+    lines = str(error).strip().splitlines()
+    first = lines[0].strip() if lines else ""
+    if isinstance(error, Exception) and not isinstance(error, BackendUnavailable):
+        first = f"{type(error).__name__}: {first}" if first else type(error).__name__
+    return first if len(first) <= 300 else first[:297] + "..."
+
+
+def _failure_summary(cells: list) -> str:
+    """'failed at <first cell> (and N more cells): <its reason>'."""
+    (first, reason), more = cells[0], len(cells) - 1
+    return f"failed at {first}" + (f" (and {more} more cells)" if more else "") + f": {reason}"
+
+
+# -- settings -------------------------------------------------------------------------------------
+def _resolve_device(name: str) -> torch.device:
+    """torch.device for --device (auto, cpu, cuda, cuda:N), or InputError."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except (RuntimeError, TypeError, ValueError):
+        raise InputError(f"--device {name!r} is not a device; expected auto, cpu, cuda or cuda:N") from None
+    if device.type not in ("cpu", "cuda"):
+        raise InputError(f"--device {name!r}: the bench runs on cpu or cuda only")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise InputError(f"--device {name}: no CUDA device is available here (use --device cpu)")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise InputError(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s) here")
+    return device
+
+
+def _is_count(value, least: int = 1) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool) and value >= least
+
+
+def _check_counts(config: BenchConfig) -> None:
+    for values, what in ((config.batches, "batch sizes (--batch)"), (config.img_sizes or [1], "image sizes (--img-size)")):
+        if not values or not all(_is_count(v) for v in values):
+            raise InputError(f"{what} must be positive integers, got {values!r}")
+    for value, what, least in ((config.reps, "--reps", 1), (config.warmup, "--warmup", 0),
+                               (config.calibration_samples, "calibration_samples", 1)):
+        if not _is_count(value, least):
+            raise InputError(f"{what} must be an integer of at least {least}, got {value!r}")
+    if config.threads is not None and not _is_count(config.threads):
+        raise InputError(f"--threads must be a positive integer, got {config.threads!r}")
+    if not config.usages or any(not 0.0 <= float(u) <= 1.0 for u in config.usages):
+        raise InputError(f"head usages must lie in [0, 1], got {list(config.usages)}")
+
+
+def _check_source(config: BenchConfig) -> None:
+    """Exactly one source, and no setting that cannot apply to it (a built model ignores them)."""
+    if (config.model is None) == (config.bundle is None):
+        raise InputError("bench needs exactly one of a timm model name (--model) or a bundle (--bundle)")
+    if config.bundle is not None:
+        what, fixed = "a bundle", dict(timm_kwargs=config.timm_kwargs, gated_kwargs=config.gated_kwargs)
+    elif isinstance(config.model, torch.nn.Module):
+        what, fixed = "a model given as a module", dict(img_sizes=config.img_sizes, timm_kwargs=config.timm_kwargs)
+        if _is_gated(config.model):
+            fixed["gated_kwargs"] = config.gated_kwargs
+    elif isinstance(config.model, str):
+        return
+    else:
+        raise InputError(f"model must be a timm model name or a module, got {type(config.model).__name__}")
+    given = [name for name, value in fixed.items() if value]
+    if given:
+        raise InputError(f"{', '.join(given)} cannot apply to {what} (it is built already); give a timm model name instead")
+
+
+def _is_gated(model) -> bool:
+    from headsteer.runtime.gated_vit import GatedViT
+
+    return isinstance(model, GatedViT)
+
+
+def check_config(config: BenchConfig) -> torch.device:
+    """Refuse settings that cannot run, before any work (InputError); returns the device."""
+    _check_source(config)
+    _check_counts(config)
+    if config.dtype not in DTYPES:
+        raise InputError(f"dtype {config.dtype!r} is not one of {sorted(DTYPES)}")
+    device = _resolve_device(config.device)
+    if config.clock not in ("wall", "process"):
+        raise InputError(f"clock must be 'wall' or 'process', got {config.clock!r}")
+    if config.clock == "process":
+        threads = config.threads or torch.get_num_threads()
+        if device.type != "cpu" or threads != 1:
+            raise InputError(f"--clock process measures this process's CPU time, which is latency only on the CPU "
+                             f"with one thread; got device {device} with {threads} threads (add --device cpu --threads 1, "
+                             "or use --clock wall)")
+    return device
 
 
 STEERED_LATENTS = 8
@@ -468,15 +620,25 @@ def steering_vectors(model, batch: int, device) -> tuple:
     return scale, torch.zeros(batch, model.steer_width, device=device)
 
 
-def _bench_batch(config, model, runners, counts, size, batch, device, skipped) -> list:
+def _bench_batch(config, model, runners, counts, size, batch, device, skipped, failed) -> list:
     generator = torch.Generator().manual_seed(config.seed + batch)
     dtype = DTYPES[config.dtype]
     pixels = torch.randn(batch, 3, *size, generator=generator).to(device, dtype)
     steer = tuple(v if v is None else v.to(dtype) for v in steering_vectors(model, batch, device))
-    cells = []
-    for runner in runners:
-        if runner.dense:
-            cells.append(_Cell(runner, "dense", 1.0, None))
+    cells = _make_cells(config, model, runners, size, device, skipped)
+    timer = _Timer(device, config.clock)
+    bar = _progress(len(cells) * (_warmup_runs(config) + config.reps), config.progress, f"bench {size[0]}px batch {batch}")
+    with torch.inference_mode():
+        cells = _warm_up(config, cells, timer, pixels, steer, bar, failed, f"batch {batch}, {size[0]}px")
+        _time_round_robin(config, cells, timer, pixels, steer, bar, random.Random(config.seed * 7919 + batch))
+    bar.close()
+    return _rows(cells, counts, model, size, batch)
+
+
+def _make_cells(config, model, runners, size, device, skipped) -> list:
+    """timm dense, then each gated backend per forced usage, then (--gate) per calibrated gate."""
+    dtype = DTYPES[config.dtype]
+    cells = [_Cell(runner, "dense", 1.0, None) for runner in runners if runner.dense]
     for runner in runners:
         if not runner.supports_budget and not config.gate:
             skipped[runner.name] = "runs the gate's threshold only: its rows appear with --gate"
@@ -494,46 +656,59 @@ def _bench_batch(config, model, runners, counts, size, batch, device, skipped) -
             for runner in runners:
                 if not runner.dense:
                     cells.append(_Cell(runner.for_model(gated), "gate", float(usage), None))
-    timer = _Timer(device, config.clock)
-    total = len(cells) * (config.warmup + config.reps)
-    bar = _progress(total, config.progress, f"bench {size[0]}px batch {batch}")
-    order = list(range(len(cells)))
-    shuffle = random.Random(config.seed * 7919 + batch)
-    with torch.inference_mode():
-        dropped = []
-        for index, cell in enumerate(cells):  # warm-up; the first call's mask is the one accounted
-            try:
-                for _ in range(max(config.warmup, 1)):
-                    _, mask = timer(lambda: cell.runner(pixels, *steer, cell.budget))
-                    bar.update()
-                cell.head_mask = None if mask is None else mask.detach().to("cpu")
-            except Exception as why:  # a backend that cannot run here is reported, not fatal
-                if cell.runner.dense:
-                    raise
-                reason = str(why) if isinstance(why, BackendUnavailable) else f"{type(why).__name__}: {why}"
-                skipped[cell.runner.name] = reason
-                print(f"headsteer bench: skipping {cell.runner.name} ({cell.mode}): {reason}", file=sys.stderr)
-                dropped.append(index)
-        cells = [c for i, c in enumerate(cells) if i not in dropped]
-        order = list(range(len(cells)))
-        for _ in range(config.reps):
-            shuffle.shuffle(order)
-            for index in order:
-                cell = cells[index]
-                elapsed, _ = timer(lambda: cell.runner(pixels, *steer, cell.budget))
-                cell.times.append(elapsed)
+    return cells
+
+
+def _cell_label(cell, where: str) -> str:
+    if cell.mode == "budget":
+        return f"usage {cell.target:.2f}, {where}"
+    return f"{cell.mode} {cell.target:.2f}, {where}" if cell.mode == "gate" else f"{cell.mode}, {where}"
+
+
+def _warm_up(config, cells, timer, pixels, steer, bar, failed, where: str) -> list:
+    """Run each cell's untimed calls; the last call's head mask is the one accounted. A gated
+    cell that raises is dropped and recorded in `failed` (the dense baseline must run). Returns
+    the cells that ran."""
+    kept = []
+    for cell in cells:
+        try:
+            for _ in range(_warmup_runs(config)):
+                _, mask = timer(lambda: cell.runner(pixels, *steer, cell.budget))
                 bar.update()
-    bar.close()
+            cell.head_mask = None if mask is None else mask.detach().to("cpu")
+            kept.append(cell)
+        except Exception as why:  # a cell that cannot run here is reported, not fatal
+            if cell.runner.dense:
+                raise
+            reason = _one_line(why)
+            failed.setdefault(cell.runner.name, []).append((_cell_label(cell, where), reason))
+            print(f"headsteer bench: {cell.runner.name} failed at {_cell_label(cell, where)}: {reason}", file=sys.stderr)
+    return kept
+
+
+def _time_round_robin(config, cells, timer, pixels, steer, bar, shuffle: random.Random) -> None:
+    """`config.reps` repetitions, each running every cell once in a freshly shuffled order."""
+    order = list(range(len(cells)))
+    for _ in range(config.reps):
+        shuffle.shuffle(order)
+        for index in order:
+            cell = cells[index]
+            elapsed, _ = timer(lambda: cell.runner(pixels, *steer, cell.budget))
+            cell.times.append(elapsed)
+            bar.update()
+
+
+def _rows(cells, counts, model, size, batch) -> list:
     baseline = next(c for c in cells if c.mode == "dense" and c.runner.name == "timm")
     timm_ms = statistics.median(baseline.times)
     rows = []
     for cell in cells:
         median = statistics.median(cell.times)
-        if cell.head_mask is None:
+        if cell.head_mask is None or cell.head_mask.numel() == 0:  # dense, or a model without gates
             usage, ideal, per_sample = 1.0, 1.0, None
         else:
             per_sample = cell.head_mask.float().mean(dim=(1, 2))
-            usage = float(per_sample.mean()) if cell.head_mask.numel() else 1.0
+            usage = float(per_sample.mean())
             ideal = ideal_speedup(counts, cell.head_mask, model.gate_blocks, batch)
         speedup = timm_ms / median
         row = dict(
@@ -560,51 +735,96 @@ def _bench_batch(config, model, runners, counts, size, batch, device, skipped) -
 
 
 # -- reports --------------------------------------------------------------------------------------
+def check_output_path(path, option: str = "output") -> Path:
+    """Refuse (InputError) a report path that cannot be written: a folder, or one whose nearest
+    existing parent is not a writable folder (missing folders are created when writing)."""
+    target = Path(path)
+    if target.is_dir():
+        raise InputError(f"{option} {path} is a folder; expected a file name")
+    parent = target.absolute().parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise InputError(f"{option} {path}: {parent} is a file, not a folder")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise InputError(f"{option} {path}: cannot write in {parent}")
+    return target
+
+
 def _atomic_write(path, write: Callable[[str], None]) -> Path:
     """Write through `write(temp_path)` to a temporary name beside `path`, then rename."""
+    check_output_path(path)
     with atomic_path(path, suffix=Path(path).suffix) as temp:
         write(str(temp))
     return Path(path)
 
 
+def _finite(value):
+    """`value` with every non-finite float (NaN, inf) replaced by None, for strict JSON."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {key: _finite(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(item) for item in value]
+    return value
+
+
+def json_text(report: dict) -> str:
+    """The report as strict JSON (non-finite numbers as null)."""
+    return json.dumps(_finite(report), indent=2, allow_nan=False) + "\n"
+
+
 def write_json(report: dict, path) -> Path:
+    text = json_text(report)
+
     def write(temp):
         with open(temp, "w") as handle:
-            json.dump(report, handle, indent=2)
-            handle.write("\n")
+            handle.write(text)
 
     return _atomic_write(path, write)
 
 
 def _fmt_usage(row) -> str:
-    if row["mode"] == "gate" and "usage_min" in row:
+    if row["mode"] == "gate" and row.get("usage_min") is not None and row.get("usage_max") is not None:
         return f"{row['usage']:.2f} ({row['usage_min']:.2f}-{row['usage_max']:.2f})"
     return f"{row['usage']:.2f}"
 
 
+def _environment_line(env: dict) -> str:
+    ort = env.get("onnxruntime")
+    spinning = ""
+    if ort:
+        entries = ", ".join(f"{k}={v}" for k, v in ort.get("session_config", {}).items())
+        spinning = f"; onnxruntime {ort.get('version')} ({entries})"
+    return (f"Measured {env['date']} on {env.get('gpu') or env['cpu']} ({env['device']}, {env['threads']} threads), "
+            f"torch {env['torch']}, timm {env['timm']}; model {env.get('model')}, {env.get('weights')}; "
+            f"load average {env.get('load_average_start')} -> {env.get('load_average_end')}; "
+            f"{env['reps']} repetitions after {env['warmup']} warm-up, {env['interleaved']}; "
+            f"clock: {env.get('clock', 'wall')}{spinning}.")
+
+
 def markdown(report: dict) -> str:
-    """The report as Markdown: an environment line and one table per mode."""
+    """The report as Markdown: an environment line and one table per mode, each with the dense
+    baseline rows its speed-ups are measured against."""
     env = report["environment"]
-    lines = [
-        f"Measured {env['date']} on {env.get('gpu') or env['cpu']} ({env['device']}, {env['threads']} threads), "
-        f"torch {env['torch']}, timm {env['timm']}; model {env.get('model')}, {env.get('weights')}; "
-        f"load average {env.get('load_average_start')} -> {env.get('load_average_end')}; "
-        f"{env['reps']} repetitions after {env['warmup']} warm-up, {env['interleaved']}; "
-        f"clock: {env.get('clock', 'wall')}.",
-        "",
-    ]
-    if env.get("backends_skipped"):
-        lines += ["Skipped: " + "; ".join(f"{k}: {v}" for k, v in env["backends_skipped"].items()), ""]
+    lines = [_environment_line(env), ""]
+    for title, key in (("Skipped", "backends_skipped"), ("Failed", "backends_failed")):
+        if env.get(key):
+            lines += [f"{title}: " + "; ".join(f"{k}: {v}" for k, v in env[key].items()), ""]
     header = ("| backend | batch | img | usage | median ms | p90 ms | p99 ms | images/s | speed-up vs timm "
               "| ideal | efficiency |")
     rule = "|" + "---|" * 11
     sections = [
-        ("Forced head usage (head budget)", lambda r: r["mode"] in ("dense", "budget")),
-        ("Gate deciding (threshold; usage = measured mean, per-sample range in brackets)", lambda r: r["mode"] == "gate"),
+        ("Forced head usage (head budget)", "budget"),
+        ("Gate deciding (threshold; usage = measured mean, per-sample range in brackets)", "gate"),
     ]
-    for title, keep in sections:
-        chosen = [r for r in report["rows"] if keep(r)]
-        if not chosen or all(r["mode"] == "dense" for r in chosen):
+    rows = report["rows"]
+    if not any(r["mode"] != "dense" for r in rows):
+        sections = [("Dense baseline (no gated backend ran)", "dense")]
+    for title, mode in sections:
+        chosen = [r for r in rows if r["mode"] in ("dense", mode)]
+        if all(r["mode"] == "dense" for r in chosen) and mode != "dense":
             continue
         lines += [f"**{title}**", "", header, rule]
         for r in chosen:
@@ -627,9 +847,27 @@ def write_markdown(report: dict, path) -> Path:
     return _atomic_write(path, write)
 
 
-def write_plot(report: dict, path) -> Path:
-    """PNG: latency vs head usage per (image size, batch), one line per backend, timm dense as a
-    dotted level and the ideal (timm / ideal speed-up) dashed; gate-deciding rows as markers."""
+def plot_format(path) -> str:
+    """The image format `path`'s suffix names (png without a suffix), or InputError when
+    matplotlib cannot write it."""
+    from matplotlib.backend_bases import FigureCanvasBase
+
+    suffix = Path(path).suffix.lower().lstrip(".")
+    if not suffix:
+        return "png"
+    supported = FigureCanvasBase.get_supported_filetypes()
+    if suffix not in supported:
+        raise InputError(f"--plot {path}: cannot write .{suffix} images; use one of "
+                         + ", ".join("." + name for name in sorted(supported)))
+    return suffix
+
+
+def plot_bytes(report: dict, fmt: str = "png") -> bytes:
+    """The plot as `fmt` image bytes: latency vs head usage per (image size, batch), one line per
+    backend, timm dense as a dotted level and the ideal (timm / ideal speed-up) dashed;
+    gate-deciding rows as markers."""
+    import io
+
     import matplotlib
 
     matplotlib.use("Agg")
@@ -638,43 +876,87 @@ def write_plot(report: dict, path) -> Path:
     rows = report["rows"]
     panels = sorted({(r["img_size"], r["batch"]) for r in rows})
     fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4.2), squeeze=False)
-    for ax, (img, batch) in zip(axes[0], panels):
-        here = [r for r in rows if r["img_size"] == img and r["batch"] == batch]
-        timm = next((r for r in here if r["backend"] == "timm"), None)
-        backends = sorted({r["backend"] for r in here if r["mode"] != "dense"})
-        for name in backends:
-            forced = sorted((r for r in here if r["backend"] == name and r["mode"] == "budget"), key=lambda r: r["usage"])
-            if forced:
-                line, = ax.plot([r["usage"] for r in forced], [r["median_ms"] for r in forced], "o-", label=name)
-                color = line.get_color()
-            else:
-                color = None
-            gated = [r for r in here if r["backend"] == name and r["mode"] == "gate"]
-            if gated:
-                ax.plot([r["usage"] for r in gated], [r["median_ms"] for r in gated], "x", color=color,
-                        markersize=9, label=f"{name} (gate deciding)")
-        if timm is not None:
-            ideal = sorted({(r["usage"], timm["median_ms"] / r["ideal_speedup"]) for r in here if r["mode"] == "budget"})
-            if ideal:
-                ax.plot([u for u, _ in ideal], [ms for _, ms in ideal], "k--", label="ideal (FLOPs skipped)")
-            ax.axhline(timm["median_ms"], color="gray", linestyle=":", label="timm dense")
-        ax.set_title(f"{img}px, batch {batch}")
-        ax.set_xlabel("head usage")
-        ax.set_ylabel("median latency (ms)")
-        ax.set_ylim(bottom=0)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-    env = report["environment"]
-    fig.suptitle(f"{env.get('model')} - {env.get('gpu') or env['cpu']}, {env['threads']} threads", fontsize=10)
-    fig.tight_layout()
-
-    def write(temp):
-        fig.savefig(temp, format="png", dpi=110)
-
     try:
-        return _atomic_write(path, write)
+        for ax, (img, batch) in zip(axes[0], panels):
+            _plot_panel(ax, [r for r in rows if r["img_size"] == img and r["batch"] == batch], img, batch)
+        env = report["environment"]
+        fig.suptitle(f"{env.get('model')} - {env.get('gpu') or env['cpu']}, {env['threads']} threads", fontsize=10)
+        fig.tight_layout()
+        buffer = io.BytesIO()
+        fig.savefig(buffer, format=fmt, dpi=110)
+        return buffer.getvalue()
     finally:
         plt.close(fig)
+
+
+def _plot_panel(ax, here: list, img: int, batch: int) -> None:
+    timm = next((r for r in here if r["backend"] == "timm"), None)
+    backends = sorted({r["backend"] for r in here if r["mode"] != "dense"})
+    for name in backends:
+        forced = sorted((r for r in here if r["backend"] == name and r["mode"] == "budget"), key=lambda r: r["usage"])
+        if forced:
+            line, = ax.plot([r["usage"] for r in forced], [r["median_ms"] for r in forced], "o-", label=name)
+            color = line.get_color()
+        else:
+            color = None
+        gated = [r for r in here if r["backend"] == name and r["mode"] == "gate"]
+        if gated:
+            ax.plot([r["usage"] for r in gated], [r["median_ms"] for r in gated], "x", color=color,
+                    markersize=9, label=f"{name} (gate deciding)")
+    if timm is not None:
+        ideal = sorted({(r["usage"], timm["median_ms"] / r["ideal_speedup"]) for r in here if r["mode"] == "budget"})
+        if ideal:
+            ax.plot([u for u, _ in ideal], [ms for _, ms in ideal], "k--", label="ideal (FLOPs skipped)")
+        ax.axhline(timm["median_ms"], color="gray", linestyle=":", label="timm dense")
+    ax.set_title(f"{img}px, batch {batch}")
+    ax.set_xlabel("head usage")
+    ax.set_ylabel("median latency (ms)")
+    ax.set_ylim(bottom=0)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+
+
+def write_plot(report: dict, path) -> Path:
+    """`plot_bytes` in the format `path`'s suffix names (`plot_format`), written atomically."""
+    data = plot_bytes(report, plot_format(path))
+
+    def write(temp):
+        with open(temp, "wb") as handle:
+            handle.write(data)
+
+    return _atomic_write(path, write)
+
+
+def _report_files(args: argparse.Namespace) -> list:
+    """(option, path) of each report file asked for, every path checked first (InputError)."""
+    asked = [(option, path) for option, path in (("--json", args.json_path), ("--md", args.md_path),
+                                                  ("--plot", args.plot_path)) if path]
+    seen = {}
+    for option, path in asked:
+        check_output_path(path, option)
+        if option == "--plot":
+            plot_format(path)
+        key = os.path.abspath(path)
+        if key in seen:
+            raise InputError(f"{seen[key]} and {option} name the same file {path}")
+        seen[key] = option
+    return asked
+
+
+def _render(report: dict, option: str, path) -> bytes:
+    if option == "--json":
+        return json_text(report).encode()
+    if option == "--md":
+        return (markdown(report) + "\n").encode()
+    return plot_bytes(report, plot_format(path))
+
+
+def _write_reports(report: dict, files: list) -> None:
+    """Render every file first (an error there writes nothing), then write each atomically."""
+    payloads = [(path, _render(report, option, path)) for option, path in files]
+    for path, payload in payloads:
+        _atomic_write(path, lambda temp, payload=payload: Path(temp).write_bytes(payload))
+        print(f"wrote {path}")
 
 
 # -- CLI --------------------------------------------------------------------------------------------
@@ -715,20 +997,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="forced head usages (default 1,0.67,0.5,0.33,0.17,0)")
     parser.add_argument("--img-size", type=_int_list, default=None, help="image size(s) (default: the model's)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
-    parser.add_argument("--device", default="auto", help="auto (cuda when present), cpu or cuda")
+    parser.add_argument("--device", default="auto", help="auto (cuda when present), cpu, cuda or cuda:N")
     parser.add_argument("--reps", type=int, default=None, help="timed repetitions per cell (default 20, --quick 4)")
-    parser.add_argument("--warmup", type=int, default=None, help="warm-up forwards per cell (default 3, --quick 1)")
+    parser.add_argument("--warmup", type=int, default=None,
+                        help="untimed forwards per cell (default 3, --quick 1); at least one runs, since it "
+                        "records the head mask (the report says how many ran)")
     parser.add_argument("--gate", action="store_true",
                         help="also time the gate deciding (threshold), re-biased to keep each usage on average")
     parser.add_argument("--clock", choices=("wall", "process"), default="wall",
                         help="wall: latency (default); process: this process's CPU time, robust to other "
-                        "processes on a shared machine (use with --threads 1)")
+                        "processes on a shared machine (CPU with --threads 1 only)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32",
                         help="weights and inputs (default float32; use bfloat16 on CUDA for the triton backend)")
     parser.add_argument("--json", dest="json_path", default=None, help="write the report as JSON")
     parser.add_argument("--md", dest="md_path", default=None, help="write the tables as Markdown")
-    parser.add_argument("--plot", dest="plot_path", default=None, help="write a PNG plot")
+    parser.add_argument("--plot", dest="plot_path", default=None,
+                        help="write a plot, in the format its suffix names (.png, .svg, .pdf, ...)")
     parser.add_argument("--quick", action="store_true", help="few repetitions (under 2 minutes on 2 CPU cores)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
@@ -757,13 +1042,13 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Run `headsteer bench` from parsed arguments; prints the tables, writes the files asked for."""
-    report = run_bench(config_from_args(args))
+    """Run `headsteer bench` from parsed arguments; prints the tables, writes the files asked for.
+    Settings and report paths are checked before anything is timed (InputError)."""
+    config = config_from_args(args)
+    files = _report_files(args)
+    report = run_bench(config)  # (checks the settings first)
     print(markdown(report))
-    for path, writer in ((args.json_path, write_json), (args.md_path, write_markdown), (args.plot_path, write_plot)):
-        if path:
-            writer(report, path)
-            print(f"wrote {path}")
+    _write_reports(report, files)
     return 0
 
 
@@ -797,6 +1082,9 @@ __all__ = [
     "write_json",
     "write_markdown",
     "write_plot",
+    "plot_format",
+    "check_config",
+    "check_output_path",
     "add_arguments",
     "config_from_args",
     "run",

@@ -1,7 +1,8 @@
 """GPU benchmark of the Triton kernels: head-sparse attention vs the dense branch, fused gate share.
 
-    python -m headsteer.bench.kernels [--json FILE] [--md FILE] [--sweep] [--breakdown] [--gate-sweep] [--warm-up]
-                                      [--profile] [--host [--repeats N]]
+    python -m headsteer.bench.kernels [--json FILE] [--md FILE]             # the table
+    python -m headsteer.bench.kernels --breakdown [--json FILE] | --sweep | --gate-sweep | --profile
+    python -m headsteer.bench.kernels --warm-up [--jobs N] [--seconds S] | --host [--repeats N] [--json FILE]
 
 At B=64, N=197, bf16, for ViT-S (H=6, D=384) and ViT-B (H=12, D=768):
 - the attention branch, dense (F.linear qkv -> flash scaled_dot_product_attention -> F.linear proj)
@@ -574,28 +575,69 @@ def markdown(results: dict, device: str, date: str, command: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-def main(argv: list[str] | None = None) -> int:
+# Which options each mode takes ("table": no mode flag, the issue's table); the others are refused.
+MODE_OPTIONS = {
+    "table": ("json", "md"),
+    "breakdown": ("json",),
+    "host": ("json", "repeats"),
+    "warm_up": ("jobs", "seconds"),
+    "sweep": (),
+    "gate_sweep": (),
+    "profile": (),
+}
+OPTION_FLAGS = {"json": "--json", "md": "--md", "jobs": "--jobs", "seconds": "--seconds", "repeats": "--repeats"}
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The command line, checked before any work: one mode at most, only the options that mode
+    takes, and report paths that can be written (the parser's usage error otherwise)."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--json", help="write the measurements as JSON to this file")
-    parser.add_argument("--md", help="write the RESULTS.md section as markdown to this file")
-    parser.add_argument("--sweep", action="store_true", help="time alternative attention tile configurations")
-    parser.add_argument("--breakdown", action="store_true", help="time each kernel of the dense and sparse branch")
-    parser.add_argument("--gate-sweep", action="store_true", help="time alternative tiles and warps of the fused gate")
-    parser.add_argument("--profile", action="store_true",
-                        help="launch the gate and both branches once each for `ncu --profile-from-start off`")
-    parser.add_argument("--warm-up", action="store_true",
-                        help="only compile every mode's kernels into Triton's cache, in parallel processes")
-    parser.add_argument("--jobs", type=int, default=max(1, min(16, (os.cpu_count() or 2) - 1)),
+    parser.add_argument("--json", help="write the measurements as JSON (the table, --breakdown, --host)")
+    parser.add_argument("--md", help="write the RESULTS.md section as markdown (the table only)")
+    modes = parser.add_mutually_exclusive_group()
+    modes.add_argument("--sweep", action="store_true", help="time alternative attention tile configurations")
+    modes.add_argument("--breakdown", action="store_true", help="time each kernel of the dense and sparse branch")
+    modes.add_argument("--gate-sweep", action="store_true", help="time alternative tiles and warps of the fused gate")
+    modes.add_argument("--profile", action="store_true",
+                       help="launch the gate and both branches once each for `ncu --profile-from-start off`")
+    modes.add_argument("--warm-up", action="store_true",
+                       help="only compile every mode's kernels into Triton's cache, in parallel processes")
+    modes.add_argument("--host", action="store_true",
+                       help="time each launch's host cost (what eager calls pay before the GPU runs anything); "
+                            "without CUDA, compiled for sm_90 and not launched")
+    parser.add_argument("--jobs", type=int, default=None,
                         help="processes of --warm-up (default: one fewer than the CPUs, at most 16)")
-    parser.add_argument("--seconds", type=float, default=60.0, help="time limit of --warm-up")
-    parser.add_argument("--host", action="store_true",
-                        help="time each launch's host cost (what eager calls pay before the GPU runs anything); "
-                             "without CUDA, compiled for sm_90 and not launched")
-    parser.add_argument("--repeats", type=int, default=HOST_REPEATS, help=f"calls --host times per launch (default {HOST_REPEATS})")
+    parser.add_argument("--seconds", type=float, default=None, help="time limit of --warm-up (default 60)")
+    parser.add_argument("--repeats", type=int, default=None, help=f"calls --host times per launch (default {HOST_REPEATS})")
     args = parser.parse_args(argv)
+    args.mode = next((mode for mode in MODE_OPTIONS if mode != "table" and getattr(args, mode)), "table")
+    given = [name for name in OPTION_FLAGS if getattr(args, name) is not None]
+    wrong = [OPTION_FLAGS[name] for name in given if name not in MODE_OPTIONS[args.mode]]
+    if wrong:
+        mode = "the table (no mode option)" if args.mode == "table" else "--" + args.mode.replace("_", "-")
+        parser.error(f"{', '.join(wrong)} does not apply to {mode}")
+    args.jobs = max(1, min(16, (os.cpu_count() or 2) - 1)) if args.jobs is None else args.jobs
+    args.seconds = 60.0 if args.seconds is None else args.seconds
+    args.repeats = HOST_REPEATS if args.repeats is None else args.repeats
     if args.jobs < 1 or args.seconds <= 0 or args.repeats < 1:
         parser.error(f"--jobs and --repeats must be at least 1 and --seconds positive "
                      f"(got {args.jobs}, {args.repeats} and {args.seconds})")
+    from headsteer.bench.harness import check_output_path
+    from headsteer.runtime.errors import InputError
+
+    try:
+        for option in ("json", "md"):
+            if getattr(args, option):
+                check_output_path(getattr(args, option), OPTION_FLAGS[option])
+    except InputError as error:
+        parser.error(str(error))
+    if args.json and args.md and os.path.abspath(args.json) == os.path.abspath(args.md):
+        parser.error("--json and --md name the same file")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
     if args.host:
         return host_main(args.repeats, args.json, argv)
     if not torch.cuda.is_available():
@@ -603,21 +645,23 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.warm_up:
         warm_up(args.jobs, args.seconds)
-        return 0
-    if args.profile:
+    elif args.profile:
         profile_launches()
-        return 0
-    if args.sweep:
+    elif args.sweep:
         sweep()
-        return 0
-    if args.gate_sweep:
+    elif args.gate_sweep:
         gate_sweep()
-        return 0
-    if args.breakdown:
+    elif args.breakdown:
         results = breakdown()  # (prints its table row by row)
         if args.json:
             write_text_atomic(args.json, json.dumps(results, indent=2))
-        return 0
+    else:
+        table_main(args, argv)
+    return 0
+
+
+def table_main(args: argparse.Namespace, argv: list[str] | None) -> None:
+    """The issue's table: printed, and written to --json/--md when given."""
     device = torch.cuda.get_device_name()
     date, command = run_stamp(argv)
     results = run_benchmark()
@@ -627,7 +671,6 @@ def main(argv: list[str] | None = None) -> int:
         write_text_atomic(args.json, json.dumps(dict(device=device, date=date, command=command, **results), indent=2))
     if args.md:
         write_text_atomic(args.md, text)
-    return 0
 
 
 def run_stamp(argv: list[str] | None) -> tuple[str, str]:

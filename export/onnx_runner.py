@@ -13,6 +13,14 @@ bundle's file checksums, the variant, the opset and the torch version, and reuse
 ONNX Runtime comes as `onnxruntime` (CPU; extra `onnx`) or `onnxruntime-gpu` (extra `gpu`), one
 import name; install exactly one. Providers default to CUDA first (then CPU) when the device is
 CUDA, and to the CPU provider on a CPU device.
+
+Thread spinning: by default ONNX Runtime's intra-op threads keep spinning (busy-waiting) for a while
+after each run, which gives back-to-back ORT runs the lowest latency but takes the cores from any
+other thread pool of the process (torch's, say) that runs next. `allow_spinning=False` (an option
+of `build_session`, `make_ort_callable` and `OnnxRunner`, hence `Engine.load(...,
+allow_spinning=False)`) sets `session.intra_op.allow_spinning` and `session.inter_op.allow_spinning`
+to "0": pass it in a process that runs torch (or other threaded work) between ORT calls. The
+benchmarks (`headsteer bench`, `headsteer.export.bench_ort`) always do, since they time torch next.
 """
 from __future__ import annotations
 
@@ -67,12 +75,21 @@ def _check_providers(providers: Sequence) -> list:
     return checked
 
 
-def build_session(onnx_path: Union[str, os.PathLike], providers: Sequence, intra_op_num_threads: Optional[int] = None):
+# Session config entries that stop ORT's thread pools from busy-waiting after a run.
+NO_SPINNING = {"session.intra_op.allow_spinning": "0", "session.inter_op.allow_spinning": "0"}
+
+
+def build_session(onnx_path: Union[str, os.PathLike], providers: Sequence, intra_op_num_threads: Optional[int] = None,
+                  allow_spinning: bool = True):
+    """An ORT session over `onnx_path`; `allow_spinning=False` applies `NO_SPINNING` (module docstring)."""
     ort = _onnxruntime()
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     if intra_op_num_threads:
         options.intra_op_num_threads = int(intra_op_num_threads)
+    if not allow_spinning:
+        for key, value in NO_SPINNING.items():
+            options.add_session_config_entry(key, value)
     options.log_severity_level = 3  # errors only: ORT warns about unused initializers etc.
     return ort.InferenceSession(str(onnx_path), sess_options=options, providers=list(providers))
 
@@ -80,7 +97,11 @@ def build_session(onnx_path: Union[str, os.PathLike], providers: Sequence, intra
 class OrtCallable:
     """An ONNX Runtime session with the runner signature:
     `(pixel_values [B,C,H,W], steer_scale [B,S] | None, steer_shift [B,S] | None) -> (logits, head_mask)`,
-    inputs as torch tensors (any device; copied to host), outputs as CPU tensors (float32, bool)."""
+    inputs as torch tensors, outputs as tensors (float32, bool). CPU inputs, or any inputs to a
+    session whose first provider is not CUDA, are copied to host and the outputs come back on the
+    CPU. CUDA inputs to a session whose first provider is CUDA on that GPU are bound in place
+    (ORT I/O binding on device memory, no host round trip) and the outputs come back on that GPU
+    (untested here: no GPU; see `device_binding`)."""
 
     def __init__(self, session, steer_width: int):
         self.session = session
@@ -89,6 +110,47 @@ class OrtCallable:
         self.providers = session.get_providers()
         # Declared input shapes: ints are static dims, str/None symbolic ones (the batch).
         self.input_shapes = {value.name: list(value.shape) for value in session.get_inputs()}
+        self.output_shapes = {value.name: list(value.shape) for value in session.get_outputs()}
+        self.cuda_device_id = self._cuda_device_id()
+
+    def _cuda_device_id(self) -> Optional[int]:
+        """The GPU of the session's CUDA provider when it comes first, else None."""
+        if not self.providers or self.providers[0] != CUDA_PROVIDER:
+            return None
+        options = self.session.get_provider_options().get(CUDA_PROVIDER, {})
+        return int(options.get("device_id", 0))
+
+    def device_binding(self, pixel_values: torch.Tensor) -> bool:
+        """Whether a call with these pixels runs on device memory (I/O binding): CUDA pixels on
+        the GPU of a session whose first provider is CUDA, and outputs of static shape but the batch."""
+        if self.cuda_device_id is None or pixel_values.device.type != "cuda":
+            return False
+        if (pixel_values.device.index or 0) != self.cuda_device_id:
+            return False
+        return all(all(isinstance(dim, int) for dim in shape[1:]) for shape in self.output_shapes.values())
+
+    def run_bound(self, feeds: dict, device: torch.device) -> tuple:
+        """Run with inputs and outputs bound in place in `device` memory (ORT I/O binding):
+        `feeds` maps input names to torch tensors on `device`; returns (logits, head_mask) as torch
+        tensors there. Works for "cpu" too (what the tests check without a GPU)."""
+        device_type, device_id = device.type, device.index or 0
+        inputs = {name: tensor.to(device, torch.float32).contiguous() for name, tensor in feeds.items()}
+        batch = inputs["pixel_values"].shape[0]
+        outputs = {
+            "logits": torch.empty(batch, *self.output_shapes["logits"][1:], dtype=torch.float32, device=device),
+            "head_mask": torch.empty(batch, *self.output_shapes["head_mask"][1:], dtype=torch.bool, device=device),
+        }
+        binding = self.session.io_binding()
+        for name, tensor in inputs.items():
+            binding.bind_input(name, device_type, device_id, np.float32, tuple(tensor.shape), tensor.data_ptr())
+        for name, tensor in outputs.items():
+            element = np.float32 if tensor.dtype == torch.float32 else np.bool_
+            binding.bind_output(name, device_type, device_id, element, tuple(tensor.shape), tensor.data_ptr())
+        if device_type == "cuda":
+            torch.cuda.current_stream(device).synchronize()  # ORT runs on its own stream: inputs must be ready
+        self.session.run_with_iobinding(binding)
+        binding.synchronize_outputs()  # the outputs are on ORT's stream: done before torch reads them
+        return outputs["logits"], outputs["head_mask"]
 
     @staticmethod
     def _host(tensor: torch.Tensor) -> np.ndarray:
@@ -112,16 +174,18 @@ class OrtCallable:
     def __call__(self, pixel_values: torch.Tensor, steer_scale: Optional[torch.Tensor] = None, steer_shift: Optional[torch.Tensor] = None):
         self._check_input("pixel_values", pixel_values)
         batch = pixel_values.shape[0]
-        feeds = {"pixel_values": self._host(pixel_values)}
+        feeds = {"pixel_values": pixel_values}
         for name, vector, fill in (("steer_scale", steer_scale, 1.0), ("steer_shift", steer_shift, 0.0)):
             if vector is None:
-                feeds[name] = np.full((batch, self.steer_width), fill, dtype=np.float32)
+                vector = torch.full((batch, self.steer_width), fill, device=pixel_values.device)
             else:
                 self._check_input(name, vector)
                 if tuple(vector.shape) != (batch, self.steer_width):
                     raise InputError(f"{name} must be [B, S_total] = {[batch, self.steer_width]}, got {list(vector.shape)}")
-                feeds[name] = self._host(vector)
-        logits, head_mask = self.session.run(["logits", "head_mask"], feeds)
+            feeds[name] = vector
+        if self.device_binding(pixel_values):
+            return self.run_bound(feeds, pixel_values.device)
+        logits, head_mask = self.session.run(["logits", "head_mask"], {name: self._host(t) for name, t in feeds.items()})
         return torch.from_numpy(logits).float(), torch.from_numpy(np.asarray(head_mask, dtype=bool))
 
 
@@ -132,18 +196,20 @@ def make_ort_callable(
     device: Union[str, torch.device] = "cpu",
     opset: int = DEFAULT_OPSET,
     intra_op_num_threads: Optional[int] = None,
+    allow_spinning: bool = True,
 ) -> OrtCallable:
     """Export a GatedViT in memory to ONNX and return an `OrtCallable` over it (for the bench harness).
 
     Batch is dynamic, so one callable serves every batch size; gating is the threshold rule
     (`gate logit > 0`): a head budget is not part of the ONNX contract. Call it as
-    `fn(pixel_values, steer_scale=None, steer_shift=None) -> (logits, head_mask)`."""
+    `fn(pixel_values, steer_scale=None, steer_shift=None) -> (logits, head_mask)`. `allow_spinning`:
+    see the module docstring (the bench harness passes False)."""
     device = torch.device(device)
     providers = _check_providers(providers) if providers is not None else default_providers(device)
     workdir = Path(tempfile.mkdtemp(prefix="headsteer-ort-"))
     try:
         path = to_onnx(model, workdir / "model.onnx", attention=attention, opset=opset, write_steering=False)
-        session = build_session(path, providers, intra_op_num_threads)
+        session = build_session(path, providers, intra_op_num_threads, allow_spinning)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
     return OrtCallable(session, model.steer_width)
@@ -200,7 +266,10 @@ def check_io_dims(dims: dict, info, path) -> None:
 
 
 class OnnxRunner(OrtCallable):
-    """`Engine` runner for backend "onnxruntime"; see the module docstring for the options."""
+    """`Engine` runner for backend "onnxruntime"; see the module docstring for the options.
+    `allow_spinning` keeps ORT's default (True: its threads busy-wait after each run, the lowest
+    latency for back-to-back requests); pass False in a service that also runs torch or other
+    threaded work between requests, so ORT's idle threads do not take its cores."""
 
     def __init__(
         self,
@@ -212,6 +281,7 @@ class OnnxRunner(OrtCallable):
         opset: int = DEFAULT_OPSET,
         cache_dir: Optional[Union[str, os.PathLike]] = None,
         intra_op_num_threads: Optional[int] = None,
+        allow_spinning: bool = True,
     ):
         device = torch.device(device)
         _onnxruntime()
@@ -222,20 +292,20 @@ class OnnxRunner(OrtCallable):
             onnx_path = Path(onnx_path)
             if not onnx_path.is_file():
                 raise InputError(f"onnx_path {onnx_path} does not exist (export one with `headsteer export BUNDLE --format onnx --out FILE`)")
-            session = build_session(onnx_path, providers, intra_op_num_threads)
+            session = build_session(onnx_path, providers, intra_op_num_threads, allow_spinning)
             self.onnx_path: Optional[Path] = onnx_path
         elif cache_dir is not None:
             cache_dir = Path(cache_dir)
             path = cache_dir / f"{_cache_key(info, attention, opset)}-{attention}.onnx"
             if not path.is_file():
                 to_onnx(info.path, path, attention=attention, opset=opset, write_steering=False)
-            session = build_session(path, providers, intra_op_num_threads)
+            session = build_session(path, providers, intra_op_num_threads, allow_spinning)
             self.onnx_path = path
         else:
             workdir = Path(tempfile.mkdtemp(prefix="headsteer-ort-"))
             try:
                 path = to_onnx(info.path, workdir / "model.onnx", attention=attention, opset=opset, write_steering=False)
-                session = build_session(path, providers, intra_op_num_threads)
+                session = build_session(path, providers, intra_op_num_threads, allow_spinning)
             finally:
                 shutil.rmtree(workdir, ignore_errors=True)
             self.onnx_path = None
@@ -247,4 +317,4 @@ class OnnxRunner(OrtCallable):
             raise BundleError(f"the ONNX model lacks the inputs {sorted(missing)}")
 
 
-__all__ = ["OnnxRunner", "OrtCallable", "build_session", "check_against_bundle", "check_io_dims", "default_providers", "make_ort_callable"]
+__all__ = ["NO_SPINNING", "OnnxRunner", "OrtCallable", "build_session", "check_against_bundle", "check_io_dims", "default_providers", "make_ort_callable"]

@@ -202,3 +202,280 @@ def test_bundle_source(tmp_path):
     assert {r["backend"] for r in report["rows"]} == {"timm", "compact"}
     with pytest.raises(Exception, match="img-size"):
         harness.run_bench(harness.BenchConfig(bundle=str(path), img_sizes=(64,), batches=(1,), reps=1, progress=False))
+
+
+# -- settings refused before any work ----------------------------------------------------------------
+def _no_work(monkeypatch):
+    """Make building a model or timing a batch fail the test: a refusal must come first."""
+    def forbidden(*args, **kwargs):
+        raise AssertionError("work started before the settings were checked")
+
+    monkeypatch.setattr(harness, "_load_model", forbidden)
+    monkeypatch.setattr(harness, "_bench_batch", forbidden)
+
+
+def _tiny_config(**overrides):
+    values = dict(model="vit_tiny_patch16_224", timm_kwargs=TINY, backends=["compact"], batches=(2,),
+                  usages=(0.33,), reps=1, warmup=1, progress=False)
+    values.update(overrides)
+    return harness.BenchConfig(**values)
+
+
+BAD_SETTINGS = [
+    (dict(reps=0), "--reps"),
+    (dict(reps=-3), "--reps"),
+    (dict(warmup=-2), "--warmup"),
+    (dict(threads=0), "--threads"),
+    (dict(threads=-1), "--threads"),
+    (dict(device="foo"), "not a device"),
+    (dict(device="mps"), "cpu or cuda only"),
+    (dict(batches=(0,)), "batch"),
+    (dict(usages=(1.5,)), r"\[0, 1\]"),
+    (dict(dtype="float64"), "dtype"),
+    (dict(clock="process", device="cpu", threads=2), "one thread"),
+    (dict(clock="process", device="cuda", threads=1), "cuda|CUDA"),
+    (dict(bundle="some/bundle"), "exactly one"),
+]
+
+
+@pytest.mark.parametrize("overrides, message", BAD_SETTINGS, ids=[str(o) for o, _ in BAD_SETTINGS])
+def test_bad_settings_are_refused_before_any_work(monkeypatch, overrides, message):
+    from headsteer.runtime.errors import InputError
+
+    _no_work(monkeypatch)
+    with pytest.raises(InputError, match=message):
+        harness.run_bench(_tiny_config(**overrides))
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")
+def test_cuda_without_cuda_is_refused(monkeypatch):
+    from headsteer.runtime.errors import InputError
+
+    _no_work(monkeypatch)
+    with pytest.raises(InputError, match="no CUDA device"):
+        harness.run_bench(_tiny_config(device="cuda"))
+
+
+def test_process_clock_runs_on_one_cpu_thread():
+    assert harness.check_config(_tiny_config(clock="process", device="cpu", threads=1)).type == "cpu"
+
+
+def test_image_sizes_are_checked_before_anything_is_timed(monkeypatch, tmp_path):
+    from headsteer.runtime.bundle import save_bundle
+    from headsteer.runtime.errors import InputError
+    from headsteer.runtime.gated_vit import GatedViT
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("timed before the image sizes were checked")
+
+    monkeypatch.setattr(harness, "_bench_batch", forbidden)
+    with pytest.raises(InputError, match="smaller than the model's 8x8 patch"):
+        harness.run_bench(_tiny_config(img_sizes=(32, 4)))
+    path = save_bundle(GatedViT.from_timm("vit_tiny_patch16_224", timm_kwargs=TINY).eval(), tmp_path / "bundle")
+    with pytest.raises(InputError, match="--img-size 64 does not match"):
+        harness.run_bench(_tiny_config(model=None, timm_kwargs={}, bundle=str(path), img_sizes=(32, 64)))
+
+
+def test_zero_warmups_report_the_untimed_call_that_ran():
+    report = harness.run_bench(_tiny_config(warmup=0))
+    assert report["environment"]["warmup"] == 1
+    assert "after 1 warm-up" in harness.markdown(report)
+
+
+# -- a module given as the model ---------------------------------------------------------------------
+def test_a_module_input_is_left_as_it_was(monkeypatch):
+    from headsteer.runtime.errors import InputError
+    from headsteer.runtime.gated_vit import GatedViT
+
+    model = GatedViT.from_timm("vit_tiny_patch16_224", timm_kwargs=TINY).eval()
+    before = {name: tensor.clone() for name, tensor in model.state_dict().items()}
+    threads, rng = torch.get_num_threads(), torch.get_rng_state()
+    config = _tiny_config(model=model, timm_kwargs={}, dtype="bfloat16", threads=1, backends=["reference"])
+    report = harness.run_bench(config)
+    assert {r["backend"] for r in report["rows"]} == {"timm", "reference"}
+    assert torch.get_num_threads() == threads  # restored
+    assert torch.equal(torch.get_rng_state(), rng)  # the global RNG was not reseeded
+    after = model.state_dict()
+    assert all(after[name].dtype == tensor.dtype and torch.equal(after[name], tensor) for name, tensor in before.items())
+    _no_work(monkeypatch)
+    for overrides in (dict(img_sizes=(32,)), dict(timm_kwargs=dict(img_size=32)), dict(gated_kwargs=dict(sae_blocks="none"))):
+        with pytest.raises(InputError, match="cannot apply to a model given as a module"):
+            harness.run_bench(_tiny_config(**{"timm_kwargs": {}, **overrides, "model": model}))
+
+
+def test_threads_are_restored_after_a_failed_run(monkeypatch):
+    threads = torch.get_num_threads()
+
+    def boom(*args, **kwargs):
+        raise RuntimeError("planned")
+
+    monkeypatch.setattr(harness, "_bench_batch", boom)
+    with pytest.raises(RuntimeError, match="planned"):
+        harness.run_bench(_tiny_config(threads=1 if threads != 1 else 2))
+    assert torch.get_num_threads() == threads
+
+
+# -- reports ----------------------------------------------------------------------------------------
+def _row(backend, mode, usage=1.0, **extra):
+    row = dict(backend=backend, batch=1, img_size=32, usage=usage, median_ms=1.0, p90_ms=1.0, p99_ms=1.0,
+               images_per_s=1000.0, speedup_vs_timm=1.0, ideal_speedup=1.0, efficiency=1.0, mode=mode,
+               target_usage=usage, reps=1)
+    row.update(extra)
+    return row
+
+
+def test_markdown_always_shows_the_dense_baseline(report):
+    env = dict(report["environment"], backends_skipped={})
+    only_timm = harness.markdown(dict(environment=env, rows=[_row("timm", "dense")]))
+    assert "| timm | 1 | 32 |" in only_timm
+    gate_only = harness.markdown(dict(environment=env, rows=[_row("timm", "dense"),
+                                                             _row("onnxruntime", "gate", 0.5, usage_min=0.4, usage_max=0.6)]))
+    section = gate_only.split("**Gate deciding")[1]
+    assert "| timm | 1 | 32 |" in section and "| onnxruntime | 1 | 32 | 0.50 (0.40-0.60) |" in section
+
+
+def test_gate_rows_of_a_model_without_gates_are_finite_json(tmp_path):
+    report = harness.run_bench(_tiny_config(gated_kwargs=dict(gate_blocks="none", sae_blocks="none"), gate=True,
+                                            usages=(0.5,)))
+    gate = [r for r in report["rows"] if r["mode"] == "gate"]
+    assert gate and all(r["usage"] == 1.0 and r["ideal_speedup"] == 1.0 for r in gate)
+    harness.write_json(report, tmp_path / "r.json")
+    json.loads((tmp_path / "r.json").read_text(), parse_constant=lambda name: pytest.fail(f"{name} in the JSON"))
+    assert "nan" not in harness.markdown(report)
+    nan_report = dict(report, rows=[dict(report["rows"][0], usage_min=float("nan"))])
+    harness.write_json(nan_report, tmp_path / "r.json")
+    assert json.loads((tmp_path / "r.json").read_text())["rows"][0]["usage_min"] is None
+
+
+def _cli_args(tmp_path, *extra):
+    parser = argparse.ArgumentParser()
+    harness.add_arguments(parser)
+    return parser.parse_args(["--model", "vit_tiny_patch16_224", "--quick", *extra])
+
+
+@pytest.mark.parametrize("bad", ["folder", "under_a_file", "plot_suffix", "same_file"])
+def test_report_paths_are_checked_before_any_work(tmp_path, monkeypatch, bad):
+    from headsteer.runtime.errors import InputError
+
+    (tmp_path / "dir").mkdir()
+    (tmp_path / "file").write_text("x")
+    paths = dict(json=str(tmp_path / "r.json"), md=str(tmp_path / "r.md"), plot=str(tmp_path / "r.png"))
+    paths.update({"folder": dict(json=str(tmp_path / "dir")), "under_a_file": dict(md=str(tmp_path / "file" / "r.md")),
+                  "plot_suffix": dict(plot=str(tmp_path / "r.xyz")), "same_file": dict(md=paths["json"])}[bad])
+    monkeypatch.setattr(harness, "run_bench", lambda config: pytest.fail("ran before the paths were checked"))
+    args = _cli_args(tmp_path, "--json", paths["json"], "--md", paths["md"], "--plot", paths["plot"])
+    with pytest.raises(InputError):
+        harness.run(args)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["dir", "file"]  # nothing written
+
+
+def test_plot_is_written_in_the_format_its_suffix_names(report, tmp_path):
+    harness.write_plot(report, tmp_path / "p.svg")
+    assert b"<svg" in (tmp_path / "p.svg").read_bytes()[:1000]
+    harness.write_plot(report, tmp_path / "p.pdf")
+    assert (tmp_path / "p.pdf").read_bytes().startswith(b"%PDF")
+
+
+def test_a_failing_plot_writes_no_report(report, tmp_path, monkeypatch):
+    import matplotlib.figure
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("matplotlib broke")
+
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", broken)
+    monkeypatch.setattr(harness, "run_bench", lambda config: report)
+    args = _cli_args(tmp_path, "--json", str(tmp_path / "r.json"), "--md", str(tmp_path / "r.md"),
+                     "--plot", str(tmp_path / "r.png"))
+    with pytest.raises(RuntimeError, match="matplotlib broke"):
+        harness.run(args)
+    assert list(tmp_path.iterdir()) == []
+
+
+# -- backends that fail or cannot run -----------------------------------------------------------------
+class _FailsAtOneUsage(harness.Runner):
+    """compact, except that usage 0.33 raises a multi-line error."""
+
+    def __call__(self, x, steer_scale, steer_shift, budget):
+        if budget == 0.33:
+            raise RuntimeError("first line of a long error\n  second line\n  third line")
+        return self.model(x, steer_scale, steer_shift, budget=budget, backend="compact").head_mask
+
+
+def test_a_failing_cell_is_reported_as_that_cell_on_one_line():
+    harness.register_backend("flaky", _FailsAtOneUsage)
+    try:
+        report = harness.run_bench(_tiny_config(backends=["flaky"], usages=(1.0, 0.33), batches=(1, 2)))
+    finally:
+        harness.BACKEND_FACTORIES.pop("flaky")
+    failure = report["environment"]["backends_failed"]["flaky"]
+    assert failure == "failed at usage 0.33, batch 1, 32px (and 1 more cells): RuntimeError: first line of a long error"
+    assert report["environment"]["backends_skipped"] == {}
+    assert [(r["backend"], r["target_usage"]) for r in report["rows"] if r["mode"] == "budget"] == [("flaky", 1.0)] * 2
+    text = harness.markdown(report)
+    assert "Failed: flaky: failed at usage 0.33" in text and "second line" not in text
+
+
+def test_onnxruntime_is_unavailable_for_16_bit_dtypes():
+    pytest.importorskip("onnxruntime")
+    from headsteer.runtime.gated_vit import GatedViT
+
+    model = GatedViT.from_timm("vit_tiny_patch16_224", timm_kwargs=TINY).eval().to(torch.bfloat16)
+    with pytest.raises(harness.BackendUnavailable) as unavailable:
+        harness.OnnxRuntimeRunner("onnxruntime", model, torch.device("cpu"))
+    assert "float32" in str(unavailable.value) and "\n" not in str(unavailable.value)
+
+
+def test_onnxruntime_sessions_of_the_bench_do_not_spin():
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnxscript")
+    from headsteer.runtime.gated_vit import GatedViT
+
+    model = GatedViT.from_timm("vit_tiny_patch16_224", timm_kwargs=TINY).eval()
+    runner = harness.OnnxRuntimeRunner("onnxruntime", model, torch.device("cpu"))
+    pixels = torch.randn(2, 3, 32, 32)
+    with torch.inference_mode():
+        assert runner(pixels, *harness.steering_vectors(model, 2, "cpu"), None).shape == (2, 2, 3)
+    options = runner._fn.session.get_session_options()  # (read back from the session ORT built)
+    assert options.get_session_config_entry("session.intra_op.allow_spinning") == "0"
+    assert options.get_session_config_entry("session.inter_op.allow_spinning") == "0"
+    from headsteer.export.onnx_runner import NO_SPINNING
+
+    assert runner.environment()["onnxruntime"]["session_config"] == NO_SPINNING
+
+
+@pytest.mark.parametrize("kwargs", [dict(), dict(global_pool="map"), dict(global_pool="map", class_token=False, reg_tokens=2)],
+                         ids=["token", "map", "map-registers"])
+def test_flop_count_matches_torch_flop_counter(kwargs):
+    """vit_flops against torch's own count of the matmuls (attention unfused, so that the counter
+    sees q k^T and (.)v), including the attention-pool head of global_pool="map"."""
+    import timm
+    from torch.utils.flop_counter import FlopCounterMode
+
+    vit = timm.create_model("vit_tiny_patch16_224", **dict(TINY, **kwargs)).eval()
+    for module in vit.modules():
+        if hasattr(module, "fused_attn"):
+            module.fused_attn = False
+    with FlopCounterMode(display=False) as counter:
+        vit(torch.randn(1, 3, 32, 32))
+    counts = vit_flops(vit)
+    assert counts.total == counter.get_total_flops()
+    assert (counts.pool > 0) == (kwargs.get("global_pool") == "map")
+
+
+def test_gpu_checks_bench_invocation_is_valid(tmp_path):
+    """bench/gpu_checks.sh's `python -m headsteer.bench` step parses and passes the up-front
+    checks that do not need its GPU (source, counts, report paths)."""
+    import re
+    import shlex
+    from pathlib import Path
+
+    script = (Path(__file__).resolve().parents[2] / "bench" / "gpu_checks.sh").read_text().replace("\\\n", " ")
+    (line,) = re.findall(r"python -m headsteer\.bench (--model.*)$", script, re.MULTILINE)
+    parser = argparse.ArgumentParser()
+    harness.add_arguments(parser)
+    args = parser.parse_args(shlex.split(line.replace("$dir", str(tmp_path))))
+    config = harness.config_from_args(args)
+    harness._check_source(config)
+    harness._check_counts(config)
+    assert [option for option, _ in harness._report_files(args)] == ["--json", "--md"]
+    assert config.device == "cuda" and config.dtype == "bfloat16" and config.warmup == 2

@@ -288,3 +288,46 @@ def test_warm_up_arguments_are_checked_first(capsys):
         with pytest.raises(SystemExit):
             bench.main(args)
         assert "--jobs and --repeats must be at least 1" in capsys.readouterr().err
+
+
+def test_modes_are_exclusive(capsys):
+    with pytest.raises(SystemExit):
+        bench.main(["--sweep", "--breakdown"])
+    assert "not allowed with argument" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("args", [["--sweep", "--json", "x.json"], ["--gate-sweep", "--json", "x.json"],
+                                  ["--profile", "--json", "x.json"], ["--warm-up", "--json", "x.json"],
+                                  ["--breakdown", "--md", "x.md"], ["--host", "--md", "x.md"], ["--jobs", "2"],
+                                  ["--seconds", "3"], ["--repeats", "3"], ["--sweep", "--jobs", "2"],
+                                  ["--breakdown", "--repeats", "3"]])
+def test_options_that_do_not_apply_to_the_mode_are_refused(args, capsys, monkeypatch):
+    monkeypatch.setattr(bench, "host_main", lambda *a: pytest.fail("ran before the arguments were checked"))
+    with pytest.raises(SystemExit):
+        bench.main(args)
+    assert "does not apply to" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("mode", [[], ["--breakdown"], ["--host"]])
+def test_report_paths_are_checked_before_any_work(tmp_path, capsys, monkeypatch, mode):
+    monkeypatch.setattr(bench, "host_main", lambda *a: pytest.fail("ran before the paths were checked"))
+    (tmp_path / "file").write_text("x")
+    for path in (tmp_path, tmp_path / "file" / "k.json"):
+        with pytest.raises(SystemExit):
+            bench.main([*mode, "--json", str(path)])
+        assert "--json" in capsys.readouterr().err
+
+
+def test_gpu_checks_invocations_are_valid(tmp_path):
+    """Every `python -m headsteer.bench.kernels` line of bench/gpu_checks.sh parses, in the mode it means."""
+    import re
+    import shlex
+    from pathlib import Path
+
+    script = (Path(__file__).resolve().parents[2] / "bench" / "gpu_checks.sh").read_text()
+    found = re.findall(r"python -m headsteer\.bench\.kernels(.*)$", script, re.MULTILINE)
+    modes = []
+    for rest in found:
+        rest = rest.replace("$workers", "4").replace("$dir", str(tmp_path))
+        modes.append(bench.parse_args(shlex.split(rest)).mode)
+    assert modes == ["warm_up", "table", "breakdown", "profile", "sweep", "gate_sweep"]

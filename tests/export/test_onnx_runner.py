@@ -1,0 +1,72 @@
+"""ONNX Runtime session options (thread spinning) and the I/O-binding path of `OrtCallable`:
+checked on the CPU provider here; the CUDA device-memory path only where a GPU and
+onnxruntime-gpu are present."""
+from __future__ import annotations
+
+import onnxruntime as ort
+import pytest
+import torch
+
+from headsteer.export.onnx_runner import NO_SPINNING, OrtCallable, build_session
+from headsteer.runtime.engine import Engine
+
+CPU = ["CPUExecutionProvider"]
+
+
+def _config_entry(session, key):
+    """A session config entry as ORT holds it, or None where ORT's default applies."""
+    try:
+        return session.get_session_options().get_session_config_entry(key)
+    except RuntimeError:  # (ORT raises for a key that was never set)
+        return None
+
+
+def test_spinning_is_ort_default_unless_turned_off(exported):
+    default = build_session(exported.onnx["masked"], CPU)
+    quiet = build_session(exported.onnx["masked"], CPU, allow_spinning=False)
+    for key in NO_SPINNING:
+        assert _config_entry(default, key) is None
+        assert _config_entry(quiet, key) == "0"
+
+
+def test_engine_passes_allow_spinning_to_its_runner(exported):
+    engine = Engine.load(exported.bundle, backend="onnxruntime", onnx_path=exported.onnx["masked"], allow_spinning=False)
+    assert all(_config_entry(engine._runner.session, key) == "0" for key in NO_SPINNING)
+
+
+def _inputs(model, batch=3, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    pixels = torch.randn(batch, 3, *model.image_size, generator=generator)
+    scale = 1.0 + torch.rand(batch, model.steer_width, generator=generator)
+    shift = 0.1 * torch.randn(batch, model.steer_width, generator=generator)
+    return pixels, scale, shift
+
+
+@pytest.mark.parametrize("variant", ["masked", "sparse"])
+def test_bound_run_equals_the_host_run(exported, variant):
+    """`run_bound` (I/O binding on the inputs' memory, outputs written in place) gives exactly
+    what `session.run` gives; on the CPU provider, since this machine may have no GPU."""
+    run = OrtCallable(build_session(exported.onnx[variant], CPU), exported.model.steer_width)
+    pixels, scale, shift = _inputs(exported.model)
+    logits, mask = run(pixels, scale, shift)
+    feeds = dict(pixel_values=pixels, steer_scale=scale, steer_shift=shift)
+    bound_logits, bound_mask = run.run_bound(feeds, torch.device("cpu"))
+    assert torch.equal(bound_logits, logits) and torch.equal(bound_mask, mask) and bound_mask.dtype == torch.bool
+    assert not run.device_binding(pixels)  # CPU inputs and a CPU session take the host path
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or "CUDAExecutionProvider" not in ort.get_available_providers(),
+                    reason="needs a CUDA GPU and onnxruntime-gpu (the device-memory I/O binding path)")
+def test_cuda_inputs_stay_on_the_device(exported, monkeypatch):
+    providers = [("CUDAExecutionProvider", {"device_id": 0}), "CPUExecutionProvider"]
+    run = OrtCallable(build_session(exported.onnx["masked"], providers), exported.model.steer_width)
+    pixels, scale, shift = _inputs(exported.model)
+    assert not run.device_binding(pixels)
+    expected_logits, expected_mask = run(pixels, scale, shift)  # CPU inputs: the host path, same session
+    monkeypatch.setattr(OrtCallable, "_host", staticmethod(lambda tensor: pytest.fail("copied to host")))
+    cuda = [t.cuda() for t in (pixels, scale, shift)]
+    assert run.device_binding(cuda[0])
+    logits, mask = run(*cuda)
+    assert logits.device.type == "cuda" and mask.device.type == "cuda"
+    torch.testing.assert_close(logits.cpu(), expected_logits, atol=1e-5, rtol=1e-5)
+    assert torch.equal(mask.cpu(), expected_mask)
