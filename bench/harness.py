@@ -38,7 +38,7 @@ import torch
 from headsteer.bench.flops import ideal_speedup, vit_flops
 from headsteer.runtime.engine import DTYPES
 from headsteer.runtime.errors import InputError
-from headsteer.runtime.files import atomic_path
+from headsteer.runtime.files import atomic_path, check_can_create
 
 ROW_KEYS = (
     "backend",
@@ -741,13 +741,7 @@ def check_output_path(path, option: str = "output") -> Path:
     target = Path(path)
     if target.is_dir():
         raise InputError(f"{option} {path} is a folder; expected a file name")
-    parent = target.absolute().parent
-    while not parent.exists():
-        parent = parent.parent
-    if not parent.is_dir():
-        raise InputError(f"{option} {path}: {parent} is a file, not a folder")
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise InputError(f"{option} {path}: cannot write in {parent}")
+    check_can_create(target, option)
     return target
 
 

@@ -26,6 +26,19 @@ def give_usual_file_mode(path: PathLike) -> None:
     os.chmod(path, 0o666 & ~current_umask())
 
 
+def check_can_create(path: PathLike, what: str) -> None:
+    """InputError unless `path` can be created: its nearest existing parent must be a folder this
+    process can write in (missing folders between are created when writing). `what` names the
+    path in the message (e.g. "--out")."""
+    parent = Path(os.path.abspath(path)).parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise InputError(f"{what} {path} cannot be created: {parent} is not a folder")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise InputError(f"{what} {path} cannot be created: no permission to write in {parent}")
+
+
 @contextmanager
 def atomic_path(final: PathLike, suffix: str = "") -> Iterator[Path]:
     """Yield a unique temporary path beside `final` (ending in `suffix`, so tools that infer a

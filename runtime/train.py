@@ -38,6 +38,7 @@ from tqdm.auto import tqdm
 from headsteer.runtime.bundle import BUNDLE_FILES, CONFIG_FILE, load_bundle, save_bundle
 from headsteer.runtime.data import ImageDataset, Splits, data_record, load_data, resolve_split_seed
 from headsteer.runtime.errors import BundleError, HeadsteerError, InputError
+from headsteer.runtime.files import check_can_create
 from headsteer.runtime.gated_vit import GatedViT, resolve_blocks
 
 DEFAULT_TIMM_NAME = "vit_tiny_patch16_224"
@@ -634,13 +635,7 @@ def check_bundle_out(path: Union[str, Path], what: str = "--out") -> Path:
         if foreign:
             raise InputError(f"{what} {path} holds files beside its bundle ({foreign[:8]}), which replacing the "
                              "bundle would delete; move them, or give another path")
-    parent = absolute.parent
-    while not parent.exists() and parent != parent.parent:
-        parent = parent.parent
-    if not parent.is_dir():
-        raise InputError(f"{what} {path} cannot be created: {parent} is not a directory")
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise InputError(f"{what} {path} cannot be created: no permission to write in {parent}")
+    check_can_create(path, what)
     return path
 
 
