@@ -180,6 +180,13 @@ class OnnxRuntimeRunner(Runner):
         dtype = next(model.parameters()).dtype
         if dtype != torch.float32:
             raise BackendUnavailable(f"the ONNX contract is float32; not run with --dtype {str(dtype).replace('torch.', '')}")
+        from headsteer.export._common import MissingDependencyError
+        from headsteer.export.onnx_runner import default_providers
+
+        try:
+            default_providers(torch.device(device))  # a CPU-only build on a CUDA run: skip once, not per cell
+        except MissingDependencyError as error:
+            raise BackendUnavailable(str(error).splitlines()[0]) from None
         self.attention = "masked" if name.endswith("-masked") else "sparse"
         self._fn = None
 
@@ -457,7 +464,10 @@ def run_bench(config: BenchConfig) -> dict:
     if unknown:
         raise InputError(f"unknown backend(s) {unknown}; known: {sorted(BACKEND_FACTORIES)}")
     threads = torch.get_num_threads()
-    rng_devices = [device.index or torch.cuda.current_device()] if device.type == "cuda" else []
+    if device.type == "cuda":  # (index 0 is a GPU too: not `device.index or ...`)
+        rng_devices = [torch.cuda.current_device() if device.index is None else device.index]
+    else:
+        rng_devices = []
     try:
         with torch.random.fork_rng(devices=rng_devices):
             if config.threads:

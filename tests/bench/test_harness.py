@@ -233,9 +233,20 @@ BAD_SETTINGS = [
     (dict(usages=(1.5,)), r"\[0, 1\]"),
     (dict(dtype="float64"), "dtype"),
     (dict(clock="process", device="cpu", threads=2), "one thread"),
-    (dict(clock="process", device="cuda", threads=1), "cuda|CUDA"),
     (dict(bundle="some/bundle"), "exactly one"),
 ]
+
+
+def test_process_clock_is_refused_on_cuda(monkeypatch):
+    """With CUDA present (mocked, so the device check passes), the process clock is still refused:
+    it would time kernel launches, not the GPU's work."""
+    from headsteer.runtime.errors import InputError
+
+    _no_work(monkeypatch)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    with pytest.raises(InputError, match="--clock process"):
+        harness.run_bench(_tiny_config(clock="process", device="cuda", threads=1))
 
 
 @pytest.mark.parametrize("overrides, message", BAD_SETTINGS, ids=[str(o) for o, _ in BAD_SETTINGS])
