@@ -473,9 +473,9 @@ def test_flop_count_matches_torch_flop_counter(kwargs):
     assert (counts.pool > 0) == (kwargs.get("global_pool") == "map")
 
 
-def test_gpu_checks_bench_invocation_is_valid(tmp_path):
-    """bench/gpu_checks.sh's `python -m headsteer.bench` step parses and passes the up-front
-    checks that do not need its GPU (source, counts, report paths)."""
+def test_gpu_checks_bench_invocation_is_valid(tmp_path, monkeypatch):
+    """bench/gpu_checks.sh's `python -m headsteer.bench` step parses and passes every up-front
+    check (CUDA mocked present): a GPU session runs it with no chance to fix it."""
     import re
     import shlex
     from pathlib import Path
@@ -486,7 +486,9 @@ def test_gpu_checks_bench_invocation_is_valid(tmp_path):
     harness.add_arguments(parser)
     args = parser.parse_args(shlex.split(line.replace("$dir", str(tmp_path))))
     config = harness.config_from_args(args)
-    harness._check_source(config)
-    harness._check_counts(config)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    assert harness.check_config(config).type == "cuda"
+    assert set(config.backends) <= set(harness.BACKEND_FACTORIES), config.backends
     assert [option for option, _ in harness._report_files(args)] == ["--json", "--md"]
     assert config.device == "cuda" and config.dtype == "bfloat16" and config.warmup == 2
