@@ -45,6 +45,16 @@ MODEL_OPTIONS = tuple(
 FETCHING_TIMM_KWARGS = ("pretrained", "checkpoint_path", "pretrained_cfg_overlay")
 
 
+def repeated_names(names: Sequence[str]) -> list[str]:
+    """The names that occur more than once (a steering table's rows are picked by name)."""
+    return sorted({name for name in names if names.count(name) > 1})
+
+
+def names_outside(names: Sequence[str], known: Sequence[str]) -> list[str]:
+    """The names (steering rows) that are not among `known` (the bundle's classes)."""
+    return [name for name in names if name not in known]
+
+
 @dataclass
 class SteeringTable:
     """Per-class steering rows: row c of `scale`/`shift` [C, S_total] steers toward class c.
@@ -63,7 +73,7 @@ class SteeringTable:
                 f"steering table needs scale and shift of shape [{rows}, S_total], "
                 f"got {tuple(self.scale.shape)} and {tuple(self.shift.shape)}"
             )
-        repeated = sorted({name for name in self.class_names if self.class_names.count(name) > 1})
+        repeated = repeated_names(self.class_names)
         if repeated:
             raise InputError(f"steering table class names must be unique (a name picks one row), repeated: {repeated}")
 
@@ -174,7 +184,7 @@ def save_bundle(
     if steering is not None and steering.width != model.steer_width:
         raise InputError(f"steering table is {steering.width} wide; the model's steer_width is {model.steer_width}")
     if steering is not None:
-        foreign = [name for name in steering.class_names if name not in class_names]
+        foreign = names_outside(steering.class_names, class_names)
         if foreign:
             raise InputError(
                 f"the steering table has rows for classes the model does not have: {foreign[:8]}; "
@@ -333,9 +343,9 @@ def _check_steering_section(config: dict, config_path: Path) -> None:
     classes = index.get("classes", _MISSING)
     _expect(config_path, "steering.classes", classes, _is_list_of(classes, lambda c: isinstance(c, str)),
             "a list of class names, one per steering row")
-    repeated = sorted({name for name in classes if classes.count(name) > 1})
+    repeated = repeated_names(classes)
     _expect(config_path, "steering.classes", classes, not repeated, f"free of repeated names, found {repeated}")
-    foreign = [name for name in classes if name not in config["class_names"]]
+    foreign = names_outside(classes, config["class_names"])
     _expect(config_path, "steering.classes", classes, not foreign,
             f"names among class_names, found {foreign[:8]}")
     info = index.get("info", [])

@@ -423,8 +423,8 @@ def random_table(table: SteeringTable, width: int) -> SteeringTable:
             "(fit_steering records them); evaluate it without the random control"
         )
     scale_rows, shift_rows = [], []
-    for name in table.class_names:
-        row = row_info(table, name)
+    for entry in table.info:  # one entry per row, in row order
+        row = entry if isinstance(entry, dict) else {}
         scale, shift = identity_row(width)
         for j in row.get("random_scale_latents", []):
             scale[int(j)] = float(row.get("alpha", 1.0))

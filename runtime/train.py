@@ -672,7 +672,6 @@ def _json_safe(value):
 # with --pretrained-file to the timm model's own.
 ARCHITECTURE_OPTIONS = dict(image_size="img_size", patch_size="patch_size", embed_dim="embed_dim", depth="depth",
                             num_heads="num_heads", mlp_ratio="mlp_ratio")
-DIGITS_IMAGE_SIZE = 16
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -783,7 +782,7 @@ def _backbone_kwargs(args: argparse.Namespace, num_classes: int) -> dict:
     given = {key: getattr(args, name) for name, key in ARCHITECTURE_OPTIONS.items() if getattr(args, name) is not None}
     if args.pretrained_file:
         return dict(given, num_classes=num_classes)
-    return digits_vit_kwargs(num_classes=num_classes, image_size=DIGITS_IMAGE_SIZE, **given)
+    return digits_vit_kwargs(num_classes=num_classes, **given)
 
 
 def _new_backbone_image_size(args: argparse.Namespace) -> int:
