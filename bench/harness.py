@@ -779,14 +779,13 @@ def json_text(report: dict) -> str:
     return json.dumps(_finite(report), indent=2, allow_nan=False) + "\n"
 
 
+def _write_bytes(path, payload: bytes) -> Path:
+    """`payload` written atomically to `path` (checked first)."""
+    return _atomic_write(path, lambda temp: Path(temp).write_bytes(payload))
+
+
 def write_json(report: dict, path) -> Path:
-    text = json_text(report)
-
-    def write(temp):
-        with open(temp, "w") as handle:
-            handle.write(text)
-
-    return _atomic_write(path, write)
+    return _write_bytes(path, _render(report, "--json", path))
 
 
 def _fmt_usage(row) -> str:
@@ -842,13 +841,7 @@ def markdown(report: dict) -> str:
 
 
 def write_markdown(report: dict, path) -> Path:
-    text = markdown(report)
-
-    def write(temp):
-        with open(temp, "w") as handle:
-            handle.write(text + "\n")
-
-    return _atomic_write(path, write)
+    return _write_bytes(path, _render(report, "--md", path))
 
 
 def plot_format(path) -> str:
@@ -922,19 +915,18 @@ def _plot_panel(ax, here: list, img: int, batch: int) -> None:
 
 def write_plot(report: dict, path) -> Path:
     """`plot_bytes` in the format `path`'s suffix names (`plot_format`), written atomically."""
-    data = plot_bytes(report, plot_format(path))
-
-    def write(temp):
-        with open(temp, "wb") as handle:
-            handle.write(data)
-
-    return _atomic_write(path, write)
+    return _write_bytes(path, _render(report, "--plot", path))
 
 
 def _report_files(args: argparse.Namespace) -> list:
     """(option, path) of each report file asked for, every path checked first (InputError)."""
-    asked = [(option, path) for option, path in (("--json", args.json_path), ("--md", args.md_path),
-                                                  ("--plot", args.plot_path)) if path]
+    return check_report_paths([(option, path) for option, path in (("--json", args.json_path), ("--md", args.md_path),
+                                                                   ("--plot", args.plot_path)) if path])
+
+
+def check_report_paths(asked: list) -> list:
+    """Check report files (option, path) before any work: each can be written, a plot's suffix is
+    a format matplotlib writes, no two name the same file (InputError). Returns `asked`."""
     seen = {}
     for option, path in asked:
         check_output_path(path, option)
@@ -959,7 +951,7 @@ def _write_reports(report: dict, files: list) -> None:
     """Render every file first (an error there writes nothing), then write each atomically."""
     payloads = [(path, _render(report, option, path)) for option, path in files]
     for path, payload in payloads:
-        _atomic_write(path, lambda temp, payload=payload: Path(temp).write_bytes(payload))
+        _write_bytes(path, payload)
         print(f"wrote {path}")
 
 
@@ -1089,6 +1081,7 @@ __all__ = [
     "plot_format",
     "check_config",
     "check_output_path",
+    "check_report_paths",
     "add_arguments",
     "config_from_args",
     "run",

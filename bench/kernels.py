@@ -622,17 +622,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.jobs < 1 or args.seconds <= 0 or args.repeats < 1:
         parser.error(f"--jobs and --repeats must be at least 1 and --seconds positive "
                      f"(got {args.jobs}, {args.repeats} and {args.seconds})")
-    from headsteer.bench.harness import check_output_path
+    from headsteer.bench.harness import check_report_paths
     from headsteer.runtime.errors import InputError
 
     try:
-        for option in ("json", "md"):
-            if getattr(args, option):
-                check_output_path(getattr(args, option), OPTION_FLAGS[option])
+        check_report_paths([(OPTION_FLAGS[name], getattr(args, name)) for name in ("json", "md") if getattr(args, name)])
     except InputError as error:
         parser.error(str(error))
-    if args.json and args.md and os.path.abspath(args.json) == os.path.abspath(args.md):
-        parser.error("--json and --md name the same file")
     return args
 
 
