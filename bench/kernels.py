@@ -273,9 +273,10 @@ def sweep_variants() -> list:
     variants.append(dataclasses.replace(base, **module.FUSED_BRANCH))
     variants.append(dataclasses.replace(base, **module.FUSED_BRANCH, programmatic_launch=True))
     variants.append(dataclasses.replace(base, **{**module.FUSED_BRANCH, "attn_stages": 2}))
-    # The output projection's per-head branch: with it, these are the kernels as timed on the
-    # H200 and the H100 on 2026-11-26 (the defaults' kept-head list was timed only at ViT-S).
-    variants.append(dataclasses.replace(base, proj_kept_list=False))
+    # The output projection's per-head branch at every head count, then its kept-head list at
+    # every head count (the defaults take the list up to 8 heads: ViT-S's, not ViT-B's).
+    variants.append(dataclasses.replace(base, proj_kept_list_max_heads=0))
+    variants.append(dataclasses.replace(base, proj_kept_list_max_heads=16))
     # Attention: the narrow-tail tiling the H100 timed slower at ViT-B, then (query tile, queries
     # per pass over the ragged end, key step, keys per step over the ragged end, warps).
     variants.append(dataclasses.replace(base, **module.NARROW_TAIL_TILES))
@@ -342,11 +343,13 @@ def sweep(variants: list | None = None) -> None:
 def gate_sweep_variants() -> list[dict]:
     """The fused gate's constant overrides `gate_sweep` times, most informative first: the
     defaults, the SAE's first phase alone (`_LATENT_TILES_ONLY`: its latent-tile programs; the
-    gate without an SAE runs whole), the untimed candidates (wider encoder steps, other latent
-    tiles, warps and fc1 tiles), then the alternatives an H100 already timed against the defaults
-    on 2026-11-26 (ties or losses there: a time limit cuts these first)."""
+    gate without an SAE runs whole), the encoder's narrower steps (the default before an H100
+    timed 128 on 2026-11-27, and 64), other latent tiles, warps and fc1 tiles (4 warps were
+    faster on 2026-11-27 at 32-wide encoder steps but spill in the ReLU gate with a shift, and
+    badly with 128-wide steps), then the alternatives an H100 timed as ties or losses on
+    2026-11-26 (a time limit cuts these first)."""
     variants = [dict(), dict(_LATENT_TILES_ONLY=True)]
-    variants += [dict(ENCODER_BLOCK_K=128), dict(ENCODER_BLOCK_K=64), dict(_LATENT_TILES_ONLY=True, ENCODER_BLOCK_K=128)]
+    variants += [dict(ENCODER_BLOCK_K=32), dict(ENCODER_BLOCK_K=64)]
     variants += [dict(BLOCK_S=s) for s in (64, 256)]
     variants += [dict(GATE_WARPS=4)] + [dict(_GATE_TILE_ELEMENTS=n) for n in (8192, 32768)]
     variants += [dict(GATE_WARPS=4, _GATE_TILE_ELEMENTS=8192)]

@@ -193,7 +193,8 @@ def _variants(quick: bool) -> Iterator[tuple[str, callable]]:
                 # as one QKV dot, the attention's narrow passes over the ragged ends, attention and
                 # output projection in one launch, programmatic dependent launches, the whole
                 # branch in one launch.
-                for variant, overrides in (("head-branch", dict(proj_kept_list=False)),
+                for variant, overrides in (("head-branch", dict(proj_kept_list_max_heads=0)),
+                                           ("kept-list", dict(proj_kept_list_max_heads=16)),
                                            ("fused-qk", dict(qkv_fuse_qk=True)),
                                            ("narrow-tails", attention.NARROW_TAIL_TILES),
                                            ("fused-attention-proj", attention.FUSED_ATTENTION_PROJ),

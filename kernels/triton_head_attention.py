@@ -87,11 +87,16 @@ class TileConfig:
     proj_block_t: int = 64  # tokens per output-projection program
     proj_block_o: int = 128  # output columns per output-projection program
     proj_warps: int = 4
-    proj_stages: int = 3  # software-pipeline depth of the head loop (pipelined with proj_kept_list)
-    # Output projection: walk a list of the heads the tile keeps (a loop without branches, which
-    # Triton software-pipelines) instead of testing every head inside the loop (False; as timed
-    # on the H200 on 2026-11-26, when the projection took 2x cuBLAS's time at full usage).
-    proj_kept_list: bool = True
+    proj_stages: int = 3  # software-pipeline depth of the head loop (pipelined with the kept-head list)
+    # Output projection for models of at most this many heads: walk a list of the heads the tile
+    # keeps (a loop without branches, which Triton software-pipelines); above it, test every head
+    # inside the loop (0: always). Each step of the list finds its head with reductions over
+    # next_power_of_2(heads) lanes, a cost the one-MMA steps (64 x 128 x head_dim) do not hide at
+    # 12 heads: on an H100 the list won at ViT-S (6 heads; usage 1 / 0.33: 84.1 / 41.1 us against
+    # 88.3 / 42.0 for the whole branch) and lost at ViT-B (12 heads; 264.8 / 117.7 against 246.7 /
+    # 108.0), the same both ways on 2026-11-26 and 2026-11-27. 8 (the same 8 lanes as 6 heads) is
+    # where the measurements put the change; 7 and 8 heads are untimed.
+    proj_kept_list_max_heads: int = 8
     # Programmatic dependent launch (sm_90 and later; opt-in, untimed): each launch of the branch
     # may be scheduled while the one before it drains, and waits on the device for its results
     # (`_follow_previous_launch`) instead of the stream holding it back until the previous grid
@@ -156,7 +161,7 @@ def fit_tiles(tiles: TileConfig, block_d: int, element_bytes: int) -> TileConfig
       elements, stay under 200 KiB (with `fuse_branch`, for both its own and the attention's
       warps and stages);
     - output projection: stages x (BLOCK_T + BLOCK_O) x BLOCK_D elements under 200 KiB (its loop
-      is pipelined with `proj_kept_list`, the default); with `fuse_attention_proj`, where its
+      is pipelined with the kept-head list, `proj_kept_list_max_heads`); with `fuse_attention_proj`, where its
       rows are the attention's query tile, also its fp32 accumulator, BLOCK_M x BLOCK_O values
       over 32 x attn_warps threads, at most 64 registers per thread beside the attention's."""
     attn_block_m = tiles.attn_block_m
@@ -911,7 +916,7 @@ def head_attention_launches(
             HAS_BIAS=proj_bias is not None, **epilogue_flags, PRECISION=precision,
             BLOCK_T=tiles.proj_block_t, BLOCK_O=tiles.proj_block_o, BLOCK_D=block_d,
             CHUNK_D=proj_chunk_d,
-            BLOCK_H=block_heads, KEPT_LIST=tiles.proj_kept_list,
+            BLOCK_H=block_heads, KEPT_LIST=num_heads <= tiles.proj_kept_list_max_heads,
             PDL=pdl, launch_pdl=pdl, num_warps=tiles.proj_warps, num_stages=tiles.proj_stages,
         )
 

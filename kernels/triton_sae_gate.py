@@ -65,13 +65,14 @@ _LATENT_TILES_ONLY = False
 # are). Both are on the latent tiles' critical path. False: 3xTF32 on fp32 values, as timed on
 # the H200 on 2026-11-26 (`--gate-sweep` compares; untimed).
 SAE_16BIT_MMA = True
-# Reduction step over D of the encoder on the 16-bit split path (SAE_16BIT_MMA): 32 as timed on
-# an H100 on 2026-11-26, where the latent-tile phase took 19.3 / 26.7 us at ViT-S / ViT-B (12 / 24
-# steps): ~0.6 us per extra step, as if each step of the 3-stage pipelined loop waited on about
-# half a load round trip, while twice the MMAs (3xTF32) cost only 10%. 64 or 128 halve or quarter
-# the chain of steps (a 128-wide step stages 36 KiB per stage); untimed, `--gate-sweep` compares.
-# The 3xTF32 path keeps 32 (its fp32 operand copies would spill wider).
-ENCODER_BLOCK_K = 32
+# Reduction step over D of the encoder on the 16-bit split path (SAE_16BIT_MMA). 32 took the
+# latent-tile phase 19.3 / 26.7 us at ViT-S / ViT-B on an H100 (12 / 24 steps): ~0.6 us per step,
+# as if each step of the 3-stage pipelined loop waited on about half a load round trip, while
+# twice the MMAs (3xTF32) cost only 10%. 128 quarters the chain of steps (36 KiB staged per stage,
+# at most 202 registers, no spills at sm_90): the whole TopK gate with a steering scale went from
+# 84.4 to 55.1 us at ViT-B and 35.0 to 34.1 us at ViT-S (H100, 2026-11-27; `--gate-sweep`
+# compares 32 and 64). The 3xTF32 path keeps 32 (its fp32 operand copies would spill wider).
+ENCODER_BLOCK_K = 128
 # Tests only: the encoder's three-term split for fp16 weights too, whose low terms underflow for
 # |e - b_dec| below ~1e-3 (absolute error under 2**-24 per element, a relative one up to ~3e-4)
 # and whose hi term overflows above 65504: the CPU interpreter cannot run bf16 dots, so this is

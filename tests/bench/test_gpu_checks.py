@@ -37,7 +37,12 @@ def test_test_steps_split_the_kernel_tests_between_them():
     a lease would only show as 'no tests ran'), and none runs twice."""
     text = SCRIPT.read_text()
     variants = re.search(r'^variants="([^"]+)"', text, re.MULTILINE).group(1)
-    files = re.search(r"^tests=\(python -m pytest .* -p no:cacheprovider (.+)\)$", text, re.MULTILINE).group(1).split()
+    files = re.search(r"^tests=\(python -m pytest .*? -p no:cacheprovider (.+?)\)$", text,
+                      re.MULTILINE | re.DOTALL).group(1).split()
+    # the model-level parity first, then every kernel test file (named: a folder would be collected
+    # in its own order, and a file left out would never run compiled)
+    kernel_files = {str(path.relative_to(SCRIPT.parents[1])) for path in (SCRIPT.parents[1] / "tests" / "kernels").glob("test_*.py")}
+    assert files[0] == "tests/runtime/test_triton_backend.py" and set(files[1:]) == kernel_files
 
     def collected(expression: str) -> set:
         result = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider",

@@ -95,7 +95,7 @@ def test_matches_reference_fp32(batch, tokens, heads, head_dim, mask):
 
 
 # Alternative tilings the benchmark sweep may pick, small and large, the output projection that
-# tests each head in its loop (instead of the kept-list default), q and k as one MMA, and narrow
+# tests each head in its loop (instead of the kept-head list the defaults take up to 8 heads), q and k as one MMA, and narrow
 # passes over ragged query and key ends, so every configuration is correct.
 # Each overrides both the 16-bit and the fp32 defaults; launches then shrink what would not fit
 # (`fit_tiles`).
@@ -103,7 +103,7 @@ TILE_VARIANTS = {
     "small": dict(qkv_block_n=16, qkv_block_k=16, attn_block_m=16, attn_block_n=16, proj_block_t=16, proj_block_o=32),
     "large": dict(qkv_block_n=128, qkv_block_k=32, attn_block_m=64, attn_block_n=128, attn_block_tail=32,
                   proj_block_t=128, proj_block_o=64),
-    "head-branch": dict(proj_kept_list=False),
+    "head-branch": dict(proj_kept_list_max_heads=0),
     "fused-qk": dict(qkv_fuse_qk=True),
     "query-tail": dict(attn_block_m=32, attn_block_m_tail=16, attn_block_n=32),
     "narrow-tails": attention_module.NARROW_TAIL_TILES,  # (fp32 keeps whole key steps)
@@ -174,6 +174,27 @@ def test_uneven_heads(batch, tokens):
     seed = zlib.crc32(repr(("uneven heads", batch, tokens)).encode())
     branch = make_branch(batch, tokens, 4, 32, seed)
     run_and_check(branch, uneven_mask(batch, 4, seed), 4)
+
+
+@pytest.mark.parametrize("heads,kept_list", [(6, True), (8, True), (9, False), (12, False)])
+def test_projection_walks_a_kept_head_list_up_to_8_heads(monkeypatch, heads, kept_list):
+    """The output projection walks a list of kept heads for models of up to
+    proj_kept_list_max_heads (8) heads and tests each head in its loop above; both exact."""
+    launched = []
+    projection = attention_module._proj_kernel
+
+    class RecordingKernel:
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                launched.append(kwargs["KEPT_LIST"])
+                return projection[grid](*args, **kwargs)
+            return launch
+
+    monkeypatch.setattr(attention_module, "_proj_kernel", RecordingKernel())
+    seed = zlib.crc32(repr(("kept list", heads)).encode())
+    branch = make_branch(3, 17, heads, 16, seed)
+    run_and_check(branch, make_mask("random", 3, heads, seed), heads)
+    assert launched == [kept_list]
 
 
 def launch_names(branch, keep, heads):

@@ -447,10 +447,10 @@ def test_16bit_mma_matches_reference(dtype, mma_16bit, batch, activation, k, ste
         run_and_check(e, gate, sae, scale, shift, mode, 0.4)
 
 
-@pytest.mark.parametrize("encoder_block_k", [64, 128])
+@pytest.mark.parametrize("encoder_block_k", [32, 64, 128])
 @pytest.mark.parametrize("activation,k", [("topk", 8), ("relu", None)])
 def test_wider_encoder_steps_match_reference(encoder_block_k, activation, k):
-    """ENCODER_BLOCK_K, the 16-bit encoder's reduction step (`--gate-sweep` times 64 and 128), over
+    """ENCODER_BLOCK_K, the 16-bit encoder's reduction step (128 by default; `--gate-sweep` times 32 and 64), over
     a D that is not a multiple of it: whole steps, then a ragged last one."""
     dtype = torch.bfloat16 if DEVICE == "cuda" else torch.float16
     dim, width, batch = 200, 300, 5
