@@ -68,17 +68,20 @@ def add_predict_arguments(parser: argparse.ArgumentParser) -> None:
 def run_predict(args: argparse.Namespace) -> int:
     from PIL import Image, UnidentifiedImageError
 
-    from headsteer.runtime.engine import Engine
+    from headsteer.runtime.engine import Engine, wide_mode_problem
     from headsteer.runtime.errors import InputError
 
     images = []
     for name in args.images:  # read every file before loading the model: bad input fails fast
         try:
             with Image.open(name) as image:
+                problem = wide_mode_problem(image, f"image {name}")
+                if problem:
+                    raise InputError(problem)
                 images.append(image.convert("RGB"))
         except FileNotFoundError:
             raise InputError(f"image file {name} does not exist") from None
-        except (UnidentifiedImageError, OSError) as error:
+        except (UnidentifiedImageError, Image.DecompressionBombError, OSError) as error:
             raise InputError(f"cannot read image {name}: {error}") from None
     engine = Engine.load(args.bundle, backend=args.backend, device=args.device)
     result = engine.predict(images, steer=args.steer)

@@ -43,6 +43,19 @@ class Prediction(HeadUsage):
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
+# PIL modes with more than 8 bits per channel (16-bit PNGs, 32-bit int or float TIFFs): PIL's
+# convert("RGB"/"L") clips them to 0..255 instead of scaling, so they would reach the model as
+# near-white (16-bit) or near-black (float in [0, 1]) pictures. Such images are refused.
+WIDE_PIL_MODES = ("I", "I;16", "I;16L", "I;16B", "I;16N", "F")
+
+
+def wide_mode_problem(image, what: str) -> Optional[str]:
+    """Why a PIL image cannot be read as 8-bit pixels (None if it can); `what` names it."""
+    if image.mode not in WIDE_PIL_MODES:
+        return None
+    return (f"{what} is a PIL mode {image.mode!r} image (more than 8 bits per channel) that 8-bit "
+            "conversion would clip; scale it to 8 bits first, or pass a normalized tensor")
+
 
 def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype = torch.float32) -> str:
     """"auto" means triton on CUDA in fp16/bf16 (when triton imports), compact elsewhere.
@@ -206,6 +219,9 @@ class Engine:
         except ImportError:  # pragma: no cover - pillow is a dependency
             Image = None
         if Image is not None and isinstance(image, Image.Image):
+            problem = wide_mode_problem(image, f"image {index}")
+            if problem:
+                raise InputError(problem)
             image = np.asarray(image.convert("RGB" if self.in_chans == 3 else "L"))
         if not isinstance(image, np.ndarray):
             raise InputError(f"image {index} is a {type(image).__name__}; expected a PIL image or a uint8 HWC array")

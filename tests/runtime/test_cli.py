@@ -56,13 +56,24 @@ def test_predict_image_files(bundle_path, tmp_path, capsys):
         (["predict", "{bundle}", "missing.png"], "missing.png does not exist"),
         (["predict", "{bundle}", "{bundle}/headsteer.json"], "cannot read image"),
         (["predict", "{bundle}", "{image}", "--steer", "purple"], "unknown steering class 'purple'"),
+        (["predict", "{bundle}", "{image16}"], "more than 8 bits per channel"),
     ],
 )
 def test_errors_are_one_line_without_traceback(bundle_path, tmp_path, argv, message):
     image = tmp_path / "ok.png"
     Image.fromarray(np.zeros((32, 32, 3), dtype=np.uint8)).save(image)
-    argv = [arg.format(bundle=bundle_path, image=image) for arg in argv]
+    image16 = tmp_path / "sixteen_bit.png"  # a 16-bit grayscale PNG (PIL mode I;16)
+    Image.fromarray(np.full((32, 32), 1000, dtype=np.uint16)).save(image16)
+    argv = [arg.format(bundle=bundle_path, image=image, image16=image16) for arg in argv]
     result = subprocess.run([sys.executable, "-m", "headsteer.runtime.cli", *argv], capture_output=True, text=True)
     assert result.returncode == 2
     assert message in result.stderr
     assert "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) == 1
+
+
+def test_predict_reports_a_decompression_bomb_as_an_unreadable_image(bundle_path, tmp_path, monkeypatch, capsys):
+    path = tmp_path / "big.png"
+    Image.fromarray(np.zeros((64, 64, 3), dtype=np.uint8)).save(path)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 64 * 64 // 4)  # PIL refuses images over twice this
+    assert main(["predict", str(bundle_path), str(path)]) == 2
+    assert "cannot read image" in capsys.readouterr().err

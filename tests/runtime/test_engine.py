@@ -82,6 +82,9 @@ def test_raw_images_are_resized_and_normalized(engine):
         (np.zeros((8, 8, 3), dtype=np.float32), {}, "must be uint8"),
         ([np.zeros((8, 8, 5), dtype=np.uint8)], {}, "expected HxW"),
         ("cat.png", {}, "expected a PIL image"),
+        # convert("RGB") would clip these to 8 bits: a 16-bit PNG turns near-white, a float image black
+        (Image.fromarray(np.full((8, 8), 1000, dtype=np.uint16)), {}, "more than 8 bits per channel"),
+        ([Image.fromarray(np.full((8, 8), 0.5, dtype=np.float32))], {}, "image 0 .*more than 8 bits"),
     ],
 )
 def test_bad_requests_fail_before_any_work(engine, monkeypatch, images, kwargs, match):
