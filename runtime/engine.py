@@ -141,8 +141,12 @@ class Engine:
             device = torch.device(device)
         except (RuntimeError, TypeError):
             raise InputError(f"unknown device {device!r}; expected cpu, cuda or cuda:N") from None
+        if device.type not in ("cpu", "cuda"):  # e.g. meta or mps: failed later inside the forward
+            raise InputError(f"unknown device {str(device)!r}; expected cpu, cuda or cuda:N")
         if device.type == "cuda" and not torch.cuda.is_available():
             raise InputError("device 'cuda' was asked for but torch sees no CUDA device")
+        if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+            raise InputError(f"device {device} was asked for but torch sees {torch.cuda.device_count()} CUDA device(s)")
         if dtype not in DTYPES:
             raise InputError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
         backend = resolve_backend(backend, device, DTYPES[dtype])

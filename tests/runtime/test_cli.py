@@ -57,6 +57,8 @@ def test_predict_image_files(bundle_path, tmp_path, capsys):
         (["predict", "{bundle}", "{bundle}/headsteer.json"], "cannot read image"),
         (["predict", "{bundle}", "{image}", "--steer", "purple"], "unknown steering class 'purple'"),
         (["predict", "{bundle}", "{image16}"], "more than 8 bits per channel"),
+        (["predict", "{bundle}", "{image}", "--device", "meta"], "unknown device 'meta'"),
+        (["predict", "{bundle}", "{image}", "--device", "mps"], "unknown device 'mps'"),
     ],
 )
 def test_errors_are_one_line_without_traceback(bundle_path, tmp_path, argv, message):

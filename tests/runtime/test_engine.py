@@ -96,6 +96,18 @@ def test_bad_requests_fail_before_any_work(engine, monkeypatch, images, kwargs, 
         engine.predict(images, **kwargs)
 
 
+@pytest.mark.parametrize("device,match", [("meta", "unknown device 'meta'"), ("mps", "unknown device 'mps'"),
+                                          ("cuda:1", "cuda:1 was asked for but torch sees 1 CUDA device")])
+def test_devices_other_than_cpu_and_present_gpus_fail_at_load(bundle_path, monkeypatch, device, match):
+    """Checked before the bundle loads: a meta or mps device, or a GPU index past the last GPU,
+    used to fail with a torch traceback inside the first forward (or the weights' transfer)."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # only the count decides cuda:1
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr("headsteer.runtime.engine.load_bundle", lambda *a, **k: pytest.fail("the bundle loaded"))
+    with pytest.raises(InputError, match=match):
+        Engine.load(bundle_path, device=device)
+
+
 def test_unknown_backend_and_missing_steering_table(bundle_path, tmp_path):
     with pytest.raises(InputError, match="unknown backend"):
         Engine.load(bundle_path, backend="warp-drive")
