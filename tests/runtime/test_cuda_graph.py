@@ -1,0 +1,165 @@
+"""CudaGraphForward: inputs checked before any work; the order of the GPU-side handshakes between
+calls (with torch.cuda's graph, stream and event objects replaced by recording fakes on the CPU);
+and, on a GPU, replays from several threads on their own streams and on a second GPU."""
+import contextlib
+import threading
+
+import pytest
+import torch
+
+from headsteer.runtime.cuda_graph import CudaGraphForward
+
+
+def _never_called(*args, key=None):
+    raise AssertionError("the forward ran")
+
+
+@pytest.mark.parametrize("inputs", [(torch.zeros(2),), (), (torch.zeros(2), 3)], ids=["cpu", "none", "not-a-tensor"])
+def test_inputs_that_are_not_cuda_tensors_are_refused_before_any_work(inputs):
+    """A CPU tensor used to reach the capture: on a GPU machine its ops are not captured, so every
+    replay returned the outputs computed at capture time; without a GPU, an error from torch.cuda."""
+    with pytest.raises(ValueError, match="tensors on one CUDA device"):
+        CudaGraphForward(_never_called)(*inputs)
+
+
+class _Recorder:
+    """Stands in for torch.cuda's Stream, Event, CUDAGraph, graph, stream, device and
+    current_stream, logging what each call asks the GPU to order."""
+
+    def __init__(self):
+        self.log = []
+        self.current = "A"
+        self.pairs = []  # (input, output) of the forward's last (capturing) call
+
+    def install(self, monkeypatch):
+        recorder = self
+
+        class Stream:
+            def __init__(self, name="side"):
+                self.name = name
+
+            def wait_stream(self, other):
+                pass
+
+            def wait_event(self, event):
+                recorder.log.append(("wait", self.name, event))
+
+        class Event:
+            def record(self, stream):
+                recorder.log.append(("record", stream.name, self))
+
+        class Graph:
+            def replay(self):
+                recorder.log.append(("replay", recorder.current))
+                static_in, static_out = recorder.pairs[-1]
+                static_out.copy_(static_in * 2)
+
+        @contextlib.contextmanager
+        def graph(g, capture_error_mode="global"):
+            recorder.log.append(("capture", capture_error_mode))
+            yield
+
+        @contextlib.contextmanager
+        def device(d):
+            recorder.log.append(("device", str(d)))
+            yield
+
+        for name, value in dict(Stream=Stream, Event=Event, CUDAGraph=Graph, graph=graph, device=device,
+                                stream=lambda s: contextlib.nullcontext(),
+                                current_stream=lambda: Stream(recorder.current)).items():
+            monkeypatch.setattr(torch.cuda, name, value, raising=False)
+        monkeypatch.setattr(CudaGraphForward, "_device", staticmethod(lambda inputs: torch.device("cuda", 0)), raising=False)
+
+    def forward(self, x, key=None):
+        out = x * 2
+        self.pairs.append((x, out))
+        return (out,)
+
+
+def test_replays_wait_for_the_previous_call_and_return_their_own_tensors(monkeypatch):
+    recorder = _Recorder()
+    recorder.install(monkeypatch)
+    graphed = CudaGraphForward(recorder.forward, warmup=0)
+    first = graphed(torch.tensor([1.0, 2.0]))[0]
+    recorder.current = "B"  # a second caller on another stream (e.g. another thread's)
+    second = graphed(torch.tensor([5.0, 7.0]))[0]
+    assert first.tolist() == [2.0, 4.0] and second.tolist() == [10.0, 14.0]  # the first result kept
+    log = [entry for entry in recorder.log if entry[0] != "device"]
+    assert log[0] == ("capture", "thread_local")  # other threads' CUDA work may go on meanwhile
+    event = log[3][2]
+    assert log[1:] == [("wait", "A", event), ("replay", "A"), ("record", "A", event),
+                       ("wait", "B", event), ("replay", "B"), ("record", "B", event)]
+    assert [entry for entry in recorder.log if entry[0] == "device"] == [("device", "cuda:0")] * 2
+
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+def _heavy(weight):
+    def forward(x, key=None):  # long enough on the GPU for replays on two streams to overlap
+        for _ in range(20):
+            x = torch.tanh(x @ weight)
+        return (x,)
+
+    return forward
+
+
+@needs_cuda
+def test_threads_on_their_own_streams_get_their_own_results():
+    weight = torch.randn(1024, 1024, device="cuda") / 32
+    forward = _heavy(weight)
+    graphed = CudaGraphForward(forward)
+    inputs = [torch.randn(512, 1024, device="cuda") for _ in range(4)]
+    expected = [forward(x)[0] for x in inputs]
+    graphed(inputs[0])  # captured before the threads start
+    errors = []
+
+    def serve(index):
+        with torch.cuda.stream(torch.cuda.Stream()):
+            for _ in range(20):
+                got = graphed(inputs[index])[0]
+                torch.cuda.current_stream().synchronize()
+                if not torch.allclose(got, expected[index], atol=1e-4, rtol=1e-4):
+                    errors.append(index)
+
+    threads = [threading.Thread(target=serve, args=(i,)) for i in range(len(inputs))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not errors
+
+
+@needs_cuda
+def test_capture_while_another_thread_copies_to_the_gpu():
+    weight = torch.randn(256, 256, device="cuda") / 16
+    graphed = CudaGraphForward(_heavy(weight))
+    stop, errors = threading.Event(), []
+
+    def copy_requests():  # another request's host<->device traffic during the capture
+        try:
+            while not stop.is_set():
+                torch.randn(64, 256).to("cuda").cpu()
+        except RuntimeError as error:
+            errors.append(error)
+
+    thread = threading.Thread(target=copy_requests)
+    thread.start()
+    try:
+        for batch in (3, 5, 7):
+            x = torch.randn(batch, 256, device="cuda")
+            torch.testing.assert_close(graphed(x)[0], _heavy(weight)(x)[0])
+    finally:
+        stop.set()
+        thread.join()
+    assert not errors
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
+def test_replay_on_a_device_other_than_the_current_one():
+    weight = torch.randn(64, 64, device="cuda:1")
+    graphed = CudaGraphForward(_heavy(weight))
+    for _ in range(3):  # new inputs each time: a graph without the launches would repeat the first result
+        x = torch.randn(8, 64, device="cuda:1")
+        torch.testing.assert_close(graphed(x)[0], _heavy(weight)(x)[0])
+
