@@ -18,12 +18,7 @@
 # 5. where Nsight Compute is installed, its counters for one launch of the gate and of each branch
 #    (`--profile`: duration, occupancy, warp stall reasons, top stall locations by source line);
 # 6. unless --quick, the attention tile sweep and the fused gate's sweep;
-# 7. the tests of the opt-in tilings and fused launches (attention + projection,
-#    the whole branch), compiled.
-# The one-launch branch's attention items wait on the device for their sample's q, k, v; it
-# comes last wherever it runs (its tests in step 7, its rows of the breakdown, its sweep variants
-# after the other new candidates), so a kernel that never ended would cost only the rest of
-# that step.
+# 7. the tests of the opt-in tilings, compiled.
 # Everything lands in OUT_DIR/gpu_checks/ and is packed into OUT_DIR/gpu_checks.tar.gz (a lease
 # returns only a few files). The exit status is that of the first failing step.
 set -uo pipefail
@@ -54,7 +49,7 @@ if [ "$quick" != "--quick" ]; then  # (--quick skips the sweeps, most of what it
   step warm_up 45 python -m headsteer.bench.kernels --warm-up --jobs "$workers" --seconds 35
 fi
 step kernels 45 python -m headsteer.bench.kernels --json "$dir/kernels.json" --md "$dir/kernels.md"
-variants="test_tile_variants or test_fused"  # the opt-in configurations' tests (fused launches too), last
+variants="test_tile_variants"  # the opt-in configurations' tests, last
 # The Triton paths first, the model-level parity first of all (its limit cut the step at 45% on
 # 2026-11-27, before it reached them); every file of tests/kernels is named (a test checks).
 tests=(python -m pytest -v -rfE -n "$workers" -p no:cacheprovider tests/runtime/test_triton_backend.py

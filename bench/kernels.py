@@ -46,7 +46,6 @@ DEVICE = "cuda"  # tests swap in "cpu" (under TRITON_INTERPRET) with tiny shapes
 MODELS = {"ViT-S": (6, 384), "ViT-B": (12, 768)}
 USAGES = (1.0, 0.67, 0.5, 0.33, 0.17)
 DTYPE = torch.bfloat16
-FUSED_BREAKDOWN_USAGES = (1.0, 0.33, 0.0)  # usages `--breakdown` also times with each opt-in fused launch
 TARGETS = "usage 0.33: sparse >= 2.5x faster than dense; usage 1.0: at most 5% slower; fused gate < 5% of a block"
 
 
@@ -203,48 +202,32 @@ def breakdown() -> dict:
         return {stage: graph_timed(launch, SWEEP_REP_MS) for stage, launch in launches}
 
     def add(row: dict) -> None:
-        rows.append(dict(row, total=sum(row[stage] for stage in BREAKDOWN_STAGES if stage in row)))
+        rows.append(dict(row, total=sum(row[stage] for stage in BREAKDOWN_STAGES)))
         print(breakdown_row(rows[-1]), flush=True)
 
-    # (the whole-branch launch, whose attention items wait on the device, last)
-    fusions = {"attention+proj": module.FUSED_ATTENTION_PROJ, "qkv+attention+proj": module.FUSED_BRANCH}
     generator = torch.Generator().manual_seed(0)
-    setups = {}
-    for name, (heads, dim) in MODELS.items():
-        w = make_block(heads, dim, generator)
-        setups[name] = heads, w, torch.randn(BATCH, TOKENS, dim, generator=generator).to(DEVICE, DTYPE)
     rows = []
     print(BREAKDOWN_HEADER, flush=True)
-    for name, (heads, w, x) in setups.items():
+    for name, (heads, dim) in MODELS.items():
+        w = make_block(heads, dim, generator)
+        x = torch.randn(BATCH, TOKENS, dim, generator=generator).to(DEVICE, DTYPE)
         add(dict(model=name, usage=None, branch="dense",
                  **{stage: graph_timed(fn, SWEEP_REP_MS) for stage, fn in dense_stages(x, w, heads)}))
         for usage in USAGES + (0.0,):  # (usage 0: what each kernel costs with nothing to compute)
             add(dict(model=name, usage=usage, branch="sparse",
                      **sparse_stages(x, random_keep(BATCH, heads, usage, generator), w, heads)))
-    for fusion, overrides in fusions.items():  # the opt-in fused launches, after both models' defaults
-        for name, (heads, w, x) in setups.items():
-            for usage in FUSED_BREAKDOWN_USAGES:
-                keep = random_keep(BATCH, heads, usage, generator)
-                with module.tile_config(dataclasses.replace(module.TILES, **overrides)):
-                    add(dict(model=name, usage=usage, branch=f"sparse, {fusion} fused", **sparse_stages(x, keep, w, heads)))
     return {"breakdown": rows}
 
 
 # (dense shares these names)
-BREAKDOWN_STAGES = ("qkv", "attention", "attention+proj", "qkv+attention+proj", "proj")
+BREAKDOWN_STAGES = ("qkv", "attention", "proj")
 BREAKDOWN_HEADER = "| model | branch | usage | qkv us | attention us | proj us | sum us |\n| --- | --- | --- | --- | --- | --- | --- |"
 
 
 def breakdown_row(r: dict) -> str:
     usage = "" if r["usage"] is None else f"{r['usage']:.2f}"
-    # A fused launch's time goes in the first of the columns it spans, "(both)" or "(all)" after it.
-    if "qkv+attention+proj" in r:
-        qkv, attention, proj = f"{r['qkv+attention+proj']:.1f} (all)", "", ""
-    elif "attention+proj" in r:
-        qkv, attention, proj = f"{r['qkv']:.1f}", f"{r['attention+proj']:.1f} (both)", ""
-    else:
-        qkv, attention, proj = f"{r['qkv']:.1f}", f"{r['attention']:.1f}", f"{r['proj']:.1f}"
-    return f"| {r['model']} | {r['branch']} | {usage} | {qkv} | {attention} | {proj} | {r['total']:.1f} |"
+    return (f"| {r['model']} | {r['branch']} | {usage} | {r['qkv']:.1f} | {r['attention']:.1f} | {r['proj']:.1f} "
+            f"| {r['total']:.1f} |")
 
 
 def failure(error: Exception) -> str:
@@ -260,19 +243,8 @@ def sweep_variants() -> list:
 
     base = module.TILES  # vary one kernel's tiles at a time around the current defaults
     variants = [base]
-    # Attention and output projection in one launch (opt-in, untimed): against the defaults first,
-    # with 32-key steps (FUSED_ATTENTION_PROJ) and 64-key ones (half the steps of its serial chain).
-    variants.append(dataclasses.replace(base, **module.FUSED_ATTENTION_PROJ))
-    variants.append(dataclasses.replace(base, **{**module.FUSED_ATTENTION_PROJ, "attn_block_n": 64}))
-    # Programmatic dependent launches (opt-in, untimed), of the default launches and the fused pair.
+    # Programmatic dependent launches (opt-in; 2-3% faster on an H100 on 2026-11-27).
     variants.append(dataclasses.replace(base, programmatic_launch=True))
-    variants.append(dataclasses.replace(base, **module.FUSED_ATTENTION_PROJ, programmatic_launch=True))
-    # The whole branch in one launch (opt-in, untimed; after the others, since its attention items
-    # wait on the device and a kernel that never ended would stop the sweep here).
-    # (2 stages: 64 KiB of shared memory where 3 take 96, three programs per SM instead of two.)
-    variants.append(dataclasses.replace(base, **module.FUSED_BRANCH))
-    variants.append(dataclasses.replace(base, **module.FUSED_BRANCH, programmatic_launch=True))
-    variants.append(dataclasses.replace(base, **{**module.FUSED_BRANCH, "attn_stages": 2}))
     # The output projection's per-head branch at every head count, then its kept-head list at
     # every head count (the defaults take the list up to 8 heads: ViT-S's, not ViT-B's).
     variants.append(dataclasses.replace(base, proj_kept_list_max_heads=0))

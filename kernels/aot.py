@@ -190,25 +190,13 @@ def _variants(quick: bool) -> Iterator[tuple[str, callable]]:
             yield f"attention {label}", lambda x=x, keep=keep, w=weights, h=heads: triton_head_attention(x, keep, *w, h)
             if dtype != torch.float32:  # (fp32 launches use TILES_FP32, not TILES)
                 # Opt-in variants the benchmark sweep times: the projection's per-head branch, q|k
-                # as one QKV dot, the attention's narrow passes over the ragged ends, attention and
-                # output projection in one launch, programmatic dependent launches, the whole
-                # branch in one launch.
+                # as one QKV dot, the attention's narrow passes over the ragged ends, programmatic
+                # dependent launches.
                 for variant, overrides in (("head-branch", dict(proj_kept_list_max_heads=0)),
                                            ("kept-list", dict(proj_kept_list_max_heads=16)),
                                            ("fused-qk", dict(qkv_fuse_qk=True)),
                                            ("narrow-tails", attention.NARROW_TAIL_TILES),
-                                           ("fused-attention-proj", attention.FUSED_ATTENTION_PROJ),
-                                           ("fused-attention-proj 64-key steps",
-                                            dict(attention.FUSED_ATTENTION_PROJ, attn_block_n=64)),
-                                           ("fused-attention-proj 8 warps", dict(attention.FUSED_ATTENTION_PROJ,
-                                                                                 attn_warps=8)),
-                                           ("programmatic-launch", dict(programmatic_launch=True)),
-                                           ("fused-attention-proj programmatic-launch",
-                                            dict(attention.FUSED_ATTENTION_PROJ, programmatic_launch=True)),
-                                           ("fused-branch", attention.FUSED_BRANCH),
-                                           ("fused-branch 2 stages", dict(attention.FUSED_BRANCH, attn_stages=2)),
-                                           ("fused-branch programmatic-launch",
-                                            dict(attention.FUSED_BRANCH, programmatic_launch=True))):
+                                           ("programmatic-launch", dict(programmatic_launch=True))):
 
                     def with_tiles(x=x, keep=keep, w=weights, h=heads, tiles=dataclasses.replace(attention.TILES, **overrides)):
                         with attention.tile_config(tiles):

@@ -13,15 +13,13 @@ nothing waits on the host and the whole branch can be captured in a CUDA graph:
    heads kept by the tile's samples (the mask bits guard each head's loads and MMA), adds the bias
    and, when asked, a block's residual (times a LayerScale first) in the same epilogue.
 
-Opt-in and untimed (`TileConfig.fuse_attention_proj`): launches 2 and 3 as one,
-`_attention_proj_kernel`, one program per (sample, query tile) attending with the sample's kept
-heads and then projecting the same rows; and (`TileConfig.fuse_branch`) all three as one,
-`_branch_kernel`, whose attention items wait on the device for their sample's q, k, v.
-
-Removed after timing (H100, 2026-11-26, `bench/RESULTS.md`; see git history): QKV over compacted
-per-head token lists walked by persistent programs (`qkv_compact`), and QKV with attention in
-one launch (`fuse_qkv_attention`); both were slower than the flattened QKV launch at ViT-S and
-ViT-B, at usage 1 and 0.33.
+Removed after timing (H100, `bench/RESULTS.md`; see git history): on 2026-11-26, QKV over
+compacted per-head token lists walked by persistent programs (`qkv_compact`), and QKV with
+attention in one launch (`fuse_qkv_attention`); both were slower than the flattened QKV launch at
+ViT-S and ViT-B, at usage 1 and 0.33. On 2026-11-27 (graph replay, B=64, N=197, bf16), attention
+and output projection in one launch (`fuse_attention_proj`: slower at usage 1, a tie at 0.33)
+and the whole branch in one launch (`fuse_branch`: 1.4-1.5x slower at both sizes and usages)
+against these three launches.
 
 Scratch buffers (q/k/v and per-head outputs, `new_scratch`) are uninitialized: slots of pruned
 heads are never written and never read. Math matches `reference.head_attention` with head_weight = keep; matmuls
@@ -65,19 +63,6 @@ class TileConfig:
     # ViT-S in 84.0 us against 84.7 and ViT-B in 283.7 against 287.5 (usage 1), so three dots
     # are the default; with this flattened QKV only q|k was timed (`--sweep` compares both).
     qkv_fuse_qk: bool = False
-    # Attention and the output projection in one launch (`_attention_proj_kernel`): one program
-    # per (sample, attn_block_m query tile) attends with each head the sample keeps, then projects
-    # the same rows over all output columns (proj_block_o at a time) from the head outputs it has
-    # just written, in attn_warps warps. One launch (and one fill and drain of the GPU) fewer, and
-    # no program is launched for a pruned (sample, head). 16-bit inputs with heads up to 64 wide
-    # only (see the launcher). Untimed: `--sweep` times FUSED_ATTENTION_PROJ.
-    fuse_attention_proj: bool = False
-    # The whole branch in one launch (`_branch_kernel`): the flattened QKV items and then
-    # fuse_attention_proj's (sample, query tile) items, each of which waits on the device for its
-    # sample's q, k, v (an atomic count; see the kernel), so there is no launch boundary between
-    # the two. Runs in attn_warps warps and attn_stages stages; same limits as fuse_attention_proj;
-    # takes precedence over it. Untimed: `--sweep` times FUSED_BRANCH.
-    fuse_branch: bool = False
     attn_block_m: int = 128  # queries per attention program
     attn_block_m_tail: int = 128  # narrowest pass over the ragged last query tile (`ragged_step`)
     attn_block_n: int = 64  # keys per online-softmax step
@@ -97,12 +82,13 @@ class TileConfig:
     # 108.0), the same both ways on 2026-11-26 and 2026-11-27. 8 (the same 8 lanes as 6 heads) is
     # where the measurements put the change; 7 and 8 heads are untimed.
     proj_kept_list_max_heads: int = 8
-    # Programmatic dependent launch (sm_90 and later; opt-in, untimed): each launch of the branch
-    # may be scheduled while the one before it drains, and waits on the device for its results
+    # Programmatic dependent launch (sm_90 and later; opt-in): each launch of the branch may be
+    # scheduled while the one before it drains, and waits on the device for its results
     # (`_follow_previous_launch`) instead of the stream holding it back until the previous grid
     # has retired (stream capture records programmatic graph edges). What it can shave is the gap
-    # between dependent launches, which a branch of 2-3 short launches at low head usage pays
-    # 1-2 times. `--sweep` times it.
+    # between dependent launches, which the branch's three launches pay twice. On an H100 on
+    # 2026-11-27 (usage 1 / 0.33) it ran ViT-S in 81.9 / 39.2 us against 84.1 / 41.1 and ViT-B in
+    # 261.3 / 115.7 against 264.8 / 117.7. `--sweep` times it.
     programmatic_launch: bool = False
 
 
@@ -118,18 +104,9 @@ class TileConfig:
 # about even once the projection's 5 us are counted.
 TILES = TileConfig()
 
-# The fused launches (`fuse_attention_proj`, `fuse_branch`) take 16-bit heads up to this wide; others
-# run the separate launches (fp32 and 128-wide heads spill there: see the launcher).
-FUSED_MAX_HEAD_BLOCK = 64
 # 64-query tiles and 32-key steps with 16-wide passes over the ragged query and key ends: the
-# 16-bit default before the H100 sweep, the fused launches' tiling, an alternative the sweep times.
+# 16-bit default before the H100 sweep, an alternative the sweep times.
 NARROW_TAIL_TILES = dict(attn_block_m=64, attn_block_m_tail=16, attn_block_n=32, attn_block_tail=16)
-# Attention and output projection in one launch (`fuse_attention_proj`), opt-in and untimed, as
-# `--sweep` times it: 64-query tiles (B x 4 programs at N=197, two per SM at B=64 on an H100,
-# where 128-query tiles would leave SMs idle) with the narrow ragged passes.
-FUSED_ATTENTION_PROJ = dict(fuse_attention_proj=True, **NARROW_TAIL_TILES)
-# The whole branch in one launch (`fuse_branch`), opt-in and untimed, with the same attention tiles.
-FUSED_BRANCH = dict(fuse_branch=True, **NARROW_TAIL_TILES)
 
 
 # fp32 launches: 3xTF32 dots keep fp32 operands (twice the bytes) and three accumulating MMAs
@@ -158,12 +135,9 @@ def fit_tiles(tiles: TileConfig, block_d: int, element_bytes: int) -> TileConfig
     - QKV: its three fp32 accumulators hold 3 x BLOCK_N x BLOCK_D values over 32 x warps threads,
       at most 96 registers per thread (48 for fp32 inputs, whose 3xTF32 dots keep split copies of
       every operand); its staged x and weight tiles, stages x (BLOCK_N + 3 BLOCK_D) x BLOCK_K
-      elements, stay under 200 KiB (with `fuse_branch`, for both its own and the attention's
-      warps and stages);
+      elements, stay under 200 KiB;
     - output projection: stages x (BLOCK_T + BLOCK_O) x BLOCK_D elements under 200 KiB (its loop
-      is pipelined with the kept-head list, `proj_kept_list_max_heads`); with `fuse_attention_proj`, where its
-      rows are the attention's query tile, also its fp32 accumulator, BLOCK_M x BLOCK_O values
-      over 32 x attn_warps threads, at most 64 registers per thread beside the attention's."""
+      is pipelined with the kept-head list, `proj_kept_list_max_heads`)."""
     attn_block_m = tiles.attn_block_m
     query_regs = 48 if element_bytes >= 4 else 128
     while attn_block_m > 16 and 2 * attn_block_m * block_d > query_regs * 32 * tiles.attn_warps:
@@ -176,25 +150,16 @@ def fit_tiles(tiles: TileConfig, block_d: int, element_bytes: int) -> TileConfig
     # access on an H100 (Triton 3.6, 2026-11-26), where whole-width tails and 4 warps ran exact.
     # fp32 is the parity path; the narrow tail only saves 16-bit MMA work.
     attn_block_tail = attn_block_n if element_bytes >= 4 else min(tiles.attn_block_tail, attn_block_n)
-    # (fuse_branch runs its QKV items in the attention's warps and stages, or, where it falls back
-    # to separate launches, in the QKV's own: fit for the fewer warps and the more stages.)
-    qkv_warps, qkv_stages = tiles.qkv_warps, tiles.qkv_stages
-    if tiles.fuse_branch:
-        qkv_warps, qkv_stages = min(qkv_warps, tiles.attn_warps), max(qkv_stages, tiles.attn_stages)
     qkv_block_n = tiles.qkv_block_n
     accumulator_regs = 48 if element_bytes >= 4 else 96
-    while qkv_block_n > 16 and 3 * qkv_block_n * block_d > accumulator_regs * 32 * qkv_warps:
+    while qkv_block_n > 16 and 3 * qkv_block_n * block_d > accumulator_regs * 32 * tiles.qkv_warps:
         qkv_block_n //= 2
     qkv_block_k = tiles.qkv_block_k
-    while qkv_block_k > 16 and qkv_stages * (qkv_block_n + 3 * block_d) * qkv_block_k * element_bytes > _SHARED_BUDGET:
+    while qkv_block_k > 16 and tiles.qkv_stages * (qkv_block_n + 3 * block_d) * qkv_block_k * element_bytes > _SHARED_BUDGET:
         qkv_block_k //= 2
     proj_block_o = tiles.proj_block_o
     while proj_block_o > 16 and tiles.proj_stages * (tiles.proj_block_t + proj_block_o) * block_d * element_bytes > _SHARED_BUDGET:
         proj_block_o //= 2
-    if tiles.fuse_attention_proj or tiles.fuse_branch:  # (projecting the attention's query tile, warps, stages)
-        while proj_block_o > 16 and (attn_block_m * proj_block_o > 64 * 32 * tiles.attn_warps or tiles.attn_stages * (
-                attn_block_m + proj_block_o) * block_d * element_bytes > _SHARED_BUDGET):
-            proj_block_o //= 2
     return dataclasses.replace(tiles, attn_block_m=attn_block_m,
                                attn_block_m_tail=min(tiles.attn_block_m_tail, attn_block_m), attn_block_n=attn_block_n,
                                attn_block_tail=attn_block_tail,
@@ -556,186 +521,10 @@ def _proj_kernel(
                   KEPT_LIST)
 
 
-@triton.jit
-def _attend_and_project(
-    qkv_ptr, scratch_part, keep_ptr, stride_keep_b, stride_keep_h, o_ptr,
-    w_ptr, stride_wo, stride_wi, bias_ptr,
-    out_ptr, stride_ob, stride_on, stride_od,
-    res_ptr, stride_rb, stride_rn, stride_rd, gamma_ptr,
-    b, first_row, N, H, HEAD_DIM, D_OUT, qk_scale,
-    HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr, HAS_LAYER_SCALE: tl.constexpr, PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_TAIL: tl.constexpr, BLOCK_D: tl.constexpr,
-    BLOCK_O: tl.constexpr, CHUNK_D: tl.constexpr, BLOCK_H: tl.constexpr,
-):
-    """Queries [first_row, first_row + BLOCK_M) of sample b: attention of every head the sample
-    keeps (outputs to o_ptr), then the output projection of those rows, all D_OUT columns."""
-    offs_h = tl.arange(0, BLOCK_H)
-    sample_keeps = tl.load(keep_ptr + b * stride_keep_b + offs_h * stride_keep_h, mask=offs_h < H, other=0) != 0
-    kept_rank = tl.cumsum(sample_keeps.to(tl.int32), axis=0) - 1
-    for i in range(0, tl.sum(sample_keeps.to(tl.int32), axis=0)):
-        h = _nth_flagged(sample_keeps, kept_rank, i, offs_h)
-        _attend_queries(qkv_ptr, scratch_part, o_ptr, b, h, first_row, N, H, HEAD_DIM, qk_scale,
-                        PRECISION, BLOCK_M, BLOCK_N, BLOCK_TAIL, BLOCK_D)
-    # Every warp's head outputs are stored before any warp reads them back for the projection:
-    # the CTA barrier (bar.sync on sm_90) orders global memory too, and the reads are plain loads
-    # and cp.async.cg from L2, no TMA. (Checked in the compiled PTX; Triton may rename
-    # debug_barrier to tl.barrier.)
-    tl.debug_barrier()
-    token = first_row + tl.arange(0, BLOCK_M)
-    rows = b * N + token
-    for o0 in range(0, D_OUT, BLOCK_O):
-        _project_rows(o_ptr, keep_ptr, stride_keep_b, stride_keep_h, w_ptr, stride_wo, stride_wi, bias_ptr,
-                      out_ptr, stride_ob, stride_on, stride_od, res_ptr, stride_rb, stride_rn, stride_rd, gamma_ptr,
-                      rows, token < N, o0 + tl.arange(0, BLOCK_O), N, H, HEAD_DIM, D_OUT,
-                      HAS_BIAS, HAS_RESIDUAL, HAS_LAYER_SCALE, PRECISION, BLOCK_M, BLOCK_O, BLOCK_D, CHUNK_D, BLOCK_H,
-                      True)
-
-
-@triton.jit
-def _attend_and_project_tile(
-    qkv_ptr, scratch_part, keep_ptr, stride_keep_b, stride_keep_h, o_ptr,
-    w_ptr, stride_wo, stride_wi, bias_ptr,
-    out_ptr, stride_ob, stride_on, stride_od,
-    res_ptr, stride_rb, stride_rn, stride_rd, gamma_ptr,
-    b, first_row, N, H, HEAD_DIM, D_OUT, qk_scale,
-    HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr, HAS_LAYER_SCALE: tl.constexpr, PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_M_TAIL: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_TAIL: tl.constexpr,
-    BLOCK_D: tl.constexpr, BLOCK_O: tl.constexpr, CHUNK_D: tl.constexpr, BLOCK_H: tl.constexpr,
-):
-    """`_attend_and_project` for the query tile of sample b that starts at first_row: a whole
-    BLOCK_M-row tile, or the ragged last one in BLOCK_M_TAIL-row passes (one: the launcher picks
-    BLOCK_M_TAIL >= N % BLOCK_M), as in `_attention_kernel`."""
-    if BLOCK_M_TAIL == BLOCK_M or first_row + BLOCK_M <= N:
-        _attend_and_project(qkv_ptr, scratch_part, keep_ptr, stride_keep_b, stride_keep_h, o_ptr,
-                            w_ptr, stride_wo, stride_wi, bias_ptr, out_ptr, stride_ob, stride_on, stride_od,
-                            res_ptr, stride_rb, stride_rn, stride_rd, gamma_ptr, b, first_row, N, H, HEAD_DIM, D_OUT,
-                            qk_scale, HAS_BIAS, HAS_RESIDUAL, HAS_LAYER_SCALE, PRECISION,
-                            BLOCK_M, BLOCK_N, BLOCK_TAIL, BLOCK_D, BLOCK_O, CHUNK_D, BLOCK_H)
-    else:
-        for row in range(first_row, N, BLOCK_M_TAIL):
-            _attend_and_project(qkv_ptr, scratch_part, keep_ptr, stride_keep_b, stride_keep_h, o_ptr,
-                                w_ptr, stride_wo, stride_wi, bias_ptr, out_ptr, stride_ob, stride_on, stride_od,
-                                res_ptr, stride_rb, stride_rn, stride_rd, gamma_ptr, b, row, N, H, HEAD_DIM, D_OUT,
-                                qk_scale, HAS_BIAS, HAS_RESIDUAL, HAS_LAYER_SCALE, PRECISION,
-                                BLOCK_M_TAIL, BLOCK_N, BLOCK_TAIL, BLOCK_D, BLOCK_O, CHUNK_D, BLOCK_H)
-
-
-@triton.jit
-def _attention_proj_kernel(
-    qkv_ptr, scratch_part, keep_ptr, stride_keep_b, stride_keep_h, o_ptr,
-    w_ptr, stride_wo, stride_wi, bias_ptr,
-    out_ptr, stride_ob, stride_on, stride_od,
-    res_ptr, stride_rb, stride_rn, stride_rd, gamma_ptr,
-    N, H, HEAD_DIM, D_OUT, qk_scale,
-    HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr, HAS_LAYER_SCALE: tl.constexpr, PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_M_TAIL: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_TAIL: tl.constexpr,
-    BLOCK_D: tl.constexpr, BLOCK_O: tl.constexpr, CHUNK_D: tl.constexpr, BLOCK_H: tl.constexpr, PDL: tl.constexpr,
-):
-    _follow_previous_launch(PDL)
-    # One program per (sample, query tile), query tiles of a sample adjacent (they read the same
-    # k and v): attention of the sample's kept heads for the tile's queries, then the output
-    # projection of the same rows, whose head outputs the program has just written (from L2).
-    query_tiles = tl.cdiv(N, BLOCK_M)
-    _attend_and_project_tile(qkv_ptr, scratch_part, keep_ptr, stride_keep_b, stride_keep_h, o_ptr,
-                             w_ptr, stride_wo, stride_wi, bias_ptr, out_ptr, stride_ob, stride_on, stride_od,
-                             res_ptr, stride_rb, stride_rn, stride_rd, gamma_ptr,
-                             tl.program_id(0) // query_tiles, (tl.program_id(0) % query_tiles) * BLOCK_M,
-                             N, H, HEAD_DIM, D_OUT, qk_scale, HAS_BIAS, HAS_RESIDUAL, HAS_LAYER_SCALE, PRECISION,
-                             BLOCK_M, BLOCK_M_TAIL, BLOCK_N, BLOCK_TAIL, BLOCK_D, BLOCK_O, CHUNK_D, BLOCK_H)
-
-
-@triton.jit
-def _branch_segment_start(tile, B, N, H, query_tiles, BLOCK_T: tl.constexpr):
-    """`_branch_kernel`'s first ticket of QKV token tile `tile`'s segment: the H items of every
-    earlier tile, and the attention items of every sample whose rows end before this tile."""
-    return tile * H + tl.minimum(B, tile * BLOCK_T // N) * query_tiles
-
-
-@triton.jit(do_not_specialize=["B", "qkv_tiles"])  # (one compile serves every batch size)
-def _branch_kernel(
-    x_ptr, stride_xb, stride_xn, stride_xd,
-    w_ptr, stride_wr, stride_wd, bias_ptr,
-    keep_ptr, stride_keep_b, stride_keep_h,
-    qn_w_ptr, qn_b_ptr, q_eps, kn_w_ptr, kn_b_ptr, k_eps,
-    qkv_ptr, scratch_part, o_ptr,
-    proj_w_ptr, stride_wo, stride_wi, proj_b_ptr,
-    out_ptr, stride_ob, stride_on, stride_od,
-    res_ptr, stride_rb, stride_rn, stride_rd, gamma_ptr,
-    counter_ptr,
-    B, N, D, H, HEAD_DIM, D_OUT, qk_scale, qkv_tiles,
-    HAS_BIAS: tl.constexpr,
-    Q_NORM: tl.constexpr, QN_W: tl.constexpr, QN_B: tl.constexpr,
-    K_NORM: tl.constexpr, KN_W: tl.constexpr, KN_B: tl.constexpr,
-    HAS_PROJ_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr, HAS_LAYER_SCALE: tl.constexpr,
-    PRECISION: tl.constexpr, FUSE_QK: tl.constexpr,
-    BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_M_TAIL: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_TAIL: tl.constexpr,
-    BLOCK_O: tl.constexpr, CHUNK_D: tl.constexpr, BLOCK_H: tl.constexpr, PDL: tl.constexpr,
-):
-    # The whole branch in one launch. Roles go by a ticket drawn from an atomic counter, not by
-    # program id (as the fused gate's finishers do). Tickets run in segments, one per
-    # BLOCK_T-token tile of the flattened B*N tokens: the tile's H `_qkv_kernel` items (one per
-    # head), then `_attention_proj_kernel`'s (sample, query tile) items of every sample whose last
-    # row is in this tile. An attention item waits until every QKV item over its sample's tokens
-    # has announced itself on the sample's counter; those drew earlier tickets, so they belong to
-    # programs already running and the wait always ends (no grid barrier, no deadlock; the serial
-    # CPU interpreter draws tickets in program order and never waits). So a sample's attention
-    # starts as soon as its q, k, v exist, while later samples' are still being projected: no
-    # launch boundary, no drain of the GPU between the two.
-    _follow_previous_launch(PDL)
-    ticket = tl.atomic_add(counter_ptr + B, 1, sem="relaxed")  # counter_ptr[B]: the ticket counter
-    query_tiles = tl.cdiv(N, BLOCK_M)
-    # The ticket's segment: the last tile whose segment starts at or before it (binary search,
-    # ~log2(B*N / BLOCK_T) steps of scalar arithmetic).
-    tile = ticket * 0
-    last = qkv_tiles - 1
-    while tile < last:
-        middle = (tile + last + 1) // 2
-        at_or_after = _branch_segment_start(middle, B, N, H, query_tiles, BLOCK_T) <= ticket
-        tile = tl.where(at_or_after, middle, tile)
-        last = tl.where(at_or_after, last, middle - 1)
-    item = ticket - _branch_segment_start(tile, B, N, H, query_tiles, BLOCK_T)
-    if item < H:
-        _qkv_token_tile(x_ptr, stride_xb, stride_xn, stride_xd, w_ptr, stride_wr, stride_wd, bias_ptr,
-                        keep_ptr, stride_keep_b, stride_keep_h, qn_w_ptr, qn_b_ptr, q_eps, kn_w_ptr, kn_b_ptr, k_eps,
-                        qkv_ptr, scratch_part, tile, item, B, N, D, H, HEAD_DIM,
-                        HAS_BIAS, Q_NORM, QN_W, QN_B, K_NORM, KN_W, KN_B, PRECISION, FUSE_QK,
-                        BLOCK_T, BLOCK_K, BLOCK_D)
-        # Every warp's q/k/v stores complete before the announcement (CTA barrier), which
-        # releases them at GPU scope to the attention items that acquire the count.
-        tl.debug_barrier()
-        last_sample = tl.minimum((tile * BLOCK_T + BLOCK_T - 1) // N, B - 1)
-        for covered in range(tile * BLOCK_T // N, last_sample + 1):
-            tl.atomic_add(counter_ptr + covered, 1, sem="release")
-    else:
-        # The attention items of the samples ending in this tile, in sample order.
-        b = tl.minimum(B, tile * BLOCK_T // N) + (item - H) // query_tiles
-        first_row = ((item - H) % query_tiles) * BLOCK_M
-        # QKV items over sample b: the token tiles its rows span, times every head (items of
-        # pruned heads announce themselves too, after reading their mask bits).
-        expected = ((b * N + N - 1) // BLOCK_T - b * N // BLOCK_T + 1) * H
-        arrived = tl.atomic_add(counter_ptr + b, 0, sem="acquire")
-        while arrived < expected:
-            arrived = tl.atomic_add(counter_ptr + b, 0, sem="acquire")
-        tl.debug_barrier()  # (every warp past the acquire before any reads q, k, v)
-        _attend_and_project_tile(qkv_ptr, scratch_part, keep_ptr, stride_keep_b, stride_keep_h, o_ptr,
-                                 proj_w_ptr, stride_wo, stride_wi, proj_b_ptr, out_ptr, stride_ob, stride_on, stride_od,
-                                 res_ptr, stride_rb, stride_rn, stride_rd, gamma_ptr, b, first_row,
-                                 N, H, HEAD_DIM, D_OUT, qk_scale, HAS_PROJ_BIAS, HAS_RESIDUAL, HAS_LAYER_SCALE,
-                                 PRECISION, BLOCK_M, BLOCK_M_TAIL, BLOCK_N, BLOCK_TAIL, BLOCK_D, BLOCK_O, CHUNK_D,
-                                 BLOCK_H)
-
-
 def new_scratch(shape: tuple, like: torch.Tensor) -> torch.Tensor:
     """An uninitialized scratch buffer of `like`'s device and dtype (the tests swap this for one
     filled with NaN, so a read of a slot no kernel wrote shows in the output)."""
     return torch.empty(shape, device=like.device, dtype=like.dtype)
-
-
-def new_counters(count: int, like: torch.Tensor) -> torch.Tensor:
-    """`count` zeroed int32 counters on `like`'s device, for the atomic tickets and counts of
-    `_branch_kernel` (one memset per launch; the tests keep a reference to read them back)."""
-    return torch.zeros(count, device=like.device, dtype=torch.int32)
 
 
 def _norm_args(norm: Optional[nn.Module], head_dim: int, which: str, dummy: torch.Tensor) -> tuple:
@@ -777,9 +566,8 @@ def head_attention_launches(
 ) -> tuple[torch.Tensor, list[tuple[str, Callable[[], None]]]]:
     """Check the arguments and allocate the output and scratch of `triton_head_attention`; return
     the output and its kernel launches in order as (name, launch) pairs, so a benchmark can
-    time each kernel (`headsteer.bench.kernels --breakdown`): qkv, attention, proj; or qkv,
-    attention+proj with `fuse_attention_proj`; or qkv+attention+proj with `fuse_branch` (its
-    counters zeroed, then the one kernel). Arguments as `triton_head_attention`."""
+    time each kernel (`headsteer.bench.kernels --breakdown`): qkv, attention, proj. Arguments as
+    `triton_head_attention`."""
     if x.dim() != 3:
         raise ValueError(f"x must be [B, N, D], got {tuple(x.shape)}")
     batch, tokens, dim = x.shape
@@ -838,35 +626,20 @@ def head_attention_launches(
     qk_scale = 1.4426950408889634 / head_dim**0.5  # log2(e) / sqrt(d): softmax in base 2 (`_attend_queries`)
 
     qkv_tiles = cdiv(batch * tokens, tiles.qkv_block_n)  # a head's tiles when every sample keeps it
-    # Attention and output projection in one launch where it compiles without spills on sm_90:
-    # 16-bit inputs, heads up to 64 wide (compiled with FUSED_ATTENTION_PROJ: no spills; fp32
-    # spills 32-52 B a thread at d = 64 and 156-184 B at d = 128, fp16 at d = 128 4 B).
-    # Elsewhere attention and projection apart.
-    fused_attention_proj = ((tiles.fuse_attention_proj or tiles.fuse_branch) and precision is None
-                            and block_d <= FUSED_MAX_HEAD_BLOCK)
-    fused_branch = tiles.fuse_branch and fused_attention_proj
-    block_heads = next_power_of_2(num_heads)
     # Programmatic dependent launch needs sm_90's griddepcontrol (never under the interpreter).
     pdl = tiles.programmatic_launch and (cuda_capability(x.device) or 0) >= 90
-    # The arguments every launch that projects q, k, v takes (x, weights, keep mask, q/k norms;
-    # their flags), and those every launch that writes the output projection takes (weights,
-    # output, residual and LayerScale of the epilogue; their flags), in the kernels' order.
-    qkv_inputs = (x, *x.stride(), qkv_weight, *qkv_weight.stride(), qkv_bias if qkv_bias is not None else dummy,
-                  keep, keep_b, keep_h, qn[0], qn[1], qn[2], kn[0], kn[1], kn[2])
-    qkv_flags = dict(HAS_BIAS=qkv_bias is not None, Q_NORM=qn[3], QN_W=qn[4], QN_B=qn[5],
-                     K_NORM=kn[3], KN_W=kn[4], KN_B=kn[5], PRECISION=precision, FUSE_QK=fuse_qk)
-    projection_outputs = (proj_weight, *proj_weight.stride(), proj_bias if proj_bias is not None else dummy,
-                          out, *out.stride(),
-                          *((residual, *residual.stride()) if residual is not None else (dummy, 0, 0, 0)),
-                          layer_scale if layer_scale is not None else dummy)
-    epilogue_flags = dict(HAS_RESIDUAL=residual is not None, HAS_LAYER_SCALE=layer_scale is not None)
 
     def qkv_projection():
         _qkv_kernel[(qkv_tiles * num_heads,)](
-            *qkv_inputs,
+            x, *x.stride(),
+            qkv_weight, *qkv_weight.stride(), qkv_bias if qkv_bias is not None else dummy,
+            keep, keep_b, keep_h,
+            qn[0], qn[1], qn[2], kn[0], kn[1], kn[2],
             qkv, scratch_part,
             batch, tokens, dim, num_heads, head_dim,
-            **qkv_flags,
+            HAS_BIAS=qkv_bias is not None,
+            Q_NORM=qn[3], QN_W=qn[4], QN_B=qn[5], K_NORM=kn[3], KN_W=kn[4], KN_B=kn[5],
+            PRECISION=precision, FUSE_QK=fuse_qk,
             BLOCK_N=tiles.qkv_block_n, BLOCK_K=tiles.qkv_block_k, BLOCK_D=block_d,
             PDL=pdl, launch_pdl=pdl, num_warps=tiles.qkv_warps, num_stages=tiles.qkv_stages,
         )
@@ -881,49 +654,22 @@ def head_attention_launches(
             PDL=pdl, launch_pdl=pdl, num_warps=tiles.attn_warps, num_stages=tiles.attn_stages,
         )
 
-    def attention_projection():
-        _attention_proj_kernel[(batch * cdiv(tokens, tiles.attn_block_m),)](
-            qkv, scratch_part, keep, keep_b, keep_h, heads,
-            *projection_outputs,
-            tokens, num_heads, head_dim, d_out, qk_scale,
-            HAS_BIAS=proj_bias is not None, **epilogue_flags, PRECISION=precision,
-            BLOCK_M=tiles.attn_block_m, BLOCK_M_TAIL=query_tail, BLOCK_N=tiles.attn_block_n, BLOCK_TAIL=key_tail,
-            BLOCK_D=block_d, BLOCK_O=tiles.proj_block_o, CHUNK_D=proj_chunk_d, BLOCK_H=block_heads,
-            PDL=pdl, launch_pdl=pdl, num_warps=tiles.attn_warps, num_stages=tiles.attn_stages,
-        )
-
-    def branch():
-        counter = new_counters(batch + 1, x)  # one per sample, then the ticket counter
-        _branch_kernel[(qkv_tiles * num_heads + batch * cdiv(tokens, tiles.attn_block_m),)](
-            *qkv_inputs,
-            qkv, scratch_part, heads,
-            *projection_outputs,
-            counter,
-            batch, tokens, dim, num_heads, head_dim, d_out, qk_scale, qkv_tiles,
-            **qkv_flags,
-            HAS_PROJ_BIAS=proj_bias is not None, **epilogue_flags,
-            BLOCK_T=tiles.qkv_block_n, BLOCK_K=tiles.qkv_block_k, BLOCK_D=block_d,
-            BLOCK_M=tiles.attn_block_m, BLOCK_M_TAIL=query_tail, BLOCK_N=tiles.attn_block_n, BLOCK_TAIL=key_tail,
-            BLOCK_O=tiles.proj_block_o, CHUNK_D=proj_chunk_d, BLOCK_H=block_heads,
-            PDL=pdl, launch_pdl=pdl, num_warps=tiles.attn_warps, num_stages=tiles.attn_stages,
-        )
-
     def output_projection():
         _proj_kernel[(cdiv(batch * tokens, tiles.proj_block_t), cdiv(d_out, tiles.proj_block_o))](
             heads, keep, keep_b, keep_h,
-            *projection_outputs,
+            proj_weight, *proj_weight.stride(), proj_bias if proj_bias is not None else dummy,
+            out, *out.stride(),
+            *((residual, *residual.stride()) if residual is not None else (dummy, 0, 0, 0)),
+            layer_scale if layer_scale is not None else dummy,
             batch, tokens, num_heads, head_dim, d_out,
-            HAS_BIAS=proj_bias is not None, **epilogue_flags, PRECISION=precision,
+            HAS_BIAS=proj_bias is not None, HAS_RESIDUAL=residual is not None,
+            HAS_LAYER_SCALE=layer_scale is not None, PRECISION=precision,
             BLOCK_T=tiles.proj_block_t, BLOCK_O=tiles.proj_block_o, BLOCK_D=block_d,
             CHUNK_D=proj_chunk_d,
-            BLOCK_H=block_heads, KEPT_LIST=num_heads <= tiles.proj_kept_list_max_heads,
+            BLOCK_H=next_power_of_2(num_heads), KEPT_LIST=num_heads <= tiles.proj_kept_list_max_heads,
             PDL=pdl, launch_pdl=pdl, num_warps=tiles.proj_warps, num_stages=tiles.proj_stages,
         )
 
-    if fused_branch:
-        return out, [("qkv+attention+proj", branch)]
-    if fused_attention_proj:
-        return out, [("qkv", qkv_projection), ("attention+proj", attention_projection)]
     return out, [("qkv", qkv_projection), ("attention", attention), ("proj", output_projection)]
 
 

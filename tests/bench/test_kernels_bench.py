@@ -48,15 +48,10 @@ def test_benchmark_tables(tiny):
 def test_breakdown_times_each_kernel(tiny, capsys):
     results = bench.breakdown()
     rows = results["breakdown"]
-    assert [(r["branch"], r["usage"]) for r in rows] == (
-        [("dense", None)] + [("sparse", u) for u in bench.USAGES + (0.0,)]
-        + [("sparse, attention+proj fused", u) for u in bench.FUSED_BREAKDOWN_USAGES]
-        + [("sparse, qkv+attention+proj fused", u) for u in bench.FUSED_BREAKDOWN_USAGES])
+    assert [(r["branch"], r["usage"]) for r in rows] == [("dense", None)] + [("sparse", u) for u in bench.USAGES + (0.0,)]
     for row in rows:
-        stages = {"sparse, attention+proj fused": ("qkv", "attention+proj"),
-                  "sparse, qkv+attention+proj fused": ("qkv+attention+proj",)}.get(row["branch"], ("qkv", "attention", "proj"))
-        assert set(row) - {"model", "usage", "branch", "total"} == set(stages)  # (each fused row timed its launches)
-        assert row["total"] == pytest.approx(sum(row[stage] for stage in stages))
+        assert set(row) - {"model", "usage", "branch", "total"} == set(bench.BREAKDOWN_STAGES)
+        assert row["total"] == pytest.approx(sum(row[stage] for stage in bench.BREAKDOWN_STAGES))
     printed = capsys.readouterr().out.splitlines()  # the table, row by row as measured
     assert printed == bench.BREAKDOWN_HEADER.splitlines() + [bench.breakdown_row(row) for row in rows]
 

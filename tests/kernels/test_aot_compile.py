@@ -59,8 +59,6 @@ def test_every_kernel_compiles_for_sm90(report):
     compiled = {(k["variant"].split()[0], k["kernel"]) for k in report["kernels"]}
     assert compiled == {
         ("attention", "_qkv_kernel"), ("attention", "_attention_kernel"), ("attention", "_proj_kernel"),
-        ("attention", "_attention_proj_kernel"),
-        ("attention", "_branch_kernel"),
         ("gate", "_sae_steer_gate_kernel"),
     }
 
@@ -93,4 +91,4 @@ def test_programmatic_launch_only_where_asked(report):
         asked = kernel["variant"].endswith("programmatic-launch")
         assert kernel["programmatic_launch"] == asked, f"{kernel['variant']} / {kernel['kernel']}"
     assert {k["kernel"] for k in report["kernels"] if k["programmatic_launch"]} == {
-        "_qkv_kernel", "_attention_kernel", "_proj_kernel", "_attention_proj_kernel", "_branch_kernel"}
+        "_qkv_kernel", "_attention_kernel", "_proj_kernel"}

@@ -2,8 +2,6 @@
 
 Runs compiled on CUDA and under TRITON_INTERPRET=1 on the CPU (set by conftest.py)."""
 import dataclasses
-import os
-import signal
 import zlib
 
 import pytest
@@ -197,157 +195,6 @@ def test_projection_walks_a_kept_head_list_up_to_8_heads(monkeypatch, heads, kep
     assert launched == [kept_list]
 
 
-def launch_names(branch, keep, heads):
-    _, launches = attention_module.head_attention_launches(branch["x"], keep, branch["qkv_weight"], branch["qkv_bias"],
-                                                           branch["proj_weight"], branch["proj_bias"], heads)
-    return [name for name, _ in launches]
-
-
-# Attention and output projection in one launch, alone or with QKV before it in the same launch
-# (the configurations the sweep times; 16-bit inputs, head dims up to 64): the launches each makes.
-PROJECTING_FUSIONS = {"attention+proj": (attention_module.FUSED_ATTENTION_PROJ, ["qkv", "attention+proj"]),
-                      "qkv+attention+proj": (attention_module.FUSED_BRANCH, ["qkv+attention+proj"])}
-
-
-@pytest.fixture
-def interpreter_hang_limit():
-    """Under the interpreter, fail a test still running after 300 s instead of letting it hang:
-    programs run one at a time in ticket order there, so a one-launch branch that gave an
-    attention item a ticket before one of its sample's QKV items would spin forever."""
-    if not os.environ.get("TRITON_INTERPRET"):
-        yield
-        return
-
-    def expire(signum, frame):
-        raise TimeoutError("still running after 300 s under the interpreter: an attention item waiting "
-                           "on a QKV item with a later ticket?")
-
-    previous = signal.signal(signal.SIGALRM, expire)
-    signal.alarm(300)
-    try:
-        yield
-    finally:
-        signal.alarm(0)
-        signal.signal(signal.SIGALRM, previous)
-
-
-def attention_proj_tiles(monkeypatch, fusion="attention+proj", **overrides):
-    """Launch with `fusion`, one of PROJECTING_FUSIONS; returns the launch names it makes."""
-    fused, names = PROJECTING_FUSIONS[fusion]
-    for name in ("TILES", "TILES_FP32"):
-        tiles = dataclasses.replace(getattr(attention_module, name), **{**fused, **overrides})
-        monkeypatch.setattr(attention_module, name, tiles)
-    return names
-
-
-# N = 70, 131, 197: whole 64-query tiles (32-key steps), then the ragged query and key ends in
-# their narrow passes; N = 1, 17: ragged ends only, and 64-token QKV tiles over 4 and 64 samples
-# (each of which the branch's attention items count); D_out = 96 and 160 against 32- and
-# 128-wide column tiles: a ragged last column tile.
-@pytest.mark.parametrize("fusion", sorted(PROJECTING_FUSIONS))
-@pytest.mark.parametrize("batch,tokens,heads,head_dim", [(3, 70, 2, 64), (2, 131, 3, 32), (1, 197, 2, 32),
-                                                          (5, 17, 5, 32), (4, 1, 2, 64), (70, 1, 2, 32)])
-@pytest.mark.parametrize("proj_block_o", [32, 128])
-@pytest.mark.parametrize("mask", ["distinct", "uneven", "none", "all"])
-def test_fused_attention_proj_over_whole_and_ragged_tiles(monkeypatch, interpreter_hang_limit, fusion, batch, tokens,
-                                                          heads, head_dim, proj_block_o, mask):
-    launches = attention_proj_tiles(monkeypatch, fusion, proj_block_o=proj_block_o)
-    seed = zlib.crc32(repr((fusion, batch, tokens, heads, head_dim, proj_block_o, mask)).encode())
-    branch = make_branch(batch, tokens, heads, head_dim, seed, torch.float16)
-    keep = uneven_mask(batch, heads, seed) if mask == "uneven" else make_mask(mask, batch, heads, seed)
-    assert launch_names(branch, keep, heads) == launches
-    run_and_check(branch, keep, heads)
-
-
-@pytest.mark.parametrize("batch,tokens,block_t", [(3, 70, 64), (5, 17, 64), (70, 1, 64), (2, 64, 64), (3, 9, 16)])
-def test_fused_branch_counts_every_qkv_item_its_samples_wait_for(monkeypatch, interpreter_hang_limit, batch, tokens,
-                                                                 block_t):
-    """After a one-launch branch, each sample's counter holds one announcement per (token tile
-    over its rows, head), brute-forced here (what its attention items wait for: a count short of
-    it would let them read q, k, v too early on a GPU, one over it would never be reached), and
-    the ticket counter one ticket per program."""
-    heads = 3
-    attention_proj_tiles(monkeypatch, "qkv+attention+proj", qkv_block_n=block_t)
-    counters = []
-
-    def kept_counters(count, like, new_counters=attention_module.new_counters):
-        counters.append(new_counters(count, like))
-        return counters[-1]
-
-    monkeypatch.setattr(attention_module, "new_counters", kept_counters)
-    branch = make_branch(batch, tokens, heads, 32, 35, torch.float16)
-    run_and_check(branch, make_mask("distinct", batch, heads, 35), heads)
-    (counter,) = counters
-    tiles = -(-batch * tokens // block_t)
-    spans = [sum(1 for t in range(tiles) if t * block_t < (b + 1) * tokens and b * tokens < (t + 1) * block_t)
-             for b in range(batch)]
-    assert counter[:batch].tolist() == [span * heads for span in spans]
-    query_tiles = -(-tokens // attention_module.FUSED_BRANCH["attn_block_m"])
-    assert counter[batch].item() == tiles * heads + batch * query_tiles
-
-
-@pytest.mark.parametrize("fusion", sorted(PROJECTING_FUSIONS))
-@pytest.mark.parametrize("dtype", [torch.float16, torch.float32], ids=["fused", "fp32-apart"])
-def test_fused_attention_proj_residual_in_place(monkeypatch, interpreter_hang_limit, fusion, dtype):
-    """The block update `residual + layer_scale * branch` from the fused launch (fp32 runs the
-    three launches), into a strided output and in place into the residual itself."""
-    attention_proj_tiles(monkeypatch, fusion)
-    seed = zlib.crc32(repr(("attention+proj residual", dtype)).encode())
-    branch = make_branch(3, 70, 3, 32, seed, dtype)
-    keep = make_mask("random", 3, 3, seed)
-    g = torch.Generator().manual_seed(seed)
-    residual = torch.randn(70, 3, 96, generator=g).to(DEVICE, dtype).transpose(0, 1)
-    gamma = (0.1 + torch.rand(96, generator=g)).to(DEVICE, dtype)
-    expected = residual.float() + reference_branch(branch, keep, 3) * gamma.float()
-    args = (branch["x"], keep, branch["qkv_weight"], branch["qkv_bias"], branch["proj_weight"], branch["proj_bias"], 3)
-    got = triton_head_attention(*args, residual=residual, layer_scale=gamma)
-    torch.testing.assert_close(got.float(), expected, atol=TOLERANCE[dtype], rtol=TOLERANCE[dtype])
-    in_place = residual.clone()
-    triton_head_attention(*args, residual=in_place, layer_scale=gamma, out=in_place)
-    torch.testing.assert_close(in_place, got, atol=0, rtol=0)
-
-
-@pytest.mark.parametrize("fusion", sorted(PROJECTING_FUSIONS))
-def test_fused_attention_proj_with_qk_norm(monkeypatch, interpreter_hang_limit, fusion):
-    attention_proj_tiles(monkeypatch, fusion)
-    branch = make_branch(3, 17, 3, 32, 31, torch.float16)
-    norms = layer_norm(32, True, True, 32, torch.float16), layer_norm(32, True, False, 33, torch.float16)
-    run_and_check(branch, make_mask("distinct", 3, 3, 31), 3, *norms)
-
-
-@pytest.mark.parametrize("fusion", sorted(PROJECTING_FUSIONS))
-@pytest.mark.parametrize("dtype,head_dim", [(torch.float32, 32), (torch.float16, 80)], ids=["fp32", "head-dim-80"])
-def test_fused_attention_proj_falls_back_to_three_launches(monkeypatch, fusion, dtype, head_dim):
-    """fp32 and heads wider than 64 run QKV, attention and the output projection apart."""
-    attention_proj_tiles(monkeypatch, fusion)
-    branch = make_branch(5, 23, 3, head_dim, 34, dtype)
-    keep = uneven_mask(5, 3, 34)
-    assert launch_names(branch, keep, 3) == ["qkv", "attention", "proj"]
-    run_and_check(branch, keep, 3)
-
-
-def test_fused_attention_proj_fits_its_projection_to_the_query_tile():
-    """The projection's accumulator shares the attention's warps: 128-query tiles in 4 warps
-    get 64-column tiles (64 registers a thread), 64-query tiles keep 128."""
-    fit = attention_module.fit_tiles
-    assert fit(TileConfig(fuse_attention_proj=True, attn_block_m=128, attn_warps=4), 64, 2).proj_block_o == 64
-    assert fit(TileConfig(**attention_module.FUSED_ATTENTION_PROJ), 64, 2).proj_block_o == 128
-    assert fit(TileConfig(attn_block_m=128, attn_warps=4), 64, 2).proj_block_o == 128  # (unfused: its own tile)
-
-
-def test_fused_branch_fits_its_qkv_to_both_warps_and_stages():
-    """The one-launch branch runs its QKV items in the attention's warps and stages, and its
-    fallback in the QKV's: 128-token tiles fit 8 QKV warps but not 4 attention warps (3 x 128 x
-    64 accumulators), and 64-deep reductions fit 3 stages but not the attention's 7."""
-    fit = attention_module.fit_tiles
-    wide = dict(qkv_block_n=128, qkv_warps=8, attn_warps=4)
-    assert fit(TileConfig(**wide), 64, 2).qkv_block_n == 128
-    assert fit(TileConfig(fuse_branch=True, **wide), 64, 2).qkv_block_n == 64
-    deep = dict(qkv_block_k=64, qkv_stages=3, attn_stages=7)
-    assert fit(TileConfig(**deep), 64, 2).qkv_block_k == 64
-    assert fit(TileConfig(fuse_branch=True, **deep), 64, 2).qkv_block_k == 32
-
-
 @pytest.mark.parametrize("bias", [True, False])
 def test_no_head_kept_gives_exactly_the_bias(bias):
     branch = make_branch(3, 17, 3, 32, 1, bias=bias)
@@ -531,22 +378,18 @@ def test_fp32_takes_its_ragged_keys_in_a_whole_key_step(block_d):
         block_d, torch.float32).attn_block_n
 
 
-# The default launches, and the opt-in ones a graph must capture as well: programmatic dependent
-# launches (captured as programmatic edges), and with attention and projection in one launch.
-GRAPH_LAUNCHES = {"defaults": {}, "programmatic-launch": dict(programmatic_launch=True),
-                  "fused-attention-proj programmatic-launch": dict(attention_module.FUSED_ATTENTION_PROJ,
-                                                                   programmatic_launch=True)}
-# The whole branch in one launch, whose attention items wait on the device for their sample's
-# q, k, v (apart, under a test_fused name: gpu_checks.sh runs those last, so a kernel that never
-# ends cannot cost the other tests their time limit).
-GRAPH_BRANCH_LAUNCHES = {"fused-branch": attention_module.FUSED_BRANCH,
-                         "fused-branch programmatic-launch": dict(attention_module.FUSED_BRANCH, programmatic_launch=True)}
+# The default launches, and programmatic dependent launches (captured as programmatic edges),
+# which a graph must capture as well.
+GRAPH_LAUNCHES = {"defaults": {}, "programmatic-launch": dict(programmatic_launch=True)}
 
 
-def check_no_host_sync_and_graph_replay(monkeypatch, overrides: dict):
-    """The branch launched with `overrides` makes no host synchronization, and a CUDA graph of it
-    replays correctly after the keep mask changes in place."""
-    monkeypatch.setattr(attention_module, "TILES", dataclasses.replace(attention_module.TILES, **overrides))
+@cuda_only
+@pytest.mark.parametrize("launches", sorted(GRAPH_LAUNCHES))
+def test_no_host_sync_and_graph_replay_with_new_mask(monkeypatch, launches):
+    """The branch makes no host synchronization, and a CUDA graph of it replays correctly after
+    the keep mask changes in place."""
+    monkeypatch.setattr(attention_module, "TILES", dataclasses.replace(attention_module.TILES,
+                                                                       **GRAPH_LAUNCHES[launches]))
     heads = 6
     branch = make_branch(5, 50, heads, 64, 12, torch.bfloat16)
     args = (branch["qkv_weight"], branch["qkv_bias"], branch["proj_weight"], branch["proj_bias"], heads)
@@ -567,29 +410,3 @@ def check_no_host_sync_and_graph_replay(monkeypatch, overrides: dict):
         graph.replay()
         expected = reference_branch(branch, keep, heads)
         torch.testing.assert_close(out.float(), expected, atol=5e-2, rtol=5e-2)
-
-
-@cuda_only
-@pytest.mark.parametrize("launches", sorted(GRAPH_LAUNCHES))
-def test_no_host_sync_and_graph_replay_with_new_mask(monkeypatch, launches):
-    check_no_host_sync_and_graph_replay(monkeypatch, GRAPH_LAUNCHES[launches])
-
-
-@cuda_only
-@pytest.mark.parametrize("launches", sorted(GRAPH_BRANCH_LAUNCHES))
-def test_fused_branch_no_host_sync_and_graph_replay(monkeypatch, launches):
-    check_no_host_sync_and_graph_replay(monkeypatch, GRAPH_BRANCH_LAUNCHES[launches])
-
-
-@cuda_only
-@pytest.mark.parametrize("launches", sorted(GRAPH_BRANCH_LAUNCHES))
-def test_fused_branch_at_scale_many_times(monkeypatch, launches):
-    """Thousands of programs, many waves of them (B=256, N=197, H=6: 4,728 QKV and 1,024 attention
-    items), so attention items really wait on QKV items still running; each run's output is
-    poisoned first and must match the reference, run after run."""
-    monkeypatch.setattr(attention_module, "TILES", dataclasses.replace(attention_module.TILES,
-                                                                       **GRAPH_BRANCH_LAUNCHES[launches]))
-    heads = 6
-    branch = make_branch(256, 197, heads, 64, 13, torch.bfloat16)
-    for run in range(5):
-        run_and_check(branch, make_mask("random", 256, heads, run), heads)

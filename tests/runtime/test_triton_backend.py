@@ -1,7 +1,5 @@
 """The whole GatedViT on the triton backend against the reference backend (compiled on CUDA,
 under TRITON_INTERPRET=1 on the CPU), and the Engine's backend choice."""
-import dataclasses
-import zlib
 
 import pytest
 import torch
@@ -60,41 +58,6 @@ def test_triton_backend_with_several_latent_and_batch_tiles():
     torch.testing.assert_close(got.gate_logits, expected.gate_logits, atol=1e-4, rtol=1e-4)
     assert torch.equal(got.head_mask, expected.head_mask)
     torch.testing.assert_close(got.logits, expected.logits, atol=1e-4, rtol=1e-4)
-
-
-@pytest.mark.parametrize("budget", [None, 0.67])
-@pytest.mark.parametrize("fusion", ["attention+proj", "qkv+attention+proj"])
-def test_fused_launches_in_the_model(monkeypatch, budget, fusion):
-    """The opt-in fused launches (attention + output projection; the whole branch) inside the
-    whole fp16 model (LayerScale, so the residual epilogue too) give the same masks and logits as
-    the default three launches."""
-    from headsteer.kernels import triton_head_attention as attention  # (after the importorskip above)
-
-    overrides, kernel_name = {"attention+proj": (attention.FUSED_ATTENTION_PROJ, "_attention_proj_kernel"),
-                              "qkv+attention+proj": (attention.FUSED_BRANCH, "_branch_kernel")}[fusion]
-
-    # The same model and inputs for every fusion (drawn on the CPU: the same on CUDA), a draw
-    # whose threshold gate keeps some heads and prunes others.
-    torch.manual_seed(zlib.crc32(repr(("fused launches", budget)).encode()))
-    model = _model(init_values=0.5).half()
-    pixels = torch.randn(3, 3, 32, 32).to(DEVICE).half()
-    scale = (torch.rand(3, model.steer_width) * 3).to(DEVICE).half()
-    fused_launches = []
-
-    class LaunchSpy:  # counts launches of the fused kernel, then launches it
-        def __getitem__(self, grid, kernel=getattr(attention, kernel_name)):
-            fused_launches.append(grid)
-            return kernel[grid]
-
-    with torch.no_grad():
-        expected = model(pixels, scale, budget=budget, backend="triton")
-        monkeypatch.setattr(attention, "TILES", dataclasses.replace(attention.TILES, **overrides))
-        monkeypatch.setattr(attention, kernel_name, LaunchSpy())
-        got = model(pixels, scale, budget=budget, backend="triton")
-    assert len(fused_launches) == len(model.gate_blocks)  # one per gated block, none before the switch
-    assert torch.equal(got.head_mask, expected.head_mask)
-    assert 0 < got.head_mask.float().mean() < 1  # some heads pruned, some kept: both paths taken
-    torch.testing.assert_close(got.logits, expected.logits, atol=1e-3, rtol=1e-3)
 
 
 @pytest.mark.skipif(DEVICE != "cuda", reason="needs a CUDA device")
