@@ -50,11 +50,13 @@ if [ "$quick" != "--quick" ]; then  # (--quick skips the sweeps, most of what it
 fi
 step kernels 45 python -m headsteer.bench.kernels --json "$dir/kernels.json" --md "$dir/kernels.md"
 variants="test_tile_variants"  # the opt-in configurations' tests, last
-# The Triton paths first, the model-level parity first of all (its limit cut the step at 45% on
-# 2026-11-27, before it reached them); every file of tests/kernels is named (a test checks).
+# The Triton paths first, the model-level parity and CUDA-graph replay first of all (its limit
+# cut the step at 45% on 2026-11-27, before it reached them); every file of tests/kernels is
+# named (a test checks).
 tests=(python -m pytest -v -rfE -n "$workers" -p no:cacheprovider tests/runtime/test_triton_backend.py
-  tests/kernels/test_triton_sae_gate.py tests/kernels/test_triton_head_attention.py tests/kernels/test_fast_gate.py
-  tests/kernels/test_compact.py tests/kernels/test_launch_math.py tests/kernels/test_aot_compile.py)
+  tests/runtime/test_cuda_graph.py tests/kernels/test_triton_sae_gate.py tests/kernels/test_triton_head_attention.py
+  tests/kernels/test_fast_gate.py tests/kernels/test_compact.py tests/kernels/test_launch_math.py
+  tests/kernels/test_aot_compile.py)
 step tests 190 "${tests[@]}" -k "not ($variants)"
 step breakdown 45 python -m headsteer.bench.kernels --breakdown --json "$dir/breakdown.json"
 step model 30 python -m headsteer.bench --model vit_small_patch16_224 --device cuda --dtype bfloat16 \

@@ -39,10 +39,11 @@ def test_test_steps_split_the_kernel_tests_between_them():
     variants = re.search(r'^variants="([^"]+)"', text, re.MULTILINE).group(1)
     files = re.search(r"^tests=\(python -m pytest .*? -p no:cacheprovider (.+?)\)$", text,
                       re.MULTILINE | re.DOTALL).group(1).split()
-    # the model-level parity first, then every kernel test file (named: a folder would be collected
+    # the model-level parity and CUDA-graph replay first, then every kernel test file (named: a folder would be collected
     # in its own order, and a file left out would never run compiled)
     kernel_files = {str(path.relative_to(SCRIPT.parents[1])) for path in (SCRIPT.parents[1] / "tests" / "kernels").glob("test_*.py")}
-    assert files[0] == "tests/runtime/test_triton_backend.py" and set(files[1:]) == kernel_files
+    assert files[:2] == ["tests/runtime/test_triton_backend.py", "tests/runtime/test_cuda_graph.py"]
+    assert set(files[2:]) == kernel_files
 
     def collected(expression: str) -> set:
         result = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider",
