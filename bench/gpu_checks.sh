@@ -57,16 +57,16 @@ tests=(python -m pytest -v -rfE -n "$workers" -p no:cacheprovider tests/runtime/
   tests/runtime/test_cuda_graph.py tests/kernels/test_triton_sae_gate.py tests/kernels/test_triton_head_attention.py
   tests/kernels/test_fast_gate.py tests/kernels/test_compact.py tests/kernels/test_launch_math.py
   tests/kernels/test_aot_compile.py)
-step tests 190 "${tests[@]}" -k "not ($variants)"
-step breakdown 45 python -m headsteer.bench.kernels --breakdown --json "$dir/breakdown.json"
-step model 30 python -m headsteer.bench --model vit_small_patch16_224 --device cuda --dtype bfloat16 \
+step tests 230 "${tests[@]}" -k "not ($variants)"
+step breakdown 35 python -m headsteer.bench.kernels --breakdown --json "$dir/breakdown.json"
+step model 25 python -m headsteer.bench --model vit_small_patch16_224 --device cuda --dtype bfloat16 \
   --backends timm,timm-graph,triton-graph --batch 64,8 --usage 1,0.67,0.33,0 --reps 10 --warmup 2 \
   --no-progress --json "$dir/model.json" --md "$dir/model.md"
 if command -v ncu >/dev/null; then  # (--clock-control none: leave the GPU's clocks as they are)
   # The report itself (tens of MB) stays out of the tarball, a lease returns at most 16 MB a file:
   # its sections for every profiled kernel, then the gate's per-line counters (warp stall
   # samples) by kernels/triton_sae_gate.py line, come back as text.
-  step profile 45 ncu --profile-from-start off --clock-control none --section SpeedOfLight --section LaunchStats \
+  step profile 40 ncu --profile-from-start off --clock-control none --section SpeedOfLight --section LaunchStats \
     --section Occupancy --section WarpStateStats --section SourceCounters --export /tmp/profile --force-overwrite \
     python -m headsteer.bench.kernels --profile
   step profile_details 10 ncu --import /tmp/profile.ncu-rep --page details
@@ -74,7 +74,7 @@ if command -v ncu >/dev/null; then  # (--clock-control none: leave the GPU's clo
     --kernel-name regex:sae_steer_gate --launch-count 1
 fi
 if [ "$quick" != "--quick" ]; then
-  step sweep 70 python -m headsteer.bench.kernels --sweep
+  step sweep 50 python -m headsteer.bench.kernels --sweep
   step gate_sweep 30 python -m headsteer.bench.kernels --gate-sweep
 fi
 step tests_variants 45 "${tests[@]}" -k "$variants"
