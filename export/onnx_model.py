@@ -104,10 +104,15 @@ class ExportableGatedViT(nn.Module):
         if compute_dtype not in COMPUTE_DTYPES.values():
             raise InputError(f"compute dtype must be one of {sorted(COMPUTE_DTYPES)}, got {compute_dtype}")
         self.compute_dtype = compute_dtype
+        half = any(tensor.is_floating_point() and tensor.dtype != torch.float32 for tensor in (*model.parameters(), *model.buffers()))
+        if half or compute_dtype != torch.float32:
+            # The graph is float32 (inputs, SAEs, gates) whatever dtype the model was in: a copy
+            # of an fp16/bf16 model is cast to fp32 first (the exporter cannot trace float32
+            # inputs into half weights). Mixed precision for strongly typed engines: the backbone
+            # in fp16/bf16, the SAEs and gates (a few [B, D] products deciding the mask) stay fp32
+            # so decisions do not flip.
+            model = copy.deepcopy(model).float()
         if compute_dtype != torch.float32:
-            # Mixed precision for strongly typed engines: the backbone in fp16/bf16, the SAEs and
-            # gates (a few [B, D] products deciding the mask) stay fp32 so decisions do not flip.
-            model = copy.deepcopy(model)
             model.vit.to(compute_dtype)
             model.vit.patch_embed.float()  # ONNX Conv (opset < 22) has no bfloat16: patchify in fp32
         self.model = model.eval()

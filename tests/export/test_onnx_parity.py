@@ -203,3 +203,23 @@ def test_malformed_inputs_fail_before_onnxruntime_runs(sessions, monkeypatch, pi
     monkeypatch.setattr(run.session, "run", no_run)
     with pytest.raises(InputError, match=match):
         run(pixels, scale)
+
+
+def test_half_precision_model_exports_the_float32_contract():
+    """A bf16 GatedViT exports as the contract's float32 graph (its weights widened exactly), and
+    the original model is left as it was; a reduced-precision export of it keeps the SAEs and
+    gates in fp32."""
+    from headsteer.export import make_ort_callable
+    from headsteer.export.onnx_model import ExportableGatedViT
+
+    half = make_model(seed=6).to(torch.bfloat16)
+    widened = make_model(seed=6).to(torch.bfloat16).float()
+    run = make_ort_callable(half, attention="masked")
+    ones, zeros = torch.ones(3, half.steer_width), torch.zeros(3, half.steer_width)
+    pixels, expected = pixels_away_from_threshold(widened, 3, ones, zeros, seed=17)
+    assert_parity(run(pixels), expected.logits, expected.head_mask)
+    assert {p.dtype for p in half.parameters()} == {torch.bfloat16}
+    wrapper = ExportableGatedViT(half, "masked", torch.float16)
+    deciding = [p.dtype for name, p in wrapper.model.named_parameters() if name.startswith(("gates.", "saes."))]
+    assert deciding and set(deciding) == {torch.float32}
+    assert wrapper.model.vit.blocks[0].attn.qkv.weight.dtype == torch.float16
