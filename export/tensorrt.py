@@ -83,7 +83,7 @@ def build_engine(
     *,
     precision: str = "fp32",
     min_batch: int = 1,
-    opt_batch: int = 8,
+    opt_batch: Optional[int] = None,
     max_batch: int = 32,
     attention: str = "masked",
     opset: int = DEFAULT_OPSET,
@@ -94,9 +94,12 @@ def build_engine(
 
     source: a bundle directory (exported to ONNX first, in `precision`; its steering rows are then
     written to `steering_path_for(plan_path)` once the plan is in place), or an `.onnx` file from
-    `to_onnx` (then `precision` must match the file's, which its metadata records)."""
+    `to_onnx` (then `precision` must match the file's, which its metadata records). opt_batch
+    defaults to `default_opt_batch(min_batch, max_batch)` (8 within the profile)."""
     if precision not in PRECISIONS:
         raise InputError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    if opt_batch is None:
+        opt_batch = default_opt_batch(min_batch, max_batch)
     _check_batches(min_batch, opt_batch, max_batch)
     plan_path = Path(plan_path)
     if not overwrite and plan_path.exists():
@@ -193,7 +196,7 @@ class TensorRTRunner:
         engine_path: Optional[Union[str, os.PathLike]] = None,
         precision: str = "fp32",
         min_batch: int = 1,
-        opt_batch: int = 8,
+        opt_batch: Optional[int] = None,
         max_batch: int = 32,
         attention: str = "masked",
     ):

@@ -116,7 +116,7 @@ class FakeTensorRT:
             pass
 
     def __init__(self, build_ok=True):
-        self.build_ok, self.cleared_flags = build_ok, []
+        self.build_ok, self.cleared_flags, self.profile_shapes = build_ok, [], {}
 
     def Builder(self, logger):
         inputs = [SimpleNamespace(name="pixel_values", shape=(-1, 3, 32, 32)), SimpleNamespace(name="steer_scale", shape=(-1, 128))]
@@ -129,7 +129,7 @@ class FakeTensorRT:
         return SimpleNamespace(
             create_network=lambda flags: network,
             create_builder_config=lambda: config,
-            create_optimization_profile=lambda: SimpleNamespace(set_shape=lambda *args: None),
+            create_optimization_profile=lambda: SimpleNamespace(set_shape=lambda name, *shapes: self.profile_shapes.update({name: shapes})),
             build_serialized_network=lambda network, config: b"plan" if self.build_ok else None,
         )
 
@@ -162,6 +162,19 @@ def test_build_turns_tf32_off_and_writes_the_steering_rows_beside_the_plan(expor
     # The same document as the ONNX export writes beside FILE.onnx.
     expected = json.loads(steering_path_for(exported.onnx["masked"]).read_text())
     assert json.loads(steering_path_for(plan).read_text()) == expected
+
+
+def test_profile_defaults_to_an_opt_batch_within_a_small_max_batch(exported, tmp_path, fake_tensorrt):
+    """build_engine(..., max_batch=4) (and Engine.load's tensorrt runner, which passes its
+    options on) without opt_batch: the profile is tuned for 4, not refused for opt 8 > max 4."""
+    from headsteer.export.tensorrt import build_engine
+
+    trt = fake_tensorrt()
+    build_engine(exported.bundle, tmp_path / "m.plan", max_batch=4)
+    assert trt.profile_shapes == {
+        "pixel_values": ([1, 3, 32, 32], [4, 3, 32, 32], [4, 3, 32, 32]),
+        "steer_scale": ([1, 128], [4, 128], [4, 128]),
+    }
 
 
 def test_failed_build_writes_neither_plan_nor_steering(exported, tmp_path, fake_tensorrt):
