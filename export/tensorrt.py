@@ -102,6 +102,8 @@ def build_engine(
         opt_batch = default_opt_batch(min_batch, max_batch)
     _check_batches(min_batch, opt_batch, max_batch)
     plan_path = Path(plan_path)
+    if plan_path.is_dir():
+        raise InputError(f"{plan_path} is a directory; --out names the .plan file to write")
     if not overwrite and plan_path.exists():
         raise InputError(f"{plan_path} already exists (pass --overwrite to replace it)")
     trt = _tensorrt()

@@ -177,6 +177,16 @@ def test_profile_defaults_to_an_opt_batch_within_a_small_max_batch(exported, tmp
     }
 
 
+def test_a_directory_as_the_plan_path_is_refused_before_the_build(exported, tmp_path, fake_tensorrt):
+    from headsteer.export.tensorrt import build_engine
+
+    fake_tensorrt()
+    (tmp_path / "out").mkdir()
+    with pytest.raises(InputError, match="is a directory"):
+        build_engine(exported.bundle, tmp_path / "out", max_batch=8)
+    assert [p.name for p in tmp_path.iterdir()] == ["out"] and not any((tmp_path / "out").iterdir())
+
+
 def test_failed_build_writes_neither_plan_nor_steering(exported, tmp_path, fake_tensorrt):
     from headsteer.export.tensorrt import build_engine
 
