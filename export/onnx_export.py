@@ -138,7 +138,12 @@ def read_metadata(model_or_path) -> dict:
         props = model_or_path
     else:
         onnx = require("onnx", "reading ONNX metadata")
-        proto = model_or_path if not isinstance(model_or_path, (str, os.PathLike)) else onnx.load(str(model_or_path), load_external_data=False)
+        proto = model_or_path
+        if isinstance(model_or_path, (str, os.PathLike)):
+            try:
+                proto = onnx.load(str(model_or_path), load_external_data=False)
+            except Exception as error:  # protobuf's DecodeError, a folder, an unreadable file
+                raise InputError(f"{model_or_path} is not a readable ONNX file ({type(error).__name__}: {error})") from None
         props = {p.key: p.value for p in proto.metadata_props}
     out = {}
     for key, value in props.items():

@@ -187,6 +187,19 @@ def test_a_directory_as_the_plan_path_is_refused_before_the_build(exported, tmp_
     assert [p.name for p in tmp_path.iterdir()] == ["out"] and not any((tmp_path / "out").iterdir())
 
 
+def test_a_source_that_is_no_onnx_file_is_a_clear_error(tmp_path, fake_tensorrt):
+    """E.g. a .plan given where the ONNX file is expected: an InputError naming the file, not
+    protobuf's bare DecodeError."""
+    from headsteer.export.tensorrt import build_engine
+
+    fake_tensorrt()
+    source = tmp_path / "model.plan"
+    source.write_bytes(b"\x00not an onnx file" * 8)
+    with pytest.raises(InputError, match="model.plan is not a readable ONNX file"):
+        build_engine(source, tmp_path / "m.plan", max_batch=8)
+    assert [p.name for p in tmp_path.iterdir()] == ["model.plan"]
+
+
 def test_failed_build_writes_neither_plan_nor_steering(exported, tmp_path, fake_tensorrt):
     from headsteer.export.tensorrt import build_engine
 
