@@ -311,6 +311,10 @@ class OnnxRunner(OrtCallable):
             self.onnx_path = None
         super().__init__(session, int(info.config["steer_width"]))
         check_against_bundle(self.metadata, info, onnx_path or "the exported model")
+        # The metadata leaves out e.g. the head count and channels: the declared I/O shapes hold them.
+        declared = {**self.input_shapes, **self.output_shapes}
+        check_io_dims({name: [dim if isinstance(dim, int) else -1 for dim in shape[1:]] for name, shape in declared.items()},
+                      info, onnx_path or "the exported model")
         self.attention = self.metadata.get("attention", attention)
         missing = set(INPUT_NAMES) - {i.name for i in session.get_inputs()}
         if missing:

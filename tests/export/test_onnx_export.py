@@ -163,6 +163,20 @@ def test_onnx_file_from_another_model_is_rejected(exported, tmp_path):
         Engine.load(exported.bundle, backend="onnxruntime", onnx_path=exported.onnx["masked"], providers=["NoSuchExecutionProvider"])
 
 
+def test_onnx_file_with_another_head_count_is_rejected(exported, tmp_path):
+    """Same classes, steering width, image size and gated blocks, but 6 heads per block where
+    the bundle has 3: the metadata check alone let it through (head masks of the wrong width)."""
+    from headsteer.runtime.engine import Engine
+
+    from .conftest import MODEL_KWARGS, make_model
+
+    wider = make_model(timm_kwargs=dict(MODEL_KWARGS["timm_kwargs"], num_heads=6))
+    assert wider.num_heads == 6 and wider.steer_width == exported.model.steer_width
+    other = to_onnx(wider, tmp_path / "six_heads.onnx", class_names=CLASS_NAMES, write_steering=False)
+    with pytest.raises(BundleError, match=r"six_heads.onnx was exported from another model: its head_mask shape without the batch is \[2, 6\]"):
+        Engine.load(exported.bundle, backend="onnxruntime", onnx_path=other)
+
+
 def test_cli_export_and_its_errors(exported, tmp_path, capsys):
     from headsteer.runtime.cli import main
 
