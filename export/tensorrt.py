@@ -255,6 +255,10 @@ class TensorRTRunner:
                 f"batch {batch} is outside this engine's optimization profile [{self.min_batch}, {self.max_batch}]; "
                 "rebuild with --min-batch/--max-batch or split the batch"
             )
+        for name, vector in (("steer_scale", steer_scale), ("steer_shift", steer_shift)):
+            # (each alone fits the profile: TensorRT would only fail at execution, with no reason given)
+            if vector is not None and tuple(vector.shape) != (batch, self.steer_width):
+                raise InputError(f"{name} must be [B, S_total] = {[batch, self.steer_width]}, got {list(vector.shape)}")
         to = dict(device=self.device)
         feeds = {
             "pixel_values": pixel_values.to(dtype=self.inputs["pixel_values"], **to).contiguous(),

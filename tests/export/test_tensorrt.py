@@ -100,6 +100,19 @@ def test_a_shape_or_address_tensorrt_refuses_is_an_input_error():
     assert context.calls == [("address", "logits")]
 
 
+def test_steering_rows_of_another_batch_are_refused_before_tensorrt_runs():
+    """pixels [2, ...] with steer_scale [3, S]: each fits the profile alone, so TensorRT would
+    accept both shapes and fail only at execution ("TensorRT execution failed")."""
+    from headsteer.export.tensorrt import TensorRTRunner
+
+    runner = TensorRTRunner.__new__(TensorRTRunner)  # no engine: the check must come first
+    runner.min_batch, runner.max_batch, runner.steer_width = 1, 32, 128
+    pixels = torch.zeros(2, 3, 32, 32)
+    for scale, shift, name in ((torch.ones(3, 128), None, "steer_scale"), (None, torch.zeros(2, 64), "steer_shift")):
+        with pytest.raises(InputError, match=re.escape(f"{name} must be [B, S_total] = [2, 128]")):
+            runner(pixels, scale, shift)
+
+
 class FakeTensorRT:
     """Just enough of the tensorrt module for `build_engine` to run without it (or a GPU): the
     parser accepts the file, and the "engine" serializes to b"plan" (or fails, when told)."""
