@@ -202,6 +202,17 @@ def write_triton_repo(
         _tensorrt()
         _require_cuda("building a TensorRT engine")
     source = resolve_source(bundle)
+    # Triton refuses to load a config with a dimension of 0 ("dimension must be integer >= 1, or
+    # -1"), which is what a bundle without SAEs (steering width 0) or gates declares.
+    empty = [f"{what} is {dims}" for what, dims, size in (
+        ("steer_scale/steer_shift", f"[B, {source.model.steer_width}] (the bundle has no SAE)", source.model.steer_width),
+        ("head_mask", f"[B, 0, {source.model.num_heads}] (the bundle has no gated block)", len(source.model.gate_blocks)),
+    ) if size == 0]
+    if empty:
+        raise InputError(
+            f"Triton Inference Server refuses a model config with a dimension of 0, and {'; '.join(empty)}; "
+            "serve a bundle with gates and an SAE, or export this one with --format onnx / tensorrt"
+        )
     model_name = _model_name(name, source.name)
     final = out_dir / model_name
     if final.exists() and not overwrite:

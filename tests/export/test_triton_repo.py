@@ -135,3 +135,21 @@ def test_plan_repository_keeps_no_onnx_weights_sidecar(exported, tmp_path, monke
     model_dir = write_triton_repo(exported.bundle, tmp_path / "repo", engine="plan", max_batch_size=8)
     assert [p.name for p in (model_dir / "1").iterdir()] == ["model.plan"]
     assert parse_pbtxt((model_dir / "config.pbtxt").read_text())["platform"] == "tensorrt_plan"
+
+
+@pytest.mark.parametrize("overrides,match", [
+    (dict(sae_blocks=()), r"steer_scale/steer_shift is \[B, 0\] \(the bundle has no SAE\)"),
+    (dict(gate_blocks=(), sae_blocks=()), r"head_mask is \[B, 0, 3\] \(the bundle has no gated block\)"),
+])
+def test_bundle_with_a_zero_sized_tensor_is_refused(tmp_path, overrides, match):
+    """Triton rejects `dims: [ 0 ]` when it loads the model; refuse before writing anything."""
+    from headsteer.export.triton_repo import write_triton_repo
+    from headsteer.runtime.bundle import save_bundle
+    from headsteer.runtime.errors import InputError
+
+    from .conftest import make_model
+
+    bundle = save_bundle(make_model(**overrides), tmp_path / "bundle", class_names=CLASS_NAMES)
+    with pytest.raises(InputError, match="refuses a model config with a dimension of 0.*" + match):
+        write_triton_repo(bundle, tmp_path / "repo")
+    assert not (tmp_path / "repo").exists()
