@@ -91,7 +91,17 @@ def build_session(onnx_path: Union[str, os.PathLike], providers: Sequence, intra
         for key, value in NO_SPINNING.items():
             options.add_session_config_entry(key, value)
     options.log_severity_level = 3  # errors only: ORT warns about unused initializers etc.
-    return ort.InferenceSession(str(onnx_path), sess_options=options, providers=list(providers))
+    try:
+        return ort.InferenceSession(str(onnx_path), sess_options=options, providers=list(providers))
+    except Exception as error:
+        # A 16-bit file may hold ops the providers have no kernel for in that type (ORT's CPU
+        # provider has no bf16 Expand): say which file and precision, not only ORT's node name.
+        precision = read_metadata(onnx_path).get("precision", "fp32") if "NOT_IMPLEMENTED" in str(error) else "fp32"
+        if precision == "fp32":
+            raise
+        raise InputError(f"ONNX Runtime ({', '.join(map(str, providers))}) cannot run {onnx_path}, exported with "
+                         f"precision {precision}: {str(error).splitlines()[0]}; export with --precision fp32 (or fp16) "
+                         "for ONNX Runtime (bf16 files are meant for TensorRT)") from None
 
 
 class OrtCallable:

@@ -70,3 +70,14 @@ def test_cuda_inputs_stay_on_the_device(exported, monkeypatch):
     assert logits.device.type == "cuda" and mask.device.type == "cuda"
     torch.testing.assert_close(logits.cpu(), expected_logits, atol=1e-5, rtol=1e-5)
     assert torch.equal(mask.cpu(), expected_mask)
+
+
+def test_a_bf16_file_on_the_cpu_provider_is_a_clear_error(exported, tmp_path):
+    """ORT's CPU provider has no bf16 kernel for some of the graph's ops: loading such a file names
+    the file and its precision (and what to export instead) rather than only ORT's node."""
+    from headsteer.export import to_onnx
+    from headsteer.runtime.errors import InputError
+
+    path = to_onnx(exported.bundle, tmp_path / "bf16.onnx", precision="bf16", write_steering=False)
+    with pytest.raises(InputError, match=r"bf16\.onnx, exported with precision bf16: .*NOT_IMPLEMENTED.*--precision fp32"):
+        Engine.load(exported.bundle, backend="onnxruntime", onnx_path=path)
