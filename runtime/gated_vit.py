@@ -315,8 +315,14 @@ class GatedViT(nn.Module):
         timm_kwargs = dict(timm_kwargs or {})
         if isinstance(model_or_name, str):
             name = model_or_name
-            if name not in timm.list_models():
+            # is_model ignores a pretrained tag ("vit_small_patch16_224.augreg_in21k"), which
+            # create_model accepts and which picks the pretrained config a weights file matches.
+            if not timm.is_model(name):
                 raise UnsupportedModelError(f"timm has no model named {name!r}")
+            try:
+                timm.models.get_pretrained_cfg(name)
+            except RuntimeError as error:  # an unknown tag: "Invalid pretrained tag (x) for arch."
+                raise UnsupportedModelError(f"timm model name {name!r}: {error}") from None
             build_kwargs = dict(timm_kwargs)
             if pretrained_file is not None:
                 build_kwargs.update(pretrained=True, pretrained_cfg_overlay=dict(file=str(pretrained_file)))

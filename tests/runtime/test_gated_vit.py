@@ -211,6 +211,16 @@ def test_unknown_timm_name_is_a_clear_error():
         GatedViT.from_timm("vit_does_not_exist")
 
 
+def test_timm_names_with_a_pretrained_tag_build():
+    """timm.create_model takes "arch.tag" (the tag picks the pretrained config a weights file
+    matches); from_timm takes the same names, and refuses an unknown tag clearly."""
+    name = "vit_tiny_patch16_224.augreg_in21k"
+    model = GatedViT.from_timm(name, timm_kwargs=dict(img_size=32, depth=1, num_classes=5)).eval()
+    assert model.timm_name == name and model.vit.num_classes == 5
+    with pytest.raises(UnsupportedModelError, match=r"vit_tiny_patch16_224\.no_such_tag.*Invalid pretrained tag"):
+        GatedViT.from_timm("vit_tiny_patch16_224.no_such_tag", timm_kwargs=dict(img_size=32, depth=1))
+
+
 @pytest.mark.parametrize(
     "pixels,kwargs,match",
     [
