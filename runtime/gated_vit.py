@@ -215,13 +215,23 @@ def resolve_blocks(spec: Union[str, int, Sequence[int]], depth: int, what: str) 
 
 def check_supported(vit: nn.Module) -> None:
     """Raise UnsupportedModelError naming the first module headsteer cannot gate."""
-    from timm.layers import Attention
+    from timm.layers import Attention, PatchEmbed
     from timm.models.vision_transformer import Block, VisionTransformer
 
     if not isinstance(vit, VisionTransformer):
         raise UnsupportedModelError(
             f"{type(vit).__name__} is not a timm VisionTransformer; headsteer wraps timm's vision_transformer "
             "family (class token or pooled, registers, qk-norm, layer scale)"
+        )
+    if not isinstance(vit.patch_embed, PatchEmbed):
+        # (e.g. the hybrids' HybridEmbed: a CNN stem whose conv input is not the image channels)
+        raise UnsupportedModelError(
+            f"patch_embed is a {type(vit.patch_embed).__name__} (CNN stem / hybrid ViT); only timm's PatchEmbed is supported"
+        )
+    if not vit.global_pool:
+        raise UnsupportedModelError(
+            "global_pool='' makes timm return per-token logits [B, N, C]; headsteer classifies images "
+            "(logits [B, C]): use a pooling global_pool such as 'token', 'avg' or 'map'"
         )
     for index, block in enumerate(vit.blocks):
         name = f"blocks.{index}"

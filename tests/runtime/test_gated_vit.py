@@ -198,8 +198,10 @@ def test_training_mask_is_straight_through_and_differentiable():
         (lambda: VisionTransformer(**tiny_vit_kwargs(block_fn=ResPostBlock)), r"blocks\.0 is a ResPostBlock"),
         (lambda: __import__("timm").create_model("eva02_tiny_patch14_224", img_size=28, depth=1), "not a timm VisionTransformer"),
         (lambda: VisionTransformer(**tiny_vit_kwargs(scale_attn_norm=True)), r"blocks\.0\.attn\.norm"),
+        (lambda: __import__("timm").create_model("vit_tiny_r_s16_p8_224", img_size=32, depth=1), "patch_embed is a HybridEmbed"),
+        (lambda: VisionTransformer(**tiny_vit_kwargs(global_pool="")), r"global_pool='' .*per-token logits"),
     ],
-    ids=["resnet", "res_post_block", "eva_rope", "scale_norm"],
+    ids=["resnet", "res_post_block", "eva_rope", "scale_norm", "hybrid_cnn_stem", "no_pooling"],
 )
 def test_unsupported_models_are_named(make, match):
     with pytest.raises(UnsupportedModelError, match=match):
