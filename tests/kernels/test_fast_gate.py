@@ -57,3 +57,25 @@ def test_fast_gate_matches_reference(activation, mode, budget, steering):
     no_sae = dispatch.sae_steer_gate("compact", e, gate, None, None, None, mode, budget)
     want_no_sae = reference.sae_steer_gate(e, gate, None, None, None, mode, budget)
     assert torch.equal(no_sae[1], want_no_sae[1])
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_fast_gate_16bit_keeps_the_reference_heads(dtype):
+    """On the CPU the compact gate writes GELU out with erf; in 16-bit each of its ops used to
+    round to bf16/fp16 (F.gelu rounds once), moving logits enough to flip keep decisions and
+    budget picks against the spec's. Logits near 0 (small fc2) make flips likely if it regresses."""
+    dim, heads, hidden = 48, 6, 64
+    for _ in range(20):
+        gate = dict(
+            norm_weight=torch.randn(dim), norm_bias=torch.randn(dim), norm_eps=1e-6,
+            fc1_weight=torch.randn(hidden, dim) / dim**0.5, fc1_bias=torch.randn(hidden),
+            fc2_weight=torch.randn(heads, hidden) / hidden**0.5, fc2_bias=torch.randn(heads) * 0.1,
+        )
+        gate = {k: v.to(dtype) if isinstance(v, torch.Tensor) else v for k, v in gate.items()}
+        e = torch.randn(256, dim, dtype=dtype)
+        for budget in (None, 0.5):
+            want = reference.sae_steer_gate(e, gate, None, None, None, "preserve-error", budget)
+            got = dispatch.sae_steer_gate("compact", e, gate, None, None, None, "preserve-error", budget)
+            assert torch.equal(got[1], want[1])
+            torch.testing.assert_close(got[0].float(), want[0].float(), atol=2 * torch.finfo(dtype).eps,
+                                       rtol=2 * torch.finfo(dtype).eps)
