@@ -404,10 +404,20 @@ class GatedViT(nn.Module):
         in_chans = self.vit.patch_embed.proj.in_channels
         if pixel_values.shape[1] != in_chans:
             raise InputError(f"pixel_values has {pixel_values.shape[1]} channels; the model expects {in_chans}")
-        if not getattr(self.vit, "dynamic_img_size", False) and tuple(pixel_values.shape[2:]) != self.image_size:
-            raise InputError(
-                f"pixel_values is {tuple(pixel_values.shape[2:])} pixels; the model expects {self.image_size}"
-            )
+        size = tuple(pixel_values.shape[2:])
+        if not getattr(self.vit, "dynamic_img_size", False):
+            if size != self.image_size:
+                raise InputError(f"pixel_values is {size} pixels; the model expects {self.image_size}")
+        elif getattr(self.vit.patch_embed, "dynamic_img_pad", False):
+            if min(size) < 1:
+                raise InputError(f"pixel_values is {size} pixels; the model needs at least one pixel per side")
+        else:
+            patch = tuple(self.vit.patch_embed.patch_size)
+            if any(side < step or side % step for side, step in zip(size, patch)):
+                raise InputError(
+                    f"pixel_values is {size} pixels; this dynamic-size model takes positive multiples of its "
+                    f"patch size {patch} (or build it with dynamic_img_pad=True)"
+                )
         for name, vector in (("steer_scale", steer_scale), ("steer_shift", steer_shift)):
             if vector is None:
                 continue

@@ -242,6 +242,26 @@ def test_bad_inputs_are_clear_errors(pixels, kwargs, match):
         model(pixels, **kwargs)
 
 
+@pytest.mark.parametrize(
+    "pad,size,match",
+    [
+        (False, (37, 32), r"\(37, 32\) pixels; this dynamic-size model takes positive multiples of its patch size \(8, 8\)"),
+        (False, (4, 8), r"\(4, 8\) pixels; this dynamic-size model takes positive multiples"),
+        (True, (0, 8), r"\(0, 8\) pixels; the model needs at least one pixel per side"),
+    ],
+    ids=["not_a_multiple", "under_one_patch", "padded_empty"],
+)
+def test_dynamic_img_size_refuses_sizes_timm_cannot_embed(pad, size, match):
+    """dynamic_img_size lifts the fixed size, not the patch grid: without dynamic_img_pad timm
+    asserts deep in its patch embedding on sizes that are not multiples of the patch."""
+    model = GatedViT.from_timm(VisionTransformer(**tiny_vit_kwargs(dynamic_img_size=True, dynamic_img_pad=pad))).eval()
+    with pytest.raises(InputError, match=match):
+        model(torch.randn(2, 3, *size))
+    pixels = torch.randn(2, 3, *((37, 29) if pad else (40, 16)))  # sizes timm takes still run
+    with torch.no_grad():
+        assert (model(pixels, budget=1.0).logits - model.vit(pixels)).abs().max() <= 1e-5
+
+
 def test_integer_steering_vectors_are_refused():
     model = GatedViT.from_timm(VisionTransformer(**tiny_vit_kwargs()), sae_blocks=(-1,)).eval()
     scale = torch.ones(2, model.steer_width, dtype=torch.long)
