@@ -178,6 +178,11 @@ def save_bundle(
             "so the bundle can rebuild the timm model on load"
         )
     num_classes = model.vit.num_classes
+    if num_classes == 0:
+        raise InputError(
+            "the model has no classifier head (timm num_classes=0: its 'logits' are pooled features); "
+            "a bundle classifies, so build it with num_classes set"
+        )
     class_names = list(class_names) if class_names is not None else [str(i) for i in range(num_classes)]
     if len(class_names) != num_classes:
         raise InputError(f"{len(class_names)} class names for a model with {num_classes} classes")
@@ -367,7 +372,8 @@ def _check_header_types(config: dict, config_path: Path) -> None:
             "a list of block indices")
     _expect(config_path, "steer_width", config["steer_width"], _is_int(config["steer_width"]), "a latent count (an integer >= 0)")
     names = config["class_names"]
-    _expect(config_path, "class_names", names, _is_list_of(names, lambda c: isinstance(c, str)), "a list of class names")
+    _expect(config_path, "class_names", names, _is_list_of(names, lambda c: isinstance(c, str)) and len(names) > 0,
+            "a non-empty list of class names")
     _expect(config_path, "sae_sites", config["sae_sites"], _is_list_of(config["sae_sites"], _is_sae_site),
             "a list of {block, width, offset, activation, k} objects, one per SAE")
     _expect(config_path, "extra", config.get("extra", {}), isinstance(config.get("extra", {}), dict), "an object")

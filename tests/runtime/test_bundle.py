@@ -144,6 +144,9 @@ def test_save_validates_before_writing(tmp_path):
     instance_model = GatedViT.from_timm(model.vit)
     with pytest.raises(BundleError, match="from_timm\\(name"):
         save_bundle(instance_model, tmp_path / "b")
+    headless = GatedViT.from_timm("vit_tiny_patch16_224", timm_kwargs=tiny_vit_kwargs(num_classes=0))
+    with pytest.raises(InputError, match=r"no classifier head \(timm num_classes=0"):
+        save_bundle(headless, tmp_path / "b")  # (Engine.predict raised IndexError on its bundle)
     assert list(tmp_path.iterdir()) == []
 
 
@@ -241,6 +244,8 @@ CORRUPT_HEADERS = {
     "std of zeros": (_set("normalization", "std", value=[0, 0, 0]), r"normalization std must be positive"),
     "std not finite": (_set("normalization", "std", value=[float("nan"), 1.0, 1.0]), r"normalization std must be finite"),
     # header fields the Engine and exporters trust, differing from the model built
+    "headless model": (lambda c: (c.update(class_names=[], steering=None), c["model"]["timm_kwargs"].update(num_classes=0)),
+                       r"class_names must be a non-empty list of class names"),
     "class names short": (lambda c: c.update(class_names=["a", "b", "c"], steering=None),
                           r"class_names \(count\) is 3, but the model it describes has 7"),
     "sae site width": (_set("sae_sites", 0, "width", value=16), r"sae_sites is .*, but the model it describes has"),
