@@ -15,6 +15,8 @@ BACKENDS = ("reference", "compact", "triton")
 
 # Head-major weight copies for the compact backend, per attention module, rebuilt whenever the
 # weights change (a Parameter's _version counts its in-place updates: optimizer steps, loads).
+# Writes through `param.data` (e.g. `p.data.mul_(...)`) bypass that counter and are not seen:
+# update weights in place under torch.no_grad() instead.
 _HEAD_MAJOR_CACHE: "weakref.WeakKeyDictionary[nn.Module, tuple]" = weakref.WeakKeyDictionary()
 
 
@@ -39,12 +41,24 @@ def _require_triton(tensor: torch.Tensor) -> None:
 
 def _head_major(attn: nn.Module) -> tuple:
     qkv, proj, bias = attn.qkv.weight, attn.proj.weight, attn.qkv.bias
+    weights = (qkv, proj) if bias is None else (qkv, proj, bias)
+    if torch.is_grad_enabled() and any(w.requires_grad for w in weights):
+        # Autograd through the compact path: the copies must carry gradients back to the weights
+        # (cached ones, built without grad, silently dropped them), so they are built per call.
+        return compact.head_major_weights(qkv, bias, proj, attn.num_heads)
+    if any(w.is_inference() for w in weights):
+        # Weights created or moved inside torch.inference_mode are inference tensors, which have
+        # no version counter: an in-place update could not be seen, so nothing is cached.
+        return compact.head_major_weights(qkv, bias, proj, attn.num_heads)
     # (the head-major copies include the qkv bias, so its updates count too: e.g. a bias-only step)
     key = (qkv.data_ptr(), qkv._version, proj.data_ptr(), proj._version, qkv.dtype, qkv.device,
            None if bias is None else (bias.data_ptr(), bias._version, bias.dtype))
     cached = _HEAD_MAJOR_CACHE.get(attn)
     if cached is None or cached[0] != key:
-        with torch.no_grad():
+        # Normal tensors even when first built under torch.inference_mode (Engine's warm-up):
+        # inference tensors cannot be saved for backward, so a later grad-mode call with an
+        # input that requires grad (a saliency map) would fail on them.
+        with torch.inference_mode(False), torch.no_grad():
             weights = compact.head_major_weights(qkv, attn.qkv.bias, proj, attn.num_heads)
         cached = (key, weights)
         _HEAD_MAJOR_CACHE[attn] = cached

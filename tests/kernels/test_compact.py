@@ -106,3 +106,72 @@ def test_head_major_weights_slices_one_head():
     assert torch.equal(qkv_heads[head], rows)
     assert torch.equal(proj_heads[head], proj_weight[:, head * 4 : head * 4 + 4].t())
     assert torch.equal(bias_heads[head], torch.cat([qkv_bias[p * 12 + 4 : p * 12 + 8] for p in range(3)]))
+
+
+def _attention_and_inputs(batch=5, heads=4, dim=32):
+    from timm.models.vision_transformer import Attention
+
+    attn = Attention(dim, num_heads=heads, qkv_bias=True).eval()
+    keep = torch.rand(batch, heads) > 0.5
+    keep[0], keep[1] = False, True  # a sample keeping no head, one keeping all, the rest mixed
+    return attn, torch.randn(batch, 9, dim), keep
+
+
+def test_compact_backend_gradients_reach_the_weights():
+    """Grad mode in eval (no training fallback): the compact path must give the reference's
+    gradients for the attention weights, not silently drop them through cached weight copies."""
+    from headsteer.kernels import dispatch
+
+    attn, x, keep = _attention_and_inputs()
+    grads = {}
+    for backend in ("compact", "reference", "compact"):  # the second compact call finds a filled cache
+        attn.zero_grad(set_to_none=True)
+        dispatch.head_attention(backend, x, keep, None, attn).square().sum().backward()
+        grads[backend] = [p.grad for p in (attn.qkv.weight, attn.qkv.bias, attn.proj.weight, attn.proj.bias)]
+    for got, want in zip(grads["compact"], grads["reference"]):
+        assert got is not None
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
+
+
+def test_compact_backend_input_gradients_after_an_inference_mode_call():
+    """Engine warms up under torch.inference_mode; the weight copies it caches must still serve a
+    later grad-mode call on frozen weights whose input requires grad (a saliency map)."""
+    from headsteer.kernels import dispatch
+
+    attn, x, _ = _attention_and_inputs()
+    attn.requires_grad_(False)
+    keep = torch.tensor([True, True, False, False]).expand(5, 4).clone()  # one shared run of heads
+    with torch.inference_mode():
+        dispatch.head_attention("compact", x, keep, None, attn)
+    grads = []
+    for backend in ("compact", "reference"):
+        pixels = x.clone().requires_grad_()
+        dispatch.head_attention(backend, pixels, keep, None, attn).square().sum().backward()
+        grads.append(pixels.grad)
+    torch.testing.assert_close(grads[0], grads[1], atol=1e-5, rtol=1e-4)
+
+
+def test_compact_backend_weights_converted_in_inference_mode():
+    """Weights moved with .to() inside torch.inference_mode are inference tensors, whose in-place
+    updates no version counter records: the compact path must not serve stale copies of them."""
+    from headsteer.kernels import dispatch
+
+    attn, x, keep = _attention_and_inputs()
+    with torch.inference_mode():
+        attn.to(torch.float64)
+        x = x.double()
+        dispatch.head_attention("compact", x, keep, None, attn)
+        attn.qkv.weight.mul_(0.5)
+        got = dispatch.head_attention("compact", x, keep, None, attn)
+        want = dispatch.head_attention("reference", x, keep, None, attn)
+    torch.testing.assert_close(got, want, atol=1e-10, rtol=1e-10)
+
+
+def test_compact_backend_weights_built_in_inference_mode():
+    from headsteer.kernels import dispatch
+
+    with torch.inference_mode():
+        attn, x, keep = _attention_and_inputs()
+        got = dispatch.head_attention("compact", x, keep, None, attn)
+        want = dispatch.head_attention("reference", x, keep, None, attn)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
