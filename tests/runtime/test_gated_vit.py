@@ -55,6 +55,67 @@ def test_all_heads_kept_matches_timm(variant, kwargs, size, backend):
     assert _parity_error(VisionTransformer(**kwargs), size, backend) <= 1e-5
 
 
+# More configurations a timm user brings, for the bit-exact check below.
+MORE_VARIANTS = [
+    ("no_proj_bias", tiny_vit_kwargs(proj_bias=False), (32, 32)),
+    ("quick_gelu", tiny_vit_kwargs(act_layer="quick_gelu"), (32, 32)),
+    ("swiglu", tiny_vit_kwargs(mlp_layer=__import__("timm").layers.SwiGLUPacked, act_layer="silu"), (32, 32)),
+    ("rmsnorm", tiny_vit_kwargs(norm_layer="rmsnorm", qk_norm=True), (32, 32)),
+    ("prr_pool", tiny_vit_kwargs(global_pool="prr"), (32, 32)),
+    ("avg_with_prefix", tiny_vit_kwargs(global_pool="avg", pool_include_prefix=True, fc_norm=False), (32, 32)),
+    ("no_final_norm_no_pos_embed", tiny_vit_kwargs(final_norm=False, pos_embed="none"), (32, 32)),
+    ("dropouts_in_eval", tiny_vit_kwargs(attn_drop_rate=0.3, proj_drop_rate=0.3, drop_path_rate=0.3,
+                                         patch_drop_rate=0.5, drop_rate=0.3), (32, 32)),
+    ("dynamic_img_pad", tiny_vit_kwargs(dynamic_img_size=True, dynamic_img_pad=True), (37, 29)),
+    ("headless", tiny_vit_kwargs(num_classes=0), (32, 32)),
+]
+
+
+def _set_fused_attn(vit: nn.Module, fused: bool) -> None:
+    for module in vit.modules():
+        if hasattr(module, "fused_attn"):
+            module.fused_attn = fused
+
+
+@pytest.mark.parametrize(
+    "variant,make,size",
+    [(v, lambda k=k: VisionTransformer(**k), s) for v, k, s in TIMM_VARIANTS + MORE_VARIANTS]
+    + [("deit_distilled", lambda: __import__("timm").create_model("deit_tiny_distilled_patch16_224", img_size=32, depth=2), (32, 32))],
+    ids=[v[0] for v in TIMM_VARIANTS + MORE_VARIANTS] + ["deit_distilled"],
+)
+def test_every_head_kept_is_timm_to_the_bit(variant, make, size):
+    """Identity steering, every head kept: compact computes timm's fused-attention forward and
+    reference timm's non-fused one, bit for bit (forward_features and logits) in fp32."""
+    vit = make().eval()
+    model = GatedViT.from_timm(vit, sae_blocks="all").eval()
+    pixels = torch.randn(3, 3, *size)
+    scale, shift = identity_steering(3, model.steer_width)
+    with torch.no_grad():
+        for backend, fused in (("compact", True), ("reference", False)):
+            _set_fused_attn(vit, fused)
+            features = vit.forward_features(pixels)
+            got, _, _ = model.forward_features(pixels, scale, shift, budget=1.0, backend=backend)
+            assert torch.equal(got, features), backend
+            out = model(pixels, scale, shift, budget=1.0, backend=backend)
+            assert out.head_mask.all() and torch.equal(out.logits, vit.forward_head(features)), backend
+
+
+@pytest.mark.parametrize("layout", ["channels_last", "strided", "permuted"])
+@pytest.mark.parametrize("grad_mode", [torch.no_grad, torch.inference_mode])
+def test_input_layouts_and_grad_modes_match_timm(layout, grad_mode):
+    """An odd batch in any memory layout, under no_grad or inference_mode, is timm's to the bit."""
+    vit = VisionTransformer(**tiny_vit_kwargs()).eval()
+    model = GatedViT.from_timm(vit, sae_blocks="all").eval()
+    pixels = {
+        "channels_last": torch.randn(5, 3, 32, 32).to(memory_format=torch.channels_last),
+        "strided": torch.randn(5, 3, 64, 32)[:, :, ::2],
+        "permuted": torch.randn(5, 32, 32, 3).permute(0, 3, 1, 2),
+    }[layout]
+    with grad_mode():
+        expected = vit(pixels)
+        assert torch.equal(model(pixels, budget=1.0, backend="compact").logits, expected)
+
+
 @pytest.mark.parametrize("name,kwargs", TIMM_NAMES, ids=[n for n, _ in TIMM_NAMES])
 def test_named_timm_models_match(name, kwargs):
     model = GatedViT.from_timm(name, timm_kwargs=dict(kwargs, num_classes=5)).eval()
