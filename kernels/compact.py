@@ -151,6 +151,10 @@ def compact_head_attention(
     cheaper than the dozen tiny tensor ops (unique, nonzero, comparisons) it replaces, which at
     batch 1 cost as much as a pruned head."""
     batch, tokens, _ = x.shape
+    if keep.dtype != torch.bool or tuple(keep.shape) != (batch, num_heads):
+        # (another shape would silently drop heads, or leave samples' rows uninitialized)
+        raise ValueError(f"keep must be a bool [B, H] = [{batch}, {num_heads}] mask, "
+                         f"got {keep.dtype} {list(keep.shape)}")
     rows = keep.tolist()
     groups: dict = {}
     for sample, row in enumerate(rows):

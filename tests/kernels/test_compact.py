@@ -175,3 +175,14 @@ def test_compact_backend_weights_built_in_inference_mode():
         got = dispatch.head_attention("compact", x, keep, None, attn)
         want = dispatch.head_attention("reference", x, keep, None, attn)
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("shape,dtype", [((3, 4), torch.bool), ((4, 3), torch.bool), ((4, 5), torch.bool),
+                                         ((4, 4), torch.float32)])
+def test_compact_refuses_a_keep_mask_of_another_shape_or_dtype(shape, dtype):
+    """A mask with fewer rows left those samples' output uninitialized, one with fewer columns
+    silently dropped heads, and a float (soft) mask was read as kept wherever nonzero."""
+    weights = _weights(32, 4, 8, 32)
+    keep = (torch.arange(shape[0] * shape[1]).view(shape) % 3 == 0).to(dtype)
+    with pytest.raises(ValueError, match=r"keep must be a bool \[B, H\] = \[4, 4\]"):
+        compact.compact_head_attention(torch.randn(4, 5, 32), keep, *weights)
