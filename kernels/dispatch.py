@@ -94,7 +94,11 @@ def head_attention(
         return _block_update(head_attention(backend, x, keep, head_weight, attn, training), residual, layer_scale)
     q_norm, k_norm = _norm_or_none(attn.q_norm), _norm_or_none(attn.k_norm)
     args = (attn.qkv.weight, attn.qkv.bias, attn.proj.weight, attn.proj.bias, attn.num_heads)
-    if backend == "reference" or training:
+    if training:  # (timm's dropouts: on the attention probabilities and the branch output)
+        head_weight = keep.to(x.dtype) if head_weight is None else head_weight
+        return attn.proj_drop(reference.head_attention(x, head_weight, *args, q_norm=q_norm, k_norm=k_norm,
+                                                       attn_drop=attn.attn_drop))
+    if backend == "reference":
         head_weight = keep.to(x.dtype) if head_weight is None else head_weight
         return reference.head_attention(x, head_weight, *args, q_norm=q_norm, k_norm=k_norm)
     if backend == "compact":

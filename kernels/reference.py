@@ -168,12 +168,15 @@ def head_attention(
     num_heads: int,
     q_norm: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
     k_norm: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
+    attn_drop: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
 ) -> torch.Tensor:
     """Masked dense attention branch: every head computed, head h of sample b scaled by
     `head_weight[b, h]` (the keep mask as 0/1, or a straight-through soft mask in training).
 
     x [B, N, D]; qkv_weight [3*H*d, D] in timm's (q|k|v, head, dim) row order; proj_weight
-    [D_out, H*d]. Returns `sum_h w_bh softmax(q_h k_h^T / sqrt(d)) v_h W_o[:, h] + b_o`."""
+    [D_out, H*d]. Returns `sum_h w_bh softmax(q_h k_h^T / sqrt(d)) v_h W_o[:, h] + b_o`.
+    attn_drop (training only: timm's `Attention.attn_drop`) is applied to the softmax
+    probabilities, where timm's non-fused path applies it."""
     batch, tokens, _ = x.shape
     head_dim = qkv_weight.shape[0] // (3 * num_heads)
     qkv = F.linear(x, qkv_weight, qkv_bias).reshape(batch, tokens, 3, num_heads, head_dim)
@@ -183,7 +186,10 @@ def head_attention(
     if k_norm is not None:
         k = k_norm(k)
     scores = (q * head_dim**-0.5) @ k.transpose(-2, -1)
-    heads = scores.softmax(dim=-1) @ v  # [B, H, N, d]
+    probs = scores.softmax(dim=-1)
+    if attn_drop is not None:
+        probs = attn_drop(probs)
+    heads = probs @ v  # [B, H, N, d]
     heads = heads * head_weight.to(heads.dtype)[:, :, None, None]
     heads = heads.transpose(1, 2).reshape(batch, tokens, num_heads * head_dim)
     return F.linear(heads, proj_weight, proj_bias)

@@ -100,6 +100,24 @@ def test_every_head_kept_is_timm_to_the_bit(variant, make, size):
             assert out.head_mask.all() and torch.equal(out.logits, vit.forward_head(features)), backend
 
 
+@pytest.mark.parametrize("backend", ["reference", "compact"])
+def test_training_applies_timms_attention_dropouts(backend):
+    """In training every backend takes the differentiable reference path with timm's attention
+    dropout (on the probabilities) and projection dropout: with every head kept and the same seed
+    the output is timm's non-fused training forward, to the bit."""
+    vit = VisionTransformer(**tiny_vit_kwargs(attn_drop_rate=0.5, proj_drop_rate=0.5))
+    _set_fused_attn(vit, False)
+    model = GatedViT.from_timm(vit, sae_blocks="all").train()
+    pixels = torch.randn(3, 3, 32, 32)
+    torch.manual_seed(5)
+    expected = vit(pixels)
+    torch.manual_seed(5)
+    got = model(pixels, budget=1.0, backend=backend).logits
+    assert torch.equal(got, expected)
+    torch.manual_seed(6)
+    assert not torch.equal(model(pixels, budget=1.0, backend=backend).logits, got)  # the dropouts ran
+
+
 @pytest.mark.parametrize("layout", ["channels_last", "strided", "permuted"])
 @pytest.mark.parametrize("grad_mode", [torch.no_grad, torch.inference_mode])
 def test_input_layouts_and_grad_modes_match_timm(layout, grad_mode):
