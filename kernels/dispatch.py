@@ -158,8 +158,9 @@ _SMALL_GELU = 1 << 16
 def _gelu(h: torch.Tensor) -> torch.Tensor:
     if h.device.type == "cpu" and h.numel() <= _SMALL_GELU:
         # 16-bit inputs are computed in fp32 and rounded once, as F.gelu does: four ops each
-        # rounded to bf16 moved gate logits by up to 0.03 and flipped keep decisions.
-        wide = h.float()
+        # rounded to bf16 moved gate logits by up to 0.03 and flipped keep decisions. (fp32 and
+        # fp64 stay in their own precision.)
+        wide = h.float() if h.dtype in (torch.float16, torch.bfloat16) else h
         return (wide * 0.5 * (1.0 + torch.erf(wide * 0.7071067811865476))).to(h.dtype)
     return F.gelu(h)
 

@@ -79,3 +79,12 @@ def test_fast_gate_16bit_keeps_the_reference_heads(dtype):
             assert torch.equal(got[1], want[1])
             torch.testing.assert_close(got[0].float(), want[0].float(), atol=2 * torch.finfo(dtype).eps,
                                        rtol=2 * torch.finfo(dtype).eps)
+
+
+def test_fast_gate_gelu_keeps_float64_precision():
+    """Only 16-bit inputs are widened to fp32: fp64 logits (parity checks) stay fp64-exact, as
+    F.gelu computes them, not rounded through fp32."""
+    h = torch.randn(1000, dtype=torch.float64)
+    got = dispatch._gelu(h)
+    assert got.dtype == torch.float64
+    torch.testing.assert_close(got, torch.nn.functional.gelu(h), atol=1e-12, rtol=1e-12)
