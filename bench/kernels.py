@@ -243,7 +243,7 @@ def sweep_variants() -> list:
 
     base = module.TILES  # vary one kernel's tiles at a time around the current defaults
     variants = [base]
-    # Programmatic dependent launches (opt-in; 2-3% faster on an H100 on 2026-11-27).
+    # Programmatic dependent launches (opt-in; 1-5% faster on an H100 on 2026-11-27).
     variants.append(dataclasses.replace(base, programmatic_launch=True))
     # The output projection's per-head branch at every head count, then its kept-head list at
     # every head count (the defaults take the list up to 8 heads: ViT-S's, not ViT-B's).

@@ -18,7 +18,7 @@ compacted per-head token lists walked by persistent programs (`qkv_compact`), an
 attention in one launch (`fuse_qkv_attention`); both were slower than the flattened QKV launch at
 ViT-S and ViT-B, at usage 1 and 0.33. On 2026-11-27 (graph replay, B=64, N=197, bf16), attention
 and output projection in one launch (`fuse_attention_proj`: slower at usage 1, a tie at 0.33)
-and the whole branch in one launch (`fuse_branch`: 1.4-1.5x slower at both sizes and usages)
+and the whole branch in one launch (`fuse_branch`: 1.4-1.6x slower at both sizes and usages)
 against these three launches.
 
 Scratch buffers (q/k/v and per-head outputs, `new_scratch`) are uninitialized: slots of pruned
