@@ -75,7 +75,7 @@ def run_predict(args: argparse.Namespace) -> int:
     for name in args.images:  # read every file before loading the model: bad input fails fast
         try:
             with Image.open(name) as image:
-                problem = wide_mode_problem(image, f"image {name}")
+                problem = wide_mode_problem(image, f"image {name}", tensor_hint=False)
                 if problem:
                     raise InputError(problem)
                 images.append(image.convert("RGB"))

@@ -49,12 +49,13 @@ DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.
 WIDE_PIL_MODES = ("I", "I;16", "I;16L", "I;16B", "I;16N", "F")
 
 
-def wide_mode_problem(image, what: str) -> Optional[str]:
-    """Why a PIL image cannot be read as 8-bit pixels (None if it can); `what` names it."""
+def wide_mode_problem(image, what: str, tensor_hint: bool = True) -> Optional[str]:
+    """Why a PIL image cannot be read as 8-bit pixels (None if it can); `what` names it.
+    `tensor_hint`: suggest a normalized tensor instead (the Python API takes one; the CLI does not)."""
     if image.mode not in WIDE_PIL_MODES:
         return None
     return (f"{what} is a PIL mode {image.mode!r} image (more than 8 bits per channel) that 8-bit "
-            "conversion would clip; scale it to 8 bits first, or pass a normalized tensor")
+            "conversion would clip; scale it to 8 bits first" + (", or pass a normalized tensor" if tensor_hint else ""))
 
 
 def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype = torch.float32) -> str:

@@ -71,6 +71,7 @@ def test_errors_are_one_line_without_traceback(bundle_path, tmp_path, argv, mess
     assert result.returncode == 2
     assert message in result.stderr
     assert "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) == 1
+    assert "tensor" not in result.stderr  # (the command line takes image files only)
 
 
 def test_predict_reports_a_decompression_bomb_as_an_unreadable_image(bundle_path, tmp_path, monkeypatch, capsys):
