@@ -23,8 +23,11 @@ def hand_sae_encode(e, enc_w, enc_b, dec_b, activation, k=None, threshold=None):
     """`z = act(W_enc (e - b_dec) + b_enc)`, one sample and one latent at a time."""
     batch, width = e.shape[0], enc_w.shape[0]
     z = torch.zeros(batch, width, dtype=F64)
+    enc_w, enc_b, dec_b, e = (t.tolist() for t in (enc_w, enc_b, dec_b, e))
+    threshold = None if threshold is None else threshold.tolist()
     for b in range(batch):
-        pre = [float(sum(enc_w[s, j] * (e[b, j] - dec_b[j]) for j in range(e.shape[1])) + enc_b[s]) for s in range(width)]
+        centered = [v - c for v, c in zip(e[b], dec_b)]
+        pre = [sum(w * v for w, v in zip(enc_w[s], centered)) + enc_b[s] for s in range(width)]
         if activation == "relu":
             chosen = range(width)
         elif activation == "topk":  # the k largest, ties to the lower latent index, then ReLU
@@ -40,17 +43,17 @@ def hand_sae_encode(e, enc_w, enc_b, dec_b, activation, k=None, threshold=None):
 def hand_gate_logits(g, norm_w, norm_b, eps, fc1_w, fc1_b, fc2_w, fc2_b):
     """LayerNorm (biased variance) -> Linear -> GELU (erf form) -> Linear, one sample at a time."""
     out = torch.zeros(g.shape[0], fc2_w.shape[0], dtype=F64)
-    for b in range(g.shape[0]):
-        row = [float(v) for v in g[b]]
+    g, norm_w, norm_b, fc1_w, fc1_b, fc2_w, fc2_b = (t.tolist() for t in (g, norm_w, norm_b, fc1_w, fc1_b, fc2_w, fc2_b))
+    for b, row in enumerate(g):
         mean = sum(row) / len(row)
         var = sum((v - mean) ** 2 for v in row) / len(row)
-        normed = [(v - mean) / math.sqrt(var + eps) * float(norm_w[j]) + float(norm_b[j]) for j, v in enumerate(row)]
+        normed = [(v - mean) / math.sqrt(var + eps) * norm_w[j] + norm_b[j] for j, v in enumerate(row)]
         hidden = []
-        for i in range(fc1_w.shape[0]):
-            h = sum(float(fc1_w[i, j]) * normed[j] for j in range(len(row))) + float(fc1_b[i])
+        for weights, bias in zip(fc1_w, fc1_b):
+            h = sum(w * v for w, v in zip(weights, normed)) + bias
             hidden.append(0.5 * h * (1.0 + math.erf(h / math.sqrt(2.0))))
-        for h_ in range(fc2_w.shape[0]):
-            out[b, h_] = sum(float(fc2_w[h_, i]) * hidden[i] for i in range(len(hidden))) + float(fc2_b[h_])
+        for h_, (weights, bias) in enumerate(zip(fc2_w, fc2_b)):
+            out[b, h_] = sum(w * v for w, v in zip(weights, hidden)) + bias
     return out
 
 
