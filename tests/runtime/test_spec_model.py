@@ -1,0 +1,127 @@
+"""GatedViT's forward against ../shared/DESIGN.md "The model", recomputed block by block by hand:
+the decision vector (class token, or the mean over patch tokens with registers excluded), where
+the gate reads it (the residual stream entering the block), SAE -> steer -> gate at the SAE
+sites only, the keep rule, head masking of the attention branch only, and head usage.
+
+Everything but the gate/SAE/attention math is timm's own modules, as the spec says. The hand
+computations come from tests/kernels/test_spec_conformance.py (nothing from `reference`)."""
+from __future__ import annotations
+
+import pytest
+import torch
+from timm.models.vision_transformer import VisionTransformer
+
+from headsteer.runtime import GatedViT
+from tests.conftest import tiny_vit_kwargs
+from tests.kernels.test_spec_conformance import hand_attention, hand_gate_logits, hand_keep, hand_sae_encode
+
+VARIANTS = {
+    "cls_token": tiny_vit_kwargs(depth=3),
+    "cls_registers": tiny_vit_kwargs(depth=3, reg_tokens=2),
+    "gap_registers": tiny_vit_kwargs(depth=3, class_token=False, reg_tokens=3, global_pool="avg"),
+    "gap_no_embed_class_layer_scale": tiny_vit_kwargs(depth=3, class_token=False, global_pool="avg",
+                                                      no_embed_class=True, init_values=0.3),
+}
+
+
+def hand_forward(model: GatedViT, pixels, scale, shift, budget):
+    """(logits, gate logits [B, L, H], head mask [B, L, H]) by the spec, block by block."""
+    vit = model.vit
+    x = vit.norm_pre(vit.patch_drop(vit._pos_embed(vit.patch_embed(pixels))))
+    all_logits, masks = [], []
+    for index, block in enumerate(vit.blocks):
+        if index not in model.gate_blocks:
+            x = block(x)
+            continue
+        # 1. the decision vector: residual entering block `index`
+        if vit.cls_token is not None:
+            e = x[:, 0]
+        else:
+            e = x[:, vit.num_prefix_tokens:].mean(dim=1)
+        # 3./4. SAE and steering at SAE sites only
+        g = e
+        if index in model.sae_blocks:
+            sae = model.saes[str(index)]
+            start = model.sae_offsets[model.sae_blocks.index(index)]
+            s = slice(start, start + sae.width)
+            z = hand_sae_encode(e, sae.encoder_weight, sae.encoder_bias, sae.decoder_bias, sae.activation,
+                                k=sae.k, threshold=sae.threshold)
+            steered = z * scale[:, s] + shift[:, s]
+            if model.steer_mode == "preserve-error":
+                g = e + (steered - z) @ sae.decoder_weight
+            else:
+                g = steered @ sae.decoder_weight + sae.decoder_bias
+        # 2. the gate and keep rule
+        gate = model.gates[str(index)]
+        logits = hand_gate_logits(g, gate.norm.weight, gate.norm.bias, gate.norm.eps, gate.fc1.weight, gate.fc1.bias,
+                                  gate.fc2.weight, gate.fc2.bias)
+        keep = hand_keep(logits, budget)
+        all_logits.append(logits)
+        masks.append(keep)
+        # 5. the attention branch over kept heads only; the rest of the block is timm's
+        attn = block.attn
+        branch = hand_attention(block.norm1(x), keep, attn.qkv.weight, attn.qkv.bias, attn.proj.weight, attn.proj.bias,
+                                attn.num_heads)
+        x = x + block.ls1(branch)
+        x = x + block.ls2(block.mlp(block.norm2(x)))
+    return vit.forward_head(vit.norm(x)), torch.stack(all_logits, 1), torch.stack(masks, 1)
+
+
+def make_model(kwargs, mode, activation):
+    vit = VisionTransformer(**kwargs).eval()
+    model = GatedViT.from_timm(vit, gate_blocks=[0, 2], sae_blocks=[0, 2], sae_width=16, sae_activation=activation,
+                               sae_k=4, steer_mode=mode, gate_init_bias=0.0).double().eval()
+    with torch.no_grad():
+        for gate in model.gates.values():  # spread the logits: mixed masks, far from 0
+            gate.fc2.weight.mul_(6.0)
+        for sae in model.saes.values():
+            sae.threshold.uniform_(-0.2, 0.4)
+    return model
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+@pytest.mark.parametrize("mode,activation", [("preserve-error", "topk"), ("reconstruct", "jumprelu"), ("preserve-error", "relu")])
+def test_forward_is_the_spec_block_by_block(variant, mode, activation):
+    model = make_model(VARIANTS[variant], mode, activation)
+    batch = 3
+    pixels = torch.randn(batch, 3, 32, 32, dtype=torch.float64)
+    scale = 3 * torch.rand(batch, model.steer_width, dtype=torch.float64)
+    shift = torch.randn(batch, model.steer_width, dtype=torch.float64)
+    for budget in (None, 0.34):
+        with torch.no_grad():
+            want_logits, want_gate, want_mask = hand_forward(model, pixels, scale, shift, budget)
+        for backend in ("reference", "compact"):
+            with torch.no_grad():
+                out = model(pixels, scale, shift, budget=budget, backend=backend)
+            assert out.head_mask.dtype == torch.bool and out.head_mask.shape == (batch, 2, model.num_heads)
+            assert torch.equal(out.head_mask, want_mask), (budget, backend)
+            torch.testing.assert_close(out.gate_logits, want_gate, rtol=0, atol=1e-9)
+            torch.testing.assert_close(out.logits, want_logits, rtol=0, atol=1e-9)
+            # 6. head usage: the mean of keep over gated blocks and heads (per sample), and per block
+            torch.testing.assert_close(out.head_usage, want_mask.double().mean(dim=(1, 2)).to(out.head_usage.dtype))
+            torch.testing.assert_close(out.block_usage, want_mask.double().mean(dim=2).to(out.block_usage.dtype))
+
+
+@pytest.mark.parametrize("variant", ["cls_registers", "gap_registers"])
+def test_decision_vector_is_the_class_token_or_the_patch_mean(variant):
+    """The gate at block 0 sees the embedded tokens: the class token at position 0 (not a register),
+    or, without one, the mean over patch tokens only (registers excluded). A patch-only mean and a
+    class token each give other logits than any other pooling would."""
+    model = make_model(VARIANTS[variant], "preserve-error", "topk")
+    pixels = torch.randn(2, 3, 32, 32, dtype=torch.float64)
+    vit = model.vit
+    with torch.no_grad():
+        out = model(pixels, budget=None)
+        x = vit.norm_pre(vit.patch_drop(vit._pos_embed(vit.patch_embed(pixels))))
+        patches = vit.patch_embed(pixels)  # [B, num_patches, D] before any prefix token
+        gate = model.gates["0"]
+        if vit.cls_token is not None:
+            e = x[:, 0]
+            assert torch.equal(e, (vit.cls_token[:, 0] + (0 if vit.no_embed_class else vit.pos_embed[:, 0])).expand(2, -1))
+        else:
+            e = x[:, -patches.shape[1]:].mean(dim=1)
+            assert x.shape[1] == patches.shape[1] + vit.num_prefix_tokens
+        torch.testing.assert_close(out.gate_logits[:, 0], gate(e), rtol=0, atol=1e-12)
+        if vit.num_prefix_tokens:
+            wrong = x.mean(dim=1)  # registers included
+            assert not torch.allclose(gate(wrong), out.gate_logits[:, 0])
