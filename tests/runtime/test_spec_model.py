@@ -125,3 +125,27 @@ def test_decision_vector_is_the_class_token_or_the_patch_mean(variant):
         if vit.num_prefix_tokens:
             wrong = x.mean(dim=1)  # registers included
             assert not torch.allclose(gate(wrong), out.gate_logits[:, 0])
+
+
+def test_training_mask_is_a_straight_through_gumbel_sigmoid_at_temperature_5():
+    """DESIGN.md 2 (AdaViT's defaults): hard mask = sigmoid((logits + logistic noise) / 5) > 0.5,
+    gradient that of the soft sigmoid. Without noise the hard mask is `logits > 0`, the inference
+    rule, and d(mask)/d(logit) = s (1 - s) / 5."""
+    from headsteer.runtime.gated_vit import HeadGate
+
+    gate = HeadGate(8, 4, 6)
+    assert gate.temperature == 5.0
+    logits = (4 * torch.randn(6, 4, dtype=torch.float64)).requires_grad_()
+    gate.noise_scale = 0.0
+    weight = gate.straight_through(logits)
+    torch.testing.assert_close(weight.detach(), (logits > 0).double(), rtol=0, atol=1e-12)  # hard + soft - soft
+    weight.sum().backward()
+    soft = torch.sigmoid(logits.detach() / 5)
+    torch.testing.assert_close(logits.grad, soft * (1 - soft) / 5)
+    # With noise: a logistic sample u -> log(u) - log(1 - u) added before the temperature.
+    gate.noise_scale = 1.0
+    torch.manual_seed(7)
+    weight = gate.straight_through(logits.detach())
+    torch.manual_seed(7)
+    u = torch.rand_like(logits).clamp_(1e-6, 1 - 1e-6)
+    torch.testing.assert_close(weight, (logits.detach() + torch.log(u) - torch.log1p(-u) > 0).double(), rtol=0, atol=1e-12)
