@@ -249,3 +249,24 @@ def test_a_steering_index_is_a_class_of_the_bundle_not_a_table_row(tmp_path):
         engine.predict(pixels, steer=1)
     with pytest.raises(InputError, match=r"steering class index 4 out of range \[0, 4\)"):
         engine.predict(pixels, steer=4)
+
+
+def test_auto_backend_picks_triton_only_for_16bit_on_cuda(monkeypatch):
+    """"auto": triton on CUDA in fp16/bf16, compact for fp32 on CUDA and on the CPU, compact when
+    triton cannot be imported; a named backend is kept as given. (Decided from the device and dtype
+    alone, so this runs without a GPU.)"""
+    import sys
+
+    from headsteer.runtime.engine import resolve_backend
+
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    monkeypatch.setitem(sys.modules, "triton", type(sys)("triton"))
+    assert resolve_backend("auto", cuda, torch.float16) == "triton"
+    assert resolve_backend("auto", cuda, torch.bfloat16) == "triton"
+    assert resolve_backend("auto", cuda, torch.float32) == "compact"
+    for dtype in (torch.float32, torch.float16, torch.bfloat16):
+        assert resolve_backend("auto", cpu, dtype) == "compact"
+    for named in ("reference", "compact", "triton", "onnxruntime", "tensorrt"):
+        assert resolve_backend(named, cpu, torch.float32) == named
+    monkeypatch.setitem(sys.modules, "triton", None)  # `import triton` raises ImportError
+    assert resolve_backend("auto", cuda, torch.float16) == "compact"
