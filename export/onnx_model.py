@@ -188,5 +188,5 @@ class ExportableGatedViT(nn.Module):
         if masks:
             head_mask = torch.stack(masks, dim=1)
         else:
-            head_mask = torch.zeros(pixel_values.shape[0], 0, model.num_heads, dtype=torch.bool)
+            head_mask = torch.zeros(pixel_values.shape[0], 0, model.num_heads, dtype=torch.bool, device=pixel_values.device)
         return logits, head_mask
