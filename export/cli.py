@@ -16,7 +16,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--format", required=True, choices=FORMATS, help="what to write")
     parser.add_argument(
         "--out", required=True,
-        help="onnx: the .onnx file (FILE.steering.json is written beside it); tensorrt: the .plan file (likewise); "
+        help="onnx: the .onnx file (its steering rows go beside it: model.onnx -> model.steering.json); "
+        "tensorrt: the .plan file (likewise); "
         "triton-repo: the model repository directory (DIR/<name>/... is written)",
     )
     parser.add_argument(
