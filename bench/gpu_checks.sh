@@ -56,7 +56,7 @@ variants="test_tile_variants"  # the opt-in configurations' tests, last
 tests=(python -m pytest -v -rfE -n "$workers" -p no:cacheprovider tests/runtime/test_triton_backend.py
   tests/runtime/test_cuda_graph.py tests/kernels/test_triton_sae_gate.py tests/kernels/test_triton_head_attention.py
   tests/kernels/test_fast_gate.py tests/kernels/test_compact.py tests/kernels/test_launch_math.py
-  tests/kernels/test_aot_compile.py)
+  tests/kernels/test_spec_conformance.py tests/kernels/test_aot_compile.py)
 step tests 230 "${tests[@]}" -k "not ($variants)"
 step breakdown 35 python -m headsteer.bench.kernels --breakdown --json "$dir/breakdown.json"
 step model 25 python -m headsteer.bench --model vit_small_patch16_224 --device cuda --dtype bfloat16 \
