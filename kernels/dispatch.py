@@ -42,13 +42,11 @@ def _require_triton(tensor: torch.Tensor) -> None:
 def _head_major(attn: nn.Module) -> tuple:
     qkv, proj, bias = attn.qkv.weight, attn.proj.weight, attn.qkv.bias
     weights = (qkv, proj) if bias is None else (qkv, proj, bias)
-    if torch.is_grad_enabled() and any(w.requires_grad for w in weights):
-        # Autograd through the compact path: the copies must carry gradients back to the weights
-        # (cached ones, built without grad, silently dropped them), so they are built per call.
-        return compact.head_major_weights(qkv, bias, proj, attn.num_heads)
-    if any(w.is_inference() for w in weights):
-        # Weights created or moved inside torch.inference_mode are inference tensors, which have
-        # no version counter: an in-place update could not be seen, so nothing is cached.
+    if (torch.is_grad_enabled() and any(w.requires_grad for w in weights)) or any(w.is_inference() for w in weights):
+        # Built per call, uncached: (1) autograd through the compact path, where the copies must
+        # carry gradients back to the weights (cached ones, built without grad, silently dropped
+        # them); (2) weights created or moved inside torch.inference_mode are inference tensors,
+        # which have no version counter, so an in-place update could not be seen.
         return compact.head_major_weights(qkv, bias, proj, attn.num_heads)
     # (the head-major copies include the qkv bias, so its updates count too: e.g. a bias-only step)
     key = (qkv.data_ptr(), qkv._version, proj.data_ptr(), proj._version, qkv.dtype, qkv.device,
