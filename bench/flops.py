@@ -43,10 +43,16 @@ def _linear_flops(module: nn.Module, rows: int) -> int:
     return sum(2 * rows * m.in_features * m.out_features for m in module.modules() if isinstance(m, nn.Linear))
 
 
+def patch_size(vit: nn.Module) -> tuple[int, int]:
+    """(patch_h, patch_w) of timm VisionTransformer `vit` (timm stores an int or a pair)."""
+    patch = vit.patch_embed.patch_size
+    return tuple(int(p) for p in patch) if isinstance(patch, (tuple, list)) else (int(patch),) * 2
+
+
 def _num_patches(vit: nn.Module, img_size: Sequence[int]) -> tuple[int, int]:
     """(number of patch tokens, in_chans * patch_h * patch_w) at `img_size`."""
     embed = vit.patch_embed
-    patch = embed.patch_size if isinstance(embed.patch_size, (tuple, list)) else (embed.patch_size,) * 2
+    patch = patch_size(vit)
     stride = embed.proj.stride if isinstance(embed.proj, nn.Conv2d) else patch
     grid = [(int(s) - int(p)) // int(st) + 1 for s, p, st in zip(img_size, patch, stride)]
     in_chans = embed.proj.in_channels if isinstance(embed.proj, nn.Conv2d) else 3
@@ -116,4 +122,4 @@ def ideal_speedup(counts: ViTFlops, head_mask: Optional[torch.Tensor], gate_bloc
     return dense / (dense - skipped_flops(counts, head_mask, gate_blocks))
 
 
-__all__ = ["ViTFlops", "vit_flops", "skipped_flops", "ideal_speedup"]
+__all__ = ["ViTFlops", "vit_flops", "patch_size", "skipped_flops", "ideal_speedup"]

@@ -35,7 +35,7 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
-from headsteer.bench.flops import ideal_speedup, vit_flops
+from headsteer.bench.flops import ideal_speedup, patch_size, vit_flops
 from headsteer.runtime.engine import DTYPES
 from headsteer.runtime.errors import InputError
 from headsteer.runtime.files import atomic_path, check_can_create
@@ -353,9 +353,8 @@ def _check_img_sizes(config: BenchConfig, model) -> None:
             raise InputError(f"the bundle's model takes {tuple(model.image_size)} pixels; "
                              f"--img-size {','.join(map(str, wrong))} does not match")
         return
-    embed = model.vit.patch_embed
-    patch = embed.patch_size if isinstance(embed.patch_size, (tuple, list)) else (embed.patch_size,) * 2
-    small = [s for s in config.img_sizes if s < max(int(p) for p in patch)]
+    patch = patch_size(model.vit)
+    small = [s for s in config.img_sizes if s < max(patch)]
     if small:
         raise InputError(f"--img-size {','.join(map(str, small))} is smaller than the model's "
                          f"{'x'.join(map(str, patch))} patch")
