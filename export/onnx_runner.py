@@ -104,6 +104,13 @@ def build_session(onnx_path: Union[str, os.PathLike], providers: Sequence, intra
                          "for ONNX Runtime (bf16 files are meant for TensorRT)") from None
 
 
+def check_steer_shape(name: str, vector: torch.Tensor, batch: int, steer_width: int) -> None:
+    """Raise InputError unless steering vector `name` is [batch, steer_width] (the ONNX Runtime and
+    TensorRT runners' check of a direct call; `Engine` checks its own)."""
+    if tuple(vector.shape) != (batch, steer_width):
+        raise InputError(f"{name} must be [B, S_total] = {[batch, steer_width]}, got {list(vector.shape)}")
+
+
 class OrtCallable:
     """An ONNX Runtime session with the runner signature:
     `(pixel_values [B,C,H,W], steer_scale [B,S] | None, steer_shift [B,S] | None) -> (logits, head_mask)`,
@@ -190,8 +197,7 @@ class OrtCallable:
                 vector = torch.full((batch, self.steer_width), fill, device=pixel_values.device)
             else:
                 self._check_input(name, vector)
-                if tuple(vector.shape) != (batch, self.steer_width):
-                    raise InputError(f"{name} must be [B, S_total] = {[batch, self.steer_width]}, got {list(vector.shape)}")
+                check_steer_shape(name, vector, batch, self.steer_width)
             feeds[name] = vector
         if self.device_binding(pixel_values):
             return self.run_bound(feeds, pixel_values.device)
@@ -331,4 +337,4 @@ class OnnxRunner(OrtCallable):
             raise BundleError(f"the ONNX model lacks the inputs {sorted(missing)}")
 
 
-__all__ = ["NO_SPINNING", "OnnxRunner", "OrtCallable", "build_session", "check_against_bundle", "check_io_dims", "default_providers", "make_ort_callable"]
+__all__ = ["NO_SPINNING", "OnnxRunner", "OrtCallable", "build_session", "check_against_bundle", "check_io_dims", "check_steer_shape", "default_providers", "make_ort_callable"]

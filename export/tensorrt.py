@@ -36,7 +36,7 @@ import torch
 
 from headsteer.export._common import ExportError, MissingDependencyError, atomic_path, require, write_text_atomic
 from headsteer.export.onnx_export import DEFAULT_OPSET, INPUT_NAMES, read_metadata, steering_path_for, to_onnx
-from headsteer.export.onnx_runner import check_io_dims
+from headsteer.export.onnx_runner import check_io_dims, check_steer_shape
 from headsteer.runtime.errors import BundleError, InputError
 
 PRECISIONS = ("fp32", "fp16", "bf16")
@@ -257,8 +257,8 @@ class TensorRTRunner:
             )
         for name, vector in (("steer_scale", steer_scale), ("steer_shift", steer_shift)):
             # (each alone fits the profile: TensorRT would only fail at execution, with no reason given)
-            if vector is not None and tuple(vector.shape) != (batch, self.steer_width):
-                raise InputError(f"{name} must be [B, S_total] = {[batch, self.steer_width]}, got {list(vector.shape)}")
+            if vector is not None:
+                check_steer_shape(name, vector, batch, self.steer_width)
         to = dict(device=self.device)
         feeds = {
             "pixel_values": pixel_values.to(dtype=self.inputs["pixel_values"], **to).contiguous(),
