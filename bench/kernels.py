@@ -560,7 +560,7 @@ MODE_OPTIONS = {
     "gate_sweep": (),
     "profile": (),
 }
-OPTION_FLAGS = {"json": "--json", "md": "--md", "jobs": "--jobs", "seconds": "--seconds", "repeats": "--repeats"}
+OPTIONS = ("json", "md", "jobs", "seconds", "repeats")  # (each the dest of its --flag)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -586,8 +586,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--repeats", type=int, default=None, help=f"calls --host times per launch (default {HOST_REPEATS})")
     args = parser.parse_args(argv)
     args.mode = next((mode for mode in MODE_OPTIONS if mode != "table" and getattr(args, mode)), "table")
-    given = [name for name in OPTION_FLAGS if getattr(args, name) is not None]
-    wrong = [OPTION_FLAGS[name] for name in given if name not in MODE_OPTIONS[args.mode]]
+    given = [name for name in OPTIONS if getattr(args, name) is not None]
+    wrong = ["--" + name for name in given if name not in MODE_OPTIONS[args.mode]]
     if wrong:
         mode = "the table (no mode option)" if args.mode == "table" else "--" + args.mode.replace("_", "-")
         parser.error(f"{', '.join(wrong)} does not apply to {mode}")
@@ -601,7 +601,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     from headsteer.runtime.errors import InputError
 
     try:
-        check_report_paths([(OPTION_FLAGS[name], getattr(args, name)) for name in ("json", "md") if getattr(args, name)])
+        check_report_paths([("--" + name, getattr(args, name)) for name in ("json", "md") if getattr(args, name)])
     except InputError as error:
         parser.error(str(error))
     return args
