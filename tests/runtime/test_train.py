@@ -99,8 +99,7 @@ def test_sae_metrics_and_decision_vectors(splits):
 
 def test_cli_recipes_chain_and_resume(tmp_path, capsys):
     b1, b2, b3, b4, b5 = (str(tmp_path / n) for n in ("backbone", "gates", "sae", "steer", "backbone2"))
-    size = ["--image-size", "8", "--patch-size", "4", "--embed-dim", "24", "--depth", "2", "--mlp-ratio", "1"]
-    assert cli_main(["train", "backbone", "--out", b1, "--epochs", "1", "--no-progress", *size]) == 0
+    assert cli_main(["train", "backbone", "--out", b1, "--epochs", "1", "--no-progress", *SIZE]) == 0
     assert cli_main(["train", "gates", "--from", b1, "--out", b2, "--epochs", "1", "--no-progress"]) == 0
     assert cli_main(["train", "sae", "--from", b2, "--out", b3, "--epochs", "3", "--width", "48", "--k", "4",
                      "--no-progress"]) == 0
@@ -124,9 +123,8 @@ def test_cli_recipes_chain_and_resume(tmp_path, capsys):
 
 def test_cli_errors(tmp_path):
     assert cli_main(["train", "sae", "--from", str(tmp_path / "missing"), "--out", str(tmp_path / "x")]) == 2
-    size = ["--image-size", "8", "--patch-size", "4", "--embed-dim", "24", "--depth", "2", "--mlp-ratio", "1"]
     b1 = str(tmp_path / "b1")
-    assert cli_main(["train", "backbone", "--out", b1, "--epochs", "1", "--no-progress", *size]) == 0
+    assert cli_main(["train", "backbone", "--out", b1, "--epochs", "1", "--no-progress", *SIZE]) == 0
     # steering needs an SAE
     assert cli_main(["train", "steering", "--from", b1, "--out", str(tmp_path / "s")]) == 2
 
