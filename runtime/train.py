@@ -36,7 +36,8 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from headsteer.runtime.bundle import BUNDLE_FILES, CONFIG_FILE, load_bundle, save_bundle
-from headsteer.runtime.data import ImageDataset, Splits, data_record, load_data, resolve_split_seed
+from headsteer.runtime.data import (ImageDataset, Splits, data_record, load_data, recorded_split_seed,
+                                    resolve_split_seed)
 from headsteer.runtime.errors import BundleError, HeadsteerError, InputError
 from headsteer.runtime.files import check_can_create
 from headsteer.runtime.gated_vit import GatedViT, resolve_blocks
@@ -801,7 +802,7 @@ def _split_seed(args: argparse.Namespace, extra: dict) -> int:
     before bundles recorded it). Another --split-seed than a recorded one is refused before any
     data is loaded."""
     seed, origin = resolve_split_seed(extra, args.split_seed, "--split-seed", default=args.seed)
-    if origin != "recorded in the bundle":
+    if recorded_split_seed(extra) is None:
         print(f"split seed {seed}: {origin}")
     return seed
 
