@@ -174,15 +174,13 @@ class OnnxRuntimeRunner(Runner):
         except ImportError:
             raise BackendUnavailable("onnxruntime is not installed (pip install headsteer[onnx])") from None
         try:
-            from headsteer.export.onnx_runner import make_ort_callable  # noqa: F401
+            from headsteer.export._common import MissingDependencyError
+            from headsteer.export.onnx_runner import default_providers
         except ImportError as error:
             raise BackendUnavailable(f"the ONNX exporter is not available ({error})") from None
         dtype = next(model.parameters()).dtype
         if dtype != torch.float32:
             raise BackendUnavailable(f"the ONNX contract is float32; not run with --dtype {str(dtype).replace('torch.', '')}")
-        from headsteer.export._common import MissingDependencyError
-        from headsteer.export.onnx_runner import default_providers
-
         try:
             default_providers(torch.device(device))  # a CPU-only build on a CUDA run: skip once, not per cell
         except MissingDependencyError as error:
@@ -523,7 +521,7 @@ def _one_line(error) -> str:
     """A reason on one line: an exception's type and first line (a BackendUnavailable's message alone)."""
     lines = str(error).strip().splitlines()
     first = lines[0].strip() if lines else ""
-    if isinstance(error, Exception) and not isinstance(error, BackendUnavailable):
+    if not isinstance(error, BackendUnavailable):
         first = f"{type(error).__name__}: {first}" if first else type(error).__name__
     return first if len(first) <= 300 else first[:297] + "..."
 
