@@ -473,6 +473,11 @@ def check_trainable_sae(activation: str, width: Optional[int] = None) -> None:
         raise InputError(f"SAE width must be at least 1, got {width}")
 
 
+def sae_width(model: GatedViT, width: Optional[int] = None) -> int:
+    """The width of the SAEs `train_sae` puts on `model`: `width`, by default 4 x the model's width."""
+    return width or 4 * model.embed_dim
+
+
 def _fast_encode(sae, e: torch.Tensor) -> torch.Tensor:
     """SAE encode for training (TopK or ReLU): torch.topk instead of the reference rank-count
     (same result up to exact ties), differentiable."""
@@ -577,7 +582,7 @@ def train_sae(
     check_trainable_sae(config.activation, config.width)
     _check_classes(model, splits)
     start = time.perf_counter()
-    width = config.width or 4 * model.embed_dim
+    width = sae_width(model, config.width)
     model = rebuild(model, sae_blocks=sae_blocks, sae_width=width, sae_activation=config.activation,
                     sae_k=config.k if config.activation == "topk" else None)
     model.eval()
@@ -817,7 +822,7 @@ def _check_source(args: argparse.Namespace, model: GatedViT) -> None:
         if ungated:
             raise InputError(f"--sae-blocks {args.sae_blocks}: block(s) {ungated} have no head gate (an SAE sits "
                              f"ahead of a gate; gated blocks: {list(model.gate_blocks)})")
-        width = args.width or 4 * model.embed_dim
+        width = sae_width(model, args.width)
         if args.activation == "topk" and args.k > width:
             raise InputError(f"--k {args.k} is larger than the SAE width {width}")
     if args.recipe == "steering" and not model.sae_blocks:
