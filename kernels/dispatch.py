@@ -92,12 +92,12 @@ def head_attention(
         return _block_update(head_attention(backend, x, keep, head_weight, attn, training), residual, layer_scale)
     q_norm, k_norm = _norm_or_none(attn.q_norm), _norm_or_none(attn.k_norm)
     args = (attn.qkv.weight, attn.qkv.bias, attn.proj.weight, attn.proj.bias, attn.num_heads)
+    # keep itself is the 0/1 weight of the masked dense paths (reference.head_attention casts it).
+    head_weight = keep if head_weight is None else head_weight
     if training:  # (timm's dropouts: on the attention probabilities and the branch output)
-        head_weight = keep.to(x.dtype) if head_weight is None else head_weight
         return attn.proj_drop(reference.head_attention(x, head_weight, *args, q_norm=q_norm, k_norm=k_norm,
                                                        attn_drop=attn.attn_drop))
     if backend == "reference":
-        head_weight = keep.to(x.dtype) if head_weight is None else head_weight
         return reference.head_attention(x, head_weight, *args, q_norm=q_norm, k_norm=k_norm)
     if backend == "compact":
         return compact.compact_head_attention(x, keep, *args, q_norm=q_norm, k_norm=k_norm, head_major=_head_major(attn))
@@ -110,7 +110,6 @@ def head_attention(
         ):
             # The kernel fuses LayerNorm q/k norms only; others take the masked dense path,
             # which stays free of host synchronization.
-            head_weight = keep.to(x.dtype) if head_weight is None else head_weight
             branch = reference.head_attention(x, head_weight, *args, q_norm=q_norm, k_norm=k_norm)
             return branch if residual is None else _block_update(branch, residual, layer_scale)
         from headsteer.kernels.triton_head_attention import triton_head_attention
