@@ -431,7 +431,8 @@ class GatedViT(nn.Module):
             raise InputError(f"budget must be a number in [0, 1] or None, got {budget!r}")
 
     def _decide(self, block_index, e, steer_scale, steer_shift, budget, backend, latents):
-        """Gate one block: (gate logits [B, H], keep [B, H] bool, head weight [B, H] float)."""
+        """Gate one block: (gate logits [B, H], keep [B, H] bool, head weight): the weight is the
+        straight-through [B, H] float mask when training the gates, else None (keep as 0/1)."""
         gate = self.gates[str(block_index)]
         sae = self.saes[str(block_index)] if str(block_index) in self.saes else None
         scale = shift = None
@@ -456,8 +457,8 @@ class GatedViT(nn.Module):
         logits, keep = sae_steer_gate(
             backend, e, gate.kernel_params(), sae_params, scale, shift, self.steer_mode, budget
         )
-        # Only the masked reference path multiplies heads by a float mask; the others read keep.
-        return logits, keep, keep.to(e.dtype) if backend == "reference" else None
+        # (no head weight: every backend reads keep, the masked reference path as 0/1)
+        return logits, keep, None
 
     def forward_features(
         self,
