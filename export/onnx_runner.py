@@ -129,6 +129,8 @@ class OrtCallable:
         self.input_shapes = {value.name: list(value.shape) for value in session.get_inputs()}
         self.output_shapes = {value.name: list(value.shape) for value in session.get_outputs()}
         self.cuda_device_id = self._cuda_device_id()
+        # (I/O binding allocates the outputs: their dims but the batch must be static.)
+        self._static_outputs = all(all(isinstance(dim, int) for dim in shape[1:]) for shape in self.output_shapes.values())
 
     def _cuda_device_id(self) -> Optional[int]:
         """The GPU of the session's CUDA provider when it comes first, else None."""
@@ -144,7 +146,7 @@ class OrtCallable:
             return False
         if (pixel_values.device.index or 0) != self.cuda_device_id:
             return False
-        return all(all(isinstance(dim, int) for dim in shape[1:]) for shape in self.output_shapes.values())
+        return self._static_outputs
 
     def run_bound(self, feeds: dict, device: torch.device) -> tuple:
         """Run with inputs and outputs bound in place in `device` memory (ORT I/O binding):
@@ -179,14 +181,17 @@ class OrtCallable:
         declared = self.input_shapes.get(name)
         if declared is None:
             return
-        expected = "[" + ", ".join(str(dim) if isinstance(dim, int) else (dim or "B") for dim in declared) + "]"
+
+        def expected() -> str:  # (formatted only for an error: this runs on every call)
+            return "[" + ", ".join(str(dim) if isinstance(dim, int) else (dim or "B") for dim in declared) + "]"
+
         if not isinstance(tensor, torch.Tensor):
-            raise InputError(f"{name} must be a float torch tensor {expected}, got {type(tensor).__name__}")
+            raise InputError(f"{name} must be a float torch tensor {expected()}, got {type(tensor).__name__}")
         if not tensor.is_floating_point():
             raise InputError(f"{name} must be floating point, got {tensor.dtype}")
         shape = list(tensor.shape)
         if len(shape) != len(declared) or any(isinstance(want, int) and got != want for got, want in zip(shape, declared)):
-            raise InputError(f"{name} must be {expected}, got shape {shape}")
+            raise InputError(f"{name} must be {expected()}, got shape {shape}")
 
     def __call__(self, pixel_values: torch.Tensor, steer_scale: Optional[torch.Tensor] = None, steer_shift: Optional[torch.Tensor] = None):
         self._check_input("pixel_values", pixel_values)
