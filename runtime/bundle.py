@@ -15,6 +15,7 @@ import inspect
 import json
 import math
 import operator
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Sequence, Union
@@ -47,11 +48,12 @@ FETCHING_TIMM_KWARGS = ("pretrained", "checkpoint_path", "pretrained_cfg_overlay
 
 def repeated_names(names: Sequence[str]) -> list[str]:
     """The names that occur more than once (a steering table's rows are picked by name)."""
-    return sorted({name for name in names if names.count(name) > 1})
+    return sorted(name for name, count in Counter(names).items() if count > 1)
 
 
 def names_outside(names: Sequence[str], known: Sequence[str]) -> list[str]:
     """The names (steering rows) that are not among `known` (the bundle's classes)."""
+    known = set(known)
     return [name for name in names if name not in known]
 
 
