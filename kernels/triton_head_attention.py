@@ -318,27 +318,12 @@ def _qkv_kernel(
 ):
     _follow_previous_launch(PDL)
     # One program per (tile of the flattened B*N tokens, head); the head varies fastest so the
-    # H programs of a token tile share its x rows in L2.
-    _qkv_token_tile(x_ptr, stride_xb, stride_xn, stride_xd, w_ptr, stride_wr, stride_wd, bias_ptr,
-                    keep_ptr, stride_keep_b, stride_keep_h, qn_w_ptr, qn_b_ptr, q_eps, kn_w_ptr, kn_b_ptr, k_eps,
-                    qkv_ptr, scratch_part, tl.program_id(0) // H, tl.program_id(0) % H, B, N, D, H, HEAD_DIM,
-                    HAS_BIAS, Q_NORM, QN_W, QN_B, K_NORM, KN_W, KN_B, PRECISION, FUSE_QK,
-                    BLOCK_N, BLOCK_K, BLOCK_D)
-
-
-@triton.jit
-def _qkv_token_tile(
-    x_ptr, stride_xb, stride_xn, stride_xd, w_ptr, stride_wr, stride_wd, bias_ptr,
-    keep_ptr, stride_keep_b, stride_keep_h, qn_w_ptr, qn_b_ptr, q_eps, kn_w_ptr, kn_b_ptr, k_eps,
-    qkv_ptr, scratch_part, tile, h, B, N, D, H, HEAD_DIM,
-    HAS_BIAS: tl.constexpr, Q_NORM: tl.constexpr, QN_W: tl.constexpr, QN_B: tl.constexpr,
-    K_NORM: tl.constexpr, KN_W: tl.constexpr, KN_B: tl.constexpr, PRECISION: tl.constexpr, FUSE_QK: tl.constexpr,
-    BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
-):
-    """Head h's q, k, v for token tile `tile` of the flattened B*N tokens. Rows whose sample pruned
-    head h load as zeros and are never stored; a tile where no sample keeps the head does nothing
-    beyond reading the mask bits."""
-    rows = tile * BLOCK_T + tl.arange(0, BLOCK_T)
+    # H programs of a token tile share its x rows in L2. Rows whose sample pruned the head load as
+    # zeros and are never stored; a tile where no sample keeps the head does nothing beyond
+    # reading the mask bits.
+    tile = tl.program_id(0) // H
+    h = tl.program_id(0) % H
+    rows = tile * BLOCK_N + tl.arange(0, BLOCK_N)
     sample = rows // N
     row_kept = tl.load(keep_ptr + sample * stride_keep_b + h * stride_keep_h, mask=rows < B * N, other=0) != 0
     if tl.max(row_kept.to(tl.int32), axis=0) != 0:
@@ -346,7 +331,7 @@ def _qkv_token_tile(
                   qn_w_ptr, qn_b_ptr, q_eps, kn_w_ptr, kn_b_ptr, k_eps, qkv_ptr, scratch_part,
                   sample, rows % N, row_kept, h, N, D, H, HEAD_DIM,
                   HAS_BIAS, Q_NORM, QN_W, QN_B, K_NORM, KN_W, KN_B, PRECISION, FUSE_QK,
-                  BLOCK_T, BLOCK_K, BLOCK_D)
+                  BLOCK_N, BLOCK_K, BLOCK_D)
 
 
 @triton.jit
@@ -446,20 +431,26 @@ def _project_head(o_ptr, w_ptr, stride_wo, stride_wi, rows, row_kept, offs_o, o_
     return acc
 
 
-@triton.jit
-def _project_rows(
+@triton.jit(do_not_specialize=["B"])  # (B only bounds rows: one compile serves every batch size)
+def _proj_kernel(
     o_ptr, keep_ptr, stride_keep_b, stride_keep_h,
     w_ptr, stride_wo, stride_wi, bias_ptr,
     out_ptr, stride_ob, stride_on, stride_od,
     res_ptr, stride_rb, stride_rn, stride_rd, gamma_ptr,
-    rows, row_valid, offs_o, N, H, HEAD_DIM, D_OUT,
+    B, N, H, HEAD_DIM, D_OUT,
     HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr, HAS_LAYER_SCALE: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_D: tl.constexpr, CHUNK_D: tl.constexpr,
-    BLOCK_H: tl.constexpr, KEPT_LIST: tl.constexpr,
+    BLOCK_H: tl.constexpr, KEPT_LIST: tl.constexpr, PDL: tl.constexpr,
 ):
-    """Output rows `rows` (flattened sample * N + token; those with row_valid False are neither
-    read nor written) at columns offs_o: the sum over the heads each row's sample keeps of
+    """Output rows of a token tile (flattened sample * N + token; those past B*N are neither read
+    nor written) at a tile of columns: the sum over the heads each row's sample keeps of
     o_h @ W_o[:, h]^T, plus the bias and, when asked, a block's residual (times a LayerScale)."""
+    _follow_previous_launch(PDL)
+    # Token tiles run over the flattened B*N tokens, like the QKV projection. Each head's dot
+    # runs CHUNK_D of its BLOCK_D dims at a time (fp32 3xTF32 operands of a 128-wide head spill).
+    rows = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    offs_o = tl.program_id(1) * BLOCK_O + tl.arange(0, BLOCK_O)
+    row_valid = rows < B * N
     sample = rows // N
     o_mask = offs_o < D_OUT
     acc = tl.zeros([BLOCK_T, BLOCK_O], dtype=tl.float32)
@@ -496,29 +487,6 @@ def _project_rows(
                        mask=row_valid[:, None] & o_mask[None, :], other=0.0).to(tl.float32)
     out_offs = tokens * stride_ob + (rows % N)[:, None] * stride_on + offs_o[None, :] * stride_od
     tl.store(out_ptr + out_offs, acc.to(out_ptr.dtype.element_ty), mask=row_valid[:, None] & o_mask[None, :])
-
-
-@triton.jit(do_not_specialize=["B"])  # (B only bounds rows: one compile serves every batch size)
-def _proj_kernel(
-    o_ptr, keep_ptr, stride_keep_b, stride_keep_h,
-    w_ptr, stride_wo, stride_wi, bias_ptr,
-    out_ptr, stride_ob, stride_on, stride_od,
-    res_ptr, stride_rb, stride_rn, stride_rd, gamma_ptr,
-    B, N, H, HEAD_DIM, D_OUT,
-    HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr, HAS_LAYER_SCALE: tl.constexpr, PRECISION: tl.constexpr,
-    BLOCK_T: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_D: tl.constexpr, CHUNK_D: tl.constexpr,
-    BLOCK_H: tl.constexpr, KEPT_LIST: tl.constexpr, PDL: tl.constexpr,
-):
-    _follow_previous_launch(PDL)
-    # Token tiles run over the flattened B*N tokens, like the QKV projection. Each head's dot
-    # runs CHUNK_D of its BLOCK_D dims at a time (fp32 3xTF32 operands of a 128-wide head spill).
-    rows = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
-    offs_o = tl.program_id(1) * BLOCK_O + tl.arange(0, BLOCK_O)
-    _project_rows(o_ptr, keep_ptr, stride_keep_b, stride_keep_h, w_ptr, stride_wo, stride_wi, bias_ptr,
-                  out_ptr, stride_ob, stride_on, stride_od, res_ptr, stride_rb, stride_rn, stride_rd, gamma_ptr,
-                  rows, rows < B * N, offs_o, N, H, HEAD_DIM, D_OUT,
-                  HAS_BIAS, HAS_RESIDUAL, HAS_LAYER_SCALE, PRECISION, BLOCK_T, BLOCK_O, BLOCK_D, CHUNK_D, BLOCK_H,
-                  KEPT_LIST)
 
 
 def new_scratch(shape: tuple, like: torch.Tensor) -> torch.Tensor:
