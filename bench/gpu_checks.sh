@@ -16,7 +16,8 @@
 # 3. the per-kernel breakdown of the attention branch (printed row by row);
 # 4. the whole ViT-S (bf16, CUDA graphs) against timm;
 # 5. where Nsight Compute is installed, its counters for one launch of the gate and of each branch
-#    (`--profile`: duration, occupancy, warp stall reasons, top stall locations by source line);
+#    (`--profile`: duration, occupancy, warp stall reasons), and stall samples by source line for the
+#    gate and for ViT-B's QKV and output projections;
 # 6. unless --quick, the attention tile sweep and the fused gate's sweep;
 # 7. the tests of the opt-in tilings, compiled.
 # Everything lands in OUT_DIR/gpu_checks/ and is packed into OUT_DIR/gpu_checks.tar.gz (a lease
@@ -72,10 +73,14 @@ if command -v ncu >/dev/null; then  # (--clock-control none: leave the GPU's clo
   step profile_details 10 ncu --import /tmp/profile.ncu-rep --page details
   step profile_source 10 ncu --import /tmp/profile.ncu-rep --page source --csv --print-source cuda,sass \
     --kernel-name regex:sae_steer_gate --launch-count 1
+  # The same for the QKV and output projections at ViT-B, usage 1 (their 5th and 6th launches in
+  # `launch_cases()`' order: ViT-S usage 1 and 0.33 come first), the gap to cuBLAS.
+  step profile_source_projections 10 ncu --import /tmp/profile.ncu-rep --page source --csv --print-source cuda,sass \
+    --kernel-name regex:"_qkv_kernel|_proj_kernel" --launch-skip 4 --launch-count 2
 fi
 if [ "$quick" != "--quick" ]; then
   step sweep 50 python -m headsteer.bench.kernels --sweep
   step gate_sweep 30 python -m headsteer.bench.kernels --gate-sweep
 fi
-step tests_variants 45 "${tests[@]}" -k "$variants"
+step tests_variants 35 "${tests[@]}" -k "$variants"
 exit "$status"

@@ -243,6 +243,12 @@ def sweep_variants() -> list:
 
     base = module.TILES  # vary one kernel's tiles at a time around the current defaults
     variants = [base]
+    # Untimed candidates first. The kept-head list finding each step's rows by a bit shift
+    # (`proj_list_row_bits`) at both head counts, in the defaults' 64 x 128 tiles and in 128 x 256
+    # tiles of 8 warps (cuBLAS-sized; at ViT-S, 384 columns, they compute 512).
+    row_bits = dict(proj_kept_list_max_heads=16, proj_list_row_bits=True)
+    variants.append(dataclasses.replace(base, **row_bits))
+    variants.append(dataclasses.replace(base, **row_bits, proj_block_t=128, proj_block_o=256, proj_warps=8))
     # Programmatic dependent launches (opt-in; 1-5% faster on an H100 on 2026-11-27).
     variants.append(dataclasses.replace(base, programmatic_launch=True))
     # The output projection's per-head branch at every head count, then its kept-head list at

@@ -194,6 +194,9 @@ def _variants(quick: bool) -> Iterator[tuple[str, callable]]:
                 # dependent launches.
                 for variant, overrides in (("head-branch", dict(proj_kept_list_max_heads=0)),
                                            ("kept-list", dict(proj_kept_list_max_heads=16)),
+                                           ("row-bits", dict(proj_kept_list_max_heads=16, proj_list_row_bits=True)),
+                                           ("row-bits-wide", dict(proj_kept_list_max_heads=16, proj_list_row_bits=True,
+                                                                  proj_block_t=128, proj_block_o=256, proj_warps=8)),
                                            ("fused-qk", dict(qkv_fuse_qk=True)),
                                            ("narrow-tails", attention.NARROW_TAIL_TILES),
                                            ("programmatic-launch", dict(programmatic_launch=True))):

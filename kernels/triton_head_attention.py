@@ -82,6 +82,12 @@ class TileConfig:
     # 108.0), the same both ways on 2026-11-26 and 2026-11-27. 8 (the same 8 lanes as 6 heads) is
     # where the measurements put the change; 7 and 8 heads are untimed.
     proj_kept_list_max_heads: int = 8
+    # The kept-head list (opt-in; models of at most 64 heads): each row's kept heads as the bits of
+    # one integer, built once per program, so a step finds which rows keep its head with a shift
+    # instead of the [BLOCK_T, next_power_of_2(heads)] reduction above (at sm_90, ViT-B: 36 warp
+    # shuffles per step of the list's loop, about 4 with the bits; PTX, `python -m
+    # headsteer.kernels.aot --ptx`). Untimed; `--sweep` times it at both head counts.
+    proj_list_row_bits: bool = False
     # Programmatic dependent launch (sm_90 and later; opt-in): each launch of the branch may be
     # scheduled while the one before it drains, and waits on the device for its results
     # (`_follow_previous_launch`) instead of the stream holding it back until the previous grid
@@ -440,7 +446,7 @@ def _proj_kernel(
     B, N, H, HEAD_DIM, D_OUT,
     HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr, HAS_LAYER_SCALE: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_D: tl.constexpr, CHUNK_D: tl.constexpr,
-    BLOCK_H: tl.constexpr, KEPT_LIST: tl.constexpr, PDL: tl.constexpr,
+    BLOCK_H: tl.constexpr, KEPT_LIST: tl.constexpr, ROW_BITS: tl.constexpr, PDL: tl.constexpr,
 ):
     """Output rows of a token tile (flattened sample * N + token; those past B*N are neither read
     nor written) at a tile of columns: the sum over the heads each row's sample keeps of
@@ -462,9 +468,17 @@ def _proj_kernel(
                              mask=row_valid[:, None] & (offs_h < H)[None, :], other=0) != 0
         head_kept = tl.max(tile_keeps.to(tl.int32), axis=0)
         kept_rank = tl.cumsum(head_kept, axis=0) - 1
+        if ROW_BITS:  # bit h of row_bits: the row's sample keeps head h (distinct bits: the sum is an OR)
+            if BLOCK_H > 32:
+                row_bits = tl.sum(tile_keeps.to(tl.int64) << offs_h.to(tl.int64)[None, :], axis=1)
+            else:  # (32-bit words at up to 32 heads: fewer registers)
+                row_bits = tl.sum(tile_keeps.to(tl.int32) << offs_h[None, :], axis=1)
         for i in range(0, tl.sum(head_kept, axis=0)):
             h = _nth_flagged(head_kept != 0, kept_rank, i, offs_h)
-            row_kept = tl.sum(tl.where(offs_h[None, :] == h, tile_keeps.to(tl.int32), 0), axis=1) != 0
+            if ROW_BITS:
+                row_kept = ((row_bits >> h.to(row_bits.dtype)) & 1) != 0
+            else:
+                row_kept = tl.sum(tl.where(offs_h[None, :] == h, tile_keeps.to(tl.int32), 0), axis=1) != 0
             acc = _project_head(o_ptr, w_ptr, stride_wo, stride_wi, rows, row_kept, offs_o, o_mask, h, H, HEAD_DIM,
                                 acc, PRECISION, BLOCK_D, CHUNK_D)
     else:
@@ -635,6 +649,7 @@ def head_attention_launches(
             BLOCK_T=tiles.proj_block_t, BLOCK_O=tiles.proj_block_o, BLOCK_D=block_d,
             CHUNK_D=proj_chunk_d,
             BLOCK_H=next_power_of_2(num_heads), KEPT_LIST=num_heads <= tiles.proj_kept_list_max_heads,
+            ROW_BITS=tiles.proj_list_row_bits and num_heads <= 64,
             PDL=pdl, launch_pdl=pdl, num_warps=tiles.proj_warps, num_stages=tiles.proj_stages,
         )
 

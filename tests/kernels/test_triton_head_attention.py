@@ -93,8 +93,9 @@ def test_matches_reference_fp32(batch, tokens, heads, head_dim, mask):
 
 
 # Alternative tilings the benchmark sweep may pick, small and large, the output projection that
-# tests each head in its loop (instead of the kept-head list the defaults take up to 8 heads), q and k as one MMA, and narrow
-# passes over ragged query and key ends, so every configuration is correct.
+# tests each head in its loop (instead of the kept-head list the defaults take up to 8 heads), the
+# list at every head count finding its rows by bits (in two tile sizes), q and k as one MMA, and
+# narrow passes over ragged query and key ends, so every configuration is correct.
 # Each overrides both the 16-bit and the fp32 defaults; launches then shrink what would not fit
 # (`fit_tiles`).
 TILE_VARIANTS = {
@@ -102,6 +103,9 @@ TILE_VARIANTS = {
     "large": dict(qkv_block_n=128, qkv_block_k=32, attn_block_m=64, attn_block_n=128, attn_block_tail=32,
                   proj_block_t=128, proj_block_o=64),
     "head-branch": dict(proj_kept_list_max_heads=0),
+    "row-bits": dict(proj_kept_list_max_heads=64, proj_list_row_bits=True),
+    "row-bits-wide": dict(proj_kept_list_max_heads=64, proj_list_row_bits=True, proj_block_t=128, proj_block_o=256,
+                          proj_warps=8),
     "fused-qk": dict(qkv_fuse_qk=True),
     "query-tail": dict(attn_block_m=32, attn_block_m_tail=16, attn_block_n=32),
     "narrow-tails": attention_module.NARROW_TAIL_TILES,  # (fp32 keeps whole key steps)
@@ -193,6 +197,20 @@ def test_projection_walks_a_kept_head_list_up_to_8_heads(monkeypatch, heads, kep
     branch = make_branch(3, 17, heads, 16, seed)
     run_and_check(branch, make_mask("random", 3, heads, seed), heads)
     assert launched == [kept_list]
+
+
+@pytest.mark.parametrize("heads", [40, 64])
+def test_row_bits_past_32_heads(monkeypatch, heads):
+    """The kept-head list's per-row bits are 64 wide: heads 32-63 must land in the high word."""
+    tiles = dataclasses.replace(attention_module.TILES_FP32, proj_kept_list_max_heads=64, proj_list_row_bits=True)
+    monkeypatch.setattr(attention_module, "TILES_FP32", tiles)
+    seed = zlib.crc32(repr(("row bits", heads)).encode())
+    branch = make_branch(3, 7, heads, 16, seed)
+    keep = make_mask("random", 3, heads, seed)
+    keep[0, 33:] = False  # sample 0 keeps no high head, sample 1 only high ones
+    keep[1, :32] = False
+    keep[1, heads - 1] = True
+    run_and_check(branch, keep, heads)
 
 
 @pytest.mark.parametrize("bias", [True, False])
