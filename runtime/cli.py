@@ -63,41 +63,61 @@ def add_predict_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--backend", default="auto", help="auto, reference, compact, triton, onnxruntime, tensorrt")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--json", action="store_true", help="print one JSON object per image")
+    parser.add_argument("--batch-size", type=_positive_int, default=32,
+                        help="images per forward pass (default 32): bounds memory however many files are given")
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text}")
+    return value
+
+
+def _read_rgb(name: str):
+    """The image file `name` decoded as RGB, or an InputError naming the file."""
+    from PIL import Image, UnidentifiedImageError
+
+    from headsteer.runtime.engine import wide_mode_problem
+    from headsteer.runtime.errors import InputError
+
+    try:
+        with Image.open(name) as image:
+            problem = wide_mode_problem(image, f"image {name}", tensor_hint=False)
+            if problem:
+                raise InputError(problem)
+            return image.convert("RGB")
+    except FileNotFoundError:
+        raise InputError(f"image file {name} does not exist") from None
+    except (UnidentifiedImageError, Image.DecompressionBombError, OSError) as error:
+        raise InputError(f"cannot read image {name}: {error}") from None
 
 
 def run_predict(args: argparse.Namespace) -> int:
-    from PIL import Image, UnidentifiedImageError
+    from headsteer.runtime.engine import Engine
 
-    from headsteer.runtime.engine import Engine, wide_mode_problem
-    from headsteer.runtime.errors import InputError
-
-    images = []
-    for name in args.images:  # read every file before loading the model: bad input fails fast
-        try:
-            with Image.open(name) as image:
-                problem = wide_mode_problem(image, f"image {name}", tensor_hint=False)
-                if problem:
-                    raise InputError(problem)
-                images.append(image.convert("RGB"))
-        except FileNotFoundError:
-            raise InputError(f"image file {name} does not exist") from None
-        except (UnidentifiedImageError, Image.DecompressionBombError, OSError) as error:
-            raise InputError(f"cannot read image {name}: {error}") from None
+    # Decode every file before loading the model, so bad input fails fast, but keep none: the
+    # batches below read their files again, so memory holds one batch of images, not all of them.
+    for name in args.images:
+        _read_rgb(name)
     engine = Engine.load(args.bundle, backend=args.backend, device=args.device)
-    result = engine.predict(images, steer=args.steer)
-    for index, name in enumerate(args.images):
-        probabilities = result.logits[index].softmax(-1)
-        row = dict(
-            image=name,
-            label=result.class_names[index],
-            probability=round(float(probabilities.max()), 4),
-            head_usage=round(float(result.head_usage[index]), 4),
-            steer=args.steer,
-        )
-        if args.json:
-            print(json.dumps(row))
-        else:
-            print(f"{name}: {row['label']} (p={row['probability']:.3f}, head usage {row['head_usage']:.3f})")
+    for start in range(0, len(args.images), args.batch_size):
+        names = args.images[start:start + args.batch_size]
+        result = engine.predict([_read_rgb(name) for name in names], steer=args.steer)
+        for index, name in enumerate(names):
+            probabilities = result.logits[index].softmax(-1)
+            row = dict(
+                image=name,
+                label=result.class_names[index],
+                probability=round(float(probabilities.max()), 4),
+                head_usage=round(float(result.head_usage[index]), 4),
+                steer=args.steer,
+            )
+            if args.json:
+                print(json.dumps(row), flush=True)
+            else:
+                print(f"{name}: {row['label']} (p={row['probability']:.3f}, head usage {row['head_usage']:.3f})",
+                      flush=True)
     return 0
 
 

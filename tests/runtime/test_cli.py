@@ -49,6 +49,38 @@ def test_predict_image_files(bundle_path, tmp_path, capsys):
     assert all(row["label"] in ("red", "green", "blue") and 0 <= row["head_usage"] <= 1 for row in rows)
 
 
+def test_predict_runs_bounded_batches_in_file_order(bundle_path, tmp_path, capsys, monkeypatch):
+    """--batch-size splits the files into forwards of at most that many images; the rows come out
+    in file order and match one forward over all of them."""
+    from headsteer.runtime.engine import Engine
+
+    paths = []
+    for index in range(5):
+        path = tmp_path / f"image{index}.png"
+        Image.fromarray(np.random.default_rng(10 + index).integers(0, 256, (40, 40, 3), dtype=np.uint8)).save(path)
+        paths.append(str(path))
+    assert main(["predict", str(bundle_path), *paths, "--json"]) == 0
+    whole = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    batches = []
+    predict = Engine.predict
+
+    def recording_predict(self, images, **kwargs):
+        batches.append(len(images))
+        return predict(self, images, **kwargs)
+
+    monkeypatch.setattr(Engine, "predict", recording_predict)
+    assert main(["predict", str(bundle_path), *paths, "--json", "--batch-size", "2"]) == 0
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert batches[-3:] == [2, 2, 1]  # (after the load's batch-1 warm-up)
+    assert [row["image"] for row in rows] == paths
+    assert [row["label"] for row in rows] == [row["label"] for row in whole]
+    for row, reference in zip(rows, whole):
+        assert row["probability"] == pytest.approx(reference["probability"], abs=2e-4)
+    with pytest.raises(SystemExit):
+        main(["predict", str(bundle_path), *paths, "--batch-size", "0"])
+    assert "expected a positive integer" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize(
     "argv,message",
     [
