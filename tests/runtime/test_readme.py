@@ -25,7 +25,7 @@ def test_readme_python_example_runs(tmp_path, monkeypatch):
 # inline code) is parsed by the real argument parser, every optional part and every alternative
 # included: a flag, a choice or a subcommand the README names but the CLI no longer has fails here.
 # Parsing only: running them is what the commands' own tests do.
-PLACEHOLDERS = {"BUNDLE": "my-bundle", "IMAGE...": "image.png", "CLASS": "7", "DIR": "out", "B": "b", "F": "f.out"}
+PLACEHOLDERS = {"BUNDLE": "my-bundle", "IMAGE...": "image.png", "CLASS": "7", "DIR": "out", "B": "b", "F": "f.out", "N": "8"}
 
 
 def _readme_commands(prefix: str) -> list[str]:
