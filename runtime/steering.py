@@ -235,7 +235,7 @@ def _unsteered_reason(n_train: int, n_val: int) -> Optional[str]:
 
 
 def _better(candidate: tuple, best: Optional[tuple]) -> bool:
-    """Candidates are (reduction, -n_latents, -mildness); larger is better."""
+    """Candidates are (reduction, -n_latents, -grid position); larger is better."""
     return best is None or candidate > best
 
 
@@ -281,13 +281,15 @@ def fit_steering(
         base_usage = steered_usage(base, model)
         best, best_setting = None, None
         per_site = ranked[c] if len(xc) else []  # no val images: nothing to choose on
+        position = 0  # place in the whole grid (counts, then scale before shift, then values): the last tie-break
         for count in config.counts:
             chosen_by_site = [site[:count] for site in per_site]
             chosen = [j for site in chosen_by_site for j in site]
             if not chosen:
                 continue
             for mode, values in (("scale", config.alphas), ("shift", config.betas)):
-                for rank, value in enumerate(values):
+                for value in values:
+                    position += 1
                     scale, shift = make_row(width, chosen, mode, value, class_means[c])
                     result = measure(model, xc, yc, scale.expand(len(xc), -1), shift.expand(len(xc), -1),
                                      config.batch_size)
@@ -295,7 +297,7 @@ def fit_steering(
                         continue
                     usage = steered_usage(result, model)
                     reduction = (base_usage - usage) / base_usage if base_usage > 0 else 0.0
-                    key = (round(reduction, 6), -len(chosen), -rank)
+                    key = (round(reduction, 6), -len(chosen), -position)
                     if reduction > 0 and _better(key, best):
                         best = key
                         best_setting = dict(count=count, mode=mode, value=float(value), chosen=chosen,

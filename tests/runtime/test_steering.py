@@ -170,3 +170,39 @@ def test_random_table_follows_row_names_and_needs_info():
     with pytest.raises(InputError, match="no random-latent control rows"):
         S.random_table(SteeringTable(["b", "a"], torch.ones(2, 3), torch.zeros(2, 3)), 3)
     assert S.row_info(table, "a") is info[1] and S.row_info(table, "zebra") == {}
+
+
+def _three_class_splits():
+    names = ["a", "b", "c"]
+
+    def dataset(labels):
+        return ImageDataset(torch.rand(len(labels), 3, 8, 8), torch.tensor(labels), names)
+
+    return Splits(dataset([0, 1, 2] * 10), dataset([0, 1, 2] * 2), dataset([0, 1, 2]), (0.5,) * 3, (0.25,) * 3)
+
+
+def test_ties_go_to_the_earlier_setting_in_the_grid_across_modes(monkeypatch):
+    """Equal usage falls and latent counts: the grid runs scale (alphas) before shift (betas), so a
+    tying alpha beats a tying beta even when the beta sits earlier in its own list."""
+    torch.manual_seed(0)
+    model = GatedViT.from_timm("vit_tiny_patch16_224", timm_kwargs=dict(TINY, num_classes=3), sae_width=16, sae_k=4)
+
+    def fake_measure(model, x, labels, scale, shift, batch_size=512):
+        n = len(x)
+        usage, correct = 1.0, n
+        if scale is not None and bool((scale == 0.0).any()):
+            correct = n - 5  # alpha 0: loses too many images, refused
+        elif scale is not None and (bool((scale != 1.0).any()) or bool((shift != 0.0).any())):
+            usage = 0.5  # alpha 4 and beta -1 lower usage alike
+        block_usage = torch.full((len(model.gate_blocks),), usage)
+        mask = torch.full((n, len(model.gate_blocks), model.num_heads), usage)
+        return dict(correct=correct, n=n, usage=usage, block_usage=block_usage, mask=mask)
+
+    monkeypatch.setattr(S, "measure", fake_measure)
+    config = S.SteeringConfig(counts=(1,), alphas=(0.0, 4.0), betas=(-1.0,), global_alphas=(0.0,), topk_ks=(1,),
+                              topk_alphas=(0.0,))
+    table, _ = S.fit_steering(model, _three_class_splits(), config, progress=False)
+    steered = [row for row in table.info if row["latents"]]
+    assert steered
+    for row in steered:
+        assert (row["mode"], row["alpha"], row["beta"]) == ("scale", 4.0, None)
