@@ -17,8 +17,9 @@ import torch
 class CudaGraphForward:
     """Wraps `forward(*tensors) -> tuple of tensors`; calls with CUDA tensors of a signature seen
     before replay its captured graph. `key` adds non-tensor settings (e.g. a head budget) to the
-    signature. Every call returns new tensors (copies of the graph's static outputs), so results a
-    caller holds are never overwritten by a later call.
+    signature; past `max_graphs` signatures the one used longest ago is dropped. Every call
+    returns new tensors (copies of the graph's static outputs), so results a caller holds are
+    never overwritten by a later call.
 
     Inputs must be CUDA tensors on one device; capture and replay run with that device current (a
     graph captured on another device would hold none of the forward's launches). Safe to call from
@@ -62,11 +63,13 @@ class CudaGraphForward:
         device = self._device(inputs)
         signature = (key,) + tuple((tuple(t.shape), t.dtype, t.device) for t in inputs)
         with self._lock, torch.cuda.device(device):
-            entry = self._graphs.get(signature)
+            # (the dict keeps signatures in order of last use: a hit moves its entry to the end)
+            entry = self._graphs.pop(signature, None)
             if entry is None:
                 if len(self._graphs) >= self.max_graphs:
-                    self._graphs.pop(next(iter(self._graphs)))  # drop the oldest signature
-                entry = self._graphs[signature] = self._capture(inputs, key)
+                    self._graphs.pop(next(iter(self._graphs)))  # drop the signature used longest ago
+                entry = self._capture(inputs, key)
+            self._graphs[signature] = entry
             graph, static_inputs, static_outputs, done = entry
             stream = torch.cuda.current_stream()
             stream.wait_event(done)  # the previous replay (maybe on another stream) is done with the buffers

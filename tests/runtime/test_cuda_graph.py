@@ -51,13 +51,14 @@ class _Recorder:
         class Graph:
             def replay(self):
                 recorder.log.append(("replay", recorder.current))
-                static_in, static_out = recorder.pairs[-1]
+                static_in, static_out = self.pair
                 static_out.copy_(static_in * 2)
 
         @contextlib.contextmanager
         def graph(g, capture_error_mode="global"):
             recorder.log.append(("capture", capture_error_mode))
             yield
+            g.pair = recorder.pairs[-1]  # (the forward call this graph captured)
 
         @contextlib.contextmanager
         def device(d):
@@ -90,6 +91,26 @@ def test_replays_wait_for_the_previous_call_and_return_their_own_tensors(monkeyp
     assert log[1:] == [("wait", "A", event), ("replay", "A"), ("record", "A", event),
                        ("wait", "B", event), ("replay", "B"), ("record", "B", event)]
     assert [entry for entry in recorder.log if entry[0] == "device"] == [("device", "cuda:0")] * 2
+
+
+def test_the_least_recently_used_graph_goes_first(monkeypatch):
+    """At max_graphs, a new signature evicts the graph used longest ago, not the one captured
+    first: an Engine's batch-1 graph from load stays while batch 1 is still being served."""
+    recorder = _Recorder()
+    recorder.install(monkeypatch)
+    graphed = CudaGraphForward(recorder.forward, warmup=0, max_graphs=2)
+
+    def captures():
+        return sum(entry[0] == "capture" for entry in recorder.log)
+
+    graphed(torch.ones(1))
+    graphed(torch.ones(2))
+    assert graphed(torch.tensor([3.0]))[0].tolist() == [6.0]  # batch 1 again: a replay
+    graphed(torch.ones(3))  # evicts batch 2, used longest ago
+    assert captures() == 3
+    assert graphed(torch.tensor([4.0]))[0].tolist() == [8.0] and captures() == 3
+    graphed(torch.ones(2))
+    assert captures() == 4
 
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
