@@ -32,6 +32,7 @@ an allowance of one lost image per class.
 """
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import asdict, dataclass
 from typing import Optional, Sequence
@@ -117,6 +118,9 @@ def make_row(
     index = torch.as_tensor(list(latents), dtype=torch.long)
     if len(index) == 0:
         return scale, shift
+    outside = sorted({int(j) for j in index if not 0 <= int(j) < width})
+    if outside:  # a negative index would silently steer a latent counted from the end
+        raise InputError(f"steering latents must be indices in [0, {width}), got latent(s) {outside}")
     if mode == "scale":
         scale[index] = float(value)
     elif mode == "shift":
@@ -416,22 +420,47 @@ def row_info(table: Optional[SteeringTable], name: str) -> dict:
     return entry if isinstance(entry, dict) else {}
 
 
+def _latent_index(value, width: int, where: str) -> int:
+    """`value` (an int, or its string as JSON object keys hold it) as a latent index in [0, width);
+    InputError naming `where` otherwise (a negative index would wrap to another latent)."""
+    index = None
+    if isinstance(value, int) and not isinstance(value, bool):
+        index = value
+    elif isinstance(value, str):
+        try:
+            index = int(value)
+        except ValueError:
+            pass
+    if index is None or not 0 <= index < width:
+        raise InputError(f"{where}: latent {value} is not an index in [0, {width})")
+    return index
+
+
+def _finite_number(value, where: str, what: str) -> float:
+    """`value` as a finite float; InputError naming `where` and `what` otherwise."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+        return float(value)
+    raise InputError(f"{where}: {what} must be a finite number, got {value!r}")
+
+
 def random_table(table: SteeringTable, width: int) -> SteeringTable:
     """The random-latent control rows recorded in `table.info` as a SteeringTable of their own
-    (same row names). InputError if the table records no info (no control rows to rebuild)."""
+    (same row names). InputError if the table records no info (no control rows to rebuild), or if
+    a recorded latent is outside [0, width) or a recorded alpha or shift is not finite."""
     if not table.info:
         raise InputError(
             "this steering table records no per-row info, so it has no random-latent control rows "
             "(fit_steering records them); evaluate it without the random control"
         )
     scale_rows, shift_rows = [], []
-    for entry in table.info:  # one entry per row, in row order
+    for name, entry in zip(table.class_names, table.info):  # one entry per row, in row order
         row = entry if isinstance(entry, dict) else {}
+        where = f"steering row {name!r} random control"
         scale, shift = identity_row(width)
         for j in row.get("random_scale_latents", []):
-            scale[int(j)] = float(row.get("alpha", 1.0))
+            scale[_latent_index(j, width, where)] = _finite_number(row.get("alpha", 1.0), where, "alpha")
         for j, value in row.get("random_shift", {}).items():
-            shift[int(j)] = float(value)
+            shift[_latent_index(j, width, where)] = _finite_number(value, where, "shift")
         scale_rows.append(scale)
         shift_rows.append(shift)
     return SteeringTable(list(table.class_names), torch.stack(scale_rows), torch.stack(shift_rows), [])

@@ -206,3 +206,27 @@ def test_ties_go_to_the_earlier_setting_in_the_grid_across_modes(monkeypatch):
     assert steered
     for row in steered:
         assert (row["mode"], row["alpha"], row["beta"]) == ("scale", 4.0, None)
+
+
+@pytest.mark.parametrize("entry, problem", [
+    (dict(alpha=0.0, random_scale_latents=[3]), "latent 3"),
+    (dict(alpha=0.0, random_scale_latents=[-1]), "latent -1"),
+    (dict(alpha=0.0, random_scale_latents=[1.5]), "latent 1.5"),
+    (dict(alpha=float("nan"), random_scale_latents=[1]), "alpha"),
+    (dict(random_shift={"7": 1.0}), "latent 7"),
+    (dict(random_shift={"-2": 1.0}), "latent -2"),
+    (dict(random_shift={"1": float("inf")}), "shift"),
+])
+def test_random_table_refuses_info_outside_the_steering_width(entry, problem):
+    """The control rows are rebuilt from the table's recorded info (JSON on disk): a latent outside
+    [0, width) or a non-finite value is a clear error, never an IndexError or a wrapped index."""
+    table = SteeringTable(["a", "b"], torch.ones(2, 3), torch.zeros(2, 3), [dict(alpha=1.0), entry])
+    with pytest.raises(InputError, match=problem) as error:
+        S.random_table(table, 3)
+    assert "'b'" in str(error.value)
+
+
+def test_make_row_refuses_latents_outside_the_width():
+    for latents in ([4], [-1]):
+        with pytest.raises(InputError, match="latent"):
+            S.make_row(4, latents, "scale", 2.0)
