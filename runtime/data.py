@@ -138,6 +138,10 @@ def load_data(
         raise DataError(f"empty data spec; expected {ACCEPTED_SPECS}")
     if image_size is not None and (not isinstance(image_size, int) or image_size < 1):
         raise InputError(f"image_size must be a positive integer; got {image_size!r}")
+    # scikit-learn's split takes seeds in [0, 2**32 - 1]; checked here, before any image is read,
+    # so another seed is not reported as a failed stratified split.
+    if not isinstance(seed, (int, np.integer)) or not 0 <= seed < 2**32:
+        raise InputError(f"seed must be an integer in [0, 2**32 - 1]; got {seed!r}")
     for name, fraction in (("val_fraction", val_fraction), ("test_fraction", test_fraction)):
         if not 0 < fraction < 1:
             raise InputError(f"{name} must be strictly between 0 and 1; got {fraction}")

@@ -305,6 +305,13 @@ def test_bad_arguments_are_input_errors(arguments):
         load_data("digits", **arguments)
 
 
+@pytest.mark.parametrize("seed", [-1, 2**32, 1.5])
+def test_bad_seed_is_an_input_error(seed):
+    # Not a split problem: sklearn takes seeds in [0, 2**32 - 1] only.
+    with pytest.raises(InputError, match=r"seed must be an integer in \[0, 2\*\*32 - 1\]"):
+        load_data("digits", seed=seed)
+
+
 def test_resolve_split_seed_trusts_only_a_recorded_seed():
     """A recorded split seed wins and another is refused; a bundle that records none takes the
     asked seed, else the guess from its first stage, else the default, and says which."""
