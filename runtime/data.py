@@ -266,6 +266,7 @@ def _load_cifar100(folder: Path, image_size: int, seed: int, val_fraction: float
     if not isinstance(names, list) or not names:
         raise DataError(f"{meta_path} 'fine_label_names' must be a non-empty list of names")
     class_names = [name.decode("utf-8") if isinstance(name, bytes) else str(name) for name in names]
+    _check_class_names(class_names, meta_path)
     train_file = _read_cifar_split(folder / "train", class_names, image_size)
     test = _read_cifar_split(folder / "test", class_names, image_size)
     train, val, _ = _stratified_partition(train_file.labels, val_fraction, 0.0, seed)
@@ -281,6 +282,7 @@ def _load_imagefolder(
     """An ImageFolder tree: `train/`[`val/`, `test/`] of class folders, or class folders directly."""
     if (folder / "train").is_dir():
         class_names, class_to_idx = _find_classes(folder / "train")
+        _check_class_names(class_names, folder / "train")
         pool = _read_image_tree(folder / "train", class_names, class_to_idx, image_size, progress)
         given = {
             split: _read_image_tree(folder / split, class_names, class_to_idx, image_size, progress)
@@ -296,9 +298,17 @@ def _load_imagefolder(
             given["test"] if "test" in given else pool.subset(test),
         )
     class_names, class_to_idx = _find_classes(folder)
+    _check_class_names(class_names, folder)
     pool = _read_image_tree(folder, class_names, class_to_idx, image_size, progress)
     train, val, test = _stratified_partition(pool.labels, val_fraction, test_fraction, seed)
     return _make_splits(pool.subset(train), pool.subset(val), pool.subset(test))
+
+
+def _check_class_names(class_names: list[str], source: Path) -> None:
+    """DataError unless `source` names at least two classes: with one, a model has nothing to
+    classify or steer between, and would train to a constant."""
+    if len(class_names) < 2:
+        raise DataError(f"{source} has only one class {class_names}; a classifier needs at least two")
 
 
 def _find_classes(folder: Path) -> tuple[list[str], dict[str, int]]:

@@ -263,6 +263,13 @@ def test_imagefolder_class_too_rare_for_a_split_is_named(tmp_path):
         load_data(f"imagefolder:{tmp_path}", image_size=8)
 
 
+def test_imagefolder_with_one_class_is_refused(tmp_path):
+    # A one-class "classifier" trains to a constant and has nothing to steer between.
+    _write_png_tree(tmp_path, classes=("cat",), per_class=10)
+    with pytest.raises(DataError, match=r"only one class \['cat'\]"):
+        load_data(f"imagefolder:{tmp_path}", image_size=8)
+
+
 def test_imagefolder_progress_bar_can_be_hidden(tmp_path, capsys):
     _write_png_tree(tmp_path, per_class=5)
     load_data(f"imagefolder:{tmp_path}", image_size=8, progress=False)
