@@ -305,8 +305,12 @@ def _load_imagefolder(
 
 
 def _check_class_names(class_names: list[str], source: Path) -> None:
-    """DataError unless `source` names at least two classes: with one, a model has nothing to
-    classify or steer between, and would train to a constant."""
+    """DataError unless `source` names at least two classes, each once: with one, a model has
+    nothing to classify or steer between; two of one name could not be told apart by the steering
+    rows and per-class reports, which go by name."""
+    repeated = sorted({name for name in class_names if class_names.count(name) > 1})
+    if repeated:
+        raise DataError(f"{source} names {repeated} more than once; class names must be distinct")
     if len(class_names) < 2:
         raise DataError(f"{source} has only one class {class_names}; a classifier needs at least two")
 

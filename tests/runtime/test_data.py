@@ -185,6 +185,15 @@ def test_cifar100_missing_and_malformed_files(tmp_path):
         load_data(f"cifar100:{folder}")
 
 
+def test_cifar100_duplicate_class_names_are_refused(tmp_path):
+    # Two classes of one name could not be told apart by name (steering rows, reports).
+    folder = tmp_path / "cifar-100-python"
+    _write_fake_cifar100(folder)
+    _dump_like_python2({b"fine_label_names": [b"class0", b"class1", b"class1", b"class3"]}, folder / "meta")
+    with pytest.raises(DataError, match=r"meta.* names \['class1'\] more than once"):
+        load_data(f"cifar100:{folder}")
+
+
 # --- image folders ----------------------------------------------------------------------------
 
 
