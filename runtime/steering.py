@@ -60,6 +60,26 @@ class SteeringConfig:
     batch_size: int = 512
     seed: int = 0
 
+    def __post_init__(self):
+        """Refuse a grid the search cannot use, before any work: a NaN alpha blanks the gate input (no
+        head kept, a 'usage fall' the search would pick), a negative count slices the ranking from its
+        end, and an empty topk_ks leaves top-k without an unsteered setting."""
+        def is_int(value, low):
+            return isinstance(value, int) and not isinstance(value, bool) and value >= low
+
+        for name in ("counts", "topk_ks"):
+            values = tuple(getattr(self, name))
+            if not values or not all(is_int(v, 1) for v in values):
+                raise InputError(f"SteeringConfig.{name} must be a non-empty tuple of positive ints, got {values!r}")
+        for name in ("alphas", "betas", "global_alphas", "topk_alphas"):
+            values = tuple(getattr(self, name))
+            if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in values):
+                raise InputError(f"SteeringConfig.{name} must hold finite numbers, got {values!r}")
+        if not is_int(self.max_val_loss, 0):
+            raise InputError(f"SteeringConfig.max_val_loss must be an int >= 0, got {self.max_val_loss!r}")
+        if not is_int(self.batch_size, 1):
+            raise InputError(f"SteeringConfig.batch_size must be an int >= 1, got {self.batch_size!r}")
+
 
 # -- latents and vectors ---------------------------------------------------------------------------
 @torch.no_grad()

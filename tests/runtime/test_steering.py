@@ -230,3 +230,22 @@ def test_make_row_refuses_latents_outside_the_width():
     for latents in ([4], [-1]):
         with pytest.raises(InputError, match="latent"):
             S.make_row(4, latents, "scale", 2.0)
+
+
+@pytest.mark.parametrize("field, value, problem", [
+    ("counts", (1, -1), "counts"),  # site[:-1] would silently take all latents but the last
+    ("counts", (0,), "counts"),
+    ("alphas", (0.0, float("nan")), "alphas"),
+    ("betas", (float("inf"),), "betas"),
+    ("global_alphas", (float("nan"),), "global_alphas"),
+    ("topk_ks", (), "topk_ks"),
+    ("topk_ks", (2, -1), "topk_ks"),
+    ("topk_alphas", (float("-inf"),), "topk_alphas"),
+    ("max_val_loss", -1, "max_val_loss"),
+    ("batch_size", 0, "batch_size"),
+])
+def test_steering_config_refuses_settings_it_cannot_search(field, value, problem):
+    """A NaN alpha would blank the gate input (no head kept: a 'usage fall' the search would pick)
+    and a negative count slices the ranking from its end; both are refused when the config is made."""
+    with pytest.raises(InputError, match=problem):
+        S.SteeringConfig(**{field: value})
