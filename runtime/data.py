@@ -34,6 +34,7 @@ from torch.utils.data import TensorDataset
 from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_dataset
 from tqdm import tqdm
 
+from headsteer.runtime.engine import wide_mode_problem
 from headsteer.runtime.errors import DataError, InputError
 
 ACCEPTED_SPECS = "'digits', 'cifar100:PATH' (a cifar-100-python folder) or 'imagefolder:PATH'"
@@ -349,12 +350,18 @@ def _read_image_tree(
 
 
 def _read_image(path: Path, image_size: int) -> torch.Tensor:
-    """One image file as float32 [3, size, size] in [0, 1] (PIL bilinear resize, antialiased)."""
+    """One image file as float32 [3, size, size] in [0, 1] (PIL bilinear resize, antialiased).
+    Any 8-bit mode (gray, palette, RGBA, ...) is converted to RGB; a wider one (16-bit, float) is
+    refused, as the engine refuses it, since 8-bit conversion would clip it, not scale it."""
     try:
         with Image.open(path) as image:
-            rgb = image.convert("RGB").resize((image_size, image_size), Image.Resampling.BILINEAR)
+            problem = wide_mode_problem(image, f"image {path}", tensor_hint=False)
+            if problem is None:
+                rgb = image.convert("RGB").resize((image_size, image_size), Image.Resampling.BILINEAR)
     except Exception as error:
         raise DataError(f"cannot read image {path}: {error}") from error
+    if problem is not None:
+        raise DataError(problem)
     return torch.from_numpy(np.asarray(rgb, dtype=np.uint8).copy()).permute(2, 0, 1).float().div_(255.0)
 
 

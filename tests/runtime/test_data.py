@@ -279,6 +279,24 @@ def test_imagefolder_with_one_class_is_refused(tmp_path):
         load_data(f"imagefolder:{tmp_path}", image_size=8)
 
 
+def test_imagefolder_mixed_8_bit_modes_load_and_wide_modes_are_refused(tmp_path):
+    _write_png_tree(tmp_path, per_class=5)
+    rng = np.random.default_rng(2)
+    rgb = Image.fromarray(rng.integers(0, 256, size=(10, 12, 3), dtype=np.uint8))
+    for name, image in (("gray", rgb.convert("L")), ("rgba", rgb.convert("RGBA")), ("palette", rgb.convert("P")),
+                        ("bilevel", rgb.convert("1"))):
+        image.save(tmp_path / "cat" / f"{name}.png")
+    splits = load_data(f"imagefolder:{tmp_path}", image_size=8)
+    assert len(splits.train) + len(splits.val) + len(splits.test) == 14
+    # A 16-bit grayscale PNG would be clipped to 8 bits (nearly all white), not read.
+    wide = (np.arange(120, dtype=np.uint16).reshape(10, 12) * 500).astype(np.uint16)
+    Image.fromarray(wide).save(tmp_path / "dog" / "wide.png")
+    with Image.open(tmp_path / "dog" / "wide.png") as reopened:
+        assert reopened.mode == "I;16"
+    with pytest.raises(DataError, match=r"dog/wide\.png is a PIL mode 'I;16' image"):
+        load_data(f"imagefolder:{tmp_path}", image_size=8)
+
+
 def test_imagefolder_progress_bar_can_be_hidden(tmp_path, capsys):
     _write_png_tree(tmp_path, per_class=5)
     load_data(f"imagefolder:{tmp_path}", image_size=8, progress=False)
