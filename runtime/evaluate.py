@@ -218,13 +218,18 @@ def strategies_summary(engine: Engine, dataset: ImageDataset, choices: dict, bat
 
     choices: the steering stage record ({global_amplification: {alpha}, topk_amplification:
     {k, alpha}}) chosen on val. per_class and random_latents steer each image by its own class's
-    row (oracle class; classes without a row unsteered), as in the per-class table."""
+    row (oracle class; classes without a row unsteered), as in the per-class table. A bundle without
+    a steering table, or whose table records no random-latent control rows, is an InputError before
+    any work."""
     from headsteer.runtime.steering import global_rows, random_table, topk_rows
 
     table = engine.info.steering
     labels = dataset.labels
     n, width = len(labels), engine.steer_width
     sites = steered_sites(engine)
+    if table is None:
+        raise InputError("this bundle has no steering table: per_class and random_latents need its rows")
+    rand = random_table(table, width)  # fails before any work if the table records no control rows
 
     def entry(pred, mask, **setting):
         s = summarize(pred, mask, labels, sites)
@@ -247,7 +252,6 @@ def strategies_summary(engine: Engine, dataset: ImageDataset, choices: dict, bat
     )
     targets = class_targets(table, engine.class_names, labels)
     out["per_class"] = entry(*run_engine(engine, dataset.images, targets, batch_size=batch_size))
-    rand = random_table(table, width)
     out["random_latents"] = entry(*run_engine(engine, dataset.images, vectors=rand.rows(targets),
                                               batch_size=batch_size))
     return out

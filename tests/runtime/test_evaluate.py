@@ -267,3 +267,23 @@ def test_eval_json_folder_is_refused_before_any_work(bundle, tmp_path, capsys, m
     monkeypatch.setattr(E, "load_data", _no_data)
     assert cli_main(["eval", str(path), "--data", "digits", "--json", str(tmp_path)]) == 2
     assert "is a folder" in capsys.readouterr().err
+
+
+def _no_run(*args, **kwargs):
+    raise AssertionError("the evaluation ran the engine before refusing its input")
+
+
+def test_strategies_summary_without_steering_rows_is_refused_before_any_work(bundle, tmp_path, monkeypatch):
+    """per_class and random_latents need the table and its recorded control rows: a bundle without a
+    table (or a table without info) is a clear error before the first engine pass, not an
+    AttributeError after four of them."""
+    path, splits, stage = bundle
+    table = Engine.load(path, backend="compact").info.steering
+    bare = Engine.load(_resaved(path, tmp_path / "bare", SteeringTable(table.class_names, table.scale, table.shift)),
+                       backend="compact")
+    untabled = Engine.load(_resaved(path, tmp_path / "none", None), backend="compact")
+    monkeypatch.setattr(E, "run_engine", _no_run)
+    with pytest.raises(InputError, match="no steering table"):
+        strategies_summary(untabled, splits.test, stage)
+    with pytest.raises(InputError, match="no random-latent control rows"):
+        strategies_summary(bare, splits.test, stage)
