@@ -20,6 +20,7 @@ from either would silently go unsteered or unreported.
 
 from __future__ import annotations
 
+import os
 import pickle
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -337,6 +338,14 @@ def _read_image_tree(
             f"its class folders must be among the train split's {class_names}"
         )
     present = {name: class_to_idx[name] for name in found}
+    strays = _non_image_files(folder, found)
+    if strays:
+        listed = ", ".join(str(path) for path in strays[:5]) + (" ..." if len(strays) > 5 else "")
+        raise DataError(
+            f"{folder} holds {len(strays)} files that are not images by their extension ({listed}); "
+            f"class folders may hold only {', '.join(IMG_EXTENSIONS)} files (and hidden ones such as "
+            ".DS_Store): remove or convert the others"
+        )
     try:
         samples = make_dataset(folder, present, extensions=IMG_EXTENSIONS)
     except FileNotFoundError as error:
@@ -347,6 +356,17 @@ def _read_image_tree(
         images[position] = _read_image(Path(path), image_size)
     labels = torch.tensor([label for _, label in samples], dtype=torch.int64)
     return ImageDataset(images, labels, class_names)
+
+
+def _non_image_files(folder: Path, class_names: Sequence[str]) -> list[Path]:
+    """Files under `folder`/<class>/ (at any depth, as they are read) that have no image extension
+    and are not hidden (.DS_Store and the like), sorted: reading would skip them without a word."""
+    strays = []
+    for name in class_names:
+        for root, _, files in sorted(os.walk(folder / name, followlinks=True)):
+            strays += [Path(root) / file for file in sorted(files)
+                       if not file.startswith(".") and not file.lower().endswith(IMG_EXTENSIONS)]
+    return strays
 
 
 def _read_image(path: Path, image_size: int) -> torch.Tensor:

@@ -297,6 +297,20 @@ def test_imagefolder_mixed_8_bit_modes_load_and_wide_modes_are_refused(tmp_path)
         load_data(f"imagefolder:{tmp_path}", image_size=8)
 
 
+def test_imagefolder_non_image_files_are_named(tmp_path):
+    _write_png_tree(tmp_path, per_class=5)
+    (tmp_path / ".DS_Store").write_bytes(b"finder")  # hidden files are not data
+    (tmp_path / "cat" / ".DS_Store").write_bytes(b"finder")
+    (tmp_path / "dog" / "notes.txt").write_text("not an image")
+    Image.new("RGB", (10, 12)).save(tmp_path / "cat" / "extra.gif")
+    with pytest.raises(DataError, match=r"2 files that are not images .*cat/extra\.gif.*dog/notes\.txt"):
+        load_data(f"imagefolder:{tmp_path}", image_size=8)
+    (tmp_path / "dog" / "notes.txt").unlink()
+    (tmp_path / "cat" / "extra.gif").unlink()
+    splits = load_data(f"imagefolder:{tmp_path}", image_size=8)
+    assert len(splits.train) + len(splits.val) + len(splits.test) == 10
+
+
 def test_imagefolder_progress_bar_can_be_hidden(tmp_path, capsys):
     _write_png_tree(tmp_path, per_class=5)
     load_data(f"imagefolder:{tmp_path}", image_size=8, progress=False)
