@@ -672,10 +672,15 @@ def _cell_label(cell, where: str) -> str:
     return f"{cell.mode} {cell.target:.2f}, {where}" if cell.mode == "gate" else f"{cell.mode}, {where}"
 
 
+def _is_baseline(cell) -> bool:
+    """The cell every speed-up is measured against: timm's dense forward."""
+    return cell.mode == "dense" and cell.runner.name == "timm"
+
+
 def _warm_up(config, cells, timer, pixels, steer, bar, failed, where: str) -> list:
-    """Run each cell's untimed calls; the last call's head mask is the one accounted. A gated
-    cell that raises is dropped and recorded in `failed` (the dense baseline must run). Returns
-    the cells that ran."""
+    """Run each cell's untimed calls; the last call's head mask is the one accounted. A cell that
+    raises is dropped and recorded in `failed`, except the timm baseline, which must run (another
+    dense backend, e.g. timm-graph, is reported like a gated one). Returns the cells that ran."""
     kept = []
     for cell in cells:
         try:
@@ -685,7 +690,7 @@ def _warm_up(config, cells, timer, pixels, steer, bar, failed, where: str) -> li
             cell.head_mask = None if mask is None else mask.detach().to("cpu")
             kept.append(cell)
         except Exception as why:  # a cell that cannot run here is reported, not fatal
-            if cell.runner.dense:
+            if _is_baseline(cell):
                 raise
             reason = _one_line(why)
             failed.setdefault(cell.runner.name, []).append((_cell_label(cell, where), reason))
@@ -706,7 +711,7 @@ def _time_round_robin(config, cells, timer, pixels, steer, bar, shuffle: random.
 
 
 def _rows(cells, counts, model, size, batch) -> list:
-    baseline = next(c for c in cells if c.mode == "dense" and c.runner.name == "timm")
+    baseline = next(c for c in cells if _is_baseline(c))
     timm_ms = statistics.median(baseline.times)
     rows = []
     for cell in cells:

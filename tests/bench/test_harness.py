@@ -492,3 +492,25 @@ def test_gpu_checks_bench_invocation_is_valid(tmp_path, monkeypatch):
     assert set(config.backends) <= set(harness.BACKEND_FACTORIES), config.backends
     assert [option for option, _ in harness._report_files(args)] == ["--json", "--md"]
     assert config.device == "cuda" and config.dtype == "bfloat16" and config.warmup == 2
+
+
+class _DenseThatFails(harness.Runner):
+    """A dense backend besides timm (like timm-graph) that cannot run here."""
+
+    dense = True
+
+    def __call__(self, x, steer_scale, steer_shift, budget):
+        raise RuntimeError("capture failed")
+
+
+def test_a_failing_dense_backend_besides_timm_is_reported_not_fatal():
+    """Only timm, the baseline every speed-up divides, must run: another dense backend that fails
+    (timm-graph) is reported like any failing cell, and the other backends' rows still come."""
+    harness.register_backend("dense-flaky", _DenseThatFails)
+    try:
+        report = harness.run_bench(_tiny_config(backends=["dense-flaky", "compact"]))
+    finally:
+        harness.BACKEND_FACTORIES.pop("dense-flaky")
+    assert report["environment"]["backends_failed"]["dense-flaky"].endswith("RuntimeError: capture failed")
+    assert {r["backend"] for r in report["rows"]} == {"timm", "compact"}
+
