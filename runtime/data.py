@@ -349,7 +349,7 @@ def _read_image_tree(
     try:
         samples = make_dataset(folder, present, extensions=IMG_EXTENSIONS)
     except FileNotFoundError as error:
-        raise DataError(f"{error}; every class folder needs at least one image") from error
+        raise DataError(f"{folder}: {error}; every class folder needs at least one image") from error
     images = torch.empty(len(samples), 3, image_size, image_size)
     bar = tqdm(samples, desc=f"loading {folder.name}", unit="img", disable=not progress)
     for position, (path, _) in enumerate(bar):

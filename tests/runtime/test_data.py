@@ -311,6 +311,14 @@ def test_imagefolder_non_image_files_are_named(tmp_path):
     assert len(splits.train) + len(splits.val) + len(splits.test) == 10
 
 
+def test_imagefolder_split_folder_without_images_is_named(tmp_path):
+    _write_png_tree(tmp_path / "train", per_class=6)
+    (tmp_path / "val" / "cat").mkdir(parents=True)
+    (tmp_path / "val" / "dog").mkdir()
+    with pytest.raises(DataError, match=r"val: .*no valid file for the classes cat, dog"):
+        load_data(f"imagefolder:{tmp_path}", image_size=8)
+
+
 def test_imagefolder_progress_bar_can_be_hidden(tmp_path, capsys):
     _write_png_tree(tmp_path, per_class=5)
     load_data(f"imagefolder:{tmp_path}", image_size=8, progress=False)
