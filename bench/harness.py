@@ -17,6 +17,7 @@ write_plot`, `register_backend` to plug in more backends. CLI: `add_arguments(pa
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import datetime as _dt
 import json
@@ -466,12 +467,19 @@ def run_bench(config: BenchConfig) -> dict:
     else:
         rng_devices = []
     try:
-        with torch.random.fork_rng(devices=rng_devices):
+        with torch.random.fork_rng(devices=rng_devices), _current_device(device):
             if config.threads:
                 torch.set_num_threads(int(config.threads))
             return _run_grid(config, names, device)
     finally:
         torch.set_num_threads(threads)
+
+
+def _current_device(device: torch.device):
+    """`device` made the current CUDA device for the run (nothing on the CPU): CUDA events record
+    on the current device's stream, and Triton launches there, so a model on cuda:1 timed with
+    cuda:0 current would be timed on an idle GPU."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
 
 
 def _run_grid(config: BenchConfig, names: list, device: torch.device) -> dict:

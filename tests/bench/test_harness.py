@@ -514,3 +514,30 @@ def test_a_failing_dense_backend_besides_timm_is_reported_not_fatal():
     assert report["environment"]["backends_failed"]["dense-flaky"].endswith("RuntimeError: capture failed")
     assert {r["backend"] for r in report["rows"]} == {"timm", "compact"}
 
+
+def test_the_benchmarked_gpu_is_the_current_device(monkeypatch):
+    """CUDA events record on the current device's stream (as do Triton launches): on --device
+    cuda:1 the grid must run with cuda:1 current, or the timer measures an idle cuda:0. (CUDA is
+    mocked: the device context is recorded, not entered.)"""
+    import contextlib
+
+    current = []
+
+    class FakeDevice:
+        def __init__(self, device):
+            self.index = torch.device(device).index
+
+        def __enter__(self):
+            current.append(self.index)
+
+        def __exit__(self, *exc):
+            current.pop()
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "device", FakeDevice)
+    monkeypatch.setattr(torch.random, "fork_rng", lambda devices: contextlib.nullcontext())
+    monkeypatch.setattr(harness, "_run_grid", lambda config, names, device: list(current))
+    assert harness.run_bench(_tiny_config(device="cuda:1")) == [1]
+    assert current == []
+
