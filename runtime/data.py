@@ -283,6 +283,14 @@ def _load_imagefolder(
 ) -> Splits:
     """An ImageFolder tree: `train/`[`val/`, `test/`] of class folders, or class folders directly."""
     if (folder / "train").is_dir():
+        # Any other folder beside train/ (say validation/) would be ignored without a word.
+        others = sorted(entry.name for entry in os.scandir(folder) if entry.is_dir()
+                        and not entry.name.startswith(".") and entry.name not in ("train", "val", "test"))
+        if others:
+            raise DataError(
+                f"{folder} has folders {others} beside train/; with train/ it may hold only val/ and "
+                "test/ (rename a validation folder to val/), without it only class folders"
+            )
         class_names, class_to_idx = _find_classes(folder / "train")
         _check_class_names(class_names, folder / "train")
         pool = _read_image_tree(folder / "train", class_names, class_to_idx, image_size, progress)

@@ -311,6 +311,15 @@ def test_imagefolder_non_image_files_are_named(tmp_path):
     assert len(splits.train) + len(splits.val) + len(splits.test) == 10
 
 
+def test_imagefolder_split_layout_refuses_other_folders(tmp_path):
+    # "validation/" beside train/ would be ignored and val carved from train instead.
+    _write_png_tree(tmp_path / "train", per_class=6)
+    _write_png_tree(tmp_path / "validation", per_class=2)
+    _write_png_tree(tmp_path / "test", per_class=2)
+    with pytest.raises(DataError, match=r"folders \['validation'\] beside train/"):
+        load_data(f"imagefolder:{tmp_path}", image_size=8)
+
+
 def test_imagefolder_split_folder_without_images_is_named(tmp_path):
     _write_png_tree(tmp_path / "train", per_class=6)
     (tmp_path / "val" / "cat").mkdir(parents=True)
