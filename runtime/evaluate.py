@@ -22,7 +22,7 @@ import torch
 
 from headsteer.runtime.bundle import SteeringTable
 from headsteer.runtime.data import ImageDataset, load_data, resolve_split_seed
-from headsteer.runtime.engine import Engine
+from headsteer.runtime.engine import TORCH_BACKENDS, Engine
 from headsteer.runtime.errors import InputError
 from headsteer.runtime.files import write_text_atomic
 
@@ -66,12 +66,15 @@ def run_engine(
 
 @torch.no_grad()
 def engine_latents(engine: Engine, images: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
-    """Unsteered SAE latents [N, S_total] (site order) from the engine's model."""
+    """Unsteered SAE latents [N, S_total] (site order) from the engine's model, fed as
+    `Engine.predict` feeds it (its device and dtype). An engine that runs an exported file
+    (onnxruntime, tensorrt) gets them from its bundle's torch model on the reference backend."""
     model = engine.model
+    backend = engine.backend if engine.backend in TORCH_BACKENDS else "reference"
     chunks = []
     for start in range(0, len(images), batch_size):
-        x = normalized(engine, images[start : start + batch_size]).to(engine.device)
-        out = model(x, backend=engine.backend, return_latents=True)
+        x = normalized(engine, images[start : start + batch_size]).to(device=engine.device, dtype=engine.dtype)
+        out = model(x, backend=backend, return_latents=True)
         chunks.append(torch.cat([out.latents[b] for b in model.sae_blocks], dim=1).cpu())
     return torch.cat(chunks)
 

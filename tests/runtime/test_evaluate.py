@@ -287,3 +287,32 @@ def test_strategies_summary_without_steering_rows_is_refused_before_any_work(bun
         strategies_summary(untabled, splits.test, stage)
     with pytest.raises(InputError, match="no random-latent control rows"):
         strategies_summary(bare, splits.test, stage)
+
+
+def test_engine_latents_follow_the_engines_dtype(bundle):
+    """A bfloat16 engine's model takes bfloat16 pixels: the top-k strategy's latents are read in the
+    engine's own dtype (as Engine.predict feeds it), not refused as float32 input."""
+    path, splits, stage = bundle
+    engine = Engine.load(path, backend="compact", dtype="bfloat16")
+    images = splits.test.images[:20]
+    z = E.engine_latents(engine, images)
+    expected = engine.model(engine.normalize(images).to(torch.bfloat16), backend="compact", return_latents=True)
+    assert z.shape == (20, engine.steer_width)
+    assert torch.equal(z, torch.cat([expected.latents[b] for b in engine.model.sae_blocks], dim=1))
+    summary = strategies_summary(engine, splits.test, stage)
+    assert 0.0 <= summary["topk_amplification"]["head_usage"] <= 1.0
+
+
+def test_engine_latents_of_an_exported_engine_come_from_its_bundle_model(bundle, tmp_path):
+    """onnxruntime runs the exported file; the latents top-k needs come from the bundle's torch
+    model (reference backend), not from a torch forward asked for backend 'onnxruntime'."""
+    pytest.importorskip("onnxruntime")
+    from headsteer.export import to_onnx
+
+    path, splits, stage = bundle
+    onnx_path = to_onnx(path, tmp_path / "model.onnx", attention="masked")
+    engine = Engine.load(path, backend="onnxruntime", onnx_path=onnx_path)
+    reference = Engine.load(path, backend="reference")
+    images = splits.test.images[:20]
+    torch.testing.assert_close(E.engine_latents(engine, images), E.engine_latents(reference, images))
+    assert set(strategies_summary(engine, splits.test, stage)) >= {"topk_amplification"}
