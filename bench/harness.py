@@ -126,7 +126,7 @@ class GraphRunner(Runner):
         if self.dense:
             return CudaGraphForward(lambda x, key=None: (self.model.vit(x),))
         return CudaGraphForward(
-            lambda x, scale, shift, key=None: (self.model(x, scale, shift, budget=key, backend="triton").head_mask,)
+            lambda x, *steer, key=None: (self.model(x, *steer, budget=key, backend="triton").head_mask,)
         )
 
     def for_model(self, model):
@@ -138,7 +138,9 @@ class GraphRunner(Runner):
         if self.dense:
             self._graphed(x)
             return None
-        return self._graphed(x, steer_scale, steer_shift, key=budget)[0]
+        # A graph replays tensors only: a model without SAEs has no steering vectors (None, None).
+        steer = () if steer_scale is None and steer_shift is None else (steer_scale, steer_shift)
+        return self._graphed(x, *steer, key=budget)[0]
 
 
 def _timm_factory(name, model, device):

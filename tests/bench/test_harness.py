@@ -541,3 +541,28 @@ def test_the_benchmarked_gpu_is_the_current_device(monkeypatch):
     assert harness.run_bench(_tiny_config(device="cuda:1")) == [1]
     assert current == []
 
+
+@pytest.mark.parametrize("sae_blocks", ["none", (-1,)], ids=["no-sae", "sae"])
+def test_triton_graph_replays_a_model_with_or_without_saes(monkeypatch, sae_blocks):
+    """Without SAEs the steering vectors are None; a CUDA graph replays tensors only, so the graph
+    runner must not hand it the Nones. (The graph is replaced by an eager call that checks its
+    inputs as CudaGraphForward does; the triton backend runs interpreted.)"""
+    from headsteer.runtime import cuda_graph
+    from headsteer.runtime.gated_vit import GatedViT
+
+    class EagerGraph(cuda_graph.CudaGraphForward):
+        def __call__(self, *inputs, key=None):
+            found = [type(t).__name__ for t in inputs]
+            assert all(isinstance(t, torch.Tensor) for t in inputs), f"graph inputs must be tensors, got {found}"
+            return self.forward(*inputs, key=key)
+
+    monkeypatch.setattr(cuda_graph, "CudaGraphForward", EagerGraph)
+    model = GatedViT.from_timm("vit_tiny_patch16_224", timm_kwargs=TINY, sae_blocks=sae_blocks).eval()
+    runner = harness.GraphRunner("triton-graph", model, torch.device("cuda"))
+    pixels = torch.randn(2, 3, 32, 32)
+    with torch.inference_mode():
+        steer = harness.steering_vectors(model, 2, "cpu")
+        assert (steer == (None, None)) == (sae_blocks == "none")
+        mask = runner(pixels, *steer, 0.33)
+        expected = model(pixels, *steer, budget=0.33, backend="compact").head_mask
+    assert torch.equal(mask, expected)
