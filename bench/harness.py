@@ -121,12 +121,16 @@ class GraphRunner(Runner):
         self._graphed = self._new_graph()
 
     def _new_graph(self):
+        """A graph per (batch, usage), none ever dropped: the usages of a batch are timed
+        round-robin, so dropping the oldest (CudaGraphForward's default past 16) would capture it
+        again inside a timed call."""
         from headsteer.runtime.cuda_graph import CudaGraphForward
 
         if self.dense:
-            return CudaGraphForward(lambda x, key=None: (self.model.vit(x),))
+            return CudaGraphForward(lambda x, key=None: (self.model.vit(x),), max_graphs=sys.maxsize)
         return CudaGraphForward(
-            lambda x, *steer, key=None: (self.model(x, *steer, budget=key, backend="triton").head_mask,)
+            lambda x, *steer, key=None: (self.model(x, *steer, budget=key, backend="triton").head_mask,),
+            max_graphs=sys.maxsize,
         )
 
     def for_model(self, model):

@@ -566,3 +566,41 @@ def test_triton_graph_replays_a_model_with_or_without_saes(monkeypatch, sae_bloc
         mask = runner(pixels, *steer, 0.33)
         expected = model(pixels, *steer, budget=0.33, backend="compact").head_mask
     assert torch.equal(mask, expected)
+
+
+def test_triton_graph_never_captures_inside_a_timed_call(monkeypatch):
+    """The graph runner replays one graph per (batch, usage), all of a batch round-robin: with more
+    usages than CudaGraphForward keeps by default (16), evicting the oldest graph would capture it
+    again (warm-up forwards and a capture) inside a timed call. (CUDA mocked: CudaGraphForward's
+    own bookkeeping runs, a capture is counted and runs the forward eagerly, a replay does nothing.)"""
+    import contextlib
+    import types
+
+    from headsteer.runtime import cuda_graph
+
+    captures = []
+
+    class CountedGraph(cuda_graph.CudaGraphForward):
+        @staticmethod
+        def _device(inputs):
+            return inputs[0].device
+
+        def _capture(self, inputs, key):
+            captures.append(key)
+            static_inputs = tuple(tensor.clone() for tensor in inputs)
+            graph = types.SimpleNamespace(replay=lambda: None)
+            event = types.SimpleNamespace(record=lambda stream: None)
+            return graph, static_inputs, self.forward(*static_inputs, key=key), event
+
+    monkeypatch.setattr(cuda_graph, "CudaGraphForward", CountedGraph)
+    monkeypatch.setattr(torch.cuda, "device", lambda device: contextlib.nullcontext())
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda: types.SimpleNamespace(wait_event=lambda event: None))
+    harness.register_backend("graph", lambda name, model, device: harness.GraphRunner("triton-graph", model,
+                                                                                      torch.device("cuda")))
+    usages = tuple(i / 16 for i in range(17))
+    try:
+        report = harness.run_bench(_tiny_config(backends=["graph"], usages=usages, reps=2))
+    finally:
+        harness.BACKEND_FACTORIES.pop("graph")
+    assert sorted(captures) == sorted(usages)  # each captured once, in its warm-up
+    assert len([r for r in report["rows"] if r["backend"] == "triton-graph"]) == 17
