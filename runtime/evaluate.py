@@ -46,7 +46,9 @@ def run_engine(
 
     `steer` goes to `Engine.predict` (None, a class, or one target per image); `vectors` are raw
     per-image (scale, shift) [N, S] for strategies that are not table rows (global, top-k,
-    random), passed to `Engine.predict` as raw vectors."""
+    random), passed to `Engine.predict` as raw vectors. No images is an InputError."""
+    if len(images) == 0:
+        raise InputError("no images to evaluate: the split is empty")
     labels, masks = [], []
     for start in range(0, len(images), batch_size):
         sl = slice(start, start + batch_size)
@@ -264,8 +266,10 @@ def measure_latency(engine: Engine, dataset: ImageDataset, repeats: int = 7, bat
     """Median wall time of classifying the split, unsteered vs per-class steered (each class's
     images batched together, steered by that class's row, or unsteered if the table has none;
     compact backend skips pruned heads). Alternates the two settings each repeat so machine load
-    hits both alike."""
+    hits both alike. No images is an InputError (there is nothing to time)."""
     labels = dataset.labels
+    if len(labels) == 0:
+        raise InputError("no images to evaluate: the split is empty")
     batches = []
     for c, name in enumerate(engine.class_names):
         idx = (labels == c).nonzero().squeeze(1)

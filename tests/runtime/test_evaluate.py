@@ -9,7 +9,7 @@ from headsteer.runtime import steering as S
 from headsteer.runtime import train as T
 from headsteer.runtime.bundle import SteeringTable, save_bundle
 from headsteer.runtime.cli import main as cli_main
-from headsteer.runtime.data import data_record, load_data
+from headsteer.runtime.data import ImageDataset, data_record, load_data
 from headsteer.runtime.engine import Engine
 from headsteer.runtime.errors import InputError
 from headsteer.runtime.evaluate import (format_table, meets_target, per_class_table, run_engine, steered_sites,
@@ -316,3 +316,19 @@ def test_engine_latents_of_an_exported_engine_come_from_its_bundle_model(bundle,
     images = splits.test.images[:20]
     torch.testing.assert_close(E.engine_latents(engine, images), E.engine_latents(reference, images))
     assert set(strategies_summary(engine, splits.test, stage)) >= {"topk_amplification"}
+
+
+def test_an_empty_split_is_refused_with_a_clear_error(bundle):
+    """No images: nothing to measure; a clear InputError, not torch.cat's 'expected a non-empty list'
+    (or a latency of 0 ms per image)."""
+    path, splits, stage = bundle
+    engine = Engine.load(path, backend="compact")
+    empty = ImageDataset(splits.test.images[:0], splits.test.labels[:0], splits.class_names)
+    with pytest.raises(InputError, match="no images"):
+        per_class_table(engine, empty, "per-class")
+    with pytest.raises(InputError, match="no images"):
+        strategies_summary(engine, empty, stage)
+    with pytest.raises(InputError, match="no images"):
+        E.measure_latency(engine, empty, repeats=1)
+    with pytest.raises(InputError, match="no images"):
+        run_engine(engine, splits.test.images[:0])
