@@ -30,6 +30,17 @@ SPLITS = ("train", "val", "test")
 
 
 # -- running the engine ------------------------------------------------------------------------------
+def check_vectors(vectors, n: int, width: int, what: str) -> None:
+    """Raw (scale, shift) vectors must be float tensors [n, width]: one row per image. Checked
+    before any work (rows past the last image would otherwise be dropped batch by batch)."""
+    if not (isinstance(vectors, (tuple, list)) and len(vectors) == 2):
+        raise InputError(f"{what}: expected a (scale, shift) pair of [{n}, {width}] tensors")
+    for name, vector in zip(("scale", "shift"), vectors):
+        if not isinstance(vector, torch.Tensor) or not vector.is_floating_point() or tuple(vector.shape) != (n, width):
+            got = list(vector.shape) if isinstance(vector, torch.Tensor) else type(vector).__name__
+            raise InputError(f"{what}: {name} must be a float tensor [{n}, {width}], one row per image; got {got}")
+
+
 def normalized(engine: Engine, images: torch.Tensor) -> torch.Tensor:
     """[0, 1] images -> the bundle's normalized model input."""
     return engine.normalize(images)
@@ -49,6 +60,10 @@ def run_engine(
     random), passed to `Engine.predict` as raw vectors. No images is an InputError."""
     if len(images) == 0:
         raise InputError("no images to evaluate: the split is empty")
+    if vectors is not None:
+        check_vectors(vectors, len(images), engine.steer_width, "steering vectors")
+    elif isinstance(steer, (list, tuple)) and len(steer) != len(images):
+        raise InputError(f"{len(steer)} steering targets for {len(images)} images; expected one target per image")
     labels, masks = [], []
     for start in range(0, len(images), batch_size):
         sl = slice(start, start + batch_size)
@@ -175,7 +190,11 @@ def per_class_table(
         raise InputError(f"the data's classes {dataset.class_names[:10]} are not the bundle's {names[:10]}")
     if steer is not None and table is None:
         raise InputError("this bundle has no steering table; use --steer none")
+    if random_control and steer is None:
+        raise InputError("random_control compares steering rows with random ones; it needs steer (not None)")
     labels = dataset.labels
+    for key, rows in (others or {}).items():
+        check_vectors(rows, len(labels), engine.steer_width, key)
     sites = steered_sites(engine)
     fixed = engine.info.steering_row(steer) if steer not in (None, "per-class") else None
     targets = class_targets(table, names, labels) if fixed is None else [fixed] * len(labels)

@@ -332,3 +332,29 @@ def test_an_empty_split_is_refused_with_a_clear_error(bundle):
         E.measure_latency(engine, empty, repeats=1)
     with pytest.raises(InputError, match="no images"):
         run_engine(engine, splits.test.images[:0])
+
+
+def test_raw_vectors_must_be_one_row_per_image(bundle, monkeypatch):
+    """Vectors with more rows than images were sliced batch by batch and their extra rows silently
+    dropped; too few failed only at the last batch, after the other runs. Both are refused up front."""
+    path, splits, _ = bundle
+    engine = Engine.load(path, backend="compact")
+    n, width = len(splits.test), engine.steer_width
+    with pytest.raises(InputError, match="one row per image"):
+        run_engine(engine, splits.test.images, vectors=S.global_rows(n + 50, width, 0.0), batch_size=50)
+    with pytest.raises(InputError, match="one target per image"):
+        run_engine(engine, splits.test.images, steer=["3"] * (n + 50), batch_size=50)
+    monkeypatch.setattr(E, "run_engine", _no_run)
+    for rows in (S.global_rows(n + 50, width, 0.0), S.global_rows(n - 50, width, 0.0),
+                 S.global_rows(n, width + 1, 0.0)):
+        with pytest.raises(InputError, match="global_amplification"):
+            per_class_table(engine, splits.test, "per-class", batch_size=50, others=dict(global_amplification=rows))
+
+
+def test_random_control_without_steering_is_refused(bundle):
+    """steer=None has no rows to control for; random_control with it was an AttributeError (no table)
+    or ran per-class random rows while reporting no latents."""
+    path, splits, _ = bundle
+    engine = Engine.load(path, backend="compact")
+    with pytest.raises(InputError, match="random_control"):
+        per_class_table(engine, splits.test, None, random_control=True)
