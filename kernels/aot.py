@@ -54,6 +54,25 @@ def cuda_capability(device: torch.device) -> Optional[int]:
     return None
 
 
+def check_devices(device: torch.device, **tensors: Optional[torch.Tensor]) -> None:
+    """Refuse, before any launch, tensors that are not on `device` (None entries are skipped):
+    kernels read raw pointers, so one on another device would fault the GPU or read the wrong
+    memory instead of raising."""
+    elsewhere = [f"{name} on {tensor.device}" for name, tensor in tensors.items()
+                 if tensor is not None and tensor.device != device]
+    if elsewhere:
+        raise ValueError(f"every tensor must be on {device} like the input; got {', '.join(elsewhere)}")
+
+
+def launch_device(device: torch.device) -> contextlib.AbstractContextManager:
+    """The context to launch kernels for tensors on `device` in: Triton launches on the current
+    CUDA device's stream, so a CUDA device other than the current one is made current for the
+    launches (as torch's own ops do); anything else needs nothing."""
+    if device.type == "cuda" and _COMPILE_ONLY_ARCH is None and device.index != torch.cuda.current_device():
+        return torch.cuda.device(device)
+    return contextlib.nullcontext()
+
+
 def fp32_dot_precision(device: torch.device) -> str:
     """How Triton dots multiply fp32 inputs: as 3xTF32 on CUDA tensor cores (fp32-level accuracy,
     unlike plain TF32; exact fp32 FMA dots of the tile sizes used here spill registers by the

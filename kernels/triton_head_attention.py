@@ -40,7 +40,7 @@ import triton.language as tl
 from torch import nn
 from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
-from headsteer.kernels.aot import cuda_capability, fp32_dot_precision, targets_cuda
+from headsteer.kernels.aot import check_devices, cuda_capability, fp32_dot_precision, launch_device, targets_cuda
 from headsteer.kernels.launch_math import cdiv, next_power_of_2
 from headsteer.kernels.triton_layer_norm import layer_norm_apply, layer_norm_stats
 
@@ -549,7 +549,8 @@ def head_attention_launches(
     """Check the arguments and allocate the output and scratch of `triton_head_attention`; return
     the output and its kernel launches in order as (name, launch) pairs, so a benchmark can
     time each kernel (`headsteer.bench.kernels --breakdown`): qkv, attention, proj. Arguments as
-    `triton_head_attention`."""
+    `triton_head_attention`. The launches go to the current CUDA device: call them inside
+    `launch_device(x.device)`, as `triton_head_attention` does."""
     if x.dim() != 3:
         raise ValueError(f"x must be [B, N, D], got {tuple(x.shape)}")
     batch, tokens, dim = x.shape
@@ -581,6 +582,10 @@ def head_attention_launches(
         # sharing could overwrite a residual element before another program reads it)
         raise ValueError("out shares memory with residual without being the same view; pass out=residual or "
                          "a separate tensor")
+    norm_params = {f"{name}.{part}": getattr(norm, part, None)
+                   for name, norm in (("q_norm", q_norm), ("k_norm", k_norm)) for part in ("weight", "bias")}
+    check_devices(x.device, keep=keep, qkv_weight=qkv_weight, qkv_bias=qkv_bias, proj_weight=proj_weight,
+                  proj_bias=proj_bias, residual=residual, layer_scale=layer_scale, out=out, **norm_params)
     # The kernels read biases, norm weights and the layer scale as contiguous vectors.
     qkv_bias, proj_bias, layer_scale = (vector.contiguous() if vector is not None else None
                                         for vector in (qkv_bias, proj_bias, layer_scale))
@@ -684,6 +689,7 @@ def triton_head_attention(
     `out` must then not overlap `residual` unless it is the very same tensor."""
     out, launches = head_attention_launches(x, keep, qkv_weight, qkv_bias, proj_weight, proj_bias, num_heads,
                                             q_norm, k_norm, residual=residual, layer_scale=layer_scale, out=out)
-    for _, launch in launches:
-        launch()
+    with launch_device(x.device):
+        for _, launch in launches:
+            launch()
     return out

@@ -42,7 +42,7 @@ import triton
 import triton.language as tl
 
 from headsteer.kernels import reference
-from headsteer.kernels.aot import fp32_dot_precision, targets_cuda
+from headsteer.kernels.aot import check_devices, fp32_dot_precision, launch_device, targets_cuda
 from headsteer.kernels.launch_math import cdiv, next_power_of_2
 from headsteer.kernels.triton_layer_norm import layer_norm_apply, layer_norm_stats
 
@@ -644,6 +644,10 @@ def triton_sae_steer_gate(
     if fc1_w.shape[1] != dim or fc2_w.shape[1] != hidden:
         raise ValueError(f"gate weights {tuple(fc1_w.shape)}, {tuple(fc2_w.shape)} do not fit D={dim}")
     budget_k = reference.heads_for_budget(budget, num_heads) if budget is not None else 0
+    check_devices(e.device, steer_scale=steer_scale, steer_shift=steer_shift,
+                  **{f"out[{index}]": tensor for index, tensor in enumerate(out or ())},
+                  **{f"gate {name}": value for name, value in gate_params.items() if isinstance(value, torch.Tensor)},
+                  **{f"SAE {name}": value for name, value in (sae_params or {}).items() if isinstance(value, torch.Tensor)})
 
     if out is None:
         logits = torch.empty(batch, num_heads, device=e.device, dtype=torch.float32)
@@ -758,29 +762,30 @@ def triton_sae_steer_gate(
     # latent-tile programs, then one finisher per sample; without SAE work, one program per sample
     finishers = 0 if _LATENT_TILES_ONLY else batch
     grid = (num_b_tiles * num_s_tiles + finishers,) if split else (batch,)
-    _sae_steer_gate_kernel[grid](
-        e, e.stride(0),
-        *sae_args,
-        *scale_args,
-        *shift_args,
-        ln_w if ln_w is not None else dummy, ln_b if ln_b is not None else dummy, float(gate_params["norm_eps"]),
-        fc1_w, fc1_b if fc1_b is not None else dummy, fc2_w, fc2_b if fc2_b is not None else dummy,
-        logits, keep,
-        counter, *scratch_args,
-        batch, dim, width, hidden, num_heads, max(sae_k, 1), cand_per_tile, budget_k, num_b_tiles, num_s_tiles,
-        ACTIVATION=_ACTIVATION_CODES[activation], HAS_SCALE=scale is not None, HAS_SHIFT=shift is not None,
-        RECONSTRUCT=reconstruct, PARTIAL=partial, GATHER=gather,
-        SHIFT_DECODE=shift_decode, SPLIT=split,
-        HAS_LN_W=ln_w is not None, HAS_LN_B=ln_b is not None,
-        HAS_FC1_B=fc1_b is not None, HAS_FC2_B=fc2_b is not None, USE_BUDGET=budget is not None,
-        G_SOURCE=1 if split else 2 if reconstruct else 0,  # g: scratch, b_dec (TopK k=0, no shift), e
-        PRECISION=fp32_dot_precision(e.device), ENCODE_16BIT=encode_16bit, SHIFT_CHAINS=SHIFT_DECODE_CHAINS,
-        SHIFT_16BIT=shift_16bit,
-        BLOCK_B=BLOCK_B, BLOCK_S=block_s, BLOCK_K=32, ENC_BLOCK_K=ENCODER_BLOCK_K if encode_16bit else 32,
-        BLOCK_D=block_d, CHUNK_D=chunk_d, FIN_CHUNK_D=fin_chunk_d,
-        SLICE_D=slice_d, SLICE_CHUNK=min(chunk_d, slice_d), PARTIAL_TILES=partial_tiles,
-        BLOCK_C=block_c, K_STEP=k_step, CHUNK_G=chunk_g, GATE_STAGES=stages,
-        BLOCK_H=block_h, TOPK_DIGIT_BITS=TOPK_DIGIT_BITS,
-        num_warps=GATE_WARPS,
-    )
+    with launch_device(e.device):  # (Triton launches on the current CUDA device)
+        _sae_steer_gate_kernel[grid](
+            e, e.stride(0),
+            *sae_args,
+            *scale_args,
+            *shift_args,
+            ln_w if ln_w is not None else dummy, ln_b if ln_b is not None else dummy, float(gate_params["norm_eps"]),
+            fc1_w, fc1_b if fc1_b is not None else dummy, fc2_w, fc2_b if fc2_b is not None else dummy,
+            logits, keep,
+            counter, *scratch_args,
+            batch, dim, width, hidden, num_heads, max(sae_k, 1), cand_per_tile, budget_k, num_b_tiles, num_s_tiles,
+            ACTIVATION=_ACTIVATION_CODES[activation], HAS_SCALE=scale is not None, HAS_SHIFT=shift is not None,
+            RECONSTRUCT=reconstruct, PARTIAL=partial, GATHER=gather,
+            SHIFT_DECODE=shift_decode, SPLIT=split,
+            HAS_LN_W=ln_w is not None, HAS_LN_B=ln_b is not None,
+            HAS_FC1_B=fc1_b is not None, HAS_FC2_B=fc2_b is not None, USE_BUDGET=budget is not None,
+            G_SOURCE=1 if split else 2 if reconstruct else 0,  # g: scratch, b_dec (TopK k=0, no shift), e
+            PRECISION=fp32_dot_precision(e.device), ENCODE_16BIT=encode_16bit, SHIFT_CHAINS=SHIFT_DECODE_CHAINS,
+            SHIFT_16BIT=shift_16bit,
+            BLOCK_B=BLOCK_B, BLOCK_S=block_s, BLOCK_K=32, ENC_BLOCK_K=ENCODER_BLOCK_K if encode_16bit else 32,
+            BLOCK_D=block_d, CHUNK_D=chunk_d, FIN_CHUNK_D=fin_chunk_d,
+            SLICE_D=slice_d, SLICE_CHUNK=min(chunk_d, slice_d), PARTIAL_TILES=partial_tiles,
+            BLOCK_C=block_c, K_STEP=k_step, CHUNK_G=chunk_g, GATE_STAGES=stages,
+            BLOCK_H=block_h, TOPK_DIGIT_BITS=TOPK_DIGIT_BITS,
+            num_warps=GATE_WARPS,
+        )
     return logits, keep

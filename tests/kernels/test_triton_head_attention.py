@@ -428,3 +428,50 @@ def test_no_host_sync_and_graph_replay_with_new_mask(monkeypatch, launches):
         graph.replay()
         expected = reference_branch(branch, keep, heads)
         torch.testing.assert_close(out.float(), expected, atol=5e-2, rtol=5e-2)
+
+
+@pytest.mark.parametrize("where", ["keep", "proj_weight", "k_norm", "out"])
+def test_a_tensor_on_another_device_is_refused_before_any_launch(monkeypatch, where):
+    """Kernels read raw pointers: a tensor elsewhere (here on `meta`) would fault a GPU."""
+    monkeypatch.setattr(attention_module, "_qkv_kernel", None)  # any launch would fail differently
+    branch = make_branch(2, 5, 2, 16, 3)
+    keep = make_mask("all", 2, 2, 3)
+    k_norm = layer_norm(16, True, True, 4)
+    out = torch.empty_like(branch["x"])
+    if where == "keep":
+        keep = keep.to("meta")
+    elif where == "proj_weight":
+        branch["proj_weight"] = branch["proj_weight"].to("meta")
+    elif where == "k_norm":
+        k_norm = k_norm.to("meta")
+    else:
+        out = out.to("meta")
+    with pytest.raises(ValueError, match=f"{where}[.a-z]* on meta"):
+        triton_head_attention(branch["x"], keep, branch["qkv_weight"], branch["qkv_bias"], branch["proj_weight"],
+                              branch["proj_bias"], 2, None, k_norm, out=out)
+
+
+def test_launches_run_with_the_inputs_device_current(monkeypatch):
+    """Triton launches on the current CUDA device: the launches run inside launch_device(x.device)."""
+    entered = []
+    real = attention_module.launch_device
+
+    def recording_launch_device(device):
+        entered.append(device)
+        return real(device)
+
+    monkeypatch.setattr(attention_module, "launch_device", recording_launch_device)
+    branch = make_branch(2, 5, 2, 16, 5)
+    run_and_check(branch, make_mask("random", 2, 2, 5), 2)
+    assert entered == [branch["x"].device]
+
+
+def test_launch_device_makes_another_gpu_current(monkeypatch):
+    from headsteer.kernels import aot
+
+    made_current = []
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "device", lambda device: made_current.append(device) or "guard")
+    assert aot.launch_device(torch.device("cuda", 1)) == "guard" and made_current == [torch.device("cuda", 1)]
+    for device in (torch.device("cuda", 0), torch.device("cpu")):
+        assert aot.launch_device(device) is not None and made_current == [torch.device("cuda", 1)]

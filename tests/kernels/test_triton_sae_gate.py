@@ -517,3 +517,33 @@ def test_shift_decode_chains_are_checked():
     gate, sae = make_gate(24, 8, 3, 1), make_sae(24, 40, "topk", 2, k=4)
     with gate_module.gate_constants(SHIFT_DECODE_CHAINS=3), pytest.raises(ValueError, match="SHIFT_DECODE_CHAINS"):
         triton_sae_steer_gate(torch.randn(2, 24, device=DEVICE), gate, sae, None, torch.randn(2, 40, device=DEVICE))
+
+
+@pytest.mark.parametrize("where", ["steer_scale", "gate fc2_weight", "SAE dec_weight", "out[1]"])
+def test_a_tensor_on_another_device_is_refused_before_any_launch(recorded_launches, where):
+    """Kernels read raw pointers: a tensor elsewhere (here on `meta`) would fault a GPU."""
+    gate, sae = make_gate(16, 8, 3, 1), make_sae(16, 32, "topk", 2, k=4)
+    scale, shift = make_steering("scale+shift", 2, 32, 3)
+    out = (torch.empty(2, 3, device=DEVICE), torch.empty(2, 3, device=DEVICE, dtype=torch.bool))
+    if where == "steer_scale":
+        scale = scale.to("meta")
+    elif where == "gate fc2_weight":
+        gate["fc2_weight"] = gate["fc2_weight"].to("meta")
+    elif where == "SAE dec_weight":
+        sae["dec_weight"] = sae["dec_weight"].to("meta")
+    else:
+        out = (out[0], out[1].to("meta"))
+    e = torch.randn(2, 16, device=DEVICE)
+    with pytest.raises(ValueError, match=f"{where.replace('[', '.').replace(']', '.')} on meta"):
+        triton_sae_steer_gate(e, gate, sae, scale, shift, out=out)
+    assert recorded_launches == []
+
+
+def test_the_launch_runs_with_the_inputs_device_current(monkeypatch, recorded_launches):
+    """Triton launches on the current CUDA device: the launch runs inside launch_device(e.device)."""
+    entered = []
+    real = gate_module.launch_device
+    monkeypatch.setattr(gate_module, "launch_device", lambda device: entered.append((device, len(recorded_launches))) or real(device))
+    e = torch.randn(2, 16, device=DEVICE)
+    triton_sae_steer_gate(e, make_gate(16, 8, 3, 1), make_sae(16, 32, "topk", 2, k=4), *make_steering("scale", 2, 32, 3))
+    assert entered == [(e.device, 0)] and len(recorded_launches) == 1
