@@ -73,9 +73,9 @@ class ImageDataset:
         return len(self.class_names)
 
     @property
-    def image_size(self) -> int:
-        """Side length of the (square) images."""
-        return self.images.shape[-1]
+    def image_size(self) -> tuple[int, int]:
+        """(height, width) of the images."""
+        return tuple(self.images.shape[-2:])
 
     def subset(self, indices: Sequence[int] | np.ndarray | torch.Tensor) -> ImageDataset:
         """The images at `indices`, same class names."""
@@ -116,14 +116,14 @@ class Splits:
         return self.train.class_names
 
     @property
-    def image_size(self) -> int:
+    def image_size(self) -> tuple[int, int]:
         return self.train.image_size
 
 
 def load_data(
     spec: str,
     *,
-    image_size: int | None = None,
+    image_size: int | tuple[int, int] | None = None,
     seed: int = 0,
     val_fraction: float = DEFAULT_VAL_FRACTION,
     test_fraction: float = DEFAULT_TEST_FRACTION,
@@ -133,13 +133,14 @@ def load_data(
 
     `val_fraction`/`test_fraction` are the shares of the pool a split is carved from: the whole
     set for `digits` and flat image folders, the ``train`` file or folder when the data brings
-    its own test (and for image folders, val) split. `image_size` defaults to 32 for digits and
-    CIFAR-100 and to 224 for image folders. `progress`: show a bar while reading image folders.
+    its own test (and for image folders, val) split. `image_size`, a side length or a (height,
+    width) pair, defaults to 32 for digits and CIFAR-100 and to 224 for image folders. `progress`:
+    show a bar while reading image folders.
     """
     if not isinstance(spec, str) or not spec.strip():
         raise DataError(f"empty data spec; expected {ACCEPTED_SPECS}")
-    if image_size is not None and (not isinstance(image_size, int) or image_size < 1):
-        raise InputError(f"image_size must be a positive integer; got {image_size!r}")
+    if image_size is not None:
+        image_size = _height_width(image_size)
     # scikit-learn's split takes seeds in [0, 2**32 - 1]; checked here, before any image is read,
     # so another seed is not reported as a failed stratified split.
     if not isinstance(seed, (int, np.integer)) or not 0 <= seed < 2**32:
@@ -155,7 +156,7 @@ def load_data(
     kind, _, path = spec.partition(":")
     kind = kind.strip().lower()
     if kind == "digits" and not path:
-        return _load_digits(image_size or DIGITS_IMAGE_SIZE, seed, val_fraction, test_fraction)
+        return _load_digits(image_size or _height_width(DIGITS_IMAGE_SIZE), seed, val_fraction, test_fraction)
     if kind in ("cifar100", "imagefolder"):
         if not path.strip():
             raise DataError(f"data spec {spec!r} names no folder; expected '{kind}:PATH'")
@@ -163,9 +164,9 @@ def load_data(
         if not folder.is_dir():
             raise DataError(f"data spec {spec!r}: folder {folder} does not exist or is not a directory")
         if kind == "cifar100":
-            return _load_cifar100(folder, image_size or CIFAR_IMAGE_SIZE, seed, val_fraction)
+            return _load_cifar100(folder, image_size or _height_width(CIFAR_IMAGE_SIZE), seed, val_fraction)
         return _load_imagefolder(
-            folder, image_size or IMAGEFOLDER_IMAGE_SIZE, seed, val_fraction, test_fraction, progress
+            folder, image_size or _height_width(IMAGEFOLDER_IMAGE_SIZE), seed, val_fraction, test_fraction, progress
         )
     raise DataError(f"unknown data spec {spec!r}; expected {ACCEPTED_SPECS}")
 
@@ -173,7 +174,7 @@ def load_data(
 # --- digits -----------------------------------------------------------------------------------
 
 
-def _load_digits(image_size: int, seed: int, val_fraction: float, test_fraction: float) -> Splits:
+def _load_digits(image_size: tuple[int, int], seed: int, val_fraction: float, test_fraction: float) -> Splits:
     """scikit-learn's digits (values 0..16) as 3-channel [0, 1] images, split 3 ways."""
     from sklearn.datasets import load_digits
 
@@ -239,7 +240,7 @@ def _cifar_field(content: dict[str, object], key: str, path: Path) -> object:
     return content[key]
 
 
-def _read_cifar_split(path: Path, class_names: list[str], image_size: int) -> ImageDataset:
+def _read_cifar_split(path: Path, class_names: list[str], image_size: tuple[int, int]) -> ImageDataset:
     """Images (rows of 3072 uint8, channel-major 3x32x32) and fine labels of one CIFAR file."""
     content = _read_cifar_pickle(path)
     data = _cifar_field(content, "data", path)
@@ -261,7 +262,7 @@ def _read_cifar_split(path: Path, class_names: list[str], image_size: int) -> Im
     return ImageDataset(_resize(images, image_size), torch.from_numpy(labels.astype(np.int64)), class_names)
 
 
-def _load_cifar100(folder: Path, image_size: int, seed: int, val_fraction: float) -> Splits:
+def _load_cifar100(folder: Path, image_size: tuple[int, int], seed: int, val_fraction: float) -> Splits:
     """The cifar-100-python folder: fine labels; `train` split into train/val, `test` as test."""
     meta_path = folder / "meta"
     names = _cifar_field(_read_cifar_pickle(meta_path), "fine_label_names", meta_path)
@@ -279,7 +280,8 @@ def _load_cifar100(folder: Path, image_size: int, seed: int, val_fraction: float
 
 
 def _load_imagefolder(
-    folder: Path, image_size: int, seed: int, val_fraction: float, test_fraction: float, progress: bool = True
+    folder: Path, image_size: tuple[int, int], seed: int, val_fraction: float, test_fraction: float,
+    progress: bool = True,
 ) -> Splits:
     """An ImageFolder tree: `train/`[`val/`, `test/`] of class folders, or class folders directly."""
     if (folder / "train").is_dir():
@@ -335,9 +337,10 @@ def _find_classes(folder: Path) -> tuple[list[str], dict[str, int]]:
 
 
 def _read_image_tree(
-    folder: Path, class_names: list[str], class_to_idx: dict[str, int], image_size: int, progress: bool = True
+    folder: Path, class_names: list[str], class_to_idx: dict[str, int], image_size: tuple[int, int],
+    progress: bool = True,
 ) -> ImageDataset:
-    """Every image under `folder`/<class>/, as RGB resized to `image_size` squared."""
+    """Every image under `folder`/<class>/, as RGB resized to `image_size` (height, width)."""
     found, _ = _find_classes(folder)
     unknown = sorted(set(found) - set(class_to_idx))
     if unknown:
@@ -358,7 +361,7 @@ def _read_image_tree(
         samples = make_dataset(folder, present, extensions=IMG_EXTENSIONS)
     except FileNotFoundError as error:
         raise DataError(f"{folder}: {error}; every class folder needs at least one image") from error
-    images = torch.empty(len(samples), 3, image_size, image_size)
+    images = torch.empty(len(samples), 3, *image_size)
     bar = tqdm(samples, desc=f"loading {folder.name}", unit="img", disable=not progress)
     for position, (path, _) in enumerate(bar):
         images[position] = _read_image(Path(path), image_size)
@@ -377,15 +380,16 @@ def _non_image_files(folder: Path, class_names: Sequence[str]) -> list[Path]:
     return strays
 
 
-def _read_image(path: Path, image_size: int) -> torch.Tensor:
-    """One image file as float32 [3, size, size] in [0, 1] (PIL bilinear resize, antialiased).
+def _read_image(path: Path, image_size: tuple[int, int]) -> torch.Tensor:
+    """One image file as float32 [3, height, width] in [0, 1] (PIL bilinear resize, antialiased).
     Any 8-bit mode (gray, palette, RGBA, ...) is converted to RGB; a wider one (16-bit, float) is
     refused, as the engine refuses it, since 8-bit conversion would clip it, not scale it."""
     try:
         with Image.open(path) as image:
             problem = wide_mode_problem(image, f"image {path}", tensor_hint=False)
             if problem is None:
-                rgb = image.convert("RGB").resize((image_size, image_size), Image.Resampling.BILINEAR)
+                height, width = image_size
+                rgb = image.convert("RGB").resize((width, height), Image.Resampling.BILINEAR)  # (PIL: width first)
     except Exception as error:
         raise DataError(f"cannot read image {path}: {error}") from error
     if problem is not None:
@@ -396,13 +400,22 @@ def _read_image(path: Path, image_size: int) -> torch.Tensor:
 # --- shared -----------------------------------------------------------------------------------
 
 
-def _resize(images: torch.Tensor, image_size: int) -> torch.Tensor:
-    """Bilinear, antialiased resize of [N, 3, h, w] to [N, 3, size, size]; a no-op at that size."""
-    if images.shape[-2:] == (image_size, image_size):
+def _height_width(image_size) -> tuple[int, int]:
+    """(height, width) from a side length or a (height, width) pair of positive integers, as timm
+    takes `img_size`; anything else is an InputError."""
+    pair = (image_size, image_size) if isinstance(image_size, (int, np.integer)) else image_size
+    if (not isinstance(pair, (tuple, list)) or len(pair) != 2
+            or not all(isinstance(side, (int, np.integer)) and not isinstance(side, bool) and side >= 1
+                       for side in pair)):
+        raise InputError(f"image_size must be a positive integer or a (height, width) pair of them; got {image_size!r}")
+    return int(pair[0]), int(pair[1])
+
+
+def _resize(images: torch.Tensor, image_size: tuple[int, int]) -> torch.Tensor:
+    """Bilinear, antialiased resize of [N, 3, h, w] to [N, 3, height, width]; a no-op at that size."""
+    if tuple(images.shape[-2:]) == image_size:
         return images
-    resized = F.interpolate(
-        images, size=(image_size, image_size), mode="bilinear", antialias=True, align_corners=False
-    )
+    resized = F.interpolate(images, size=image_size, mode="bilinear", antialias=True, align_corners=False)
     return resized.clamp_(0.0, 1.0)
 
 

@@ -399,7 +399,7 @@ def run(args: argparse.Namespace) -> int:
         raise InputError("--random-control: this bundle's steering table records no random-latent control rows "
                          "(no per-row info); run without --random-control")
     seed, origin = resolve_split_seed(engine.info.extra, args.seed, "--seed", default=0)
-    splits = load_data(args.data, image_size=engine.image_size[0], seed=seed, progress=not args.no_progress)
+    splits = load_data(args.data, image_size=engine.image_size, seed=seed, progress=not args.no_progress)
     dataset = getattr(splits, args.split)
     print(f"{args.data} {args.split} split ({len(dataset)} images), split seed {seed} ({origin})")
     rows = per_class_table(engine, dataset, steer, random_control=random_control)

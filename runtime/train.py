@@ -268,7 +268,7 @@ def _check_classes(model: GatedViT, splits: Splits, class_names: Optional[Sequen
     classes = model.vit.num_classes
     if classes != len(splits.class_names):
         raise InputError(f"the model has {classes} outputs but the data has {len(splits.class_names)} classes")
-    if model.image_size != (splits.image_size, splits.image_size):
+    if tuple(model.image_size) != splits.image_size:
         raise InputError(f"the model takes {model.image_size} images but the data is {splits.image_size} pixels")
     if class_names is not None and list(class_names) != list(splits.class_names):
         index = next(i for i, (a, b) in enumerate(zip(class_names, splits.class_names)) if a != b)
@@ -791,14 +791,14 @@ def _backbone_kwargs(args: argparse.Namespace, num_classes: int) -> dict:
     return digits_vit_kwargs(num_classes=num_classes, **given)
 
 
-def _new_backbone_image_size(args: argparse.Namespace) -> int:
+def _new_backbone_image_size(args: argparse.Namespace) -> int | tuple[int, int]:
     """The image size of the backbone to train, before the data is loaded. A checkpoint is loaded
     here once, into a model without a head, so one that does not fit is refused before any work."""
     if not args.pretrained_file:
         return _backbone_kwargs(args, num_classes=0)["img_size"]
     probe = new_backbone(args.timm_name or DEFAULT_TIMM_NAME, _backbone_kwargs(args, num_classes=0),
                          args.pretrained_file, seed=args.seed)
-    return probe.image_size[0]
+    return probe.image_size
 
 
 def _split_seed(args: argparse.Namespace, extra: dict) -> int:
@@ -869,7 +869,7 @@ def run(args: argparse.Namespace) -> int:
         model, extra, class_names = load_model(args.from_bundle)
         split_seed = _split_seed(args, extra)
         _check_source(args, model)
-        splits = load_data(args.data, image_size=model.image_size[0], seed=split_seed,
+        splits = load_data(args.data, image_size=model.image_size, seed=split_seed,
                            progress=not args.no_progress)
         _check_classes(model, splits, class_names)
     model, stage, table = _train_recipe(args, model, splits, progress=not args.no_progress)

@@ -35,7 +35,7 @@ def test_digits_shapes_range_and_class_names(digits):
         assert split.images.shape[1:] == (3, 32, 32)
         assert 0.0 <= split.images.min() and split.images.max() <= 1.0
         assert torch.equal(split.images[:, 0], split.images[:, 2])  # gray replicated to 3 channels
-    assert digits.image_size == 32
+    assert digits.image_size == (32, 32)
     assert len(digits.mean) == len(digits.std) == 3 and all(s > 0 for s in digits.std)
     assert digits.mean[0] == pytest.approx(digits.train.images.mean().item(), abs=1e-5)
 
@@ -70,6 +70,28 @@ def test_digits_image_size_and_fractions():
     assert splits.train.images.shape[1:] == (3, 16, 16)
     assert len(splits.test) == pytest.approx(0.3 * 1797, abs=1)
     assert len(splits.val) == pytest.approx(0.1 * 1797, abs=1)
+
+
+def test_non_square_image_size_is_height_then_width(tmp_path):
+    """A (height, width) image size, as timm's img_size takes it: digits, and image folders read
+    through PIL (whose resize takes width first), come out [3, height, width], rows kept as rows."""
+    assert load_data("digits", image_size=(12, 20)).train.images.shape[1:] == (3, 12, 20)
+    for name in ("cat", "dog"):
+        (tmp_path / name).mkdir()
+        for index in range(5):  # top half black, bottom half white, 30 wide and 10 high
+            pixels = np.zeros((10, 30, 3), dtype=np.uint8)
+            pixels[5:] = 255
+            Image.fromarray(pixels).save(tmp_path / name / f"{index}.png")
+    splits = load_data(f"imagefolder:{tmp_path}", image_size=(8, 16))
+    assert splits.image_size == (8, 16) and splits.train.images.shape[1:] == (3, 8, 16)
+    image = splits.train.images[0]
+    assert image[:, :3].max() == 0.0 and image[:, 5:].min() == 1.0
+
+
+@pytest.mark.parametrize("image_size", [0, (8, 0), (8,), (8, 8, 8), "8", 8.0, True, (8, True)])
+def test_bad_image_sizes_are_refused(image_size):
+    with pytest.raises(InputError, match="image_size must be"):
+        load_data("digits", image_size=image_size)
 
 
 def test_batches_cover_the_dataset_once(digits):

@@ -358,3 +358,12 @@ def test_random_control_without_steering_is_refused(bundle):
     engine = Engine.load(path, backend="compact")
     with pytest.raises(InputError, match="random_control"):
         per_class_table(engine, splits.test, None, random_control=True)
+
+
+def test_eval_takes_a_non_square_bundle(tmp_path, capsys):
+    """A bundle of 8 x 12 images is evaluated on 8 x 12 images (the data used to be made square)."""
+    splits = load_data("digits", image_size=(8, 12), seed=0)
+    model = T.add_gates(T.new_backbone(T.DEFAULT_TIMM_NAME, dict(TINY, img_size=(8, 12)), seed=0))
+    path = T.save_stage(model, tmp_path / "wide", splits, {"data": data_record("digits", 0)})
+    assert cli_main(["eval", str(path), "--data", "digits", "--steer", "none"]) == 0
+    assert "digits test split (360 images)" in capsys.readouterr().out

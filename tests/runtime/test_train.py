@@ -334,3 +334,13 @@ def test_sae_blocks_are_checked_before_the_data_loads(tmp_path, data_calls, caps
     argv = ["train", "sae", "--from", str(source), "--out", str(tmp_path / "o"), "--sae-blocks", blocks]
     assert cli_main(argv) == 2
     assert re.search(match, capsys.readouterr().err) and data_calls == []
+
+
+def test_a_non_square_bundle_trains_on_images_of_its_size(tmp_path):
+    """A bundle of 8 x 12 images trains on 8 x 12 images (the data used to be made square)."""
+    splits = load_data("digits", image_size=(8, 12), seed=0)
+    model = T.new_backbone(T.DEFAULT_TIMM_NAME, dict(TINY, img_size=(8, 12)), seed=0)
+    path = T.save_stage(model, tmp_path / "wide", splits, {})
+    out = tmp_path / "gated"
+    assert cli_main(["train", "gates", "--from", str(path), "--out", str(out), "--epochs", "1", "--no-progress"]) == 0
+    assert load_bundle(out)[0].image_size == (8, 12)
