@@ -266,7 +266,7 @@ def test_pretrained_file_keeps_the_timm_architecture(vit_checkpoint, tmp_path, d
     assert model.timm_kwargs == dict(img_size=32, num_classes=10)  # only what was given
     assert (model.embed_dim, len(model.vit.blocks), model.num_heads) == (64, 6, 2)
     torch.testing.assert_close(model.vit.blocks[5].mlp.fc2.weight, state["blocks.5.mlp.fc2.weight"], atol=1e-4, rtol=0)
-    assert data_calls[-1][1] == 32
+    assert data_calls[-1][1] == (32, 32)
 
 
 def test_pretrained_file_image_size_and_load_errors_before_data(vit_checkpoint, tmp_path, monkeypatch, capsys):
@@ -280,14 +280,14 @@ def test_pretrained_file_image_size_and_load_errors_before_data(vit_checkpoint, 
     monkeypatch.setattr(T, "load_data", stop)
     train = ["train", "backbone", "--timm-name", "test_vit", "--out", str(tmp_path / "b"), "--pretrained-file"]
     assert cli_main([*train, str(path)]) == 2
-    assert sizes == [160]  # the data is loaded at the checkpoint model's own size
+    assert sizes == [(160, 160)]  # the data is loaded at the checkpoint model's own size
     corrupt = tmp_path / "corrupt.pth"
     corrupt.write_bytes(b"not a checkpoint")
     capsys.readouterr()
     for argv in ([*train, str(path), "--embed-dim", "72", "--num-heads", "6"], [*train, str(corrupt)]):
         assert cli_main(argv) == 2
         assert "cannot load" in capsys.readouterr().err
-    assert sizes == [160] and not (tmp_path / "b").exists()
+    assert sizes == [(160, 160)] and not (tmp_path / "b").exists()
 
 
 @pytest.mark.parametrize("argv, message", [
