@@ -158,6 +158,30 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
+def _check_replaceable(path: Path, overwrite: bool) -> None:
+    """Refuse, before anything is written, what saving at `path` must not replace. Saving swaps the
+    whole folder out and deletes it, so only a bundle holding nothing but bundle files or an empty
+    folder is replaced (and only with `overwrite`); a file, a dangling link or a folder holding
+    anything else would be lost, and is refused."""
+    if not (path.exists() or path.is_symlink()):
+        return
+    if not path.is_dir():
+        raise InputError(f"{path} exists and is not a folder; give a new path, an empty folder or a bundle to replace")
+    if not overwrite:
+        raise BundleError(f"{path} already exists; pass overwrite=True to replace it")
+    try:
+        entries = sorted(entry.name for entry in path.iterdir())
+    except OSError as error:
+        raise InputError(f"{path} cannot be read: {error.strerror or error}") from None
+    if entries and CONFIG_FILE not in entries:
+        raise InputError(f"{path} is a folder that is not a headsteer bundle (no {CONFIG_FILE}) and not empty; "
+                         "overwriting would delete it: give a new path, an empty folder or a bundle to replace")
+    foreign = [name for name in entries if name not in (CONFIG_FILE, *BUNDLE_FILES)]
+    if foreign:
+        raise InputError(f"{path} holds files beside its bundle ({foreign[:8]}), which overwriting would delete; "
+                         "move them, or give another path")
+
+
 def save_bundle(
     model: GatedViT,
     path: Union[str, Path],
@@ -171,8 +195,9 @@ def save_bundle(
 ) -> Path:
     """Write `model` (and its steering table) as a bundle directory at `path`; returns the path.
 
-    The bundle appears at `path` complete or not at all. `extra` is JSON-able metadata (e.g. a
-    training report) stored verbatim."""
+    The bundle appears at `path` complete or not at all; with `overwrite`, only a bundle or an
+    empty folder there is replaced. `extra` is JSON-able metadata (e.g. a training report) stored
+    verbatim."""
     path = Path(path)
     if model.timm_name is None:
         raise BundleError(
@@ -197,8 +222,7 @@ def save_bundle(
                 f"the steering table has rows for classes the model does not have: {foreign[:8]}; "
                 "its class names must be among the bundle's class_names"
             )
-    if path.exists() and not overwrite:
-        raise BundleError(f"{path} already exists; pass overwrite=True to replace it")
+    _check_replaceable(path, overwrite)
     in_chans = model.vit.patch_embed.proj.in_channels
     mean, std = (_normalization_argument(name, values, in_chans) for name, values in (("mean", mean), ("std", std)))
 

@@ -331,3 +331,35 @@ def test_a_path_ending_in_dot_dot_names_its_folder(tmp_path):
     save_bundle(model, tmp_path / "b" / "c" / "..")
     assert load_bundle(tmp_path / "b")[0].steer_width == model.steer_width
     assert sorted(p.name for p in tmp_path.iterdir()) == ["b"]
+
+
+# -- overwrite replaces a bundle or an empty folder, never anything else ---------------------------
+def test_overwrite_refuses_what_is_not_a_bundle(tmp_path):
+    """overwrite=True swaps the whole folder out and deletes it: a file, a folder holding other
+    things, or files beside a bundle would be lost, so they are refused and left as they were."""
+    model = _model()
+    notes = tmp_path / "project"
+    notes.mkdir()
+    (notes / "notes.txt").write_text("keep me")
+    with pytest.raises(InputError, match=r"project is a folder that is not a headsteer bundle"):
+        save_bundle(model, notes, overwrite=True)
+    assert (notes / "notes.txt").read_text() == "keep me"
+    weights = tmp_path / "weights.pt"
+    weights.write_bytes(b"checkpoint")
+    with pytest.raises(InputError, match=r"weights.pt exists and is not a folder"):
+        save_bundle(model, weights, overwrite=True)
+    assert weights.read_bytes() == b"checkpoint"
+    dangling = tmp_path / "dangling"
+    dangling.symlink_to(tmp_path / "nowhere")
+    with pytest.raises(InputError, match=r"dangling exists and is not a folder"):
+        save_bundle(model, dangling)
+    bundle = save_bundle(model, tmp_path / "bundle")
+    (bundle / "README.md").write_text("my notes")
+    with pytest.raises(InputError, match=r"holds files beside its bundle \(\['README.md'\]"):
+        save_bundle(model, bundle, overwrite=True)
+    assert (bundle / "README.md").read_text() == "my notes"
+    (bundle / "README.md").unlink()
+    save_bundle(model, bundle, overwrite=True)  # a bundle, and an empty folder, are replaced
+    (tmp_path / "empty").mkdir()
+    save_bundle(model, tmp_path / "empty", overwrite=True)
+    assert load_bundle(tmp_path / "empty")[0].steer_width == model.steer_width
