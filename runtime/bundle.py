@@ -222,6 +222,12 @@ def save_bundle(
                 f"the steering table has rows for classes the model does not have: {foreign[:8]}; "
                 "its class names must be among the bundle's class_names"
             )
+    rounded = {name: tensor.dtype for name, tensor in model.state_dict().items()
+               if tensor.is_floating_point() and not _loads_exactly(tensor.dtype, torch.float32)}
+    if rounded:
+        name, dtype = next(iter(rounded.items()))
+        raise InputError(f"{len(rounded)} weights (e.g. {name}) are {dtype}; a bundle loads into a float32 model, "
+                         "which would round them: cast the model with .float() first")
     _check_replaceable(path, overwrite)
     in_chans = model.vit.patch_embed.proj.in_channels
     mean, std = (_normalization_argument(name, values, in_chans) for name, values in (("mean", mean), ("std", std)))
@@ -451,6 +457,14 @@ def _load_tensors(file_path: Path) -> dict:
         raise BundleError(f"cannot read {file_path}: {error}") from None
 
 
+def _loads_exactly(stored: torch.dtype, expected: torch.dtype) -> bool:
+    """Whether a tensor stored as `stored` loads into a model tensor of dtype `expected` unchanged:
+    load_state_dict casts silently, so integers would become weights and float64 be rounded, while
+    float16 / bfloat16 weights (a half-precision model's) widen to float32 exactly."""
+    return (stored.is_floating_point == expected.is_floating_point
+            and torch.promote_types(stored, expected) == expected)
+
+
 def _build_model(config: dict, config_path: Path) -> GatedViT:
     """The (untrained) GatedViT the header's model section describes; BundleError if timm or
     GatedViT refuse it (timm reports e.g. a width not divisible by num_heads as an AssertionError)."""
@@ -505,6 +519,11 @@ def load_bundle(path: Union[str, Path], map_location: Union[str, torch.device] =
             raise BundleError(
                 f"tensor {name_} in {path / WEIGHTS_FILE} has shape {list(tensor.shape)}; "
                 f"the model expects {list(expected[name_].shape)}"
+            )
+        if not _loads_exactly(tensor.dtype, expected[name_].dtype):
+            raise BundleError(
+                f"tensor {name_} in {path / WEIGHTS_FILE} is {tensor.dtype}; the model expects {expected[name_].dtype} "
+                "(or a narrower float type it holds exactly)"
             )
     _check_header_matches_model(config, model, path / CONFIG_FILE)
     model.load_state_dict(state)

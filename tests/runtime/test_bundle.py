@@ -363,3 +363,27 @@ def test_overwrite_refuses_what_is_not_a_bundle(tmp_path):
     (tmp_path / "empty").mkdir()
     save_bundle(model, tmp_path / "empty", overwrite=True)
     assert load_bundle(tmp_path / "empty")[0].steer_width == model.steer_width
+
+
+@pytest.mark.parametrize("dtype", [torch.int64, torch.bool, torch.float64])
+def test_mistyped_tensor_is_named(bundle, dtype):
+    """load_state_dict casts silently: integers or booleans would become weights, float64 be rounded."""
+    _, _, path = bundle
+    _rewrite_weights(path, lambda state: state.update({"saes.1.encoder_bias": state["saes.1.encoder_bias"].to(dtype)}))
+    with pytest.raises(BundleError, match=rf"tensor saes.1.encoder_bias .* is {dtype}; the model expects torch.float32"):
+        load_bundle(path)
+
+
+def test_save_refuses_weights_a_float32_model_would_round(tmp_path):
+    with pytest.raises(InputError, match=r"torch.float64; a bundle loads into a float32 model"):
+        save_bundle(_model().double(), tmp_path / "bundle")
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_weights_round_trip_exactly(tmp_path, dtype):
+    """A half-precision model's weights load (into the float32 model) with their exact values."""
+    model = _model().to(dtype)
+    loaded, _ = load_bundle(save_bundle(model, tmp_path / "bundle"))
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(loaded.state_dict()[name].to(dtype), tensor), name
