@@ -228,6 +228,10 @@ def save_bundle(
         name, dtype = next(iter(rounded.items()))
         raise InputError(f"{len(rounded)} weights (e.g. {name}) are {dtype}; a bundle loads into a float32 model, "
                          "which would round them: cast the model with .float() first")
+    for name, tensor in model.state_dict().items():
+        if _count_non_finite(tensor):
+            raise InputError(f"weight {name} holds {_count_non_finite(tensor)} non-finite value(s) (NaN or infinity), "
+                             "which would poison the model's outputs; a bundle of it would be refused on load")
     _check_replaceable(path, overwrite)
     in_chans = model.vit.patch_embed.proj.in_channels
     mean, std = (_normalization_argument(name, values, in_chans) for name, values in (("mean", mean), ("std", std)))
@@ -457,6 +461,11 @@ def _load_tensors(file_path: Path) -> dict:
         raise BundleError(f"cannot read {file_path}: {error}") from None
 
 
+def _count_non_finite(tensor: torch.Tensor) -> int:
+    """How many NaN or infinite values a floating tensor holds (0 for other dtypes)."""
+    return int((~torch.isfinite(tensor)).sum()) if tensor.is_floating_point() else 0
+
+
 def _loads_exactly(stored: torch.dtype, expected: torch.dtype) -> bool:
     """Whether a tensor stored as `stored` loads into a model tensor of dtype `expected` unchanged:
     load_state_dict casts silently, so integers would become weights and float64 be rounded, while
@@ -524,6 +533,11 @@ def load_bundle(path: Union[str, Path], map_location: Union[str, torch.device] =
             raise BundleError(
                 f"tensor {name_} in {path / WEIGHTS_FILE} is {tensor.dtype}; the model expects {expected[name_].dtype} "
                 "(or a narrower float type it holds exactly)"
+            )
+        if _count_non_finite(tensor):
+            raise BundleError(
+                f"tensor {name_} in {path / WEIGHTS_FILE} holds {_count_non_finite(tensor)} non-finite value(s) "
+                "(NaN or infinity), which would poison the model's outputs; the bundle is corrupt"
             )
     _check_header_matches_model(config, model, path / CONFIG_FILE)
     model.load_state_dict(state)

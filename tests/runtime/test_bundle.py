@@ -387,3 +387,22 @@ def test_half_precision_weights_round_trip_exactly(tmp_path, dtype):
     loaded, _ = load_bundle(save_bundle(model, tmp_path / "bundle"))
     for name, tensor in model.state_dict().items():
         assert torch.equal(loaded.state_dict()[name].to(dtype), tensor), name
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_non_finite_weight_is_named(bundle, tmp_path, value):
+    """A NaN or infinite weight gives NaN logits, or a NaN gate logit that silently prunes its heads:
+    loading refuses it, and saving refuses to write it."""
+    model, _, path = bundle
+
+    def poison(state):
+        state["gates.1.fc2.bias"][1] = value
+
+    _rewrite_weights(path, poison)
+    with pytest.raises(BundleError, match=r"tensor gates.1.fc2.bias in .* holds 1 non-finite value"):
+        load_bundle(path)
+    with torch.no_grad():
+        model.gates["1"].fc2.bias[1] = value
+    with pytest.raises(InputError, match=r"weight gates.1.fc2.bias holds 1 non-finite value"):
+        save_bundle(model, tmp_path / "poisoned")
+    assert not (tmp_path / "poisoned").exists()
