@@ -336,7 +336,8 @@ def report_markdown(report: dict) -> str:
             "",
             *_per_class_md(whole["per_class"], whole=True),
             "",
-            f"Final-block target as above: {tw['per_class']} of {tw['of']} classes "
+            "Target as above, judged on the steered blocks' usage (here every gated block: whole-model head "
+            f"usage): {tw['per_class']} of {tw['of']} classes "
             f"(random control {tw['random_latents']}, global strategy {tw.get('global_amplification', 'n/a')}).",
         ]
         if whole.get("latency"):
@@ -345,7 +346,8 @@ def report_markdown(report: dict) -> str:
                       f"unsteered {lat['unsteered_ms_per_image']:.3f} ms/image, per-class steered "
                       f"{lat['steered_ms_per_image']:.3f} ms/image (speed-up x{lat['speedup']:.2f})."]
         lines += ["", "## Side by side (per-class steering, test)", "",
-                  "| setting | accuracy | head usage | final-block usage | classes meeting target | latency steered/unsteered |",
+                  "| setting | accuracy | head usage | final-block usage | classes meeting target (steered-block usage) "
+                  "| latency steered/unsteered |",
                   "| --- | ---: | ---: | ---: | ---: | ---: |"]
         for name, part in (("last block (paper)", report), ("every block", whole)):
             s, n = part["strategies"]["per_class"], part["strategies"]["none"]

@@ -7,7 +7,7 @@ import torch
 
 from headsteer.runtime import train as T
 from headsteer.runtime.bundle import load_bundle
-from headsteer.runtime.demo import DemoSettings, run_demo
+from headsteer.runtime.demo import DemoSettings, report_markdown, run_demo
 from headsteer.runtime.errors import InputError
 from headsteer.runtime.steering import SteeringConfig
 
@@ -106,3 +106,17 @@ def test_demo_never_replaces_a_folder_that_is_not_a_bundle(tmp_path):
     (tmp_path / "stages").write_text("a file")
     with pytest.raises(InputError, match="not a directory"):
         run_demo(tmp_path / "stages", tiny_settings(), progress=False, log=lambda *_: None)
+
+
+def test_demo_whole_network_target_is_labelled_by_the_usage_it_counts(demo):
+    _, report = demo
+    whole = report["whole_network"]
+    # Every gated block has an SAE there: a class meets the target when whole-model usage falls by
+    # 40% (not the final block's), losing at most one image.
+    counted = sum((r["unsteered"]["head_usage"] - r["steered"]["head_usage"]) >= 0.4 * r["unsteered"]["head_usage"]
+                  - 1e-9 and r["steered"]["correct"] >= r["unsteered"]["correct"] - 1 for r in whole["per_class"])
+    assert whole["classes_meeting_target"]["per_class"] == counted
+    md = report_markdown(report)
+    assert "Final-block target" not in md
+    assert f"whole-model head usage): {counted} of 10 classes" in md
+    assert "classes meeting target (steered-block usage)" in md
