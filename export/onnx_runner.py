@@ -176,8 +176,8 @@ class OrtCallable:
         return np.ascontiguousarray(tensor.detach().to("cpu", torch.float32).numpy())
 
     def _check_input(self, name: str, tensor) -> None:
-        """Raise InputError unless `tensor` is a floating tensor of the rank and static dims the
-        graph declares, so ONNX Runtime never sees (or silently casts) a malformed input."""
+        """Raise InputError unless `tensor` is a finite floating tensor of the rank and static dims
+        the graph declares, so ONNX Runtime never sees (or silently casts) a malformed input."""
         declared = self.input_shapes.get(name)
         if declared is None:
             return
@@ -192,6 +192,8 @@ class OrtCallable:
         shape = list(tensor.shape)
         if len(shape) != len(declared) or any(isinstance(want, int) and got != want for got, want in zip(shape, declared)):
             raise InputError(f"{name} must be {expected()}, got shape {shape}")
+        if not bool(torch.isfinite(tensor).all()):  # (NaN/inf would run: NaN logits, heads pruned)
+            raise InputError(f"{name} holds NaN or infinite values")
 
     def __call__(self, pixel_values: torch.Tensor, steer_scale: Optional[torch.Tensor] = None, steer_shift: Optional[torch.Tensor] = None):
         self._check_input("pixel_values", pixel_values)

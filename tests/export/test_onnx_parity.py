@@ -223,3 +223,18 @@ def test_half_precision_model_exports_the_float32_contract():
     deciding = [p.dtype for name, p in wrapper.model.named_parameters() if name.startswith(("gates.", "saes."))]
     assert deciding and set(deciding) == {torch.float32}
     assert wrapper.model.vit.blocks[0].attn.qkv.weight.dtype == torch.float16
+
+
+@pytest.mark.parametrize("bad", ["pixel_values", "steer_scale", "steer_shift"])
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_non_finite_inputs_fail_before_onnxruntime_runs(sessions, monkeypatch, bad, value):
+    """NaN/inf pixels or steering ran silently (NaN logits, every head pruned); Engine refuses
+    them, and so does the callable the bench harness builds directly."""
+    from headsteer.runtime.errors import InputError
+
+    run = sessions["masked"]
+    monkeypatch.setattr(run.session, "run", lambda *args, **kwargs: pytest.fail("onnxruntime ran on a non-finite input"))
+    inputs = dict(pixel_values=torch.randn(2, 3, 32, 32), steer_scale=torch.ones(2, 128), steer_shift=torch.zeros(2, 128))
+    inputs[bad][1, 0] = value
+    with pytest.raises(InputError, match=f"{bad} holds NaN or infinite values"):
+        run(inputs["pixel_values"], inputs["steer_scale"], inputs["steer_shift"])
