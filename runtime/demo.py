@@ -321,12 +321,13 @@ def report_markdown(report: dict) -> str:
     if whole:
         tw = whole["classes_meeting_target"]
         sm = whole["sae_mean"]
+        varying = sum(v["fve"] is not None for v in whole["sae"].values())
         lines += [
             "",
             "## Beyond the paper: an SAE ahead of every gate (whole-network steering)",
             "",
-            "SAEs (val, mean over sites with a varying input): "
-            f"FVE {_num(sm['fve'])}, L0 {_num(sm['l0'], 1)}, dead {_pct(sm['dead_fraction'])}; "
+            f"SAEs (val): FVE {_num(sm['fve'])} (mean over the {varying} site(s) with a varying input), "
+            f"L0 {_num(sm['l0'], 1)}, dead {_pct(sm['dead_fraction'])} (means over all {len(whole['sae'])} sites); "
             "per site: " + ", ".join(
                 f"block {b}: FVE {_num(v['fve'])}" for b, v in whole["sae"].items()
             ) + " (block 0 sees the class token before any attention: the same vector for every image). "

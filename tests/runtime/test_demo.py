@@ -120,3 +120,18 @@ def test_demo_whole_network_target_is_labelled_by_the_usage_it_counts(demo):
     assert "Final-block target" not in md
     assert f"whole-model head usage): {counted} of 10 classes" in md
     assert "classes meeting target (steered-block usage)" in md
+
+
+def test_demo_whole_network_sae_means_say_which_sites_they_cover(demo):
+    _, report = demo
+    whole = report["whole_network"]
+    sites = list(whole["sae"].values())
+    varying = [s for s in sites if s["fve"] is not None]
+    assert len(varying) < len(sites)  # block 0 sees one vector for every image: no FVE
+    # FVE is a mean over the sites that have one; L0 and dead latents over every site
+    assert abs(whole["sae_mean"]["l0"] - sum(s["l0"] for s in sites) / len(sites)) < 1e-3
+    md = report_markdown(report)
+    assert "mean over sites with a varying input): FVE" not in md
+    assert f"mean over the {len(varying)} site(s) with a varying input" in md
+    assert f"L0 {whole['sae_mean']['l0']:.1f}, dead {100 * whole['sae_mean']['dead_fraction']:.1f}% (means over all " \
+           f"{len(sites)} sites)" in md
