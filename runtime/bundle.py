@@ -222,6 +222,10 @@ def save_bundle(
                 f"the steering table has rows for classes the model does not have: {foreign[:8]}; "
                 "its class names must be among the bundle's class_names"
             )
+        for name, tensor in (("steer_scale", steering.scale), ("steer_shift", steering.shift)):
+            if _count_non_finite(tensor):
+                raise InputError(f"steering table {name} holds {_count_non_finite(tensor)} non-finite value(s) "
+                                 "(NaN or infinity), which would steer its classes' outputs to NaN")
     rounded = {name: tensor.dtype for name, tensor in model.state_dict().items()
                if tensor.is_floating_point() and not _loads_exactly(tensor.dtype, torch.float32)}
     if rounded:
@@ -508,6 +512,29 @@ def _check_header_matches_model(config: dict, model: GatedViT, config_path: Path
             )
 
 
+def _load_steering(table_path: Path, index: dict, steer_width: int) -> SteeringTable:
+    """The steering table at `table_path`: exactly steer_scale and steer_shift, each float32 (what
+    save_bundle writes) of shape [rows in `index`, steer_width] and finite (a NaN or infinite row
+    would steer its class's outputs to NaN); BundleError naming the file and tensor otherwise."""
+    rows = _load_tensors(table_path)
+    if set(rows) != {"steer_scale", "steer_shift"}:
+        raise BundleError(f"{table_path} must hold exactly steer_scale and steer_shift, has {sorted(rows)}")
+    shape = [len(index["classes"]), steer_width]
+    for name, tensor in rows.items():
+        if list(tensor.shape) != shape:
+            raise BundleError(f"{table_path}: {name} must be {shape} (one row per class in steering.classes, "
+                              f"steer_width wide), has shape {list(tensor.shape)}; the bundle is corrupt")
+        if tensor.dtype != torch.float32:
+            raise BundleError(f"{table_path}: {name} must be float32, is {tensor.dtype}; the bundle is corrupt")
+        if _count_non_finite(tensor):
+            raise BundleError(f"{table_path}: {name} holds {_count_non_finite(tensor)} non-finite value(s) "
+                              "(NaN or infinity); the bundle is corrupt")
+    try:
+        return SteeringTable(index["classes"], rows["steer_scale"], rows["steer_shift"], index.get("info", []))
+    except InputError as error:
+        raise BundleError(f"{table_path}: {error}") from None
+
+
 def load_bundle(path: Union[str, Path], map_location: Union[str, torch.device] = "cpu") -> tuple[GatedViT, BundleInfo]:
     """Rebuild the GatedViT saved at `path` (eval mode) and its BundleInfo."""
     path = Path(path)
@@ -540,23 +567,11 @@ def load_bundle(path: Union[str, Path], map_location: Union[str, torch.device] =
                 "(NaN or infinity), which would poison the model's outputs; the bundle is corrupt"
             )
     _check_header_matches_model(config, model, path / CONFIG_FILE)
-    model.load_state_dict(state)
-    model.eval().to(map_location)
-
     steering = None
     if config.get("steering"):
-        index = config["steering"]
-        rows = _load_tensors(path / index["file"])
-        if set(rows) != {"steer_scale", "steer_shift"}:
-            raise BundleError(f"{path / index['file']} must hold exactly steer_scale and steer_shift, has {sorted(rows)}")
-        if rows["steer_scale"].shape[-1] != model.steer_width:
-            raise BundleError(
-                f"steering table is {rows['steer_scale'].shape[-1]} wide; the model's steer_width is {model.steer_width}"
-            )
-        try:
-            steering = SteeringTable(index["classes"], rows["steer_scale"], rows["steer_shift"], index.get("info", []))
-        except InputError as error:
-            raise BundleError(f"{path / index['file']}: {error}") from None
+        steering = _load_steering(path / config["steering"]["file"], config["steering"], model.steer_width)
+    model.load_state_dict(state)
+    model.eval().to(map_location)
     norm = config["normalization"]
     info = BundleInfo(
         path=path,

@@ -406,3 +406,43 @@ def test_non_finite_weight_is_named(bundle, tmp_path, value):
     with pytest.raises(InputError, match=r"weight gates.1.fc2.bias holds 1 non-finite value"):
         save_bundle(model, tmp_path / "poisoned")
     assert not (tmp_path / "poisoned").exists()
+
+
+def _rewrite_steering(path, edit):
+    import hashlib
+
+    rows = load_file(path / "steering.safetensors")
+    edit(rows)
+    save_file(rows, path / "steering.safetensors")
+    config = json.loads((path / CONFIG_FILE).read_text())
+    config["files"]["steering.safetensors"] = hashlib.sha256((path / "steering.safetensors").read_bytes()).hexdigest()
+    (path / CONFIG_FILE).write_text(json.dumps(config))
+
+
+@pytest.mark.parametrize(
+    "edit, match",
+    [
+        (lambda rows: rows.update(steer_scale=torch.tensor(1.0)), r"steer_scale must be \[7, 48\] \(one row per class in steering.classes, steer_width wide\), has shape \[\]"),
+        (lambda rows: rows.update(steer_shift=torch.zeros(48)), r"steer_shift must be \[7, 48\] .*, has shape \[48\]"),
+        (lambda rows: rows.update(steer_scale=rows["steer_scale"][:5]), r"steer_scale must be \[7, 48\] .*, has shape \[5, 48\]"),
+        (lambda rows: rows.update(steer_scale=rows["steer_scale"].long()), r"steer_scale must be float32, is torch.int64"),
+        (lambda rows: rows["steer_shift"].__setitem__((2, 3), float("nan")), r"steer_shift holds 1 non-finite value"),
+        (lambda rows: rows["steer_scale"].__setitem__((0, 0), float("inf")), r"steer_scale holds 1 non-finite value"),
+    ],
+)
+def test_malformed_steering_table_is_named(bundle, edit, match):
+    """A scalar table was an IndexError; integer or NaN rows loaded and steered silently wrong."""
+    _, _, path = bundle
+    _rewrite_steering(path, edit)
+    with pytest.raises(BundleError, match=match) as raised:
+        load_bundle(path)
+    assert "steering.safetensors" in str(raised.value)
+
+
+def test_save_refuses_a_non_finite_steering_table(tmp_path):
+    model = _model()
+    steering = _steering(model)
+    steering.shift[3, 1] = float("nan")
+    with pytest.raises(InputError, match=r"steering table steer_shift holds 1 non-finite value"):
+        save_bundle(model, tmp_path / "bundle", class_names=steering.class_names, steering=steering)
+    assert list(tmp_path.iterdir()) == []
