@@ -8,7 +8,8 @@ Without `onnx_path` the bundle is exported (attention variant `attention`, defau
 fresh temporary directory, the ONNX Runtime session is built from it, and the directory is
 deleted at once: a session holds its graph in memory, so nothing is left on disk and nothing is
 ever written into the bundle. Pass `cache_dir=` to keep the export instead, named by a hash of the
-bundle's file checksums, the variant, the opset and the torch version, and reused on the next load.
+bundle's headsteer.json (its file checksums included), the variant, the opset and the torch version,
+and reused on the next load.
 
 ONNX Runtime comes as `onnxruntime` (CPU; extra `onnx`) or `onnxruntime-gpu` (extra `gpu`), one
 import name; install exactly one. Providers default to CUDA first (then CPU) when the device is
@@ -241,8 +242,10 @@ def make_ort_callable(
 def _cache_key(info, attention: str, opset: int) -> str:
     from headsteer.export.onnx_export import ONNX_FORMAT_VERSION
 
+    # The whole headsteer.json: its file checksums cover the weights, the rest settings that are no
+    # tensor but shape the graph or its metadata (steer_mode, sae_k, class names, normalization).
     blob = json.dumps(
-        dict(files=info.config.get("files"), attention=attention, opset=opset, torch=torch.__version__, fmt=ONNX_FORMAT_VERSION),
+        dict(config=info.config, attention=attention, opset=opset, torch=torch.__version__, fmt=ONNX_FORMAT_VERSION),
         sort_keys=True,
     )
     return hashlib.sha256(blob.encode()).hexdigest()[:24]

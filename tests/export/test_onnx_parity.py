@@ -238,3 +238,24 @@ def test_non_finite_inputs_fail_before_onnxruntime_runs(sessions, monkeypatch, b
     inputs[bad][1, 0] = value
     with pytest.raises(InputError, match=f"{bad} holds NaN or infinite values"):
         run(inputs["pixel_values"], inputs["steer_scale"], inputs["steer_shift"])
+
+
+def test_cache_tells_apart_bundles_that_share_weights(exported, tmp_path):
+    """Two bundles of the same weights that differ in a setting outside the weights (steer_mode
+    here; sae_k, the activation, class names are alike) are two graphs: the cache keyed them by
+    the weight checksums alone and ran the first bundle's graph for the second."""
+    from headsteer.runtime.bundle import save_bundle
+
+    cache = tmp_path / "cache"
+    model = make_model()
+    preserve = save_bundle(model, tmp_path / "preserve", class_names=CLASS_NAMES)
+    model.steer_mode = "reconstruct"
+    reconstruct = save_bundle(model, tmp_path / "reconstruct", class_names=CLASS_NAMES)
+    Engine.load(preserve, backend="onnxruntime", cache_dir=cache)
+    engine = Engine.load(reconstruct, backend="onnxruntime", cache_dir=cache)
+    assert len(list(cache.glob("*.onnx"))) == 2
+    assert engine._runner.metadata["steer_mode"] == "reconstruct"
+    ones, zeros = torch.ones(3, model.steer_width), torch.zeros(3, model.steer_width)
+    pixels, expected = pixels_away_from_threshold(model, 3, ones, zeros, seed=21)
+    got = engine.predict(pixels)
+    assert_parity((got.logits, got.head_mask), expected.logits, expected.head_mask)
