@@ -217,11 +217,12 @@ def run_demo(out: Path, settings: DemoSettings, progress: bool = True, log=print
         )
     timings["total"] = round(time.perf_counter() - start, 2)
     report = _rounded(T._json_safe(report))
+    markdown = report_markdown(report)  # rendered before any report file is written
     write_text_atomic(out / "report.json", json.dumps(report, indent=2))
     from headsteer.runtime.plots import write_plots
 
     write_plots(report, out)
-    write_text_atomic(out / "report.md", report_markdown(report))
+    write_text_atomic(out / "report.md", markdown)
     return report
 
 
@@ -291,7 +292,7 @@ def report_markdown(report: dict) -> str:
         f"- dense backbone test accuracy: {_pct(report['dense_backbone']['test_accuracy'])}",
         f"- gated model (unsteered) test accuracy: {_pct(b['test_accuracy'])}, head usage {b['head_usage']:.3f}, "
         f"final-block usage {b['final_block_usage']:.3f}",
-        f"- SAE on block {sae['block']} (val): FVE {sae['fve']:.3f}, L0 {sae['l0']:.1f}, "
+        f"- SAE on block {sae['block']} (val): FVE {_num(sae['fve'])}, L0 {_num(sae['l0'], 1)}, "
         f"dead latents {_pct(sae['dead_fraction'])}",
         "",
         "## Strategies (SAE on the last block: the paper's setting)",

@@ -135,3 +135,20 @@ def test_demo_whole_network_sae_means_say_which_sites_they_cover(demo):
     assert f"mean over the {len(varying)} site(s) with a varying input" in md
     assert f"L0 {whole['sae_mean']['l0']:.1f}, dead {100 * whole['sae_mean']['dead_fraction']:.1f}% (means over all " \
            f"{len(sites)} sites)" in md
+
+
+def test_demo_reports_an_sae_without_fve(tmp_path):
+    # One block: the SAE on the last block sees the class token before any attention, one vector for
+    # every image, so its FVE is undefined (None). The report says n/a; it used to crash after
+    # report.json and the plots were written, leaving no report.md.
+    settings = tiny_settings()
+    settings.timm_kwargs = dict(TINY, depth=1)
+    settings.whole_network, settings.latency_repeats = False, 0
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        report = run_demo(tmp_path, settings, progress=False, log=lambda *_: None)
+    finally:
+        torch.set_num_threads(threads)
+    assert report["sae"]["fve"] is None
+    assert "FVE n/a" in (tmp_path / "report.md").read_text()
