@@ -24,7 +24,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from headsteer.runtime.errors import BundleError, InputError
+from headsteer.runtime.errors import BundleError, InputError, UnsupportedModelError
 from headsteer.runtime.files import give_usual_file_mode, staged_directory
 from headsteer.runtime.gated_vit import GatedViT
 
@@ -480,13 +480,16 @@ def _loads_exactly(stored: torch.dtype, expected: torch.dtype) -> bool:
 
 def _build_model(config: dict, config_path: Path) -> GatedViT:
     """The (untrained) GatedViT the header's model section describes; BundleError if timm or
-    GatedViT refuse it (timm reports e.g. a width not divisible by num_heads as an AssertionError)."""
+    GatedViT refuse it (timm reports e.g. a width not divisible by num_heads as an AssertionError,
+    a patch size of 0 as a ZeroDivisionError, an img_size of one number as an IndexError)."""
     # (`_check_model_section` allowed only timm_name, timm_kwargs and MODEL_OPTIONS)
     options = {key: value for key, value in config["model"].items() if key not in ("timm_name", "timm_kwargs")}
     name, timm_kwargs = config["model"]["timm_name"], config["model"]["timm_kwargs"]
     try:
         return GatedViT.from_timm(name, timm_kwargs=timm_kwargs, **options)
-    except (TypeError, KeyError, ValueError, AssertionError, RuntimeError) as error:
+    except UnsupportedModelError:
+        raise  # already names the timm model or variant headsteer cannot wrap
+    except Exception as error:
         raise BundleError(
             f"{config_path}: the model section (timm {name!r}, timm_kwargs {_shown(timm_kwargs)}) "
             f"cannot be built: {type(error).__name__}: {error}; the bundle is corrupt"

@@ -238,6 +238,8 @@ CORRUPT_HEADERS = {
     "format_version a bool": (_set("format_version", value=True), r"no integer format_version"),
     # a model section timm or GatedViT refuses (was timm's AssertionError / InputError)
     "num_heads not dividing width": (_set("model", "timm_kwargs", "num_heads", value=5), r"model section .* cannot be built: AssertionError"),
+    "img_size of one number": (_set("model", "timm_kwargs", "img_size", value=[32]), r"model section .* cannot be built: IndexError"),
+    "patch_size 0": (_set("model", "timm_kwargs", "patch_size", value=0), r"model section .* cannot be built: ZeroDivisionError"),
     "gate block out of range": (_set("model", "gate_blocks", value=[7]), r"model section .* cannot be built: .*gate_blocks index 7"),
     # normalization that would fail or give NaN at predict time
     "mean of 2 values": (_set("normalization", "mean", value=[0.1, 0.2]), r"normalization mean needs one value per input channel \(3\)"),
