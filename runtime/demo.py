@@ -108,13 +108,25 @@ def bundle_paths(out: Path, settings: DemoSettings) -> list[Path]:
     return paths + [out / "bundle_all"] if settings.whole_network else paths
 
 
+def report_paths(out: Path, settings: DemoSettings) -> list[Path]:
+    """Every report file the demo writes (and replaces) under `out`."""
+    from headsteer.runtime.plots import plot_paths
+
+    return [out / "report.json", out / "report.md", *plot_paths(out, settings.whole_network)]
+
+
 def check_out(out: Path, settings: DemoSettings) -> None:
     """Refuse an output folder the demo cannot use, before any work: `out` must be a folder (or
-    new), and each bundle path in it new, empty or a bundle, so no other folder is ever replaced."""
+    new), each bundle path in it new, empty or a bundle, so no other folder is ever replaced, and
+    no report file a folder (it could not be written after all the training)."""
     if out.exists() and not out.is_dir():
         raise InputError(f"--out {out} exists and is not a directory")
     for path in bundle_paths(out, settings):
         T.check_bundle_out(path, f"--out {out}: bundle folder")
+    for path in report_paths(out, settings):
+        if path.is_dir():
+            raise InputError(f"--out {out}: {path.name} is a folder, where the demo writes a report file; "
+                             "move it, or give another --out")
 
 
 def run_demo(out: Path, settings: DemoSettings, progress: bool = True, log=print) -> dict:

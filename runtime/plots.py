@@ -6,6 +6,14 @@ from pathlib import Path
 
 from headsteer.runtime.files import atomic_path
 
+PLOTS = ("per_class_usage", "kept_heads")
+
+
+def plot_paths(out: Path, whole_network: bool) -> list[Path]:
+    """The files `write_plots` writes under `out` for a report with (or without) whole_network."""
+    suffixes = ("", "_all") if whole_network else ("",)
+    return [Path(out) / f"{name}{suffix}.png" for suffix in suffixes for name in PLOTS]
+
 
 def _save(fig, path: Path) -> None:
     with atomic_path(path, suffix=path.suffix) as temp:

@@ -9,6 +9,7 @@ from headsteer.runtime import train as T
 from headsteer.runtime.bundle import load_bundle
 from headsteer.runtime.demo import DemoSettings, report_markdown, run_demo
 from headsteer.runtime.errors import InputError
+from headsteer.runtime.plots import plot_paths
 from headsteer.runtime.steering import SteeringConfig
 
 TINY = dict(img_size=8, patch_size=4, embed_dim=24, depth=2, num_heads=6, mlp_ratio=1.0, num_classes=10)
@@ -52,6 +53,7 @@ def test_demo_writes_everything(demo):
                  "kept_heads_all.png", "bundle/headsteer.json", "bundle_all/headsteer.json"):
         assert (out / name).is_file(), name
     assert json.loads((out / "report.json").read_text()) == report
+    assert sorted(out.glob("*.png")) == sorted(plot_paths(out, whole_network=True))
     assert not list(out.glob(".*tmp*"))
     md = (out / "report.md").read_text()
     assert "Per-class steering" in md and "whole-network" in md
@@ -152,3 +154,12 @@ def test_demo_reports_an_sae_without_fve(tmp_path):
         torch.set_num_threads(threads)
     assert report["sae"]["fve"] is None
     assert "FVE n/a" in (tmp_path / "report.md").read_text()
+
+
+def test_demo_refuses_a_report_path_that_is_a_folder_before_any_work(tmp_path):
+    for name in ("report.md", "kept_heads_all.png"):
+        out = tmp_path / name.split(".")[0]
+        (out / name).mkdir(parents=True)
+        with pytest.raises(InputError, match=name):
+            run_demo(out, tiny_settings(), progress=False, log=lambda *_: None)
+        assert not (out / "stages").exists()  # refused before any training
