@@ -163,6 +163,18 @@ def test_onnx_file_from_another_model_is_rejected(exported, tmp_path):
         Engine.load(exported.bundle, backend="onnxruntime", onnx_path=exported.onnx["masked"], providers=["NoSuchExecutionProvider"])
 
 
+
+@pytest.mark.parametrize("content", [b"not an onnx file", b""])
+def test_unreadable_onnx_file_is_a_clear_error(exported, tmp_path, content):
+    """A corrupt or empty file raised ONNX Runtime's own InvalidProtobuf/InvalidArgument (no
+    headsteer error, so a bare traceback) from deep inside the session constructor."""
+    from headsteer.runtime.engine import Engine
+
+    path = tmp_path / "broken.onnx"
+    path.write_bytes(content)
+    with pytest.raises(InputError, match=r"broken\.onnx is not a readable ONNX model"):
+        Engine.load(exported.bundle, backend="onnxruntime", onnx_path=path)
+
 def test_onnx_file_with_another_head_count_is_rejected(exported, tmp_path):
     """Same classes, steering width, image size and gated blocks, but 6 heads per block where
     the bundle has 3: the metadata check alone let it through (head masks of the wrong width)."""
