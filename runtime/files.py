@@ -42,8 +42,11 @@ def check_can_create(path: PathLike, what: str) -> None:
 @contextmanager
 def atomic_path(final: PathLike, suffix: str = "") -> Iterator[Path]:
     """Yield a unique temporary path beside `final` (ending in `suffix`, so tools that infer a
-    format from the extension still do); on success rename it onto `final`, else delete it."""
+    format from the extension still do); on success rename it onto `final`, else delete it.
+    InputError at once if `final` is a folder (a file cannot be renamed over one)."""
     final = Path(final)
+    if final.is_dir():
+        raise InputError(f"cannot write {final}: it is a folder; give a file name")
     try:
         final.parent.mkdir(parents=True, exist_ok=True)
         handle, name = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".tmp" + suffix, dir=final.parent)
