@@ -136,7 +136,6 @@ def run_demo(out: Path, settings: DemoSettings, progress: bool = True, log=print
     start = time.perf_counter()
     out = Path(out)
     check_out(out, settings)
-    out.mkdir(parents=True, exist_ok=True)
     stages_dir = out / "stages"
     timings = {}
 
@@ -145,6 +144,7 @@ def run_demo(out: Path, settings: DemoSettings, progress: bool = True, log=print
         log(f"[{time.perf_counter() - start:6.1f}s] {name} done ({timings[name]:.1f}s)")
 
     splits = load_data(settings.data, image_size=settings.image_size, seed=settings.seed, progress=progress)
+    out.mkdir(parents=True, exist_ok=True)  # after the data (and its seed) are checked
     data = data_record(settings.data, settings.seed)  # one seed splits the data and seeds training
     kwargs = dict(settings.timm_kwargs, img_size=settings.image_size, num_classes=len(splits.class_names))
 

@@ -163,3 +163,11 @@ def test_demo_refuses_a_report_path_that_is_a_folder_before_any_work(tmp_path):
         with pytest.raises(InputError, match=name):
             run_demo(out, tiny_settings(), progress=False, log=lambda *_: None)
         assert not (out / "stages").exists()  # refused before any training
+
+
+def test_demo_refuses_a_bad_seed_leaving_nothing_on_disk(tmp_path):
+    settings = tiny_settings()
+    settings.seed = -1
+    with pytest.raises(InputError, match="seed"):
+        run_demo(tmp_path / "out", settings, progress=False, log=lambda *_: None)
+    assert not (tmp_path / "out").exists()
