@@ -78,19 +78,18 @@ def resolve_source(bundle_or_model, *, class_names=None, steering=None, mean=Non
 
     if isinstance(bundle_or_model, (str, os.PathLike)):
         model, info = load_bundle(bundle_or_model)
-        return ExportSource(
-            model=model,
-            class_names=list(class_names or info.class_names),
-            mean=tuple(mean or info.mean),
-            std=tuple(std or info.std),
-            steering=steering if steering is not None else info.steering,
-            name=Path(bundle_or_model).resolve().name,
-        )
-    if not isinstance(bundle_or_model, GatedViT):
+        default_names, default_mean, default_std = info.class_names, info.mean, info.std
+        steering = steering if steering is not None else info.steering
+        name = Path(bundle_or_model).resolve().name
+    elif isinstance(bundle_or_model, GatedViT):
+        model = bundle_or_model
+        default_names = [str(i) for i in range(model.vit.num_classes)]
+        default_mean, default_std = IMAGENET_MEAN, IMAGENET_STD
+        name = model.timm_name or "gated_vit"
+    else:
         raise InputError(f"to_onnx takes a bundle directory or a GatedViT, got {type(bundle_or_model).__name__}")
-    model = bundle_or_model
     num_classes = model.vit.num_classes
-    names = list(class_names) if class_names is not None else [str(i) for i in range(num_classes)]
+    names = list(class_names) if class_names is not None else list(default_names)
     if len(names) != num_classes:
         raise InputError(f"{len(names)} class names for a model with {num_classes} classes")
     if steering is not None and steering.width != model.steer_width:
@@ -98,10 +97,10 @@ def resolve_source(bundle_or_model, *, class_names=None, steering=None, mean=Non
     return ExportSource(
         model=model,
         class_names=names,
-        mean=tuple(mean or IMAGENET_MEAN),
-        std=tuple(std or IMAGENET_STD),
+        mean=tuple(mean or default_mean),
+        std=tuple(std or default_std),
         steering=steering,
-        name=model.timm_name or "gated_vit",
+        name=name,
     )
 
 

@@ -120,6 +120,20 @@ def test_bad_arguments_are_clear_errors(exported, tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
+
+def test_class_names_and_steering_given_with_a_bundle_are_checked_too(exported, tmp_path):
+    """The checks made for a GatedViT source were skipped for a bundle directory: two names for
+    five classes, or a 64-wide table for 128-wide steering, were written into the export."""
+    from .conftest import make_model, make_steering
+
+    narrow = make_steering(make_model(sae_blocks=(1,)))
+    assert narrow.width == 64
+    with pytest.raises(InputError, match="2 class names for a model with 5 classes"):
+        to_onnx(exported.bundle, tmp_path / "m.onnx", class_names=["a", "b"])
+    with pytest.raises(InputError, match="steering table is 64 wide; the model's steer_width is 128"):
+        to_onnx(exported.bundle, tmp_path / "m.onnx", steering=narrow)
+    assert list(tmp_path.iterdir()) == []
+
 def test_checker_failure_leaves_nothing_on_disk(exported, tmp_path, monkeypatch):
     import headsteer.export.onnx_export as onnx_export
 
