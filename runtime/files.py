@@ -39,6 +39,26 @@ def check_can_create(path: PathLike, what: str) -> None:
         raise InputError(f"{what} {path} cannot be created: no permission to write in {parent}")
 
 
+def _flush_to_disk(path: Path) -> None:
+    """fsync a file, or a folder's entries: a rename that publishes a new file must not reach the
+    disk before its contents do, or a power cut could leave the final name empty (and, when
+    overwriting, the old copy already deleted). Folders that cannot be fsynced are skipped."""
+    is_folder = path.is_dir()
+    try:
+        fd = os.open(path, os.O_RDONLY | (getattr(os, "O_DIRECTORY", 0) if is_folder else 0))
+    except OSError:
+        if is_folder:
+            return
+        raise
+    try:
+        os.fsync(fd)
+    except OSError:
+        if not is_folder:  # some file systems refuse fsync on a folder; a file's failure is real
+            raise
+    finally:
+        os.close(fd)
+
+
 @contextmanager
 def atomic_path(final: PathLike, suffix: str = "") -> Iterator[Path]:
     """Yield a unique temporary path beside `final` (ending in `suffix`, so tools that infer a
@@ -57,7 +77,9 @@ def atomic_path(final: PathLike, suffix: str = "") -> Iterator[Path]:
     try:
         yield temp
         give_usual_file_mode(temp)
+        _flush_to_disk(temp)
         os.replace(temp, final)
+        _flush_to_disk(final.parent)
     except BaseException:
         temp.unlink(missing_ok=True)
         raise
@@ -83,10 +105,16 @@ def staged_directory(final: PathLike) -> Iterator[Path]:
     try:
         os.chmod(staging, 0o777 & ~current_umask())  # mkdtemp makes 0700
         yield staging
+        for folder, _, names in os.walk(staging):
+            for file in (Path(folder) / name for name in names):
+                if file.is_file() and not file.is_symlink():  # (a link's target is not ours to flush)
+                    _flush_to_disk(file)
+            _flush_to_disk(Path(folder))
         if final.exists():
             _swap_in(staging, final)
         else:
             os.replace(staging, final)
+            _flush_to_disk(final.parent)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
@@ -101,6 +129,7 @@ def _swap_in(staging: Path, final: Path) -> None:
     try:
         os.replace(final, old)
         os.replace(staging, final)
+        _flush_to_disk(final.parent)  # the swap is on disk before the old copy is deleted
     except BaseException:
         _put_back(old, final)
         raise
