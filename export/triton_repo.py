@@ -166,6 +166,27 @@ def _check_plan_args(precision: str, min_batch: int, opt_batch: Optional[int], m
     return opt_batch
 
 
+# What a model folder written here holds: replacing one with --overwrite deletes nothing else.
+_MODEL_DIR_ENTRIES = ("1", "config.pbtxt", "labels.txt", "steering.json")
+
+
+def _check_replaceable(final: Path, overwrite: bool) -> None:
+    """Refuse, before any export, a model folder path that writing must not replace: the new folder
+    is swapped in and the old one deleted, so only an empty folder or one holding just what this
+    function writes is replaced (with `overwrite`); a file, a dangling link, another version
+    folder or anything else there would be lost."""
+    if not (final.exists() or final.is_symlink()):
+        return
+    if not overwrite:
+        raise InputError(f"{final} already exists (pass --overwrite to replace it)")
+    if not final.is_dir():
+        raise InputError(f"{final} exists and is not a folder; remove it or choose another --name")
+    foreign = sorted(entry.name for entry in final.iterdir() if entry.name not in _MODEL_DIR_ENTRIES)
+    if foreign:
+        raise InputError(f"{final} holds {foreign[:8]} beside a model this command writes; --overwrite would delete "
+                         "them: move them, or choose another --name or --out")
+
+
 def write_triton_repo(
     bundle: Union[str, os.PathLike],
     out_dir: Union[str, os.PathLike],
@@ -215,8 +236,7 @@ def write_triton_repo(
         )
     model_name = _model_name(name, source.name)
     final = out_dir / model_name
-    if final.exists() and not overwrite:
-        raise InputError(f"{final} already exists (pass --overwrite to replace it)")
+    _check_replaceable(final, overwrite)
     platform, file_name = PLATFORMS[engine]
     with staged_directory(final) as staging:
         version_dir = staging / "1"

@@ -153,3 +153,22 @@ def test_bundle_with_a_zero_sized_tensor_is_refused(tmp_path, overrides, match):
     with pytest.raises(InputError, match="refuses a model config with a dimension of 0.*" + match):
         write_triton_repo(bundle, tmp_path / "repo")
     assert not (tmp_path / "repo").exists()
+
+
+def test_overwrite_replaces_only_what_the_export_wrote(exported, tmp_path, capsys):
+    """--overwrite swaps the model folder out and deletes the old one: a folder holding anything
+    else (another version, notes) or a file at that path is refused, and left as it was."""
+    repo = tmp_path / "models"
+    argv = ["export", str(exported.bundle), "--format", "triton-repo", "--out", str(repo), "--name", "m", "--overwrite"]
+    assert main(argv) == 0
+    assert main(argv) == 0  # its own output is replaced
+    (repo / "m" / "2").mkdir()
+    assert main(argv) == 2
+    assert "['2']" in capsys.readouterr().err and (repo / "m" / "2").is_dir() and (repo / "m" / "config.pbtxt").is_file()
+    (repo / "m" / "2").rmdir()
+    (repo / "other").write_text("notes")
+    assert main([*argv[:-3], "--name", "other", "--overwrite"]) == 2
+    assert "is not a folder" in capsys.readouterr().err and (repo / "other").read_text() == "notes"
+    (repo / "dangling").symlink_to(tmp_path / "nowhere")
+    assert main([*argv[:-3], "--name", "dangling", "--overwrite"]) == 2
+    assert "is not a folder" in capsys.readouterr().err
