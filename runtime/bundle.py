@@ -158,27 +158,29 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _check_replaceable(path: Path, overwrite: bool) -> None:
-    """Refuse, before anything is written, what saving at `path` must not replace. Saving swaps the
-    whole folder out and deletes it, so only a bundle holding nothing but bundle files or an empty
-    folder is replaced (and only with `overwrite`); a file, a dangling link or a folder holding
-    anything else would be lost, and is refused."""
+def check_replaceable(path: Path, overwrite: bool, what: str = "") -> None:
+    """Refuse, before anything is written, what saving a bundle at `path` must not replace. Saving
+    swaps the whole folder out and deletes it, so only a bundle holding nothing but bundle files or
+    an empty folder is replaced (and only with `overwrite`); a file, a dangling link or a folder
+    holding anything else would be lost, and is refused. `what` names the path in messages (e.g.
+    "--out")."""
+    named = f"{what} {path}" if what else str(path)
     if not (path.exists() or path.is_symlink()):
         return
     if not path.is_dir():
-        raise InputError(f"{path} exists and is not a folder; give a new path, an empty folder or a bundle to replace")
+        raise InputError(f"{named} exists and is not a folder; give a new path, an empty folder or a bundle to replace")
     if not overwrite:
-        raise BundleError(f"{path} already exists; pass overwrite=True to replace it")
+        raise BundleError(f"{named} already exists; pass overwrite=True to replace it")
     try:
         entries = sorted(entry.name for entry in path.iterdir())
     except OSError as error:
-        raise InputError(f"{path} cannot be read: {error.strerror or error}") from None
+        raise InputError(f"{named} cannot be read: {error.strerror or error}") from None
     if entries and CONFIG_FILE not in entries:
-        raise InputError(f"{path} is a folder that is not a headsteer bundle (no {CONFIG_FILE}) and not empty; "
+        raise InputError(f"{named} is a folder that is not a headsteer bundle (no {CONFIG_FILE}) and not empty; "
                          "overwriting would delete it: give a new path, an empty folder or a bundle to replace")
     foreign = [name for name in entries if name not in (CONFIG_FILE, *BUNDLE_FILES)]
     if foreign:
-        raise InputError(f"{path} holds files beside its bundle ({foreign[:8]}), which overwriting would delete; "
+        raise InputError(f"{named} holds files beside its bundle ({foreign[:8]}), which overwriting would delete; "
                          "move them, or give another path")
 
 
@@ -236,7 +238,7 @@ def save_bundle(
         if _count_non_finite(tensor):
             raise InputError(f"weight {name} holds {_count_non_finite(tensor)} non-finite value(s) (NaN or infinity), "
                              "which would poison the model's outputs; a bundle of it would be refused on load")
-    _check_replaceable(path, overwrite)
+    check_replaceable(path, overwrite)
     in_chans = model.vit.patch_embed.proj.in_channels
     mean, std = (_normalization_argument(name, values, in_chans) for name, values in (("mean", mean), ("std", std)))
 

@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from headsteer.runtime.bundle import BUNDLE_FILES, CONFIG_FILE, load_bundle, save_bundle
+from headsteer.runtime.bundle import check_replaceable, load_bundle, save_bundle
 from headsteer.runtime.data import (ImageDataset, Splits, data_record, load_data, recorded_split_seed,
                                     resolve_split_seed)
 from headsteer.runtime.errors import BundleError, HeadsteerError, InputError
@@ -625,22 +625,7 @@ def check_bundle_out(path: Union[str, Path], what: str = "--out") -> Path:
     if absolute == cwd or absolute in cwd.parents:
         raise InputError(f"{what} {path} is the current folder or one above it; saving a bundle replaces its "
                          "whole folder: give a path below the current folder")
-    if path.exists() or path.is_symlink():
-        if not path.is_dir():
-            raise InputError(f"{what} {path} exists and is not a directory; give a new path, an empty folder "
-                             "or a bundle to replace")
-        try:
-            entries = sorted(entry.name for entry in path.iterdir())
-        except OSError as error:
-            raise InputError(f"{what} {path} cannot be read: {error.strerror or error}") from None
-        if entries and CONFIG_FILE not in entries:
-            raise InputError(f"{what} {path} is a folder that is not a headsteer bundle (no {CONFIG_FILE}) and not "
-                             "empty; it would be replaced, so it is refused: give a new path, an empty folder or a "
-                             "bundle to replace")
-        foreign = [name for name in entries if name not in (CONFIG_FILE, *BUNDLE_FILES)]
-        if foreign:
-            raise InputError(f"{what} {path} holds files beside its bundle ({foreign[:8]}), which replacing the "
-                             "bundle would delete; move them, or give another path")
+    check_replaceable(path, True, what)
     check_can_create(path, what)
     return path
 
