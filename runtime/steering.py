@@ -32,12 +32,14 @@ an allowance of one lost image per class.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from dataclasses import asdict, dataclass
-from typing import Optional, Sequence
+from typing import Iterator, Optional, Sequence
 
 import torch
+from torch import nn
 from tqdm.auto import tqdm
 
 from headsteer.runtime.bundle import SteeringTable
@@ -82,6 +84,18 @@ class SteeringConfig:
 
 
 # -- latents and vectors ---------------------------------------------------------------------------
+@contextlib.contextmanager
+def eval_mode(model: nn.Module) -> Iterator[None]:
+    """`model` in eval mode inside the block (the inference gate, no dropout), then back in the
+    mode it was in, also when the block raises: the caller's model may be training."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was_training)
+
+
 @torch.no_grad()
 def collect_latents(
     model: GatedViT, images: torch.Tensor, mean, std, batch_size: int = 512
@@ -90,13 +104,11 @@ def collect_latents(
     order: [N, S_total] (eval mode, the inference gate)."""
     from headsteer.runtime.train import normalize
 
-    was = model.training
-    model.eval()
     chunks = []
-    for start in range(0, len(images), batch_size):
-        out = model(normalize(images[start : start + batch_size], mean, std), return_latents=True)
-        chunks.append(torch.cat([out.latents[b] for b in model.sae_blocks], dim=1))
-    model.train(was)
+    with eval_mode(model):
+        for start in range(0, len(images), batch_size):
+            out = model(normalize(images[start : start + batch_size], mean, std), return_latents=True)
+            chunks.append(torch.cat([out.latents[b] for b in model.sae_blocks], dim=1))
     return torch.cat(chunks) if chunks else torch.zeros(0, model.steer_width)
 
 
@@ -272,15 +284,21 @@ def fit_steering(
     seed: Optional[int] = None,
 ) -> tuple[SteeringTable, dict]:
     """Choose every strategy's settings (train statistics, val choices) and build the per-class
-    steering table. Returns (table, stage dict for the bundle's `extra`)."""
-    from headsteer.runtime.train import normalize
-
+    steering table. Returns (table, stage dict for the bundle's `extra`). Runs the model in eval
+    mode and leaves it in the mode it was in."""
     if not model.sae_blocks:
         raise InputError("the model has no SAE; steering acts on SAE latents (train an SAE first)")
     if seed is not None:
         config = SteeringConfig(**{**asdict(config), "seed": seed})
+    with eval_mode(model):
+        return _fit_steering(model, splits, config, progress)
+
+
+def _fit_steering(model: GatedViT, splits: Splits, config: SteeringConfig, progress: bool) -> tuple[SteeringTable, dict]:
+    """`fit_steering`'s work, the model in eval mode."""
+    from headsteer.runtime.train import normalize
+
     start = time.perf_counter()
-    model.eval()
     names = splits.class_names
     num_classes = len(names)
     width = model.steer_width
@@ -421,13 +439,11 @@ def _choose_topk(model, x_val, y_val, num_classes, config) -> dict:
 @torch.no_grad()
 def collect_latents_normalized(model: GatedViT, x: torch.Tensor, batch_size: int = 512) -> torch.Tensor:
     """Like `collect_latents` for inputs that are already normalized."""
-    was = model.training
-    model.eval()
     chunks = []
-    for start in range(0, len(x), batch_size):
-        out = model(x[start : start + batch_size], return_latents=True)
-        chunks.append(torch.cat([out.latents[b] for b in model.sae_blocks], dim=1))
-    model.train(was)
+    with eval_mode(model):
+        for start in range(0, len(x), batch_size):
+            out = model(x[start : start + batch_size], return_latents=True)
+            chunks.append(torch.cat([out.latents[b] for b in model.sae_blocks], dim=1))
     return torch.cat(chunks) if chunks else torch.zeros(0, model.steer_width)
 
 

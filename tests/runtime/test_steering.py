@@ -249,3 +249,27 @@ def test_steering_config_refuses_settings_it_cannot_search(field, value, problem
     and a negative count slices the ranking from its end; both are refused when the config is made."""
     with pytest.raises(InputError, match=problem):
         S.SteeringConfig(**{field: value})
+
+
+def test_fit_steering_leaves_the_model_in_the_mode_it_was_in(monkeypatch):
+    """fit_steering runs the model in eval mode (the inference gate) and hands it back training if
+    it was training, also when the search raises."""
+    torch.manual_seed(0)
+    model = GatedViT.from_timm("vit_tiny_patch16_224", timm_kwargs=dict(TINY, num_classes=3), sae_width=16, sae_k=4)
+    config = S.SteeringConfig(counts=(1,), alphas=(0.0,), betas=(1.0,), global_alphas=(0.0,), topk_ks=(1,),
+                              topk_alphas=(0.0,))
+    modes = []
+    real_measure = S.measure
+    monkeypatch.setattr(S, "measure", lambda model, *args, **kwargs: modes.append(model.training) or
+                        real_measure(model, *args, **kwargs))
+    model.train()
+    S.fit_steering(model, _three_class_splits(), config, progress=False)
+    assert model.training and modes and not any(modes)
+
+    def failing_measure(*args, **kwargs):
+        raise RuntimeError("out of memory")
+
+    monkeypatch.setattr(S, "measure", failing_measure)
+    with pytest.raises(RuntimeError, match="out of memory"):
+        S.fit_steering(model, _three_class_splits(), config, progress=False)
+    assert model.training
