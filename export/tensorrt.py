@@ -210,14 +210,14 @@ class TensorRTRunner:
         self.device = device
         self.steer_width = int(info.config["steer_width"])
         workdir = None
-        if engine_path is None:
-            workdir = Path(tempfile.mkdtemp(prefix="headsteer-trt-"))
-            engine_path = build_engine(
-                info.path, workdir / "model.plan", precision=precision,
-                min_batch=min_batch, opt_batch=opt_batch, max_batch=max_batch, attention=attention,
-            )
-        engine_path = Path(engine_path)
-        try:
+        try:  # (a build that fails leaves no temporary folder behind either)
+            if engine_path is None:
+                workdir = Path(tempfile.mkdtemp(prefix="headsteer-trt-"))
+                engine_path = build_engine(
+                    info.path, workdir / "model.plan", precision=precision,
+                    min_batch=min_batch, opt_batch=opt_batch, max_batch=max_batch, attention=attention,
+                )
+            engine_path = Path(engine_path)
             if not engine_path.is_file():
                 raise InputError(f"engine_path {engine_path} does not exist (build one with `headsteer export BUNDLE --format tensorrt --out FILE.plan`)")
             self._logger = trt.Logger(trt.Logger.WARNING)

@@ -271,3 +271,24 @@ def test_triton_repository_with_a_plan(exported, tmp_path):
     assert (model_dir / "1" / "model.plan").is_file() and not (model_dir / "1" / "model.onnx").exists()
     config = parse_pbtxt((model_dir / "config.pbtxt").read_text())
     assert config["platform"] == "tensorrt_plan" and config["max_batch_size"] == 8
+
+
+def test_a_failed_build_inside_the_runner_leaves_no_temporary_folder(exported, tmp_path, fake_tensorrt, monkeypatch):
+    """TensorRTRunner without engine_path builds into a temporary folder; a build that fails
+    (or options build_engine refuses) must not leave that folder behind."""
+    import tempfile
+
+    from headsteer.export.tensorrt import TensorRTRunner
+    from headsteer.runtime.bundle import load_bundle
+
+    _, info = load_bundle(exported.bundle)
+    temp_root = tmp_path / "tmp"
+    temp_root.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(temp_root))
+    fake_tensorrt(build_ok=False)
+    with pytest.raises(ExportError, match="failed to build"):
+        TensorRTRunner(info, device="cuda", max_batch=8)
+    assert list(temp_root.iterdir()) == []
+    with pytest.raises(InputError, match="min <= opt <= max"):
+        TensorRTRunner(info, device="cuda", min_batch=4, opt_batch=2, max_batch=8)
+    assert list(temp_root.iterdir()) == []
