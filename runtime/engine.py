@@ -236,7 +236,8 @@ class Engine:
             image = image[:, :, None]
         if image.ndim != 3 or image.shape[2] not in (1, self.in_chans) or 0 in image.shape:
             raise InputError(f"image {index} has shape {list(image.shape)}; expected HxW, HxWx1 or HxWx{self.in_chans}")
-        pixels = torch.tensor(image).permute(2, 0, 1).float().div_(255.0)
+        # (a negative stride, as in OpenCV's BGR -> RGB `image[..., ::-1]`, is copied first: torch refuses it)
+        pixels = torch.tensor(np.ascontiguousarray(image)).permute(2, 0, 1).float().div_(255.0)
         if pixels.shape[0] != self.in_chans:
             pixels = pixels.expand(self.in_chans, -1, -1)
         if tuple(pixels.shape[1:]) != self.image_size:

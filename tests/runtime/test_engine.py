@@ -270,3 +270,12 @@ def test_auto_backend_picks_triton_only_for_16bit_on_cuda(monkeypatch):
         assert resolve_backend(named, cpu, torch.float32) == named
     monkeypatch.setitem(sys.modules, "triton", None)  # `import triton` raises ImportError
     assert resolve_backend("auto", cuda, torch.float16) == "compact"
+
+
+def test_flipped_and_channel_reversed_arrays_are_read_like_their_copies(engine):
+    """A uint8 array with a negative stride (OpenCV's BGR -> RGB `image[..., ::-1]`, np.fliplr, a
+    batch flipped as one array) reads like its copy; torch.tensor refused it with a bare ValueError."""
+    batch = np.random.default_rng(3).integers(0, 256, size=(2, 20, 24, 3), dtype=np.uint8)
+    for view in (batch[0, :, :, ::-1], batch[0, :, ::-1], batch[:, ::-1], [batch[1, ::-1, :, 0]]):
+        copy = [np.array(image) for image in view] if isinstance(view, list) else view.copy()
+        assert torch.equal(engine.preprocess(view), engine.preprocess(copy))
