@@ -8,6 +8,7 @@ from typing import Optional
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.multiprocessing.reductions import StorageWeakRef
 
 from headsteer.kernels import compact, reference
 
@@ -16,7 +17,10 @@ BACKENDS = ("reference", "compact", "triton")
 # Head-major weight copies for the compact backend, per attention module, rebuilt whenever the
 # weights change (a Parameter's _version counts its in-place updates: optimizer steps, loads).
 # Writes through `param.data` (e.g. `p.data.mul_(...)`) bypass that counter and are not seen:
-# update weights in place under torch.no_grad() instead.
+# update weights in place under torch.no_grad() instead. Storages are told apart by identity, not
+# by address (new weights can land at the old address with the same version count, e.g.
+# `.half().float()` on CUDA): the entry holds weak references to them, so a freed storage's id is
+# not handed to another while it is cached.
 _HEAD_MAJOR_CACHE: "weakref.WeakKeyDictionary[nn.Module, tuple]" = weakref.WeakKeyDictionary()
 
 
@@ -49,16 +53,18 @@ def _head_major(attn: nn.Module) -> tuple:
         # which have no version counter, so an in-place update could not be seen.
         return compact.head_major_weights(qkv, bias, proj, attn.num_heads)
     # (the head-major copies include the qkv bias, so its updates count too: e.g. a bias-only step)
-    key = (qkv.data_ptr(), qkv._version, proj.data_ptr(), proj._version, qkv.dtype, qkv.device,
-           None if bias is None else (bias.data_ptr(), bias._version, bias.dtype))
+    key = (qkv.untyped_storage()._cdata, qkv.data_ptr(), qkv._version,
+           proj.untyped_storage()._cdata, proj.data_ptr(), proj._version, qkv.dtype, qkv.device,
+           None if bias is None else (bias.untyped_storage()._cdata, bias.data_ptr(), bias._version, bias.dtype))
     cached = _HEAD_MAJOR_CACHE.get(attn)
     if cached is None or cached[0] != key:
         # Normal tensors even when first built under torch.inference_mode (Engine's warm-up):
         # inference tensors cannot be saved for backward, so a later grad-mode call with an
         # input that requires grad (a saliency map) would fail on them.
+        pins = [StorageWeakRef(w.untyped_storage()) for w in weights]  # (no other storage gets their ids)
         with torch.inference_mode(False), torch.no_grad():
             weights = compact.head_major_weights(qkv, attn.qkv.bias, proj, attn.num_heads)
-        cached = (key, weights)
+        cached = (key, weights, pins)
         _HEAD_MAJOR_CACHE[attn] = cached
     return cached[1]
 

@@ -186,3 +186,22 @@ def test_compact_refuses_a_keep_mask_of_another_shape_or_dtype(shape, dtype):
     keep = (torch.arange(shape[0] * shape[1]).view(shape) % 3 == 0).to(dtype)
     with pytest.raises(ValueError, match=r"keep must be a bool \[B, H\] = \[4, 4\]"):
         compact.compact_head_attention(torch.randn(4, 5, 32), keep, *weights)
+
+
+def test_compact_backend_sees_new_weights_at_the_old_address():
+    """Weights replaced by new Parameters over storage at the old address (a reused load buffer;
+    also what the CUDA caching allocator gives `.half().float()`), with the same version count:
+    the cache must not serve head-major copies of the old weights."""
+    from headsteer.kernels import dispatch
+
+    attn, x, keep = _attention_and_inputs()
+    layers = ((attn.qkv, "weight"), (attn.qkv, "bias"), (attn.proj, "weight"))
+    originals = [getattr(layer, name).detach().numpy().copy() for layer, name in layers]
+    buffers = [array.copy() for array in originals]
+    with torch.no_grad():
+        for scale in (1.0, 0.5):
+            for (layer, name), array, buffer in zip(layers, originals, buffers):
+                buffer[...] = array * scale
+                setattr(layer, name, nn.Parameter(torch.from_numpy(buffer)))
+            torch.testing.assert_close(dispatch.head_attention("compact", x, keep, None, attn),
+                                       dispatch.head_attention("reference", x, keep, None, attn), atol=1e-5, rtol=1e-5)
