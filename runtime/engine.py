@@ -165,14 +165,14 @@ class Engine:
             raise InputError(f"unknown backend {backend!r}; expected auto or one of {known}")
         if backend in TORCH_BACKENDS and options:
             raise InputError(f"backend {backend!r} takes no options, got {sorted(options)}")
+        if backend in EXTERNAL_BACKENDS and dtype != "float32":
+            raise InputError(f"backend {backend!r} runs an exported model; choose its precision at export time")
         runner_cls = _runner_class(backend, options) if backend in EXTERNAL_BACKENDS else None
         model, info = load_bundle(path, map_location=device)
         if backend in TORCH_BACKENDS:
             engine = cls(model.to(DTYPES[dtype]), info, backend, device, dtype=DTYPES[dtype], cuda_graphs=cuda_graphs)
             engine._warm_up()
             return engine
-        if dtype != "float32":
-            raise InputError(f"backend {backend!r} runs an exported model; choose its precision at export time")
         runner = runner_cls(info, device=device, **options)
         return cls(model, info, backend, device, runner=runner)
 

@@ -202,6 +202,9 @@ def test_torch_backend_options_refused_before_loading(bundle_path, monkeypatch):
     monkeypatch.setattr(engine_module, "load_bundle", no_load)
     with pytest.raises(InputError, match="backend 'compact' takes no options"):
         Engine.load(bundle_path, backend="compact", providers=["CPUExecutionProvider"])
+    # an exported model's precision is fixed at export: a 16-bit dtype is refused before the bundle loads
+    with pytest.raises(InputError, match="backend 'onnxruntime' runs an exported model; choose its precision"):
+        Engine.load(bundle_path, backend="onnxruntime", dtype="float16")
 
 
 def test_cuda_graphs_need_the_triton_backend_on_cuda(bundle_path):
