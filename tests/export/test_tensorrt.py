@@ -292,3 +292,14 @@ def test_a_failed_build_inside_the_runner_leaves_no_temporary_folder(exported, t
     with pytest.raises(InputError, match="min <= opt <= max"):
         TensorRTRunner(info, device="cuda", min_batch=4, opt_batch=2, max_batch=8)
     assert list(temp_root.iterdir()) == []
+
+
+@pytest.mark.parametrize("workspace_gib", (0, -1.0, float("nan"), float("inf"), "4", True))
+def test_a_bad_workspace_size_is_refused_before_the_export(exported, tmp_path, fake_tensorrt, workspace_gib):
+    """Not a pybind TypeError (or a silent 0-byte pool) after the ONNX export ran."""
+    from headsteer.export.tensorrt import build_engine
+
+    fake_tensorrt()
+    with pytest.raises(InputError, match="workspace_gib must be a positive number"):
+        build_engine(exported.bundle, tmp_path / "m.plan", max_batch=8, workspace_gib=workspace_gib)
+    assert list(tmp_path.iterdir()) == []
