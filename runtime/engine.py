@@ -248,8 +248,8 @@ class Engine:
         """Map a steer request (None, a class name/index, or one per sample) to [B, S] vectors."""
         if steer is None:
             return None, None
-        if isinstance(steer, (torch.Tensor, np.ndarray)) and steer.ndim > 0:  # e.g. steer=labels
-            if steer.ndim != 1:
+        if isinstance(steer, (torch.Tensor, np.ndarray)):  # e.g. steer=labels; a 0-d one is its scalar
+            if steer.ndim > 1:
                 raise InputError(f"per-sample steering targets must be 1-D, got shape {list(steer.shape)}")
             steer = steer.tolist()
         targets: Sequence[SteerTarget] = list(steer) if isinstance(steer, (list, tuple)) else [steer] * batch

@@ -187,6 +187,12 @@ def test_per_sample_targets_as_a_tensor_or_array(engine):
     for targets in (torch.tensor([2, 0, 3]), np.array([2, 0, 3])):
         assert torch.equal(engine.predict(pixels, steer=targets).logits, expected)
     assert torch.equal(engine.predict(pixels, steer=torch.tensor(2)).logits, engine.predict(pixels, steer=2).logits)
+    # a 0-d tensor or array is one target for every sample, read as its Python scalar: a float or a
+    # bool is refused as the scalar is (a 0-d float was a bare TypeError, a 0-d bool steered class 1)
+    assert torch.equal(engine.predict(pixels, steer=np.array("dog")).logits, engine.predict(pixels, steer="dog").logits)
+    for target in (torch.tensor(2.0), np.array(2.0), torch.tensor(True)):
+        with pytest.raises(InputError, match="a steering target is a class name or index"):
+            engine.predict(pixels, steer=target)
     with pytest.raises(InputError, match="must be 1-D"):
         engine.predict(pixels, steer=torch.zeros(3, 1, dtype=torch.long))
     with pytest.raises(InputError, match="2 steering targets for a batch of 3"):
