@@ -25,6 +25,7 @@ Needs the `tensorrt` extra and a CUDA device; without either, a MissingDependenc
 """
 from __future__ import annotations
 
+import numbers
 import os
 import shutil
 import tempfile
@@ -101,7 +102,7 @@ def build_engine(
     if opt_batch is None:
         opt_batch = default_opt_batch(min_batch, max_batch)
     _check_batches(min_batch, opt_batch, max_batch)
-    if isinstance(workspace_gib, bool) or not isinstance(workspace_gib, (int, float)) or not 0 < workspace_gib < float("inf"):
+    if isinstance(workspace_gib, bool) or not isinstance(workspace_gib, numbers.Real) or not 0 < workspace_gib < float("inf"):
         raise InputError(f"workspace_gib must be a positive number (GiB of TensorRT workspace), got {workspace_gib!r}")
     plan_path = Path(plan_path)
     if plan_path.is_dir():
