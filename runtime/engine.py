@@ -214,9 +214,10 @@ class Engine:
             raise InputError(f"image tensor is {list(pixels.shape[2:])} pixels; expected {expected}")
         if pixels.shape[0] == 0:
             raise InputError("empty batch")
+        pixels = pixels.float()  # (checked after the cast: float64 past float32's range turns infinite)
         if not bool(torch.isfinite(pixels).all()):
-            raise InputError("image tensor holds NaN or infinite values")
-        return pixels.float()
+            raise InputError("image tensor holds NaN or infinite values (as float32)")
+        return pixels
 
     def _raw_to_tensor(self, image, index: int) -> torch.Tensor:
         try:
@@ -269,9 +270,10 @@ class Engine:
             vector = vector.expand(batch, -1)
         if tuple(vector.shape) != (batch, self.steer_width):
             raise InputError(f"{name} must be [{batch}, {self.steer_width}] (or [{self.steer_width}]), got {list(vector.shape)}")
+        vector = vector.float()
         if not bool(torch.isfinite(vector).all()):
-            raise InputError(f"{name} holds NaN or infinite values")
-        return vector.float()
+            raise InputError(f"{name} holds NaN or infinite values (as float32)")
+        return vector
 
     def _forward(self, pixels, scale, shift, key=None) -> tuple[torch.Tensor, torch.Tensor]:
         """The model's forward on device tensors; `key` is the head budget."""

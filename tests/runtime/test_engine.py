@@ -75,6 +75,9 @@ def test_raw_images_are_resized_and_normalized(engine):
         (torch.randn(3, 32, 32), {}, "must be"),
         (torch.ones(2, 3, 32, 32, dtype=torch.int64), {}, "floating point"),
         (torch.full((1, 3, 32, 32), float("nan")), {}, "NaN or infinite"),
+        # (float64 past float32's range: infinite once cast for the model)
+        (torch.full((1, 3, 32, 32), 1e300, dtype=torch.float64), {}, "NaN or infinite"),
+        (torch.randn(2, 3, 32, 32), dict(steer_shift=torch.full((24,), -1e300, dtype=torch.float64)), "steer_shift holds NaN"),
         (torch.randn(2, 3, 32, 32), dict(steer="cow"), "unknown steering class 'cow'"),
         (torch.randn(2, 3, 32, 32), dict(steer=["ant"]), "1 steering targets for a batch of 2"),
         (torch.randn(2, 3, 32, 32), dict(steer=7), "out of range"),
