@@ -196,7 +196,7 @@ def resolve_blocks(spec: Union[str, int, Sequence[int]], depth: int, what: str) 
         if ":" in spec:
             try:
                 bounds = [int(part) if part.strip() else None for part in spec.split(":")]
-                return list(range(depth))[slice(*bounds)]
+                return sorted(range(depth)[slice(*bounds)])  # (a negative step selects blocks, not an order)
             except (ValueError, TypeError):
                 raise InputError(f"{what} slice must look like '1:' or '2:-1', got {spec!r}") from None
         try:

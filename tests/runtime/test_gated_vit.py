@@ -367,6 +367,10 @@ def test_block_slices_select_gated_blocks():
     vit = VisionTransformer(**tiny_vit_kwargs(depth=4))
     assert GatedViT.from_timm(vit, gate_blocks="1:").gate_blocks == [1, 2, 3]
     assert GatedViT.from_timm(vit, gate_blocks="1:-1", sae_blocks="2").gate_blocks == [1, 2]
+    # a slice with a negative step selects the same blocks, still in model order (head_mask's
+    # order and the steering layout's): "::-1" gave [3, 2, 1, 0]
+    reversed_slices = GatedViT.from_timm(vit, gate_blocks="::-1", sae_blocks="3:0:-2")
+    assert reversed_slices.gate_blocks == [0, 1, 2, 3] and reversed_slices.sae_blocks == [1, 3]
     with pytest.raises(InputError, match="slice"):
         GatedViT.from_timm(vit, gate_blocks="a:b")
 
