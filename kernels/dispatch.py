@@ -147,7 +147,9 @@ def sae_steer_gate(
         return triton_sae_steer_gate(e, gate_params, sae_params, steer_scale, steer_shift, mode, budget)
     if backend == "compact":
         return fast_sae_steer_gate(e, gate_params, sae_params, steer_scale, steer_shift, mode, budget)
-    return reference.sae_steer_gate(e, gate_params, sae_params, steer_scale, steer_shift, mode, budget)
+    if backend == "reference":
+        return reference.sae_steer_gate(e, gate_params, sae_params, steer_scale, steer_shift, mode, budget)
+    raise ValueError(f"unknown backend {backend!r}; expected one of {BACKENDS}")
 
 
 # Below this many elements GELU is written out with erf. On the CPU, torch's fused F.gelu opens a

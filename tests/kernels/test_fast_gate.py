@@ -88,3 +88,10 @@ def test_fast_gate_gelu_keeps_float64_precision():
     got = dispatch._gelu(h)
     assert got.dtype == torch.float64
     torch.testing.assert_close(got, torch.nn.functional.gelu(h), atol=1e-12, rtol=1e-12)
+
+
+def test_unknown_backend_is_an_error():
+    """As for head attention: a misspelt backend must not silently run the reference gate."""
+    gate, sae = _params()
+    with pytest.raises(ValueError, match="unknown backend 'compcat'"):
+        dispatch.sae_steer_gate("compcat", torch.randn(2, 24), gate, sae, None, None, "preserve-error", None)
