@@ -397,10 +397,12 @@ class GatedViT(nn.Module):
         if not isinstance(pixel_values, torch.Tensor) or pixel_values.dim() != 4:
             got = tuple(pixel_values.shape) if isinstance(pixel_values, torch.Tensor) else type(pixel_values).__name__
             raise InputError(f"pixel_values must be a [B, C, H, W] tensor, got {got}")
-        weight_dtype = self.vit.patch_embed.proj.weight.dtype
+        weight_dtype, device = self.vit.patch_embed.proj.weight.dtype, self.vit.patch_embed.proj.weight.device
         if pixel_values.dtype != weight_dtype:
             raise InputError(f"pixel_values is {pixel_values.dtype}; the model's weights are {weight_dtype} "
                              f"(cast the input, or the model with .to(dtype))")
+        if pixel_values.device != device:
+            raise InputError(f"pixel_values is on {pixel_values.device}; the model is on {device} (move the input with .to)")
         in_chans = self.vit.patch_embed.proj.in_channels
         if pixel_values.shape[1] != in_chans:
             raise InputError(f"pixel_values has {pixel_values.shape[1]} channels; the model expects {in_chans}")
@@ -427,6 +429,8 @@ class GatedViT(nn.Module):
                 raise InputError(f"{name} must be [B, S_total] = {list(expected)}, got {got}")
             if not vector.is_floating_point():
                 raise InputError(f"{name} must be floating point, got {vector.dtype}")
+            if vector.device != device:
+                raise InputError(f"{name} is on {vector.device}; the model is on {device} (move it with .to)")
         if budget is not None and (isinstance(budget, bool) or not (isinstance(budget, (int, float)) and 0.0 <= budget <= 1.0)):
             raise InputError(f"budget must be a number in [0, 1] or None, got {budget!r}")
 

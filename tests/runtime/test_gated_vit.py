@@ -313,6 +313,9 @@ def test_timm_names_with_a_pretrained_tag_build():
         (torch.zeros(2, 3, 32, 32, dtype=torch.uint8), {}, "pixel_values is torch.uint8"),
         (torch.randn(2, 3, 32, 32), dict(budget=1.5), "budget must be"),
         (torch.randn(2, 3, 32, 32), dict(backend="cuda-magic"), "unknown backend"),
+        # (another device: a torch RuntimeError from inside the forward, for steering after the blocks before it ran)
+        (torch.randn(2, 3, 32, 32, device="meta"), {}, "pixel_values is on meta; the model is on cpu"),
+        (torch.randn(2, 3, 32, 32), dict(steer_shift=torch.zeros(2, 192, device="meta")), "steer_shift is on meta; the model is on cpu"),
     ],
 )
 def test_bad_inputs_are_clear_errors(pixels, kwargs, match):
