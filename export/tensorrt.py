@@ -210,6 +210,8 @@ class TensorRTRunner:
         if device.type != "cuda":
             raise InputError(f"the tensorrt backend runs on a CUDA device; got device={str(device)!r} (pass device='cuda')")
         _require_cuda("the tensorrt backend")
+        if device.index is None:  # the engine lives on the GPU current now, whichever thread calls later
+            device = torch.device("cuda", torch.cuda.current_device())
         self.device = device
         self.steer_width = int(info.config["steer_width"])
         workdir = None

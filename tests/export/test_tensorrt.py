@@ -285,6 +285,7 @@ def test_a_failed_build_inside_the_runner_leaves_no_temporary_folder(exported, t
     temp_root = tmp_path / "tmp"
     temp_root.mkdir()
     monkeypatch.setattr(tempfile, "tempdir", str(temp_root))
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
     fake_tensorrt(build_ok=False)
     with pytest.raises(ExportError, match="failed to build"):
         TensorRTRunner(info, device="cuda", max_batch=8)
@@ -303,3 +304,76 @@ def test_a_bad_workspace_size_is_refused_before_the_export(exported, tmp_path, f
     with pytest.raises(InputError, match="workspace_gib must be a positive number"):
         build_engine(exported.bundle, tmp_path / "m.plan", max_batch=8, workspace_gib=workspace_gib)
     assert list(tmp_path.iterdir()) == []
+
+
+class FakeEngine:
+    """A deserialized engine with the contract's I/O (batch dynamic, 1 to 32 in profile 0)."""
+
+    SHAPES = dict(pixel_values=(-1, 3, 32, 32), steer_scale=(-1, 128), steer_shift=(-1, 128), logits=(-1, 5), head_mask=(-1, 2, 3))
+
+    def __init__(self, trt, context="context"):
+        self.trt, self.context, self.names = trt, context, list(self.SHAPES)
+        self.num_io_tensors = len(self.names)
+
+    def get_tensor_name(self, index):
+        return self.names[index]
+
+    def get_tensor_dtype(self, name):
+        return self.trt.bool if name == "head_mask" else self.trt.float32
+
+    def get_tensor_mode(self, name):
+        return self.trt.TensorIOMode.INPUT if name in ("pixel_values", "steer_scale", "steer_shift") else self.trt.TensorIOMode.OUTPUT
+
+    def get_tensor_shape(self, name):
+        return self.SHAPES[name]
+
+    def get_tensor_profile_shape(self, name, profile):
+        shape = self.SHAPES[name]
+        return [(1, *shape[1:]), (8, *shape[1:]), (32, *shape[1:])]
+
+    def create_execution_context(self):
+        return self.context
+
+
+@pytest.fixture
+def fake_runtime(fake_tensorrt, monkeypatch, tmp_path):
+    """fake_tensorrt plus a Runtime that deserializes any file into a FakeEngine, and torch.cuda
+    stand-ins (device, Stream, current_device) for a machine without a GPU. Returns (trt, plan,
+    devices entered)."""
+    import contextlib
+
+    def install(current_device=0, **engine_kwargs):
+        trt = fake_tensorrt()
+        trt.float32, trt.float16, trt.int32, trt.int8, trt.bool = "float32", "float16", "int32", "int8", "bool"
+        trt.TensorIOMode = SimpleNamespace(INPUT="input", OUTPUT="output")
+        trt.Runtime = lambda logger: SimpleNamespace(deserialize_cuda_engine=lambda data: FakeEngine(trt, **engine_kwargs))
+        entered = []
+
+        @contextlib.contextmanager
+        def device(where):
+            entered.append(torch.device(where))
+            yield
+
+        monkeypatch.setattr(torch.cuda, "device", device)
+        monkeypatch.setattr(torch.cuda, "Stream", lambda device=None: SimpleNamespace(device=device))
+        monkeypatch.setattr(torch.cuda, "current_device", lambda: current_device)
+        plan = tmp_path / "m.plan"
+        plan.write_bytes(b"plan")
+        return trt, plan, entered
+
+    return install
+
+
+def test_the_runner_pins_the_gpu_that_is_current_at_load(exported, fake_runtime):
+    """device="cuda" is the GPU current when the engine is deserialized: a call from another thread
+    (whose current GPU is 0 by default) must feed that GPU, not its own current one."""
+    from headsteer.export.tensorrt import TensorRTRunner
+    from headsteer.runtime.bundle import load_bundle
+
+    _, info = load_bundle(exported.bundle)
+    _, plan, entered = fake_runtime(current_device=1)
+    runner = TensorRTRunner(info, device="cuda", engine_path=plan)
+    assert runner.device == torch.device("cuda", 1)
+    assert entered == [torch.device("cuda", 1)]
+    assert (runner.min_batch, runner.max_batch) == (1, 32)
+    assert TensorRTRunner(info, device="cuda:0", engine_path=plan).device == torch.device("cuda", 0)
