@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import numbers
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional, Sequence, Union
@@ -304,8 +305,9 @@ class Engine:
                 shift = torch.zeros(batch, self.steer_width) if shift is None else shift
         else:
             scale, shift = self.steering_vectors(steer, batch)
-        if budget is not None and (isinstance(budget, bool) or not (isinstance(budget, (int, float)) and 0.0 <= budget <= 1.0)):
+        if budget is not None and (isinstance(budget, bool) or not (isinstance(budget, numbers.Real) and 0.0 <= budget <= 1.0)):
             raise InputError(f"budget must be a number in [0, 1] or None, got {budget!r}")
+        budget = None if budget is None else float(budget)  # (a numpy scalar as a Python float)
         if self._runner is not None:
             if budget is not None:
                 raise InputError(f"backend {self.backend!r} runs an exported model; a head budget is not an input there")

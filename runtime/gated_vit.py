@@ -6,6 +6,7 @@ replaces how a gated block's attention branch is evaluated. See `../shared/DESIG
 """
 from __future__ import annotations
 
+import numbers
 from dataclasses import dataclass, field
 from typing import Optional, Sequence, Union
 
@@ -431,7 +432,7 @@ class GatedViT(nn.Module):
                 raise InputError(f"{name} must be floating point, got {vector.dtype}")
             if vector.device != device:
                 raise InputError(f"{name} is on {vector.device}; the model is on {device} (move it with .to)")
-        if budget is not None and (isinstance(budget, bool) or not (isinstance(budget, (int, float)) and 0.0 <= budget <= 1.0)):
+        if budget is not None and (isinstance(budget, bool) or not (isinstance(budget, numbers.Real) and 0.0 <= budget <= 1.0)):
             raise InputError(f"budget must be a number in [0, 1] or None, got {budget!r}")
 
     def _decide(self, block_index, e, steer_scale, steer_shift, budget, backend, latents):

@@ -230,6 +230,11 @@ def test_more_bad_requests_are_clear_errors(bundle_path, engine, monkeypatch):
     pixels = torch.randn(2, 3, 32, 32)
     with pytest.raises(InputError, match="budget"):
         engine.predict(pixels, budget=True)
+    # numpy scalars are numbers too (one from a float32 array was refused as "not a number in [0, 1]")
+    for budget, same in ((np.float32(0.5), 0.5), (np.int64(1), 1.0)):
+        assert torch.equal(engine.predict(pixels, budget=budget).head_mask, engine.predict(pixels, budget=same).head_mask)
+    with pytest.raises(InputError, match="budget"):
+        engine.predict(pixels, budget=np.float32(1.5))
     with pytest.raises(InputError, match="expected HxW"):
         engine.predict([np.zeros((0, 8, 3), dtype=np.uint8)])
     assert torch.equal(engine.predict(pixels, steer=np.int64(1)).logits, engine.predict(pixels, steer="bee").logits)

@@ -185,6 +185,19 @@ def test_budget_keeps_exactly_round_b_times_h_largest_logits(budget, heads):
     assert (kept_min >= pruned_max).all()
 
 
+def test_budget_may_be_a_numpy_scalar():
+    """A budget read from a float32 array (np.float32) keeps the heads its float value does."""
+    import numpy as np
+
+    model = GatedViT.from_timm(VisionTransformer(**tiny_vit_kwargs(embed_dim=48, num_heads=6)), gate_init_bias=0.0).eval()
+    pixels = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        for backend in ("reference", "compact"):
+            out = model(pixels, budget=np.float32(0.5), backend=backend)
+            assert torch.equal(out.head_mask, model(pixels, budget=0.5, backend=backend).head_mask)
+            assert (out.head_mask.sum(-1) == 3).all()
+
+
 def test_threshold_mode_keeps_positive_logits():
     model = GatedViT.from_timm(VisionTransformer(**tiny_vit_kwargs()), gate_init_bias=0.0).eval()
     with torch.no_grad():
