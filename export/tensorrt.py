@@ -232,6 +232,8 @@ class TensorRTRunner:
                 if self.engine is None:
                     raise BundleError(f"{engine_path} is not a TensorRT engine for this TensorRT version/GPU (rebuild it here)")
                 self.context = self.engine.create_execution_context()
+                if self.context is None:  # (nullptr: e.g. no device memory left for the activations)
+                    raise ExportError(f"TensorRT could not create an execution context for {engine_path} on {device} (see the TensorRT log; is the GPU out of memory?)")
                 self._stream = torch.cuda.Stream(device=device)
         finally:
             if workdir is not None:

@@ -377,3 +377,15 @@ def test_the_runner_pins_the_gpu_that_is_current_at_load(exported, fake_runtime)
     assert entered == [torch.device("cuda", 1)]
     assert (runner.min_batch, runner.max_batch) == (1, 32)
     assert TensorRTRunner(info, device="cuda:0", engine_path=plan).device == torch.device("cuda", 0)
+
+
+def test_an_execution_context_tensorrt_cannot_create_is_an_error_at_load(exported, fake_runtime):
+    """createExecutionContext answers nullptr (None) when it cannot allocate the activation memory;
+    that is an error at load, not an AttributeError on None at the first call."""
+    from headsteer.export.tensorrt import TensorRTRunner
+    from headsteer.runtime.bundle import load_bundle
+
+    _, info = load_bundle(exported.bundle)
+    _, plan, _ = fake_runtime(context=None)
+    with pytest.raises(ExportError, match="could not create an execution context"):
+        TensorRTRunner(info, device="cuda:0", engine_path=plan)
