@@ -293,11 +293,17 @@ class Engine:
         per-sample list of them (None items = unsteered). Or give raw `steer_scale`/`steer_shift` vectors ([B, S_total]
         or [S_total]; the missing one is identity) instead of `steer`. `budget`: force
         round(budget*H) heads per gated block."""
+        # (the checks that need no pixels come before preprocessing, which resizes and scans them)
+        if budget is not None and (isinstance(budget, bool) or not (isinstance(budget, numbers.Real) and 0.0 <= budget <= 1.0)):
+            raise InputError(f"budget must be a number in [0, 1] or None, got {budget!r}")
+        budget = None if budget is None else float(budget)  # (a numpy scalar as a Python float)
+        if budget is not None and self._runner is not None:
+            raise InputError(f"backend {self.backend!r} runs an exported model; a head budget is not an input there")
+        if steer is not None and (steer_scale is not None or steer_shift is not None):
+            raise InputError("give either steer (class names) or steer_scale/steer_shift vectors, not both")
         pixels = self.preprocess(images)
         batch = pixels.shape[0]
         if steer_scale is not None or steer_shift is not None:
-            if steer is not None:
-                raise InputError("give either steer (class names) or steer_scale/steer_shift vectors, not both")
             scale = None if steer_scale is None else self._explicit_steering(steer_scale, "steer_scale", batch)
             shift = None if steer_shift is None else self._explicit_steering(steer_shift, "steer_shift", batch)
             if self._runner is not None:  # exported models take both vectors
@@ -305,12 +311,7 @@ class Engine:
                 shift = torch.zeros(batch, self.steer_width) if shift is None else shift
         else:
             scale, shift = self.steering_vectors(steer, batch)
-        if budget is not None and (isinstance(budget, bool) or not (isinstance(budget, numbers.Real) and 0.0 <= budget <= 1.0)):
-            raise InputError(f"budget must be a number in [0, 1] or None, got {budget!r}")
-        budget = None if budget is None else float(budget)  # (a numpy scalar as a Python float)
         if self._runner is not None:
-            if budget is not None:
-                raise InputError(f"backend {self.backend!r} runs an exported model; a head budget is not an input there")
             logits, head_mask = self._runner(pixels, scale, shift)
         else:
             with torch.inference_mode():

@@ -296,3 +296,11 @@ def test_flipped_and_channel_reversed_arrays_are_read_like_their_copies(engine):
     for view in (batch[0, :, :, ::-1], batch[0, :, ::-1], batch[:, ::-1], [batch[1, ::-1, :, 0]]):
         copy = [np.array(image) for image in view] if isinstance(view, list) else view.copy()
         assert torch.equal(engine.preprocess(view), engine.preprocess(copy))
+
+
+@pytest.mark.parametrize("kwargs,match", [(dict(budget=2), "budget must be"), (dict(steer="ant", steer_shift=torch.zeros(24)), "not both")])
+def test_request_options_are_checked_before_preprocessing(engine, monkeypatch, kwargs, match):
+    """A bad budget or conflicting steering is refused before the images are resized and scanned."""
+    monkeypatch.setattr(engine, "preprocess", lambda images: pytest.fail("the images were preprocessed"))
+    with pytest.raises(InputError, match=match):
+        engine.predict([np.zeros((64, 64, 3), dtype=np.uint8)], **kwargs)
