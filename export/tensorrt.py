@@ -172,6 +172,14 @@ def _torch_dtype(trt, dtype):
     return table[dtype]
 
 
+TENSOR_ALIGNMENT = 256  # bytes; IExecutionContext::setTensorAddress: "The pointer must have at least 256-byte alignment."
+
+
+def _aligned(tensor: torch.Tensor) -> torch.Tensor:
+    """`tensor`, or a copy of it (a fresh allocation) when it is a view starting off TensorRT's alignment."""
+    return tensor if tensor.data_ptr() % TENSOR_ALIGNMENT == 0 else tensor.clone()
+
+
 def _bind(context, name: str, tensor: torch.Tensor, batches: tuple[int, int], is_input: bool) -> None:
     """Give TensorRT one tensor's shape (inputs) and address. TensorRT answers False, not an
     exception, for a shape outside the optimization profile; that becomes an InputError here,
@@ -274,6 +282,7 @@ class TensorRTRunner:
             "steer_shift": (torch.zeros(batch, self.steer_width) if steer_shift is None else steer_shift)
             .to(dtype=self.inputs["steer_shift"], **to).contiguous(),
         }
+        feeds = {name: _aligned(tensor) for name, tensor in feeds.items()}
         batches = (self.min_batch, self.max_batch)
         with self._lock, torch.cuda.device(self.device):
             for name, tensor in feeds.items():

@@ -389,3 +389,20 @@ def test_an_execution_context_tensorrt_cannot_create_is_an_error_at_load(exporte
     _, plan, _ = fake_runtime(context=None)
     with pytest.raises(ExportError, match="could not create an execution context"):
         TensorRTRunner(info, device="cuda:0", engine_path=plan)
+
+
+def test_an_input_view_off_tensorrts_alignment_is_bound_as_an_aligned_copy():
+    """setTensorAddress: "The pointer must have at least 256-byte alignment". A contiguous view
+    that starts inside its allocation (e.g. images[3:7] of a CUDA batch, rows not a multiple of
+    256 bytes) passes .contiguous() unchanged; it is copied, an aligned tensor is not."""
+    from headsteer.export.tensorrt import TENSOR_ALIGNMENT, _aligned
+
+    assert TENSOR_ALIGNMENT == 256
+    base = torch.arange(600, dtype=torch.float32)
+    skew = base[1:257]
+    assert skew.data_ptr() % 256 != 0
+    copy = _aligned(skew)
+    assert copy.data_ptr() != skew.data_ptr() and torch.equal(copy, skew) and copy.is_contiguous()
+    start = (-base.data_ptr() % 256) // 4
+    straight = base[start:start + 256]
+    assert straight.data_ptr() % 256 == 0 and _aligned(straight) is straight
