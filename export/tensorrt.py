@@ -226,10 +226,11 @@ class TensorRTRunner:
         try:  # (a build that fails leaves no temporary folder behind either)
             if engine_path is None:
                 workdir = Path(tempfile.mkdtemp(prefix="headsteer-trt-"))
-                engine_path = build_engine(
-                    info.path, workdir / "model.plan", precision=precision,
-                    min_batch=min_batch, opt_batch=opt_batch, max_batch=max_batch, attention=attention,
-                )
+                with torch.cuda.device(device):  # TensorRT builds for the current GPU: the one it will run on
+                    engine_path = build_engine(
+                        info.path, workdir / "model.plan", precision=precision,
+                        min_batch=min_batch, opt_batch=opt_batch, max_batch=max_batch, attention=attention,
+                    )
             engine_path = Path(engine_path)
             if not engine_path.is_file():
                 raise InputError(f"engine_path {engine_path} does not exist (build one with `headsteer export BUNDLE --format tensorrt --out FILE.plan`)")

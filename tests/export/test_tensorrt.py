@@ -276,6 +276,7 @@ def test_triton_repository_with_a_plan(exported, tmp_path):
 def test_a_failed_build_inside_the_runner_leaves_no_temporary_folder(exported, tmp_path, fake_tensorrt, monkeypatch):
     """TensorRTRunner without engine_path builds into a temporary folder; a build that fails
     (or options build_engine refuses) must not leave that folder behind."""
+    import contextlib
     import tempfile
 
     from headsteer.export.tensorrt import TensorRTRunner
@@ -286,6 +287,7 @@ def test_a_failed_build_inside_the_runner_leaves_no_temporary_folder(exported, t
     temp_root.mkdir()
     monkeypatch.setattr(tempfile, "tempdir", str(temp_root))
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "device", lambda where: contextlib.nullcontext())
     fake_tensorrt(build_ok=False)
     with pytest.raises(ExportError, match="failed to build"):
         TensorRTRunner(info, device="cuda", max_batch=8)
@@ -406,3 +408,23 @@ def test_an_input_view_off_tensorrts_alignment_is_bound_as_an_aligned_copy():
     start = (-base.data_ptr() % 256) // 4
     straight = base[start:start + 256]
     assert straight.data_ptr() % 256 == 0 and _aligned(straight) is straight
+
+
+def test_a_runner_that_builds_its_engine_builds_it_on_its_own_gpu(exported, fake_runtime, monkeypatch):
+    """TensorRT builds for the current CUDA device; the runner for cuda:1 must build there, not on
+    whichever GPU is current, or the plan it then deserializes on cuda:1 is another GPU's."""
+    import headsteer.export.tensorrt as tensorrt_module
+    from headsteer.runtime.bundle import load_bundle
+
+    _, info = load_bundle(exported.bundle)
+    _, _, entered = fake_runtime(current_device=0)
+    during_build = []
+
+    def fake_build(source, plan_path, **options):
+        during_build.append(list(entered))
+        plan_path.write_bytes(b"plan")
+        return plan_path
+
+    monkeypatch.setattr(tensorrt_module, "build_engine", fake_build)
+    tensorrt_module.TensorRTRunner(info, device="cuda:1", max_batch=8)
+    assert during_build == [[torch.device("cuda", 1)]]
