@@ -95,8 +95,9 @@ def build_engine(
 
     source: a bundle directory (exported to ONNX first, in `precision`; its steering rows are then
     written to `steering_path_for(plan_path)` once the plan is in place), or an `.onnx` file from
-    `to_onnx` (then `precision` must match the file's, which its metadata records). opt_batch
-    defaults to `default_opt_batch(min_batch, max_batch)` (8 within the profile)."""
+    `to_onnx` (then `precision` must match the file's, which its metadata records; the rows
+    `to_onnx` wrote beside it are copied beside the plan, and without them none is left there).
+    opt_batch defaults to `default_opt_batch(min_batch, max_batch)` (8 within the profile)."""
     if precision not in PRECISIONS:
         raise InputError(f"precision must be one of {PRECISIONS}, got {precision!r}")
     if opt_batch is None:
@@ -109,6 +110,12 @@ def build_engine(
         raise InputError(f"{plan_path} is a directory; --out names the .plan file to write")
     if not overwrite and plan_path.exists():
         raise InputError(f"{plan_path} already exists (pass --overwrite to replace it)")
+    # The plan's steering rows (a client maps class names with them) go beside it; one left there
+    # by another model would map this one's classes with the wrong rows.
+    steering_out = steering_path_for(plan_path)
+    own_rows = Path(source).is_file() and steering_out.resolve() == steering_path_for(source).resolve()
+    if not overwrite and steering_out.exists() and not own_rows:  # (model.onnx -> model.plan share it)
+        raise InputError(f"{steering_out} already exists beside the plan (pass --overwrite to replace it)")
     trt = _tensorrt()
     _require_cuda("building a TensorRT engine")
 
@@ -121,6 +128,7 @@ def build_engine(
             steering = steering_path_for(onnx_path)
         elif source.is_file():
             onnx_path = source
+            steering = steering_path_for(onnx_path) if steering_path_for(onnx_path).is_file() else None
             recorded = read_metadata(onnx_path).get("precision", "fp32")
             if recorded != precision:
                 raise InputError(f"{onnx_path} holds a {recorded} graph; export it with precision={precision!r} or build with precision={recorded!r}")
@@ -150,7 +158,9 @@ def build_engine(
             with open(temp, "wb") as handle:
                 handle.write(memoryview(serialized))
         if steering is not None:  # only beside a plan that was written
-            write_text_atomic(steering_path_for(plan_path), steering.read_text())
+            write_text_atomic(steering_out, steering.read_text())
+        else:  # (an ONNX file exported without steering rows: none beside its plan either)
+            steering_out.unlink(missing_ok=True)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
     return plan_path
