@@ -54,6 +54,8 @@ def _num_patches(vit: nn.Module, img_size: Sequence[int]) -> tuple[int, int]:
     embed = vit.patch_embed
     patch = patch_size(vit)
     stride = embed.proj.stride if isinstance(embed.proj, nn.Conv2d) else patch
+    if getattr(embed, "dynamic_img_pad", False):  # timm pads each side up to a multiple of the patch
+        img_size = [-(-int(s) // int(p)) * int(p) for s, p in zip(img_size, patch)]
     grid = [(int(s) - int(p)) // int(st) + 1 for s, p, st in zip(img_size, patch, stride)]
     in_chans = embed.proj.in_channels if isinstance(embed.proj, nn.Conv2d) else 3
     return grid[0] * grid[1], in_chans * int(patch[0]) * int(patch[1])

@@ -326,3 +326,22 @@ def test_gpu_checks_invocations_are_valid(tmp_path):
         rest = rest.replace("$workers", "4").replace("$dir", str(tmp_path))
         modes.append(bench.parse_args(shlex.split(rest)).mode)
     assert modes == ["warm_up", "table", "breakdown", "profile", "sweep", "gate_sweep"]
+
+
+def test_flops_count_the_padded_patches_of_a_dynamic_img_pad_model():
+    """timm pads each side up to a multiple of the patch (`dynamic_img_pad`), so a 200-pixel
+    image is 13 x 13 patches of 16, not 12 x 12: FLOPs as torch's counter counts the forward."""
+    import timm
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from headsteer.bench.flops import vit_flops
+
+    vit = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=200, dynamic_img_size=True,
+                            dynamic_img_pad=True, depth=2, num_classes=10).eval()
+    for block in vit.blocks:
+        block.attn.fused_attn = False  # (the counter does not count the fused attention's products)
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        vit(torch.zeros(1, 3, 200, 200))
+    counts = vit_flops(vit)
+    assert counts.tokens == 13 * 13 + 1
+    assert counts.total == counter.get_total_flops()
