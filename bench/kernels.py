@@ -537,7 +537,9 @@ def markdown(results: dict, device: str, date: str, command: str) -> str:
         f"Measured on {device}, {date}, with `{command}`; torch {torch.__version__}, "
         f"triton {__import__('triton').__version__}. B={BATCH}, N={TOKENS}, bf16, d=64; medians of "
         "`triton.testing.do_bench` in microseconds (L2 flushed between runs); `graph` = the same "
-        "call replayed from a CUDA graph. Dense = F.linear qkv + flash SDPA + F.linear proj.",
+        "call replayed from a CUDA graph (`do_bench_cudagraph`: replays back to back, L2 not "
+        "flushed, so weights the call reads stay warm, e.g. the SAE's in the gate share). "
+        "Dense = F.linear qkv + flash SDPA + F.linear proj.",
         f"Targets: {TARGETS}.", "",
         "| model | usage | heads kept | dense us | sparse us | speedup | dense graph us | sparse graph us | speedup graph |",
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
