@@ -25,18 +25,45 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="masked: all heads computed, pruned ones zeroed, static shapes (default); sparse: only kept heads (data-dependent)",
     )
     parser.add_argument("--opset", type=int, default=DEFAULT_OPSET, help=f"ONNX opset, {MIN_OPSET}..{MAX_OPSET} (default {DEFAULT_OPSET})")
-    parser.add_argument("--precision", default="fp32", choices=("fp32", "fp16", "bf16"), help="tensorrt / triton-repo --engine plan")
-    parser.add_argument("--min-batch", type=int, default=1, help="TensorRT optimization profile: smallest batch (default 1)")
+    # (defaults None: an option given for a format it does not apply to is refused, not ignored;
+    # `run` fills in the documented defaults)
+    parser.add_argument("--precision", default=None, choices=("fp32", "fp16", "bf16"), help="tensorrt / triton-repo --engine plan (default fp32)")
+    parser.add_argument("--min-batch", type=int, default=None, help="TensorRT optimization profile: smallest batch (default 1)")
     parser.add_argument("--opt-batch", type=int, default=None, help="TensorRT optimization profile: batch tuned for (default min(8, max))")
-    parser.add_argument("--max-batch", type=int, default=32, help="TensorRT profile / Triton max_batch_size (default 32)")
-    parser.add_argument("--engine", default="onnx", choices=("onnx", "plan"), help="triton-repo: serve model.onnx or a TensorRT model.plan")
+    parser.add_argument("--max-batch", type=int, default=None, help="TensorRT profile / Triton max_batch_size (default 32)")
+    parser.add_argument("--engine", default=None, choices=("onnx", "plan"), help="triton-repo: serve model.onnx (default) or a TensorRT model.plan")
     parser.add_argument("--name", default=None, help="triton-repo: model name (default: the bundle folder's name)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output")
+
+
+# Options that apply only to some outputs: (option, attribute in the parsed arguments).
+_PLAN_BATCHES = (("--min-batch", "min_batch"), ("--opt-batch", "opt_batch"))
+_TRITON_ONLY = (("--engine", "engine"), ("--name", "name"))
+
+
+def _refuse_inapplicable(args: argparse.Namespace) -> None:
+    """InputError naming every option given that the chosen output does not use."""
+    if args.format == "onnx":
+        options, what = _PLAN_BATCHES + (("--max-batch", "max_batch"),) + _TRITON_ONLY, "--format onnx (batch is dynamic)"
+    elif args.format == "tensorrt":
+        options, what = _TRITON_ONLY, "--format tensorrt"
+    elif args.engine != "plan":
+        options, what = _PLAN_BATCHES, "--format triton-repo --engine onnx (they shape a TensorRT plan's profile)"
+    else:
+        options = ()
+    given = [option for option, attribute in options if getattr(args, attribute) is not None]
+    if given:
+        raise InputError(f"{', '.join(given)} {'does' if len(given) == 1 else 'do'} not apply to {what}")
 
 
 def run(args: argparse.Namespace) -> int:
     from headsteer.runtime.bundle import read_bundle_config
 
+    _refuse_inapplicable(args)
+    args.precision = args.precision or "fp32"
+    args.min_batch = 1 if args.min_batch is None else args.min_batch
+    args.max_batch = 32 if args.max_batch is None else args.max_batch
+    args.engine = args.engine or "onnx"
     read_bundle_config(args.bundle)  # a bad bundle fails before anything is exported
     out = Path(args.out)
     from headsteer.export.tensorrt import default_opt_batch  # (importable without tensorrt)

@@ -1,0 +1,47 @@
+"""`headsteer export`: options are checked before anything is written, and an option the chosen
+output does not use is refused rather than ignored."""
+import pytest
+import torch
+
+from headsteer.runtime import GatedViT
+from headsteer.runtime.bundle import SteeringTable, save_bundle
+from headsteer.runtime.cli import main
+from tests.conftest import tiny_vit_kwargs
+
+
+@pytest.fixture(scope="module")
+def bundle_path(tmp_path_factory):
+    model = GatedViT.from_timm("vit_tiny_patch16_224", timm_kwargs=tiny_vit_kwargs(num_classes=3), gate_init_bias=0.0, sae_width=16, sae_k=2)
+    names = ["red", "green", "blue"]
+    steering = SteeringTable(names, torch.rand(3, 16) * 3, torch.zeros(3, 16))
+    return save_bundle(model, tmp_path_factory.mktemp("export_cli") / "bundle", class_names=names, steering=steering)
+
+
+@pytest.mark.parametrize(
+    "format_,extra,refused",
+    [
+        ("onnx", ["--max-batch", "64"], "--max-batch"),
+        ("onnx", ["--min-batch", "2", "--opt-batch", "4"], "--min-batch, --opt-batch"),
+        ("onnx", ["--engine", "plan"], "--engine"),
+        ("onnx", ["--name", "resnet"], "--name"),
+        ("tensorrt", ["--engine", "plan"], "--engine"),
+        ("tensorrt", ["--name", "resnet"], "--name"),
+        ("triton-repo", ["--min-batch", "4"], "--min-batch"),
+        ("triton-repo", ["--engine", "onnx", "--opt-batch", "4"], "--opt-batch"),
+    ],
+)
+def test_options_the_format_does_not_use_are_refused(bundle_path, tmp_path, capsys, format_, extra, refused):
+    """Each of these was accepted and silently ignored (e.g. `--format onnx --max-batch 64` wrote
+    a model with a dynamic batch and exit status 0)."""
+    out = tmp_path / {"onnx": "m.onnx", "tensorrt": "m.plan", "triton-repo": "repo"}[format_]
+    assert main(["export", str(bundle_path), "--format", format_, "--out", str(out), *extra]) == 2
+    err = capsys.readouterr().err
+    assert f"{refused} do" in err and "not apply" in err and len(err.strip().splitlines()) == 1
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_defaults_still_apply_when_the_options_are_left_out(bundle_path, tmp_path, capsys):
+    repo = tmp_path / "repo"
+    assert main(["export", str(bundle_path), "--format", "triton-repo", "--out", str(repo)]) == 0
+    assert "max_batch_size: 32" in (repo / "bundle" / "config.pbtxt").read_text()
+    assert "(ONNX)" in capsys.readouterr().out
