@@ -45,3 +45,16 @@ def test_defaults_still_apply_when_the_options_are_left_out(bundle_path, tmp_pat
     assert main(["export", str(bundle_path), "--format", "triton-repo", "--out", str(repo)]) == 0
     assert "max_batch_size: 32" in (repo / "bundle" / "config.pbtxt").read_text()
     assert "(ONNX)" in capsys.readouterr().out
+
+
+def test_onnx_export_keeps_an_existing_steering_file_without_overwrite(bundle_path, tmp_path, capsys):
+    """`--out model.onnx` also writes model.steering.json; one already there (another model's rows)
+    was replaced without --overwrite, unlike the .onnx itself and a plan's rows."""
+    out, rows = tmp_path / "model.onnx", tmp_path / "model.steering.json"
+    rows.write_text('{"rows": "of another model"}')
+    assert main(["export", str(bundle_path), "--format", "onnx", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "model.steering.json already exists" in err and "--overwrite" in err
+    assert rows.read_text() == '{"rows": "of another model"}' and not out.exists()
+    assert main(["export", str(bundle_path), "--format", "onnx", "--out", str(out), "--overwrite"]) == 0
+    assert out.is_file() and "headsteer-steering" in rows.read_text()
