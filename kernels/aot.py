@@ -301,6 +301,14 @@ def main(argv: Optional[list[str]] = None) -> int:
     if os.environ.get("TRITON_INTERPRET") == "1":
         print("headsteer.kernels.aot: unset TRITON_INTERPRET; interpreted kernels are never compiled", file=sys.stderr)
         return 2
+    try:
+        return _run(args)
+    except KeyboardInterrupt:
+        print("headsteer.kernels.aot: interrupted", file=sys.stderr)
+        return 130
+
+
+def _run(args: argparse.Namespace) -> int:
     results = compile_all(args.arch, args.quick, args.only, args.ptx)
     print(f"{'variant':<34} {'kernel':<24} {'warps':>5} {'regs':>5} {'spill st/ld':>12} {'stack':>6} {'shared':>7}")
     for r in results:

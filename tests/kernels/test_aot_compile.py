@@ -92,3 +92,16 @@ def test_programmatic_launch_only_where_asked(report):
         assert kernel["programmatic_launch"] == asked, f"{kernel['variant']} / {kernel['kernel']}"
     assert {k["kernel"] for k in report["kernels"] if k["programmatic_launch"]} == {
         "_qkv_kernel", "_attention_kernel", "_proj_kernel"}
+
+
+def test_ctrl_c_is_status_130_without_a_traceback(monkeypatch, capsys):
+    """Ctrl-C while compiling (minutes for the full set) printed a KeyboardInterrupt traceback."""
+    from headsteer.kernels import aot
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    monkeypatch.setattr(aot, "compile_all", interrupted)
+    assert aot.main(["--quick"]) == 130
+    assert capsys.readouterr().err.strip() == "headsteer.kernels.aot: interrupted"
