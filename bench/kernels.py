@@ -113,6 +113,21 @@ def graph_timed(fn, rep_ms: int = GRAPH_REP_MS) -> float:
         return 1000 * triton.testing.do_bench_cudagraph(fn, rep=rep_ms, return_mode="median")
 
 
+# Bytes written between the calls of a cold timing: as `triton.testing.do_bench` flushes between
+# eager runs, more than an H100/H200's 50-60 MB of L2.
+L2_FLUSH_BYTES = 256 * 1024 * 1024
+
+
+def graph_timed_cold(fn, rep_ms: int = GRAPH_REP_MS) -> float:
+    """Median microseconds of fn replayed from a CUDA graph with L2 flushed before each call: the
+    graph of (a write of L2_FLUSH_BYTES, fn) less the graph of the write alone. What a gate costs
+    inside a forward, where a whole block's weights pass through L2 between two gates; back-to-back
+    replays (`graph_timed`) keep its SAE's weights warm."""
+    flush = torch.empty(L2_FLUSH_BYTES // 4, dtype=torch.int32, device=DEVICE)
+    both = graph_timed(lambda: (flush.zero_(), fn()), rep_ms)
+    return both - graph_timed(flush.zero_, rep_ms)
+
+
 def timed(fn) -> tuple[float, float]:
     """(eager, CUDA-graph replay) median microseconds of fn."""
     import triton.testing
@@ -157,16 +172,24 @@ def run_benchmark() -> dict:
                 dense_graph_us=dense[1], sparse_graph_us=sparse[1], speedup_graph=dense[1] / sparse[1],
             ))
         block = timed(lambda: dense_block(x, w, heads))
+        block_cold = graph_timed_cold(lambda: dense_block(x, w, heads))
         e = x[:, 0]
         for with_sae, shifted in ((False, False), (True, False), (True, True)):
             gate, sae, (scale, shift) = gate_params(dim, heads, generator, with_sae)
             shift = shift if shifted else None
-            gate_time = timed(lambda: triton_sae_steer_gate(e, gate, sae, scale, shift, budget=None))
+
+            def gate_call(gate=gate, sae=sae, scale=scale, shift=shift):
+                return triton_sae_steer_gate(e, gate, sae, scale, shift, budget=None)
+
+            gate_time, gate_cold = timed(gate_call), graph_timed_cold(gate_call)
             results["gate"].append(dict(
                 model=name, sae=("S=4D topk k=16, scale" + (" + shift" if shifted else "")) if with_sae else "none",
                 gate_us=gate_time[0],
                 block_us=block[0], share=gate_time[0] / block[0],
                 gate_graph_us=gate_time[1], block_graph_us=block[1], share_graph=gate_time[1] / block[1],
+                gate_cold_graph_us=gate_cold, block_cold_graph_us=block_cold,
+                # (a difference of two timings: the warm-up's placeholder timings make it 0)
+                share_cold_graph=gate_cold / block_cold if block_cold > 0 else float("nan"),
             ))
     return results
 
@@ -550,11 +573,16 @@ def markdown(results: dict, device: str, date: str, command: str) -> str:
                      f"{r['sparse_graph_us']:.1f} | {r['speedup_graph']:.2f}x |")
     lines += ["", "Fused SAE -> steer -> gate (one launch, keep mask included) against one dense block "
               "(norm1 + attention + norm2 + MLP, residuals):", "",
-              "| model | SAE | gate us | block us | share | gate graph us | block graph us | share graph |",
-              "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+              "| model | SAE | gate us | block us | share | gate graph us | block graph us | share graph "
+              "| gate cold graph us | block cold graph us | share cold graph |",
+              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in results["gate"]:
         lines.append(f"| {r['model']} | {r['sae']} | {r['gate_us']:.1f} | {r['block_us']:.1f} | {100 * r['share']:.1f}% | "
-                     f"{r['gate_graph_us']:.1f} | {r['block_graph_us']:.1f} | {100 * r['share_graph']:.1f}% |")
+                     f"{r['gate_graph_us']:.1f} | {r['block_graph_us']:.1f} | {100 * r['share_graph']:.1f}% | "
+                     f"{r['gate_cold_graph_us']:.1f} | {r['block_cold_graph_us']:.1f} | "
+                     f"{100 * r['share_cold_graph']:.1f}% |")
+    lines += ["", "Cold graph columns: L2 flushed before each replayed call (`graph_timed_cold`), as inside a "
+              "forward, where a block's weights pass through L2 between two gates."]
     return "\n".join(lines) + "\n"
 
 

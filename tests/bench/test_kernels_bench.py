@@ -33,6 +33,7 @@ def tiny(monkeypatch):
     monkeypatch.setattr(bench, "MODELS", {"tiny": (2, 32)})
     monkeypatch.setattr(bench, "timed", fake_timed)
     monkeypatch.setattr(bench, "graph_timed", fake_graph_timed)
+    monkeypatch.setattr(bench, "L2_FLUSH_BYTES", 1024)
     return calls
 
 
@@ -43,6 +44,28 @@ def test_benchmark_tables(tiny):
     assert [r["sae"] for r in results["gate"]] == ["none", "S=4D topk k=16, scale", "S=4D topk k=16, scale + shift"]
     text = bench.markdown(results, "a CPU", "today", "python -m headsteer.bench.kernels")
     assert text.count("| tiny |") == len(bench.USAGES) + 3
+    assert "| gate cold graph us | block cold graph us | share cold graph |" in text
+    for row in results["gate"]:  # (the fake timer's cold differences are not times: only the keys)
+        assert {"gate_cold_graph_us", "block_cold_graph_us", "share_cold_graph"} <= set(row)
+
+
+def test_cold_graph_timing_flushes_l2_before_each_call_and_subtracts_the_flush(monkeypatch):
+    """graph_timed_cold replays (flush, call) and takes off the flush replayed alone."""
+    monkeypatch.setattr(bench, "DEVICE", "cpu")
+    monkeypatch.setattr(bench, "L2_FLUSH_BYTES", 4096)
+    replays = []
+
+    def fake_graph_timed(fn, rep_ms=bench.GRAPH_REP_MS):
+        replays.append([])
+        fn()
+        return 25.0 if "call" in replays[-1] else 10.0
+
+    monkeypatch.setattr(bench, "graph_timed", fake_graph_timed)
+    real_zero = torch.Tensor.zero_
+    monkeypatch.setattr(torch.Tensor, "zero_", lambda self: replays[-1].append(f"flush {self.numel() * 4}") or
+                        real_zero(self))
+    assert bench.graph_timed_cold(lambda: replays[-1].append("call")) == 15.0
+    assert replays == [["flush 4096", "call"], ["flush 4096"]]
 
 
 def test_breakdown_times_each_kernel(tiny, capsys):
