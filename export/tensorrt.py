@@ -110,12 +110,11 @@ def build_engine(
         raise InputError(f"{plan_path} is a directory; --out names the .plan file to write")
     if not overwrite and plan_path.exists():
         raise InputError(f"{plan_path} already exists (pass --overwrite to replace it)")
-    # The plan's steering rows (a client maps class names with them) go beside it; one left there
-    # by another model would map this one's classes with the wrong rows.
+    # The plan's steering rows (a client maps class names with them) go beside it, replacing any
+    # rows file there (`to_onnx` replaces its own likewise, and `export --format onnx` then
+    # `--format tensorrt` into one folder share model.steering.json); one left there by another
+    # model would map this one's classes with the wrong rows.
     steering_out = steering_path_for(plan_path)
-    own_rows = Path(source).is_file() and steering_out.resolve() == steering_path_for(source).resolve()
-    if not overwrite and steering_out.exists() and not own_rows:  # (model.onnx -> model.plan share it)
-        raise InputError(f"{steering_out} already exists beside the plan (pass --overwrite to replace it)")
     trt = _tensorrt()
     _require_cuda("building a TensorRT engine")
 

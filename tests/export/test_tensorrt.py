@@ -432,8 +432,8 @@ def test_a_runner_that_builds_its_engine_builds_it_on_its_own_gpu(exported, fake
 
 def test_a_plan_from_an_onnx_file_carries_that_files_steering_rows_and_no_stale_ones(exported, tmp_path, fake_tensorrt):
     """Built from an .onnx file, the plan gets the steering rows to_onnx wrote beside that file; a
-    rows file left beside the plan by another model is replaced (with overwrite) or refused
-    (without), never kept beside a plan it does not describe."""
+    rows file left beside the plan by another model is replaced, or removed when the source has
+    none, never kept beside a plan it does not describe."""
     import shutil
 
     from headsteer.export import steering_path_for
@@ -443,17 +443,24 @@ def test_a_plan_from_an_onnx_file_carries_that_files_steering_rows_and_no_stale_
     source = exported.onnx["masked"]
     stale = steering_path_for(tmp_path / "m.plan")
     stale.write_text('{"classes": ["someone else"]}')
-    with pytest.raises(InputError, match="m.steering.json already exists"):
-        build_engine(source, tmp_path / "m.plan", max_batch=8, overwrite=False)
-    assert not (tmp_path / "m.plan").exists()
-    build_engine(source, tmp_path / "m.plan", max_batch=8)
+    build_engine(source, tmp_path / "m.plan", max_batch=8, overwrite=False)
     assert stale.read_text() == steering_path_for(source).read_text()
     bare = tmp_path / "bare.onnx"  # an export without its rows file
     shutil.copy(source, bare)
     build_engine(bare, tmp_path / "m.plan", max_batch=8)
     assert not stale.exists()
-    # model.onnx -> model.plan in one folder share model.steering.json: that is not a stale file
-    shutil.copy(source, tmp_path / "same.onnx")
-    shutil.copy(steering_path_for(source), steering_path_for(tmp_path / "same.onnx"))
-    build_engine(tmp_path / "same.onnx", tmp_path / "same.plan", max_batch=8, overwrite=False)
-    assert steering_path_for(tmp_path / "same.plan").read_text() == steering_path_for(source).read_text()
+
+
+def test_the_readme_export_sequence_onnx_then_tensorrt_into_one_folder(exported, tmp_path, fake_tensorrt):
+    """`headsteer export B --format onnx --out model.onnx`, then `--format tensorrt --out
+    model.plan` (no --overwrite): both write model.steering.json, the same rows."""
+    from headsteer.export import steering_path_for
+    from headsteer.runtime.cli import main
+
+    fake_tensorrt()
+    bundle = str(exported.bundle)
+    assert main(["export", bundle, "--format", "onnx", "--out", str(tmp_path / "model.onnx")]) == 0
+    rows = steering_path_for(tmp_path / "model.onnx").read_text()
+    assert main(["export", bundle, "--format", "tensorrt", "--out", str(tmp_path / "model.plan"), "--max-batch", "8"]) == 0
+    assert (tmp_path / "model.plan").read_bytes() == b"plan"
+    assert steering_path_for(tmp_path / "model.plan").read_text() == rows
