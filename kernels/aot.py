@@ -289,6 +289,11 @@ def compile_all(arch: int = 90, quick: bool = False, only: str = "", ptx_dir: Op
     return results
 
 
+# Compute capabilities of NVIDIA GPUs that --arch accepts. Another number is no GPU: LLVM aborts
+# the process on it (e.g. 91: "LLVM ERROR: Cannot select"), or ptxas rejects the sm_ name.
+KNOWN_ARCHS = (70, 72, 75, 80, 86, 87, 89, 90, 100, 103, 110, 120, 121)
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--arch", type=int, default=90, help="compute capability to compile for (90 = H100/H200)")
@@ -298,6 +303,10 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--ptx", metavar="DIR", help="also write each launch's PTX, debug information stripped, "
                                                      "under DIR (compare two checkouts with diff -r)")
     args = parser.parse_args(argv)
+    if args.arch not in KNOWN_ARCHS:
+        print(f"headsteer.kernels.aot: --arch {args.arch} is not a GPU compute capability; expected one of "
+              f"{', '.join(map(str, KNOWN_ARCHS))}", file=sys.stderr)
+        return 2
     if os.environ.get("TRITON_INTERPRET") == "1":
         print("headsteer.kernels.aot: unset TRITON_INTERPRET; interpreted kernels are never compiled", file=sys.stderr)
         return 2

@@ -105,3 +105,16 @@ def test_ctrl_c_is_status_130_without_a_traceback(monkeypatch, capsys):
     monkeypatch.setattr(aot, "compile_all", interrupted)
     assert aot.main(["--quick"]) == 130
     assert capsys.readouterr().err.strip() == "headsteer.kernels.aot: interrupted"
+
+
+@pytest.mark.parametrize("arch", ["0", "91"])
+def test_an_arch_no_gpu_has_is_refused_before_compiling(arch):
+    """--arch 0 or 91 reached Triton's LLVM backend, which aborted the process (status 134, a
+    core dump and LLVM's stack dump) instead of a one-line error."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    result = subprocess.run([sys.executable, "-m", "headsteer.kernels.aot", "--quick", "--only", "gate ViT-S no SAE budget",
+                             "--arch", arch], env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2, result.stderr[-500:]
+    assert result.stderr.strip() == (f"headsteer.kernels.aot: --arch {arch} is not a GPU compute capability; "
+                                     "expected one of 70, 72, 75, 80, 86, 87, 89, 90, 100, 103, 110, 120, 121")
+    assert result.stdout == ""
