@@ -224,7 +224,8 @@ def save_bundle(
                 f"the steering table has rows for classes the model does not have: {foreign[:8]}; "
                 "its class names must be among the bundle's class_names"
             )
-        for name, tensor in (("steer_scale", steering.scale), ("steer_shift", steering.shift)):
+        # (checked as saved, float32: a float64 value past its range would be stored as inf)
+        for name, tensor in (("steer_scale", steering.scale.float()), ("steer_shift", steering.shift.float())):
             if _count_non_finite(tensor):
                 raise InputError(f"steering table {name} holds {_count_non_finite(tensor)} non-finite value(s) "
                                  "(NaN or infinity), which would steer its classes' outputs to NaN")
@@ -473,9 +474,9 @@ def _count_non_finite(tensor: torch.Tensor) -> int:
 
 
 def _loads_exactly(stored: torch.dtype, expected: torch.dtype) -> bool:
-    """Whether a tensor stored as `stored` loads into a model tensor of dtype `expected` unchanged:
-    load_state_dict casts silently, so integers would become weights and float64 be rounded, while
-    float16 / bfloat16 weights (a half-precision model's) widen to float32 exactly."""
+    """Whether a tensor of dtype `stored` loads into a model tensor of dtype `expected` unchanged:
+    float16 / bfloat16 weights (a half-precision model's) widen to float32 exactly, float64 would be
+    rounded (save_bundle refuses it)."""
     return (stored.is_floating_point == expected.is_floating_point
             and torch.promote_types(stored, expected) == expected)
 
@@ -561,11 +562,14 @@ def load_bundle(path: Union[str, Path], map_location: Union[str, torch.device] =
                 f"tensor {name_} in {path / WEIGHTS_FILE} has shape {list(tensor.shape)}; "
                 f"the model expects {list(expected[name_].shape)}"
             )
-        if not _loads_exactly(tensor.dtype, expected[name_].dtype):
+        if tensor.is_floating_point() != expected[name_].is_floating_point():
             raise BundleError(
                 f"tensor {name_} in {path / WEIGHTS_FILE} is {tensor.dtype}; the model expects {expected[name_].dtype} "
-                "(or a narrower float type it holds exactly)"
+                "(a float type)"
             )
+        # (float64 weights, which bundles saved before save_bundle refused them hold, load rounded
+        # to float32 as .float() rounds them; a value past float32's range is refused below)
+        tensor = state[name_] = tensor.to(expected[name_].dtype)
         if _count_non_finite(tensor):
             raise BundleError(
                 f"tensor {name_} in {path / WEIGHTS_FILE} holds {_count_non_finite(tensor)} non-finite value(s) "

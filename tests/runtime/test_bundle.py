@@ -367,13 +367,37 @@ def test_overwrite_refuses_what_is_not_a_bundle(tmp_path):
     assert load_bundle(tmp_path / "empty")[0].steer_width == model.steer_width
 
 
-@pytest.mark.parametrize("dtype", [torch.int64, torch.bool, torch.float64])
+@pytest.mark.parametrize("dtype", [torch.int64, torch.bool])
 def test_mistyped_tensor_is_named(bundle, dtype):
-    """load_state_dict casts silently: integers or booleans would become weights, float64 be rounded."""
+    """load_state_dict casts silently: integers or booleans would become weights."""
     _, _, path = bundle
     _rewrite_weights(path, lambda state: state.update({"saes.1.encoder_bias": state["saes.1.encoder_bias"].to(dtype)}))
     with pytest.raises(BundleError, match=rf"tensor saes.1.encoder_bias .* is {dtype}; the model expects torch.float32"):
         load_bundle(path)
+
+
+def test_float64_weights_of_older_bundles_load_rounded_and_out_of_range_ones_are_refused(bundle):
+    """Bundles saved before save_bundle refused float64 models hold float64 weights: they load as
+    .float() rounds them; a value float32 cannot hold (it would load as inf) is refused."""
+    _, _, path = bundle
+    model, _ = load_bundle(path)
+    wide = model.state_dict()["saes.1.encoder_bias"].double() + 1e-12
+    _rewrite_weights(path, lambda state: state.update({"saes.1.encoder_bias": wide}))
+    assert torch.equal(load_bundle(path)[0].state_dict()["saes.1.encoder_bias"], wide.float())
+    wide[0] = 1e300
+    _rewrite_weights(path, lambda state: state.update({"saes.1.encoder_bias": wide}))
+    with pytest.raises(BundleError, match=r"saes.1.encoder_bias .* holds 1 non-finite value"):
+        load_bundle(path)
+
+
+def test_save_refuses_steering_rows_float32_cannot_hold(tmp_path):
+    model = _model()
+    rows = torch.ones(1, model.steer_width, dtype=torch.float64)
+    rows[0, 0] = 1e300  # finite in float64, inf once saved as float32
+    with pytest.raises(InputError, match="steer_scale holds 1 non-finite"):
+        save_bundle(model, tmp_path / "bundle", class_names=[str(i) for i in range(model.vit.num_classes)],
+                    steering=SteeringTable(["0"], rows, torch.zeros_like(rows)))
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_save_refuses_weights_a_float32_model_would_round(tmp_path):
