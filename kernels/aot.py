@@ -318,6 +318,21 @@ def main(argv: Optional[list[str]] = None) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
+    from headsteer.runtime.errors import HeadsteerError
+    from headsteer.runtime.files import check_can_create
+
+    try:  # (the report is written after minutes of compiling: refuse a path it cannot go to first)
+        if args.json is not None:
+            if os.path.isdir(args.json):
+                raise HeadsteerError(f"--json {args.json} is a folder; expected a file name")
+            check_can_create(args.json, "--json")
+        if args.ptx is not None and os.path.lexists(args.ptx) and not os.path.isdir(args.ptx):
+            raise HeadsteerError(f"--ptx {args.ptx} is not a folder; expected a folder (created if missing)")
+        if args.ptx is not None and not os.path.lexists(args.ptx):
+            check_can_create(args.ptx, "--ptx")
+    except HeadsteerError as error:
+        print(f"headsteer.kernels.aot: {error}", file=sys.stderr)
+        return 2
     results = compile_all(args.arch, args.quick, args.only, args.ptx)
     print(f"{'variant':<34} {'kernel':<24} {'warps':>5} {'regs':>5} {'spill st/ld':>12} {'stack':>6} {'shared':>7}")
     for r in results:

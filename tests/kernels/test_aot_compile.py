@@ -118,3 +118,22 @@ def test_an_arch_no_gpu_has_is_refused_before_compiling(arch):
     assert result.stderr.strip() == (f"headsteer.kernels.aot: --arch {arch} is not a GPU compute capability; "
                                      "expected one of 70, 72, 75, 80, 86, 87, 89, 90, 100, 103, 110, 120, 121")
     assert result.stdout == ""
+
+
+@pytest.mark.parametrize("option", ["--json", "--ptx"])
+def test_an_output_path_that_cannot_be_written_is_refused_before_compiling(monkeypatch, capsys, tmp_path, option):
+    """--json naming a folder, or --json/--ptx under a file, failed with a traceback only after
+    every kernel was compiled (minutes)."""
+    from headsteer.kernels import aot
+
+    def compiled(*args, **kwargs):
+        raise AssertionError("compiled before the output paths were checked")
+
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    monkeypatch.setattr(aot, "compile_all", compiled)
+    (tmp_path / "file").write_text("")
+    bad = [str(tmp_path / "file" / "out"), str(tmp_path if option == "--json" else tmp_path / "file")]
+    for path in bad:
+        assert aot.main(["--quick", option, path]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"headsteer.kernels.aot: {option} {path} ") and len(err.strip().splitlines()) == 1, err
