@@ -334,6 +334,10 @@ def _run(args: argparse.Namespace) -> int:
         print(f"headsteer.kernels.aot: {error}", file=sys.stderr)
         return 2
     results = compile_all(args.arch, args.quick, args.only, args.ptx)
+    if not results:  # (nothing was compiled: a misspelt --only would report an empty, passing set)
+        print(f"headsteer.kernels.aot: --only {args.only!r} matches no variant{' of --quick' if args.quick else ''}",
+              file=sys.stderr)
+        return 2
     print(f"{'variant':<34} {'kernel':<24} {'warps':>5} {'regs':>5} {'spill st/ld':>12} {'stack':>6} {'shared':>7}")
     for r in results:
         print(f"{r.variant:<34} {r.kernel:<24} {r.num_warps:>5} {r.registers:>5} {r.spill_stores:>5}/{r.spill_loads:<6} "

@@ -137,3 +137,16 @@ def test_an_output_path_that_cannot_be_written_is_refused_before_compiling(monke
         assert aot.main(["--quick", option, path]) == 2
         err = capsys.readouterr().err
         assert err.startswith(f"headsteer.kernels.aot: {option} {path} ") and len(err.strip().splitlines()) == 1, err
+
+
+def test_only_matching_no_variant_is_an_error(monkeypatch, capsys, tmp_path):
+    """A misspelt --only compiled nothing, printed an empty table, wrote an empty report and
+    exited 0, as if every kernel had passed."""
+    from headsteer.kernels import aot
+
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    report = tmp_path / "kernels.json"
+    assert aot.main(["--quick", "--only", "gate ViT-Z", "--json", str(report)]) == 2
+    captured = capsys.readouterr()
+    assert captured.err.strip() == "headsteer.kernels.aot: --only 'gate ViT-Z' matches no variant of --quick"
+    assert captured.out == "" and not report.exists()
