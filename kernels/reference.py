@@ -103,7 +103,11 @@ def gate_logits(
 
 
 def heads_for_budget(budget: float, num_heads: int) -> int:
-    """Exactly `round(budget * H)` heads, rounding halves up (0.5 -> 1), as every backend must."""
+    """Exactly `round(budget * H)` heads, rounding halves up (0.5 -> 1), as every backend must;
+    computed in Python floats whatever number type the budget is, so every path agrees (numpy
+    float32 arithmetic rounds np.float32(5 / 12) * 6 to 2.5, 3 heads, where the same budget as a
+    Python float, the Engine's, gives 2.4999999, 2 heads)."""
+    budget = float(budget)
     if not 0.0 <= budget <= 1.0:
         raise ValueError(f"head budget must be in [0, 1], got {budget}")
     return int(math.floor(budget * num_heads + 0.5))

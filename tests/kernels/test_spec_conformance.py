@@ -307,3 +307,14 @@ def test_compact_never_reads_a_pruned_heads_weights():
         proj_w[:, h * d : (h + 1) * d] = float("nan")
     got = compact.compact_head_attention(x, keep, qkv_w, qkv_b, proj_w, proj_b, heads)
     torch.testing.assert_close(got, want, rtol=0, atol=1e-12)
+
+
+def test_heads_for_budget_counts_in_python_floats_for_any_number_type():
+    """np.float32(5 / 12) keeps the heads its value does as a Python float (the Engine converts),
+    not the 3 that numpy's float32 product (rounded to exactly 2.5) would give at H = 6."""
+    import numpy as np
+
+    for heads in range(1, 17):
+        for twice in range(1, 2 * heads):
+            budget = np.float32(twice / (2 * heads))
+            assert reference.heads_for_budget(budget, heads) == reference.heads_for_budget(float(budget), heads)
