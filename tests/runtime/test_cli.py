@@ -112,3 +112,15 @@ def test_predict_reports_a_decompression_bomb_as_an_unreadable_image(bundle_path
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 64 * 64 // 4)  # PIL refuses images over twice this
     assert main(["predict", str(bundle_path), str(path)]) == 2
     assert "cannot read image" in capsys.readouterr().err
+
+
+def test_ctrl_c_while_the_subcommands_load_is_status_130_without_a_traceback(monkeypatch, capsys):
+    """Mounting the subcommands imports their modules (seconds); Ctrl-C then was a traceback."""
+    import headsteer.runtime.cli as cli
+
+    def interrupted(name):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli.importlib, "import_module", interrupted)
+    assert main(["info", "bundle"]) == 130
+    assert capsys.readouterr().err.strip() == "headsteer: interrupted"
