@@ -93,9 +93,28 @@ def _read_rgb(name: str):
         raise InputError(f"cannot read image {name}: {error}") from None
 
 
+def _check_backend_and_device(backend: str, device: str) -> None:
+    """The names Engine.load accepts, checked before any file is decoded (its own checks run after)."""
+    import torch
+
+    from headsteer.runtime.engine import EXTERNAL_BACKENDS, TORCH_BACKENDS
+    from headsteer.runtime.errors import InputError
+
+    known = TORCH_BACKENDS + tuple(EXTERNAL_BACKENDS)
+    if backend != "auto" and backend not in known:
+        raise InputError(f"unknown backend {backend!r}; expected auto or one of {known}")
+    try:
+        kind = torch.device(device).type
+    except (RuntimeError, TypeError):
+        kind = None
+    if kind not in ("cpu", "cuda"):
+        raise InputError(f"unknown device {device!r}; expected cpu, cuda or cuda:N")
+
+
 def run_predict(args: argparse.Namespace) -> int:
     from headsteer.runtime.engine import Engine
 
+    _check_backend_and_device(args.backend, args.device)
     # Decode every file before loading the model, so bad input fails fast, but keep none: the
     # batches below read their files again, so memory holds one batch of images, not all of them.
     for name in args.images:

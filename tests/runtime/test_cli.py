@@ -124,3 +124,19 @@ def test_ctrl_c_while_the_subcommands_load_is_status_130_without_a_traceback(mon
     monkeypatch.setattr(cli.importlib, "import_module", interrupted)
     assert main(["info", "bundle"]) == 130
     assert capsys.readouterr().err.strip() == "headsteer: interrupted"
+
+
+@pytest.mark.parametrize("option,message", [(["--backend", "nope"], "unknown backend 'nope'"),
+                                            (["--device", "mps"], "unknown device 'mps'"),
+                                            (["--device", "cuda:x"], "unknown device 'cuda:x'")])
+def test_predict_checks_backend_and_device_before_reading_any_image(bundle_path, tmp_path, monkeypatch, capsys, option, message):
+    """A misspelt --backend or --device was reported only after every image file had been decoded."""
+    import headsteer.runtime.cli as cli
+
+    def no_read(name):
+        raise AssertionError("an image was decoded before the options were checked")
+
+    monkeypatch.setattr(cli, "_read_rgb", no_read)
+    assert main(["predict", str(bundle_path), str(tmp_path / "a.png"), *option]) == 2
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1
