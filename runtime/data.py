@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from PIL import Image
 from sklearn.model_selection import train_test_split
 from torch.utils.data import TensorDataset
-from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_dataset
+from torchvision.datasets.folder import IMG_EXTENSIONS
 from tqdm import tqdm
 
 from headsteer.runtime.engine import wide_mode_problem
@@ -287,7 +287,7 @@ def _load_imagefolder(
     if (folder / "train").is_dir():
         # Any other folder beside train/ (say validation/) would be ignored without a word.
         others = sorted(entry.name for entry in os.scandir(folder) if entry.is_dir()
-                        and not entry.name.startswith(".") and entry.name not in ("train", "val", "test"))
+                        and not _skipped(entry.name) and entry.name not in ("train", "val", "test"))
         if others:
             raise DataError(
                 f"{folder} has folders {others} beside train/; with train/ it may hold only val/ and "
@@ -327,13 +327,50 @@ def _check_class_names(class_names: list[str], source: Path) -> None:
         raise DataError(f"{source} has only one class {class_names}; a classifier needs at least two")
 
 
+# Names an image tree may hold that are not data: besides hidden ones (.DS_Store,
+# .ipynb_checkpoints/), what macOS zips and Windows Explorer leave behind.
+_OS_LITTER = frozenset({"__MACOSX", "Thumbs.db", "desktop.ini"})
+
+
+def _skipped(name: str) -> bool:
+    """Whether a file or folder of an image tree is left out: hidden, or OS litter."""
+    return name.startswith(".") or name in _OS_LITTER
+
+
 def _find_classes(folder: Path) -> tuple[list[str], dict[str, int]]:
+    """The class folders of `folder`, sorted, and their indices (torchvision's `find_classes`, but
+    leaving out hidden folders and OS litter, which it would take as classes)."""
     try:
-        return find_classes(folder)
-    except FileNotFoundError as error:
-        raise DataError(
-            f"no class folders in {folder}; expected {folder}/<class>/<image> (or train/<class>/<image>)"
-        ) from error
+        class_names = sorted(entry.name for entry in os.scandir(folder) if entry.is_dir() and not _skipped(entry.name))
+    except OSError as error:
+        raise DataError(f"cannot list {folder}: {error.strerror or error}") from error
+    if not class_names:
+        raise DataError(f"no class folders in {folder}; expected {folder}/<class>/<image> (or train/<class>/<image>)")
+    return class_names, {name: index for index, name in enumerate(class_names)}
+
+
+def _class_files(folder: Path, class_to_idx: dict[str, int]) -> tuple[list[tuple[str, int]], list[Path]]:
+    """(image path, class index) of every image under `folder`/<class>/ at any depth, in sorted
+    order, and the other files there (no image extension), which reading would skip without a
+    word; hidden files and folders and OS litter are left out of both."""
+    samples, strays = [], []
+    for name, index in sorted(class_to_idx.items()):
+        walked = []
+        for root, folders, files in os.walk(folder / name, followlinks=True):
+            folders[:] = [entry for entry in folders if not _skipped(entry)]
+            walked.append((root, files))
+        # (sorted by folder path, then file name: torchvision's make_dataset order, which the splits
+        # of earlier bundles were drawn over; a split seed must keep drawing the same split)
+        for root, files in sorted(walked):
+            for file in sorted(files):
+                if _skipped(file):
+                    continue
+                path = Path(root) / file
+                if file.lower().endswith(IMG_EXTENSIONS):
+                    samples.append((str(path), index))
+                else:
+                    strays.append(path)
+    return samples, strays
 
 
 def _read_image_tree(
@@ -348,36 +385,24 @@ def _read_image_tree(
             f"{folder} has class folders {unknown} that the train split lacks; "
             f"its class folders must be among the train split's {class_names}"
         )
-    present = {name: class_to_idx[name] for name in found}
-    strays = _non_image_files(folder, found)
+    samples, strays = _class_files(folder, {name: class_to_idx[name] for name in found})
     if strays:
         listed = ", ".join(str(path) for path in strays[:5]) + (" ..." if len(strays) > 5 else "")
         raise DataError(
             f"{folder} holds {len(strays)} files that are not images by their extension ({listed}); "
-            f"class folders may hold only {', '.join(IMG_EXTENSIONS)} files (and hidden ones such as "
-            ".DS_Store): remove or convert the others"
+            f"class folders may hold only {', '.join(IMG_EXTENSIONS)} files (hidden files and folders, "
+            f"{', '.join(sorted(_OS_LITTER))} are left out): remove or convert the others"
         )
-    try:
-        samples = make_dataset(folder, present, extensions=IMG_EXTENSIONS)
-    except FileNotFoundError as error:
-        raise DataError(f"{folder}: {error}; every class folder needs at least one image") from error
+    empty = sorted(set(found) - {class_names[index] for _, index in samples})
+    if empty:
+        raise DataError(f"{folder}: no valid file for the classes {', '.join(empty)}; every class folder needs at "
+                        f"least one image ({', '.join(IMG_EXTENSIONS)})")
     images = torch.empty(len(samples), 3, *image_size)
     bar = tqdm(samples, desc=f"loading {folder.name}", unit="img", disable=not progress)
     for position, (path, _) in enumerate(bar):
         images[position] = _read_image(Path(path), image_size)
     labels = torch.tensor([label for _, label in samples], dtype=torch.int64)
     return ImageDataset(images, labels, class_names)
-
-
-def _non_image_files(folder: Path, class_names: Sequence[str]) -> list[Path]:
-    """Files under `folder`/<class>/ (at any depth, as they are read) that have no image extension
-    and are not hidden (.DS_Store and the like), sorted: reading would skip them without a word."""
-    strays = []
-    for name in class_names:
-        for root, _, files in sorted(os.walk(folder / name, followlinks=True)):
-            strays += [Path(root) / file for file in sorted(files)
-                       if not file.startswith(".") and not file.lower().endswith(IMG_EXTENSIONS)]
-    return strays
 
 
 def _read_image(path: Path, image_size: tuple[int, int]) -> torch.Tensor:

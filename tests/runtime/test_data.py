@@ -415,3 +415,34 @@ def test_resolve_split_seed_trusts_only_a_recorded_seed():
     assert resolve_split_seed(older, 5, "--seed", default=0) == (5, "from --seed; the bundle records no split seed")
     assert resolve_split_seed({}, None, "--split-seed", default=7)[0] == 7
     assert resolve_split_seed({"data": {"split_seed": True}}, None, "--seed", default=0)[0] == 0
+
+
+def test_imagefolder_leaves_out_hidden_folders_and_os_litter(tmp_path):
+    """What macOS zips, Windows Explorer and Jupyter leave in an image tree is not data: no class,
+    no stray file, no split folder."""
+    _write_png_tree(tmp_path / "train", per_class=6)
+    _write_png_tree(tmp_path / "test", per_class=2)
+    (tmp_path / "__MACOSX" / "train").mkdir(parents=True)  # beside train/
+    (tmp_path / "train" / ".ipynb_checkpoints").mkdir()  # would be a class
+    (tmp_path / "train" / "cat" / ".ipynb_checkpoints").mkdir()  # inside a class
+    (tmp_path / "train" / "cat" / ".ipynb_checkpoints" / "notes-checkpoint.txt").write_text("x")
+    (tmp_path / "train" / "dog" / "Thumbs.db").write_bytes(b"thumbnails")
+    (tmp_path / "test" / "cat" / "desktop.ini").write_text("[.ShellClassInfo]")
+    splits = load_data(f"imagefolder:{tmp_path}", image_size=8)
+    assert splits.class_names == ["cat", "dog"]
+    assert len(splits.train) + len(splits.val) == 12 and len(splits.test) == 4
+
+
+def test_imagefolder_reads_files_in_torchvisions_order(tmp_path):
+    """Samples come in torchvision's make_dataset order (folder path, then file name), over which
+    earlier bundles' splits were drawn: the same seed must still draw the same split."""
+    from torchvision.datasets.folder import IMG_EXTENSIONS, make_dataset
+
+    from headsteer.runtime.data import _class_files
+
+    for relative in ("cat/a/x.png", "cat/a b/y.png", "cat/z.png", "cat/a/x2.png", "cat/A/q.png", "dog/1.png",
+                     "dog/sub/2.png", "dog/sub-2/3.png"):
+        (tmp_path / relative).parent.mkdir(parents=True, exist_ok=True)
+        Image.new("RGB", (4, 4)).save(tmp_path / relative)
+    classes = {"cat": 0, "dog": 1}
+    assert _class_files(tmp_path, classes) == (make_dataset(tmp_path, classes, extensions=IMG_EXTENSIONS), [])
