@@ -29,7 +29,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     # `run` fills in the documented defaults)
     parser.add_argument("--precision", default=None, choices=("fp32", "fp16", "bf16"), help="tensorrt / triton-repo --engine plan (default fp32)")
     parser.add_argument("--min-batch", type=int, default=None, help="TensorRT optimization profile: smallest batch (default 1)")
-    parser.add_argument("--opt-batch", type=int, default=None, help="TensorRT optimization profile: batch tuned for (default min(8, max))")
+    parser.add_argument("--opt-batch", type=int, default=None, help="TensorRT optimization profile: batch tuned for (default 8, within min..max)")
     parser.add_argument("--max-batch", type=int, default=None, help="TensorRT profile / Triton max_batch_size (default 32)")
     parser.add_argument("--engine", default=None, choices=("onnx", "plan"), help="triton-repo: serve model.onnx (default) or a TensorRT model.plan")
     parser.add_argument("--name", default=None, help="triton-repo: model name (default: the bundle folder's name)")

@@ -58,3 +58,13 @@ def test_onnx_export_keeps_an_existing_steering_file_without_overwrite(bundle_pa
     assert rows.read_text() == '{"rows": "of another model"}' and not out.exists()
     assert main(["export", str(bundle_path), "--format", "onnx", "--out", str(out), "--overwrite"]) == 0
     assert out.is_file() and "headsteer-steering" in rows.read_text()
+
+
+def test_opt_batch_help_states_the_default_used(capsys):
+    """The help said min(8, max), but with --min-batch 16 the profile is tuned for 16."""
+    from headsteer.export.tensorrt import default_opt_batch
+
+    assert default_opt_batch(16, 32) == 16 and default_opt_batch(1, 4) == 4 and default_opt_batch(1, 32) == 8
+    with pytest.raises(SystemExit):
+        main(["export", "--help"])
+    assert "(default 8, within min..max)" in " ".join(capsys.readouterr().out.split())
