@@ -95,7 +95,10 @@ def test_readme_python_module_command_lines_parse(monkeypatch):
     modules = {command.split()[2] for command in commands}
     assert modules == {"headsteer.kernels.aot", "headsteer.bench.kernels"}, modules
     compiled = []
-    monkeypatch.setattr(aot, "compile_all", lambda *args: compiled.append(args) or [])
+    one_kernel = aot.CompiledKernel(variant="v", kernel="k", registers=32, spill_stores=0, spill_loads=0,
+                                    stack_bytes=0, shared_bytes=0, num_warps=4, programmatic_launch=False,
+                                    cache_key="0")
+    monkeypatch.setattr(aot, "compile_all", lambda *args: compiled.append(args) or [one_kernel])
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)  # aot refuses to run interpreted
     for command in commands:
         for argv in _expand(command):
