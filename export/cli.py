@@ -76,9 +76,8 @@ def run(args: argparse.Namespace) -> int:
             raise InputError("--precision applies to TensorRT engines; the ONNX contract is float32 (use --format tensorrt)")
         if out.exists() and not args.overwrite:
             raise InputError(f"{out} already exists (pass --overwrite to replace it)")
-        if steering_path_for(out).exists() and not args.overwrite:  # (another model's rows, or anything else)
-            raise InputError(f"{steering_path_for(out)} already exists beside the model (pass --overwrite to replace it)")
-        path = to_onnx(args.bundle, out, attention=args.attention, opset=args.opset)
+        # (other steering rows beside it, another model's, are refused without --overwrite)
+        path = to_onnx(args.bundle, out, attention=args.attention, opset=args.opset, overwrite=args.overwrite)
         size = path.stat().st_size / 2**20
         print(f"wrote {path} ({args.attention} attention, opset {args.opset}, {size:.1f} MiB) and {steering_path_for(path)}")
     elif args.format == "tensorrt":

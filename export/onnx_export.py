@@ -156,6 +156,21 @@ def read_metadata(model_or_path) -> dict:
     return out
 
 
+def check_rows_replaceable(rows_path: Path, rows_text: str, overwrite: bool) -> None:
+    """Refuse, unless `overwrite`, a steering rows file at `rows_path` holding other rows than
+    `rows_text`: exports of one bundle into one folder (model.onnx, model.plan) share
+    model.steering.json and may rewrite it, but another model's rows are not replaced silently."""
+    if overwrite or not rows_path.exists():
+        return
+    try:
+        same = json.loads(rows_path.read_text()) == json.loads(rows_text)
+    except (OSError, ValueError):
+        same = False
+    if not same:
+        raise InputError(f"{rows_path} already exists beside the model and holds other steering rows (another "
+                         "model's?); pass overwrite=True / --overwrite to replace it")
+
+
 def steering_document(source: ExportSource) -> dict:
     """The JSON beside the model: per-class steering rows plus how to build identity steering."""
     model = source.model
@@ -305,7 +320,8 @@ def to_onnx(
     attention: "masked" (all heads, pruned ones zeroed; static shapes; TensorRT-parseable) or
     "sparse" (only kept heads; data-dependent NonZero/gather/scatter). opset: ONNX opset
     (18..23). With write_steering, the per-class steering rows go to
-    `steering_path_for(out_path)` (`<stem>.steering.json`). precision: "fp32" (the contract's
+    `steering_path_for(out_path)` (`<stem>.steering.json`; other rows already there are replaced
+    only with `overwrite`, `check_rows_replaceable`). precision: "fp32" (the contract's
     default), or "fp16"/"bf16" backbone weights for strongly typed TensorRT builds. Every file is written under a
     temporary name and renamed into place after `onnx.checker.check_model(full_check=True)`."""
     onnx = require("onnx", "ONNX export")
@@ -316,6 +332,9 @@ def to_onnx(
     if not overwrite and out_path.exists():
         raise InputError(f"{out_path} already exists (pass overwrite=True / --overwrite to replace it)")
     source = resolve_source(bundle_or_model, class_names=class_names, steering=steering, mean=mean, std=std)
+    rows_text = json.dumps(steering_document(source)) if write_steering else None
+    if write_steering:
+        check_rows_replaceable(steering_path_for(out_path), rows_text, overwrite)
     proto = export_proto(source.model, attention, opset, precision=precision)
     steering_file = steering_path_for(out_path).name if write_steering else None
     metadata = model_metadata(source, attention, steering_file)
@@ -336,7 +355,7 @@ def to_onnx(
         with atomic_path(out_path, suffix=".onnx") as temp:
             _save_checked(onnx, proto, temp, attention, check)
     if write_steering:
-        write_text_atomic(steering_path_for(out_path), json.dumps(steering_document(source)))
+        write_text_atomic(steering_path_for(out_path), rows_text)
     return out_path
 
 

@@ -36,7 +36,8 @@ from typing import Optional, Union
 import torch
 
 from headsteer.export._common import ExportError, MissingDependencyError, atomic_path, require, write_text_atomic
-from headsteer.export.onnx_export import DEFAULT_OPSET, INPUT_NAMES, read_metadata, steering_path_for, to_onnx
+from headsteer.export.onnx_export import (DEFAULT_OPSET, INPUT_NAMES, check_rows_replaceable, read_metadata,
+                                          steering_path_for, to_onnx)
 from headsteer.export.onnx_runner import check_io_dims, check_steer_shape
 from headsteer.runtime.errors import BundleError, InputError
 
@@ -110,10 +111,10 @@ def build_engine(
         raise InputError(f"{plan_path} is a directory; --out names the .plan file to write")
     if not overwrite and plan_path.exists():
         raise InputError(f"{plan_path} already exists (pass --overwrite to replace it)")
-    # The plan's steering rows (a client maps class names with them) go beside it, replacing any
-    # rows file there (`to_onnx` replaces its own likewise, and `export --format onnx` then
-    # `--format tensorrt` into one folder share model.steering.json); one left there by another
-    # model would map this one's classes with the wrong rows.
+    # The plan's steering rows (a client maps class names with them) go beside it. Rows already
+    # there are rewritten when they are the same (`export --format onnx` then `--format tensorrt`
+    # into one folder share model.steering.json) and otherwise, another model's, only with
+    # `overwrite` (`check_rows_replaceable`): kept, they would map this plan's classes wrongly.
     steering_out = steering_path_for(plan_path)
     trt = _tensorrt()
     _require_cuda("building a TensorRT engine")
@@ -133,6 +134,8 @@ def build_engine(
                 raise InputError(f"{onnx_path} holds a {recorded} graph; export it with precision={precision!r} or build with precision={recorded!r}")
         else:
             raise InputError(f"{source} is neither a bundle directory nor an ONNX file")
+        # (before the build; with no rows to write, any rows file there is another model's)
+        check_rows_replaceable(steering_out, steering.read_text() if steering is not None else "null", overwrite)
 
         logger = trt.Logger(trt.Logger.WARNING)
         builder = trt.Builder(logger)

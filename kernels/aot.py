@@ -54,14 +54,17 @@ def cuda_capability(device: torch.device) -> Optional[int]:
     return None
 
 
-def check_devices(device: torch.device, **tensors: Optional[torch.Tensor]) -> None:
-    """Refuse, before any launch, tensors that are not on `device` (None entries are skipped):
-    kernels read raw pointers, so one on another device would fault the GPU or read the wrong
-    memory instead of raising."""
-    elsewhere = [f"{name} on {tensor.device}" for name, tensor in tensors.items()
-                 if tensor is not None and tensor.device != device]
-    if elsewhere:
-        raise ValueError(f"every tensor must be on {device} like the input; got {', '.join(elsewhere)}")
+def check_devices(device: torch.device, *named_tensors: dict) -> None:
+    """Refuse, before any launch, tensors that are not on `device`: kernels read raw pointers, so one
+    on another device would fault the GPU or read the wrong memory instead of raising. Takes dicts
+    of name -> value (entries that are not tensors are skipped), e.g. a gate's parameter dict as
+    it is; names are only put together when something is refused (this runs on every eager launch)."""
+    for group in named_tensors:
+        for tensor in group.values():
+            if isinstance(tensor, torch.Tensor) and tensor.device != device:
+                elsewhere = [f"{name} on {value.device}" for group in named_tensors for name, value in group.items()
+                             if isinstance(value, torch.Tensor) and value.device != device]
+                raise ValueError(f"every tensor must be on {device} like the input; got {', '.join(elsewhere)}")
 
 
 def launch_device(device: torch.device) -> contextlib.AbstractContextManager:

@@ -582,10 +582,10 @@ def head_attention_launches(
         # sharing could overwrite a residual element before another program reads it)
         raise ValueError("out shares memory with residual without being the same view; pass out=residual or "
                          "a separate tensor")
-    norm_params = {f"{name}.{part}": getattr(norm, part, None)
-                   for name, norm in (("q_norm", q_norm), ("k_norm", k_norm)) for part in ("weight", "bias")}
-    check_devices(x.device, keep=keep, qkv_weight=qkv_weight, qkv_bias=qkv_bias, proj_weight=proj_weight,
-                  proj_bias=proj_bias, residual=residual, layer_scale=layer_scale, out=out, **norm_params)
+    check_devices(x.device, dict(keep=keep, qkv_weight=qkv_weight, qkv_bias=qkv_bias, proj_weight=proj_weight,
+                                 proj_bias=proj_bias, residual=residual, layer_scale=layer_scale, out=out),
+                  *(dict(norm.named_parameters(prefix=name)) for name, norm in (("q_norm", q_norm), ("k_norm", k_norm))
+                    if isinstance(norm, nn.LayerNorm)))  # (anything else is refused below)
     # The kernels read biases, norm weights and the layer scale as contiguous vectors.
     qkv_bias, proj_bias, layer_scale = (vector.contiguous() if vector is not None else None
                                         for vector in (qkv_bias, proj_bias, layer_scale))

@@ -644,10 +644,8 @@ def triton_sae_steer_gate(
     if fc1_w.shape[1] != dim or fc2_w.shape[1] != hidden:
         raise ValueError(f"gate weights {tuple(fc1_w.shape)}, {tuple(fc2_w.shape)} do not fit D={dim}")
     budget_k = reference.heads_for_budget(budget, num_heads) if budget is not None else 0
-    check_devices(e.device, steer_scale=steer_scale, steer_shift=steer_shift,
-                  **{f"out[{index}]": tensor for index, tensor in enumerate(out or ())},
-                  **{f"gate {name}": value for name, value in gate_params.items() if isinstance(value, torch.Tensor)},
-                  **{f"SAE {name}": value for name, value in (sae_params or {}).items() if isinstance(value, torch.Tensor)})
+    check_devices(e.device, dict(steer_scale=steer_scale, steer_shift=steer_shift),
+                  dict(zip(("out[0]", "out[1]"), out or ())), gate_params, sae_params or {})
 
     if out is None:
         logits = torch.empty(batch, num_heads, device=e.device, dtype=torch.float32)

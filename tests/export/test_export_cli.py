@@ -68,3 +68,14 @@ def test_opt_batch_help_states_the_default_used(capsys):
     with pytest.raises(SystemExit):
         main(["export", "--help"])
     assert "(default 8, within min..max)" in " ".join(capsys.readouterr().out.split())
+
+
+def test_onnx_export_rewrites_the_same_rows_without_overwrite(bundle_path, tmp_path, capsys):
+    """A rows file holding this bundle's own rows (a plan of the same bundle wrote model.steering.json
+    beside model.plan) is rewritten: only other rows need --overwrite."""
+    out, rows = tmp_path / "model.onnx", tmp_path / "model.steering.json"
+    assert main(["export", str(bundle_path), "--format", "onnx", "--out", str(out)]) == 0
+    written = rows.read_text()
+    out.unlink()
+    assert main(["export", str(bundle_path), "--format", "onnx", "--out", str(out)]) == 0
+    assert out.is_file() and rows.read_text() == written

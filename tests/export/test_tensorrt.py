@@ -432,8 +432,8 @@ def test_a_runner_that_builds_its_engine_builds_it_on_its_own_gpu(exported, fake
 
 def test_a_plan_from_an_onnx_file_carries_that_files_steering_rows_and_no_stale_ones(exported, tmp_path, fake_tensorrt):
     """Built from an .onnx file, the plan gets the steering rows to_onnx wrote beside that file; a
-    rows file left beside the plan by another model is replaced, or removed when the source has
-    none, never kept beside a plan it does not describe."""
+    rows file another model left beside the plan is refused without overwrite and replaced (or
+    removed, when the source has none) with it, never kept beside a plan it does not describe."""
     import shutil
 
     from headsteer.export import steering_path_for
@@ -443,8 +443,15 @@ def test_a_plan_from_an_onnx_file_carries_that_files_steering_rows_and_no_stale_
     source = exported.onnx["masked"]
     stale = steering_path_for(tmp_path / "m.plan")
     stale.write_text('{"classes": ["someone else"]}')
-    build_engine(source, tmp_path / "m.plan", max_batch=8, overwrite=False)
+    with pytest.raises(InputError, match="m.steering.json already exists beside the model and holds other"):
+        build_engine(source, tmp_path / "m.plan", max_batch=8, overwrite=False)
+    assert not (tmp_path / "m.plan").exists()
+    build_engine(source, tmp_path / "m.plan", max_batch=8)
     assert stale.read_text() == steering_path_for(source).read_text()
+    build_engine(source, tmp_path / "m2.plan", max_batch=8, overwrite=False)  # the same rows: rewritten
+    (tmp_path / "m2.plan").unlink()
+    steering_path_for(tmp_path / "m2.plan").write_text(stale.read_text())
+    build_engine(source, tmp_path / "m2.plan", max_batch=8, overwrite=False)
     bare = tmp_path / "bare.onnx"  # an export without its rows file
     shutil.copy(source, bare)
     build_engine(bare, tmp_path / "m.plan", max_batch=8)
