@@ -74,8 +74,10 @@ def _positive_int(text: str) -> int:
     return value
 
 
-def _read_rgb(name: str):
-    """The image file `name` decoded as RGB, or an InputError naming the file."""
+def _read_rgb(name: str, decode: bool = True):
+    """The image file `name` decoded as RGB, or an InputError naming the file. With decode=False,
+    only its header is read and its data checked where the format allows without decoding
+    (PIL's verify: a PNG's chunk checksums), so a batch of files is checked up front cheaply."""
     from PIL import Image, UnidentifiedImageError
 
     from headsteer.runtime.engine import wide_mode_problem
@@ -86,6 +88,9 @@ def _read_rgb(name: str):
             problem = wide_mode_problem(image, f"image {name}", tensor_hint=False)
             if problem:
                 raise InputError(problem)
+            if not decode:
+                image.verify()
+                return None
             return image.convert("RGB")
     except FileNotFoundError:
         raise InputError(f"image file {name} does not exist") from None
@@ -115,10 +120,11 @@ def run_predict(args: argparse.Namespace) -> int:
     from headsteer.runtime.engine import Engine
 
     _check_backend_and_device(args.backend, args.device)
-    # Decode every file before loading the model, so bad input fails fast, but keep none: the
-    # batches below read their files again, so memory holds one batch of images, not all of them.
+    # Check every file (header, mode, and what PIL verifies without decoding) before loading the
+    # model, so bad input fails fast; each batch below then decodes its own files, so memory holds
+    # one batch of images, not all of them, and each file is decoded once.
     for name in args.images:
-        _read_rgb(name)
+        _read_rgb(name, decode=False)
     engine = Engine.load(args.bundle, backend=args.backend, device=args.device)
     for start in range(0, len(args.images), args.batch_size):
         names = args.images[start:start + args.batch_size]

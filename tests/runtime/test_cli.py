@@ -140,3 +140,27 @@ def test_predict_checks_backend_and_device_before_reading_any_image(bundle_path,
     assert main(["predict", str(bundle_path), str(tmp_path / "a.png"), *option]) == 2
     err = capsys.readouterr().err
     assert message in err and len(err.strip().splitlines()) == 1
+
+
+def test_predict_decodes_each_file_once_after_checking_them_all(bundle_path, tmp_path, capsys, monkeypatch):
+    """Files are checked up front without decoding their pixels (a truncated PNG fails there,
+    before the model loads), then each is decoded once, in its batch."""
+    from PIL import Image as PILImage
+
+    paths = []
+    for index in range(3):
+        path = tmp_path / f"image{index}.png"
+        Image.fromarray(np.random.default_rng(index).integers(0, 256, (40, 40, 3), dtype=np.uint8)).save(path)
+        paths.append(str(path))
+    decoded = []
+    convert = PILImage.Image.convert
+    monkeypatch.setattr(PILImage.Image, "convert",
+                        lambda self, *a, **k: decoded.append(getattr(self, "filename", None)) or convert(self, *a, **k))
+    assert main(["predict", str(bundle_path), *paths, "--batch-size", "2"]) == 0
+    assert sorted(name for name in decoded if name) == sorted(paths)  # (files; the engine converts copies)
+    truncated = tmp_path / "truncated.png"
+    truncated.write_bytes(open(paths[0], "rb").read()[:-200])
+    loaded = []
+    monkeypatch.setattr("headsteer.runtime.engine.Engine.load", lambda *a, **k: loaded.append(1))
+    assert main(["predict", str(bundle_path), paths[1], str(truncated)]) == 2
+    assert "cannot read image" in capsys.readouterr().err and loaded == []
