@@ -9,10 +9,15 @@ from headsteer.runtime.files import atomic_path
 PLOTS = ("per_class_usage", "kept_heads")
 
 
+def _plot_path(out: Path, name: str, suffix: str) -> Path:
+    """Where plot `name` (one of PLOTS) goes; suffix "_all" for the whole-network report's."""
+    return Path(out) / f"{name}{suffix}.png"
+
+
 def plot_paths(out: Path, whole_network: bool) -> list[Path]:
     """The files `write_plots` writes under `out` for a report with (or without) whole_network."""
     suffixes = ("", "_all") if whole_network else ("",)
-    return [Path(out) / f"{name}{suffix}.png" for suffix in suffixes for name in PLOTS]
+    return [_plot_path(out, name, suffix) for suffix in suffixes for name in PLOTS]
 
 
 def _save(fig, path: Path) -> None:
@@ -49,7 +54,7 @@ def write_plots(report: dict, out: Path) -> list[Path]:
         ax.set_ylabel("fraction of heads kept")
         ax.set_title(title)
         ax.legend(fontsize=8, loc="lower right")
-        path = out / f"per_class_usage{suffix}.png"
+        path = _plot_path(out, "per_class_usage", suffix)
         _save(fig, path)
         plt.close(fig)
         written.append(path)
@@ -76,7 +81,7 @@ def write_plots(report: dict, out: Path) -> list[Path]:
         fig.colorbar(image, ax=list(axes), fraction=0.04, label="fraction of the class's test images keeping the head")
         fig.suptitle("final-block heads kept per class (* = kept by a majority)" + (" (every-block SAEs)" if suffix else ""),
                      fontsize=9)
-        path = out / f"kept_heads{suffix}.png"
+        path = _plot_path(out, "kept_heads", suffix)
         _save(fig, path)
         plt.close(fig)
         written.append(path)

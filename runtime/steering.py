@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import numbers
 import time
 from dataclasses import asdict, dataclass
 from typing import Iterator, Optional, Sequence
@@ -65,22 +66,26 @@ class SteeringConfig:
     def __post_init__(self):
         """Refuse a grid the search cannot use, before any work: a NaN alpha blanks the gate input (no
         head kept, a 'usage fall' the search would pick), a negative count slices the ranking from its
-        end, and an empty topk_ks leaves top-k without an unsteered setting."""
+        end, and an empty topk_ks leaves top-k without an unsteered setting. Numbers of any type
+        (numpy's too) are kept as Python ints and floats, as the bundle's JSON records them."""
         def is_int(value, low):
-            return isinstance(value, int) and not isinstance(value, bool) and value >= low
+            return isinstance(value, numbers.Integral) and not isinstance(value, bool) and value >= low
 
         for name in ("counts", "topk_ks"):
             values = tuple(getattr(self, name))
             if not values or not all(is_int(v, 1) for v in values):
                 raise InputError(f"SteeringConfig.{name} must be a non-empty tuple of positive ints, got {values!r}")
+            setattr(self, name, tuple(int(v) for v in values))
         for name in ("alphas", "betas", "global_alphas", "topk_alphas"):
             values = tuple(getattr(self, name))
-            if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in values):
+            if not all(isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v) for v in values):
                 raise InputError(f"SteeringConfig.{name} must hold finite numbers, got {values!r}")
+            setattr(self, name, tuple(float(v) for v in values))
         if not is_int(self.max_val_loss, 0):
             raise InputError(f"SteeringConfig.max_val_loss must be an int >= 0, got {self.max_val_loss!r}")
         if not is_int(self.batch_size, 1):
             raise InputError(f"SteeringConfig.batch_size must be an int >= 1, got {self.batch_size!r}")
+        self.max_val_loss, self.batch_size = int(self.max_val_loss), int(self.batch_size)
 
 
 # -- latents and vectors ---------------------------------------------------------------------------

@@ -273,3 +273,12 @@ def test_fit_steering_leaves_the_model_in_the_mode_it_was_in(monkeypatch):
     with pytest.raises(RuntimeError, match="out of memory"):
         S.fit_steering(model, _three_class_splits(), config, progress=False)
     assert model.training
+
+
+def test_steering_config_takes_numpy_numbers_as_python_ones():
+    import numpy as np
+
+    config = S.SteeringConfig(counts=tuple(np.arange(1, 3)), alphas=(np.float32(0.5), 2), topk_ks=(np.int64(4),),
+                              batch_size=np.int32(64))
+    assert config.counts == (1, 2) and config.alphas == (0.5, 2.0) and config.topk_ks == (4,) and config.batch_size == 64
+    assert all(type(v) is int for v in config.counts) and all(type(v) is float for v in config.alphas)
