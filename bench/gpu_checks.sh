@@ -79,8 +79,8 @@ if command -v ncu >/dev/null; then  # (--clock-control none: leave the GPU's clo
     --kernel-name regex:"_qkv_kernel|_proj_kernel" --launch-skip 4 --launch-count 2
 fi
 if [ "$quick" != "--quick" ]; then
-  step sweep 50 python -m headsteer.bench.kernels --sweep
+  step sweep 40 python -m headsteer.bench.kernels --sweep
   step gate_sweep 30 python -m headsteer.bench.kernels --gate-sweep
 fi
-step tests_variants 35 "${tests[@]}" -k "$variants"
+step tests_variants 45 "${tests[@]}" -k "$variants"
 exit "$status"

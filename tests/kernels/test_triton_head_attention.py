@@ -452,21 +452,39 @@ def test_a_tensor_on_another_device_is_refused_before_any_launch(monkeypatch, wh
 
 
 def test_launches_run_with_the_inputs_device_current(monkeypatch):
-    """Triton launches on the current CUDA device: the launches run inside launch_device(x.device)."""
-    entered = []
-    real = attention_module.launch_device
+    """Triton launches on the current CUDA device: the three launches run inside
+    launch_device(x.device), none before or after it."""
+    import contextlib
 
+    events = []
+
+    @contextlib.contextmanager
     def recording_launch_device(device):
-        entered.append(device)
-        return real(device)
+        events.append(("enter", device))
+        yield
+        events.append(("exit", device))
 
+    for name in ("_qkv_kernel", "_attention_kernel", "_proj_kernel"):
+        kernel = getattr(attention_module, name)
+
+        class Recording:
+            def __getitem__(self, grid, kernel=kernel, name=name):
+                def launch(*args, **kwargs):
+                    events.append(name)
+                    return kernel[grid](*args, **kwargs)
+                return launch
+
+        monkeypatch.setattr(attention_module, name, Recording())
     monkeypatch.setattr(attention_module, "launch_device", recording_launch_device)
     branch = make_branch(2, 5, 2, 16, 5)
     run_and_check(branch, make_mask("random", 2, 2, 5), 2)
-    assert entered == [branch["x"].device]
+    device = branch["x"].device
+    assert events == [("enter", device), "_qkv_kernel", "_attention_kernel", "_proj_kernel", ("exit", device)]
 
 
 def test_launch_device_makes_another_gpu_current(monkeypatch):
+    import contextlib
+
     from headsteer.kernels import aot
 
     made_current = []
@@ -474,4 +492,5 @@ def test_launch_device_makes_another_gpu_current(monkeypatch):
     monkeypatch.setattr(torch.cuda, "device", lambda device: made_current.append(device) or "guard")
     assert aot.launch_device(torch.device("cuda", 1)) == "guard" and made_current == [torch.device("cuda", 1)]
     for device in (torch.device("cuda", 0), torch.device("cpu")):
-        assert aot.launch_device(device) is not None and made_current == [torch.device("cuda", 1)]
+        assert isinstance(aot.launch_device(device), contextlib.nullcontext)
+    assert made_current == [torch.device("cuda", 1)]

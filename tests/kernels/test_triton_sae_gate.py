@@ -541,9 +541,17 @@ def test_a_tensor_on_another_device_is_refused_before_any_launch(recorded_launch
 
 def test_the_launch_runs_with_the_inputs_device_current(monkeypatch, recorded_launches):
     """Triton launches on the current CUDA device: the launch runs inside launch_device(e.device)."""
-    entered = []
-    real = gate_module.launch_device
-    monkeypatch.setattr(gate_module, "launch_device", lambda device: entered.append((device, len(recorded_launches))) or real(device))
+    import contextlib
+
+    events = []
+
+    @contextlib.contextmanager
+    def recording_launch_device(device):
+        events.append(("enter", device, len(recorded_launches)))
+        yield
+        events.append(("exit", device, len(recorded_launches)))
+
+    monkeypatch.setattr(gate_module, "launch_device", recording_launch_device)
     e = torch.randn(2, 16, device=DEVICE)
     triton_sae_steer_gate(e, make_gate(16, 8, 3, 1), make_sae(16, 32, "topk", 2, k=4), *make_steering("scale", 2, 32, 3))
-    assert entered == [(e.device, 0)] and len(recorded_launches) == 1
+    assert events == [("enter", e.device, 0), ("exit", e.device, 1)]  # the one launch inside
