@@ -95,8 +95,8 @@ def build_session(onnx_path: Union[str, os.PathLike], providers: Sequence, intra
     try:
         return ort.InferenceSession(str(onnx_path), sess_options=options, providers=list(providers))
     except Exception as error:
-        if "Load model from" in str(error):  # ORT could not parse the file: corrupt, empty, not ONNX
-            raise InputError(f"{onnx_path} is not a readable ONNX model: {str(error).splitlines()[0]}") from None
+        if "Load model from" in str(error):  # ORT could not load the file: corrupt, empty, not ONNX, too new
+            raise InputError(f"ONNX Runtime cannot load {onnx_path} as a model: {str(error).splitlines()[0]}") from None
         # A 16-bit file may hold ops the providers have no kernel for in that type (ORT's CPU
         # provider has no bf16 Expand): say which file and precision, not only ORT's node name.
         precision = read_metadata(onnx_path).get("precision", "fp32") if "NOT_IMPLEMENTED" in str(error) else "fp32"
