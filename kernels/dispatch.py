@@ -45,8 +45,8 @@ def _require_triton(tensor: torch.Tensor) -> None:
 
 def _head_major(attn: nn.Module) -> tuple:
     qkv, proj, bias = attn.qkv.weight, attn.proj.weight, attn.qkv.bias
-    weights = (qkv, proj) if bias is None else (qkv, proj, bias)
-    if (torch.is_grad_enabled() and any(w.requires_grad for w in weights)) or any(w.is_inference() for w in weights):
+    sources = (qkv, proj) if bias is None else (qkv, proj, bias)
+    if (torch.is_grad_enabled() and any(w.requires_grad for w in sources)) or any(w.is_inference() for w in sources):
         # Built per call, uncached: (1) autograd through the compact path, where the copies must
         # carry gradients back to the weights (cached ones, built without grad, silently dropped
         # them); (2) weights created or moved inside torch.inference_mode are inference tensors,
@@ -61,10 +61,10 @@ def _head_major(attn: nn.Module) -> tuple:
         # Normal tensors even when first built under torch.inference_mode (Engine's warm-up):
         # inference tensors cannot be saved for backward, so a later grad-mode call with an
         # input that requires grad (a saliency map) would fail on them.
-        pins = [StorageWeakRef(w.untyped_storage()) for w in weights]  # (no other storage gets their ids)
+        pins = [StorageWeakRef(w.untyped_storage()) for w in sources]  # (no other storage gets their ids)
         with torch.inference_mode(False), torch.no_grad():
-            weights = compact.head_major_weights(qkv, attn.qkv.bias, proj, attn.num_heads)
-        cached = (key, weights, pins)
+            head_major = compact.head_major_weights(qkv, attn.qkv.bias, proj, attn.num_heads)
+        cached = (key, head_major, pins)
         _HEAD_MAJOR_CACHE[attn] = cached
     return cached[1]
 
