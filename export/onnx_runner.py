@@ -195,7 +195,9 @@ class OrtCallable:
         shape = list(tensor.shape)
         if len(shape) != len(declared) or any(isinstance(want, int) and got != want for got, want in zip(shape, declared)):
             raise InputError(f"{name} must be {expected()}, got shape {shape}")
-        if not bool(torch.isfinite(tensor).all()):  # (NaN/inf would run: NaN logits, heads pruned)
+        # (NaN/inf would run: NaN logits, heads pruned; checked as fed, in float32, where a float64
+        # value past float32's range becomes inf)
+        if not bool(torch.isfinite(tensor if tensor.dtype == torch.float32 else tensor.float()).all()):
             raise InputError(f"{name} holds NaN or infinite values")
 
     def __call__(self, pixel_values: torch.Tensor, steer_scale: Optional[torch.Tensor] = None, steer_shift: Optional[torch.Tensor] = None):

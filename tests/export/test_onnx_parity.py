@@ -226,15 +226,17 @@ def test_half_precision_model_exports_the_float32_contract():
 
 
 @pytest.mark.parametrize("bad", ["pixel_values", "steer_scale", "steer_shift"])
-@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), 1e300])
 def test_non_finite_inputs_fail_before_onnxruntime_runs(sessions, monkeypatch, bad, value):
     """NaN/inf pixels or steering ran silently (NaN logits, every head pruned); Engine refuses
-    them, and so does the callable the bench harness builds directly."""
+    them, and so does the callable the bench harness builds directly. A float64 value past
+    float32's range is inf as fed."""
     from headsteer.runtime.errors import InputError
 
     run = sessions["masked"]
     monkeypatch.setattr(run.session, "run", lambda *args, **kwargs: pytest.fail("onnxruntime ran on a non-finite input"))
     inputs = dict(pixel_values=torch.randn(2, 3, 32, 32), steer_scale=torch.ones(2, 128), steer_shift=torch.zeros(2, 128))
+    inputs = {name: tensor.double() for name, tensor in inputs.items()}
     inputs[bad][1, 0] = value
     with pytest.raises(InputError, match=f"{bad} holds NaN or infinite values"):
         run(inputs["pixel_values"], inputs["steer_scale"], inputs["steer_shift"])
