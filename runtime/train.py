@@ -823,6 +823,7 @@ def _train_recipe(args: argparse.Namespace, model: GatedViT, splits: Splits, pro
     elif args.recipe == "gates":
         config = GateConfig(seed=args.seed, target_usage=args.target_usage, usage_weight=args.usage_weight,
                             freeze_backbone=args.freeze_backbone, **overrides)
+        torch.manual_seed(args.seed)  # new gates are drawn from --seed, not the RNG as loading left it
         model, stage = train_gates(add_gates(model), splits, config, progress)
         print(f"gates: val accuracy {stage['val_accuracy']:.4f}, head usage {stage['val_head_usage']:.3f}")
     elif args.recipe == "sae":
