@@ -583,6 +583,7 @@ def train_sae(
     _check_classes(model, splits)
     start = time.perf_counter()
     width = sae_width(model, config.width)
+    torch.manual_seed(config.seed)  # the new SAEs are drawn here
     model = rebuild(model, sae_blocks=sae_blocks, sae_width=width, sae_activation=config.activation,
                     sae_k=config.k if config.activation == "topk" else None)
     model.eval()

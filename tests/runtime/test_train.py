@@ -358,3 +358,16 @@ def test_gates_recipe_init_follows_seed_not_the_global_rng(seed3_backbone, tmp_p
         states.append(load_bundle(out)[0].state_dict())
     for key, value in states[0].items():
         assert torch.equal(value, states[1][key]), key
+
+
+def test_sae_init_follows_config_seed_not_the_global_rng(splits):
+    """train_sae draws its new SAEs from config.seed: the same config gives the same SAE whatever
+    the global RNG held (the SAE's decoder was drawn from it before the seed was set)."""
+    gated = T.add_gates(tiny_backbone())
+    states = []
+    for n in range(2):
+        torch.manual_seed(100 + n)
+        model, _ = T.train_sae(gated, splits, (-1,), T.SAEConfig(width=48, k=4, epochs=1, seed=5), progress=False)
+        states.append(model.state_dict())
+    for key, value in states[0].items():
+        assert torch.equal(value, states[1][key]), key
