@@ -702,7 +702,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--num-heads", type=int, default=None)
     p.add_argument("--mlp-ratio", type=float, default=None)
 
-    p = sub.add_parser("gates", help="AdaViT-style head gates on every block, with a usage loss")
+    p = sub.add_parser("gates", help="AdaViT-style head gates on every block (a gated bundle keeps its own), "
+                                     "with a usage loss")
     common(p, needs_from=True,
            lr_help=f"learning rate of the gates only (default {GateConfig.lr}); the backbone is fine-tuned at "
                    f"{GateConfig.backbone_lr} unless --freeze-backbone")
@@ -825,7 +826,8 @@ def _train_recipe(args: argparse.Namespace, model: GatedViT, splits: Splits, pro
         config = GateConfig(seed=args.seed, target_usage=args.target_usage, usage_weight=args.usage_weight,
                             freeze_backbone=args.freeze_backbone, **overrides)
         torch.manual_seed(args.seed)  # new gates are drawn from --seed, not the RNG as loading left it
-        model, stage = train_gates(add_gates(model), splits, config, progress)
+        # a gated bundle keeps its gate sites and SAEs; an ungated one gets a gate on every block
+        model, stage = train_gates(model if model.gate_blocks else add_gates(model), splits, config, progress)
         print(f"gates: val accuracy {stage['val_accuracy']:.4f}, head usage {stage['val_head_usage']:.3f}")
     elif args.recipe == "sae":
         config = SAEConfig(seed=args.seed, width=args.width, k=args.k, activation=args.activation, **overrides)

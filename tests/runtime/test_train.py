@@ -371,3 +371,15 @@ def test_sae_init_follows_config_seed_not_the_global_rng(splits):
         states.append(model.state_dict())
     for key, value in states[0].items():
         assert torch.equal(value, states[1][key]), key
+
+
+def test_gates_recipe_keeps_a_gated_bundles_gates_and_saes(tmp_path):
+    """Continuing a bundle gated at some blocks (AdaViT leaves the first ungated) with an SAE keeps
+    both: the recipe gated every block and dropped the SAE, while a fully gated bundle kept its SAE."""
+    model = T.rebuild(tiny_backbone(), gate_blocks=[1], sae_blocks=[1], sae_width=48, sae_activation="topk", sae_k=4)
+    source, out = tmp_path / "src", tmp_path / "out"
+    save_bundle(model, source, class_names=[str(c) for c in range(10)], extra=dict(data=dict(spec="digits", split_seed=0)))
+    assert cli_main(["train", "gates", "--from", str(source), "--out", str(out), "--epochs", "1", "--no-progress"]) == 0
+    trained, _ = load_bundle(out)
+    assert (trained.gate_blocks, trained.sae_blocks) == ([1], [1])
+    assert torch.equal(trained.saes["1"].decoder_weight, model.saes["1"].decoder_weight)
