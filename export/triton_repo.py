@@ -212,6 +212,18 @@ def write_triton_repo(
         raise InputError(f"max_batch_size must be a positive integer, got {max_batch_size!r}")
     if engine == "onnx" and precision != "fp32":
         raise InputError(f"precision {precision!r} applies to TensorRT plans; the ONNX model is float32 (use engine 'plan' / --engine plan)")
+    if engine == "onnx":
+        # They shape a plan's profile only. (The CLI, which refuses them itself, passes their
+        # defaults: min_batch 1 and default_opt_batch(1, max_batch_size); those are let through.)
+        from headsteer.export.tensorrt import default_opt_batch  # importable without tensorrt
+
+        given = [f"{what}={value!r}" for what, value, default in (
+            ("min_batch", min_batch, 1),
+            ("opt_batch", opt_batch, default_opt_batch(1, max_batch_size)),
+        ) if value is not None and value != default]
+        if given:
+            raise InputError(f"{', '.join(given)} {'does' if len(given) == 1 else 'do'} not apply to engine 'onnx' "
+                             "(they shape a TensorRT plan's profile; use engine 'plan' / --engine plan)")
     if engine == "plan":
         opt_batch = _check_plan_args(precision, min_batch, opt_batch, max_batch_size)
     out_dir = Path(out_dir)

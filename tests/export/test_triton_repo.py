@@ -172,3 +172,23 @@ def test_overwrite_replaces_only_what_the_export_wrote(exported, tmp_path, capsy
     (repo / "dangling").symlink_to(tmp_path / "nowhere")
     assert main([*argv[:-3], "--name", "dangling", "--overwrite"]) == 2
     assert "is not a folder" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(min_batch=2), r"min_batch=2 does not apply to engine 'onnx'"),
+    (dict(opt_batch=4), r"opt_batch=4 does not apply to engine 'onnx'"),
+    (dict(min_batch=2, opt_batch=4), r"min_batch=2, opt_batch=4 do not apply to engine 'onnx'"),
+])
+def test_onnx_engine_refuses_plan_profile_batches(exported, tmp_path, monkeypatch, kwargs, match):
+    """min_batch/opt_batch shape a TensorRT plan's profile; the CLI refuses them with --engine onnx,
+    and so does the API (it used to drop them silently), before anything is exported."""
+    import headsteer.export.triton_repo as triton_repo
+    from headsteer.runtime.errors import InputError
+
+    def no_export(*args, **kwargs):
+        raise AssertionError("exported before the arguments were checked")
+
+    monkeypatch.setattr(triton_repo, "to_onnx", no_export)
+    with pytest.raises(InputError, match=match):
+        triton_repo.write_triton_repo(exported.bundle, tmp_path / "repo", engine="onnx", max_batch_size=16, **kwargs)
+    assert not (tmp_path / "repo").exists()
