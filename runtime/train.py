@@ -729,6 +729,10 @@ def _option(name: str) -> str:
 
 def _check_args(args: argparse.Namespace) -> None:
     """Reject unusable training arguments before any data or model is loaded."""
+    for name in ("lr", "mlp_ratio", "target_usage", "usage_weight"):  # argparse's float() takes nan and inf
+        value = getattr(args, name, None)
+        if value is not None and not math.isfinite(value):
+            raise InputError(f"{_option(name)} must be a finite number, got {value}")
     for name in ("epochs", "lr"):
         value = getattr(args, name, None)
         if value is not None and value <= 0:

@@ -301,6 +301,11 @@ def test_pretrained_file_image_size_and_load_errors_before_data(vit_checkpoint, 
     (["sae", "--from", "SRC", "--k", "0"], "--k must be at least 1"),
     (["sae", "--from", "SRC"], "has no head gates"),
     (["gates", "--from", "SRC", "--target-usage", "1.5"], "--target-usage"),
+    (["gates", "--from", "SRC", "--lr", "nan"], "--lr must be a finite number"),
+    (["gates", "--from", "SRC", "--usage-weight", "nan"], "--usage-weight must be a finite number"),
+    (["gates", "--from", "SRC", "--usage-weight", "inf"], "--usage-weight must be a finite number"),
+    (["backbone", "--lr", "inf"], "--lr must be a finite number"),
+    (["backbone", "--mlp-ratio", "nan"], "--mlp-ratio must be a finite number"),
 ])
 def test_bad_options_are_refused_before_work(argv, message, seed3_backbone, data_calls, tmp_path, capsys):
     argv = [seed3_backbone if a == "SRC" else a for a in argv]
