@@ -737,6 +737,8 @@ def _check_args(args: argparse.Namespace) -> None:
         value = getattr(args, name, None)
         if value is not None and value <= 0:
             raise InputError(f"--{name} must be positive, got {value}")
+    if not 0 <= args.seed < 2**32:  # the range the data split takes (data order seeds reach seed * 1000 + epoch)
+        raise InputError(f"--seed must be an integer in [0, 2**32 - 1], got {args.seed}")
     check_bundle_out(args.out)
     if args.recipe == "backbone":
         _check_backbone_args(args)

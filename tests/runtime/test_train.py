@@ -306,6 +306,8 @@ def test_pretrained_file_image_size_and_load_errors_before_data(vit_checkpoint, 
     (["gates", "--from", "SRC", "--usage-weight", "inf"], "--usage-weight must be a finite number"),
     (["backbone", "--lr", "inf"], "--lr must be a finite number"),
     (["backbone", "--mlp-ratio", "nan"], "--mlp-ratio must be a finite number"),
+    (["gates", "--from", "SRC", "--seed", str(10**17)], "--seed must be an integer in [0, 2**32 - 1]"),
+    (["gates", "--from", "SRC", "--seed", "-1"], "--seed must be an integer in [0, 2**32 - 1]"),
 ])
 def test_bad_options_are_refused_before_work(argv, message, seed3_backbone, data_calls, tmp_path, capsys):
     argv = [seed3_backbone if a == "SRC" else a for a in argv]
