@@ -246,6 +246,12 @@ def write_triton_repo(
             f"Triton Inference Server refuses a model config with a dimension of 0, and {'; '.join(empty)}; "
             "serve a bundle with gates and an SAE, or export this one with --format onnx / tensorrt"
         )
+    # Triton reads label_filename one label per line (split at "\n", a "\r" kept in the label):
+    # a name holding a line break would shift every later class's label.
+    broken = [label for label in source.class_names if "\n" in label or "\r" in label]
+    if broken:
+        raise InputError(f"class names {broken[:8]} hold a line break, which labels.txt (one label per line, "
+                         "the logits output's label_filename) cannot hold; rename those classes in the bundle")
     model_name = _model_name(name, source.name)
     final = out_dir / model_name
     _check_replaceable(final, overwrite)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import onnx
 import pytest
@@ -192,3 +193,25 @@ def test_onnx_engine_refuses_plan_profile_batches(exported, tmp_path, monkeypatc
     with pytest.raises(InputError, match=match):
         triton_repo.write_triton_repo(exported.bundle, tmp_path / "repo", engine="onnx", max_batch_size=16, **kwargs)
     assert not (tmp_path / "repo").exists()
+
+
+@pytest.mark.parametrize("bad", ["hot\ndog", "hot\rdog", "hot\r\ndog"])
+def test_class_name_with_a_line_break_is_refused(tmp_path, monkeypatch, bad):
+    """Triton reads label_filename one label per line (split at '\\n'; a '\\r' stays in the label),
+    so a class name holding a line break would shift every later label: refuse it up front."""
+    import headsteer.export.triton_repo as triton_repo
+    from headsteer.runtime.bundle import save_bundle
+    from headsteer.runtime.errors import InputError
+
+    from .conftest import make_model
+
+    def no_export(*args, **kwargs):
+        raise AssertionError("exported before the class names were checked")
+
+    names = [*CLASS_NAMES[:2], bad, *CLASS_NAMES[3:]]
+    bundle = save_bundle(make_model(), tmp_path / "bundle", class_names=names)
+    monkeypatch.setattr(triton_repo, "to_onnx", no_export)
+    with pytest.raises(InputError, match=re.escape(repr([bad])) + r" hold a line break, which labels\.txt"):
+        triton_repo.write_triton_repo(bundle, tmp_path / "repo")
+    assert not (tmp_path / "repo").exists()
+
