@@ -94,8 +94,8 @@ def run(args: argparse.Namespace) -> int:
 
         path = write_triton_repo(
             args.bundle, out, name=args.name, engine=args.engine, attention=args.attention, opset=args.opset,
-            max_batch_size=args.max_batch, precision=args.precision, min_batch=args.min_batch, opt_batch=opt_batch,
-            overwrite=args.overwrite,
+            max_batch_size=args.max_batch, precision=args.precision, overwrite=args.overwrite,
+            **(dict(min_batch=args.min_batch, opt_batch=opt_batch) if args.engine == "plan" else {}),
         )
         print(f"wrote Triton model {path.name} in {out} ({'TensorRT plan' if args.engine == 'plan' else 'ONNX'})")
     return 0

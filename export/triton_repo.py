@@ -197,7 +197,7 @@ def write_triton_repo(
     opset: int = DEFAULT_OPSET,
     max_batch_size: int = 32,
     precision: str = "fp32",
-    min_batch: int = 1,
+    min_batch: Optional[int] = None,
     opt_batch: Optional[int] = None,
     overwrite: bool = False,
 ) -> Path:
@@ -205,26 +205,22 @@ def write_triton_repo(
 
     engine "onnx" serves the float32 ONNX file with Triton's ONNX Runtime backend (precision must
     be "fp32"); "plan" builds a TensorRT engine (needs tensorrt and a CUDA device) in `precision`
-    whose profile spans [min_batch, max_batch], with min_batch 1 (the batcher sends any batch)."""
+    whose profile spans [min_batch, max_batch], with min_batch 1 (the default: the batcher sends any
+    batch); min_batch and opt_batch apply to plans only."""
     if engine not in PLATFORMS:
         raise InputError(f"engine must be one of {sorted(PLATFORMS)}, got {engine!r}")
     if not isinstance(max_batch_size, int) or max_batch_size < 1:
         raise InputError(f"max_batch_size must be a positive integer, got {max_batch_size!r}")
     if engine == "onnx" and precision != "fp32":
         raise InputError(f"precision {precision!r} applies to TensorRT plans; the ONNX model is float32 (use engine 'plan' / --engine plan)")
-    if engine == "onnx":
-        # They shape a plan's profile only. (The CLI, which refuses them itself, passes their
-        # defaults: min_batch 1 and default_opt_batch(1, max_batch_size); those are let through.)
-        from headsteer.export.tensorrt import default_opt_batch  # importable without tensorrt
-
-        given = [f"{what}={value!r}" for what, value, default in (
-            ("min_batch", min_batch, 1),
-            ("opt_batch", opt_batch, default_opt_batch(1, max_batch_size)),
-        ) if value is not None and value != default]
+    if engine == "onnx":  # (they shape a plan's profile only)
+        given = [f"{what}={value!r}" for what, value in (("min_batch", min_batch), ("opt_batch", opt_batch))
+                 if value is not None]
         if given:
             raise InputError(f"{', '.join(given)} {'does' if len(given) == 1 else 'do'} not apply to engine 'onnx' "
                              "(they shape a TensorRT plan's profile; use engine 'plan' / --engine plan)")
     if engine == "plan":
+        min_batch = 1 if min_batch is None else min_batch
         opt_batch = _check_plan_args(precision, min_batch, opt_batch, max_batch_size)
     out_dir = Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
