@@ -213,9 +213,9 @@ def write_triton_repo(
         raise InputError(f"max_batch_size must be a positive integer, got {max_batch_size!r}")
     if engine == "onnx" and precision != "fp32":
         raise InputError(f"precision {precision!r} applies to TensorRT plans; the ONNX model is float32 (use engine 'plan' / --engine plan)")
-    if engine == "onnx":  # (they shape a plan's profile only)
+    if engine == "onnx":  # (they shape a plan's profile only; min_batch 1, the default, changes nothing)
         given = [f"{what}={value!r}" for what, value in (("min_batch", min_batch), ("opt_batch", opt_batch))
-                 if value is not None]
+                 if value is not None and not (what == "min_batch" and value == 1)]
         if given:
             raise InputError(f"{', '.join(given)} {'does' if len(given) == 1 else 'do'} not apply to engine 'onnx' "
                              "(they shape a TensorRT plan's profile; use engine 'plan' / --engine plan)")

@@ -54,15 +54,18 @@ def cuda_capability(device: torch.device) -> Optional[int]:
     return None
 
 
-def check_devices(device: torch.device, *named_tensors: dict) -> None:
+def check_devices(device: torch.device, *groups) -> None:
     """Refuse, before any launch, tensors that are not on `device`: kernels read raw pointers, so one
-    on another device would fault the GPU or read the wrong memory instead of raising. Takes dicts
-    of name -> value (entries that are not tensors are skipped), e.g. a gate's parameter dict as
-    it is; names are only put together when something is refused (this runs on every eager launch)."""
-    for group in named_tensors:
-        for tensor in group.values():
+    on another device would fault the GPU or read the wrong memory instead of raising. Each group is
+    a dict of name -> value, or a (label, dict) pair whose names the label prefixes in the message
+    (e.g. a gate's parameter dict as it is); values that are not tensors are skipped, and names are
+    put together only when something is refused (this runs on every eager launch)."""
+    for group in groups:
+        for tensor in (group[1] if isinstance(group, tuple) else group).values():
             if isinstance(tensor, torch.Tensor) and tensor.device != device:
-                elsewhere = [f"{name} on {value.device}" for group in named_tensors for name, value in group.items()
+                elsewhere = [f"{label}{name} on {value.device}"
+                             for label, named in (group if isinstance(group, tuple) else ("", group) for group in groups)
+                             for name, value in named.items()
                              if isinstance(value, torch.Tensor) and value.device != device]
                 raise ValueError(f"every tensor must be on {device} like the input; got {', '.join(elsewhere)}")
 
@@ -338,8 +341,8 @@ def _run(args: argparse.Namespace) -> int:
         return 2
     results = compile_all(args.arch, args.quick, args.only, args.ptx)
     if not results:  # (nothing was compiled: a misspelt --only would report an empty, passing set)
-        print(f"headsteer.kernels.aot: --only {args.only!r} matches no variant{' of --quick' if args.quick else ''}",
-              file=sys.stderr)
+        print(f"headsteer.kernels.aot: no kernel compiled (--only {args.only!r} matches no variant"
+              f"{' of --quick' if args.quick else ''})", file=sys.stderr)
         return 2
     print(f"{'variant':<34} {'kernel':<24} {'warps':>5} {'regs':>5} {'spill st/ld':>12} {'stack':>6} {'shared':>7}")
     for r in results:

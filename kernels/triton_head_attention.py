@@ -584,8 +584,8 @@ def head_attention_launches(
                          "a separate tensor")
     check_devices(x.device, dict(keep=keep, qkv_weight=qkv_weight, qkv_bias=qkv_bias, proj_weight=proj_weight,
                                  proj_bias=proj_bias, residual=residual, layer_scale=layer_scale, out=out),
-                  *(dict(norm.named_parameters(prefix=name)) for name, norm in (("q_norm", q_norm), ("k_norm", k_norm))
-                    if isinstance(norm, nn.LayerNorm)))  # (anything else is refused below)
+                  *((label, {"weight": norm.weight, "bias": norm.bias})  # (other norms are refused below)
+                    for label, norm in (("q_norm.", q_norm), ("k_norm.", k_norm)) if isinstance(norm, nn.LayerNorm)))
     # The kernels read biases, norm weights and the layer scale as contiguous vectors.
     qkv_bias, proj_bias, layer_scale = (vector.contiguous() if vector is not None else None
                                         for vector in (qkv_bias, proj_bias, layer_scale))

@@ -645,7 +645,7 @@ def triton_sae_steer_gate(
         raise ValueError(f"gate weights {tuple(fc1_w.shape)}, {tuple(fc2_w.shape)} do not fit D={dim}")
     budget_k = reference.heads_for_budget(budget, num_heads) if budget is not None else 0
     check_devices(e.device, dict(steer_scale=steer_scale, steer_shift=steer_shift),
-                  dict(zip(("out[0]", "out[1]"), out or ())), gate_params, sae_params or {})
+                  dict(zip(("out[0]", "out[1]"), out or ())), ("gate ", gate_params), ("SAE ", sae_params or {}))
 
     if out is None:
         logits = torch.empty(batch, num_heads, device=e.device, dtype=torch.float32)

@@ -74,10 +74,10 @@ def _positive_int(text: str) -> int:
     return value
 
 
-def _read_rgb(name: str, decode: bool = True):
-    """The image file `name` decoded as RGB, or an InputError naming the file. With decode=False,
-    only its header is read and its data checked where the format allows without decoding
-    (PIL's verify: a PNG's chunk checksums), so a batch of files is checked up front cheaply."""
+def _read_rgb(name: str, keep: bool = True):
+    """The image file `name` decoded as RGB, or an InputError naming the file. With keep=False it
+    is decoded (PIL's verify checks data only for PNG: a corrupt JPEG shows only when decoded)
+    and dropped, to check every file before any work without holding them all in memory."""
     from PIL import Image, UnidentifiedImageError
 
     from headsteer.runtime.engine import wide_mode_problem
@@ -88,13 +88,14 @@ def _read_rgb(name: str, decode: bool = True):
             problem = wide_mode_problem(image, f"image {name}", tensor_hint=False)
             if problem:
                 raise InputError(problem)
-            if not decode:
-                image.verify()
+            if not keep:
+                image.load()
                 return None
             return image.convert("RGB")
     except FileNotFoundError:
         raise InputError(f"image file {name} does not exist") from None
-    except (UnidentifiedImageError, Image.DecompressionBombError, OSError) as error:
+    # (PIL reports a PNG chunk with a bad checksum as a SyntaxError)
+    except (UnidentifiedImageError, Image.DecompressionBombError, OSError, SyntaxError) as error:
         raise InputError(f"cannot read image {name}: {error}") from None
 
 
@@ -120,11 +121,10 @@ def run_predict(args: argparse.Namespace) -> int:
     from headsteer.runtime.engine import Engine
 
     _check_backend_and_device(args.backend, args.device)
-    # Check every file (header, mode, and what PIL verifies without decoding) before loading the
-    # model, so bad input fails fast; each batch below then decodes its own files, so memory holds
-    # one batch of images, not all of them, and each file is decoded once.
+    # Decode every file before loading the model, so bad input fails before any work, but keep
+    # none: each batch below decodes its own files again, so memory holds one batch of images.
     for name in args.images:
-        _read_rgb(name, decode=False)
+        _read_rgb(name, keep=False)
     engine = Engine.load(args.bundle, backend=args.backend, device=args.device)
     for start in range(0, len(args.images), args.batch_size):
         names = args.images[start:start + args.batch_size]

@@ -85,7 +85,9 @@ class SteeringConfig:
             raise InputError(f"SteeringConfig.max_val_loss must be an int >= 0, got {self.max_val_loss!r}")
         if not is_int(self.batch_size, 1):
             raise InputError(f"SteeringConfig.batch_size must be an int >= 1, got {self.batch_size!r}")
-        self.max_val_loss, self.batch_size = int(self.max_val_loss), int(self.batch_size)
+        if not is_int(self.seed, 0):
+            raise InputError(f"SteeringConfig.seed must be an int >= 0, got {self.seed!r}")
+        self.max_val_loss, self.batch_size, self.seed = int(self.max_val_loss), int(self.batch_size), int(self.seed)
 
 
 # -- latents and vectors ---------------------------------------------------------------------------

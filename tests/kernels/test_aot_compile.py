@@ -148,5 +148,6 @@ def test_only_matching_no_variant_is_an_error(monkeypatch, capsys, tmp_path):
     report = tmp_path / "kernels.json"
     assert aot.main(["--quick", "--only", "gate ViT-Z", "--json", str(report)]) == 2
     captured = capsys.readouterr()
-    assert captured.err.strip() == "headsteer.kernels.aot: --only 'gate ViT-Z' matches no variant of --quick"
+    assert captured.err.strip() == ("headsteer.kernels.aot: no kernel compiled (--only 'gate ViT-Z' matches no variant "
+                                    "of --quick)")
     assert captured.out == "" and not report.exists()

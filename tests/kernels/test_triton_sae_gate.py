@@ -519,7 +519,7 @@ def test_shift_decode_chains_are_checked():
         triton_sae_steer_gate(torch.randn(2, 24, device=DEVICE), gate, sae, None, torch.randn(2, 40, device=DEVICE))
 
 
-@pytest.mark.parametrize("where", ["steer_scale", "fc2_weight", "dec_weight", "out[1]"])
+@pytest.mark.parametrize("where", ["steer_scale", "gate fc2_weight", "SAE dec_weight", "out[1]"])
 def test_a_tensor_on_another_device_is_refused_before_any_launch(recorded_launches, where):
     """Kernels read raw pointers: a tensor elsewhere (here on `meta`) would fault a GPU."""
     gate, sae = make_gate(16, 8, 3, 1), make_sae(16, 32, "topk", 2, k=4)
@@ -527,9 +527,9 @@ def test_a_tensor_on_another_device_is_refused_before_any_launch(recorded_launch
     out = (torch.empty(2, 3, device=DEVICE), torch.empty(2, 3, device=DEVICE, dtype=torch.bool))
     if where == "steer_scale":
         scale = scale.to("meta")
-    elif where == "fc2_weight":
+    elif where == "gate fc2_weight":
         gate["fc2_weight"] = gate["fc2_weight"].to("meta")
-    elif where == "dec_weight":
+    elif where == "SAE dec_weight":
         sae["dec_weight"] = sae["dec_weight"].to("meta")
     else:
         out = (out[0], out[1].to("meta"))

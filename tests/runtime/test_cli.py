@@ -142,25 +142,21 @@ def test_predict_checks_backend_and_device_before_reading_any_image(bundle_path,
     assert message in err and len(err.strip().splitlines()) == 1
 
 
-def test_predict_decodes_each_file_once_after_checking_them_all(bundle_path, tmp_path, capsys, monkeypatch):
-    """Files are checked up front without decoding their pixels (a truncated PNG fails there,
-    before the model loads), then each is decoded once, in its batch."""
-    from PIL import Image as PILImage
-
-    paths = []
-    for index in range(3):
-        path = tmp_path / f"image{index}.png"
-        Image.fromarray(np.random.default_rng(index).integers(0, 256, (40, 40, 3), dtype=np.uint8)).save(path)
-        paths.append(str(path))
-    decoded = []
-    convert = PILImage.Image.convert
-    monkeypatch.setattr(PILImage.Image, "convert",
-                        lambda self, *a, **k: decoded.append(getattr(self, "filename", None)) or convert(self, *a, **k))
-    assert main(["predict", str(bundle_path), *paths, "--batch-size", "2"]) == 0
-    assert sorted(name for name in decoded if name) == sorted(paths)  # (files; the engine converts copies)
-    truncated = tmp_path / "truncated.png"
-    truncated.write_bytes(open(paths[0], "rb").read()[:-200])
+def test_predict_checks_every_file_before_the_model_loads(bundle_path, tmp_path, capsys, monkeypatch):
+    """A PNG with a bad checksum (PIL: SyntaxError), a truncated PNG or JPEG (OSError, for JPEG
+    only when decoded) fails before the model loads, with one line naming the file."""
+    good = tmp_path / "good.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (40, 40, 3), dtype=np.uint8)).save(good)
+    png = bytearray(good.read_bytes())
+    png[60] ^= 0xFF  # inside the image data: its chunk's CRC no longer matches
+    (tmp_path / "checksum.png").write_bytes(bytes(png))
+    (tmp_path / "truncated.png").write_bytes(good.read_bytes()[:-200])
+    Image.open(good).save(tmp_path / "photo.jpg", quality=90)
+    (tmp_path / "truncated.jpg").write_bytes((tmp_path / "photo.jpg").read_bytes()[:-300])
     loaded = []
     monkeypatch.setattr("headsteer.runtime.engine.Engine.load", lambda *a, **k: loaded.append(1))
-    assert main(["predict", str(bundle_path), paths[1], str(truncated)]) == 2
-    assert "cannot read image" in capsys.readouterr().err and loaded == []
+    for bad in ("checksum.png", "truncated.png", "truncated.jpg"):
+        assert main(["predict", str(bundle_path), str(good), str(tmp_path / bad)]) == 2
+        err = capsys.readouterr().err
+        assert f"cannot read image {tmp_path / bad}" in err and len(err.strip().splitlines()) == 1
+    assert loaded == []

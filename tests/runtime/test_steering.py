@@ -1,5 +1,8 @@
 """Steering strategies build the vectors they claim, and per-class choices use train statistics
 and validation choices only."""
+import json
+from dataclasses import asdict
+
 import pytest
 import torch
 
@@ -279,6 +282,7 @@ def test_steering_config_takes_numpy_numbers_as_python_ones():
     import numpy as np
 
     config = S.SteeringConfig(counts=tuple(np.arange(1, 3)), alphas=(np.float32(0.5), 2), topk_ks=(np.int64(4),),
-                              batch_size=np.int32(64))
+                              batch_size=np.int32(64), seed=np.int64(3))
     assert config.counts == (1, 2) and config.alphas == (0.5, 2.0) and config.topk_ks == (4,) and config.batch_size == 64
+    assert type(config.seed) is int and json.dumps(asdict(config))  # (the stage record is JSON)
     assert all(type(v) is int for v in config.counts) and all(type(v) is float for v in config.alphas)
