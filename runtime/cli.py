@@ -99,28 +99,11 @@ def _read_rgb(name: str, keep: bool = True):
         raise InputError(f"cannot read image {name}: {error}") from None
 
 
-def _check_backend_and_device(backend: str, device: str) -> None:
-    """The names Engine.load accepts, checked before any file is decoded (its own checks run after)."""
-    import torch
-
-    from headsteer.runtime.engine import EXTERNAL_BACKENDS, TORCH_BACKENDS
-    from headsteer.runtime.errors import InputError
-
-    known = TORCH_BACKENDS + tuple(EXTERNAL_BACKENDS)
-    if backend != "auto" and backend not in known:
-        raise InputError(f"unknown backend {backend!r}; expected auto or one of {known}")
-    try:
-        kind = torch.device(device).type
-    except (RuntimeError, TypeError):
-        kind = None
-    if kind not in ("cpu", "cuda"):
-        raise InputError(f"unknown device {device!r}; expected cpu, cuda or cuda:N")
-
-
 def run_predict(args: argparse.Namespace) -> int:
-    from headsteer.runtime.engine import Engine
+    from headsteer.runtime.engine import Engine, check_backend_name, parse_device
 
-    _check_backend_and_device(args.backend, args.device)
+    check_backend_name(args.backend)  # (Engine.load checks both again; here before any image is read)
+    parse_device(args.device)
     # Decode every file before loading the model, so bad input fails before any work, but keep
     # none: each batch below decodes its own files again, so memory holds one batch of images.
     for name in args.images:

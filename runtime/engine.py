@@ -59,6 +59,30 @@ def wide_mode_problem(image, what: str, tensor_hint: bool = True) -> Optional[st
             "conversion would clip; scale it to 8 bits first" + (", or pass a normalized tensor" if tensor_hint else ""))
 
 
+def parse_device(device: Union[str, torch.device]) -> torch.device:
+    """`device` as a torch.device if the Engine can run there (cpu, cuda, cuda:N of a GPU torch
+    sees), else an InputError; shared by Engine.load and the command line, which checks it before
+    it reads any input."""
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise InputError(f"unknown device {device!r}; expected cpu, cuda or cuda:N") from None
+    if device.type not in ("cpu", "cuda"):  # e.g. meta or mps: failed later inside the forward
+        raise InputError(f"unknown device {str(device)!r}; expected cpu, cuda or cuda:N")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise InputError("device 'cuda' was asked for but torch sees no CUDA device")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise InputError(f"device {device} was asked for but torch sees {torch.cuda.device_count()} CUDA device(s)")
+    return device
+
+
+def check_backend_name(backend: str) -> None:
+    """InputError unless `backend` is "auto" or one the Engine knows."""
+    known = TORCH_BACKENDS + tuple(EXTERNAL_BACKENDS)
+    if backend != "auto" and backend not in known:
+        raise InputError(f"unknown backend {backend!r}; expected auto or one of {known}")
+
+
 def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype = torch.float32) -> str:
     """"auto" means triton on CUDA in fp16/bf16 (when triton imports), compact elsewhere.
 
@@ -139,16 +163,8 @@ class Engine:
         dtype). cuda_graphs: replay a captured CUDA graph per batch size (default: on for triton
         on CUDA, the only backend that allows it). Options go to external runners (e.g.
         `onnx_path`, `providers`, `engine_path`)."""
-        try:
-            device = torch.device(device)
-        except (RuntimeError, TypeError):
-            raise InputError(f"unknown device {device!r}; expected cpu, cuda or cuda:N") from None
-        if device.type not in ("cpu", "cuda"):  # e.g. meta or mps: failed later inside the forward
-            raise InputError(f"unknown device {str(device)!r}; expected cpu, cuda or cuda:N")
-        if device.type == "cuda" and not torch.cuda.is_available():
-            raise InputError("device 'cuda' was asked for but torch sees no CUDA device")
-        if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
-            raise InputError(f"device {device} was asked for but torch sees {torch.cuda.device_count()} CUDA device(s)")
+        device = parse_device(device)
+        check_backend_name(backend)
         if dtype not in DTYPES:
             raise InputError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
         backend = resolve_backend(backend, device, DTYPES[dtype])
@@ -161,9 +177,6 @@ class Engine:
         if cuda_graphs and not graphable:
             raise InputError("cuda_graphs needs backend 'triton' on a CUDA device (other paths sync with the host)")
         cuda_graphs = graphable if cuda_graphs is None else cuda_graphs
-        known = TORCH_BACKENDS + tuple(EXTERNAL_BACKENDS)
-        if backend not in known:
-            raise InputError(f"unknown backend {backend!r}; expected auto or one of {known}")
         if backend in TORCH_BACKENDS and options:
             raise InputError(f"backend {backend!r} takes no options, got {sorted(options)}")
         if backend in EXTERNAL_BACKENDS and dtype != "float32":
