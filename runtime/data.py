@@ -35,6 +35,7 @@ from torch.utils.data import TensorDataset
 from torchvision.datasets.folder import IMG_EXTENSIONS
 from tqdm import tqdm
 
+from headsteer.runtime.bundle import repeated_names
 from headsteer.runtime.engine import wide_mode_problem
 from headsteer.runtime.errors import DataError, InputError
 
@@ -320,7 +321,7 @@ def _check_class_names(class_names: list[str], source: Path) -> None:
     """DataError unless `source` names at least two classes, each once: with one, a model has
     nothing to classify or steer between; two of one name could not be told apart by the steering
     rows and per-class reports, which go by name."""
-    repeated = sorted({name for name in class_names if class_names.count(name) > 1})
+    repeated = repeated_names(class_names)
     if repeated:
         raise DataError(f"{source} names {repeated} more than once; class names must be distinct")
     if len(class_names) < 2:
