@@ -22,14 +22,9 @@ from pathlib import Path
 
 import torch
 
+from headsteer.runtime.cli import positive_int
+
 DEFAULT_MODEL = "vit_small_patch16_224"
-
-
-def _positive(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text}")
-    return value
 
 
 def _not_negative(text: str) -> int:
@@ -44,10 +39,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     source = parser.add_mutually_exclusive_group()
     source.add_argument("--bundle", default=None, help="bundle directory to time")
     source.add_argument("--model", default=None, help=f"timm model name, random weights (default {DEFAULT_MODEL})")
-    parser.add_argument("--batches", type=_positive, nargs="+", default=[1, 8])
+    parser.add_argument("--batches", type=positive_int, nargs="+", default=[1, 8])
     parser.add_argument("--warmup", type=_not_negative, default=3, help="untimed calls per cell (default 3)")
-    parser.add_argument("--iters", type=_positive, default=20, help="timed repetitions per cell (default 20)")
-    parser.add_argument("--threads", type=_positive, default=None, help="torch and ORT intra-op threads (default: torch's)")
+    parser.add_argument("--iters", type=positive_int, default=20, help="timed repetitions per cell (default 20)")
+    parser.add_argument("--threads", type=positive_int, default=None, help="torch and ORT intra-op threads (default: torch's)")
     args = parser.parse_args(argv)
     if args.bundle is None and args.model is None:
         args.model = DEFAULT_MODEL
