@@ -17,7 +17,6 @@ write_plot`, `register_backend` to plug in more backends. CLI: `add_arguments(pa
 from __future__ import annotations
 
 import argparse
-import contextlib
 import copy
 import datetime as _dt
 import json
@@ -37,6 +36,7 @@ from typing import Callable, Optional, Sequence
 import torch
 
 from headsteer.bench.flops import ideal_speedup, patch_size, vit_flops
+from headsteer.kernels.aot import launch_device
 from headsteer.runtime.engine import DTYPES
 from headsteer.runtime.errors import InputError
 from headsteer.runtime.files import atomic_path, check_can_create
@@ -473,19 +473,15 @@ def run_bench(config: BenchConfig) -> dict:
     else:
         rng_devices = []
     try:
-        with torch.random.fork_rng(devices=rng_devices), _current_device(device):
+        # (the benchmarked GPU current: CUDA events record on the current device's stream, and
+        # Triton launches there, so a model on cuda:1 timed with cuda:0 current would be timed on an
+        # idle GPU)
+        with torch.random.fork_rng(devices=rng_devices), launch_device(device):
             if config.threads:
                 torch.set_num_threads(int(config.threads))
             return _run_grid(config, names, device)
     finally:
         torch.set_num_threads(threads)
-
-
-def _current_device(device: torch.device):
-    """`device` made the current CUDA device for the run (nothing on the CPU): CUDA events record
-    on the current device's stream, and Triton launches there, so a model on cuda:1 timed with
-    cuda:0 current would be timed on an idle GPU."""
-    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
 
 
 def _run_grid(config: BenchConfig, names: list, device: torch.device) -> dict:
