@@ -134,8 +134,9 @@ def build_engine(
                 raise InputError(f"{onnx_path} holds a {recorded} graph; export it with precision={precision!r} or build with precision={recorded!r}")
         else:
             raise InputError(f"{source} is neither a bundle directory nor an ONNX file")
+        rows_text = steering.read_text() if steering is not None else None
         # (before the build; with no rows to write, any rows file there is another model's)
-        check_rows_replaceable(steering_out, steering.read_text() if steering is not None else "null", overwrite)
+        check_rows_replaceable(steering_out, rows_text if rows_text is not None else "null", overwrite)
 
         logger = trt.Logger(trt.Logger.WARNING)
         builder = trt.Builder(logger)
@@ -159,8 +160,8 @@ def build_engine(
         with atomic_path(plan_path, suffix=".plan") as temp:
             with open(temp, "wb") as handle:
                 handle.write(memoryview(serialized))
-        if steering is not None:  # only beside a plan that was written
-            write_text_atomic(steering_out, steering.read_text())
+        if rows_text is not None:  # only beside a plan that was written
+            write_text_atomic(steering_out, rows_text)
         else:  # (an ONNX file exported without steering rows: none beside its plan either)
             steering_out.unlink(missing_ok=True)
     finally:
