@@ -111,10 +111,17 @@ def collect_latents(
     order: [N, S_total] (eval mode, the inference gate)."""
     from headsteer.runtime.train import normalize
 
+    return _site_latents(model, (normalize(images[start : start + batch_size], mean, std)
+                                 for start in range(0, len(images), batch_size)))
+
+
+def _site_latents(model: GatedViT, batches) -> torch.Tensor:
+    """The SAE latents at every site, concatenated in site order, of each batch of model inputs,
+    stacked: [N, S_total] (eval mode, the inference gate)."""
     chunks = []
     with eval_mode(model):
-        for start in range(0, len(images), batch_size):
-            out = model(normalize(images[start : start + batch_size], mean, std), return_latents=True)
+        for x in batches:
+            out = model(x, return_latents=True)
             chunks.append(torch.cat([out.latents[b] for b in model.sae_blocks], dim=1))
     return torch.cat(chunks) if chunks else torch.zeros(0, model.steer_width)
 
@@ -446,12 +453,7 @@ def _choose_topk(model, x_val, y_val, num_classes, config) -> dict:
 @torch.no_grad()
 def collect_latents_normalized(model: GatedViT, x: torch.Tensor, batch_size: int = 512) -> torch.Tensor:
     """Like `collect_latents` for inputs that are already normalized."""
-    chunks = []
-    with eval_mode(model):
-        for start in range(0, len(x), batch_size):
-            out = model(x[start : start + batch_size], return_latents=True)
-            chunks.append(torch.cat([out.latents[b] for b in model.sae_blocks], dim=1))
-    return torch.cat(chunks) if chunks else torch.zeros(0, model.steer_width)
+    return _site_latents(model, (x[start : start + batch_size] for start in range(0, len(x), batch_size)))
 
 
 def row_info(table: Optional[SteeringTable], name: str) -> dict:
