@@ -317,11 +317,16 @@ def noise_schedule(epoch: int, epochs: int, anneal_start: float) -> float:
     return max(0.0, 1.0 - (epoch - begin + 1) / max(1, epochs - begin))
 
 
-def add_gates(model: GatedViT, gate_blocks: Union[str, Sequence[int]] = "all", gate_init_bias: float = 3.0) -> GatedViT:
+def add_gates(model: GatedViT, gate_blocks: Union[str, Sequence[int]] = "all", gate_init_bias: float = 3.0,
+              seed: Optional[int] = None) -> GatedViT:
     """`model` with head gates at `gate_blocks` (existing gates kept), no SAE; new gates' output
-    bias starts at `gate_init_bias` (3.0: sigmoid 0.95, nearly every head kept)."""
+    bias starts at `gate_init_bias` (3.0: sigmoid 0.95, nearly every head kept). With `seed` the
+    new gates are drawn from it (as train_sae draws new SAEs from its config's seed), not from
+    the global RNG as earlier work left it."""
     if model.gate_blocks and gate_blocks == "all" and len(model.gate_blocks) == len(model.vit.blocks):
         return model
+    if seed is not None:
+        torch.manual_seed(seed)
     return rebuild(model, gate_blocks=gate_blocks, sae_blocks="none", gate_init_bias=gate_init_bias)
 
 
@@ -831,9 +836,10 @@ def _train_recipe(args: argparse.Namespace, model: GatedViT, splits: Splits, pro
     elif args.recipe == "gates":
         config = GateConfig(seed=args.seed, target_usage=args.target_usage, usage_weight=args.usage_weight,
                             freeze_backbone=args.freeze_backbone, **overrides)
-        torch.manual_seed(args.seed)  # new gates are drawn from --seed, not the RNG as loading left it
-        # a gated bundle keeps its gate sites and SAEs; an ungated one gets a gate on every block
-        model, stage = train_gates(model if model.gate_blocks else add_gates(model), splits, config, progress)
+        # a gated bundle keeps its gate sites and SAEs; an ungated one gets a gate on every block,
+        # drawn from --seed
+        model, stage = train_gates(model if model.gate_blocks else add_gates(model, seed=args.seed), splits, config,
+                                   progress)
         print(f"gates: val accuracy {stage['val_accuracy']:.4f}, head usage {stage['val_head_usage']:.3f}")
     elif args.recipe == "sae":
         config = SAEConfig(seed=args.seed, width=args.width, k=args.k, activation=args.activation, **overrides)
