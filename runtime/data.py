@@ -121,6 +121,13 @@ class Splits:
         return self.train.image_size
 
 
+def check_seed(seed, what: str = "seed") -> None:
+    """InputError unless `seed` is an integer scikit-learn's split takes, [0, 2**32 - 1]; `what`
+    names it (e.g. "--seed")."""
+    if not isinstance(seed, (int, np.integer)) or not 0 <= seed < 2**32:
+        raise InputError(f"{what} must be an integer in [0, 2**32 - 1]; got {seed!r}")
+
+
 def load_data(
     spec: str,
     *,
@@ -142,10 +149,7 @@ def load_data(
         raise DataError(f"empty data spec; expected {ACCEPTED_SPECS}")
     if image_size is not None:
         image_size = _height_width(image_size)
-    # scikit-learn's split takes seeds in [0, 2**32 - 1]; checked here, before any image is read,
-    # so another seed is not reported as a failed stratified split.
-    if not isinstance(seed, (int, np.integer)) or not 0 <= seed < 2**32:
-        raise InputError(f"seed must be an integer in [0, 2**32 - 1]; got {seed!r}")
+    check_seed(seed)  # (before any image is read: another seed is no failed stratified split)
     for name, fraction in (("val_fraction", val_fraction), ("test_fraction", test_fraction)):
         if not 0 < fraction < 1:
             raise InputError(f"{name} must be strictly between 0 and 1; got {fraction}")

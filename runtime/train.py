@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from headsteer.runtime.bundle import check_replaceable, load_bundle, save_bundle
-from headsteer.runtime.data import (ImageDataset, Splits, data_record, load_data, recorded_split_seed,
+from headsteer.runtime.data import (ImageDataset, Splits, check_seed, data_record, load_data, recorded_split_seed,
                                     resolve_split_seed)
 from headsteer.runtime.errors import BundleError, HeadsteerError, InputError
 from headsteer.runtime.files import check_can_create
@@ -742,8 +742,7 @@ def _check_args(args: argparse.Namespace) -> None:
         value = getattr(args, name, None)
         if value is not None and value <= 0:
             raise InputError(f"--{name} must be positive, got {value}")
-    if not 0 <= args.seed < 2**32:  # the range the data split takes (data order seeds reach seed * 1000 + epoch)
-        raise InputError(f"--seed must be an integer in [0, 2**32 - 1], got {args.seed}")
+    check_seed(args.seed, "--seed")  # (with --from it seeds training only, but the same range)
     check_bundle_out(args.out)
     if args.recipe == "backbone":
         _check_backbone_args(args)
