@@ -49,3 +49,16 @@ def tiny_vit_kwargs(**overrides) -> dict:
     kwargs = dict(img_size=32, patch_size=8, embed_dim=48, depth=2, num_heads=3, mlp_ratio=2.0, num_classes=7)
     kwargs.update(overrides)
     return kwargs
+
+
+def save_cli_bundle(path):
+    """A 3-class (red, green, blue) tiny gated ViT with a 16-latent SAE and a steering table, saved
+    at `path`: the bundle the command-line tests drive."""
+    from headsteer.runtime import GatedViT
+    from headsteer.runtime.bundle import SteeringTable, save_bundle
+
+    model = GatedViT.from_timm("vit_tiny_patch16_224", timm_kwargs=tiny_vit_kwargs(num_classes=3), gate_init_bias=0.0,
+                               sae_width=16, sae_k=2)
+    names = ["red", "green", "blue"]
+    steering = SteeringTable(names, torch.rand(3, 16) * 3, torch.zeros(3, 16))
+    return save_bundle(model, path, class_names=names, steering=steering)

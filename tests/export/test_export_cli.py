@@ -1,20 +1,14 @@
 """`headsteer export`: options are checked before anything is written, and an option the chosen
 output does not use is refused rather than ignored."""
 import pytest
-import torch
 
-from headsteer.runtime import GatedViT
-from headsteer.runtime.bundle import SteeringTable, save_bundle
 from headsteer.runtime.cli import main
-from tests.conftest import tiny_vit_kwargs
+from tests.conftest import save_cli_bundle
 
 
 @pytest.fixture(scope="module")
 def bundle_path(tmp_path_factory):
-    model = GatedViT.from_timm("vit_tiny_patch16_224", timm_kwargs=tiny_vit_kwargs(num_classes=3), gate_init_bias=0.0, sae_width=16, sae_k=2)
-    names = ["red", "green", "blue"]
-    steering = SteeringTable(names, torch.rand(3, 16) * 3, torch.zeros(3, 16))
-    return save_bundle(model, tmp_path_factory.mktemp("export_cli") / "bundle", class_names=names, steering=steering)
+    return save_cli_bundle(tmp_path_factory.mktemp("export_cli") / "bundle")
 
 
 @pytest.mark.parametrize(
