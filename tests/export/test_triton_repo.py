@@ -87,6 +87,20 @@ def test_plan_engine_without_tensorrt_is_a_clear_error(exported, tmp_path, capsy
     assert not (tmp_path / "repo").exists() or not any((tmp_path / "repo").iterdir())
 
 
+def _refused_before_export(exported, tmp_path, monkeypatch, match, **options):
+    """write_triton_repo(**options) raises an InputError matching `match` before exporting anything."""
+    import headsteer.export.triton_repo as triton_repo
+    from headsteer.runtime.errors import InputError
+
+    def no_export(*args, **kwargs):
+        raise AssertionError("exported before the arguments were checked")
+
+    monkeypatch.setattr(triton_repo, "to_onnx", no_export)
+    with pytest.raises(InputError, match=match):
+        triton_repo.write_triton_repo(exported.bundle, tmp_path / "repo", **options)
+    assert not (tmp_path / "repo").exists()
+
+
 @pytest.mark.parametrize(
     "kwargs,match",
     [
@@ -98,16 +112,7 @@ def test_plan_engine_without_tensorrt_is_a_clear_error(exported, tmp_path, capsy
     ],
 )
 def test_plan_arguments_are_checked_before_anything_is_exported(exported, tmp_path, monkeypatch, kwargs, match):
-    import headsteer.export.triton_repo as triton_repo
-    from headsteer.runtime.errors import InputError
-
-    def no_export(*args, **kwargs):
-        raise AssertionError("exported before the arguments were checked")
-
-    monkeypatch.setattr(triton_repo, "to_onnx", no_export)
-    with pytest.raises(InputError, match=match):
-        triton_repo.write_triton_repo(exported.bundle, tmp_path / "repo", engine="plan", max_batch_size=32, **kwargs)
-    assert not (tmp_path / "repo").exists()
+    _refused_before_export(exported, tmp_path, monkeypatch, match, engine="plan", max_batch_size=32, **kwargs)
 
 
 def test_onnx_engine_rejects_a_precision(exported, tmp_path, capsys):
@@ -184,16 +189,7 @@ def test_overwrite_replaces_only_what_the_export_wrote(exported, tmp_path, capsy
 def test_onnx_engine_refuses_plan_profile_batches(exported, tmp_path, monkeypatch, kwargs, match):
     """min_batch/opt_batch shape a TensorRT plan's profile; the CLI refuses them with --engine onnx,
     and so does the API (it used to drop them silently), before anything is exported."""
-    import headsteer.export.triton_repo as triton_repo
-    from headsteer.runtime.errors import InputError
-
-    def no_export(*args, **kwargs):
-        raise AssertionError("exported before the arguments were checked")
-
-    monkeypatch.setattr(triton_repo, "to_onnx", no_export)
-    with pytest.raises(InputError, match=match):
-        triton_repo.write_triton_repo(exported.bundle, tmp_path / "repo", engine="onnx", max_batch_size=16, **kwargs)
-    assert not (tmp_path / "repo").exists()
+    _refused_before_export(exported, tmp_path, monkeypatch, match, engine="onnx", max_batch_size=16, **kwargs)
 
 
 @pytest.mark.parametrize("bad", ["hot\ndog", "hot\rdog", "hot\r\ndog"])
