@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import importlib
 import inspect
-import numbers
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional, Sequence, Union
@@ -19,7 +18,7 @@ import torch.nn.functional as F
 from headsteer.runtime.bundle import BundleInfo, load_bundle
 from headsteer.runtime.cuda_graph import CudaGraphForward
 from headsteer.runtime.errors import InputError
-from headsteer.runtime.gated_vit import GatedViT, HeadUsage
+from headsteer.runtime.gated_vit import GatedViT, HeadUsage, check_budget
 
 TORCH_BACKENDS = ("reference", "compact", "triton")
 # Backends that run an exported artifact; each maps to "module:function" building a runner
@@ -307,8 +306,7 @@ class Engine:
         or [S_total]; the missing one is identity) instead of `steer`. `budget`: force
         round(budget*H) heads per gated block."""
         # (the checks that need no pixels come before preprocessing, which resizes and scans them)
-        if budget is not None and (isinstance(budget, bool) or not (isinstance(budget, numbers.Real) and 0.0 <= budget <= 1.0)):
-            raise InputError(f"budget must be a number in [0, 1] or None, got {budget!r}")
+        check_budget(budget)
         budget = None if budget is None else float(budget)  # (a numpy scalar as a Python float)
         if budget is not None and self._runner is not None:
             raise InputError(f"backend {self.backend!r} runs an exported model; a head budget is not an input there")

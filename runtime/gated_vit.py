@@ -186,6 +186,12 @@ class SparseAutoencoder(nn.Module):
         self.decoder_weight.div_(self.decoder_weight.norm(dim=1, keepdim=True).clamp_min(1e-8))
 
 
+def check_budget(budget) -> None:
+    """InputError unless a head budget is None or a number (of any numeric type) in [0, 1]."""
+    if budget is not None and (isinstance(budget, bool) or not (isinstance(budget, numbers.Real) and 0.0 <= budget <= 1.0)):
+        raise InputError(f"budget must be a number in [0, 1] or None, got {budget!r}")
+
+
 def resolve_blocks(spec: Union[str, int, Sequence[int]], depth: int, what: str) -> list[int]:
     """Turn "all", "none", a slice like "1:" (AdaViT leaves block 0 ungated), an int or a list of
     (possibly negative) block indices into sorted indices."""
@@ -432,8 +438,7 @@ class GatedViT(nn.Module):
                 raise InputError(f"{name} must be floating point, got {vector.dtype}")
             if vector.device != device:
                 raise InputError(f"{name} is on {vector.device}; the model is on {device} (move it with .to)")
-        if budget is not None and (isinstance(budget, bool) or not (isinstance(budget, numbers.Real) and 0.0 <= budget <= 1.0)):
-            raise InputError(f"budget must be a number in [0, 1] or None, got {budget!r}")
+        check_budget(budget)
 
     def _decide(self, block_index, e, steer_scale, steer_shift, budget, backend, latents):
         """Gate one block: (gate logits [B, H], keep [B, H] bool, head weight): the weight is the
