@@ -205,3 +205,40 @@ def test_compact_backend_sees_new_weights_at_the_old_address():
                 setattr(layer, name, nn.Parameter(torch.from_numpy(buffer)))
             torch.testing.assert_close(dispatch.head_attention("compact", x, keep, None, attn),
                                        dispatch.head_attention("reference", x, keep, None, attn), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("mask_kind", ["all", "shared", "random"])
+def test_compact_with_qk_norm_on_every_path(mask_kind):
+    """q/k norms apply on every path, not only the mixed-count one: a batch that keeps every head
+    (the one-group dense path), one shared head set (the head-run path) and per-sample sets."""
+    heads, head_dim, batch = 4, 8, 5
+    weights = _weights(32, heads, head_dim, 32)
+    q_norm, k_norm = nn.LayerNorm(head_dim), nn.LayerNorm(head_dim)
+    nn.init.normal_(q_norm.weight), nn.init.normal_(k_norm.bias)
+    x = torch.randn(batch, 7, 32)
+    keep = {"all": torch.ones(batch, heads, dtype=torch.bool),
+            "shared": torch.tensor([True, False, True, True]).expand(batch, heads).clone(),
+            "random": _masks("same_count", batch, heads)}[mask_kind]
+    with torch.no_grad():
+        expected = reference.head_attention(x, keep.float(), *weights, q_norm=q_norm, k_norm=k_norm)
+        plain = reference.head_attention(x, keep.float(), *weights)
+        out = compact.compact_head_attention(x, keep, *weights, q_norm=q_norm, k_norm=k_norm)
+    assert not torch.allclose(expected, plain, atol=1e-3)  # the norms matter at these weights
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("batch,tokens", [(1, 2), (3, 5)])
+def test_compact_all_pruned_batch_is_a_fresh_contiguous_tensor(batch, tokens):
+    """A batch that keeps no head gives the projection bias on every token, as a contiguous tensor
+    of its own: not a broadcast view of proj_bias, which an in-place update of the branch (an
+    in-place LayerScale) could not write. (A ViT has at least two tokens; at B * N = 1 the
+    contiguous expand is proj_bias itself.)"""
+    qkv_weight, qkv_bias, proj_weight, proj_bias, heads = _weights(16, 2, 8, 16)
+    saved = proj_bias.clone()
+    keep = torch.zeros(batch, heads, dtype=torch.bool)
+    out = compact.compact_head_attention(torch.randn(batch, tokens, 16), keep, qkv_weight, qkv_bias, proj_weight,
+                                         proj_bias, heads)
+    assert out.shape == (batch, tokens, 16) and out.is_contiguous()
+    assert torch.equal(out, saved.expand(batch, tokens, 16))
+    out.mul_(2.0)
+    assert torch.equal(proj_bias, saved)
