@@ -215,14 +215,15 @@ def _variants(quick: bool) -> Iterator[tuple[str, callable]]:
             yield f"attention {label}", lambda x=x, keep=keep, w=weights, h=heads: triton_head_attention(x, keep, *w, h)
             if dtype != torch.float32:  # (fp32 launches use TILES_FP32, not TILES)
                 # Opt-in variants the benchmark sweep times: the projection's per-head branch, q|k
-                # as one QKV dot, the attention's narrow passes over the ragged ends, programmatic
-                # dependent launches.
+                # as one QKV dot, 128-token QKV tiles with 64-row narrow passes, the attention's
+                # narrow passes over the ragged ends, programmatic dependent launches.
                 for variant, overrides in (("head-branch", dict(proj_kept_list_max_heads=0)),
                                            ("kept-list", dict(proj_kept_list_max_heads=16)),
                                            ("row-bits", dict(proj_kept_list_max_heads=16, proj_list_row_bits=True)),
                                            ("row-bits-wide", dict(proj_kept_list_max_heads=16, proj_list_row_bits=True,
                                                                   proj_block_t=128, proj_block_o=256, proj_warps=8)),
                                            ("fused-qk", dict(qkv_fuse_qk=True)),
+                                           ("qkv-narrow", dict(qkv_block_n=128, qkv_warps=8, qkv_narrow_n=64)),
                                            ("narrow-tails", attention.NARROW_TAIL_TILES),
                                            ("programmatic-launch", dict(programmatic_launch=True))):
 

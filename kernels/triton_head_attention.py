@@ -63,6 +63,17 @@ class TileConfig:
     # ViT-S in 84.0 us against 84.7 and ViT-B in 283.7 against 287.5 (usage 1), so three dots
     # are the default; with this flattened QKV only q|k was timed (`--sweep` compares both).
     qkv_fuse_qk: bool = False
+    # QKV tiles narrowed to where their head is kept (opt-in; 0: never): when every row of a
+    # tile whose sample keeps the head lies within this many consecutive rows, the program
+    # projects only those rows (a tile of the flattened B*N tokens straddles two samples when
+    # N is not a multiple of it, and then does the MMA work of a whole tile for either one).
+    # Meant for 128-token tiles, which read 20 bytes from L2 per output against 32 for 64-token
+    # tiles (timed 7% faster at usage 1 on an H100 on 2026-11-27) but straddled in 64% of tiles
+    # at ViT's N=197 (4.5% slower at usage 0.33): with 64-row narrow passes, a tile whose one
+    # sample keeps the head over at most 64 of its rows does half the work. At usage 0.33
+    # (kept heads independent per sample) that estimates the same MMA rows as 64-token tiles
+    # (40% of the dense rows against 48% for plain 128-token tiles). Untimed; `--sweep` times it.
+    qkv_narrow_n: int = 0
     attn_block_m: int = 128  # queries per attention program
     attn_block_m_tail: int = 128  # narrowest pass over the ragged last query tile (`ragged_step`)
     attn_block_n: int = 64  # keys per online-softmax step
@@ -166,10 +177,13 @@ def fit_tiles(tiles: TileConfig, block_d: int, element_bytes: int) -> TileConfig
     proj_block_o = tiles.proj_block_o
     while proj_block_o > 16 and tiles.proj_stages * (tiles.proj_block_t + proj_block_o) * block_d * element_bytes > _SHARED_BUDGET:
         proj_block_o //= 2
+    # A narrow pass is a power of two of at least 16 rows (tl.dot), narrower than the tile.
+    qkv_narrow_n = tiles.qkv_narrow_n if 16 <= tiles.qkv_narrow_n < qkv_block_n else 0
     return dataclasses.replace(tiles, attn_block_m=attn_block_m,
                                attn_block_m_tail=min(tiles.attn_block_m_tail, attn_block_m), attn_block_n=attn_block_n,
                                attn_block_tail=attn_block_tail,
-                               qkv_block_n=qkv_block_n, qkv_block_k=qkv_block_k, proj_block_o=proj_block_o)
+                               qkv_block_n=qkv_block_n, qkv_narrow_n=qkv_narrow_n, qkv_block_k=qkv_block_k,
+                               proj_block_o=proj_block_o)
 
 
 def ragged_step(length: int, block: int, narrowest: int) -> int:
@@ -319,7 +333,7 @@ def _qkv_kernel(
     Q_NORM: tl.constexpr, QN_W: tl.constexpr, QN_B: tl.constexpr,
     K_NORM: tl.constexpr, KN_W: tl.constexpr, KN_B: tl.constexpr,
     PRECISION: tl.constexpr, FUSE_QK: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_N: tl.constexpr, NARROW_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
     PDL: tl.constexpr,
 ):
     _follow_previous_launch(PDL)
@@ -329,15 +343,43 @@ def _qkv_kernel(
     # reading the mask bits.
     tile = tl.program_id(0) // H
     h = tl.program_id(0) % H
-    rows = tile * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_n = tl.arange(0, BLOCK_N)
+    rows = tile * BLOCK_N + offs_n
     sample = rows // N
     row_kept = tl.load(keep_ptr + sample * stride_keep_b + h * stride_keep_h, mask=rows < B * N, other=0) != 0
-    if tl.max(row_kept.to(tl.int32), axis=0) != 0:
-        _qkv_rows(x_ptr, stride_xb, stride_xn, stride_xd, w_ptr, stride_wr, stride_wd, bias_ptr,
-                  qn_w_ptr, qn_b_ptr, q_eps, kn_w_ptr, kn_b_ptr, k_eps, qkv_ptr, scratch_part,
-                  sample, rows % N, row_kept, h, N, D, H, HEAD_DIM,
-                  HAS_BIAS, Q_NORM, QN_W, QN_B, K_NORM, KN_W, KN_B, PRECISION, FUSE_QK,
-                  BLOCK_N, BLOCK_K, BLOCK_D)
+    if NARROW_N == 0:
+        if tl.max(row_kept.to(tl.int32), axis=0) != 0:
+            _qkv_rows(x_ptr, stride_xb, stride_xn, stride_xd, w_ptr, stride_wr, stride_wd, bias_ptr,
+                      qn_w_ptr, qn_b_ptr, q_eps, kn_w_ptr, kn_b_ptr, k_eps, qkv_ptr, scratch_part,
+                      sample, rows % N, row_kept, h, N, D, H, HEAD_DIM,
+                      HAS_BIAS, Q_NORM, QN_W, QN_B, K_NORM, KN_W, KN_B, PRECISION, FUSE_QK,
+                      BLOCK_N, BLOCK_K, BLOCK_D)
+    else:
+        # The tile's first and last rows whose sample keeps h (first > last: none). When they lie
+        # within NARROW_N rows, project only the NARROW_N rows from the first: rows past the last
+        # kept one (the next sample's, or the next tile's) are neither loaded nor stored, and rows
+        # in between whose sample pruned h (several samples per tile when N < BLOCK_N) load their
+        # own mask bits, as in the whole tile.
+        first = tl.min(tl.where(row_kept, offs_n, BLOCK_N), axis=0)
+        last = tl.max(tl.where(row_kept, offs_n, -1), axis=0)
+        if last - first >= NARROW_N:
+            _qkv_rows(x_ptr, stride_xb, stride_xn, stride_xd, w_ptr, stride_wr, stride_wd, bias_ptr,
+                      qn_w_ptr, qn_b_ptr, q_eps, kn_w_ptr, kn_b_ptr, k_eps, qkv_ptr, scratch_part,
+                      sample, rows % N, row_kept, h, N, D, H, HEAD_DIM,
+                      HAS_BIAS, Q_NORM, QN_W, QN_B, K_NORM, KN_W, KN_B, PRECISION, FUSE_QK,
+                      BLOCK_N, BLOCK_K, BLOCK_D)
+        elif first <= last:
+            offs_narrow = tl.arange(0, NARROW_N)
+            narrow_rows = tile * BLOCK_N + first + offs_narrow
+            narrow_sample = narrow_rows // N
+            in_span = offs_narrow <= last - first
+            narrow_kept = in_span & (tl.load(keep_ptr + narrow_sample * stride_keep_b + h * stride_keep_h,
+                                             mask=in_span, other=0) != 0)
+            _qkv_rows(x_ptr, stride_xb, stride_xn, stride_xd, w_ptr, stride_wr, stride_wd, bias_ptr,
+                      qn_w_ptr, qn_b_ptr, q_eps, kn_w_ptr, kn_b_ptr, k_eps, qkv_ptr, scratch_part,
+                      narrow_sample, narrow_rows % N, narrow_kept, h, N, D, H, HEAD_DIM,
+                      HAS_BIAS, Q_NORM, QN_W, QN_B, K_NORM, KN_W, KN_B, PRECISION, FUSE_QK,
+                      NARROW_N, BLOCK_K, BLOCK_D)
 
 
 @triton.jit
@@ -627,7 +669,7 @@ def head_attention_launches(
             HAS_BIAS=qkv_bias is not None,
             Q_NORM=qn[3], QN_W=qn[4], QN_B=qn[5], K_NORM=kn[3], KN_W=kn[4], KN_B=kn[5],
             PRECISION=precision, FUSE_QK=fuse_qk,
-            BLOCK_N=tiles.qkv_block_n, BLOCK_K=tiles.qkv_block_k, BLOCK_D=block_d,
+            BLOCK_N=tiles.qkv_block_n, NARROW_N=tiles.qkv_narrow_n, BLOCK_K=tiles.qkv_block_k, BLOCK_D=block_d,
             PDL=pdl, launch_pdl=pdl, num_warps=tiles.qkv_warps, num_stages=tiles.qkv_stages,
         )
 

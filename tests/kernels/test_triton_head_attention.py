@@ -110,6 +110,7 @@ TILE_VARIANTS = {
     "query-tail": dict(attn_block_m=32, attn_block_m_tail=16, attn_block_n=32),
     "narrow-tails": attention_module.NARROW_TAIL_TILES,  # (fp32 keeps whole key steps)
     "programmatic-launch": dict(programmatic_launch=True),  # (on sm_90 and later; the interpreter runs it plain)
+    "qkv-narrow": dict(qkv_block_n=32, qkv_narrow_n=16),  # (QKV tiles narrowed to their kept rows)
 }
 
 
@@ -132,6 +133,31 @@ def test_tile_variants_match_reference(tiles, batch, tokens, heads, head_dim, ma
 def test_tile_variants_with_qk_norm(tiles):
     branch = make_branch(3, 17, 3, 32, 13)
     run_and_check(branch, make_mask("distinct", 3, 3, 13), 3, layer_norm(32, True, True, 14), layer_norm(32, True, False, 15))
+
+
+@pytest.mark.parametrize("tokens", [33, 40, 47, 48, 49, 70])
+@pytest.mark.parametrize("keep_rows", [((1, 0), (0, 1)), ((0, 1), (1, 0)), ((1, 1), (0, 1))])
+def test_qkv_narrow_passes_at_their_bounds(monkeypatch, tokens, keep_rows):
+    """32-token QKV tiles narrowed to 16 rows (`qkv_narrow_n`), two samples keeping different
+    heads: the tile over rows 32-63 holds 15 of sample 0's rows and 17 of sample 1's at N=47, 16
+    and 16 at N=48, 17 and 15 at N=49 (and 8 / 24 at N=40, 1 / 31 at N=33), so each head's kept
+    span there is one row, just under, at or just over the narrow pass's 16 rows; at N=70 a narrow pass starting at row
+    70 reaches past its tile (rows 96-101 of sample 1, kept by the next tile's program)."""
+    tiles = dataclasses.replace(attention_module.TILES_FP32, qkv_block_n=32, qkv_narrow_n=16)
+    monkeypatch.setattr(attention_module, "TILES_FP32", tiles)
+    assert attention_module.tiles_for(32, torch.float32).qkv_narrow_n == 16
+    branch = make_branch(2, tokens, 2, 32, zlib.crc32(repr((tokens, keep_rows)).encode()))
+    run_and_check(branch, torch.tensor(keep_rows, dtype=torch.bool, device=DEVICE), 2)
+
+
+def test_fit_tiles_keeps_narrow_qkv_passes_narrower_than_the_tile():
+    fit = attention_module.fit_tiles
+    assert fit(TileConfig(qkv_block_n=128, qkv_warps=8, qkv_narrow_n=64), 64, 2).qkv_narrow_n == 64
+    assert fit(TileConfig(qkv_block_n=64, qkv_narrow_n=64), 64, 2).qkv_narrow_n == 0  # (as wide as the tile)
+    assert fit(TileConfig(qkv_block_n=128, qkv_warps=8, qkv_narrow_n=8), 64, 2).qkv_narrow_n == 0  # (under 16)
+    # a tile shrunk for wide fp32 heads takes the narrow pass with it
+    shrunk = fit(TileConfig(qkv_block_n=128, qkv_narrow_n=64, qkv_warps=4), 128, 4)
+    assert shrunk.qkv_block_n <= 64 and shrunk.qkv_narrow_n == 0
 
 
 def dtypes_here():
