@@ -10,6 +10,12 @@ import torch
 # kernel module is imported, so it is set here, before any test imports one.
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+# ... and the kernel modules are imported now, in that mode, for the whole session: a test that
+# unsets TRITON_INTERPRET to call a compile-only tool in-process would otherwise leave them
+# imported compiled-only when it happened to be their first importer, and every interpreted
+# kernel test after it would fail for want of a GPU driver.
+import headsteer.kernels.triton_head_attention  # noqa: E402,F401
+import headsteer.kernels.triton_sae_gate  # noqa: E402,F401
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
