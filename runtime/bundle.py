@@ -215,6 +215,14 @@ def save_bundle(
     class_names = list(class_names) if class_names is not None else [str(i) for i in range(num_classes)]
     if len(class_names) != num_classes:
         raise InputError(f"{len(class_names)} class names for a model with {num_classes} classes")
+    # (load refuses both: predictions and steering targets are class names, one per class)
+    odd = [name for name in class_names if not isinstance(name, str)]
+    if odd:
+        raise InputError(f"class names must be strings, got {type(odd[0]).__name__} {odd[0]!r} "
+                         "(e.g. class_names=[str(i) for i in range(num_classes)])")
+    repeated = repeated_names(class_names)
+    if repeated:
+        raise InputError(f"class names must be unique (a name picks one class), repeated: {repeated}")
     if steering is not None and steering.width != model.steer_width:
         raise InputError(f"steering table is {steering.width} wide; the model's steer_width is {model.steer_width}")
     if steering is not None:
@@ -417,6 +425,8 @@ def _check_header_types(config: dict, config_path: Path) -> None:
     names = config["class_names"]
     _expect(config_path, "class_names", names, _is_list_of(names, lambda c: isinstance(c, str)) and len(names) > 0,
             "a non-empty list of class names")
+    repeated = repeated_names(names)
+    _expect(config_path, "class_names", names, not repeated, f"free of repeated names, found {repeated}")
     _expect(config_path, "sae_sites", config["sae_sites"], _is_list_of(config["sae_sites"], _is_sae_site),
             "a list of {block, width, offset, activation, k} objects, one per SAE")
     _expect(config_path, "extra", config.get("extra", {}), isinstance(config.get("extra", {}), dict), "an object")

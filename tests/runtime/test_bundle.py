@@ -144,6 +144,12 @@ def test_save_validates_before_writing(tmp_path):
     instance_model = GatedViT.from_timm(model.vit)
     with pytest.raises(BundleError, match="from_timm\\(name"):
         save_bundle(instance_model, tmp_path / "b")
+    # (a bundle steers and reports by class name: names it would load as anything else, or two
+    # classes one name cannot tell apart, were written and then refused by load or ambiguous)
+    with pytest.raises(InputError, match=r"class names must be strings.*int 0"):
+        save_bundle(model, tmp_path / "b", class_names=range(model.vit.num_classes))
+    with pytest.raises(InputError, match=r"class names must be unique.*repeated: \['a'\]"):
+        save_bundle(model, tmp_path / "b", class_names=["a"] * 2 + [str(i) for i in range(model.vit.num_classes - 2)])
     headless = GatedViT.from_timm("vit_tiny_patch16_224", timm_kwargs=tiny_vit_kwargs(num_classes=0))
     with pytest.raises(InputError, match=r"no classifier head \(timm num_classes=0"):
         save_bundle(headless, tmp_path / "b")  # (Engine.predict raised IndexError on its bundle)
@@ -233,6 +239,8 @@ CORRUPT_HEADERS = {
     "sae site k a string": (_set("sae_sites", 1, "k", value="3"), r"sae_sites must be a list of \{block, width"),
     # steering rows a name cannot pick unambiguously, or for classes the model lacks
     "repeated steering class": (_set("steering", "classes", 1, value="class0"), r"steering.classes must be free of repeated names, found \['class0'\]"),
+    "repeated class name": (lambda c: c.update(class_names=["class0"] * 2 + c["class_names"][2:], steering=None),
+                            r"class_names must be free of repeated names, found \['class0'\]"),
     "foreign steering class": (_set("steering", "classes", 2, value="zebra"), r"steering.classes must be names among class_names, found \['zebra'\]"),
     "steering info short": (_set("steering", "info", value=[{}]), r"steering.info must be a list with one entry per steering row \(7\) or none"),
     "format_version a bool": (_set("format_version", value=True), r"no integer format_version"),
