@@ -343,7 +343,15 @@ class GatedViT(nn.Module):
             build_kwargs = dict(timm_kwargs)
             if pretrained_file is not None:
                 build_kwargs.update(pretrained=True, pretrained_cfg_overlay=dict(file=str(pretrained_file)))
-            vit = timm.create_model(name, **build_kwargs)
+            try:
+                vit = timm.create_model(name, **build_kwargs)
+            except TypeError as error:  # e.g. ViT options (img_size) given to a ResNet, or a misspelt one
+                if "keyword argument" not in str(error):
+                    raise
+                raise UnsupportedModelError(
+                    f"timm model {name!r} cannot be built with timm_kwargs {timm_kwargs}: {error} "
+                    "(headsteer wraps timm's vision_transformer family)"
+                ) from None
         else:
             if pretrained_file is not None:
                 raise InputError("pretrained_file only applies when from_timm is given a model name")

@@ -305,6 +305,20 @@ def test_unknown_timm_name_is_a_clear_error():
         GatedViT.from_timm("vit_does_not_exist")
 
 
+@pytest.mark.parametrize(
+    "name,kwargs,match",
+    [
+        ("resnet18", dict(img_size=16, num_classes=3), r"timm model 'resnet18' cannot be built with .*'img_size'"),
+        ("vit_tiny_patch16_224", dict(tiny_vit_kwargs(), no_such_option=1), r"cannot be built with .*'no_such_option'"),
+    ],
+    ids=["non_vit_with_vit_options", "unknown_option"],
+)
+def test_timm_kwargs_the_model_does_not_take_are_a_clear_error(name, kwargs, match):
+    """(were timm's TypeError: `headsteer train backbone --timm-name resnet18` ended in a traceback)"""
+    with pytest.raises(UnsupportedModelError, match=match):
+        GatedViT.from_timm(name, timm_kwargs=kwargs)
+
+
 def test_timm_names_with_a_pretrained_tag_build():
     """timm.create_model takes "arch.tag" (the tag picks the pretrained config a weights file
     matches); from_timm takes the same names, and refuses an unknown tag clearly."""
