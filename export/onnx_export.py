@@ -57,6 +57,7 @@ class ExportSource:
     std: tuple
     steering: Optional[object]  # runtime.bundle.SteeringTable
     name: str
+    weights_sha256: Optional[str] = None  # the bundle's model.safetensors checksum (None: a GatedViT)
 
 
 def steering_path_for(onnx_path: Union[str, os.PathLike]) -> Path:
@@ -73,14 +74,16 @@ def external_data_path(onnx_path: Union[str, os.PathLike]) -> Path:
 
 def resolve_source(bundle_or_model, *, class_names=None, steering=None, mean=None, std=None) -> ExportSource:
     """Load a bundle directory, or take a GatedViT with optional class names, table, normalization."""
-    from headsteer.runtime.bundle import IMAGENET_MEAN, IMAGENET_STD, load_bundle
+    from headsteer.runtime.bundle import IMAGENET_MEAN, IMAGENET_STD, WEIGHTS_FILE, load_bundle
     from headsteer.runtime.gated_vit import GatedViT
 
+    weights_sha256 = None
     if isinstance(bundle_or_model, (str, os.PathLike)):
         model, info = load_bundle(bundle_or_model)
         default_names, default_mean, default_std = info.class_names, info.mean, info.std
         steering = steering if steering is not None else info.steering
         name = Path(bundle_or_model).resolve().name
+        weights_sha256 = info.config["files"][WEIGHTS_FILE]
     elif isinstance(bundle_or_model, GatedViT):
         model = bundle_or_model
         default_names = [str(i) for i in range(model.vit.num_classes)]
@@ -101,6 +104,7 @@ def resolve_source(bundle_or_model, *, class_names=None, steering=None, mean=Non
         std=tuple(std or default_std),
         steering=steering,
         name=name,
+        weights_sha256=weights_sha256,
     )
 
 
@@ -127,6 +131,8 @@ def model_metadata(source: ExportSource, attention: str, steering_file: Optional
         "steer_mode": model.steer_mode,
         "timm_name": model.timm_name or "",
         "steering_file": steering_file or "",
+        # (prefixed, so read_metadata never decodes an all-digit digest as a number)
+        "weights_sha256": f"sha256:{source.weights_sha256}" if source.weights_sha256 else "",
     }
     return {META_PREFIX + key: value if isinstance(value, str) else json.dumps(value) for key, value in values.items()}
 

@@ -38,6 +38,7 @@ import torch
 
 from headsteer.export._common import MissingDependencyError, require
 from headsteer.export.onnx_export import DEFAULT_OPSET, INPUT_NAMES, ONNX_FORMAT, read_metadata, to_onnx
+from headsteer.runtime.bundle import WEIGHTS_FILE
 from headsteer.runtime.errors import BundleError, InputError
 
 CPU_PROVIDER = "CPUExecutionProvider"
@@ -274,6 +275,13 @@ def check_against_bundle(metadata: dict, info, path) -> None:
         "gated_blocks": list(config.get("gated_blocks", [])),
     }
     _require_same(metadata, expected, path)
+    # Same shapes, other weights (another training run of one recipe): the file records the
+    # checksum of the bundle's weights it was exported from (files of a GatedViT, or of older
+    # versions, record none).
+    recorded = metadata.get("weights_sha256")
+    weights = config.get("files", {}).get(WEIGHTS_FILE)
+    if recorded and weights:
+        _require_same(metadata, {"weights_sha256": f"sha256:{weights}"}, path)
 
 
 def check_io_dims(dims: dict, info, path) -> None:

@@ -81,3 +81,21 @@ def test_a_bf16_file_on_the_cpu_provider_is_a_clear_error(exported, tmp_path):
     path = to_onnx(exported.bundle, tmp_path / "bf16.onnx", precision="bf16", write_steering=False)
     with pytest.raises(InputError, match=r"bf16\.onnx, exported with precision bf16: .*NOT_IMPLEMENTED.*--precision fp32"):
         Engine.load(exported.bundle, backend="onnxruntime", onnx_path=path)
+
+
+def test_a_file_exported_from_other_weights_is_refused(exported, tmp_path):
+    """A bundle of the same architecture, classes and steering width but other weights loaded
+    another bundle's ONNX file and ran its weights, under this bundle's name. The file records
+    the weights' checksum; the same weights with another steering table still load it."""
+    from headsteer.runtime.bundle import save_bundle
+    from headsteer.runtime.errors import BundleError
+
+    from .conftest import CLASS_NAMES, make_model, make_steering
+
+    other = make_model(seed=1)
+    other_bundle = save_bundle(other, tmp_path / "other", class_names=CLASS_NAMES, steering=make_steering(other))
+    with pytest.raises(BundleError, match=r"tiny_masked.onnx was exported from another model: its weights_sha256 is"):
+        Engine.load(other_bundle, backend="onnxruntime", onnx_path=exported.onnx["masked"])
+    same_weights = save_bundle(exported.model, tmp_path / "restreered", class_names=CLASS_NAMES,
+                               steering=make_steering(exported.model, seed=2))
+    Engine.load(same_weights, backend="onnxruntime", onnx_path=exported.onnx["sparse"])
