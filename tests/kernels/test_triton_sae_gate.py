@@ -555,3 +555,117 @@ def test_the_launch_runs_with_the_inputs_device_current(monkeypatch, recorded_la
     e = torch.randn(2, 16, device=DEVICE)
     triton_sae_steer_gate(e, make_gate(16, 8, 3, 1), make_sae(16, 32, "topk", 2, k=4), *make_steering("scale", 2, 32, 3))
     assert events == [("enter", e.device, 0), ("exit", e.device, 1)]  # the one launch inside
+
+
+@pytest.mark.parametrize("with_sae", [False, True])
+def test_a_logit_of_exactly_zero_prunes_its_head(with_sae):
+    """The keep rule is `logits > 0` (DESIGN.md, "The model" 2): heads whose fc2 row and bias are
+    zero get a logit of exactly 0 and are pruned, with or without SAE work before the gate."""
+    dim, width, batch = 24, 40, 5
+    seed = 120 + with_sae
+    gate = make_gate(dim, 16, 6, seed)
+    gate["fc2_weight"][1::2] = 0.0
+    gate["fc2_bias"][1::2] = 0.0
+    e = torch.randn(batch, dim, generator=torch.Generator().manual_seed(seed)).to(DEVICE)
+    sae = make_sae(dim, width, "relu", seed + 1) if with_sae else None
+    scale, shift = make_steering("scale+shift", batch, width, seed + 2) if with_sae else (None, None)
+    logits, keep = triton_sae_steer_gate(e, gate, sae, scale, shift)
+    assert (logits[:, 1::2] == 0).all() and not keep[:, 1::2].any()
+    run_and_check(e, gate, sae, scale, shift, "preserve-error", None)
+
+
+@pytest.mark.parametrize("heads,budget,count", [(1, 0.5, 1), (2, 0.25, 1), (5, 0.5, 3), (6, 0.75, 5), (10, 0.25, 3)])
+def test_budget_halves_round_up_in_the_kernel(heads, budget, count):
+    """A budget whose b * H is exactly a half keeps round-half-up(b * H) heads (0.5 -> 1, 2.5 -> 3,
+    4.5 -> 5), as `reference.heads_for_budget` counts, not Python's round-half-to-even."""
+    dim, width, batch = 24, 40, 4
+    seed = zlib.crc32(repr(("half", heads, budget)).encode())
+    e = torch.randn(batch, dim, generator=torch.Generator().manual_seed(seed)).to(DEVICE)
+    gate = make_gate(dim, 16, heads, seed + 1)
+    for sae, steering in ((None, (None, None)), (make_sae(dim, width, "topk", seed + 2, k=5),
+                                                 make_steering("scale", batch, width, seed + 3))):
+        logits, keep = triton_sae_steer_gate(e, gate, sae, *steering, budget=budget)
+        assert (keep.sum(1) == count).all()
+        run_and_check(e, gate, sae, *steering, "preserve-error", budget)
+
+
+@pytest.mark.parametrize("mode", reference.STEER_MODES)
+def test_jumprelu_keeps_only_pre_activations_strictly_above_the_threshold(mode):
+    """JumpReLU keeps `pre > threshold`: a latent whose pre-activation equals its threshold exactly
+    (integer-valued inputs, exact in any summation order) is off. Row 0 sits on the threshold of
+    every even latent, and the steering scale makes each active latent visible in the logits."""
+    dim, width, batch = 16, 40, 4
+    g = torch.Generator().manual_seed(131)
+    sae = make_sae(dim, width, "jumprelu", 131)
+    sae["enc_weight"] = torch.randint(-2, 3, (width, dim), generator=g).float().to(DEVICE)
+    sae["enc_bias"] = torch.randint(-2, 3, (width,), generator=g).float().to(DEVICE)
+    sae["dec_bias"] = torch.randint(-1, 2, (dim,), generator=g).float().to(DEVICE)
+    e = torch.randint(-2, 3, (batch, dim), generator=g).float().to(DEVICE)
+    pre = (e - sae["dec_bias"]) @ sae["enc_weight"].t() + sae["enc_bias"]
+    threshold = pre[1] + 0.5  # odd latents: row 1 just below its threshold
+    threshold[0::2] = pre[0, 0::2]  # even latents: row 0 exactly on its threshold
+    sae["threshold"] = threshold
+    assert (pre[0, 0::2] == sae["threshold"][0::2]).all()
+    scale, shift = make_steering("scale", batch, width, 132)
+    run_and_check(e, make_gate(dim, 8, 4, 133), sae, scale, shift, mode, None)
+    # (a latent on its threshold switched on would move row 0's logits by about its value)
+    on = reference.sae_encode(e, sae["enc_weight"], sae["enc_bias"], sae["dec_bias"], "jumprelu",
+                              threshold=sae["threshold"] - 0.25)
+    assert (on[0, 0::2] != 0).sum() >= 5
+
+
+@pytest.mark.parametrize("activation,k,steering", [("relu", None, "scale+shift"), ("topk", 5, "scale+shift"),
+                                                   ("topk", 5, "shift"), (None, None, "identity")])
+def test_strided_decision_vectors_and_steering_slices(activation, k, steering):
+    """What the runtime passes: e = x[:, 0] of the residual stream [B, N, D] (row stride N * D), and
+    steering rows sliced from the concatenated [B, S_total] table at the site's offset (row stride
+    S_total): the kernel reads both by their strides."""
+    dim, width, batch, tokens, total = 24, 40, 5, 3, 100
+    seed = zlib.crc32(repr(("strided", activation, k, steering)).encode())
+    g = torch.Generator().manual_seed(seed)
+    e = torch.randn(batch, tokens, dim, generator=g).to(DEVICE)[:, 0]
+    assert e.stride(0) == tokens * dim
+    sae = make_sae(dim, width, activation, seed + 1, k=k) if activation else None
+    scale = shift = None
+    if steering != "identity":
+        table_scale = (0.5 + 3 * torch.rand(batch, total, generator=g)).to(DEVICE)
+        table_shift = (0.5 * torch.randn(batch, total, generator=g)).to(DEVICE)
+        scale = table_scale[:, 30:30 + width] if "scale" in steering else None
+        shift = table_shift[:, 30:30 + width]
+    for mode in reference.STEER_MODES:
+        run_and_check(e, make_gate(dim, 16, 6, seed + 2), sae, scale, shift, mode, 0.5)
+
+
+def test_layer_norm_eps_is_the_gates_own():
+    """The gate's LayerNorm uses `norm_eps` from its parameters: decision vectors of a variance
+    near eps (1e-6) tell 1e-6 from 1e-5 or any fixed value."""
+    e = 1e-3 * torch.randn(4, 32, generator=torch.Generator().manual_seed(141)).to(DEVICE)
+    for eps in (1e-6, 1e-5):
+        gate = make_gate(32, 16, 6, 142)
+        gate["norm_eps"] = eps
+        run_and_check(e, gate, None, None, None, "preserve-error", None)
+
+
+@pytest.mark.parametrize("mode", reference.STEER_MODES)
+def test_shift_decode_covers_every_column(mode):
+    """D = 50 over three latent tiles (S = 300): D / 3 rounded down is a power of two (16), so
+    only a rounded-up share (32 columns a program) decodes the shift into every column."""
+    dim, width, batch = 50, 300, 3
+    e = torch.randn(batch, dim, generator=torch.Generator().manual_seed(151)).to(DEVICE)
+    for steering in ("shift", "scale+shift"):
+        scale, shift = make_steering(steering, batch, width, 152)
+        run_and_check(e, make_gate(dim, 16, 4, 153), make_sae(dim, width, "topk", 154, k=6), scale, shift, mode, None)
+
+
+@pytest.mark.parametrize("digit_bits", [0, 1, 2])
+def test_radix_select_ties_minus_zero_with_zero(digit_bits):
+    """-0.0 and +0.0 compare equal, so `reference.topk_mask` takes them in column order: with k
+    cutting through a run of mixed-sign zeros, the radix select must keep the lower columns, not
+    every +0.0 first (their bit patterns differ)."""
+    zeros = torch.tensor([-0.0, 0.0, -0.0, -0.0, 0.0, 0.0, -0.0, 0.0])
+    values = torch.cat([zeros, torch.tensor([1.0, 2.0, -1.0, 3.0, -0.5, 0.5, -2.0, 4.0])]).repeat(16, 1)
+    values[1::2, :8] = -values[1::2, :8]  # odd rows: the zeros' signs swapped
+    for k in range(5, 14):  # 5 positives in each row, then the zeros
+        got = torch.zeros(16, 16, dtype=torch.bool, device=DEVICE)
+        _topk_rows_probe[(1,)](values.to(DEVICE), got, 16, k, ROWS=16, BLOCK_C=16, DIGIT_BITS=digit_bits)
+        assert torch.equal(got.cpu(), reference.topk_mask(values, k)), k
