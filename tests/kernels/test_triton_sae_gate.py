@@ -669,3 +669,26 @@ def test_radix_select_ties_minus_zero_with_zero(digit_bits):
         got = torch.zeros(16, 16, dtype=torch.bool, device=DEVICE)
         _topk_rows_probe[(1,)](values.to(DEVICE), got, 16, k, ROWS=16, BLOCK_C=16, DIGIT_BITS=digit_bits)
         assert torch.equal(got.cpu(), reference.topk_mask(values, k)), k
+
+
+@pytest.mark.parametrize("activation", ["relu", "jumprelu"])
+def test_partial_decodes_of_more_latent_tiles_than_one_load(activation):
+    """S = 600: five latent tiles of 128, more than the PARTIAL_TILES (4) partial decodes a
+    finisher sums per load, so the sum takes a second, ragged load (ViT-S's S = 1536 is twelve)."""
+    dim, width, batch = 24, 600, 3
+    e = torch.randn(batch, dim, generator=torch.Generator().manual_seed(171)).to(DEVICE)
+    scale, shift = make_steering("scale+shift", batch, width, 172)
+    sae = make_sae(dim, width, activation, 173)
+    for mode in reference.STEER_MODES:
+        run_and_check(e, make_gate(dim, 16, 4, 174), sae, scale, shift, mode, None)
+
+
+@pytest.mark.parametrize("activation,k", [(None, None), ("relu", None), ("topk", 5)])
+def test_decision_vectors_with_a_column_stride(activation, k):
+    """e as a transposed view (column stride B, not 1) is read by its values, as from a copy."""
+    dim, width, batch = 24, 40, 5
+    e = torch.randn(dim, batch, generator=torch.Generator().manual_seed(181)).to(DEVICE).t()
+    assert e.stride(1) != 1
+    sae = make_sae(dim, width, activation, 182, k=k) if activation else None
+    scale, shift = make_steering("scale+shift", batch, width, 183) if activation else (None, None)
+    run_and_check(e, make_gate(dim, 16, 6, 184), sae, scale, shift, "preserve-error", 0.5)
