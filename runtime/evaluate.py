@@ -363,8 +363,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="data split seed; default: the one the bundle records (it was trained with). "
                              "Only needed for bundles that record none; another seed than the recorded one "
                              "is refused (its test split would hold training images)")
-    parser.add_argument("--steer", default="per-class",
-                        help="per-class (each image by its own class's row), a class name, or none")
+    parser.add_argument("--steer", default=None,
+                        help="per-class (each image by its own class's row), a class name, or none; "
+                             "default: per-class when the bundle has a steering table, else none")
     parser.add_argument("--random-control", action="store_true", help="also run the random-latent control rows")
     parser.add_argument("--backend", default="compact", help="reference, compact, triton (default compact)")
     parser.add_argument("--device", default="cpu")
@@ -387,13 +388,15 @@ def run(args: argparse.Namespace) -> int:
     _check_json_path(args.json)
     engine = Engine.load(args.bundle, backend=args.backend, device=args.device)
     table = engine.info.steering
-    steer = None if args.steer in (None, "none") else args.steer
-    if steer is not None and steer != "per-class" and table is None:
-        raise InputError("this bundle has no steering table; use --steer none")
+    if args.steer is None:  # the default: steer per class when there is a table to steer by
+        steer = "per-class" if table is not None else None
+    else:
+        steer = None if args.steer == "none" else args.steer
+    if steer is not None and table is None:
+        raise InputError(f"--steer {steer}: this bundle has no steering table; use --steer none "
+                         "(or train one: headsteer train steering)")
     if steer is not None and steer != "per-class":
         engine.info.steering_row(steer)  # an unknown class, or one without a row: fail before loading data
-    if steer == "per-class" and table is None:
-        steer = None
     random_control = args.random_control and steer is not None
     if random_control and not table.info:
         raise InputError("--random-control: this bundle's steering table records no random-latent control rows "

@@ -367,3 +367,20 @@ def test_eval_takes_a_non_square_bundle(tmp_path, capsys):
     path = T.save_stage(model, tmp_path / "wide", splits, {"data": data_record("digits", 0)})
     assert cli_main(["eval", str(path), "--data", "digits", "--steer", "none"]) == 0
     assert "digits test split (360 images)" in capsys.readouterr().out
+
+
+def test_eval_steer_per_class_without_a_steering_table_is_refused(bundle, tmp_path, capsys, monkeypatch):
+    """--steer per-class on a bundle without a steering table is refused before any data is loaded, as
+    --steer CLASS is (it used to run unsteered, reporting every class with 0 latents and alpha 1); the
+    default --steer steers per class only when the bundle has a table, so a stage bundle still evaluates."""
+    path, _, _ = bundle
+    plain = _resaved(path, tmp_path / "plain", steering=None)
+    monkeypatch.setattr(E, "load_data", _no_data)
+    for steer in ("per-class", "3"):
+        assert cli_main(["eval", str(plain), "--data", "digits", "--steer", steer]) == 2
+        err = capsys.readouterr().err
+        assert "no steering table" in err and "--steer none" in err, err
+    monkeypatch.setattr(E, "load_data", load_data)
+    assert cli_main(["eval", str(plain), "--data", "digits"]) == 0
+    out = capsys.readouterr().out
+    assert "classes: usage at the steered" not in out  # ran unsteered: no steering summary
