@@ -194,10 +194,48 @@ def new_backbone(
     except Exception as error:  # torch, timm and safetensors each raise their own types for a bad file
         if pretrained_file is None:
             raise
+        reason = unreadable_checkpoint_reason(error)
+        if reason is not None:
+            raise InputError(f"cannot load {pretrained_file}: not a checkpoint headsteer reads ({reason}); expected "
+                             f"{CHECKPOINT_FORMATS}") from None
         lines = [line.strip() for line in str(error).strip().splitlines()]
         detail = " ".join(lines[:3]) + (f" ... ({len(lines) - 3} more lines)" if len(lines) > 3 else "")
         options = {k: v for k, v in timm_kwargs.items() if k != "num_classes"}
         raise InputError(f"cannot load {pretrained_file} into timm {timm_name} with {options}: {detail}") from None
+
+
+# What timm's checkpoint reader (timm.models.load_state_dict) takes: safetensors by the file's suffix,
+# anything else through torch.load(weights_only=True), unwrapping a 'state_dict'/'model' entry.
+CHECKPOINT_FORMATS = ("a .safetensors file, or a state dict of tensors saved with torch.save (also under a "
+                      "'state_dict' or 'model' key); other pickled objects are never unpickled")
+
+
+def unreadable_checkpoint_reason(error: BaseException) -> Optional[str]:
+    """A short reason if `error` (raised while timm read a checkpoint file) says the file is no
+    checkpoint at all: not a pickle or zip torch.load reads with weights_only, holding objects other
+    than tensors, truncated, or a bad safetensors file. None for any other error (e.g. a checkpoint
+    of another architecture). torch's own text tells the user to retry with weights_only=False,
+    which headsteer never does, so only the innermost line of it is kept."""
+    import pickle
+
+    chain, seen = [], error
+    while seen is not None and len(chain) < 8:
+        chain.append(seen)
+        seen = seen.__cause__ or seen.__context__
+    unpickling = [e for e in chain if isinstance(e, pickle.UnpicklingError)]
+    if unpickling:
+        first = str(unpickling[-1]).strip().splitlines()[0] if str(unpickling[-1]).strip() else ""
+        first = first.split(". ")[0].rstrip(".")  # (torch goes on to advise allowlisting the global)
+        return f"torch.load: {first[:160]}" if first else "torch.load cannot read it"
+    for e in chain:
+        if type(e).__name__ == "SafetensorError":
+            return f"safetensors: {str(e).strip()[:160]}"
+        if isinstance(e, EOFError):
+            return "the file is empty or ends early"
+        text = str(e)
+        if isinstance(e, RuntimeError) and ("PytorchStreamReader" in text or "Invalid magic number" in text):
+            return "torch.load: " + text.strip().splitlines()[0].split(". ")[0].rstrip(".")[:160]
+    return None
 
 
 def train_backbone(

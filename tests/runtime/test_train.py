@@ -290,6 +290,33 @@ def test_pretrained_file_image_size_and_load_errors_before_data(vit_checkpoint, 
     assert sizes == [(160, 160)] and not (tmp_path / "b").exists()
 
 
+def test_pretrained_file_that_is_no_checkpoint_names_the_file_and_the_formats(vit_checkpoint, tmp_path, data_calls,
+                                                                              capsys):
+    """A file that is not a checkpoint (an image, an empty or truncated file, a pickled object) is a short
+    InputError naming it and the formats read, not torch's unpickling text ("retry with
+    weights_only=False", which a user cannot act on: headsteer never unpickles)."""
+    from PIL import Image
+
+    path, state = vit_checkpoint
+    png = tmp_path / "notes.png"
+    Image.new("RGB", (8, 8)).save(png)
+    empty = tmp_path / "empty.pth"
+    empty.write_bytes(b"")
+    truncated = tmp_path / "truncated.pth"
+    truncated.write_bytes(path.read_bytes()[:2000])
+    optimizer = tmp_path / "optimizer.pth"
+    torch.save({"opt": torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)}, optimizer)
+    bad_safetensors = tmp_path / "bad.safetensors"
+    bad_safetensors.write_bytes(b"not safetensors")
+    train = ["train", "backbone", "--timm-name", "test_vit", "--out", str(tmp_path / "b"), "--pretrained-file"]
+    for bad in (png, empty, truncated, optimizer, bad_safetensors):
+        assert cli_main([*train, str(bad)]) == 2
+        err = capsys.readouterr().err
+        assert f"cannot load {bad}: not a checkpoint" in err and ".safetensors" in err and "torch.save" in err, err
+        assert "weights_only" not in err and "allowlist" not in err and len(err) < 500, err
+    assert data_calls == [] and not (tmp_path / "b").exists()
+
+
 @pytest.mark.parametrize("argv, message", [
     (["backbone", "--num-heads", "0"], "--num-heads must be positive"),
     (["backbone", "--embed-dim", "-8"], "--embed-dim must be positive"),
