@@ -968,9 +968,18 @@ def _write_reports(report: dict, files: list) -> None:
 
 
 # -- CLI --------------------------------------------------------------------------------------------
+def _items(text: str, what: str) -> list[str]:
+    """The comma-separated items of `text`; an empty one (`1,,2`, a trailing comma) is refused, not
+    skipped: it is more likely a value left out than one too many commas."""
+    items = [v.strip() for v in text.split(",")]
+    if not all(items):
+        raise argparse.ArgumentTypeError(f"{text!r} has an empty item; expected comma-separated {what}")
+    return items
+
+
 def _int_list(text: str) -> list[int]:
     try:
-        values = [int(v) for v in text.split(",") if v.strip()]
+        values = [int(v) for v in _items(text, "positive integers")]
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
     if not values or any(v < 1 for v in values):
@@ -980,7 +989,7 @@ def _int_list(text: str) -> list[int]:
 
 def _usage_list(text: str) -> list[float]:
     try:
-        values = [float(v) for v in text.split(",") if v.strip()]
+        values = [float(v) for v in _items(text, "numbers in [0, 1]")]
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected comma-separated numbers in [0, 1], got {text!r}") from None
     if not values or any(not 0.0 <= v <= 1.0 for v in values):
@@ -989,7 +998,7 @@ def _usage_list(text: str) -> list[float]:
 
 
 def _name_list(text: str) -> list[str]:
-    return [v.strip() for v in text.split(",") if v.strip()]
+    return _items(text, "backend names")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

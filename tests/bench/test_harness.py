@@ -189,6 +189,19 @@ def test_cli_arguments_and_run(tmp_path, monkeypatch, report):
     assert harness.main_from_args is harness.run
 
 
+@pytest.mark.parametrize("option, text", [("--batch", "1,,2"), ("--batch", "1,2,"), ("--batch", ","),
+                                          ("--img-size", "64, ,32"), ("--usage", "1,,0"),
+                                          ("--backends", "timm,,compact")])
+def test_cli_lists_refuse_an_empty_item(option, text, capsys):
+    """`--batch 1,,2` read as [1, 2]: an empty item (a typo for a missing number) is refused, naming it."""
+    parser = argparse.ArgumentParser()
+    harness.add_arguments(parser)
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--model", "x", option, text])
+    err = capsys.readouterr().err
+    assert f"argument {option}: " in err and "empty item" in err and repr(text) in err, err
+
+
 def test_bundle_source(tmp_path):
     from headsteer.runtime.bundle import save_bundle
     from headsteer.runtime.gated_vit import GatedViT
