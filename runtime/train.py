@@ -182,11 +182,12 @@ def new_backbone(
 ) -> GatedViT:
     """A dense GatedViT (no gates, no SAEs) over a freshly built (seeded) or checkpointed timm ViT.
 
-    A checkpoint that does not load into that architecture is an InputError naming both."""
+    A checkpoint that does not load into that architecture is an InputError naming both, and so is an
+    image size that is not a whole number of patches per side (timm would crop it; see patch_grid_problem)."""
     torch.manual_seed(seed)
     timm_kwargs = timm_kwargs if timm_kwargs is not None else digits_vit_kwargs()
     try:
-        return GatedViT.from_timm(
+        model = GatedViT.from_timm(
             timm_name, timm_kwargs=timm_kwargs, gate_blocks="none", sae_blocks="none", pretrained_file=pretrained_file
         )
     except HeadsteerError:
@@ -202,6 +203,30 @@ def new_backbone(
         detail = " ".join(lines[:3]) + (f" ... ({len(lines) - 3} more lines)" if len(lines) > 3 else "")
         options = {k: v for k, v in timm_kwargs.items() if k != "num_classes"}
         raise InputError(f"cannot load {pretrained_file} into timm {timm_name} with {options}: {detail}") from None
+    embed = model.vit.patch_embed
+    problem = patch_grid_problem(tuple(embed.img_size), tuple(embed.patch_size), getattr(embed, "dynamic_img_pad", False))
+    if problem:
+        raise InputError(f"timm {timm_name}: image size {tuple(embed.img_size)} is not a multiple of the patch size "
+                         f"{tuple(embed.patch_size)}: {problem}, or timm_kwargs dynamic_img_size=True, "
+                         "dynamic_img_pad=True to pad the images instead")
+    return model
+
+
+def _pair(value) -> tuple[int, int]:
+    return tuple(value) if isinstance(value, (tuple, list)) else (value, value)
+
+
+def patch_grid_problem(image_size, patch_size, dynamic_img_pad: bool = False) -> Optional[str]:
+    """What is wrong with an image size (int or (height, width)) that is not a whole number of
+    patches on each side, else None: timm floors the patch grid, so the last pixels of every image
+    would be dropped. With dynamic_img_pad timm pads the images instead, which is fine."""
+    image, patch = _pair(image_size), _pair(patch_size)
+    if dynamic_img_pad or all(side % step == 0 for side, step in zip(image, patch)):
+        return None
+    fit = tuple(-(-side // step) * step for side, step in zip(image, patch))
+    fit = fit[0] if fit[0] == fit[1] and not isinstance(image_size, (tuple, list)) else fit
+    return (f"timm would crop every image to {tuple(side - side % step for side, step in zip(image, patch))} "
+            f"pixels; use a multiple (e.g. {fit})")
 
 
 # What timm's checkpoint reader (timm.models.load_state_dict) takes: safetensors by the file's suffix,
@@ -815,6 +840,11 @@ def _check_backbone_args(args: argparse.Namespace) -> None:
     image, patch = kwargs.get("img_size"), kwargs.get("patch_size")
     if image is not None and patch is not None and patch > image:
         raise InputError(f"--patch-size {patch} is larger than --image-size {image}")
+    # (with --pretrained-file and no --patch-size the patch size is the timm model's own: new_backbone
+    # checks it when the checkpoint is probed, still before any data is loaded)
+    problem = patch_grid_problem(image, patch, kwargs.get("dynamic_img_pad", False)) if image and patch else None
+    if problem:
+        raise InputError(f"--image-size {image} is not a multiple of --patch-size {patch}: {problem}")
 
 
 def _backbone_kwargs(args: argparse.Namespace, num_classes: int) -> dict:

@@ -380,6 +380,28 @@ def test_a_non_square_bundle_trains_on_images_of_its_size(tmp_path):
     assert load_bundle(out)[0].image_size == (8, 12)
 
 
+def test_image_size_not_a_multiple_of_the_patch_size_is_refused(vit_checkpoint, tmp_path, data_calls, capsys):
+    """timm floors the patch grid, so --image-size 15 with 4 px patches trained on 12 x 12 crops of the
+    images; it is refused before any data is loaded (from scratch, and with a checkpoint whose patch size
+    is the timm model's own), per side for (height, width) sizes, unless dynamic_img_pad pads the images."""
+    out = ["--out", str(tmp_path / "b")]
+    assert cli_main(["train", "backbone", "--image-size", "15", *out]) == 2
+    err = capsys.readouterr().err
+    assert "--image-size 15 is not a multiple of --patch-size 4" in err and "crop" in err, err
+    assert cli_main(["train", "backbone", "--image-size", "16", "--patch-size", "3", *out]) == 2
+    assert "--image-size 16 is not a multiple of --patch-size 3" in capsys.readouterr().err
+    path, _ = vit_checkpoint  # test_vit: 16 px patches
+    assert cli_main(["train", "backbone", "--timm-name", "test_vit", "--pretrained-file", str(path),
+                     "--image-size", "40", *out]) == 2
+    assert "image size (40, 40) is not a multiple of the patch size (16, 16)" in capsys.readouterr().err
+    assert data_calls == [] and not (tmp_path / "b").exists()
+    with pytest.raises(InputError, match=r"image size \(8, 10\) is not a multiple of the patch size \(4, 4\)"):
+        T.new_backbone(T.DEFAULT_TIMM_NAME, dict(TINY, img_size=(8, 10)), seed=0)
+    padded = T.new_backbone(T.DEFAULT_TIMM_NAME, dict(TINY, img_size=(8, 10), dynamic_img_pad=True,
+                                                      dynamic_img_size=True), seed=0)
+    assert padded.image_size == (8, 10)
+
+
 def test_gates_recipe_init_follows_seed_not_the_global_rng(seed3_backbone, tmp_path):
     """`train gates` adds new gates, drawn from --seed: the same arguments give the same weights
     whatever ran before in the process (the gates were drawn from the global RNG as it stood)."""
