@@ -179,6 +179,7 @@ def compact_head_attention(
         else:
             y = _kept_heads_attention(xs, head_lists, head_major, proj_bias, q_norm, k_norm)
         if index is None:
-            return y.contiguous() if count == 0 else y
+            # (a copy: `.contiguous()` of the bias's [1, 1, D] view would be proj_bias itself)
+            return y.clone(memory_format=torch.contiguous_format) if count == 0 else y
         out.index_copy_(0, index, y.to(out.dtype))
     return out

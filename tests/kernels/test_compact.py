@@ -227,12 +227,12 @@ def test_compact_with_qk_norm_on_every_path(mask_kind):
     torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("batch,tokens", [(1, 2), (3, 5)])
+@pytest.mark.parametrize("batch,tokens", [(1, 1), (1, 2), (3, 5)])
 def test_compact_all_pruned_batch_is_a_fresh_contiguous_tensor(batch, tokens):
     """A batch that keeps no head gives the projection bias on every token, as a contiguous tensor
     of its own: not a broadcast view of proj_bias, which an in-place update of the branch (an
-    in-place LayerScale) could not write. (A ViT has at least two tokens; at B * N = 1 the
-    contiguous expand is proj_bias itself.)"""
+    in-place LayerScale) could not write, nor, at B * N = 1, proj_bias itself (what `.contiguous()`
+    of the [1, 1, D] view returned: writing the branch wrote the weights)."""
     qkv_weight, qkv_bias, proj_weight, proj_bias, heads = _weights(16, 2, 8, 16)
     saved = proj_bias.clone()
     keep = torch.zeros(batch, heads, dtype=torch.bool)
