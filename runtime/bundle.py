@@ -434,6 +434,18 @@ def _check_header_types(config: dict, config_path: Path) -> None:
     _check_steering_section(config, config_path)
 
 
+def _check_inside(folder: Path, file_path: Path) -> None:
+    """Loading reads no file outside the bundle: a bundle file must be a plain file of the bundle
+    folder itself, not a symbolic link (a link's target may lie anywhere; the folder may be one)."""
+    if file_path.is_symlink():
+        raise BundleError(f"bundle file {file_path} is a symbolic link; a bundle reads only its own files: "
+                          "replace the link with a copy of the file")
+    if file_path.resolve().parent != folder.resolve():
+        raise BundleError(f"bundle file {file_path} resolves outside the bundle folder {folder}")
+    if not file_path.is_file():
+        raise BundleError(f"bundle file {file_path} is not a file")
+
+
 def read_bundle_config(path: Union[str, Path]) -> dict:
     """Parse and validate `headsteer.json` (format, version, the type of every section, checksums)
     without building the model."""
@@ -441,8 +453,9 @@ def read_bundle_config(path: Union[str, Path]) -> dict:
     config_path = path / CONFIG_FILE
     if not path.is_dir():
         raise BundleError(f"{path} is not a bundle directory (expected a folder holding {CONFIG_FILE})")
-    if not config_path.is_file():
+    if not (config_path.is_file() or config_path.is_symlink()):
         raise BundleError(f"{path} has no {CONFIG_FILE}; not a headsteer bundle")
+    _check_inside(path, config_path)
     try:
         config = json.loads(config_path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
@@ -464,8 +477,9 @@ def read_bundle_config(path: Union[str, Path]) -> dict:
     _check_header_types(config, config_path)
     for name, digest in config["files"].items():
         file_path = path / name
-        if not file_path.is_file():
+        if not (file_path.is_file() or file_path.is_symlink()):
             raise BundleError(f"bundle file {file_path} is missing")
+        _check_inside(path, file_path)
         if _sha256(file_path) != digest:
             raise BundleError(f"bundle file {file_path} does not match its recorded checksum (corrupt or truncated)")
     return config

@@ -480,3 +480,33 @@ def test_save_refuses_a_non_finite_steering_table(tmp_path):
     with pytest.raises(InputError, match=r"steering table steer_shift holds 1 non-finite value"):
         save_bundle(model, tmp_path / "bundle", class_names=steering.class_names, steering=steering)
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("name", [CONFIG_FILE, WEIGHTS_FILE, "steering.safetensors"])
+def test_a_bundle_file_that_is_a_link_is_refused(bundle, tmp_path, name, capsys):
+    """Loading reads no file outside the bundle: a bundle file that is a symbolic link (here to an
+    identical copy elsewhere, so its checksum matches) is a BundleError naming it, in load and in
+    `headsteer info`; a bundle folder that is itself a link still loads, and a bundle with a linked
+    file can be overwritten (the link is replaced, its target left alone)."""
+    import shutil
+
+    from headsteer.runtime.bundle import read_bundle_config
+    from headsteer.runtime.cli import main as cli_main
+
+    model, steering, path = bundle
+    outside = tmp_path / "elsewhere"
+    outside.mkdir()
+    shutil.copy(path / name, outside / name)
+    (path / name).unlink()
+    (path / name).symlink_to(outside / name)
+    for load in (load_bundle, read_bundle_config):
+        with pytest.raises(BundleError, match=rf"bundle file {path / name} is a symbolic link"):
+            load(path)
+    assert cli_main(["info", str(path)]) == 2
+    assert f"{path / name} is a symbolic link" in capsys.readouterr().err
+    save_bundle(model, path, class_names=steering.class_names, steering=steering, overwrite=True)
+    assert not (path / name).is_symlink() and (outside / name).is_file()
+    linked = tmp_path / "latest"
+    linked.symlink_to(path, target_is_directory=True)
+    assert load_bundle(linked)[1].class_names == steering.class_names
+
