@@ -60,7 +60,9 @@ def add_predict_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("bundle", help="bundle directory")
     parser.add_argument("images", nargs="+", help="image files (PNG, JPEG, ...)")
     parser.add_argument("--steer", default=None, help="class name to steer toward (from the bundle's steering table)")
-    parser.add_argument("--backend", default="auto", help="auto, reference, compact, triton, onnxruntime, tensorrt")
+    from headsteer.runtime.engine import BACKEND_NAMES
+
+    parser.add_argument("--backend", default="auto", help=", ".join(BACKEND_NAMES))
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--json", action="store_true", help="print one JSON object per image")
     parser.add_argument("--batch-size", type=positive_int, default=32,

@@ -27,6 +27,8 @@ EXTERNAL_BACKENDS = {
     "onnxruntime": "headsteer.export.onnx_runner:OnnxRunner",
     "tensorrt": "headsteer.export.tensorrt:TensorRTRunner",
 }
+# Every backend name Engine.load takes ("auto" picks one of TORCH_BACKENDS); commands list these in --help.
+BACKEND_NAMES = ("auto", *TORCH_BACKENDS, *EXTERNAL_BACKENDS)
 
 SteerTarget = Optional[Union[str, int]]
 
@@ -77,9 +79,8 @@ def parse_device(device: Union[str, torch.device]) -> torch.device:
 
 def check_backend_name(backend: str) -> None:
     """InputError unless `backend` is "auto" or one the Engine knows."""
-    known = TORCH_BACKENDS + tuple(EXTERNAL_BACKENDS)
-    if backend != "auto" and backend not in known:
-        raise InputError(f"unknown backend {backend!r}; expected auto or one of {known}")
+    if backend not in BACKEND_NAMES:
+        raise InputError(f"unknown backend {backend!r}; expected auto or one of {BACKEND_NAMES[1:]}")
 
 
 def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype = torch.float32) -> str:

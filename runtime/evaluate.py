@@ -22,7 +22,7 @@ import torch
 
 from headsteer.runtime.bundle import SteeringTable
 from headsteer.runtime.data import ImageDataset, load_data, resolve_split_seed
-from headsteer.runtime.engine import TORCH_BACKENDS, Engine
+from headsteer.runtime.engine import BACKEND_NAMES, TORCH_BACKENDS, Engine
 from headsteer.runtime.errors import InputError
 from headsteer.runtime.files import write_text_atomic
 
@@ -367,7 +367,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="per-class (each image by its own class's row), a class name, or none; "
                              "default: per-class when the bundle has a steering table, else none")
     parser.add_argument("--random-control", action="store_true", help="also run the random-latent control rows")
-    parser.add_argument("--backend", default="compact", help="reference, compact, triton (default compact)")
+    parser.add_argument("--backend", default="compact", help=f"{', '.join(BACKEND_NAMES)} (default compact)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--json", default=None, help="also write the table to this JSON file")
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars (image-folder loading)")

@@ -384,3 +384,14 @@ def test_eval_steer_per_class_without_a_steering_table_is_refused(bundle, tmp_pa
     assert cli_main(["eval", str(plain), "--data", "digits"]) == 0
     out = capsys.readouterr().out
     assert "classes: usage at the steered" not in out  # ran unsteered: no steering summary
+
+
+def test_eval_help_lists_every_backend_it_accepts(capsys):
+    """`eval --help` listed reference, compact, triton; eval runs any backend Engine.load takes."""
+    from headsteer.runtime.engine import EXTERNAL_BACKENDS, TORCH_BACKENDS
+
+    with pytest.raises(SystemExit):
+        cli_main(["eval", "--help"])
+    shown = " ".join(capsys.readouterr().out.split())
+    for name in ("auto", *TORCH_BACKENDS, *EXTERNAL_BACKENDS):
+        assert name in shown.split("--backend BACKEND")[-1].split("--device")[0], (name, shown)
