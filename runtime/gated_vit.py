@@ -6,7 +6,9 @@ replaces how a gated block's attention branch is evaluated. See `../shared/DESIG
 """
 from __future__ import annotations
 
+import contextlib
 import numbers
+import threading
 from dataclasses import dataclass, field
 from typing import Optional, Sequence, Union
 
@@ -256,6 +258,90 @@ def check_supported(vit: nn.Module) -> None:
             raise UnsupportedModelError(f"{name}.attn.gate (gated attention output) is not supported")
 
 
+@dataclass
+class _PretrainedLoad:
+    """What one timm pretrained load left out: the keys (after timm's checkpoint filter and head
+    drop) the model lacked from the file and the file's keys the model has no place for."""
+
+    missing: list[str]
+    unexpected: list[str]
+    classifier_keys: set[str]
+    strict: bool
+
+
+_PRETRAINED_LOAD_LOCK = threading.Lock()
+
+
+@contextlib.contextmanager
+def _recording_pretrained_loads(loads: list, active: bool = True):
+    """Record what each pretrained load inside the block (timm.create_model(pretrained=True)) left out.
+
+    timm reads the file, applies the architecture's checkpoint filter (prefixes, older layouts,
+    pos_embed resampling), drops the classifier when the class count differs, and then loads with
+    strict=False, only logging missing and unexpected keys: a file of other keys builds a model of
+    random weights. build_model_with_cfg calls timm.models._builder.load_pretrained by its module
+    name, so that name is wrapped here to hook the model's load_state_dict and keep its result."""
+    if not active:
+        yield
+        return
+    from timm.models import _builder
+
+    with _PRETRAINED_LOAD_LOCK:
+        original = getattr(_builder, "load_pretrained", None)
+        if original is None:  # another timm layout: nothing recorded (the tests would say so)
+            yield
+            return
+
+        def load_pretrained(model, *args, **kwargs):
+            cfg = kwargs.get("pretrained_cfg") or getattr(model, "pretrained_cfg", None) or {}
+            classifiers = cfg.get("classifier") or ()
+            classifiers = (classifiers,) if isinstance(classifiers, str) else tuple(classifiers)
+            classifier_keys = {f"{c}.{p}" for c in classifiers for p in ("weight", "bias")}
+
+            def keep(module, incompatible):
+                loads.append(_PretrainedLoad(list(incompatible.missing_keys), list(incompatible.unexpected_keys),
+                                             classifier_keys, bool(kwargs.get("strict", True))))
+
+            handle = model.register_load_state_dict_post_hook(keep)
+            try:
+                return original(model, *args, **kwargs)
+            finally:
+                handle.remove()
+
+        _builder.load_pretrained = load_pretrained
+        try:
+            yield
+        finally:
+            _builder.load_pretrained = original
+
+
+def _check_pretrained_keys(loads: list, pretrained_file, name: str, timm_kwargs: dict) -> None:
+    """InputError naming the file and the keys if the (last) pretrained load left any of the model's
+    weights out, or (unless timm's own loader is lenient for this architecture) brought keys the model
+    has no place for. The classifier head is aside: timm reinitializes it for another class count."""
+    if pretrained_file is None or not loads:
+        return
+    load = loads[-1]
+    missing = [key for key in load.missing if key not in load.classifier_keys]
+    unexpected = [key for key in load.unexpected if key not in load.classifier_keys] if load.strict else []
+    if not missing and not unexpected:
+        return
+
+    def listed(keys: list[str], what: str, shown: int = 5) -> str:
+        if not keys:
+            return f"0 {what}"
+        more = f", ... {len(keys) - shown} more" if len(keys) > shown else ""
+        return f"{len(keys)} {what} ({', '.join(keys[:shown])}{more})"
+
+    options = {k: v for k, v in timm_kwargs.items() if k != "num_classes"}
+    raise InputError(
+        f"cannot load {pretrained_file} into timm {name} with {options}: the checkpoint's keys do not match "
+        f"the model's (classifier head aside): {listed(missing, 'missing')}, {listed(unexpected, 'unexpected')}; "
+        "a checkpoint of another architecture or configuration? (missing weights would keep their random "
+        "initialization)"
+    ) from None
+
+
 class GatedViT(nn.Module):
     """A timm VisionTransformer with per-input head gates, SAEs ahead of chosen gates, and steering.
 
@@ -341,10 +427,12 @@ class GatedViT(nn.Module):
             except RuntimeError as error:  # an unknown tag: "Invalid pretrained tag (x) for arch."
                 raise UnsupportedModelError(f"timm model name {name!r}: {error}") from None
             build_kwargs = dict(timm_kwargs)
+            loads: list[_PretrainedLoad] = []
             if pretrained_file is not None:
                 build_kwargs.update(pretrained=True, pretrained_cfg_overlay=dict(file=str(pretrained_file)))
             try:
-                vit = timm.create_model(name, **build_kwargs)
+                with _recording_pretrained_loads(loads, active=pretrained_file is not None):
+                    vit = timm.create_model(name, **build_kwargs)
             except TypeError as error:  # e.g. ViT options (img_size) given to a ResNet, or a misspelt one
                 if "keyword argument" not in str(error):
                     raise
@@ -352,6 +440,10 @@ class GatedViT(nn.Module):
                     f"timm model {name!r} cannot be built with timm_kwargs {timm_kwargs}: {error} "
                     "(headsteer wraps timm's vision_transformer family)"
                 ) from None
+            except Exception:  # a strict load (the checkpoint's class count) raises torch's own text
+                _check_pretrained_keys(loads, pretrained_file, name, timm_kwargs)
+                raise
+            _check_pretrained_keys(loads, pretrained_file, name, timm_kwargs)
         else:
             if pretrained_file is not None:
                 raise InputError("pretrained_file only applies when from_timm is given a model name")

@@ -329,6 +329,92 @@ def test_timm_names_with_a_pretrained_tag_build():
         GatedViT.from_timm("vit_tiny_patch16_224.no_such_tag", timm_kwargs=dict(img_size=32, depth=1))
 
 
+# A small registered ViT for pretrained_file checks: its pretrained config has 1000 classes, so timm
+# drops a checkpoint's head (and loads non-strictly) for num_classes=5, and loads strictly for 1000.
+PRETRAINED = ("vit_tiny_patch16_224", dict(img_size=32, depth=2, num_classes=5))
+
+
+def _timm_state(seed: int = 0, **kwargs) -> dict:
+    import timm
+
+    torch.manual_seed(seed)
+    return timm.create_model(PRETRAINED[0], **dict(PRETRAINED[1], **kwargs)).state_dict()
+
+
+def _assert_backbone_is(model: GatedViT, state: dict, head: bool = False):
+    """Every weight of `state` (head aside, unless `head`) is the model's, bit for bit."""
+    got = model.vit.state_dict()
+    compared = [key for key in state if head or not key.startswith("head.")]
+    assert len(compared) >= 30
+    for key in compared:
+        assert torch.equal(got[key], state[key]), key
+
+
+def test_pretrained_file_loads_every_checkpoint_timm_takes(tmp_path):
+    """A checkpoint of the same timm model loads, bare, under 'state_dict' or 'model', saved through
+    DataParallel ('module.'), as .safetensors, with a head of another class count (timm drops it) or
+    none, and in layouts timm's vision_transformer filter remaps (OpenCLIP's 'visual.trunk.' prefix, a
+    flat patch embedding and pre_logits of older checkpoints)."""
+    from safetensors.torch import save_file
+
+    name, kwargs = PRETRAINED
+    state, head_1000 = _timm_state(1), _timm_state(2, num_classes=1000)
+    old_layout = dict(state, **{"pre_logits.fc.weight": torch.zeros(3, 3)})
+    old_layout["patch_embed.proj.weight"] = state["patch_embed.proj.weight"].flatten(1)
+    files = {
+        "same.pth": (state, state),
+        "wrapped_state_dict.pth": ({"state_dict": state}, state),
+        "wrapped_model.pth": ({"model": state}, state),
+        "data_parallel.pth": ({f"module.{k}": v for k, v in state.items()}, state),
+        "open_clip.pth": ({f"visual.trunk.{k}": v for k, v in state.items()}, state),
+        "old_layout.pth": (old_layout, state),
+        "head_1000.pth": (head_1000, head_1000),
+        "no_head.pth": ({k: v for k, v in state.items() if not k.startswith("head.")}, state),
+    }
+    for file, (saved, expected) in files.items():
+        torch.save(saved, tmp_path / file)
+        model = GatedViT.from_timm(name, timm_kwargs=kwargs, pretrained_file=str(tmp_path / file))
+        _assert_backbone_is(model, expected)
+    save_file({k: v.contiguous() for k, v in state.items()}, tmp_path / "same.safetensors")
+    _assert_backbone_is(GatedViT.from_timm(name, timm_kwargs=kwargs, pretrained_file=str(tmp_path / "same.safetensors")),
+                        state)
+    # the pretrained config's own class count: timm loads strictly, the head too
+    torch.save(head_1000, tmp_path / "head_1000.pth")
+    model = GatedViT.from_timm(name, timm_kwargs=dict(kwargs, num_classes=1000),
+                               pretrained_file=str(tmp_path / "head_1000.pth"))
+    _assert_backbone_is(model, head_1000, head=True)
+
+
+def test_pretrained_file_whose_keys_do_not_match_is_an_input_error(tmp_path):
+    """timm loads a checkpoint non-strictly when it drops the head, so a file of anything else (a dict
+    of other keys, another architecture, a deeper or partial ViT) left the weights it lacks random
+    and only logged it. It is an InputError naming the file and the missing and unexpected keys
+    (a few of each, with counts), the classifier head aside."""
+    import timm
+
+    name, kwargs = PRETRAINED
+    model_keys = len(_timm_state()) - 2  # head.weight, head.bias aside
+    state = _timm_state(1)
+    torch.manual_seed(0)
+    files = {
+        "other_keys.pth": ({"a": torch.zeros(1)}, [f"{model_keys} missing (cls_token, pos_embed, ", "1 unexpected (a)"]),
+        "resnet.pth": (timm.create_model("test_resnet").state_dict(), [f"{model_keys} missing (", " unexpected (conv1"]),
+        "deeper.pth": (_timm_state(depth=3), ["0 missing", "12 unexpected (blocks.2.norm1.weight, "]),
+        "partial.pth": ({k: v for k, v in state.items() if not k.startswith("blocks.1.")},
+                        ["12 missing (blocks.1.norm1.weight, ", "0 unexpected"]),
+    }
+    for file, (saved, parts) in files.items():
+        path = tmp_path / file
+        torch.save(saved, path)
+        for num_classes in (5, 1000):  # head dropped (non-strict) or kept (strict: was torch's RuntimeError)
+            with pytest.raises(InputError) as caught:
+                GatedViT.from_timm(name, timm_kwargs=dict(kwargs, num_classes=num_classes), pretrained_file=str(path))
+            message = str(caught.value)
+            assert f"cannot load {path} into timm {name}" in message, message
+            assert all(part in message for part in parts), message
+            assert "head." not in message and len(message) < 700, message
+
+
 @pytest.mark.parametrize(
     "pixels,kwargs,match",
     [

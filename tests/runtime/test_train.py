@@ -317,6 +317,44 @@ def test_pretrained_file_that_is_no_checkpoint_names_the_file_and_the_formats(vi
     assert data_calls == [] and not (tmp_path / "b").exists()
 
 
+def test_pretrained_file_of_other_keys_is_refused_before_training(vit_checkpoint, tmp_path, monkeypatch, capsys):
+    """timm drops the checkpoint's head for --num-classes and then loads non-strictly, so a file of other
+    keys ({"a": ...}, a ResNet) only logged "Unexpected keys" and training started from random weights
+    while the bundle recorded the file. It is refused, naming the file and the keys, before any data
+    loads; the same model's weights still load bare, under 'state_dict' and as .safetensors."""
+    import timm
+    from safetensors.torch import save_file
+
+    path, state = vit_checkpoint
+    sizes = []
+
+    def stop(spec, *, image_size=None, seed=0, **kwargs):
+        sizes.append(image_size)
+        raise InputError("stopped before loading data")
+
+    monkeypatch.setattr(T, "load_data", stop)
+    other = tmp_path / "other.pth"
+    torch.save({"a": torch.zeros(1)}, other)
+    resnet = tmp_path / "resnet.pth"
+    torch.save(timm.create_model("test_resnet").state_dict(), resnet)
+    train = ["train", "backbone", "--timm-name", "test_vit", "--out", str(tmp_path / "b"), "--pretrained-file"]
+    keys = len(state) - 2  # head.weight, head.bias aside
+    for bad, unexpected in ((other, "1 unexpected (a)"), (resnet, " unexpected (conv1")):
+        assert cli_main([*train, str(bad)]) == 2
+        err = capsys.readouterr().err
+        assert f"cannot load {bad} into timm test_vit" in err and f"{keys} missing (cls_token, " in err, err
+        assert unexpected in err and "stopped before loading data" not in err, err
+    assert sizes == [] and not (tmp_path / "b").exists()
+    wrapped = tmp_path / "wrapped.pth"
+    torch.save({"state_dict": state}, wrapped)
+    safetensors = tmp_path / "test_vit.safetensors"
+    save_file({k: v.contiguous() for k, v in state.items()}, safetensors)
+    for good in (path, wrapped, safetensors):
+        assert cli_main([*train, str(good)]) == 2
+        assert "stopped before loading data" in capsys.readouterr().err
+    assert sizes == [(160, 160)] * 3
+
+
 @pytest.mark.parametrize("argv, message", [
     (["backbone", "--num-heads", "0"], "--num-heads must be positive"),
     (["backbone", "--embed-dim", "-8"], "--embed-dim must be positive"),
