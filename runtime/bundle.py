@@ -434,16 +434,13 @@ def _check_header_types(config: dict, config_path: Path) -> None:
     _check_steering_section(config, config_path)
 
 
-def _check_inside(folder: Path, file_path: Path) -> None:
-    """Loading reads no file outside the bundle: a bundle file must be a plain file of the bundle
-    folder itself, not a symbolic link (a link's target may lie anywhere; the folder may be one)."""
-    if file_path.is_symlink():
-        raise BundleError(f"bundle file {file_path} is a symbolic link; a bundle reads only its own files: "
-                          "replace the link with a copy of the file")
-    if file_path.resolve().parent != folder.resolve():
-        raise BundleError(f"bundle file {file_path} resolves outside the bundle folder {folder}")
+def _check_regular_file(file_path: Path) -> None:
+    """A bundle file must be (or link to) a regular file. Links are followed: stores such as the
+    Hugging Face Hub cache, DVC and git-annex keep a folder's files as links into a blob store, and
+    the checksums say the content is the bundle's own; a link to a device, a pipe or a folder (whose
+    read would hang or fail midway) is refused."""
     if not file_path.is_file():
-        raise BundleError(f"bundle file {file_path} is not a file")
+        raise BundleError(f"bundle file {file_path} is not a regular file (or a link to one)")
 
 
 def read_bundle_config(path: Union[str, Path]) -> dict:
@@ -453,9 +450,9 @@ def read_bundle_config(path: Union[str, Path]) -> dict:
     config_path = path / CONFIG_FILE
     if not path.is_dir():
         raise BundleError(f"{path} is not a bundle directory (expected a folder holding {CONFIG_FILE})")
-    if not (config_path.is_file() or config_path.is_symlink()):
+    if not (config_path.exists() or config_path.is_symlink()):
         raise BundleError(f"{path} has no {CONFIG_FILE}; not a headsteer bundle")
-    _check_inside(path, config_path)
+    _check_regular_file(config_path)
     try:
         config = json.loads(config_path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
@@ -477,9 +474,9 @@ def read_bundle_config(path: Union[str, Path]) -> dict:
     _check_header_types(config, config_path)
     for name, digest in config["files"].items():
         file_path = path / name
-        if not (file_path.is_file() or file_path.is_symlink()):
+        if not (file_path.exists() or file_path.is_symlink()):
             raise BundleError(f"bundle file {file_path} is missing")
-        _check_inside(path, file_path)
+        _check_regular_file(file_path)
         if _sha256(file_path) != digest:
             raise BundleError(f"bundle file {file_path} does not match its recorded checksum (corrupt or truncated)")
     return config

@@ -1,5 +1,6 @@
 """Bundle round trip and the clear errors a damaged or foreign bundle must give."""
 import json
+import os
 
 import pytest
 import torch
@@ -483,29 +484,39 @@ def test_save_refuses_a_non_finite_steering_table(tmp_path):
 
 
 @pytest.mark.parametrize("name", [CONFIG_FILE, WEIGHTS_FILE, "steering.safetensors"])
-def test_a_bundle_file_that_is_a_link_is_refused(bundle, tmp_path, name, capsys):
-    """Loading reads no file outside the bundle: a bundle file that is a symbolic link (here to an
-    identical copy elsewhere, so its checksum matches) is a BundleError naming it, in load and in
-    `headsteer info`; a bundle folder that is itself a link still loads, and a bundle with a linked
-    file can be overwritten (the link is replaced, its target left alone)."""
+def test_bundle_files_may_be_links_to_regular_files_only(bundle, tmp_path, name, capsys):
+    """A bundle file that links to a regular file loads, as in the Hugging Face Hub cache (a
+    snapshot folder of relative links into blobs/), DVC or git-annex: the checksum still checks
+    the content; a bundle folder that is itself a link loads; overwriting replaces the link and
+    leaves its target alone. A link to a device (whose read never ends), a folder or nothing is a
+    BundleError naming the file, in load and in `headsteer info`."""
     import shutil
 
     from headsteer.runtime.bundle import read_bundle_config
     from headsteer.runtime.cli import main as cli_main
 
     model, steering, path = bundle
-    outside = tmp_path / "elsewhere"
-    outside.mkdir()
-    shutil.copy(path / name, outside / name)
+    blobs = tmp_path / "blobs"
+    blobs.mkdir()
+    shutil.copy(path / name, blobs / name)
     (path / name).unlink()
-    (path / name).symlink_to(outside / name)
-    for load in (load_bundle, read_bundle_config):
-        with pytest.raises(BundleError, match=rf"bundle file {path / name} is a symbolic link"):
-            load(path)
-    assert cli_main(["info", str(path)]) == 2
-    assert f"{path / name} is a symbolic link" in capsys.readouterr().err
+    (path / name).symlink_to(os.path.relpath(blobs / name, path))
+    assert load_bundle(path)[1].class_names == steering.class_names
+    if name != CONFIG_FILE:  # (the header holds the checksums of the other two)
+        saved = (blobs / name).read_bytes()
+        (blobs / name).write_bytes(saved + b" ")  # a link's content is checked too
+        with pytest.raises(BundleError, match=rf"{name} does not match its recorded checksum"):
+            load_bundle(path)
+    for target in ("/dev/zero", str(blobs), str(tmp_path / "nowhere")):
+        (path / name).unlink()
+        (path / name).symlink_to(target)
+        for load in (load_bundle, read_bundle_config):
+            with pytest.raises(BundleError, match=rf"bundle file {path / name} is not a regular file"):
+                load(path)
+        assert cli_main(["info", str(path)]) == 2
+        assert f"{path / name} is not a regular file" in capsys.readouterr().err
     save_bundle(model, path, class_names=steering.class_names, steering=steering, overwrite=True)
-    assert not (path / name).is_symlink() and (outside / name).is_file()
+    assert not (path / name).is_symlink() and (blobs / name).is_file()
     linked = tmp_path / "latest"
     linked.symlink_to(path, target_is_directory=True)
     assert load_bundle(linked)[1].class_names == steering.class_names
