@@ -73,6 +73,7 @@ class TileConfig:
     # sample keeps the head over at most 64 of its rows does half the work. At usage 0.33
     # (kept heads independent per sample) that estimates the same MMA rows as 64-token tiles
     # (40% of the dense rows against 48% for plain 128-token tiles). Untimed; `--sweep` times it.
+    # A power of two (tl.arange); below 16 rows (tl.dot) or as wide as the tile it is off.
     qkv_narrow_n: int = 0
     attn_block_m: int = 128  # queries per attention program
     attn_block_m_tail: int = 128  # narrowest pass over the ragged last query tile (`ragged_step`)
@@ -178,7 +179,10 @@ def fit_tiles(tiles: TileConfig, block_d: int, element_bytes: int) -> TileConfig
     while proj_block_o > 16 and tiles.proj_stages * (tiles.proj_block_t + proj_block_o) * block_d * element_bytes > _SHARED_BUDGET:
         proj_block_o //= 2
     # A narrow pass is a power of two of at least 16 rows (tl.dot), narrower than the tile.
-    qkv_narrow_n = tiles.qkv_narrow_n if 16 <= tiles.qkv_narrow_n < qkv_block_n else 0
+    qkv_narrow_n = tiles.qkv_narrow_n
+    if qkv_narrow_n and next_power_of_2(qkv_narrow_n) != qkv_narrow_n:
+        raise ValueError(f"TileConfig.qkv_narrow_n must be 0 or a power of two, got {qkv_narrow_n}")
+    qkv_narrow_n = qkv_narrow_n if 16 <= qkv_narrow_n < qkv_block_n else 0
     return dataclasses.replace(tiles, attn_block_m=attn_block_m,
                                attn_block_m_tail=min(tiles.attn_block_m_tail, attn_block_m), attn_block_n=attn_block_n,
                                attn_block_tail=attn_block_tail,

@@ -158,6 +158,8 @@ def test_fit_tiles_keeps_narrow_qkv_passes_narrower_than_the_tile():
     # a tile shrunk for wide fp32 heads takes the narrow pass with it
     shrunk = fit(TileConfig(qkv_block_n=128, qkv_narrow_n=64, qkv_warps=4), 128, 4)
     assert shrunk.qkv_block_n <= 64 and shrunk.qkv_narrow_n == 0
+    with pytest.raises(ValueError, match="qkv_narrow_n must be 0 or a power of two, got 24"):
+        fit(TileConfig(qkv_block_n=32, qkv_narrow_n=24), 64, 2)  # (Triton's arange would refuse it mid-launch)
 
 
 def dtypes_here():
