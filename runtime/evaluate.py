@@ -397,7 +397,11 @@ def run(args: argparse.Namespace) -> int:
                          "(or train one: headsteer train steering)")
     if steer is not None and steer != "per-class":
         engine.info.steering_row(steer)  # an unknown class, or one without a row: fail before loading data
-    random_control = args.random_control and steer is not None
+    if args.random_control and steer is None:
+        raise InputError("--random-control compares steering rows with random ones and needs steering: "
+                         + ("--steer per-class or a class" if table is not None
+                            else "this bundle has no steering table (train one: headsteer train steering)"))
+    random_control = args.random_control
     if random_control and not table.info:
         raise InputError("--random-control: this bundle's steering table records no random-latent control rows "
                          "(no per-row info); run without --random-control")

@@ -386,6 +386,19 @@ def test_eval_steer_per_class_without_a_steering_table_is_refused(bundle, tmp_pa
     assert "classes: usage at the steered" not in out  # ran unsteered: no steering summary
 
 
+def test_eval_random_control_without_steering_is_refused(bundle, tmp_path, capsys, monkeypatch):
+    """--random-control compares steering rows with random ones: with --steer none, or by default on
+    a bundle without a steering table, it was silently dropped (the table had no control rows and
+    said nothing). Refused before any data loads."""
+    path, _, _ = bundle
+    plain = _resaved(path, tmp_path / "plain", steering=None)
+    monkeypatch.setattr(E, "load_data", _no_data)
+    for bundle_path, options in ((path, ["--steer", "none"]), (plain, [])):
+        assert cli_main(["eval", str(bundle_path), "--data", "digits", "--random-control", *options]) == 2
+        err = capsys.readouterr().err
+        assert "--random-control" in err and "needs steering" in err, err
+
+
 def test_eval_help_lists_every_backend_it_accepts(capsys):
     """`eval --help` listed reference, compact, triton; eval runs any backend Engine.load takes."""
     from headsteer.runtime.engine import EXTERNAL_BACKENDS, TORCH_BACKENDS
