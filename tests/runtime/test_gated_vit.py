@@ -521,3 +521,45 @@ def test_buffered_gate_decisions_equal_the_stacked_lists(batch, blocks):
     assert head_weight.dtype == torch.bfloat16 and torch.equal(head_weight, head_mask.to(torch.bfloat16))
     if blocks:
         assert torch.equal(gate_logits[:, -1], per_block[-1][0]) and torch.equal(head_mask[:, 0], per_block[0][1])
+
+
+@pytest.mark.parametrize("mode", ["preserve-error", "reconstruct"])
+def test_training_gates_read_the_steered_input_inference_reads(mode):
+    """DESIGN.md 2-4: training changes only how keep is drawn (straight-through Gumbel-sigmoid), not
+    what the gate reads: SAE -> steer -> gate in the model's steer_mode. With the noise off, a
+    training forward gives the gate logits and head mask of an eval forward under the same steering."""
+    vit = VisionTransformer(**tiny_vit_kwargs(depth=3))
+    model = GatedViT.from_timm(vit, sae_blocks="all", sae_width=16, sae_k=4, steer_mode=mode,
+                               gate_init_bias=0.0).double()
+    with torch.no_grad():
+        for sae in model.saes.values():
+            sae.decoder_bias.normal_(0.0, 0.3)  # (reconstruct reads b_dec)
+        for gate in model.gates.values():
+            gate.fc2.weight.mul_(6.0)  # mixed masks, logits far from 0
+            gate.noise_scale = 0.0
+    pixels = torch.randn(3, 3, 32, 32, dtype=torch.float64)
+    scale = 3 * torch.rand(3, model.steer_width, dtype=torch.float64)
+    shift = torch.randn(3, model.steer_width, dtype=torch.float64)
+    with torch.no_grad():
+        want = model.eval()(pixels, scale, shift)
+        got = model.train()(pixels, scale, shift)
+        unsteered = model.train()(pixels)
+    torch.testing.assert_close(got.gate_logits, want.gate_logits, rtol=0, atol=1e-9)
+    assert torch.equal(got.head_mask, want.head_mask)
+    torch.testing.assert_close(got.logits, want.logits, rtol=0, atol=1e-9)
+    assert not torch.allclose(unsteered.gate_logits, got.gate_logits)  # the steering reached the gates
+
+
+def test_identity_steering_is_ones_and_zeros_and_changes_nothing():
+    """DESIGN.md 4: identity steering is scale = ones, shift = zeros; passed explicitly it gives the
+    unsteered model's gates and logits."""
+    scale, shift = identity_steering(2, 5, dtype=torch.float64)
+    assert scale.dtype == shift.dtype == torch.float64
+    assert torch.equal(scale, torch.ones(2, 5, dtype=torch.float64)) and torch.equal(shift, torch.zeros(2, 5, dtype=torch.float64))
+    model = GatedViT.from_timm(VisionTransformer(**tiny_vit_kwargs()), sae_blocks="all", sae_width=12, sae_k=3,
+                               gate_init_bias=0.0).eval()
+    pixels = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        base = model(pixels)
+        same = model(pixels, *identity_steering(2, model.steer_width))
+    assert torch.equal(base.gate_logits, same.gate_logits) and torch.equal(base.logits, same.logits)
