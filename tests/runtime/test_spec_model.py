@@ -149,3 +149,31 @@ def test_training_mask_is_a_straight_through_gumbel_sigmoid_at_temperature_5():
     torch.manual_seed(7)
     u = torch.rand_like(logits).clamp_(1e-6, 1 - 1e-6)
     torch.testing.assert_close(weight, (logits.detach() + torch.log(u) - torch.log1p(-u) > 0).double(), rtol=0, atol=1e-12)
+
+
+def test_training_hard_mask_prunes_a_head_at_logit_zero_like_inference():
+    """DESIGN.md 2: the hard threshold is sigmoid > 0.5, i.e. `logits > 0` without noise, as at
+    inference: a logit of exactly 0 (sigmoid exactly 0.5) prunes its head."""
+    from headsteer.kernels.reference import keep_from_logits
+    from headsteer.runtime.gated_vit import HeadGate
+
+    gate = HeadGate(8, 4, 6)
+    gate.noise_scale = 0.0
+    logits = torch.tensor([[0.0, 1e-6, -1e-6, 0.0], [-0.0, 3.0, 0.0, -3.0]], dtype=torch.float64)
+    weight = gate.straight_through(logits)
+    assert weight.tolist() == [[0.0, 1.0, 0.0, 0.0], [0.0, 1.0, 0.0, 0.0]]
+    assert torch.equal(weight > 0.5, keep_from_logits(logits))
+
+
+def test_jumprelu_drops_a_latent_exactly_at_its_threshold():
+    """DESIGN.md 3: JumpReLU keeps pre-activations strictly above the per-latent threshold. With a zero
+    encoder the pre-activation is exactly b_enc: a latent whose b_enc equals its threshold is 0."""
+    vit = VisionTransformer(**tiny_vit_kwargs(depth=2))
+    model = GatedViT.from_timm(vit, sae_blocks=[1], sae_width=4, sae_activation="jumprelu").double().eval()
+    sae = model.saes["1"]
+    with torch.no_grad():
+        sae.encoder_weight.zero_()
+        sae.encoder_bias.copy_(torch.tensor([0.5, 0.5, 0.75, 0.25], dtype=torch.float64))
+        sae.threshold.copy_(torch.tensor([0.5, 0.25, 0.75, 0.0], dtype=torch.float64))
+        out = model(torch.randn(2, 3, 32, 32, dtype=torch.float64), return_latents=True)
+    assert out.latents[1].tolist() == [[0.0, 0.5, 0.0, 0.25]] * 2
