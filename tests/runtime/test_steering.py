@@ -286,3 +286,110 @@ def test_steering_config_takes_numpy_numbers_as_python_ones():
     assert config.counts == (1, 2) and config.alphas == (0.5, 2.0) and config.topk_ks == (4,) and config.batch_size == 64
     assert type(config.seed) is int and json.dumps(asdict(config))  # (the stage record is JSON)
     assert all(type(v) is int for v in config.counts) and all(type(v) is float for v in config.alphas)
+
+
+def _crafted_latent_fit(monkeypatch, config, usage_of):
+    """fit_steering on _three_class_splits with crafted train latents (class c: latent 4c at 3.0,
+    4c+1 at 1.0, 4c+2 at 0.5 on half its images; latent 15 at 1.0 everywhere) and a fake measure:
+    `usage_of(scale, shift)` -> (usage, images lost) per candidate row."""
+    torch.manual_seed(0)
+    model = GatedViT.from_timm("vit_tiny_patch16_224", timm_kwargs=dict(TINY, num_classes=3), sae_width=16, sae_k=4)
+    labels = torch.tensor([0, 1, 2] * 10)
+    z = torch.zeros(30, 16)
+    for c in range(3):
+        rows = (labels == c).nonzero().squeeze(1)
+        z[rows, 4 * c], z[rows, 4 * c + 1], z[rows[::2], 4 * c + 2] = 3.0, 1.0, 0.5
+    z[:, 15] = 1.0
+    monkeypatch.setattr(S, "collect_latents", lambda *args, **kwargs: z.clone())
+
+    def fake_measure(model, x, labels, scale, shift, batch_size=512):
+        n = len(x)
+        usage, lost = (1.0, 0) if scale is None else usage_of(scale[0], shift[0])
+        block_usage = torch.full((len(model.gate_blocks),), usage)
+        return dict(correct=n - lost, n=n, usage=usage, block_usage=block_usage,
+                    mask=torch.full((n, len(model.gate_blocks), model.num_heads), usage))
+
+    monkeypatch.setattr(S, "measure", fake_measure)
+    table, stage = S.fit_steering(model, _three_class_splits(), config, progress=False)
+    return model, z, labels, table, stage
+
+
+def test_shift_rows_use_the_class_train_mean_and_controls_draw_from_the_class_active_latents(monkeypatch):
+    """Shift mode moves latent j by beta x its mean activation on class c in train (not on all of
+    train); the random control draws among latents active on class c in train, not chosen."""
+    config = S.SteeringConfig(counts=(1,), alphas=(0.0,), betas=(-1.0,), global_alphas=(0.0,), topk_ks=(1,),
+                              topk_alphas=(0.0,))
+    model, z, labels, table, _ = _crafted_latent_fit(
+        monkeypatch, config, lambda scale, shift: (0.5, 0) if bool((shift != 0).any()) else (1.0, 0))
+    for c, row in enumerate(table.info):
+        assert (row["mode"], row["beta"], row["latents"]) == ("shift", -1.0, [4 * c])
+        class_mean = z[labels == c].mean(0)
+        assert table.shift[c].tolist() == (-1.0 * class_mean * (torch.arange(16) == 4 * c)).tolist()
+        assert len(row["random_latents"]) == 1
+        assert set(row["random_latents"]) <= {4 * c + 1, 4 * c + 2, 15}  # active on c in train, not chosen
+        assert list(row["random_shift"].values()) == [-3.0]
+
+
+def test_usage_ties_go_to_fewer_latents_before_the_earlier_setting(monkeypatch):
+    """Equal usage falls: fewer latents wins, even when the larger count comes first in the grid."""
+    config = S.SteeringConfig(counts=(2, 1), alphas=(0.0,), betas=(), global_alphas=(0.0,), topk_ks=(1,),
+                              topk_alphas=(0.0,))
+    _, _, _, table, _ = _crafted_latent_fit(monkeypatch, config, lambda scale, shift: (0.5, 0))
+    for c, row in enumerate(table.info):
+        assert row["latents"] == [4 * c] and row["alpha"] == 0.0
+
+
+def test_a_class_may_lose_exactly_max_val_loss_images_and_no_more(monkeypatch):
+    """alpha 0 halves usage again but loses 2 val images of the class (max_val_loss=1): refused;
+    alpha 0.5 loses exactly 1: allowed, and chosen."""
+    config = S.SteeringConfig(counts=(1,), alphas=(0.0, 0.5), betas=(), global_alphas=(0.0,), topk_ks=(1,),
+                              topk_alphas=(0.0,), max_val_loss=1)
+
+    def usage_of(scale, shift):
+        return (0.25, 2) if bool((scale == 0.0).any()) else (0.5, 1)
+
+    _, _, _, table, _ = _crafted_latent_fit(monkeypatch, config, usage_of)
+    for row in table.info:
+        assert row["alpha"] == 0.5 and row["val_correct_steered"] == row["val_correct_unsteered"] - 1
+
+
+def test_steered_usage_is_the_sae_blocks_own_usage_or_the_whole_models():
+    """The objective's usage: the SAE blocks' own (by their place among the gated blocks) when only
+    some gated blocks have an SAE; the whole model's when every gated block has one."""
+    kwargs = dict(TINY, depth=3)
+    partial = GatedViT.from_timm("vit_tiny_patch16_224", timm_kwargs=kwargs, gate_blocks="1:", sae_blocks=[2],
+                                 sae_width=8, sae_k=2)
+    result = dict(usage=0.6, block_usage=torch.tensor([0.9, 0.3]))
+    assert S.steered_usage(result, partial) == pytest.approx(0.3)
+    every = GatedViT.from_timm("vit_tiny_patch16_224", timm_kwargs=kwargs, gate_blocks="1:", sae_blocks="1:",
+                               sae_width=8, sae_k=2)
+    assert S.steered_usage(result, every) == pytest.approx(0.6)
+
+
+def test_global_amplification_keeps_identity_unless_a_setting_lowers_usage_within_the_allowance(monkeypatch):
+    """Global alpha over all val images: identity (alpha 1) unless a setting lowers usage while losing at
+    most max_val_loss images per class (3 classes: 3 images in all)."""
+    model = GatedViT.from_timm("vit_tiny_patch16_224", timm_kwargs=dict(TINY, num_classes=3), sae_width=16, sae_k=4)
+    effects = {0.0: (0.25, 3), 4.0: (0.1, 4), 2.0: (0.75, 0)}  # alpha -> (usage, images lost)
+
+    def fake_measure(model, x, labels, scale, shift, batch_size=512):
+        n = len(x)
+        usage, lost = (0.5, 0) if scale is None else effects[float(scale[0, 0])]
+        return dict(correct=n - lost, n=n, usage=usage, block_usage=torch.full((len(model.gate_blocks),), usage),
+                    mask=None)
+
+    monkeypatch.setattr(S, "measure", fake_measure)
+    x_val, y_val = torch.zeros(6, 3, 8, 8), torch.tensor([0, 1, 2] * 2)
+    choose = lambda alphas: S._choose_global(model, x_val, y_val, 3, S.SteeringConfig(global_alphas=alphas))
+    assert choose((0.0, 4.0))["alpha"] == 0.0  # 3 lost: within 1 per class; 4 lost: refused
+    assert choose((2.0,))["alpha"] == 1.0  # a rise in usage never beats identity
+    assert choose((4.0,))["alpha"] == 1.0
+
+
+def test_ranked_latents_of_a_later_site_are_indices_into_the_whole_steering_vector():
+    """Per site, positive-specificity latents, most specific first, as indices into [S_total] (the
+    second site's latents start at its offset)."""
+    model = GatedViT.from_timm("vit_tiny_patch16_224", timm_kwargs=TINY, sae_blocks="all", sae_width=4, sae_k=2)
+    assert model.sae_offsets == [0, 4]
+    scores = torch.tensor([[0.0, 1.0, -2.0, 0.0, 0.5, 0.0, 2.0, -1.0]])
+    assert S.ranked_latents(scores, model) == [[[1], [6, 4]]]
