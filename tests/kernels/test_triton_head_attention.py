@@ -522,3 +522,150 @@ def test_launch_device_makes_another_gpu_current(monkeypatch):
     for device in (torch.device("cuda", 0), torch.device("cpu")):
         assert isinstance(aot.launch_device(device), contextlib.nullcontext)
     assert made_current == [torch.device("cuda", 1)]
+
+
+# Inputs the launcher accepts but the cases above never vary: one bias without the other, q/k
+# norms' own eps and a padded head dim under them, fused q|k with one norm, innermost strides
+# and a transposed keep, a projection to another width, one-token ragged ends; and refusals.
+@pytest.mark.parametrize("qkv_bias,proj_bias", [(True, False), (False, True)])
+def test_qkv_bias_and_proj_bias_each_alone(qkv_bias, proj_bias):
+    """timm blocks built with qkv_bias=False keep the projection's bias (and a bias may be dropped
+    from either): each bias is added exactly when it is given."""
+    branch = make_branch(3, 17, 3, 32, 31)
+    if not qkv_bias:
+        branch["qkv_bias"] = None
+    if not proj_bias:
+        branch["proj_bias"] = None
+    run_and_check(branch, make_mask("random", 3, 3, 31), 3)
+
+
+def test_qk_layer_norms_use_their_own_eps():
+    """q_norm and k_norm each normalize with their own eps (here far from the 1e-5 default, so a
+    dropped or swapped eps changes the scores well past the tolerance)."""
+    branch = make_branch(3, 17, 3, 32, 32)
+    q_norm, k_norm = layer_norm(32, True, True, 33), layer_norm(32, True, True, 34)
+    q_norm.eps, k_norm.eps = 0.5, 4.0
+    run_and_check(branch, make_mask("distinct", 3, 3, 32), 3, q_norm, k_norm)
+
+
+def test_qk_layer_norm_of_a_padded_head_dim():
+    """d=80 runs in 128-column tiles: the q/k LayerNorm's statistics are over the 80 real
+    columns only."""
+    branch = make_branch(2, 9, 2, 80, 35)
+    run_and_check(branch, make_mask("all", 2, 2, 35), 2, layer_norm(80, True, True, 36), layer_norm(80, False, False, 37))
+
+
+@pytest.mark.parametrize("which", ["q", "k"])
+def test_fused_qk_tiles_with_one_norm(monkeypatch, which):
+    """qkv_fuse_qk tiles with only a q or only a k LayerNorm project q and k apart (the norm
+    applies to one of them)."""
+    for name in ("TILES", "TILES_FP32"):
+        monkeypatch.setattr(attention_module, name, dataclasses.replace(getattr(attention_module, name), qkv_fuse_qk=True))
+    branch = make_branch(3, 17, 3, 32, 38)
+    norm = layer_norm(32, True, True, 39)
+    run_and_check(branch, make_mask("random", 3, 3, 38), 3, *((norm, None) if which == "q" else (None, norm)))
+
+
+def test_strided_last_dims_weights_and_keep():
+    """Every tensor through its own strides, the innermost included: x, out and the residual with
+    every other element of their last dim, both weight matrices column-major, keep transposed."""
+    batch, tokens, heads, head_dim = 3, 17, 3, 32
+    dim = heads * head_dim
+    branch = make_branch(batch, tokens, heads, head_dim, 40)
+    g = torch.Generator().manual_seed(40)
+    keep = make_mask("random", batch, heads, 40)
+    keep[0, 0], keep[0, 1] = True, False  # (keep[b, h] != keep[h, b] somewhere)
+    keep[1, 0] = True
+    expected_branch = reference_branch(branch, keep, heads)
+    keep = keep.t().contiguous().t()
+    assert keep.stride() == (1, batch)
+    branch["x"] = torch.zeros(batch, tokens, 2 * dim, device=DEVICE)[..., ::2].copy_(branch["x"])
+    for name in ("qkv_weight", "proj_weight"):
+        branch[name] = branch[name].t().contiguous().t()
+        assert branch[name].stride(1) != 1
+    out = torch.zeros(batch, tokens, 2 * dim, device=DEVICE)[..., ::2]
+    run_and_check(branch, keep, heads, out=out)
+    residual = torch.zeros(batch, tokens, 2 * dim, device=DEVICE)[..., ::2].copy_(torch.randn(batch, tokens, dim, generator=g))
+    gamma = (0.1 + torch.rand(dim, generator=g)).to(DEVICE)
+    out = torch.zeros(batch, tokens, 2 * dim, device=DEVICE)[..., 1::2]
+    got = triton_head_attention(branch["x"], keep, branch["qkv_weight"], branch["qkv_bias"], branch["proj_weight"],
+                                branch["proj_bias"], heads, residual=residual, layer_scale=gamma, out=out)
+    torch.testing.assert_close(got, residual + gamma * expected_branch, atol=1e-4, rtol=1e-4)
+
+
+def test_projection_to_another_width():
+    """proj_weight [D_out, H*d] with D_out != H*d (48 and 160 columns from 96): out, bias,
+    residual and layer scale are D_out wide."""
+    batch, tokens, heads, head_dim = 3, 17, 3, 32
+    for d_out in (48, 160):
+        branch = make_branch(batch, tokens, heads, head_dim, d_out)
+        g = torch.Generator().manual_seed(d_out)
+        branch["proj_weight"] = (torch.randn(d_out, heads * head_dim, generator=g) / 10).to(DEVICE)
+        branch["proj_bias"] = (0.2 * torch.randn(d_out, generator=g)).to(DEVICE)
+        keep = make_mask("random", batch, heads, d_out)
+        run_and_check(branch, keep, heads, out=torch.empty(batch, tokens, d_out, device=DEVICE))
+        residual = torch.randn(batch, tokens, d_out, generator=g).to(DEVICE)
+        gamma = (0.1 + torch.rand(d_out, generator=g)).to(DEVICE)
+        got = triton_head_attention(branch["x"], keep, branch["qkv_weight"], branch["qkv_bias"], branch["proj_weight"],
+                                    branch["proj_bias"], heads, residual=residual, layer_scale=gamma)
+        expected = residual + gamma * reference_branch(branch, keep, heads)
+        torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
+
+
+def test_launcher_refuses_mismatched_proj_weight_and_out():
+    branch = make_branch(2, 5, 2, 32, 41)
+    keep = make_mask("all", 2, 2, 0)
+    x, qkv_weight, proj_weight = branch["x"], branch["qkv_weight"], branch["proj_weight"]
+    with pytest.raises(TypeError, match="dtype"):  # (proj_weight alone in another dtype)
+        triton_head_attention(x, keep, qkv_weight, None, proj_weight.half(), None, 2)
+    with pytest.raises(ValueError, match="proj_weight"):  # (takes 48 inputs, not 2 x 32)
+        triton_head_attention(x, keep, qkv_weight, None, proj_weight[:, :48], None, 2)
+    with pytest.raises(ValueError, match="out must be"):
+        triton_head_attention(x, keep, qkv_weight, None, proj_weight, None, 2, out=torch.empty(2, 5, 32, device=DEVICE))
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU interpreter's refusal")
+def test_bf16_out_under_interpreter_is_a_clear_error():
+    branch = make_branch(1, 5, 2, 32, 0)
+    out = torch.empty(1, 5, 64, dtype=torch.bfloat16, device=DEVICE)
+    with pytest.raises(NotImplementedError, match="bf16"):
+        triton_head_attention(branch["x"], make_mask("all", 1, 2, 0), branch["qkv_weight"], branch["qkv_bias"],
+                              branch["proj_weight"], branch["proj_bias"], 2, out=out)
+
+
+@pytest.mark.parametrize("where", ["qkv_bias", "proj_bias", "residual", "layer_scale", "q_norm"])
+def test_an_optional_tensor_on_another_device_is_refused(monkeypatch, where):
+    """Biases, the residual, the layer scale and the norms are device-checked like the rest."""
+    monkeypatch.setattr(attention_module, "_qkv_kernel", None)
+    branch = make_branch(2, 5, 2, 16, 42)
+    tensors = dict(residual=torch.zeros(2, 5, 32, device=DEVICE), layer_scale=torch.ones(32, device=DEVICE),
+                   q_norm=layer_norm(16, True, True, 43))
+    if where in branch:
+        branch[where] = branch[where].to("meta")
+    else:
+        tensors[where] = tensors[where].to("meta")
+    with pytest.raises(ValueError, match=f"{where}[.a-z]* on meta"):
+        triton_head_attention(branch["x"], make_mask("all", 2, 2, 42), branch["qkv_weight"], branch["qkv_bias"],
+                              branch["proj_weight"], branch["proj_bias"], 2, tensors["q_norm"], None,
+                              residual=tensors["residual"], layer_scale=tensors["layer_scale"])
+
+
+@pytest.mark.parametrize("tokens,overrides", [(65, {}), (33, dict(attn_block_m=32, attn_block_m_tail=16, attn_block_n=32)),
+                                              (17, dict(attn_block_m=16, attn_block_m_tail=16, attn_block_n=16))])
+def test_ragged_ends_of_one_token(monkeypatch, tokens, overrides):
+    """N one past a whole query tile and key step (N % BLOCK_M == N % BLOCK_N == 1): the ragged
+    query pass and the ragged key step each cover a single token."""
+    monkeypatch.setattr(attention_module, "TILES_FP32", dataclasses.replace(attention_module.TILES_FP32, **overrides))
+    fit = attention_module.tiles_for(32, torch.float32)
+    assert tokens % fit.attn_block_m == 1 and tokens % fit.attn_block_n == 1
+    branch = make_branch(2, tokens, 2, 32, tokens)
+    run_and_check(branch, make_mask("random", 2, 2, tokens), 2)
+
+
+def test_fit_tiles_shrinks_every_tile_to_16_rows_and_no_further():
+    """Rows too wide for any larger tile (fp32, d=1024) take 16-row tiles in every kernel (the
+    tl.dot minimum), each shrunk on its own rule."""
+    huge = attention_module.fit_tiles(TileConfig(qkv_block_n=256, qkv_block_k=256, attn_block_n=256, proj_block_o=256),
+                                      1024, 4)
+    assert (huge.qkv_block_n, huge.qkv_block_k, huge.attn_block_m, huge.attn_block_n, huge.attn_block_tail,
+            huge.proj_block_o) == (16,) * 6
