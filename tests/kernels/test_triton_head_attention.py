@@ -594,10 +594,10 @@ def test_strided_last_dims_weights_and_keep():
 
 
 def test_projection_to_another_width():
-    """proj_weight [D_out, H*d] with D_out != H*d (48 and 160 columns from 96): out, bias,
+    """proj_weight [D_out, H*d] with D_out != H*d (160 and 48 columns from 96): out, bias,
     residual and layer scale are D_out wide."""
     batch, tokens, heads, head_dim = 3, 17, 3, 32
-    for d_out in (48, 160):
+    for d_out in (160, 48):
         branch = make_branch(batch, tokens, heads, head_dim, d_out)
         g = torch.Generator().manual_seed(d_out)
         branch["proj_weight"] = (torch.randn(d_out, heads * head_dim, generator=g) / 10).to(DEVICE)
