@@ -145,6 +145,20 @@ def seed3_backbone(tmp_path_factory):
 
 
 @pytest.fixture
+def stopped_data(monkeypatch):
+    """load_data replaced by a stub that records the image size a command asks for and stops it there
+    (an InputError): the list of sizes, empty if the command stopped before loading data."""
+    sizes = []
+
+    def stop(spec, *, image_size=None, seed=0, **kwargs):
+        sizes.append(image_size)
+        raise InputError("stopped before loading data")
+
+    monkeypatch.setattr(T, "load_data", stop)
+    return sizes
+
+
+@pytest.fixture
 def data_calls(monkeypatch):
     """The (spec, image_size, seed) of every load_data call the recipes make."""
     calls, real = [], T.load_data
@@ -269,15 +283,9 @@ def test_pretrained_file_keeps_the_timm_architecture(vit_checkpoint, tmp_path, d
     assert data_calls[-1][1] == (32, 32)
 
 
-def test_pretrained_file_image_size_and_load_errors_before_data(vit_checkpoint, tmp_path, monkeypatch, capsys):
+def test_pretrained_file_image_size_and_load_errors_before_data(vit_checkpoint, tmp_path, stopped_data, capsys):
     path, _ = vit_checkpoint
-    sizes = []
-
-    def stop(spec, *, image_size=None, seed=0, **kwargs):
-        sizes.append(image_size)
-        raise InputError("stopped before loading data")
-
-    monkeypatch.setattr(T, "load_data", stop)
+    sizes = stopped_data
     train = ["train", "backbone", "--timm-name", "test_vit", "--out", str(tmp_path / "b"), "--pretrained-file"]
     assert cli_main([*train, str(path)]) == 2
     assert sizes == [(160, 160)]  # the data is loaded at the checkpoint model's own size
@@ -317,7 +325,7 @@ def test_pretrained_file_that_is_no_checkpoint_names_the_file_and_the_formats(vi
     assert data_calls == [] and not (tmp_path / "b").exists()
 
 
-def test_pretrained_file_of_other_keys_is_refused_before_training(vit_checkpoint, tmp_path, monkeypatch, capsys):
+def test_pretrained_file_of_other_keys_is_refused_before_training(vit_checkpoint, tmp_path, stopped_data, capsys):
     """timm drops the checkpoint's head for --num-classes and then loads non-strictly, so a file of other
     keys ({"a": ...}, a ResNet) only logged "Unexpected keys" and training started from random weights
     while the bundle recorded the file. It is refused, naming the file and the keys, before any data
@@ -326,13 +334,7 @@ def test_pretrained_file_of_other_keys_is_refused_before_training(vit_checkpoint
     from safetensors.torch import save_file
 
     path, state = vit_checkpoint
-    sizes = []
-
-    def stop(spec, *, image_size=None, seed=0, **kwargs):
-        sizes.append(image_size)
-        raise InputError("stopped before loading data")
-
-    monkeypatch.setattr(T, "load_data", stop)
+    sizes = stopped_data
     other = tmp_path / "other.pth"
     torch.save({"a": torch.zeros(1)}, other)
     resnet = tmp_path / "resnet.pth"
