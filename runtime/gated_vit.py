@@ -315,6 +315,13 @@ def _recording_pretrained_loads(loads: list, active: bool = True):
             _builder.load_pretrained = original
 
 
+def checkpoint_load_failure(pretrained_file, name: str, timm_kwargs: dict) -> str:
+    """The opening of every error about a checkpoint that does not load into a timm model: the file,
+    the model and the options given (the class count aside: timm resets the head for it)."""
+    options = {k: v for k, v in timm_kwargs.items() if k != "num_classes"}
+    return f"cannot load {pretrained_file} into timm {name} with {options}"
+
+
 def _check_pretrained_keys(loads: list, pretrained_file, name: str, timm_kwargs: dict) -> None:
     """InputError naming the file and the keys if the (last) pretrained load left any of the model's
     weights out, or (unless timm's own loader is lenient for this architecture) brought keys the model
@@ -333,9 +340,8 @@ def _check_pretrained_keys(loads: list, pretrained_file, name: str, timm_kwargs:
         more = f", ... {len(keys) - shown} more" if len(keys) > shown else ""
         return f"{len(keys)} {what} ({', '.join(keys[:shown])}{more})"
 
-    options = {k: v for k, v in timm_kwargs.items() if k != "num_classes"}
     raise InputError(
-        f"cannot load {pretrained_file} into timm {name} with {options}: the checkpoint's keys do not match "
+        f"{checkpoint_load_failure(pretrained_file, name, timm_kwargs)}: the checkpoint's keys do not match "
         f"the model's (classifier head aside): {listed(missing, 'missing')}, {listed(unexpected, 'unexpected')}; "
         "a checkpoint of another architecture or configuration? (missing weights would keep their random "
         "initialization)"

@@ -33,6 +33,7 @@ from typing import Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
+from timm.layers import to_2tuple
 from tqdm.auto import tqdm
 
 from headsteer.runtime.bundle import check_replaceable, load_bundle, save_bundle
@@ -40,7 +41,7 @@ from headsteer.runtime.data import (ImageDataset, Splits, check_seed, data_recor
                                     resolve_split_seed)
 from headsteer.runtime.errors import BundleError, HeadsteerError, InputError
 from headsteer.runtime.files import check_can_create
-from headsteer.runtime.gated_vit import GatedViT, resolve_blocks
+from headsteer.runtime.gated_vit import GatedViT, checkpoint_load_failure, resolve_blocks
 
 DEFAULT_TIMM_NAME = "vit_tiny_patch16_224"
 
@@ -201,8 +202,7 @@ def new_backbone(
                              f"{CHECKPOINT_FORMATS}") from None
         lines = [line.strip() for line in str(error).strip().splitlines()]
         detail = " ".join(lines[:3]) + (f" ... ({len(lines) - 3} more lines)" if len(lines) > 3 else "")
-        options = {k: v for k, v in timm_kwargs.items() if k != "num_classes"}
-        raise InputError(f"cannot load {pretrained_file} into timm {timm_name} with {options}: {detail}") from None
+        raise InputError(f"{checkpoint_load_failure(pretrained_file, timm_name, timm_kwargs)}: {detail}") from None
     embed = model.vit.patch_embed
     problem = patch_grid_problem(tuple(embed.img_size), tuple(embed.patch_size), getattr(embed, "dynamic_img_pad", False))
     if problem:
@@ -212,15 +212,11 @@ def new_backbone(
     return model
 
 
-def _pair(value) -> tuple[int, int]:
-    return tuple(value) if isinstance(value, (tuple, list)) else (value, value)
-
-
 def patch_grid_problem(image_size, patch_size, dynamic_img_pad: bool = False) -> Optional[str]:
     """What is wrong with an image size (int or (height, width)) that is not a whole number of
     patches on each side, else None: timm floors the patch grid, so the last pixels of every image
     would be dropped. With dynamic_img_pad timm pads the images instead, which is fine."""
-    image, patch = _pair(image_size), _pair(patch_size)
+    image, patch = to_2tuple(image_size), to_2tuple(patch_size)
     if dynamic_img_pad or all(side % step == 0 for side, step in zip(image, patch)):
         return None
     fit = tuple(-(-side // step) * step for side, step in zip(image, patch))
