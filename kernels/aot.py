@@ -60,12 +60,12 @@ def check_devices(device: torch.device, *groups) -> None:
     a dict of name -> value, or a (label, dict) pair whose names the label prefixes in the message
     (e.g. a gate's parameter dict as it is); values that are not tensors are skipped, and names are
     put together only when something is refused (this runs on every eager launch)."""
-    for group in groups:
-        for tensor in (group[1] if isinstance(group, tuple) else group).values():
+    labelled = [group if isinstance(group, tuple) else ("", group) for group in groups]
+    for _, named in labelled:
+        for tensor in named.values():
             if isinstance(tensor, torch.Tensor) and tensor.device != device:
-                elsewhere = [f"{label}{name} on {value.device}"
-                             for label, named in (group if isinstance(group, tuple) else ("", group) for group in groups)
-                             for name, value in named.items()
+                elsewhere = [f"{label}{name} on {value.device}" for label, others in labelled
+                             for name, value in others.items()
                              if isinstance(value, torch.Tensor) and value.device != device]
                 raise ValueError(f"every tensor must be on {device} like the input; got {', '.join(elsewhere)}")
 
