@@ -401,15 +401,14 @@ def run(args: argparse.Namespace) -> int:
         raise InputError("--random-control compares steering rows with random ones and needs steering: "
                          + ("--steer per-class or a class" if table is not None
                             else "this bundle has no steering table (train one: headsteer train steering)"))
-    random_control = args.random_control
-    if random_control and not table.info:
+    if args.random_control and not table.info:
         raise InputError("--random-control: this bundle's steering table records no random-latent control rows "
                          "(no per-row info); run without --random-control")
     seed, origin = resolve_split_seed(engine.info.extra, args.seed, "--seed", default=0)
     splits = load_data(args.data, image_size=engine.image_size, seed=seed, progress=not args.no_progress)
     dataset = getattr(splits, args.split)
     print(f"{args.data} {args.split} split ({len(dataset)} images), split seed {seed} ({origin})")
-    rows = per_class_table(engine, dataset, steer, random_control=random_control)
+    rows = per_class_table(engine, dataset, steer, random_control=args.random_control)
     print(format_table(rows))
     if steer is not None:
         hit = sum(meets_target(r) for r in rows)
