@@ -352,12 +352,7 @@ def _qkv_kernel(
     sample = rows // N
     row_kept = tl.load(keep_ptr + sample * stride_keep_b + h * stride_keep_h, mask=rows < B * N, other=0) != 0
     if NARROW_N == 0:
-        if tl.max(row_kept.to(tl.int32), axis=0) != 0:
-            _qkv_rows(x_ptr, stride_xb, stride_xn, stride_xd, w_ptr, stride_wr, stride_wd, bias_ptr,
-                      qn_w_ptr, qn_b_ptr, q_eps, kn_w_ptr, kn_b_ptr, k_eps, qkv_ptr, scratch_part,
-                      sample, rows % N, row_kept, h, N, D, H, HEAD_DIM,
-                      HAS_BIAS, Q_NORM, QN_W, QN_B, K_NORM, KN_W, KN_B, PRECISION, FUSE_QK,
-                      BLOCK_N, BLOCK_K, BLOCK_D)
+        whole_tile = tl.max(row_kept.to(tl.int32), axis=0) != 0
     else:
         # The tile's first and last rows whose sample keeps h (first > last: none). When they lie
         # within NARROW_N rows, project only the NARROW_N rows from the first: rows past the last
@@ -366,13 +361,15 @@ def _qkv_kernel(
         # own mask bits, as in the whole tile.
         first = tl.min(tl.where(row_kept, offs_n, BLOCK_N), axis=0)
         last = tl.max(tl.where(row_kept, offs_n, -1), axis=0)
-        if last - first >= NARROW_N:
-            _qkv_rows(x_ptr, stride_xb, stride_xn, stride_xd, w_ptr, stride_wr, stride_wd, bias_ptr,
-                      qn_w_ptr, qn_b_ptr, q_eps, kn_w_ptr, kn_b_ptr, k_eps, qkv_ptr, scratch_part,
-                      sample, rows % N, row_kept, h, N, D, H, HEAD_DIM,
-                      HAS_BIAS, Q_NORM, QN_W, QN_B, K_NORM, KN_W, KN_B, PRECISION, FUSE_QK,
-                      BLOCK_N, BLOCK_K, BLOCK_D)
-        elif first <= last:
+        whole_tile = last - first >= NARROW_N
+    if whole_tile:
+        _qkv_rows(x_ptr, stride_xb, stride_xn, stride_xd, w_ptr, stride_wr, stride_wd, bias_ptr,
+                  qn_w_ptr, qn_b_ptr, q_eps, kn_w_ptr, kn_b_ptr, k_eps, qkv_ptr, scratch_part,
+                  sample, rows % N, row_kept, h, N, D, H, HEAD_DIM,
+                  HAS_BIAS, Q_NORM, QN_W, QN_B, K_NORM, KN_W, KN_B, PRECISION, FUSE_QK,
+                  BLOCK_N, BLOCK_K, BLOCK_D)
+    elif NARROW_N > 0:
+        if first <= last:
             offs_narrow = tl.arange(0, NARROW_N)
             narrow_rows = tile * BLOCK_N + first + offs_narrow
             narrow_sample = narrow_rows // N
