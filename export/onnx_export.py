@@ -317,6 +317,7 @@ def to_onnx(
     mean: Optional[Sequence[float]] = None,
     std: Optional[Sequence[float]] = None,
     write_steering: bool = True,
+    steering_file: Optional[str] = None,
     overwrite: bool = True,
     check: bool = True,
     precision: str = "fp32",
@@ -327,11 +328,15 @@ def to_onnx(
     "sparse" (only kept heads; data-dependent NonZero/gather/scatter). opset: ONNX opset
     (18..23). With write_steering, the per-class steering rows go to
     `steering_path_for(out_path)` (`<stem>.steering.json`; other rows already there are replaced
-    only with `overwrite`, `check_rows_replaceable`). precision: "fp32" (the contract's
+    only with `overwrite`, `check_rows_replaceable`). steering_file: the rows file's path relative
+    to the model, recorded in the metadata when the caller writes the rows elsewhere (the Triton
+    repository's `../steering.json`); without it, the file written beside the model, or "". precision: "fp32" (the contract's
     default), or "fp16"/"bf16" backbone weights for strongly typed TensorRT builds. Every file is written under a
     temporary name and renamed into place after `onnx.checker.check_model(full_check=True)`."""
     onnx = require("onnx", "ONNX export")
     _check_args(attention, opset)
+    if steering_file is not None and write_steering:
+        raise InputError("steering_file names rows written elsewhere; with write_steering=True they go beside the model")
     out_path = Path(out_path)
     if out_path.is_dir():
         raise InputError(f"{out_path} is a directory; --out names the .onnx file to write")
@@ -342,7 +347,8 @@ def to_onnx(
     if write_steering:
         check_rows_replaceable(steering_path_for(out_path), rows_text, overwrite)
     proto = export_proto(source.model, attention, opset, precision=precision)
-    steering_file = steering_path_for(out_path).name if write_steering else None
+    if steering_file is None and write_steering:
+        steering_file = steering_path_for(out_path).name
     metadata = model_metadata(source, attention, steering_file)
     metadata[META_PREFIX + "precision"] = precision
     for key, value in metadata.items():

@@ -2,7 +2,7 @@
 
     DIR/<name>/config.pbtxt          platform onnxruntime_onnx (or tensorrt_plan), max_batch_size,
                                      dynamic_batching, the three inputs and two outputs
-    DIR/<name>/1/model.onnx          (or model.plan with engine="plan")
+    DIR/<name>/1/model.onnx          (or model.plan with engine="plan", and its description model.plan.json)
     DIR/<name>/steering.json         per-class steer_scale/steer_shift rows (see onnx_export)
     DIR/<name>/labels.txt            class names, one per line (the logits output's label_filename)
 
@@ -257,7 +257,7 @@ def write_triton_repo(
         version_dir.mkdir()
         onnx_path = to_onnx(
             bundle, version_dir / "model.onnx", attention=attention, opset=opset, write_steering=False,
-            precision=precision if engine == "plan" else "fp32",
+            steering_file="../steering.json", precision=precision if engine == "plan" else "fp32",
         )
         inputs, outputs = _io_from_onnx(onnx_path)
         if engine == "plan":

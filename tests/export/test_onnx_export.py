@@ -253,3 +253,14 @@ def test_weights_over_the_cap_go_to_a_sidecar_written_atomically(exported, tmp_p
             to_onnx(exported.bundle, target, write_steering=False)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx", "m.onnx.data"]
     assert (out.read_bytes(), sidecar.read_bytes()) == before
+
+
+def test_a_steering_file_named_elsewhere_is_recorded_and_not_with_rows_beside_the_model(exported, tmp_path):
+    """steering_file is for rows the caller writes elsewhere (the Triton repository's); asked
+    together with rows beside the model it is refused before anything is exported."""
+    path = to_onnx(exported.bundle, tmp_path / "m.onnx", write_steering=False, steering_file="../rows.json")
+    assert read_metadata(path)["steering_file"] == "../rows.json"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx"]
+    with pytest.raises(InputError, match="steering_file names rows written elsewhere"):
+        to_onnx(exported.bundle, tmp_path / "n.onnx", steering_file="../rows.json")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx"]

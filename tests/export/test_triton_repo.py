@@ -7,6 +7,7 @@ import re
 import onnx
 import pytest
 
+from headsteer.export import read_metadata
 from headsteer.export.triton_repo import ONNX_TO_TRITON, parse_pbtxt, render_config
 from headsteer.runtime.cli import main
 from headsteer.runtime.files import current_umask
@@ -68,6 +69,9 @@ def test_triton_repository_matches_the_exported_model(exported, tmp_path, capsys
     assert (model_dir / "labels.txt").read_text().split() == CLASS_NAMES
     steering = json.loads((model_dir / "steering.json").read_text())
     assert steering["classes"] == CLASS_NAMES and len(steering["rows"]["bowl"]["steer_scale"]) == 128
+    # The model names its rows file, relative to itself, as a file exported beside its rows does.
+    recorded = read_metadata(model_dir / "1" / "model.onnx")["steering_file"]
+    assert recorded == "../steering.json" and (model_dir / "1" / recorded).resolve() == (model_dir / "steering.json").resolve()
 
     # An existing model directory is kept unless --overwrite is given.
     assert main(argv) == 2
