@@ -17,7 +17,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--out", required=True,
         help="onnx: the .onnx file (its steering rows go beside it: model.onnx -> model.steering.json); "
-        "tensorrt: the .plan file (likewise); "
+        "tensorrt: the .plan file (likewise, and its description: model.plan -> model.plan.json); "
         "triton-repo: the model repository directory (DIR/<name>/... is written)",
     )
     parser.add_argument(
@@ -82,13 +82,14 @@ def run(args: argparse.Namespace) -> int:
         print(f"wrote {path} ({args.attention} attention, opset {args.opset}, {size:.1f} MiB) and {steering_path_for(path)}")
     elif args.format == "tensorrt":
         from headsteer.export.onnx_export import steering_path_for
-        from headsteer.export.tensorrt import build_engine
+        from headsteer.export.tensorrt import build_engine, plan_description_path
 
         path = build_engine(
             args.bundle, out, precision=args.precision, min_batch=args.min_batch, opt_batch=opt_batch,
             max_batch=args.max_batch, attention=args.attention, opset=args.opset, overwrite=args.overwrite,
         )
-        print(f"wrote {path} ({args.precision}, batch {args.min_batch}/{opt_batch}/{args.max_batch}, {args.attention} attention) and {steering_path_for(path)}")
+        print(f"wrote {path} ({args.precision}, batch {args.min_batch}/{opt_batch}/{args.max_batch}, {args.attention} attention), "
+              f"{plan_description_path(path)} and {steering_path_for(path)}")
     else:
         from headsteer.export.triton_repo import write_triton_repo
 

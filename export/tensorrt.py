@@ -9,6 +9,14 @@ one optimization profile spans [min_batch, opt_batch, max_batch] for the three i
 serialized engine is written under a temporary name and renamed into place. Built from a bundle,
 the per-class steering rows are written beside it as `<stem>.steering.json`, as the ONNX export does.
 
+A plan carries no metadata of its own, so `<plan>.json` beside it (`plan_description_path`)
+describes it: the source ONNX file's headsteer metadata (class names, shapes, the bundle's weights
+checksum), the precision, the profile, the TensorRT version, and the plan's own sha256, which
+binds the description to these bytes. The runner checks it against the bundle before
+deserializing: a plan of another bundle's weights, or one replaced without its description, is
+refused. A plan without one (built by trtexec, or before descriptions existed) loads with its
+tensor shapes checked only.
+
 TF32 is off (TensorRT enables BuilderFlag.TF32 by default): fp32 layers, the SAEs and gates that
 decide the head mask among them, run in full fp32 as the spec does, not with 10-bit-mantissa inputs.
 
@@ -25,6 +33,8 @@ Needs the `tensorrt` extra and a CUDA device; without either, a MissingDependenc
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import numbers
 import os
 import shutil
@@ -36,12 +46,14 @@ from typing import Optional, Union
 import torch
 
 from headsteer.export._common import ExportError, MissingDependencyError, atomic_path, require, write_text_atomic
-from headsteer.export.onnx_export import (DEFAULT_OPSET, INPUT_NAMES, check_rows_replaceable, read_metadata,
-                                          steering_path_for, to_onnx)
-from headsteer.export.onnx_runner import check_io_dims, check_steer_shape
+from headsteer.export.onnx_export import (DEFAULT_OPSET, INPUT_NAMES, ONNX_FORMAT, check_rows_replaceable,
+                                          read_metadata, steering_path_for, to_onnx)
+from headsteer.export.onnx_runner import check_against_bundle, check_io_dims, check_steer_shape
 from headsteer.runtime.errors import BundleError, InputError
 
 PRECISIONS = ("fp32", "fp16", "bf16")
+PLAN_FORMAT = "headsteer-tensorrt-plan"
+PLAN_FORMAT_VERSION = 1
 
 
 def _tensorrt():
@@ -56,6 +68,47 @@ def _require_cuda(what: str) -> None:
 def default_opt_batch(min_batch: int, max_batch: int) -> int:
     """The batch a profile is tuned for when none is given: 8, within [min_batch, max_batch]."""
     return max(min_batch, min(8, max_batch))
+
+
+def plan_description_path(plan_path: Union[str, os.PathLike]) -> Path:
+    """Where the description of `plan_path` lives: `model.plan` -> `model.plan.json`."""
+    plan_path = Path(plan_path)
+    return plan_path.with_name(plan_path.name + ".json")
+
+
+def plan_description(onnx_metadata: dict, plan_bytes, precision: str, batches: tuple[int, int, int], tensorrt_version: str) -> dict:
+    """The document `build_engine` writes to `plan_description_path(plan)` (see the module docstring)."""
+    min_batch, opt_batch, max_batch = batches
+    return {
+        "format": PLAN_FORMAT,
+        "format_version": PLAN_FORMAT_VERSION,
+        "plan_sha256": hashlib.sha256(plan_bytes).hexdigest(),
+        "tensorrt_version": tensorrt_version,
+        "precision": precision,
+        "profile": {"min_batch": min_batch, "opt_batch": opt_batch, "max_batch": max_batch},
+        "onnx": onnx_metadata,
+    }
+
+
+def check_plan_description(plan_path: Union[str, os.PathLike], plan_bytes, info) -> Optional[dict]:
+    """Raise BundleError when the description beside `plan_path` does not describe these plan
+    bytes or this bundle (`info`); returns the description, or None when the plan has none."""
+    plan_path = Path(plan_path)
+    path = plan_description_path(plan_path)
+    if not path.exists():
+        return None
+    remedy = f"rebuild the plan (`headsteer export BUNDLE --format tensorrt --out {plan_path.name}`) or delete {path.name}"
+    try:
+        document = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise BundleError(f"{path} beside the plan is not a readable plan description ({type(error).__name__}: {error}); {remedy}") from None
+    if not isinstance(document, dict) or document.get("format") != PLAN_FORMAT or not isinstance(document.get("onnx"), dict):
+        raise BundleError(f"{path} beside the plan is not a headsteer plan description; {remedy}")
+    if document.get("plan_sha256") != hashlib.sha256(plan_bytes).hexdigest():
+        raise BundleError(f"{path} describes another plan than {plan_path} (the plan's sha256 differs: it was replaced "
+                          f"without its description); {remedy}")
+    check_against_bundle(document["onnx"], info, plan_path)
+    return document
 
 
 def _check_batches(min_batch: int, opt_batch: int, max_batch: int) -> None:
@@ -98,6 +151,8 @@ def build_engine(
     written to `steering_path_for(plan_path)` once the plan is in place), or an `.onnx` file from
     `to_onnx` (then `precision` must match the file's, which its metadata records; the rows
     `to_onnx` wrote beside it are copied beside the plan, and without them none is left there).
+    The plan's description goes to `plan_description_path(plan_path)` (from an ONNX file without
+    headsteer metadata, none is written and a stale one there is removed).
     opt_batch defaults to `default_opt_batch(min_batch, max_batch)` (8 within the profile)."""
     if precision not in PRECISIONS:
         raise InputError(f"precision must be one of {PRECISIONS}, got {precision!r}")
@@ -135,6 +190,7 @@ def build_engine(
         else:
             raise InputError(f"{source} is neither a bundle directory nor an ONNX file")
         rows_text = steering.read_text() if steering is not None else None
+        onnx_metadata = read_metadata(onnx_path)
         # (before the build; with no rows to write, any rows file there is another model's)
         check_rows_replaceable(steering_out, rows_text if rows_text is not None else "null", overwrite)
 
@@ -160,6 +216,14 @@ def build_engine(
         with atomic_path(plan_path, suffix=".plan") as temp:
             with open(temp, "wb") as handle:
                 handle.write(memoryview(serialized))
+        # After the plan: a description left from an older plan no longer matches its sha256.
+        description_path = plan_description_path(plan_path)
+        if onnx_metadata.get("format") == ONNX_FORMAT:
+            description = plan_description(onnx_metadata, memoryview(serialized), precision,
+                                           (min_batch, opt_batch, max_batch), trt.__version__)
+            write_text_atomic(description_path, json.dumps(description, indent=1) + "\n")
+        else:  # (an ONNX file of another exporter: nothing to describe the plan with)
+            description_path.unlink(missing_ok=True)
         if rows_text is not None:  # only beside a plan that was written
             write_text_atomic(steering_out, rows_text)
         else:  # (an ONNX file exported without steering rows: none beside its plan either)
@@ -249,8 +313,10 @@ class TensorRTRunner:
                 raise InputError(f"engine_path {engine_path} does not exist (build one with `headsteer export BUNDLE --format tensorrt --out FILE.plan`)")
             self._logger = trt.Logger(trt.Logger.WARNING)
             self._runtime = trt.Runtime(self._logger)
+            plan_bytes = engine_path.read_bytes()
+            self.description = check_plan_description(engine_path, plan_bytes, info)  # before deserializing
             with torch.cuda.device(device):
-                self.engine = self._runtime.deserialize_cuda_engine(engine_path.read_bytes())
+                self.engine = self._runtime.deserialize_cuda_engine(plan_bytes)
                 if self.engine is None:
                     raise BundleError(f"{engine_path} is not a TensorRT engine for this TensorRT version/GPU (rebuild it here)")
                 self.context = self.engine.create_execution_context()
@@ -317,4 +383,4 @@ class TensorRTRunner:
         return results["logits"].float().cpu(), results["head_mask"].bool().cpu()
 
 
-__all__ = ["PRECISIONS", "TensorRTRunner", "build_engine"]
+__all__ = ["PRECISIONS", "TensorRTRunner", "build_engine", "check_plan_description", "plan_description", "plan_description_path"]

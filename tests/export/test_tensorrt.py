@@ -171,7 +171,7 @@ def test_build_turns_tf32_off_and_writes_the_steering_rows_beside_the_plan(expor
     plan = build_engine(exported.bundle, tmp_path / "m.plan", max_batch=8)
     assert plan.read_bytes() == b"plan"
     assert trt.cleared_flags == [trt.BuilderFlag.TF32]
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.plan", "m.steering.json"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.plan", "m.plan.json", "m.steering.json"]
     # The same document as the ONNX export writes beside FILE.onnx.
     expected = json.loads(steering_path_for(exported.onnx["masked"]).read_text())
     assert json.loads(steering_path_for(plan).read_text()) == expected
@@ -471,3 +471,97 @@ def test_the_readme_export_sequence_onnx_then_tensorrt_into_one_folder(exported,
     assert main(["export", bundle, "--format", "tensorrt", "--out", str(tmp_path / "model.plan"), "--max-batch", "8"]) == 0
     assert (tmp_path / "model.plan").read_bytes() == b"plan"
     assert steering_path_for(tmp_path / "model.plan").read_text() == rows
+
+
+def test_the_plan_description_binds_the_plan_to_the_bundles_weights(exported, tmp_path, fake_tensorrt):
+    """A plan carries no metadata: `m.plan.json` beside it records the source's headsteer metadata
+    (the bundle's weights checksum among it), the build's options and the plan's own sha256."""
+    import hashlib
+
+    from headsteer.export import read_metadata
+    from headsteer.export.tensorrt import build_engine, plan_description_path
+    from headsteer.runtime.bundle import WEIGHTS_FILE, load_bundle
+
+    fake_tensorrt()
+    plan = build_engine(exported.bundle, tmp_path / "m.plan", precision="fp16", min_batch=2, opt_batch=3, max_batch=8)
+    description = json.loads(plan_description_path(plan).read_text())
+    _, info = load_bundle(exported.bundle)
+    assert description["format"] == "headsteer-tensorrt-plan" and description["format_version"] == 1
+    assert description["plan_sha256"] == hashlib.sha256(b"plan").hexdigest()
+    assert description["tensorrt_version"] == "10.0.0" and description["precision"] == "fp16"
+    assert description["profile"] == {"min_batch": 2, "opt_batch": 3, "max_batch": 8}
+    assert description["onnx"]["weights_sha256"] == "sha256:" + info.config["files"][WEIGHTS_FILE]
+    assert description["onnx"]["class_names"] == list(exported.steering.class_names)
+    # Built from the ONNX file: that file's own metadata.
+    from_file = build_engine(exported.onnx["sparse"], tmp_path / "s.plan", max_batch=8)
+    described = json.loads(plan_description_path(from_file).read_text())["onnx"]
+    assert described == json.loads(json.dumps(read_metadata(exported.onnx["sparse"])))
+    assert described["attention"] == "sparse"
+
+
+def test_a_plan_without_headsteer_metadata_gets_no_description_and_loses_a_stale_one(exported, tmp_path, fake_tensorrt):
+    """An ONNX file of another exporter has nothing to describe a plan with; a description an
+    older build left beside the plan path would describe other bytes, so it is removed."""
+    import onnx
+
+    from headsteer.export.tensorrt import build_engine, plan_description_path
+
+    fake_tensorrt()
+    proto = onnx.load(str(exported.onnx["masked"]))
+    del proto.metadata_props[:]
+    foreign = tmp_path / "foreign.onnx"
+    onnx.save(proto, str(foreign))
+    stale = plan_description_path(tmp_path / "m.plan")
+    stale.write_text('{"format": "headsteer-tensorrt-plan"}')
+    build_engine(foreign, tmp_path / "m.plan", max_batch=8)
+    assert (tmp_path / "m.plan").read_bytes() == b"plan" and not stale.exists()
+
+
+def test_the_runner_refuses_a_plan_of_other_weights_or_a_replaced_plan_before_deserializing(exported, tmp_path, fake_tensorrt, fake_runtime):
+    """The twin of the ONNX runner's weights check: the description's weights checksum against
+    the bundle's, and its plan sha256 against the plan's bytes (a plan replaced by hand keeps a
+    description of other bytes). Both fail before TensorRT deserializes anything; a plan without
+    a description (trtexec's, older builds) still loads."""
+    from headsteer.export.tensorrt import TensorRTRunner, build_engine, plan_description_path
+    from headsteer.runtime.bundle import load_bundle, save_bundle
+
+    from .conftest import CLASS_NAMES, make_model, make_steering
+
+    trt, _, _ = fake_runtime()
+    deserialized = []
+    trt.Runtime = lambda logger: SimpleNamespace(deserialize_cuda_engine=lambda data: deserialized.append(data) or FakeEngine(trt))
+    plan = build_engine(exported.bundle, tmp_path / "model.plan", max_batch=8)
+    _, info = load_bundle(exported.bundle)
+    runner = TensorRTRunner(info, device="cuda:0", engine_path=plan)
+    assert runner.description["plan_sha256"] and deserialized == [b"plan"]
+
+    other = make_model(seed=1)
+    _, other_info = load_bundle(save_bundle(other, tmp_path / "other", class_names=CLASS_NAMES, steering=make_steering(other)))
+    with pytest.raises(BundleError, match=r"model.plan was exported from another model: its weights_sha256 is"):
+        TensorRTRunner(other_info, device="cuda:0", engine_path=plan)
+    plan.write_bytes(b"another plan")
+    with pytest.raises(BundleError, match=r"model.plan.json describes another plan than .*model.plan .*delete model.plan.json"):
+        TensorRTRunner(info, device="cuda:0", engine_path=plan)
+    for text in ("{not json", '["a list"]', '{"format": "headsteer-tensorrt-plan"}'):
+        plan_description_path(plan).write_text(text)
+        with pytest.raises(BundleError, match=r"model.plan.json beside the plan is not a (readable|headsteer) plan description"):
+            TensorRTRunner(info, device="cuda:0", engine_path=plan)
+    assert deserialized == [b"plan"]
+    plan_description_path(plan).unlink()
+    assert TensorRTRunner(other_info, device="cuda:0", engine_path=plan).description is None
+
+
+def test_a_triton_repository_plan_is_described_and_names_its_steering_rows(exported, tmp_path, fake_tensorrt):
+    """write_triton_repo(engine="plan") with the real build_engine (a fake TensorRT): the version
+    folder holds the plan and its description, whose ONNX metadata points at the repository's
+    `steering.json` one level up; no ONNX file is left."""
+    from headsteer.export.tensorrt import plan_description_path
+    from headsteer.export.triton_repo import write_triton_repo
+
+    fake_tensorrt()
+    model_dir = write_triton_repo(exported.bundle, tmp_path / "repo", engine="plan", max_batch_size=8)
+    version = model_dir / "1"
+    assert sorted(p.name for p in version.iterdir()) == ["model.plan", "model.plan.json"]
+    description = json.loads(plan_description_path(version / "model.plan").read_text())
+    assert description["profile"] == {"min_batch": 1, "opt_batch": 8, "max_batch": 8}
+    assert (version / description["onnx"]["steering_file"]).resolve() == (model_dir / "steering.json").resolve()
