@@ -132,6 +132,20 @@ def _network_flags(trt, strongly_typed: bool) -> int:
     return flags
 
 
+def _rows_of(onnx_path: Path, metadata: dict) -> Optional[Path]:
+    """The steering rows file of an exported ONNX file, or None: the file its metadata names
+    (relative to it; `<stem>.steering.json`, or the Triton repository's `../steering.json`), else
+    `<stem>.steering.json` when the pair was renamed together. A file exported without rows
+    (`write_steering=False`) or by another exporter has none, whatever lies beside it."""
+    recorded = metadata.get("steering_file")
+    if not recorded or not isinstance(recorded, str):
+        return None
+    for candidate in (onnx_path.parent / recorded, steering_path_for(onnx_path)):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
 def build_engine(
     source,
     plan_path: Union[str, os.PathLike],
@@ -150,7 +164,7 @@ def build_engine(
     source: a bundle directory (exported to ONNX first, in `precision`; its steering rows are then
     written to `steering_path_for(plan_path)` once the plan is in place), or an `.onnx` file from
     `to_onnx` (then `precision` must match the file's, which its metadata records; the rows
-    `to_onnx` wrote beside it are copied beside the plan, and without them none is left there).
+    its metadata names (`_rows_of`) are copied beside the plan, and without them none is left there).
     The plan's description goes to `plan_description_path(plan_path)` (from an ONNX file without
     headsteer metadata, none is written and a stale one there is removed).
     opt_batch defaults to `default_opt_batch(min_batch, max_batch)` (8 within the profile)."""
@@ -177,20 +191,20 @@ def build_engine(
     workdir = Path(tempfile.mkdtemp(prefix="headsteer-trt-"))
     try:
         source = Path(source)
-        steering = None
         if source.is_dir():
             onnx_path = to_onnx(source, workdir / "model.onnx", attention=attention, opset=opset, precision=precision)
+            onnx_metadata = read_metadata(onnx_path)
             steering = steering_path_for(onnx_path)
         elif source.is_file():
             onnx_path = source
-            steering = steering_path_for(onnx_path) if steering_path_for(onnx_path).is_file() else None
-            recorded = read_metadata(onnx_path).get("precision", "fp32")
+            onnx_metadata = read_metadata(onnx_path)
+            steering = _rows_of(onnx_path, onnx_metadata)
+            recorded = onnx_metadata.get("precision", "fp32")
             if recorded != precision:
                 raise InputError(f"{onnx_path} holds a {recorded} graph; export it with precision={precision!r} or build with precision={recorded!r}")
         else:
             raise InputError(f"{source} is neither a bundle directory nor an ONNX file")
         rows_text = steering.read_text() if steering is not None else None
-        onnx_metadata = read_metadata(onnx_path)
         # (before the build; with no rows to write, any rows file there is another model's)
         check_rows_replaceable(steering_out, rows_text if rows_text is not None else "null", overwrite)
 

@@ -565,3 +565,33 @@ def test_a_triton_repository_plan_is_described_and_names_its_steering_rows(expor
     description = json.loads(plan_description_path(version / "model.plan").read_text())
     assert description["profile"] == {"min_batch": 1, "opt_batch": 8, "max_batch": 8}
     assert (version / description["onnx"]["steering_file"]).resolve() == (model_dir / "steering.json").resolve()
+
+
+def test_a_plan_takes_the_rows_its_onnx_file_names_not_whatever_lies_beside_it(exported, tmp_path, fake_tensorrt):
+    """The ONNX metadata's steering_file decides: a file exported without rows leaves none beside
+    its plan even when another model's `<stem>.steering.json` sits beside it; a file renamed
+    together with its rows, and the Triton repository's model.onnx (rows at ../steering.json),
+    carry theirs."""
+    import shutil
+
+    from headsteer.export import steering_path_for, to_onnx
+    from headsteer.export.tensorrt import build_engine
+    from headsteer.export.triton_repo import write_triton_repo
+
+    fake_tensorrt()
+    rows = steering_path_for(exported.onnx["masked"]).read_text()
+    bare = to_onnx(exported.bundle, tmp_path / "bare.onnx", write_steering=False)
+    steering_path_for(bare).write_text('{"classes": ["someone else"]}')
+    build_engine(bare, tmp_path / "out.plan", max_batch=8)
+    assert (tmp_path / "out.plan").is_file() and not steering_path_for(tmp_path / "out.plan").exists()
+
+    renamed = tmp_path / "renamed"
+    renamed.mkdir()
+    shutil.copy(exported.onnx["masked"], renamed / "vit.onnx")
+    shutil.copy(steering_path_for(exported.onnx["masked"]), renamed / "vit.steering.json")
+    build_engine(renamed / "vit.onnx", renamed / "vit.plan", max_batch=8)
+    assert steering_path_for(renamed / "vit.plan").read_text() == rows
+
+    model_dir = write_triton_repo(exported.bundle, tmp_path / "repo", max_batch_size=8)
+    build_engine(model_dir / "1" / "model.onnx", tmp_path / "repo.plan", max_batch=8)
+    assert json.loads(steering_path_for(tmp_path / "repo.plan").read_text()) == json.loads((model_dir / "steering.json").read_text())
