@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -151,6 +151,11 @@ def run_demo(out: Path, settings: DemoSettings, progress: bool = True, log=print
     t0 = time.perf_counter()
     model = T.new_backbone(T.DEFAULT_TIMM_NAME, kwargs, seed=settings.seed)
     model, stage = T.train_backbone(model, splits, settings.backbone, progress)
+    # A rerun replaces the bundles one by one from here: an earlier run's reports (of either
+    # setting) would describe bundles that are gone if this run stopped before writing its own.
+    for path in {*report_paths(out, settings), *report_paths(out, replace(settings, whole_network=True))}:
+        if path.is_file() or path.is_symlink():
+            path.unlink()
     T.save_stage(model, stages_dir / "backbone", splits, T._json_safe(dict(T._record({}, stage), data=data)))
     lap("backbone", t0)
 

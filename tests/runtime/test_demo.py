@@ -171,3 +171,30 @@ def test_demo_refuses_a_bad_seed_leaving_nothing_on_disk(tmp_path):
     with pytest.raises(InputError, match="seed"):
         run_demo(tmp_path / "out", settings, progress=False, log=lambda *_: None)
     assert not (tmp_path / "out").exists()
+
+
+def test_a_rerun_stopped_midway_leaves_no_report_of_the_bundles_it_replaced(tmp_path, monkeypatch):
+    """The first replaced bundle makes an earlier run's reports (the whole-network plots of a
+    run with whole_network included) describe models that are gone; a rerun stopped before
+    writing its own leaves none of them."""
+    settings = tiny_settings()
+    settings.whole_network = False
+    old = [tmp_path / "report.json", tmp_path / "report.md", *plot_paths(tmp_path, whole_network=True)]
+    for path in old:
+        path.write_text("an earlier run's")
+    (tmp_path / "notes.txt").write_text("the user's")
+
+    def stop(*args, **kwargs):
+        assert (tmp_path / "stages" / "backbone").is_dir()
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(T, "train_gates", stop)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            run_demo(tmp_path, settings, progress=False, log=lambda *_: None)
+    finally:
+        torch.set_num_threads(threads)
+    assert not [path for path in old if path.exists()]
+    assert (tmp_path / "notes.txt").read_text() == "the user's"
