@@ -231,6 +231,11 @@ class Engine:
         pixels = pixels.float()  # (checked after the cast: float64 past float32's range turns infinite)
         if not bool(torch.isfinite(pixels).all()):
             raise InputError("image tensor holds NaN or infinite values (as float32)")
+        if self.dtype != torch.float32 and not bool(torch.isfinite(pixels.to(self.dtype)).all()):
+            # (the model runs in self.dtype: float16 turns anything past 65504 infinite, then NaN logits)
+            limit = torch.finfo(self.dtype).max
+            raise InputError(f"image tensor holds values beyond {str(self.dtype).removeprefix('torch.')}'s range "
+                             f"(|x| > {limit:.6g}), the dtype this engine runs in; normalized pixels are small numbers")
         return pixels
 
     def _raw_to_tensor(self, image, index: int) -> torch.Tensor:

@@ -1,4 +1,5 @@
 """Engine: preprocessing, steering lookup, validation before work, thread safety."""
+import re
 import threading
 
 import numpy as np
@@ -168,6 +169,20 @@ def test_half_precision_engine_close_to_float32(bundle_path):
     torch.testing.assert_close(half.predict(pixels, budget=1.0).logits, full.predict(pixels, budget=1.0).logits, atol=0.1, rtol=0.1)
     with pytest.raises(InputError, match="dtype"):
         Engine.load(bundle_path, dtype="int8")
+
+
+@pytest.mark.parametrize("dtype,too_large,largest", [("float16", 65520.0, 65504.0), ("bfloat16", 3.4e38, 3.38e38)])
+def test_pixels_past_the_engines_dtype_range_are_refused_before_the_forward(bundle_path, monkeypatch, dtype, too_large, largest):
+    """Finite as float32 but infinite once cast to the engine's dtype (float16 rounds 65520 up to
+    inf): the forward would return NaN logits and an arbitrary label. A value that stays finite in
+    the dtype is the model's input, not refused (whatever its layers then make of it)."""
+    engine = Engine.load(bundle_path, backend="reference", dtype=dtype)
+    pixels = torch.randn(2, 3, 32, 32)
+    assert engine.predict(pixels.index_fill(3, torch.tensor([5]), largest)).logits.shape == (2, 4)
+    monkeypatch.setattr(engine.model, "forward", lambda *a, **k: pytest.fail("the model ran"))
+    limit = f"{torch.finfo(getattr(torch, dtype)).max:.6g}"
+    with pytest.raises(InputError, match=re.escape(f"beyond {dtype}'s range (|x| > {limit})")):
+        engine.predict(pixels.index_fill(3, torch.tensor([5]), -too_large))
 
 
 @pytest.mark.parametrize("backend,dtype", [("compact", "bfloat16"), ("reference", "float16")])
