@@ -167,6 +167,23 @@ def test_steering_table_lookup_errors():
         SteeringTable(["cat"], torch.ones(2, 4), torch.zeros(2, 4))
     with pytest.raises(InputError, match=r"class names must be unique .*repeated: \['cat'\]"):
         SteeringTable(["cat", "dog", "cat"], torch.ones(3, 4), torch.zeros(3, 4))
+    # a negative index is refused, not read from the end of the table as Python would
+    with pytest.raises(InputError, match=r"steering class index -1 out of range \[0, 2\)"):
+        table.rows([-1])
+    # scale and shift are both [rows, S_total]: 1-D rows, or a shift of another width, are refused
+    with pytest.raises(InputError, match="shape"):
+        SteeringTable(["cat", "dog"], torch.ones(2), torch.zeros(2))
+    with pytest.raises(InputError, match="shape"):
+        SteeringTable(["cat", "dog"], torch.ones(2, 4), torch.zeros(2, 3))
+
+
+def test_steering_table_takes_numpy_and_torch_integer_indices():
+    import numpy as np
+
+    table = SteeringTable(["cat", "dog"], torch.rand(2, 4), torch.rand(2, 4))
+    for index in (np.int64(1), torch.tensor(1)):
+        scale, shift = table.rows([index])
+        assert torch.equal(scale[0], table.scale[1]) and torch.equal(shift[0], table.shift[1])
 
 
 @pytest.mark.parametrize("umask", [0o022, 0o002])
@@ -245,6 +262,18 @@ CORRUPT_HEADERS = {
     "foreign steering class": (_set("steering", "classes", 2, value="zebra"), r"steering.classes must be names among class_names, found \['zebra'\]"),
     "steering info short": (_set("steering", "info", value=[{}]), r"steering.info must be a list with one entry per steering row \(7\) or none"),
     "format_version a bool": (_set("format_version", value=True), r"no integer format_version"),
+    # more sections of the wrong type (were AttributeError / TypeError), and fields a bare check would miss
+    "normalization a list": (_set("normalization", value=[0.5, 0.25]), r"normalization must be an object with mean and std"),
+    "mean holds a bool": (_set("normalization", "mean", value=[True, 0.5, 0.5]), r"normalization.mean must be a list of numbers"),
+    "digest too short": (_set("files", WEIGHTS_FILE, value="0" * 63), r"files.model.safetensors must be a sha256 digest \(64 lowercase hex digits\)"),
+    "steering file a list": (_set("steering", "file", value=["steering.safetensors"]), r"steering.file must be one of the checksummed files"),
+    "extra a list": (_set("extra", value=["note"]), r"extra must be an object"),
+    "empty timm_name": (_set("model", "timm_name", value=""), r"model.timm_name must be a timm model name"),
+    # timm_kwargs that would unpickle a checkpoint or fetch a config (each of FETCHING_TIMM_KWARGS)
+    "unpickling timm_kwargs": (_set("model", "timm_kwargs", "checkpoint_path", value="/tmp/x.pth"),
+                               r"model.timm_kwargs must be free of \['checkpoint_path'\]"),
+    "config-fetching timm_kwargs": (_set("model", "timm_kwargs", "pretrained_cfg_overlay", value={"file": "/tmp/x.bin"}),
+                                    r"model.timm_kwargs must be free of \['pretrained_cfg_overlay'\]"),
     # a model section timm or GatedViT refuses (was timm's AssertionError / InputError)
     "num_heads not dividing width": (_set("model", "timm_kwargs", "num_heads", value=5), r"model section .* cannot be built: AssertionError"),
     "img_size of one number": (_set("model", "timm_kwargs", "img_size", value=[32]), r"model section .* cannot be built: IndexError"),
@@ -286,6 +315,36 @@ def test_corrupt_header_is_a_bundle_error_naming_the_field(pristine_bundle, tmp_
         assert str(path / CONFIG_FILE) in str(raised.value)
     with pytest.raises(BundleError, match=match):
         Engine.load(path, backend="compact")  # fails in load, so no predict can ever run on it
+
+
+REQUIRED_KEYS = ("model", "image_size", "in_chans", "normalization", "class_names", "num_heads", "gated_blocks",
+                 "sae_sites", "files", "steer_width")
+
+
+@pytest.mark.parametrize("key", REQUIRED_KEYS)
+def test_each_required_header_key_missing_is_named(pristine_bundle, tmp_path, key):
+    """A header without any one of its required keys is a BundleError naming that key (a key the
+    check forgot was a bare KeyError from deep inside loading)."""
+    import shutil
+
+    path = tmp_path / "bundle"
+    shutil.copytree(pristine_bundle, path)
+    config = json.loads((path / CONFIG_FILE).read_text())
+    del config[key]
+    (path / CONFIG_FILE).write_text(json.dumps(config))
+    with pytest.raises(BundleError, match=rf"lacks the required key '{key}'"):
+        load_bundle(path)
+
+
+def test_a_folder_without_a_header_or_with_a_non_object_header_is_not_a_bundle(tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(BundleError, match=r"empty has no headsteer.json; not a headsteer bundle"):
+        load_bundle(empty)
+    for header in ("[]", '"headsteer-bundle"', "null"):
+        (empty / CONFIG_FILE).write_text(header)
+        with pytest.raises(BundleError, match=r"headsteer.json is not a headsteer-bundle file"):
+            load_bundle(empty)
 
 
 def test_pristine_bundle_loads(pristine_bundle):
@@ -399,13 +458,16 @@ def test_float64_weights_of_older_bundles_load_rounded_and_out_of_range_ones_are
         load_bundle(path)
 
 
-def test_save_refuses_steering_rows_float32_cannot_hold(tmp_path):
+@pytest.mark.parametrize("name", ["steer_scale", "steer_shift"])
+def test_save_refuses_steering_rows_float32_cannot_hold(tmp_path, name):
     model = _model()
-    rows = torch.ones(1, model.steer_width, dtype=torch.float64)
-    rows[0, 0] = 1e300  # finite in float64, inf once saved as float32
-    with pytest.raises(InputError, match="steer_scale holds 1 non-finite"):
+    wide = torch.ones(1, model.steer_width, dtype=torch.float64)
+    wide[0, 0] = 1e300  # finite in float64, inf once saved as float32
+    usual = torch.ones_like(wide) if name == "steer_shift" else torch.zeros_like(wide)
+    scale, shift = (wide, usual) if name == "steer_scale" else (usual, wide)
+    with pytest.raises(InputError, match=f"{name} holds 1 non-finite"):
         save_bundle(model, tmp_path / "bundle", class_names=[str(i) for i in range(model.vit.num_classes)],
-                    steering=SteeringTable(["0"], rows, torch.zeros_like(rows)))
+                    steering=SteeringTable(["0"], scale, shift))
     assert list(tmp_path.iterdir()) == []
 
 
@@ -463,6 +525,9 @@ def _rewrite_steering(path, edit):
         (lambda rows: rows.update(steer_scale=rows["steer_scale"].long()), r"steer_scale must be float32, is torch.int64"),
         (lambda rows: rows["steer_shift"].__setitem__((2, 3), float("nan")), r"steer_shift holds 1 non-finite value"),
         (lambda rows: rows["steer_scale"].__setitem__((0, 0), float("inf")), r"steer_scale holds 1 non-finite value"),
+        (lambda rows: rows.pop("steer_shift"), r"must hold exactly steer_scale and steer_shift, has \['steer_scale'\]"),
+        (lambda rows: rows.update(note=torch.zeros(1)), r"must hold exactly steer_scale and steer_shift, has \['note', 'steer_scale', 'steer_shift'\]"),
+        (lambda rows: rows.update(steer_shift=rows["steer_shift"].double()), r"steer_shift must be float32, is torch.float64"),
     ],
 )
 def test_malformed_steering_table_is_named(bundle, edit, match):
@@ -521,3 +586,51 @@ def test_bundle_files_may_be_links_to_regular_files_only(bundle, tmp_path, name,
     linked.symlink_to(path, target_is_directory=True)
     assert load_bundle(linked)[1].class_names == steering.class_names
 
+
+
+def test_extra_metadata_round_trips(tmp_path):
+    extra = {"data": {"spec": "digits", "split_seed": 3}, "stages": [{"recipe": "gates", "accuracy": 0.5}]}
+    assert load_bundle(save_bundle(_model(), tmp_path / "with", extra=extra))[1].extra == extra
+    assert load_bundle(save_bundle(_model(), tmp_path / "without"))[1].extra == {}
+
+
+def test_a_zero_or_negative_mean_is_a_valid_normalization(tmp_path):
+    """Only std divides: mean (0, 0, 0) with std (1, 1, 1) means "no normalization", and a negative
+    mean is a shift like any other."""
+    for name, mean in (("zero", (0.0, 0.0, 0.0)), ("negative", (-0.5, 0.0, 0.5))):
+        info = load_bundle(save_bundle(_model(), tmp_path / name, mean=mean, std=(1.0, 1.0, 1.0)))[1]
+        assert info.mean == mean and info.std == (1.0, 1.0, 1.0)
+
+
+def test_a_model_without_saes_round_trips_with_steer_width_zero(tmp_path):
+    model = _model(sae_blocks=())
+    loaded, info = load_bundle(save_bundle(model, tmp_path / "bundle"))
+    assert loaded.steer_width == info.config["steer_width"] == 0 and info.config["sae_sites"] == []
+    pixels = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(loaded(pixels, backend="compact").logits, model(pixels, backend="compact").logits)
+
+
+def _replace_weights_file(path, data: bytes):
+    """Write `data` as the weights file and record its checksum, as a hand-made bundle would."""
+    import hashlib
+
+    (path / WEIGHTS_FILE).write_bytes(data)
+    config = json.loads((path / CONFIG_FILE).read_text())
+    config["files"][WEIGHTS_FILE] = hashlib.sha256(data).hexdigest()
+    (path / CONFIG_FILE).write_text(json.dumps(config))
+
+
+def test_weights_that_are_not_safetensors_are_a_bundle_error(bundle):
+    """The checksum matches (it was recorded for these bytes), but the file is no safetensors file."""
+    _, _, path = bundle
+    _replace_weights_file(path, b"\x80\x04not a safetensors file, perhaps a pickle")
+    with pytest.raises(BundleError, match=rf"cannot read {path / WEIGHTS_FILE}"):
+        load_bundle(path)
+
+
+def test_unexpected_tensor_is_named(bundle):
+    _, _, path = bundle
+    _rewrite_weights(path, lambda state: state.update({"head.extra_bias": torch.zeros(3)}))
+    with pytest.raises(BundleError, match=r"missing tensors \[\], unexpected tensors \['head.extra_bias'\]"):
+        load_bundle(path)
