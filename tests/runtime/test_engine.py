@@ -82,6 +82,11 @@ def test_raw_images_are_resized_and_normalized(engine):
         (torch.randn(2, 3, 32, 32), dict(steer="cow"), "unknown steering class 'cow'"),
         (torch.randn(2, 3, 32, 32), dict(steer=["ant"]), "1 steering targets for a batch of 2"),
         (torch.randn(2, 3, 32, 32), dict(steer=7), "out of range"),
+        # (a negative index is not read from the end of the class list, as Python would)
+        (torch.randn(2, 3, 32, 32), dict(steer=-1), r"steering class index -1 out of range \[0, 4\)"),
+        (torch.randn(2, 3, 32, 32), dict(steer_scale=[1.0] * 24), r"steer_scale must be a float tensor \[B, 24\]"),
+        ([], {}, "no images given"),
+        (torch.empty(0, 3, 32, 32), {}, "empty batch"),
         (torch.randn(2, 3, 32, 32), dict(budget=2), "budget"),
         (np.zeros((8, 8, 3), dtype=np.float32), {}, "must be uint8"),
         ([np.zeros((8, 8, 5), dtype=np.uint8)], {}, "expected HxW"),
@@ -119,6 +124,8 @@ def test_unknown_backend_and_missing_steering_table(bundle_path, tmp_path):
     plain = Engine.load(save_bundle(model, tmp_path / "plain"))
     with pytest.raises(InputError, match="no steering table"):
         plain.predict(torch.randn(1, 3, 32, 32), steer="ant")
+    pixels = torch.randn(2, 3, 32, 32)  # a per-sample list of no targets is no steering, table or not
+    assert torch.equal(plain.predict(pixels, steer=[None, None]).logits, plain.predict(pixels).logits)
 
 
 def test_concurrent_predictions_equal_sequential_ones(engine):
@@ -319,3 +326,57 @@ def test_request_options_are_checked_before_preprocessing(engine, monkeypatch, k
     monkeypatch.setattr(engine, "preprocess", lambda images: pytest.fail("the images were preprocessed"))
     with pytest.raises(InputError, match=match):
         engine.predict([np.zeros((64, 64, 3), dtype=np.uint8)], **kwargs)
+
+
+def test_cuda_without_a_gpu_fails_at_load(bundle_path, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr("headsteer.runtime.engine.load_bundle", lambda *a, **k: pytest.fail("the bundle loaded"))
+    for device in ("cuda", "cuda:0", torch.device("cuda")):
+        with pytest.raises(InputError, match="device 'cuda' was asked for but torch sees no CUDA device"):
+            Engine.load(bundle_path, device=device)
+
+
+def test_input_errors_are_value_errors(engine):
+    """InputError subclasses ValueError: a service that catches ValueError for bad requests still does."""
+    with pytest.raises(ValueError, match="empty batch"):
+        engine.predict(torch.empty(0, 3, 32, 32))
+
+
+def test_a_one_channel_bundle_reads_pil_images_as_grayscale(tmp_path):
+    model = GatedViT.from_timm("vit_tiny_patch16_224", timm_kwargs=tiny_vit_kwargs(num_classes=2, in_chans=1))
+    engine = Engine.load(save_bundle(model, tmp_path / "gray", mean=(0.5,), std=(0.25,)), backend="compact")
+    image = Image.fromarray(np.random.default_rng(4).integers(0, 256, size=(32, 32, 3), dtype=np.uint8))
+    gray = np.array(image.convert("L"))
+    pixels = engine.preprocess([image])
+    assert pixels.shape == (1, 1, 32, 32)
+    torch.testing.assert_close(pixels[0, 0], (torch.from_numpy(gray).float() / 255 - 0.5) / 0.25)
+    assert engine.predict([image, gray]).logits.shape == (2, 2)
+
+
+def test_raw_images_are_shrunk_as_the_training_data_is(engine):
+    """A large raw image is resized as headsteer's data pipeline resizes (bilinear, antialiased), so
+    the model serves the pictures it was trained on (without antialiasing a shrunk image aliases)."""
+    from headsteer.runtime.data import _resize
+
+    rgb = np.random.default_rng(5).integers(0, 256, size=(96, 80, 3), dtype=np.uint8)
+    expected = engine.normalize(_resize(torch.from_numpy(rgb).permute(2, 0, 1)[None].float() / 255, (32, 32)))
+    torch.testing.assert_close(engine.preprocess([rgb]), expected)
+
+
+def test_an_exported_model_gets_both_steering_vectors_and_no_budget(engine):
+    """A runner (ONNX Runtime, TensorRT) takes steer_scale and steer_shift as inputs: a missing one is
+    sent as identity; a head budget is not an input of an exported model and is refused before it runs."""
+    calls = []
+
+    def runner(pixels, scale, shift):
+        calls.append((scale, shift))
+        return torch.zeros(len(pixels), 4), torch.ones(len(pixels), 2, 3, dtype=torch.bool)
+
+    exported = Engine(engine.model, engine.info, "onnxruntime", torch.device("cpu"), runner=runner)
+    with pytest.raises(InputError, match="backend 'onnxruntime' runs an exported model; a head budget is not an input"):
+        exported.predict(torch.randn(2, 3, 32, 32), budget=0.5)
+    assert calls == []
+    exported.predict(torch.randn(2, 3, 32, 32), steer_scale=torch.full((24,), 2.0))
+    assert torch.equal(calls[-1][0], torch.full((2, 24), 2.0)) and torch.equal(calls[-1][1], torch.zeros(2, 24))
+    exported.predict(torch.randn(2, 3, 32, 32), steer_shift=torch.full((24,), 0.5))
+    assert torch.equal(calls[-1][0], torch.ones(2, 24)) and torch.equal(calls[-1][1], torch.full((2, 24), 0.5))
