@@ -27,6 +27,8 @@ def test_info(bundle_path, capsys):
     assert main(["info", str(bundle_path)]) == 0
     out = capsys.readouterr().out
     assert "vit_tiny_patch16_224" in out and "red, green, blue" in out and "block 1 (16 latents, topk)" in out
+    assert "heads         3 per block; gated blocks [0, 1]" in out
+    assert "steering      3 per-class rows (red, green, blue)" in out
     assert main(["info", str(bundle_path), "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["class_names"] == ["red", "green", "blue"]
 
@@ -154,3 +156,51 @@ def test_predict_checks_every_file_before_the_model_loads(bundle_path, tmp_path,
         err = capsys.readouterr().err
         assert f"cannot read image {tmp_path / bad}" in err and len(err.strip().splitlines()) == 1
     assert loaded == []
+
+
+def test_no_command_prints_help_and_exits_2(capsys):
+    assert main([]) == 2
+    assert "usage: headsteer" in capsys.readouterr().out
+
+
+def test_predict_rows_are_each_images_own_engine_result(tmp_path, capsys):
+    """Each printed row is its own image's label, softmax probability and head usage as the Engine
+    gives them, steered as asked; the plain-text lines say the same. (A bundle whose gates and
+    classifier are sharpened, so images differ in both.)"""
+    import torch
+
+    from headsteer.runtime import GatedViT
+    from headsteer.runtime.bundle import SteeringTable, save_bundle
+    from headsteer.runtime.engine import Engine
+    from tests.conftest import tiny_vit_kwargs
+
+    torch.manual_seed(1)
+    model = GatedViT.from_timm("vit_tiny_patch16_224", timm_kwargs=tiny_vit_kwargs(num_classes=3), gate_init_bias=0.0,
+                               sae_width=16, sae_k=2)
+    with torch.no_grad():
+        for gate in model.gates.values():
+            gate.fc2.weight.mul_(20)
+        model.vit.head.weight.mul_(20)
+    names = ["red", "green", "blue"]
+    bundle = save_bundle(model, tmp_path / "bundle", class_names=names,
+                         steering=SteeringTable(names, torch.rand(3, 16) * 3, torch.zeros(3, 16)))
+    images = [Image.fromarray(np.random.default_rng(20 + i).integers(0, 256, (40, 40, 3), dtype=np.uint8)) for i in range(3)]
+    images += [Image.new("RGB", (40, 40), color) for color in ("red", "white", "blue")]
+    paths = []
+    for index, image in enumerate(images):
+        image.save(tmp_path / f"image{index}.png")
+        paths.append(str(tmp_path / f"image{index}.png"))
+    assert main(["predict", str(bundle), *paths, "--steer", "green", "--json"]) == 0
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    result = Engine.load(bundle).predict(images, steer="green")
+    probabilities = result.logits.softmax(-1).max(-1).values
+    assert len({(row["label"], row["head_usage"]) for row in rows}) > 2  # (rows differ: a mix-up would show)
+    for index, row in enumerate(rows):
+        assert row["image"] == paths[index] and row["steer"] == "green"
+        assert row["label"] == result.class_names[index]
+        assert row["probability"] == pytest.approx(float(probabilities[index]), abs=2e-4)
+        assert row["head_usage"] == pytest.approx(float(result.head_usage[index]), abs=1e-4)
+    assert main(["predict", str(bundle), *paths, "--steer", "green"]) == 0
+    assert capsys.readouterr().out.splitlines() == [
+        f"{row['image']}: {row['label']} (p={row['probability']:.3f}, head usage {row['head_usage']:.3f})" for row in rows
+    ]
