@@ -380,3 +380,26 @@ def test_an_exported_model_gets_both_steering_vectors_and_no_budget(engine):
     assert torch.equal(calls[-1][0], torch.full((2, 24), 2.0)) and torch.equal(calls[-1][1], torch.zeros(2, 24))
     exported.predict(torch.randn(2, 3, 32, 32), steer_shift=torch.full((24,), 0.5))
     assert torch.equal(calls[-1][0], torch.ones(2, 24)) and torch.equal(calls[-1][1], torch.full((2, 24), 0.5))
+
+
+def test_auto_backend_in_engine_load_follows_the_dtype_asked_for(bundle_path, monkeypatch):
+    """Engine.load hands its dtype to the "auto" choice: float16 on CUDA asks for triton, float32
+    for compact. (Decided before the bundle loads, so no GPU is needed to see which.)"""
+    import sys
+
+    import headsteer.kernels.dispatch as dispatch
+
+    class Loaded(Exception):
+        pass
+
+    def load_bundle(path, map_location):
+        raise Loaded(str(map_location))
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setitem(sys.modules, "triton", type(sys)("triton"))
+    monkeypatch.setattr(dispatch, "triton_available", lambda device: False)
+    monkeypatch.setattr("headsteer.runtime.engine.load_bundle", load_bundle)
+    with pytest.raises(InputError, match="backend 'triton' needs a CUDA device"):
+        Engine.load(bundle_path, device="cuda", dtype="float16")
+    with pytest.raises(Loaded, match="cuda"):  # compact: straight on to loading the bundle
+        Engine.load(bundle_path, device="cuda", dtype="float32")
