@@ -403,3 +403,13 @@ def test_auto_backend_in_engine_load_follows_the_dtype_asked_for(bundle_path, mo
         Engine.load(bundle_path, device="cuda", dtype="float16")
     with pytest.raises(Loaded, match="cuda"):  # compact: straight on to loading the bundle
         Engine.load(bundle_path, device="cuda", dtype="float32")
+
+
+def test_load_builds_the_compact_weight_cache_before_any_request(bundle_path):
+    """Requests from several threads share nothing mutable because load runs one forward first:
+    the compact backend's head-major weight copies exist before the first request arrives."""
+    from headsteer.kernels.dispatch import _HEAD_MAJOR_CACHE
+
+    engine = Engine.load(bundle_path, backend="compact")
+    attentions = [block.attn for block in engine.model.vit.blocks]
+    assert attentions and all(attn in _HEAD_MAJOR_CACHE for attn in attentions)
