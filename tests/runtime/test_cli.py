@@ -204,3 +204,16 @@ def test_predict_rows_are_each_images_own_engine_result(tmp_path, capsys):
     assert capsys.readouterr().out.splitlines() == [
         f"{row['image']}: {row['label']} (p={row['probability']:.3f}, head usage {row['head_usage']:.3f})" for row in rows
     ]
+
+
+def test_info_shows_twenty_class_names_and_marks_the_rest(tmp_path, capsys):
+    from headsteer.runtime import GatedViT
+    from headsteer.runtime.bundle import save_bundle
+    from tests.conftest import tiny_vit_kwargs
+
+    model = GatedViT.from_timm("vit_tiny_patch16_224", timm_kwargs=tiny_vit_kwargs(num_classes=25), sae_blocks=())
+    names = [f"c{i}" for i in range(25)]
+    assert main(["info", str(save_bundle(model, tmp_path / "bundle", class_names=names))]) == 0
+    out = capsys.readouterr().out
+    assert f"classes       25: {', '.join(names[:20])} ...\n" in out
+    assert "SAE sites     none; steer width 0" in out and "steering      none" in out
