@@ -237,6 +237,24 @@ def save_bundle(
             if _count_non_finite(tensor):
                 raise InputError(f"steering table {name} holds {_count_non_finite(tensor)} non-finite value(s) "
                                  "(NaN or infinity), which would steer its classes' outputs to NaN")
+    # (load refuses a header whose extra is not an object, whose steering info covers only some
+    # rows, or whose timm_kwargs fetch weights; metadata json cannot write failed only after the
+    # weights were written)
+    if extra is not None and not isinstance(extra, dict):
+        raise InputError(f"extra must be a dict of JSON metadata, got {type(extra).__name__}")
+    _check_json_storable("extra", extra)
+    if steering is not None:
+        if len(steering.info) not in (0, len(steering.class_names)):
+            raise InputError(f"steering table info has {len(steering.info)} entries for {len(steering.class_names)} rows; "
+                             "give one per row or none")
+        _check_json_storable("steering table info", list(steering.info))
+    fetching = [key for key in FETCHING_TIMM_KWARGS if (model.timm_kwargs or {}).get(key)]
+    if fetching:
+        raise InputError(
+            f"the model's timm_kwargs hold {fetching}, which a bundle cannot record (loading one never downloads or "
+            "unpickles weights); build it with GatedViT.from_timm(name, timm_kwargs=..., pretrained_file=PATH) to start "
+            "from a local weights file (the bundle stores the weights itself)"
+        )
     rounded = {name: tensor.dtype for name, tensor in model.state_dict().items()
                if tensor.is_floating_point() and not _loads_exactly(tensor.dtype, torch.float32)}
     if rounded:
@@ -283,6 +301,14 @@ def save_bundle(
         )
         (staging / CONFIG_FILE).write_text(json.dumps(config, indent=2))
     return path
+
+
+def _check_json_storable(what: str, value) -> None:
+    """InputError unless `value` can be written into headsteer.json (e.g. a numpy number cannot)."""
+    try:
+        json.dumps(value)
+    except (TypeError, ValueError) as error:
+        raise InputError(f"{what} cannot be stored as JSON ({error}); use plain Python numbers, strings, lists and dicts") from None
 
 
 def _normalization_problem(name: str, values: list, in_chans: int) -> Optional[str]:

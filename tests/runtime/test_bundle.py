@@ -634,3 +634,54 @@ def test_unexpected_tensor_is_named(bundle):
     _rewrite_weights(path, lambda state: state.update({"head.extra_bias": torch.zeros(3)}))
     with pytest.raises(BundleError, match=r"missing tensors \[\], unexpected tensors \['head.extra_bias'\]"):
         load_bundle(path)
+
+
+@pytest.mark.parametrize(
+    "case, match",
+    [
+        ("extra a list", r"extra must be a dict of JSON metadata, got list"),
+        ("extra with a numpy number", r"extra cannot be stored as JSON \(Object of type float32 is not JSON serializable\)"),
+        ("steering info for one row", r"steering table info has 1 entries for 7 rows; give one per row or none"),
+        ("steering info with a numpy number", r"steering table info cannot be stored as JSON \(Object of type float32"),
+    ],
+)
+def test_save_refuses_metadata_load_would_refuse_before_writing(bundle, case, match):
+    """These were written, and then load_bundle refused the bundle (extra not an object, info for
+    only some rows), or json.dumps failed with a bare TypeError after the weights were written (a
+    numpy metric in a report); with overwrite=True the old bundle was already at stake. Each is
+    now refused before anything is written, and the old bundle stays."""
+    import numpy as np
+
+    model, steering, path = bundle
+    before = {p.name: p.read_bytes() for p in path.iterdir()}
+    kwargs = dict(class_names=steering.class_names, steering=steering, overwrite=True)
+    if case == "extra a list":
+        kwargs.update(extra=["trained on digits"])
+    elif case == "extra with a numpy number":
+        kwargs.update(extra={"accuracy": np.float32(0.75)})
+    elif case == "steering info for one row":
+        kwargs.update(steering=SteeringTable(steering.class_names, steering.scale, steering.shift, [{"alpha": 2.0}]))
+    else:
+        info = [{"alpha": np.float32(2.0)}] * len(steering.class_names)
+        kwargs.update(steering=SteeringTable(steering.class_names, steering.scale, steering.shift, info))
+    with pytest.raises(InputError, match=match):
+        save_bundle(model, path, **kwargs)
+    assert {p.name: p.read_bytes() for p in path.iterdir()} == before
+    assert sorted(p.name for p in path.parent.iterdir()) == ["bundle"]
+
+
+def test_save_refuses_timm_kwargs_that_fetch_weights(tmp_path):
+    """A model built with timm's own local-weights idiom (pretrained=True plus a pretrained_cfg_overlay
+    file) was saved with those kwargs, which load_bundle refuses (loading never unpickles): the
+    bundle could never be loaded. Saving refuses it and names the way that works."""
+    import timm
+
+    weights = tmp_path / "vit.pth"
+    torch.save(timm.create_model("vit_tiny_patch16_224", **tiny_vit_kwargs()).state_dict(), weights)
+    timm_kwargs = dict(tiny_vit_kwargs(), pretrained=True, pretrained_cfg_overlay=dict(file=str(weights)))
+    model = GatedViT.from_timm("vit_tiny_patch16_224", timm_kwargs=timm_kwargs)
+    with pytest.raises(InputError, match=r"timm_kwargs hold \['pretrained', 'pretrained_cfg_overlay'\].*pretrained_file="):
+        save_bundle(model, tmp_path / "bundle")
+    assert not (tmp_path / "bundle").exists()
+    local = GatedViT.from_timm("vit_tiny_patch16_224", timm_kwargs=tiny_vit_kwargs(), pretrained_file=weights)
+    load_bundle(save_bundle(local, tmp_path / "bundle"))  # the way the message names
