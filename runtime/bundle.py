@@ -248,6 +248,7 @@ def save_bundle(
             raise InputError(f"steering table info has {len(steering.info)} entries for {len(steering.class_names)} rows; "
                              "give one per row or none")
         _check_json_storable("steering table info", list(steering.info))
+    _check_json_storable("the model's configuration (timm_kwargs and GatedViT options)", model.config())
     fetching = [key for key in FETCHING_TIMM_KWARGS if (model.timm_kwargs or {}).get(key)]
     if fetching:
         raise InputError(

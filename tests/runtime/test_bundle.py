@@ -685,3 +685,15 @@ def test_save_refuses_timm_kwargs_that_fetch_weights(tmp_path):
     assert not (tmp_path / "bundle").exists()
     local = GatedViT.from_timm("vit_tiny_patch16_224", timm_kwargs=tiny_vit_kwargs(), pretrained_file=weights)
     load_bundle(save_bundle(local, tmp_path / "bundle"))  # the way the message names
+
+
+def test_save_refuses_a_model_configuration_json_cannot_store_before_writing(tmp_path):
+    """A numpy integer in timm_kwargs or a GatedViT option (num_classes=np.int64(...), as from
+    len(np.unique(labels))) builds a model fine, but json.dumps failed on it with a bare TypeError
+    after the weights were written."""
+    import numpy as np
+
+    model = GatedViT.from_timm("vit_tiny_patch16_224", timm_kwargs=tiny_vit_kwargs(num_classes=np.int64(7)), sae_width=8, sae_k=2)
+    with pytest.raises(InputError, match=r"model's configuration .* cannot be stored as JSON \(Object of type int64"):
+        save_bundle(model, tmp_path / "bundle")
+    assert list(tmp_path.iterdir()) == []
