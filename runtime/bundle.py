@@ -57,6 +57,14 @@ def names_outside(names: Sequence[str], known: Sequence[str]) -> list[str]:
     return [name for name in names if name not in known]
 
 
+def _scalar_value(target):
+    """A numpy scalar or 0-d tensor / array as its Python value (so a bool one stays a bool and a
+    float one a float, both refused as targets, instead of operator.index reading True as 1)."""
+    if getattr(target, "ndim", None) == 0 and hasattr(target, "item"):
+        return target.item()
+    return target
+
+
 @dataclass
 class SteeringTable:
     """Per-class steering rows: row c of `scale`/`shift` [C, S_total] steers toward class c.
@@ -85,6 +93,7 @@ class SteeringTable:
 
     def index_of(self, steer: Union[str, int]) -> int:
         """Row index for a class name or index; InputError if unknown."""
+        steer = _scalar_value(steer)
         if not isinstance(steer, (str, bool)) and hasattr(steer, "__index__"):
             steer = operator.index(steer)  # numpy and torch integers
         if isinstance(steer, bool) or not isinstance(steer, (str, int)):
@@ -129,6 +138,7 @@ class BundleInfo:
         range, a class the table has no row for, or a bundle without a table."""
         if target is None:
             return None
+        target = _scalar_value(target)
         if not isinstance(target, (str, bool)) and hasattr(target, "__index__"):
             index = operator.index(target)  # numpy and torch integers too
             if not 0 <= index < len(self.class_names):

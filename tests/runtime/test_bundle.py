@@ -184,6 +184,9 @@ def test_steering_table_takes_numpy_and_torch_integer_indices():
     for index in (np.int64(1), torch.tensor(1)):
         scale, shift = table.rows([index])
         assert torch.equal(scale[0], table.scale[1]) and torch.equal(shift[0], table.shift[1])
+    for target in (torch.tensor(True), torch.tensor(1.0), np.True_):  # (a 0-d bool tensor was read as row 1)
+        with pytest.raises(InputError, match="a steering target is a class name or index"):
+            table.rows([target])
 
 
 @pytest.mark.parametrize("umask", [0o022, 0o002])

@@ -413,3 +413,15 @@ def test_load_builds_the_compact_weight_cache_before_any_request(bundle_path):
     engine = Engine.load(bundle_path, backend="compact")
     attentions = [block.attn for block in engine.model.vit.blocks]
     assert attentions and all(attn in _HEAD_MAJOR_CACHE for attn in attentions)
+
+
+def test_per_sample_targets_given_as_scalars_are_read_as_their_values(engine):
+    """A list of 0-d tensors (as from iterating a label tensor) reads each as its Python value: an
+    integer one is a class index; a bool or a float one is refused as True or 2.0 are (a bool one
+    steered class 1, a float one was a bare TypeError from operator.index)."""
+    pixels = torch.randn(2, 3, 32, 32)
+    expected = engine.predict(pixels, steer=[2, 0]).logits
+    assert torch.equal(engine.predict(pixels, steer=list(torch.tensor([2, 0]))).logits, expected)
+    for target in (torch.tensor(True), torch.tensor(2.0), np.float32(2.0), np.array(True)):
+        with pytest.raises(InputError, match="a steering target is a class name or index"):
+            engine.predict(pixels, steer=[target, None])
