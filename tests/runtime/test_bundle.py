@@ -272,6 +272,12 @@ CORRUPT_HEADERS = {
     "steering file a list": (_set("steering", "file", value=["steering.safetensors"]), r"steering.file must be one of the checksummed files"),
     "extra a list": (_set("extra", value=["note"]), r"extra must be an object"),
     "empty timm_name": (_set("model", "timm_name", value=""), r"model.timm_name must be a timm model name"),
+    # shape fields of the wrong form, named as such (not as a mismatch like "num_heads is 3, but ... has 3",
+    # nor a TypeError from list(5)), also where only the header is read (`headsteer info`)
+    "gated_blocks a number": (_set("gated_blocks", value=1), r"gated_blocks must be a list of block indices"),
+    "image_size of three numbers": (_set("image_size", value=[32, 32, 3]), r"image_size must be \[height, width\]"),
+    "num_heads a string": (_set("num_heads", value="3"), r"num_heads must be a positive head count"),
+    "in_chans 0": (lambda c: c.update(in_chans=0, normalization=dict(mean=[], std=[])), r"in_chans must be a positive channel count"),
     # timm_kwargs that would unpickle a checkpoint or fetch a config (each of FETCHING_TIMM_KWARGS)
     "unpickling timm_kwargs": (_set("model", "timm_kwargs", "checkpoint_path", value="/tmp/x.pth"),
                                r"model.timm_kwargs must be free of \['checkpoint_path'\]"),
