@@ -217,3 +217,14 @@ def test_info_shows_twenty_class_names_and_marks_the_rest(tmp_path, capsys):
     out = capsys.readouterr().out
     assert f"classes       25: {', '.join(names[:20])} ...\n" in out
     assert "SAE sites     none; steer width 0" in out and "steering      none" in out
+
+
+def test_ctrl_c_inside_a_command_is_status_130_without_a_traceback(monkeypatch, capsys):
+    import headsteer.runtime.cli as cli
+
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "run_info", interrupted)
+    assert main(["info", "bundle"]) == 130
+    assert capsys.readouterr().err.strip() == "headsteer info: interrupted"

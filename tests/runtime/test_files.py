@@ -170,3 +170,12 @@ def test_check_can_create_names_a_parent_that_is_a_file_or_not_writable(tmp_path
     monkeypatch.setattr(os, "access", lambda path, mode: False)  # (as root, os.access allows everything)
     with pytest.raises(InputError, match=re.escape(f"cannot be created: no permission to write in {tmp_path}")):
         check_can_create(tmp_path / "report.json", "--out")
+
+
+def test_the_temporary_file_sits_beside_the_final_one_and_keeps_its_extension(tmp_path):
+    """Tools that infer a format from the extension (onnx, PIL, a plot's savefig) see the final one,
+    and the rename stays on one file system."""
+    with atomic_path(tmp_path / "plots" / "usage.png", suffix=".png") as temp:
+        assert temp.parent == tmp_path / "plots" and temp.name.startswith(".usage.png.") and temp.suffix == ".png"
+        temp.write_bytes(b"png")
+    assert sorted(p.name for p in (tmp_path / "plots").iterdir()) == ["usage.png"]
