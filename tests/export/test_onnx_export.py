@@ -62,7 +62,9 @@ def test_metadata(exported, variant):
     assert meta["gated_blocks"] == [1, 2] and meta["num_heads"] == m.num_heads
     assert meta["steer_width"] == 128 and meta["image_size"] == [32, 32]
     assert meta["normalization"]["mean"] == pytest.approx([0.485, 0.456, 0.406])
+    assert meta["normalization"]["std"] == pytest.approx([0.229, 0.224, 0.225])
     assert meta["steering_file"] == steering_path_for(exported.onnx[variant]).name
+    assert meta["precision"] == "fp32" and meta["num_classes"] == len(CLASS_NAMES)
 
 
 def test_steering_json_maps_class_names_to_the_table_rows_exactly(exported):
@@ -70,6 +72,10 @@ def test_steering_json_maps_class_names_to_the_table_rows_exactly(exported):
     assert path.name == "tiny_masked.steering.json"
     doc = json.loads(path.read_text())
     assert doc["classes"] == CLASS_NAMES and doc["steer_width"] == 128
+    # what a client feeds for an unsteered sample, and under which input names
+    assert doc["identity"] == {"steer_scale": 1.0, "steer_shift": 0.0}
+    assert doc["inputs"] == {"scale": "steer_scale", "shift": "steer_shift"}
+    assert doc["info"] == exported.steering.info
     assert doc["sae_sites"] == [{"block": 1, "width": 64, "offset": 0}, {"block": 2, "width": 64, "offset": 64}]
     rows = load_steering(path)
     for index, name in enumerate(CLASS_NAMES):
@@ -264,3 +270,94 @@ def test_a_steering_file_named_elsewhere_is_recorded_and_not_with_rows_beside_th
     with pytest.raises(InputError, match="steering_file names rows written elsewhere"):
         to_onnx(exported.bundle, tmp_path / "n.onnx", steering_file="../rows.json")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx"]
+
+
+@pytest.fixture
+def traced(exported, monkeypatch):
+    """to_onnx without the trace: export_proto hands back the masked graph exported once (its
+    metadata cleared), so a test of what to_onnx records, refuses or writes costs no export."""
+    import headsteer.export.onnx_export as onnx_export
+
+    proto = onnx.load(str(exported.onnx["masked"]))
+    del proto.metadata_props[:]
+
+    def fresh(*args, **kwargs):
+        copy = onnx.ModelProto()
+        copy.CopyFrom(proto)
+        return copy
+
+    monkeypatch.setattr(onnx_export, "export_proto", fresh)
+
+
+def test_metadata_records_the_bundles_normalization_or_the_one_given(exported, tmp_path, traced):
+    """A client normalizes pixels with `headsteer.normalization`: it must be the bundle's own
+    mean/std (not ImageNet's), or the mean/std passed to to_onnx."""
+    from headsteer.runtime.bundle import save_bundle
+
+    mean, std = [0.5, 0.25, 0.125], [0.2, 0.3, 0.4]
+    bundle = save_bundle(exported.model, tmp_path / "grey", class_names=CLASS_NAMES, mean=mean, std=std)
+    recorded = read_metadata(to_onnx(bundle, tmp_path / "own.onnx", write_steering=False))["normalization"]
+    assert recorded == {"mean": pytest.approx(mean), "std": pytest.approx(std)}
+    given = to_onnx(exported.bundle, tmp_path / "given.onnx", write_steering=False, mean=std, std=mean)
+    assert read_metadata(given)["normalization"] == {"mean": pytest.approx(std), "std": pytest.approx(mean)}
+
+
+def test_without_steering_rows_the_metadata_names_no_steering_file(exported, tmp_path, traced):
+    path = to_onnx(exported.bundle, tmp_path / "m.onnx", write_steering=False)
+    assert read_metadata(path)["steering_file"] == ""
+    assert [p.name for p in tmp_path.iterdir()] == ["m.onnx"]
+
+
+def test_load_steering_refuses_a_file_of_another_format(tmp_path):
+    path = tmp_path / "rows.json"
+    path.write_text(json.dumps({"format": "something-else", "rows": {"a": {"steer_scale": [1.0], "steer_shift": [0.0]}}}))
+    with pytest.raises(InputError, match="is not a headsteer-steering file"):
+        load_steering(path)
+
+
+def test_read_metadata_leaves_out_properties_of_other_producers(exported):
+    proto = onnx.load(str(exported.onnx["masked"]), load_external_data=False)
+    entry = proto.metadata_props.add()
+    entry.key, entry.value = "author", "someone"
+    assert read_metadata(proto) == read_metadata(exported.onnx["masked"])
+
+
+def test_every_documented_opset_is_accepted_and_none_outside(exported, tmp_path, traced):
+    from headsteer.export.onnx_export import MAX_OPSET, MIN_OPSET
+
+    assert (MIN_OPSET, MAX_OPSET) == (18, 23)
+    for opset in (MIN_OPSET, MAX_OPSET):
+        to_onnx(exported.bundle, tmp_path / f"m{opset}.onnx", opset=opset, write_steering=False)
+    for opset in (MIN_OPSET - 1, MAX_OPSET + 1, 18.0, "18"):
+        with pytest.raises(InputError, match=r"opset must be an integer in \[18, 23\]"):
+            to_onnx(exported.bundle, tmp_path / "bad.onnx", opset=opset)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m18.onnx", "m23.onnx"]
+
+
+def test_an_existing_file_is_kept_without_overwrite(exported, tmp_path, traced):
+    """to_onnx(..., overwrite=False) refuses an existing model file before anything is written
+    (the CLI checks this too, but the API is documented to)."""
+    out = tmp_path / "m.onnx"
+    out.write_bytes(b"keep me")
+    with pytest.raises(InputError, match="already exists"):
+        to_onnx(exported.bundle, out, overwrite=False)
+    assert out.read_bytes() == b"keep me" and [p.name for p in tmp_path.iterdir()] == ["m.onnx"]
+
+
+def test_export_leaves_a_training_model_in_training_mode(tmp_path):
+    """The trace runs in eval mode; the caller's model comes back in the mode it was in."""
+    from .conftest import make_model
+
+    model = make_model().train()
+    to_onnx(model, tmp_path / "m.onnx", write_steering=False)
+    assert model.training and all(module.training for module in model.modules())
+
+
+def test_metadata_and_signature_follow_a_single_channel_model(tmp_path):
+    from .conftest import MODEL_KWARGS, make_model
+
+    grey = make_model(timm_kwargs=dict(MODEL_KWARGS["timm_kwargs"], in_chans=1))
+    path = to_onnx(grey, tmp_path / "grey.onnx", class_names=CLASS_NAMES, write_steering=False)
+    assert read_metadata(path)["in_chans"] == 1
+    pixels = next(v for v in onnx.load(str(path)).graph.input if v.name == "pixel_values")
+    assert dims(pixels)[1:] == [1, 32, 32]
