@@ -73,3 +73,27 @@ def test_onnx_export_rewrites_the_same_rows_without_overwrite(bundle_path, tmp_p
     out.unlink()
     assert main(["export", str(bundle_path), "--format", "onnx", "--out", str(out)]) == 0
     assert out.is_file() and rows.read_text() == written
+
+
+def test_onnx_export_refuses_a_precision(bundle_path, tmp_path, capsys):
+    """The ONNX contract is float32: --precision shapes TensorRT engines only."""
+    assert main(["export", str(bundle_path), "--format", "onnx", "--out", str(tmp_path / "m.onnx"), "--precision", "fp16"]) == 2
+    assert "--precision applies to TensorRT engines" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_onnx_export_writes_the_opset_asked_for(bundle_path, tmp_path):
+    import onnx
+
+    out = tmp_path / "m.onnx"
+    assert main(["export", str(bundle_path), "--format", "onnx", "--out", str(out), "--opset", "21"]) == 0
+    assert [o.version for o in onnx.load(str(out)).opset_import if o.domain in ("", "ai.onnx")] == [21]
+
+
+def test_onnx_export_keeps_an_unreadable_steering_file_without_overwrite(bundle_path, tmp_path, capsys):
+    """Rows that cannot be read as JSON are not this bundle's rows either: kept without --overwrite."""
+    out, rows = tmp_path / "model.onnx", tmp_path / "model.steering.json"
+    rows.write_text("my notes, not JSON")
+    assert main(["export", str(bundle_path), "--format", "onnx", "--out", str(out)]) == 2
+    assert "model.steering.json already exists" in capsys.readouterr().err
+    assert rows.read_text() == "my notes, not JSON" and not out.exists()
