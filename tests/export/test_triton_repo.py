@@ -65,6 +65,11 @@ def test_triton_repository_matches_the_exported_model(exported, tmp_path, capsys
     assert declared_outputs == signature(model.graph.output)
     assert list(declared_inputs) == ["pixel_values", "steer_scale", "steer_shift"]
     assert declared_outputs == {"logits": ("TYPE_FP32", [len(CLASS_NAMES)]), "head_mask": ("TYPE_BOOL", [2, 3])}
+    # labels.txt names the logits (Triton's classification extension), not the head mask
+    labels = {entry["name"]: entry.get("label_filename") for entry in config["output"]}
+    assert labels == {"logits": "labels.txt", "head_mask": None}
+    # KIND_AUTO: a GPU where the server has one, else the CPU (KIND_GPU fails to load on a CPU server)
+    assert config["instance_group"] == [{"count": 1, "kind": "KIND_AUTO"}]
 
     assert (model_dir / "labels.txt").read_text().split() == CLASS_NAMES
     steering = json.loads((model_dir / "steering.json").read_text())
@@ -216,3 +221,96 @@ def test_class_name_with_a_line_break_is_refused(tmp_path, monkeypatch, bad):
         triton_repo.write_triton_repo(bundle, tmp_path / "repo")
     assert not (tmp_path / "repo").exists()
 
+
+
+@pytest.fixture
+def copied_export(exported, monkeypatch):
+    """write_triton_repo with to_onnx replaced by a copy of the masked file exported once; returns
+    the keyword arguments each to_onnx call got."""
+    import shutil
+
+    import headsteer.export.triton_repo as triton_repo
+
+    calls = []
+
+    def fake_to_onnx(bundle, path, **kwargs):
+        calls.append(kwargs)
+        shutil.copyfile(exported.onnx["masked"], path)
+        return path
+
+    monkeypatch.setattr(triton_repo, "to_onnx", fake_to_onnx)
+    return calls
+
+
+@pytest.mark.parametrize("name", ["a/b", "m/../../escape", "../up", ".hidden", "-dash", "two words", ""])
+def test_a_model_name_that_is_no_plain_folder_name_is_refused(exported, tmp_path, monkeypatch, name):
+    """--name becomes a folder under the repository: a name with a slash would write elsewhere."""
+    _refused_before_export(exported, tmp_path, monkeypatch, "may hold only letters, digits", name=name)
+
+
+def test_the_default_name_is_the_bundle_folders_name_made_valid(exported, tmp_path, copied_export):
+    import shutil
+
+    from headsteer.export.triton_repo import write_triton_repo
+
+    bundle = tmp_path / "my bundle (v2)"
+    shutil.copytree(exported.bundle, bundle)
+    model_dir = write_triton_repo(bundle, tmp_path / "repo")
+    assert model_dir == tmp_path / "repo" / "my_bundle__v2"
+    assert parse_pbtxt((model_dir / "config.pbtxt").read_text())["name"] == "my_bundle__v2"
+
+
+@pytest.mark.parametrize("max_batch_size", [0, -1, 2.0])
+def test_max_batch_size_must_be_a_positive_integer(exported, tmp_path, monkeypatch, max_batch_size):
+    """0 would mean "no batching" to Triton, and the dims (written without the batch) would then
+    be wrong."""
+    _refused_before_export(exported, tmp_path, monkeypatch, "max_batch_size must be a positive integer", max_batch_size=max_batch_size)
+
+
+def test_an_unknown_engine_is_refused(exported, tmp_path, monkeypatch):
+    _refused_before_export(exported, tmp_path, monkeypatch, r"engine must be one of \['onnx', 'plan'\], got 'tensorrt'", engine="tensorrt")
+
+
+def test_a_file_as_the_repository_is_refused_before_the_export(exported, tmp_path, monkeypatch):
+    import headsteer.export.triton_repo as triton_repo
+    from headsteer.runtime.errors import InputError
+
+    monkeypatch.setattr(triton_repo, "to_onnx", lambda *args, **kwargs: pytest.fail("exported before the path was checked"))
+    repo = tmp_path / "repo"
+    repo.write_text("not a folder")
+    with pytest.raises(InputError, match="exists and is not a directory"):
+        triton_repo.write_triton_repo(exported.bundle, repo)
+    assert repo.read_text() == "not a folder"
+
+
+def test_attention_and_opset_reach_the_served_model(exported, tmp_path):
+    repo = tmp_path / "repo"
+    argv = ["export", str(exported.bundle), "--format", "triton-repo", "--out", str(repo), "--attention", "sparse", "--opset", "20"]
+    assert main(argv) == 0
+    model = onnx.load(str(repo / exported.bundle.name / "1" / "model.onnx"))
+    assert {entry.key: entry.value for entry in model.metadata_props}["headsteer.attention"] == "sparse"
+    assert [o.version for o in model.opset_import if o.domain in ("", "ai.onnx")] == [20]
+
+
+@pytest.mark.parametrize("precision", ["fp32", "fp16", "bf16"])
+def test_a_plan_is_built_from_a_graph_of_its_precision_with_the_configs_batches(exported, tmp_path, monkeypatch, copied_export, precision):
+    """The plan's profile spans what the dynamic batcher sends (1 .. max_batch_size), and a
+    reduced-precision plan is built from the graph exported in that precision (faked builds:
+    TensorRT cannot run here)."""
+    import headsteer.export.tensorrt as tensorrt_module
+    from headsteer.export.triton_repo import write_triton_repo
+
+    builds = []
+
+    def fake_build(onnx_path, plan_path, **kwargs):
+        builds.append(kwargs)
+        plan_path.write_bytes(b"plan")
+        return plan_path
+
+    monkeypatch.setattr(tensorrt_module, "_tensorrt", lambda: None)
+    monkeypatch.setattr(tensorrt_module, "_require_cuda", lambda what: None)
+    monkeypatch.setattr(tensorrt_module, "build_engine", fake_build)
+    model_dir = write_triton_repo(exported.bundle, tmp_path / "repo", engine="plan", precision=precision, max_batch_size=12)
+    assert [call["precision"] for call in copied_export] == [precision]
+    assert builds == [dict(precision=precision, min_batch=1, opt_batch=8, max_batch=12)]
+    assert parse_pbtxt((model_dir / "config.pbtxt").read_text())["max_batch_size"] == 12
