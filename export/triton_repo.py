@@ -209,7 +209,8 @@ def write_triton_repo(
     batch); min_batch and opt_batch apply to plans only."""
     if engine not in PLATFORMS:
         raise InputError(f"engine must be one of {sorted(PLATFORMS)}, got {engine!r}")
-    if not isinstance(max_batch_size, int) or max_batch_size < 1:
+    # (a bool is an int to isinstance, and would be written as `max_batch_size: True`)
+    if isinstance(max_batch_size, bool) or not isinstance(max_batch_size, int) or max_batch_size < 1:
         raise InputError(f"max_batch_size must be a positive integer, got {max_batch_size!r}")
     if engine == "onnx" and precision != "fp32":
         raise InputError(f"precision {precision!r} applies to TensorRT plans; the ONNX model is float32 (use engine 'plan' / --engine plan)")

@@ -260,10 +260,11 @@ def test_the_default_name_is_the_bundle_folders_name_made_valid(exported, tmp_pa
     assert parse_pbtxt((model_dir / "config.pbtxt").read_text())["name"] == "my_bundle__v2"
 
 
-@pytest.mark.parametrize("max_batch_size", [0, -1, 2.0])
+@pytest.mark.parametrize("max_batch_size", [0, -1, 2.0, True])
 def test_max_batch_size_must_be_a_positive_integer(exported, tmp_path, monkeypatch, max_batch_size):
     """0 would mean "no batching" to Triton, and the dims (written without the batch) would then
-    be wrong."""
+    be wrong; True (an int to isinstance) was accepted and written as `max_batch_size: True`,
+    which Triton cannot parse."""
     _refused_before_export(exported, tmp_path, monkeypatch, "max_batch_size must be a positive integer", max_batch_size=max_batch_size)
 
 
