@@ -99,3 +99,113 @@ def test_a_file_exported_from_other_weights_is_refused(exported, tmp_path):
     same_weights = save_bundle(exported.model, tmp_path / "restreered", class_names=CLASS_NAMES,
                                steering=make_steering(exported.model, seed=2))
     Engine.load(same_weights, backend="onnxruntime", onnx_path=exported.onnx["sparse"])
+
+
+def _with_metadata(exported, tmp_path, **changes):
+    """A copy of the masked file whose headsteer metadata has `changes` (None: the key removed)."""
+    import json
+
+    import onnx
+
+    proto = onnx.load(str(exported.onnx["masked"]))
+    props = {p.key: p.value for p in proto.metadata_props}
+    for key, value in changes.items():
+        if value is None:
+            props.pop("headsteer." + key)
+        else:
+            props["headsteer." + key] = json.dumps(value)
+    del proto.metadata_props[:]
+    for key, value in props.items():
+        entry = proto.metadata_props.add()
+        entry.key, entry.value = key, value
+    path = tmp_path / "edited.onnx"
+    onnx.save(proto, str(path))
+    return path
+
+
+def test_a_file_without_headsteer_metadata_is_refused_as_such(exported, tmp_path):
+    from headsteer.runtime.errors import BundleError
+
+    path = _with_metadata(exported, tmp_path, **{key: None for key in (
+        "format", "format_version", "class_names", "steer_width", "image_size", "gated_blocks")})
+    with pytest.raises(BundleError, match="carries no headsteer metadata; export it with `headsteer export --format onnx`"):
+        Engine.load(exported.bundle, backend="onnxruntime", onnx_path=path)
+
+
+def test_a_file_gating_other_blocks_is_refused(exported, tmp_path):
+    """Same number of gated blocks (head masks of the same shape), other blocks: another model."""
+    from headsteer.runtime.errors import BundleError
+
+    path = _with_metadata(exported, tmp_path, gated_blocks=[0, 2])
+    with pytest.raises(BundleError, match=r"its gated_blocks is \[0, 2\], the bundle's is \[1, 2\]"):
+        Engine.load(exported.bundle, backend="onnxruntime", onnx_path=path)
+
+
+def test_the_runner_reports_the_attention_of_the_file_it_runs(exported):
+    for variant in ("masked", "sparse"):
+        engine = Engine.load(exported.bundle, backend="onnxruntime", onnx_path=exported.onnx[variant])
+        assert engine._runner.attention == variant
+
+
+def test_providers_must_name_at_least_one(exported):
+    from headsteer.runtime.errors import InputError
+
+    with pytest.raises(InputError, match="providers must name at least one ONNX Runtime execution provider"):
+        Engine.load(exported.bundle, backend="onnxruntime", onnx_path=exported.onnx["masked"], providers=[])
+
+
+def test_intra_op_threads_reach_the_session(exported):
+    assert build_session(exported.onnx["masked"], CPU, intra_op_num_threads=1).get_session_options().intra_op_num_threads == 1
+
+
+def test_default_providers_put_cuda_on_the_devices_gpu_first(monkeypatch):
+    from headsteer.export.onnx_runner import default_providers
+    from headsteer.export._common import MissingDependencyError
+
+    monkeypatch.setattr(ort, "get_available_providers", lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"])
+    assert default_providers(torch.device("cuda", 1)) == [("CUDAExecutionProvider", {"device_id": 1}), "CPUExecutionProvider"]
+    assert default_providers(torch.device("cpu")) == ["CPUExecutionProvider"]
+    monkeypatch.setattr(ort, "get_available_providers", lambda: ["CPUExecutionProvider"])
+    with pytest.raises(MissingDependencyError, match="headsteer\\[gpu\\]"):
+        default_providers(torch.device("cuda"))
+
+
+def test_device_binding_only_for_pixels_on_the_sessions_gpu_and_static_outputs():
+    """Which calls take the I/O-binding path, decided without a GPU: a stand-in session whose
+    first provider is CUDA on GPU 1, and stand-in pixels that only carry a device."""
+    from types import SimpleNamespace
+
+    def session(head_mask_shape):
+        value = lambda name, shape: SimpleNamespace(name=name, shape=shape)  # noqa: E731
+        return SimpleNamespace(
+            get_modelmeta=lambda: SimpleNamespace(custom_metadata_map={}),
+            get_providers=lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"],
+            get_provider_options=lambda: {"CUDAExecutionProvider": {"device_id": "1"}},
+            get_inputs=lambda: [value("pixel_values", ["batch", 3, 32, 32])],
+            get_outputs=lambda: [value("logits", ["batch", 5]), value("head_mask", head_mask_shape)],
+        )
+
+    on = lambda device: SimpleNamespace(device=torch.device(device))  # noqa: E731
+    run = OrtCallable(session(["batch", 2, 3]), 128)
+    assert run.cuda_device_id == 1
+    assert run.device_binding(on("cuda:1"))
+    assert not run.device_binding(on("cuda:0")) and not run.device_binding(on("cpu"))
+    assert not OrtCallable(session(["batch", "blocks", 3]), 128).device_binding(on("cuda:1"))
+
+
+def test_an_export_on_the_fly_leaves_no_temporary_folder(exported, tmp_path, monkeypatch):
+    import tempfile
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    Engine.load(exported.bundle, backend="onnxruntime")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_the_cache_keeps_one_file_per_opset(exported, tmp_path):
+    import onnx
+
+    cache = tmp_path / "cache"
+    for opset in (18, 20):
+        Engine.load(exported.bundle, backend="onnxruntime", cache_dir=cache, opset=opset)
+    versions = sorted(o.version for path in cache.glob("*.onnx") for o in onnx.load(str(path)).opset_import if o.domain in ("", "ai.onnx"))
+    assert versions == [18, 20]
