@@ -261,3 +261,56 @@ def test_cache_tells_apart_bundles_that_share_weights(exported, tmp_path):
     pixels, expected = pixels_away_from_threshold(model, 3, ones, zeros, seed=21)
     got = engine.predict(pixels)
     assert_parity((got.logits, got.head_mask), expected.logits, expected.head_mask)
+
+
+def test_jumprelu_sae_drops_latents_below_their_threshold():
+    """JumpReLU keeps a latent only above its own threshold (ReLU would keep every positive one)."""
+    from headsteer.export import make_ort_callable
+
+    model = make_model(seed=8, sae_activation="jumprelu")
+    with torch.no_grad():
+        for sae in model.saes.values():
+            sae.threshold.uniform_(0.0, 2.0)
+    run = make_ort_callable(model, attention="masked")
+    generator = torch.Generator().manual_seed(10)
+    scale = 1.0 + 4.0 * torch.rand(16, model.steer_width, generator=generator)
+    shift = torch.randn(16, model.steer_width, generator=generator)
+    pixels, expected = pixels_away_from_threshold(model, 16, scale, shift, seed=19)
+    assert_parity(run(pixels, scale, shift), expected.logits, expected.head_mask)
+    for sae in model.saes.values():
+        sae.activation = "relu"
+    with torch.no_grad():
+        relu = model(pixels, scale, shift, backend="compact")
+    assert not torch.equal(relu.head_mask, expected.head_mask)  # (not vacuous: the thresholds decide some heads)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_a_gate_logit_of_exactly_zero_prunes_the_head(variant):
+    """keep = gate logit > 0: a logit of exactly 0 (zero output layer) prunes every head."""
+    from headsteer.export import make_ort_callable
+
+    model = make_model(seed=12)
+    with torch.no_grad():
+        for gate in model.gates.values():
+            gate.fc2.weight.zero_()
+            gate.fc2.bias.zero_()
+    logits, mask = make_ort_callable(model, attention=variant)(torch.randn(2, 3, 32, 32))
+    assert mask.shape == (2, 2, 3) and not mask.any()
+
+
+def test_an_ungated_model_gives_an_empty_head_mask_per_sample():
+    from headsteer.export import make_ort_callable
+
+    model = make_model(seed=14, gate_blocks=(), sae_blocks=())
+    logits, mask = make_ort_callable(model)(torch.randn(3, 3, 32, 32))
+    assert logits.shape == (3, len(CLASS_NAMES)) and mask.shape == (3, 0, model.num_heads)
+
+
+def test_a_reduced_precision_export_leaves_the_callers_model_in_float32(tmp_path):
+    from headsteer.export import to_onnx
+
+    model = make_model(seed=15)
+    before = {name: p.clone() for name, p in model.state_dict().items()}
+    to_onnx(model, tmp_path / "half.onnx", precision="fp16", write_steering=False)
+    after = model.state_dict()
+    assert all(after[name].dtype == value.dtype and torch.equal(after[name], value) for name, value in before.items())
