@@ -314,3 +314,33 @@ def test_a_reduced_precision_export_leaves_the_callers_model_in_float32(tmp_path
     to_onnx(model, tmp_path / "half.onnx", precision="fp16", write_steering=False)
     after = model.state_dict()
     assert all(after[name].dtype == value.dtype and torch.equal(after[name], value) for name, value in before.items())
+
+
+@pytest.mark.parametrize("bias", [-1.0, 1.0])
+def test_topk_sae_under_strong_steering(bias):
+    """Steering 10x in reconstruct mode makes the gates read the TopK latents' values directly:
+    each of the k chosen latents (all positive with bias +1), and only their positive part (ReLU;
+    many of the k largest are negative with bias -1), decides heads here."""
+    from headsteer.export import make_ort_callable
+
+    model = make_model(seed=16, steer_mode="reconstruct")
+    with torch.no_grad():
+        for sae in model.saes.values():
+            sae.encoder_bias.add_(bias)
+    run = make_ort_callable(model, attention="masked")
+    generator = torch.Generator().manual_seed(16)
+    scale = 10.0 * torch.rand(16, model.steer_width, generator=generator)
+    shift = torch.zeros(16, model.steer_width)
+    pixels, expected = pixels_away_from_threshold(model, 16, scale, shift, seed=23)
+    assert_parity(run(pixels, scale, shift), expected.logits, expected.head_mask)
+
+
+def test_sparse_export_of_a_model_without_qkv_bias():
+    from headsteer.export import make_ort_callable
+
+    model = make_model(seed=18, timm_kwargs=dict(img_size=32, patch_size=8, depth=3, num_classes=5, qkv_bias=False))
+    assert model.vit.blocks[1].attn.qkv.bias is None
+    run = make_ort_callable(model, attention="sparse")
+    ones, zeros = torch.ones(3, model.steer_width), torch.zeros(3, model.steer_width)
+    pixels, expected = pixels_away_from_threshold(model, 3, ones, zeros, seed=25)
+    assert_parity(run(pixels), expected.logits, expected.head_mask)
