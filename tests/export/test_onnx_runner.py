@@ -209,3 +209,13 @@ def test_the_cache_keeps_one_file_per_opset(exported, tmp_path):
         Engine.load(exported.bundle, backend="onnxruntime", cache_dir=cache, opset=opset)
     versions = sorted(o.version for path in cache.glob("*.onnx") for o in onnx.load(str(path)).opset_import if o.domain in ("", "ai.onnx"))
     assert versions == [18, 20]
+
+
+def test_float64_and_float16_inputs_are_fed_as_float32(exported):
+    run = OrtCallable(build_session(exported.onnx["masked"], CPU), exported.model.steer_width)
+    pixels, scale, shift = _inputs(exported.model)
+    logits, mask = run(pixels, scale, shift)
+    wide_logits, wide_mask = run(pixels.double(), scale.double(), shift.double())
+    assert torch.equal(wide_logits, logits) and torch.equal(wide_mask, mask)
+    half = [t.half() for t in (pixels, scale, shift)]
+    assert run(*half)[0].dtype == torch.float32
