@@ -97,3 +97,25 @@ def test_onnx_export_keeps_an_unreadable_steering_file_without_overwrite(bundle_
     assert main(["export", str(bundle_path), "--format", "onnx", "--out", str(out)]) == 2
     assert "model.steering.json already exists" in capsys.readouterr().err
     assert rows.read_text() == "my notes, not JSON" and not out.exists()
+
+
+def test_plan_profile_options_are_accepted_for_a_plan_repository(bundle_path, tmp_path, capsys):
+    """--min-batch/--opt-batch shape a plan repository's profile: not refused as inapplicable (this
+    machine then stops at the missing TensorRT, or builds where it is installed)."""
+    pytest.importorskip("onnx")
+    try:
+        import tensorrt  # noqa: F401
+    except ImportError:
+        pass
+    else:
+        pytest.skip("tensorrt is installed: this would build a plan")
+    argv = ["export", str(bundle_path), "--format", "triton-repo", "--out", str(tmp_path / "repo"), "--engine", "plan",
+            "--min-batch", "1", "--opt-batch", "4"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "not apply" not in err and "tensorrt" in err
+
+
+def test_a_bad_bundle_is_named_before_tensorrt_is_looked_for(tmp_path, capsys):
+    assert main(["export", str(tmp_path / "nope"), "--format", "tensorrt", "--out", str(tmp_path / "m.plan")]) == 2
+    assert "not a bundle" in capsys.readouterr().err

@@ -162,7 +162,7 @@ def test_missing_onnxruntime_names_the_extra(exported, monkeypatch):
 
     _, info = load_bundle(exported.bundle)
     monkeypatch.setitem(sys.modules, "onnxruntime", None)
-    with pytest.raises(MissingDependencyError, match=r"headsteer\[onnx\]"):
+    with pytest.raises(MissingDependencyError, match=r"headsteer\[onnx\]' \(CPU\) or pip install 'headsteer\[gpu\]' \(onnxruntime-gpu; install only one"):
         OnnxRunner(info, onnx_path=exported.onnx["masked"])
 
 

@@ -315,3 +315,11 @@ def test_a_plan_is_built_from_a_graph_of_its_precision_with_the_configs_batches(
     assert [call["precision"] for call in copied_export] == [precision]
     assert builds == [dict(precision=precision, min_batch=1, opt_batch=8, max_batch=12)]
     assert parse_pbtxt((model_dir / "config.pbtxt").read_text())["max_batch_size"] == 12
+
+
+def test_a_bundle_given_as_dot_is_named_after_its_folder(exported, tmp_path, monkeypatch, copied_export):
+    """`headsteer export . --format triton-repo` from inside the bundle: '.' has no name."""
+    from headsteer.export.triton_repo import write_triton_repo
+
+    monkeypatch.chdir(exported.bundle)
+    assert write_triton_repo(".", tmp_path / "repo") == tmp_path / "repo" / exported.bundle.name
