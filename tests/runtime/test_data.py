@@ -65,6 +65,24 @@ def test_digits_split_is_determined_by_seed(digits):
     assert not torch.equal(other.test.images, digits.test.images)
 
 
+def test_digits_split_is_sklearns_seeded_two_stage_split_in_source_order():
+    """test is carved from the whole set first, then val from the rest (val_fraction / (1 -
+    test_fraction) of it), both by sklearn's stratified split with the seed itself; each split keeps
+    the source order. Bundles record only the seed, so another recipe would redraw their splits."""
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    source = load_digits()
+    indices = np.arange(len(source.target))
+    rest, test = train_test_split(indices, test_size=0.3, random_state=5, stratify=source.target)
+    train, val = train_test_split(rest, test_size=0.1 / 0.7, random_state=5, stratify=source.target[rest])
+    splits = load_data("digits", image_size=8, seed=5, val_fraction=0.1, test_fraction=0.3)
+    for split, expected in ((splits.train, train), (splits.val, val), (splits.test, test)):
+        expected = np.sort(expected)
+        assert split.labels.tolist() == source.target[expected].tolist()
+        assert torch.equal(split.images[:, 0], torch.from_numpy(source.images[expected]).float() / 16)
+
+
 def test_digits_image_size_and_fractions():
     splits = load_data("digits", image_size=16, val_fraction=0.1, test_fraction=0.3)
     assert splits.train.images.shape[1:] == (3, 16, 16)
