@@ -225,6 +225,41 @@ def test_cifar100_missing_and_malformed_files(tmp_path):
         load_data(f"cifar100:{folder}")
 
 
+def test_cifar100_val_split_follows_the_seed(tmp_path):
+    """val is carved from the train file with the split seed: the same seed draws the same val,
+    another seed another (a bundle's recorded seed must keep its training images out of val)."""
+    folder = tmp_path / "cifar-100-python"
+    _write_fake_cifar100(folder, per_class_train=10)
+    first, again, other = (load_data(f"cifar100:{folder}", seed=seed) for seed in (0, 0, 1))
+    assert torch.equal(first.val.images, again.val.images)
+    assert not torch.equal(first.val.images, other.val.images)
+    assert torch.equal(first.test.images, other.test.images)  # the test file is never split
+
+
+def _rewrite_cifar_test(folder, labels, rows=None):
+    rows = len(labels) if rows is None else rows
+    _dump_like_python2({b"data": np.zeros((rows, 3072), np.uint8), b"fine_labels": labels}, folder / "test")
+
+
+def test_cifar100_bad_fine_labels_and_names_are_named(tmp_path):
+    """Labels must be integers, one per image, each a class of `meta`: a label past the last class
+    (or a float one, silently truncated) would train on a class the data does not name."""
+    folder = tmp_path / "cifar-100-python"
+    _write_fake_cifar100(folder)
+    _rewrite_cifar_test(folder, [0, 1, 2, 4])
+    with pytest.raises(DataError, match=r"test has fine labels in \[0, 4\]; expected \[0, 3\]"):
+        load_data(f"cifar100:{folder}")
+    _rewrite_cifar_test(folder, [0.0, 1.5, 2.0, 3.0])
+    with pytest.raises(DataError, match=r"test 'fine_labels' must be 4 integers"):
+        load_data(f"cifar100:{folder}")
+    _rewrite_cifar_test(folder, [0, 1, 2], rows=4)
+    with pytest.raises(DataError, match=r"test 'fine_labels' must be 4 integers \(one per image\); got shape \(3,\)"):
+        load_data(f"cifar100:{folder}")
+    _dump_like_python2({b"fine_label_names": []}, folder / "meta")
+    with pytest.raises(DataError, match=r"meta 'fine_label_names' must be a non-empty list"):
+        load_data(f"cifar100:{folder}")
+
+
 def test_cifar100_duplicate_class_names_are_refused(tmp_path):
     # Two classes of one name could not be told apart by name (steering rows, reports).
     folder = tmp_path / "cifar-100-python"
