@@ -386,6 +386,32 @@ def test_imagefolder_non_image_files_are_named(tmp_path):
     assert len(splits.train) + len(splits.val) + len(splits.test) == 10
 
 
+def test_imagefolder_reads_upper_case_extensions_and_linked_folders(tmp_path):
+    """Cameras write IMG_0001.JPG; a class folder may link in a folder kept elsewhere. Both are
+    images of the class, as torchvision's ImageFolder reads them (not stray files, not skipped)."""
+    _write_png_tree(tmp_path / "data", per_class=5)
+    Image.new("RGB", (12, 10), (200, 10, 10)).save(tmp_path / "data" / "cat" / "IMG_0001.PNG")
+    _write_png_tree(tmp_path / "elsewhere", classes=("more",), per_class=5)
+    (tmp_path / "data" / "dog" / "linked").symlink_to(tmp_path / "elsewhere" / "more", target_is_directory=True)
+    splits = load_data(f"imagefolder:{tmp_path / 'data'}", image_size=8)
+    counts = sum(torch.bincount(s.labels, minlength=2) for s in (splits.train, splits.val, splits.test))
+    assert counts.tolist() == [6, 10]
+
+
+def test_imagefolder_with_a_constant_channel_is_refused(tmp_path):
+    """Normalization divides by the train split's per-channel std: a channel that never varies
+    (here red, always 0) is a DataError, not inf/nan inputs."""
+    rng = np.random.default_rng(3)
+    for name in ("cat", "dog"):
+        (tmp_path / name).mkdir()
+        for index in range(5):
+            pixels = rng.integers(0, 256, size=(10, 12, 3), dtype=np.uint8)
+            pixels[..., 0] = 0
+            Image.fromarray(pixels).save(tmp_path / name / f"{index}.png")
+    with pytest.raises(DataError, match="constant channel"):
+        load_data(f"imagefolder:{tmp_path}", image_size=8)
+
+
 def test_imagefolder_split_layout_refuses_other_folders(tmp_path):
     # "validation/" beside train/ would be ignored and val carved from train instead.
     _write_png_tree(tmp_path / "train", per_class=6)
@@ -424,6 +450,14 @@ def test_unknown_spec_names_the_accepted_ones(spec):
 def test_spec_without_folder(spec):
     with pytest.raises(DataError, match="names no folder"):
         load_data(spec)
+
+
+def test_spec_kind_ignores_case_and_spaces_and_path_expands_home(tmp_path, monkeypatch):
+    assert len(load_data(" Digits ", image_size=8).test) == 360
+    _write_png_tree(tmp_path / "pets", per_class=5)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    splits = load_data("ImageFolder: ~/pets", image_size=8)
+    assert splits.class_names == ["cat", "dog"]
 
 
 def test_spec_with_missing_folder(tmp_path):
