@@ -347,6 +347,16 @@ def test_imagefolder_class_too_rare_for_a_split_is_named(tmp_path):
         load_data(f"imagefolder:{tmp_path}", image_size=8)
 
 
+def test_imagefolder_class_left_out_of_train_is_named(tmp_path):
+    # 8 + 8 + 4 images split 20/40/40: "rare" ends up in val and test only, so the model could
+    # never learn it
+    _write_png_tree(tmp_path, classes=("cat", "dog", "rare"), per_class=8)
+    for i in range(4, 8):
+        (tmp_path / "rare" / f"{i}.png").unlink()
+    with pytest.raises(DataError, match=r"the train split has no image of \['rare'\]"):
+        load_data(f"imagefolder:{tmp_path}", image_size=8, val_fraction=0.4, test_fraction=0.4)
+
+
 def test_imagefolder_with_one_class_is_refused(tmp_path):
     # A one-class "classifier" trains to a constant and has nothing to steer between.
     _write_png_tree(tmp_path, classes=("cat",), per_class=10)
