@@ -108,6 +108,16 @@ def test_meets_target_rule():
     assert not meets_target(dict(unsteered=base, steered=dict(final_block_usage=0.2, correct=28)))
 
 
+def test_meets_target_at_exactly_40_percent_and_with_no_usage_to_cut():
+    """A fall of exactly 40% meets the target (even where the float division lands just under
+    0.4); a class whose unsteered usage is already 0 has nothing to cut and does not."""
+    for before, after in ((1.0, 0.6), (0.5, 0.3), (0.7, 0.42)):
+        assert meets_target(dict(unsteered=dict(final_block_usage=before, correct=5),
+                                 steered=dict(final_block_usage=after, correct=4)))
+    assert not meets_target(dict(unsteered=dict(final_block_usage=0.0, correct=5),
+                                 steered=dict(final_block_usage=0.0, correct=5)))
+
+
 def test_eval_cli(bundle, tmp_path, capsys):
     path, splits, _ = bundle
     out = tmp_path / "table.json"
@@ -234,6 +244,33 @@ def test_usage_is_reported_at_the_steered_block_not_the_last():
     assert meets_target(dict(unsteered=base, steered=dict(steered_block_usage=0.4, final_block_usage=0.5, correct=10)))
     assert not meets_target(dict(unsteered=base, steered=dict(steered_block_usage=0.6, final_block_usage=0.1,
                                                               correct=10)))
+
+
+def test_summarize_per_head_usage_and_strict_majority_of_kept_heads():
+    """Per head, the fraction of images keeping it; a head is "kept" by a strict majority only (half
+    the images is no majority); with several steered blocks, usage is the mean over all of them."""
+    mask = torch.zeros(4, 3, 5, dtype=torch.bool)
+    mask[:3, 2, 0] = True  # head 0 by 3 of 4
+    mask[:2, 2, 1] = True  # head 1 by exactly half
+    mask[:1, 2, 2] = True  # head 2 by 1 of 4
+    mask[:, 0, :] = True  # block 0: every head; block 1: none
+    pred, labels = torch.tensor([1, 2, 3, 0]), torch.tensor([1, 2, 0, 0])
+    part = summarize(pred, mask, labels, [(0, 0), (1, 1)])
+    assert part["accuracy"] == 0.75 and part["correct"] == 3
+    assert part["final_block_head_usage"] == [0.75, 0.5, 0.25, 0.0, 0.0]
+    assert part["kept_heads"] == [0] and part["final_block_usage"] == pytest.approx(1.5 / 5)
+    assert part["steered_block_usage"] == 0.5
+    assert part["steered_kept_heads"] == {"0": [0, 1, 2, 3, 4], "1": []}
+    assert part["head_usage"] == pytest.approx((20 + 0 + 6) / 60)
+
+
+def test_summarize_an_ungated_model_uses_every_head():
+    """No gated block (head_mask [N, 0, H]): nothing is pruned, usage is 1 and there are no kept-head
+    lists to report."""
+    part = summarize(torch.tensor([0, 1]), torch.zeros(2, 0, 6, dtype=torch.bool), torch.tensor([0, 0]))
+    assert part == dict(accuracy=0.5, correct=1, head_usage=1.0, steered_block_usage=None,
+                        steered_kept_heads=None, final_block_usage=1.0, kept_heads=None,
+                        final_block_head_usage=None)
 
 
 def test_steered_sites_map_sae_blocks_to_head_mask_positions(tmp_path):
