@@ -232,6 +232,64 @@ def test_random_control_toward_one_class_uses_that_class_row(tmp_path):
         assert row["random"] == dict(summarize(pred[idx], mask[idx], test.labels[idx], [(1, 1)]), latents=[3])
 
 
+def _distinct_rows_engine(tmp_path):
+    """The 3-block model of `_sae_block_1_engine` with a different steering row per class (a strong
+    shift on one latent each) and a random control row per class (latent c + 3 times 16)."""
+    torch.manual_seed(0)
+    model = GatedViT.from_timm("vit_tiny_patch16_224", timm_kwargs=dict(TINY, depth=3), sae_blocks=(1,),
+                               sae_width=8, sae_k=2, gate_init_bias=0.0)
+    names = [str(i) for i in range(10)]
+    shift = torch.zeros(10, 8)
+    for c in range(10):
+        shift[c, c % 8] = 4.0 if c % 2 else -4.0
+    info = [dict(alpha=16.0, random_scale_latents=[(c + 3) % 8], random_latents=[(c + 3) % 8]) for c in range(10)]
+    table = SteeringTable(names, torch.ones(10, 8), shift, info)
+    return Engine.load(save_bundle(model, tmp_path / "b", class_names=names, steering=table), backend="compact")
+
+
+def test_per_class_table_steers_each_class_by_its_own_row(tmp_path):
+    """Each class's "steered" part is its own images run with its own row (rows differ here, so an
+    image steered by another class's row would show)."""
+    engine = _distinct_rows_engine(tmp_path)
+    test = load_data("digits", image_size=8).test
+    rows = per_class_table(engine, test, "per-class")
+    _, by_three = run_engine(engine, test.images, "3")
+    _, by_four = run_engine(engine, test.images, "4")
+    assert not torch.equal(by_three[:, 1], by_four[:, 1])
+    for c, row in enumerate(rows):
+        idx = (test.labels == c).nonzero().squeeze(1)
+        pred, mask = run_engine(engine, test.images[idx], str(c))
+        assert row["steered"] == summarize(pred, mask, test.labels[idx], [(1, 1)])
+
+
+def test_strategies_summary_runs_each_strategy_with_its_chosen_setting(tmp_path):
+    """Each strategy's entry is the whole split run its way: unsteered; every latent times the chosen
+    global alpha; each image's top-k latents times the chosen alpha; each image by its own class's
+    row; each image by its own class's random control row; and it records the setting it used."""
+    engine = _distinct_rows_engine(tmp_path)
+    test = load_data("digits", image_size=8).test
+    n, width = len(test), engine.steer_width
+    choices = {"global_amplification": {"alpha": 0.0}, "topk_amplification": {"k": 1, "alpha": 8.0}}
+    summary = strategies_summary(engine, test, choices)
+    own = [str(int(y)) for y in test.labels]
+    runs = {
+        "none": run_engine(engine, test.images),
+        "global_amplification": run_engine(engine, test.images, vectors=S.global_rows(n, width, 0.0)),
+        "topk_amplification": run_engine(engine, test.images, vectors=S.topk_rows(
+            E.engine_latents(engine, test.images), 1, 8.0, engine.model)),
+        "per_class": run_engine(engine, test.images, own),
+        "random_latents": run_engine(engine, test.images,
+                                     vectors=S.random_table(engine.info.steering, width).rows(own)),
+    }
+    settings = {"global_amplification": dict(alpha=0.0), "topk_amplification": dict(k=1, alpha=8.0)}
+    for name, (pred, mask) in runs.items():
+        part = summarize(pred, mask, test.labels, [(1, 1)])
+        assert summary[name] == dict(test_accuracy=part["accuracy"], head_usage=part["head_usage"],
+                                     steered_block_usage=part["steered_block_usage"],
+                                     final_block_usage=part["final_block_usage"], **settings.get(name, {})), name
+    assert len({(s["head_usage"], s["steered_block_usage"]) for s in summary.values()}) == 5  # five different runs
+
+
 def test_usage_is_reported_at_the_steered_block_not_the_last():
     """SAE on block 1 of 3: steered-block usage and kept heads are block 1's; meets_target judges them."""
     mask = torch.zeros(4, 3, 6, dtype=torch.bool)
