@@ -118,6 +118,24 @@ def test_meets_target_at_exactly_40_percent_and_with_no_usage_to_cut():
                                  steered=dict(final_block_usage=0.0, correct=5)))
 
 
+def test_format_table_shows_setting_drop_and_kept_heads_per_row():
+    """alpha (or a shift row's beta with "m"), "no row" for a class steered by none, the relative fall
+    of steered-block usage, and kept heads per steered block when there are several."""
+    def part(usage, kept):
+        return dict(accuracy=1.0, correct=4, head_usage=usage, steered_block_usage=usage, final_block_usage=1.0,
+                    kept_heads=[0], steered_kept_heads=kept, final_block_head_usage=[1.0])
+
+    before, after = part(0.8, {"1": [0, 1, 2], "3": [4]}), part(0.4, {"1": [0, 1], "3": [2]})
+    common = dict(n_test=4, steered_blocks=[1, 3], unsteered=before, steered=after)
+    rows = [dict(common, **{"class": "cat"}, steering_row="cat", latents=[5, 6], alpha=4.0),
+            dict(common, **{"class": "dog"}, steering_row="dog", latents=[7], alpha=1.0, mode="shift", beta=-1.5),
+            dict(common, **{"class": "owl"}, steering_row=None, latents=[], alpha=1.0, steered=before)]
+    cat, dog, owl = (line.rstrip() for line in format_table(rows).splitlines()[2:5])
+    assert cat.split()[:4] == ["cat", "4", "2", "4"] and "50.0%" in cat and cat.endswith("b1:0,1 b3:2")
+    assert dog.split()[:4] == ["dog", "4", "1", "-1.5m"]
+    assert owl.split()[:5] == ["owl", "4", "0", "no", "row"] and "0.0%" in owl and owl.endswith("b1:0,1,2 b3:4")
+
+
 def test_eval_cli(bundle, tmp_path, capsys):
     path, splits, _ = bundle
     out = tmp_path / "table.json"
@@ -288,6 +306,18 @@ def test_strategies_summary_runs_each_strategy_with_its_chosen_setting(tmp_path)
                                      steered_block_usage=part["steered_block_usage"],
                                      final_block_usage=part["final_block_usage"], **settings.get(name, {})), name
     assert len({(s["head_usage"], s["steered_block_usage"]) for s in summary.values()}) == 5  # five different runs
+
+
+def test_raw_vectors_steer_like_the_table_row_they_copy(tmp_path):
+    """(scale, shift) vectors passed raw (the global, top-k and random strategies) act as a table row
+    does, shift included (a random control of a shift row carries one)."""
+    engine = _distinct_rows_engine(tmp_path)
+    images = load_data("digits", image_size=8).test.images
+    table, rows = engine.info.steering, [3] * len(images)
+    by_row = run_engine(engine, images, "3", batch_size=100)
+    by_vectors = run_engine(engine, images, vectors=(table.scale[rows], table.shift[rows]), batch_size=100)
+    assert torch.equal(by_vectors[0], by_row[0]) and torch.equal(by_vectors[1], by_row[1])
+    assert not torch.equal(by_row[1], run_engine(engine, images)[1])
 
 
 def test_usage_is_reported_at_the_steered_block_not_the_last():
