@@ -152,6 +152,23 @@ def test_eval_cli(bundle, tmp_path, capsys):
     assert cli_main(["eval", str(tmp_path / "nope"), "--data", "digits"]) == 2
 
 
+def test_eval_cli_counts_the_classes_whose_steering_meets_the_target(bundle, tmp_path, capsys, monkeypatch):
+    """The summary line counts the classes whose steered part meets the target: here classes 3 and 7,
+    whose steered-block usage is made to halve."""
+    path, _, _ = bundle
+
+    def halved(*args, **kwargs):
+        rows = per_class_table(*args, **kwargs)
+        for row in rows:
+            usage = row["unsteered"]["steered_block_usage"]
+            row["steered"] = dict(row["unsteered"], steered_block_usage=usage / 2 if row["class"] in ("3", "7") else usage)
+        return rows
+
+    monkeypatch.setattr(E, "per_class_table", halved)
+    assert cli_main(["eval", str(path), "--data", "digits"]) == 0
+    assert "2 of 10 classes: usage at the steered block(s) down >= 40%" in capsys.readouterr().out
+
+
 def test_eval_splits_with_the_bundles_recorded_seed(bundle, tmp_path, capsys, monkeypatch):
     """eval's default split is the bundle's own (trained with seed 3 here); another --seed is refused
     before any data is loaded, since its test split would hold training images."""
