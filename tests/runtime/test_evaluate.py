@@ -160,8 +160,8 @@ def test_eval_cli_counts_the_classes_whose_steering_meets_the_target(bundle, tmp
     def halved(*args, **kwargs):
         rows = per_class_table(*args, **kwargs)
         for row in rows:
-            usage = row["unsteered"]["steered_block_usage"]
-            row["steered"] = dict(row["unsteered"], steered_block_usage=usage / 2 if row["class"] in ("3", "7") else usage)
+            usage = row["unsteered"]["steered_block_usage"] / (2 if row["class"] in ("3", "7") else 1)
+            row["steered"] = dict(row["unsteered"], steered_block_usage=usage)
         return rows
 
     monkeypatch.setattr(E, "per_class_table", halved)
