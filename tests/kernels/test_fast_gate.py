@@ -95,3 +95,44 @@ def test_unknown_backend_is_an_error():
     gate, sae = _params()
     with pytest.raises(ValueError, match="unknown backend 'compcat'"):
         dispatch.sae_steer_gate("compcat", torch.randn(2, 24), gate, sae, None, None, "preserve-error", None)
+
+
+def _attention(dim=24, heads=4):
+    from timm.models.vision_transformer import Attention
+
+    return Attention(dim, num_heads=heads, qkv_bias=True).eval()
+
+
+def test_head_attention_unknown_backend_is_an_error():
+    attn = _attention()
+    with pytest.raises(ValueError, match="unknown backend 'compcat'"):
+        dispatch.head_attention("compcat", torch.randn(2, 5, 24), torch.ones(2, 4, dtype=torch.bool), None, attn)
+
+
+def test_layer_scale_without_a_residual_is_refused():
+    """layer_scale scales the branch added to a residual; alone it would be silently ignored."""
+    attn = _attention()
+    with pytest.raises(ValueError, match="pass residual too"):
+        dispatch.head_attention("reference", torch.randn(2, 5, 24), torch.ones(2, 4, dtype=torch.bool), None, attn,
+                                layer_scale=torch.full((24,), 0.5))
+
+
+def test_triton_in_training_adds_the_residual_like_every_backend():
+    """Training falls back to the differentiable reference on every backend, triton included (no CUDA
+    needed): the update is still residual + branch * layer_scale."""
+    attn = _attention()
+    x, keep, residual, scale = torch.randn(2, 5, 24), torch.rand(2, 4) > 0.5, torch.randn(2, 5, 24), torch.rand(24)
+    branch = dispatch.head_attention("reference", x, keep, None, attn, training=True)
+    got = dispatch.head_attention("triton", x, keep, None, attn, training=True, residual=residual, layer_scale=scale)
+    assert torch.equal(got, residual + branch * scale)
+
+
+def test_triton_is_available_on_cuda_or_with_triton_interpret_1_only(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    assert dispatch.triton_available(torch.device("cuda", 0))
+    assert not dispatch.triton_available(torch.device("cpu"))
+    assert not dispatch.triton_available(torch.device("meta"))
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    assert not dispatch.triton_available(torch.device("cpu"))
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert dispatch.triton_available(torch.device("cpu"))
