@@ -91,11 +91,26 @@ def test_compact_backend_sees_in_place_updates_of_the_qkv_bias():
     torch.manual_seed(5)
     attn = Attention(32, num_heads=4, qkv_bias=True).eval()
     x, keep = torch.randn(3, 9, 32), torch.rand(3, 4) > 0.4
-    dispatch.head_attention("compact", x, keep, None, attn)  # (fills the cache)
-    with torch.no_grad():
+    with torch.no_grad():  # (as Engine runs: with grad, weights that require it are never cached)
+        dispatch.head_attention("compact", x, keep, None, attn)  # (fills the cache)
+        assert attn in dispatch._HEAD_MAJOR_CACHE
         attn.qkv.bias.add_(torch.randn_like(attn.qkv.bias))
-    torch.testing.assert_close(dispatch.head_attention("compact", x, keep, None, attn),
-                               dispatch.head_attention("reference", x, keep, None, attn), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(dispatch.head_attention("compact", x, keep, None, attn),
+                                   dispatch.head_attention("reference", x, keep, None, attn), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("layer", ["qkv", "proj"])
+def test_compact_backend_sees_in_place_updates_of_the_weights(layer):
+    """An in-place weight update (an optimizer step, load_state_dict) between no-grad calls must
+    rebuild the cached head-major copies: its version count changes, its storage does not."""
+    from headsteer.kernels import dispatch
+
+    attn, x, keep = _attention_and_inputs()
+    with torch.no_grad():
+        dispatch.head_attention("compact", x, keep, None, attn)  # (fills the cache)
+        getattr(attn, layer).weight.mul_(-0.5)
+        torch.testing.assert_close(dispatch.head_attention("compact", x, keep, None, attn),
+                                   dispatch.head_attention("reference", x, keep, None, attn), atol=1e-5, rtol=1e-5)
 
 
 def test_head_major_weights_slices_one_head():
