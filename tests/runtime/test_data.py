@@ -121,6 +121,23 @@ def test_batches_cover_the_dataset_once(digits):
     assert torch.equal(images, digits.test.images[5]) and labels == digits.test.labels[5]
 
 
+def test_shuffled_batches_follow_the_seed_and_a_batch_size_below_1_is_refused(digits):
+    def order(seed):
+        return torch.cat([labels for _, labels in digits.test.batches(100, shuffle=True, seed=seed)])
+
+    assert torch.equal(order(3), order(3))
+    assert not torch.equal(order(3), order(4))
+    with pytest.raises(InputError, match="batch_size must be a positive integer; got 0"):
+        next(digits.test.batches(0))
+
+
+def test_image_dataset_refuses_other_channel_counts_and_label_counts():
+    with pytest.raises(DataError, match=r"images must be float32 \[N, 3, H, W\]"):
+        ImageDataset(torch.zeros(4, 1, 8, 8), torch.zeros(4, dtype=torch.int64), ["a", "b"])
+    with pytest.raises(DataError, match=r"labels must be int64 \[4\] \(one per image\)"):
+        ImageDataset(torch.zeros(4, 3, 8, 8), torch.zeros(3, dtype=torch.int64), ["a", "b"])
+
+
 # --- CIFAR-100 --------------------------------------------------------------------------------
 
 
@@ -496,6 +513,11 @@ def test_bad_seed_is_an_input_error(seed):
         load_data("digits", seed=seed)
 
 
+def test_numpy_integer_seeds_are_taken():
+    splits = load_data("digits", image_size=8, seed=np.int64(1))
+    assert torch.equal(splits.test.labels, load_data("digits", image_size=8, seed=1).test.labels)
+
+
 def test_resolve_split_seed_trusts_only_a_recorded_seed():
     """A recorded split seed wins and another is refused; a bundle that records none takes the
     asked seed, else the guess from its first stage, else the default, and says which."""
@@ -512,6 +534,7 @@ def test_resolve_split_seed_trusts_only_a_recorded_seed():
     assert resolve_split_seed(older, 5, "--seed", default=0) == (5, "from --seed; the bundle records no split seed")
     assert resolve_split_seed({}, None, "--split-seed", default=7)[0] == 7
     assert resolve_split_seed({"data": {"split_seed": True}}, None, "--seed", default=0)[0] == 0
+    assert resolve_split_seed({"stages": [{"config": {"seed": True}}]}, None, "--seed", default=7)[0] == 7
 
 
 def test_imagefolder_leaves_out_hidden_folders_and_os_litter(tmp_path):
