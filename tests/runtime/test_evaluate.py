@@ -267,9 +267,10 @@ def test_random_control_toward_one_class_uses_that_class_row(tmp_path):
         assert row["random"] == dict(summarize(pred[idx], mask[idx], test.labels[idx], [(1, 1)]), latents=[3])
 
 
-def _distinct_rows_engine(tmp_path):
+def _distinct_rows_engine(tmp_path, info_update=None):
     """The 3-block model of `_sae_block_1_engine` with a different steering row per class (a strong
-    shift on one latent each) and a random control row per class (latent c + 3 times 16)."""
+    shift on one latent each) and a random control row per class (latent c + 3 times 16);
+    `info_update` {class index: entries} adds to the rows' recorded info."""
     torch.manual_seed(0)
     model = GatedViT.from_timm("vit_tiny_patch16_224", timm_kwargs=dict(TINY, depth=3), sae_blocks=(1,),
                                sae_width=8, sae_k=2, gate_init_bias=0.0)
@@ -277,7 +278,8 @@ def _distinct_rows_engine(tmp_path):
     shift = torch.zeros(10, 8)
     for c in range(10):
         shift[c, c % 8] = 4.0 if c % 2 else -4.0
-    info = [dict(alpha=16.0, random_scale_latents=[(c + 3) % 8], random_latents=[(c + 3) % 8]) for c in range(10)]
+    info = [dict(alpha=16.0, random_scale_latents=[(c + 3) % 8], random_latents=[(c + 3) % 8],
+                 **(info_update or {}).get(c, {})) for c in range(10)]
     table = SteeringTable(names, torch.ones(10, 8), shift, info)
     return Engine.load(save_bundle(model, tmp_path / "b", class_names=names, steering=table), backend="compact")
 
@@ -335,6 +337,43 @@ def test_raw_vectors_steer_like_the_table_row_they_copy(tmp_path):
     by_vectors = run_engine(engine, images, vectors=(table.scale[rows], table.shift[rows]), batch_size=100)
     assert torch.equal(by_vectors[0], by_row[0]) and torch.equal(by_vectors[1], by_row[1])
     assert not torch.equal(by_row[1], run_engine(engine, images)[1])
+
+
+def test_per_class_table_describes_a_shift_row_by_its_beta(tmp_path):
+    engine = _distinct_rows_engine(tmp_path, {3: dict(mode="shift", beta=-1.5, latents=[3])})
+    rows = per_class_table(engine, load_data("digits", image_size=8).test, "per-class")
+    assert (rows[3]["mode"], rows[3]["beta"], rows[3]["latents"]) == ("shift", -1.5, [3])
+    assert "mode" not in rows[4] and "beta" not in rows[4]
+
+
+def test_per_class_table_refuses_data_whose_classes_are_in_another_order(tmp_path):
+    """Labels index the data's class list: the bundle's classes in another order would file every
+    image under another class's row."""
+    engine = _distinct_rows_engine(tmp_path)
+    test = load_data("digits", image_size=8).test
+    shuffled = ImageDataset(test.images, test.labels, test.class_names[::-1])
+    with pytest.raises(InputError, match="are not the bundle's"):
+        per_class_table(engine, shuffled, "per-class")
+
+
+def test_measure_latency_reports_per_image_times_and_the_speedup(tmp_path, monkeypatch):
+    """Medians per image and speedup = unsteered / steered time, on a clock that an unsteered
+    batch advances by 3 s and a steered one by 1 s."""
+    engine = _distinct_rows_engine(tmp_path)
+    test = load_data("digits", image_size=8).test
+    clock = [0.0]
+
+    def predict(x, steer=None):
+        clock[0] += 1.0 if steer is not None else 3.0
+
+    monkeypatch.setattr(engine, "predict", predict)
+    monkeypatch.setattr(E.time, "perf_counter", lambda: clock[0])
+    result = E.measure_latency(engine, test, repeats=3, batch_size=64)
+    batches = sum(-(-int((test.labels == c).sum()) // 64) for c in range(10))
+    assert result["images"] == len(test) and result["repeats"] == 3 and result["batch_size"] == 64
+    assert result["unsteered_ms_per_image"] == pytest.approx(1000 * 3 * batches / len(test))
+    assert result["steered_ms_per_image"] == pytest.approx(1000 * batches / len(test))
+    assert result["speedup"] == pytest.approx(3.0)
 
 
 def test_usage_is_reported_at_the_steered_block_not_the_last():
@@ -409,6 +448,16 @@ def test_eval_json_folder_is_refused_before_any_work(bundle, tmp_path, capsys, m
     monkeypatch.setattr(E, "load_data", _no_data)
     assert cli_main(["eval", str(path), "--data", "digits", "--json", str(tmp_path)]) == 2
     assert "is a folder" in capsys.readouterr().err
+
+
+def test_eval_json_in_a_missing_folder_and_an_unknown_steer_class_are_refused_before_any_work(
+        bundle, tmp_path, capsys, monkeypatch):
+    path, _, _ = bundle
+    monkeypatch.setattr(E, "load_data", _no_data)
+    assert cli_main(["eval", str(path), "--data", "digits", "--json", str(tmp_path / "nowhere" / "t.json")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    assert cli_main(["eval", str(path), "--data", "digits", "--steer", "seven"]) == 2
+    assert "unknown steering class" in capsys.readouterr().err
 
 
 def _no_run(*args, **kwargs):
@@ -487,8 +536,9 @@ def test_raw_vectors_must_be_one_row_per_image(bundle, monkeypatch):
     with pytest.raises(InputError, match="one target per image"):
         run_engine(engine, splits.test.images, steer=["3"] * (n + 50), batch_size=50)
     monkeypatch.setattr(E, "run_engine", _no_run)
+    integers = tuple(vector.long() for vector in S.global_rows(n, width, 0.0))
     for rows in (S.global_rows(n + 50, width, 0.0), S.global_rows(n - 50, width, 0.0),
-                 S.global_rows(n, width + 1, 0.0)):
+                 S.global_rows(n, width + 1, 0.0), integers):
         with pytest.raises(InputError, match="global_amplification"):
             per_class_table(engine, splits.test, "per-class", batch_size=50, others=dict(global_amplification=rows))
 
