@@ -136,3 +136,13 @@ def test_triton_is_available_on_cuda_or_with_triton_interpret_1_only(monkeypatch
     assert not dispatch.triton_available(torch.device("cpu"))
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     assert dispatch.triton_available(torch.device("cpu"))
+
+
+def test_the_triton_backend_without_cuda_or_interpreter_names_the_way_out(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    gate, sae = _params()
+    with pytest.raises(RuntimeError, match="needs CUDA tensors .*use backend='compact' on the CPU"):
+        dispatch.sae_steer_gate("triton", torch.randn(2, 24), gate, sae, None, None, "preserve-error", None)
+    with pytest.raises(RuntimeError, match="needs CUDA tensors .*use backend='compact' on the CPU"):
+        dispatch.head_attention("triton", torch.randn(2, 5, 24), torch.ones(2, 4, dtype=torch.bool), None,
+                                _attention())

@@ -266,6 +266,9 @@ def test_cifar100_bad_fine_labels_and_names_are_named(tmp_path):
     _rewrite_cifar_test(folder, [0, 1, 2, 4])
     with pytest.raises(DataError, match=r"test has fine labels in \[0, 4\]; expected \[0, 3\]"):
         load_data(f"cifar100:{folder}")
+    _rewrite_cifar_test(folder, [-1, 1, 2, 3])
+    with pytest.raises(DataError, match=r"test has fine labels in \[-1, 3\]; expected \[0, 3\]"):
+        load_data(f"cifar100:{folder}")
     _rewrite_cifar_test(folder, [0.0, 1.5, 2.0, 3.0])
     with pytest.raises(DataError, match=r"test 'fine_labels' must be 4 integers"):
         load_data(f"cifar100:{folder}")
@@ -274,6 +277,9 @@ def test_cifar100_bad_fine_labels_and_names_are_named(tmp_path):
         load_data(f"cifar100:{folder}")
     _dump_like_python2({b"fine_label_names": []}, folder / "meta")
     with pytest.raises(DataError, match=r"meta 'fine_label_names' must be a non-empty list"):
+        load_data(f"cifar100:{folder}")
+    _dump_like_python2([b"class0", b"class1"], folder / "meta")
+    with pytest.raises(DataError, match=r"meta holds a list; expected a dict"):
         load_data(f"cifar100:{folder}")
 
 
@@ -379,6 +385,9 @@ def test_imagefolder_with_one_class_is_refused(tmp_path):
     _write_png_tree(tmp_path, classes=("cat",), per_class=10)
     with pytest.raises(DataError, match=r"only one class \['cat'\]"):
         load_data(f"imagefolder:{tmp_path}", image_size=8)
+    _write_png_tree(tmp_path / "split" / "train", classes=("cat",), per_class=10)  # the split layout too
+    with pytest.raises(DataError, match=r"train has only one class \['cat'\]"):
+        load_data(f"imagefolder:{tmp_path / 'split'}", image_size=8)
 
 
 def test_imagefolder_mixed_8_bit_modes_load_and_wide_modes_are_refused(tmp_path):
