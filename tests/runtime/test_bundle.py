@@ -4,7 +4,7 @@ import os
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save, save_file
 
 from headsteer.runtime import BundleError, GatedViT, InputError
 from headsteer.runtime.bundle import CONFIG_FILE, FORMAT_VERSION, WEIGHTS_FILE, SteeringTable, load_bundle, save_bundle
@@ -99,15 +99,21 @@ def test_corrupt_json_and_missing_files(bundle, tmp_path):
         load_bundle(path)
 
 
-def _rewrite_weights(path, edit):
-    state = load_file(path / WEIGHTS_FILE)
-    edit(state)
-    save_file(state, path / WEIGHTS_FILE)
+def _replace_weights_file(path, data: bytes):
+    """Write `data` as the weights file and record its checksum, as a hand-made bundle would."""
     import hashlib
 
+    (path / WEIGHTS_FILE).write_bytes(data)
     config = json.loads((path / CONFIG_FILE).read_text())
-    config["files"][WEIGHTS_FILE] = hashlib.sha256((path / WEIGHTS_FILE).read_bytes()).hexdigest()
+    config["files"][WEIGHTS_FILE] = hashlib.sha256(data).hexdigest()
     (path / CONFIG_FILE).write_text(json.dumps(config))
+
+
+def _rewrite_weights(path, edit):
+    """Edit the weights' tensors in place and record the new file's checksum."""
+    state = load_file(path / WEIGHTS_FILE)
+    edit(state)
+    _replace_weights_file(path, save(state))
 
 
 def test_missing_tensor_is_named(bundle):
@@ -618,16 +624,6 @@ def test_a_model_without_saes_round_trips_with_steer_width_zero(tmp_path):
     pixels = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         assert torch.equal(loaded(pixels, backend="compact").logits, model(pixels, backend="compact").logits)
-
-
-def _replace_weights_file(path, data: bytes):
-    """Write `data` as the weights file and record its checksum, as a hand-made bundle would."""
-    import hashlib
-
-    (path / WEIGHTS_FILE).write_bytes(data)
-    config = json.loads((path / CONFIG_FILE).read_text())
-    config["files"][WEIGHTS_FILE] = hashlib.sha256(data).hexdigest()
-    (path / CONFIG_FILE).write_text(json.dumps(config))
 
 
 def test_weights_that_are_not_safetensors_are_a_bundle_error(bundle):
