@@ -57,11 +57,14 @@ def names_outside(names: Sequence[str], known: Sequence[str]) -> list[str]:
     return [name for name in names if name not in known]
 
 
-def _scalar_value(target):
-    """A numpy scalar or 0-d tensor / array as its Python value (so a bool one stays a bool and a
-    float one a float, both refused as targets, instead of operator.index reading True as 1)."""
+def _plain_target(target):
+    """A steer target with numpy/torch integers and 0-d tensors or arrays as Python ints; a bool
+    (a 0-d bool one too, which operator.index would read as 1), a float or anything else is
+    returned as it is, for the caller to refuse."""
     if getattr(target, "ndim", None) == 0 and hasattr(target, "item"):
-        return target.item()
+        target = target.item()
+    if not isinstance(target, (str, bool)) and hasattr(target, "__index__"):
+        target = operator.index(target)
     return target
 
 
@@ -93,9 +96,7 @@ class SteeringTable:
 
     def index_of(self, steer: Union[str, int]) -> int:
         """Row index for a class name or index; InputError if unknown."""
-        steer = _scalar_value(steer)
-        if not isinstance(steer, (str, bool)) and hasattr(steer, "__index__"):
-            steer = operator.index(steer)  # numpy and torch integers
+        steer = _plain_target(steer)
         if isinstance(steer, bool) or not isinstance(steer, (str, int)):
             raise InputError(f"a steering target is a class name or index, got {steer!r}")
         if isinstance(steer, int):
@@ -138,12 +139,11 @@ class BundleInfo:
         range, a class the table has no row for, or a bundle without a table."""
         if target is None:
             return None
-        target = _scalar_value(target)
-        if not isinstance(target, (str, bool)) and hasattr(target, "__index__"):
-            index = operator.index(target)  # numpy and torch integers too
-            if not 0 <= index < len(self.class_names):
-                raise InputError(f"steering class index {index} out of range [0, {len(self.class_names)})")
-            target = self.class_names[index]
+        target = _plain_target(target)
+        if isinstance(target, int) and not isinstance(target, bool):
+            if not 0 <= target < len(self.class_names):
+                raise InputError(f"steering class index {target} out of range [0, {len(self.class_names)})")
+            target = self.class_names[target]
         if self.steering is None:
             raise InputError("this bundle has no steering table; steer must be None")
         if isinstance(target, str) and target in self.class_names and target not in self.steering.class_names:
