@@ -153,7 +153,7 @@ def run_demo(out: Path, settings: DemoSettings, progress: bool = True, log=print
     model, stage = T.train_backbone(model, splits, settings.backbone, progress)
     # A rerun replaces the bundles one by one from here: an earlier run's reports (of either
     # setting) would describe bundles that are gone if this run stopped before writing its own.
-    for path in {*report_paths(out, settings), *report_paths(out, replace(settings, whole_network=True))}:
+    for path in report_paths(out, replace(settings, whole_network=True)):  # (every report path of both)
         if path.is_file() or path.is_symlink():
             path.unlink()
     T.save_stage(model, stages_dir / "backbone", splits, T._json_safe(dict(T._record({}, stage), data=data)))
