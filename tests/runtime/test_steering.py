@@ -219,6 +219,8 @@ def test_ties_go_to_the_earlier_setting_in_the_grid_across_modes(monkeypatch):
     (dict(random_shift={"7": 1.0}), "latent 7"),
     (dict(random_shift={"-2": 1.0}), "latent -2"),
     (dict(random_shift={"1": float("inf")}), "shift"),
+    (dict(alpha=0.0, random_scale_latents=[True]), "latent True"),  # a bool is no index
+    (dict(alpha=True, random_scale_latents=[1]), "alpha"),
 ])
 def test_random_table_refuses_info_outside_the_steering_width(entry, problem):
     """The control rows are rebuilt from the table's recorded info (JSON on disk): a latent outside
@@ -246,6 +248,9 @@ def test_make_row_refuses_latents_outside_the_width():
     ("topk_alphas", (float("-inf"),), "topk_alphas"),
     ("max_val_loss", -1, "max_val_loss"),
     ("batch_size", 0, "batch_size"),
+    ("counts", (True,), "counts"),  # a bool is no count
+    ("alphas", (False,), "alphas"),
+    ("seed", -1, "seed"),
 ])
 def test_steering_config_refuses_settings_it_cannot_search(field, value, problem):
     """A NaN alpha would blank the gate input (no head kept: a 'usage fall' the search would pick)
