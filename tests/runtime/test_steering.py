@@ -398,3 +398,63 @@ def test_ranked_latents_of_a_later_site_are_indices_into_the_whole_steering_vect
     assert model.sae_offsets == [0, 4]
     scores = torch.tensor([[0.0, 1.0, -2.0, 0.0, 0.5, 0.0, 2.0, -1.0]])
     assert S.ranked_latents(scores, model) == [[[1], [6, 4]]]
+
+
+def test_make_row_refuses_an_unknown_mode_and_a_shift_without_magnitudes():
+    with pytest.raises(InputError, match="'scale' or 'shift'"):
+        S.make_row(4, [1], "add", 2.0)
+    with pytest.raises(InputError, match="magnitudes"):
+        S.make_row(4, [1], "shift", 2.0)
+
+
+def test_topk_with_k_past_the_site_width_amplifies_every_active_latent():
+    model = GatedViT.from_timm("vit_tiny_patch16_224", timm_kwargs=TINY, sae_width=4, sae_k=2)
+    z = torch.tensor([[1.0, 0.0, 2.0, 3.0]])
+    scale, _ = S.topk_rows(z, 10, 0.0, model)
+    assert scale.tolist() == [[0.0, 1.0, 0.0, 0.0]]
+
+
+def test_random_control_never_draws_a_latent_twice_when_topping_up():
+    """The pool's one free latent (3) is drawn first; the top-up comes from the rest of the site."""
+    for seed in range(10):
+        generator = torch.Generator().manual_seed(seed)
+        _, picked = S.random_row(4, [0, 1], "scale", 0.0, torch.zeros(4), [[0, 1, 3]], [[0, 1]], generator, [range(4)])
+        assert sorted(picked) == [2, 3]
+
+
+def test_random_control_refuses_a_site_without_enough_other_latents():
+    generator = torch.Generator().manual_seed(0)
+    with pytest.raises(InputError, match="needs 3 latents"):
+        S.random_row(4, [0, 1, 2], "scale", 0.0, torch.zeros(4), [[0, 1, 2]], [[0, 1, 2]], generator, [range(4)])
+
+
+def test_class_specificity_of_a_lone_class_and_of_a_class_without_images():
+    """One class in the data: its score is its mean (nothing to subtract); a class without
+    images scores zero, never NaN, so none of its latents is ranked."""
+    z = torch.tensor([[1.0, 0.0, 2.0], [3.0, 0.0, 0.0]])
+    scores = S.class_specificity(z, torch.tensor([0, 0]), 2)
+    assert scores.tolist() == [[2.0, 0.0, 1.0], [0.0, 0.0, 0.0]]
+
+
+def test_collect_latents_of_no_images_is_an_empty_batch_of_the_steering_width():
+    model = GatedViT.from_timm("vit_tiny_patch16_224", timm_kwargs=TINY, sae_blocks="all", sae_width=5, sae_k=2)
+    z = S.collect_latents(model, torch.zeros(0, 3, 8, 8), (0.5,) * 3, (0.25,) * 3)
+    assert z.shape == (0, 10)
+
+
+def test_measure_in_small_batches_matches_the_model_on_the_whole_batch():
+    """Per-sample rows and labels follow their images across batches; usage is over every gated
+    block's heads, block_usage one value per gated block."""
+    model = GatedViT.from_timm("vit_tiny_patch16_224", timm_kwargs=TINY, gate_init_bias=0.0, sae_width=8, sae_k=2)
+    model.eval()
+    x, labels = torch.randn(5, 3, 8, 8), torch.randint(0, 10, (5,))
+    scale, shift = torch.rand(5, 8) * 4, torch.randn(5, 8)
+    with torch.no_grad():
+        out = model(x, scale, shift)
+    mask = out.head_mask.float()
+    result = S.measure(model, x, labels, scale, shift, batch_size=2)
+    assert result["correct"] == int((out.logits.argmax(-1) == labels).sum()) and result["n"] == 5
+    assert torch.equal(result["mask"], mask)
+    assert result["usage"] == pytest.approx(float(mask.mean()))
+    torch.testing.assert_close(result["block_usage"], mask.mean(dim=(0, 2)))
+    assert mask[:, 0].mean() != mask[:, 1].mean()  # (the blocks differ, so usage is over both)
