@@ -293,10 +293,10 @@ def test_steering_config_takes_numpy_numbers_as_python_ones():
     assert all(type(v) is int for v in config.counts) and all(type(v) is float for v in config.alphas)
 
 
-def _crafted_latent_fit(monkeypatch, config, usage_of):
+def _crafted_latent_fit(monkeypatch, config, usage_of, unsteered_usage=1.0):
     """fit_steering on _three_class_splits with crafted train latents (class c: latent 4c at 3.0,
     4c+1 at 1.0, 4c+2 at 0.5 on half its images; latent 15 at 1.0 everywhere) and a fake measure:
-    `usage_of(scale, shift)` -> (usage, images lost) per candidate row."""
+    `usage_of(scale, shift)` -> (usage, images lost) per candidate row, `unsteered_usage` without one."""
     torch.manual_seed(0)
     model = GatedViT.from_timm("vit_tiny_patch16_224", timm_kwargs=dict(TINY, num_classes=3), sae_width=16, sae_k=4)
     labels = torch.tensor([0, 1, 2] * 10)
@@ -309,7 +309,7 @@ def _crafted_latent_fit(monkeypatch, config, usage_of):
 
     def fake_measure(model, x, labels, scale, shift, batch_size=512):
         n = len(x)
-        usage, lost = (1.0, 0) if scale is None else usage_of(scale[0], shift[0])
+        usage, lost = (unsteered_usage, 0) if scale is None else usage_of(scale[0], shift[0])
         block_usage = torch.full((len(model.gate_blocks),), usage)
         return dict(correct=n - lost, n=n, usage=usage, block_usage=block_usage,
                     mask=torch.full((n, len(model.gate_blocks), model.num_heads), usage))
@@ -327,12 +327,12 @@ def test_shift_rows_use_the_class_train_mean_and_controls_draw_from_the_class_ac
     model, z, labels, table, _ = _crafted_latent_fit(
         monkeypatch, config, lambda scale, shift: (0.5, 0) if bool((shift != 0).any()) else (1.0, 0))
     for c, row in enumerate(table.info):
-        assert (row["mode"], row["beta"], row["latents"]) == ("shift", -1.0, [4 * c])
+        assert (row["mode"], row["beta"], row["alpha"], row["latents"]) == ("shift", -1.0, 1.0, [4 * c])
         class_mean = z[labels == c].mean(0)
         assert table.shift[c].tolist() == (-1.0 * class_mean * (torch.arange(16) == 4 * c)).tolist()
         assert len(row["random_latents"]) == 1
         assert set(row["random_latents"]) <= {4 * c + 1, 4 * c + 2, 15}  # active on c in train, not chosen
-        assert list(row["random_shift"].values()) == [-3.0]
+        assert list(row["random_shift"].values()) == [-3.0] and row["random_scale_latents"] == []
 
 
 def test_usage_ties_go_to_fewer_latents_before_the_earlier_setting(monkeypatch):
@@ -458,3 +458,90 @@ def test_measure_in_small_batches_matches_the_model_on_the_whole_batch():
     assert result["usage"] == pytest.approx(float(mask.mean()))
     torch.testing.assert_close(result["block_usage"], mask.mean(dim=(0, 2)))
     assert mask[:, 0].mean() != mask[:, 1].mean()  # (the blocks differ, so usage is over both)
+
+
+def test_usage_falls_equal_up_to_rounding_noise_still_go_to_fewer_latents(monkeypatch):
+    """Two latents lowering usage by float noise (under 1e-6) more than one latent does is a tie: one latent."""
+    config = S.SteeringConfig(counts=(2, 1), alphas=(0.0,), betas=(), global_alphas=(0.0,), topk_ks=(1,),
+                              topk_alphas=(0.0,))
+    _, _, _, table, _ = _crafted_latent_fit(
+        monkeypatch, config, lambda scale, shift: (0.5 - 2e-7 * int((scale != 1).sum()), 0))
+    assert [row["latents"] for row in table.info] == [[0], [4], [8]]
+
+
+def test_a_class_keeping_no_head_unsteered_keeps_the_identity_row(monkeypatch):
+    """No usage to lower (every head already pruned on the class's val images): identity rows,
+    not a division by zero."""
+    config = S.SteeringConfig(counts=(1,), alphas=(0.0,), betas=(), global_alphas=(0.0,), topk_ks=(1,),
+                              topk_alphas=(0.0,))
+    _, _, _, table, _ = _crafted_latent_fit(monkeypatch, config, lambda scale, shift: (0.0, 0), unsteered_usage=0.0)
+    assert torch.equal(table.scale, torch.ones(3, 16)) and torch.equal(table.shift, torch.zeros(3, 16))
+    assert all(row["latents"] == [] and "note" not in row for row in table.info)
+
+
+def test_a_class_without_training_images_gets_the_identity_row_and_says_why():
+    torch.manual_seed(0)
+    names = ["a", "b", "c"]
+
+    def dataset(labels):
+        return ImageDataset(torch.rand(len(labels), 3, 8, 8), torch.tensor(labels), names)
+
+    splits = Splits(dataset([0, 1] * 10), dataset([0, 1, 2] * 2), dataset([0, 1, 2]), (0.5,) * 3, (0.25,) * 3)
+    model = GatedViT.from_timm("vit_tiny_patch16_224", timm_kwargs=dict(TINY, num_classes=3), sae_width=16, sae_k=4)
+    config = S.SteeringConfig(counts=(1,), alphas=(0.0,), betas=(1.0,), global_alphas=(0.0,), topk_ks=(1,),
+                              topk_alphas=(0.0,))
+    table, _ = S.fit_steering(model, splits, config, progress=False)
+    assert torch.equal(table.scale[2], torch.ones(16)) and torch.equal(table.shift[2], torch.zeros(16))
+    assert "no training images" in table.info[2]["note"]
+
+
+def test_fit_steering_refuses_a_model_without_an_sae_before_any_work():
+    model = GatedViT.from_timm("vit_tiny_patch16_224", timm_kwargs=TINY, sae_blocks=[])
+    with pytest.raises(InputError, match="no SAE"):
+        S.fit_steering(model, _Untouchable(), progress=False)
+
+
+def test_fit_steering_seed_argument_overrides_the_configs(monkeypatch):
+    """The seed argument is the one the random controls draw with and the stage records."""
+    config = S.SteeringConfig(counts=(1,), alphas=(0.0,), betas=(), global_alphas=(0.0,), topk_ks=(1,),
+                              topk_alphas=(0.0,), seed=0)
+    torch.manual_seed(0)
+    model = GatedViT.from_timm("vit_tiny_patch16_224", timm_kwargs=dict(TINY, num_classes=3), sae_width=16, sae_k=4)
+    monkeypatch.setattr(S, "measure", lambda model, x, labels, scale, shift, batch_size=512: dict(
+        correct=len(x), n=len(x), usage=1.0 if scale is None else 0.5,
+        block_usage=torch.full((len(model.gate_blocks),), 1.0 if scale is None else 0.5)))
+    stages = {}
+    for seed in (3, None):
+        stages[seed] = S.fit_steering(model, _three_class_splits(), config, progress=False, seed=seed)[1]
+    assert stages[3]["config"]["seed"] == 3 and stages[None]["config"]["seed"] == 0
+
+
+def test_topk_keeps_identity_unless_a_k_and_alpha_lower_usage(monkeypatch):
+    """Top-k's (k, alpha) over all val images: each k's own rows, each of topk_alphas; identity
+    (alpha 1) when no setting lowers usage."""
+    model = GatedViT.from_timm("vit_tiny_patch16_224", timm_kwargs=dict(TINY, num_classes=3), sae_width=16, sae_k=4)
+    monkeypatch.setattr(S, "collect_latents_normalized", lambda model, x, batch_size=512: torch.ones(len(x), 16))
+
+    def choose(effects, alphas):  # (k, alpha) -> usage; unsteered 0.5
+        def fake_measure(model, x, labels, scale, shift, batch_size=512):
+            usage = 0.5
+            if scale is not None:
+                steered = scale[0][scale[0] != 1]
+                usage = effects[(len(steered), float(steered[0]))]
+            return dict(correct=len(x), n=len(x), usage=usage,
+                        block_usage=torch.full((len(model.gate_blocks),), usage))
+
+        monkeypatch.setattr(S, "measure", fake_measure)
+        config = S.SteeringConfig(topk_ks=(1, 2), topk_alphas=alphas)
+        return S._choose_topk(model, torch.zeros(6, 3, 8, 8), torch.tensor([0, 1, 2] * 2), 3, config)
+
+    effects = {(1, 4.0): 0.75, (2, 4.0): 0.25, (1, 8.0): 0.75, (2, 8.0): 0.4}
+    assert (choose(effects, (4.0, 8.0))["k"], choose(effects, (4.0, 8.0))["alpha"]) == (2, 4.0)
+    rises = {key: 0.75 for key in effects}
+    assert choose(rises, (4.0, 8.0))["alpha"] == 1.0
+
+
+def test_row_info_without_a_table_or_with_an_entry_that_is_not_a_dict_is_empty():
+    assert S.row_info(None, "a") == {}
+    table = SteeringTable(["a"], torch.ones(1, 3), torch.zeros(1, 3), ["not a dict"])
+    assert S.row_info(table, "a") == {}
