@@ -502,7 +502,7 @@ def test_fit_steering_refuses_a_model_without_an_sae_before_any_work():
 
 
 def test_fit_steering_seed_argument_overrides_the_configs(monkeypatch):
-    """The seed argument is the one the random controls draw with and the stage records."""
+    """The seed argument replaces the config's seed (the one the random controls draw with); the stage records it."""
     config = S.SteeringConfig(counts=(1,), alphas=(0.0,), betas=(), global_alphas=(0.0,), topk_ks=(1,),
                               topk_alphas=(0.0,), seed=0)
     torch.manual_seed(0)
@@ -545,3 +545,11 @@ def test_row_info_without_a_table_or_with_an_entry_that_is_not_a_dict_is_empty()
     assert S.row_info(None, "a") == {}
     table = SteeringTable(["a"], torch.ones(1, 3), torch.zeros(1, 3), ["not a dict"])
     assert S.row_info(table, "a") == {}
+
+
+def test_ranked_latents_with_equal_specificity_keep_latent_order():
+    """Ties in specificity rank by latent index (a stable sort), so the ranking does not depend on
+    the sort's implementation."""
+    model = GatedViT.from_timm("vit_tiny_patch16_224", timm_kwargs=TINY, sae_width=32, sae_k=2)
+    scores = torch.tensor([[1.0, 2.0] * 16])
+    assert S.ranked_latents(scores, model) == [[list(range(1, 32, 2)) + list(range(0, 32, 2))]]
