@@ -30,6 +30,7 @@ class _Recorder:
         self.log = []
         self.current = "A"
         self.pairs = []  # (input, output) of the forward's last (capturing) call
+        self.order = []  # stream handshakes, captures and forward calls (stream, key), in order
 
     def install(self, monkeypatch):
         recorder = self
@@ -39,7 +40,7 @@ class _Recorder:
                 self.name = name
 
             def wait_stream(self, other):
-                pass
+                recorder.order.append(("wait_stream", self.name, other.name))
 
             def wait_event(self, event):
                 recorder.log.append(("wait", self.name, event))
@@ -57,6 +58,7 @@ class _Recorder:
         @contextlib.contextmanager
         def graph(g, capture_error_mode="global"):
             recorder.log.append(("capture", capture_error_mode))
+            recorder.order.append(("capture",))
             yield
             g.pair = recorder.pairs[-1]  # (the forward call this graph captured)
 
@@ -65,13 +67,19 @@ class _Recorder:
             recorder.log.append(("device", str(d)))
             yield
 
-        for name, value in dict(Stream=Stream, Event=Event, CUDAGraph=Graph, graph=graph, device=device,
-                                stream=lambda s: contextlib.nullcontext(),
+        @contextlib.contextmanager
+        def stream(s):
+            before, recorder.current = recorder.current, s.name
+            yield
+            recorder.current = before
+
+        for name, value in dict(Stream=Stream, Event=Event, CUDAGraph=Graph, graph=graph, device=device, stream=stream,
                                 current_stream=lambda: Stream(recorder.current)).items():
             monkeypatch.setattr(torch.cuda, name, value, raising=False)
         monkeypatch.setattr(CudaGraphForward, "_device", staticmethod(lambda inputs: torch.device("cuda", 0)), raising=False)
 
     def forward(self, x, key=None):
+        self.order.append(("forward", self.current, key))
         out = x * 2
         self.pairs.append((x, out))
         return (out,)
@@ -111,6 +119,76 @@ def test_the_least_recently_used_graph_goes_first(monkeypatch):
     assert graphed(torch.tensor([4.0]))[0].tolist() == [8.0] and captures() == 3
     graphed(torch.ones(2))
     assert captures() == 4
+
+
+def test_capture_warms_up_on_a_side_stream_then_captures_with_the_key(monkeypatch):
+    """By default two warm-up calls run first, on a side stream ordered after the caller's work and
+    before the capture; every call of the forward gets the key; a replay calls it no more."""
+    recorder = _Recorder()
+    recorder.install(monkeypatch)
+    graphed = CudaGraphForward(recorder.forward)
+    graphed(torch.ones(2), key="budget")
+    graphed(torch.ones(2), key="budget")
+    assert recorder.order == [("wait_stream", "side", "A"), ("forward", "side", "budget"),
+                              ("forward", "side", "budget"), ("wait_stream", "A", "side"), ("capture",),
+                              ("forward", "A", "budget")]
+
+
+def test_the_key_and_the_dtype_are_part_of_the_signature(monkeypatch):
+    recorder = _Recorder()
+    recorder.install(monkeypatch)
+    graphed = CudaGraphForward(recorder.forward, warmup=0)
+
+    def captures():
+        return sum(entry[0] == "capture" for entry in recorder.log)
+
+    graphed(torch.ones(2), key=0.5)
+    graphed(torch.ones(2), key=0.25)
+    assert captures() == 2
+    out = graphed(torch.tensor([1.0, 3.0], dtype=torch.float64), key=0.5)[0]
+    assert captures() == 3 and out.dtype == torch.float64 and out.tolist() == [2.0, 6.0]
+    graphed(torch.ones(2), key=0.5)
+    assert captures() == 3
+
+
+def test_a_later_call_never_writes_into_a_callers_input(monkeypatch):
+    """The graph's inputs are its own copies: a replay's inputs are copied there, not into the
+    tensor the capturing call was given."""
+    recorder = _Recorder()
+    recorder.install(monkeypatch)
+    graphed = CudaGraphForward(recorder.forward, warmup=0)
+    first = torch.tensor([1.0, 2.0])
+    graphed(first)
+    graphed(torch.tensor([5.0, 7.0]))
+    assert first.tolist() == [1.0, 2.0]
+
+
+def test_a_second_thread_waits_for_a_capture_in_progress(monkeypatch):
+    """Two threads with one new signature: the second waits on the lock and replays the first's
+    graph, never running the forward alongside it (a second capture of one signature)."""
+    recorder = _Recorder()
+    recorder.install(monkeypatch)
+    entered, overlap = threading.Event(), threading.Event()
+    active = []
+
+    def forward(x, key=None):
+        active.append(x)
+        if len(active) > 1:
+            overlap.set()
+        entered.set()
+        overlap.wait(0.2)  # (long enough for the second thread to reach the forward if it could)
+        active.remove(x)
+        return recorder.forward(x, key=key)
+
+    graphed = CudaGraphForward(forward, warmup=0)
+    threads = [threading.Thread(target=graphed, args=(torch.ones(2),)) for _ in range(2)]
+    threads[0].start()
+    entered.wait(5)
+    threads[1].start()
+    for thread in threads:
+        thread.join(5)
+    assert not overlap.is_set()
+    assert sum(entry[0] == "capture" for entry in recorder.log) == 1
 
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
