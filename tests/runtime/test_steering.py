@@ -160,15 +160,17 @@ def test_a_class_without_val_images_gets_the_identity_row_and_says_why():
     table, _ = S.fit_steering(model, splits, config, progress=False)
     assert torch.equal(table.scale[2], torch.ones(16)) and torch.equal(table.shift[2], torch.zeros(16))
     assert table.info[2]["val_n"] == 0 and table.info[2]["latents"] == []
+    assert table.info[2]["val_usage_unsteered"] == 0.0  # (no images: zero usage)
     assert "no validation images" in table.info[2]["note"]
     assert all("note" not in row for row in table.info[:2])
 
 
 def test_random_table_follows_row_names_and_needs_info():
-    info = [dict(alpha=0.0, random_scale_latents=[1]), dict(alpha=4.0, random_scale_latents=[2])]
+    info = [dict(alpha=0.0, random_scale_latents=[1]), dict(alpha=4.0, random_scale_latents=[2], random_shift={"0": -1.5})]
     table = SteeringTable(["b", "a"], torch.ones(2, 3), torch.zeros(2, 3), info)
     rand = S.random_table(table, 3)
     assert rand.class_names == ["b", "a"]
+    assert rand.rows(["a"])[1].tolist() == [[-1.5, 0.0, 0.0]]  # (JSON object keys are strings)
     assert rand.rows(["a"])[0].tolist() == [[1.0, 1.0, 4.0]] and rand.rows(["b"])[0].tolist() == [[1.0, 0.0, 1.0]]
     with pytest.raises(InputError, match="no random-latent control rows"):
         S.random_table(SteeringTable(["b", "a"], torch.ones(2, 3), torch.zeros(2, 3)), 3)
@@ -293,7 +295,7 @@ def test_steering_config_takes_numpy_numbers_as_python_ones():
     assert all(type(v) is int for v in config.counts) and all(type(v) is float for v in config.alphas)
 
 
-def _crafted_latent_fit(monkeypatch, config, usage_of, unsteered_usage=1.0):
+def _crafted_latent_fit(monkeypatch, config, usage_of, unsteered_usage=1.0, seed=None):
     """fit_steering on _three_class_splits with crafted train latents (class c: latent 4c at 3.0,
     4c+1 at 1.0, 4c+2 at 0.5 on half its images; latent 15 at 1.0 everywhere) and a fake measure:
     `usage_of(scale, shift)` -> (usage, images lost) per candidate row, `unsteered_usage` without one."""
@@ -315,7 +317,7 @@ def _crafted_latent_fit(monkeypatch, config, usage_of, unsteered_usage=1.0):
                     mask=torch.full((n, len(model.gate_blocks), model.num_heads), usage))
 
     monkeypatch.setattr(S, "measure", fake_measure)
-    table, stage = S.fit_steering(model, _three_class_splits(), config, progress=False)
+    table, stage = S.fit_steering(model, _three_class_splits(), config, progress=False, seed=seed)
     return model, z, labels, table, stage
 
 
@@ -328,6 +330,7 @@ def test_shift_rows_use_the_class_train_mean_and_controls_draw_from_the_class_ac
         monkeypatch, config, lambda scale, shift: (0.5, 0) if bool((shift != 0).any()) else (1.0, 0))
     for c, row in enumerate(table.info):
         assert (row["mode"], row["beta"], row["alpha"], row["latents"]) == ("shift", -1.0, 1.0, [4 * c])
+        assert row["latents_by_block"] == {"1": [4 * c]}
         class_mean = z[labels == c].mean(0)
         assert table.shift[c].tolist() == (-1.0 * class_mean * (torch.arange(16) == 4 * c)).tolist()
         assert len(row["random_latents"]) == 1
@@ -375,7 +378,7 @@ def test_global_amplification_keeps_identity_unless_a_setting_lowers_usage_withi
     """Global alpha over all val images: identity (alpha 1) unless a setting lowers usage while losing at
     most max_val_loss images per class (3 classes: 3 images in all)."""
     model = GatedViT.from_timm("vit_tiny_patch16_224", timm_kwargs=dict(TINY, num_classes=3), sae_width=16, sae_k=4)
-    effects = {0.0: (0.25, 3), 4.0: (0.1, 4), 2.0: (0.75, 0)}  # alpha -> (usage, images lost)
+    effects = {0.0: (0.25, 3), 4.0: (0.1, 4), 2.0: (0.75, 0), 0.5: (0.25, 1)}  # alpha -> (usage, images lost)
 
     def fake_measure(model, x, labels, scale, shift, batch_size=512):
         n = len(x)
@@ -387,6 +390,9 @@ def test_global_amplification_keeps_identity_unless_a_setting_lowers_usage_withi
     x_val, y_val = torch.zeros(6, 3, 8, 8), torch.tensor([0, 1, 2] * 2)
     choose = lambda alphas: S._choose_global(model, x_val, y_val, 3, S.SteeringConfig(global_alphas=alphas))
     assert choose((0.0, 4.0))["alpha"] == 0.0  # 3 lost: within 1 per class; 4 lost: refused
+    assert choose((0.0, 4.0)) == dict(alpha=0.0, val_usage=0.25, val_correct=3, val_usage_unsteered=0.5,
+                                      val_correct_unsteered=6)
+    assert choose((0.5, 0.0))["alpha"] == 0.5 and choose((0.0, 0.5))["alpha"] == 0.0  # ties: the earlier
     assert choose((2.0,))["alpha"] == 1.0  # a rise in usage never beats identity
     assert choose((4.0,))["alpha"] == 1.0
 
@@ -436,15 +442,20 @@ def test_class_specificity_of_a_lone_class_and_of_a_class_without_images():
     assert scores.tolist() == [[2.0, 0.0, 1.0], [0.0, 0.0, 0.0]]
 
 
-def test_collect_latents_of_no_images_is_an_empty_batch_of_the_steering_width():
+def test_collect_latents_concatenates_the_sites_in_order_and_of_no_images_is_empty():
     model = GatedViT.from_timm("vit_tiny_patch16_224", timm_kwargs=TINY, sae_blocks="all", sae_width=5, sae_k=2)
-    z = S.collect_latents(model, torch.zeros(0, 3, 8, 8), (0.5,) * 3, (0.25,) * 3)
-    assert z.shape == (0, 10)
+    mean, std = (0.5,) * 3, (0.25,) * 3
+    images = torch.rand(3, 3, 8, 8)
+    with torch.no_grad():
+        latents = model.eval()(T.normalize(images, mean, std), return_latents=True).latents
+    z = S.collect_latents(model, images, mean, std, batch_size=2)
+    torch.testing.assert_close(z, torch.cat([latents[0], latents[1]], dim=1))
+    assert S.collect_latents(model, torch.zeros(0, 3, 8, 8), mean, std).shape == (0, 10)
 
 
-def test_measure_in_small_batches_matches_the_model_on_the_whole_batch():
+def test_measure_in_small_batches_matches_the_model_and_of_no_inputs_is_zero():
     """Per-sample rows and labels follow their images across batches; usage is over every gated
-    block's heads, block_usage one value per gated block."""
+    block's heads, block_usage one value per gated block; no inputs: zero usage, an empty mask."""
     model = GatedViT.from_timm("vit_tiny_patch16_224", timm_kwargs=TINY, gate_init_bias=0.0, sae_width=8, sae_k=2)
     model.eval()
     x, labels = torch.randn(5, 3, 8, 8), torch.randint(0, 10, (5,))
@@ -458,6 +469,9 @@ def test_measure_in_small_batches_matches_the_model_on_the_whole_batch():
     assert result["usage"] == pytest.approx(float(mask.mean()))
     torch.testing.assert_close(result["block_usage"], mask.mean(dim=(0, 2)))
     assert mask[:, 0].mean() != mask[:, 1].mean()  # (the blocks differ, so usage is over both)
+    empty = S.measure(model, x[:0], labels[:0], None, None)
+    assert (empty["correct"], empty["n"], empty["usage"], empty["mask"].shape) == (0, 0, 0.0, (0, 2, 6))
+    assert empty["block_usage"].tolist() == [0.0, 0.0]
 
 
 def test_usage_falls_equal_up_to_rounding_noise_still_go_to_fewer_latents(monkeypatch):
@@ -502,18 +516,16 @@ def test_fit_steering_refuses_a_model_without_an_sae_before_any_work():
 
 
 def test_fit_steering_seed_argument_overrides_the_configs(monkeypatch):
-    """The seed argument replaces the config's seed (the one the random controls draw with); the stage records it."""
+    """The seed argument replaces the config's seed, which the random controls draw with; the
+    stage records it."""
     config = S.SteeringConfig(counts=(1,), alphas=(0.0,), betas=(), global_alphas=(0.0,), topk_ks=(1,),
                               topk_alphas=(0.0,), seed=0)
-    torch.manual_seed(0)
-    model = GatedViT.from_timm("vit_tiny_patch16_224", timm_kwargs=dict(TINY, num_classes=3), sae_width=16, sae_k=4)
-    monkeypatch.setattr(S, "measure", lambda model, x, labels, scale, shift, batch_size=512: dict(
-        correct=len(x), n=len(x), usage=1.0 if scale is None else 0.5,
-        block_usage=torch.full((len(model.gate_blocks),), 1.0 if scale is None else 0.5)))
-    stages = {}
-    for seed in (3, None):
-        stages[seed] = S.fit_steering(model, _three_class_splits(), config, progress=False, seed=seed)[1]
-    assert stages[3]["config"]["seed"] == 3 and stages[None]["config"]["seed"] == 0
+    controls = {}
+    for seed in (None, 0, 1, 2, 3):
+        _, _, _, table, stage = _crafted_latent_fit(monkeypatch, config, lambda scale, shift: (0.5, 0), seed=seed)
+        assert stage["config"]["seed"] == (0 if seed is None else seed)
+        controls[seed] = [row["random_latents"] for row in table.info]
+    assert controls[None] == controls[0] and len({str(c) for c in controls.values()}) > 1
 
 
 def test_topk_keeps_identity_unless_a_k_and_alpha_lower_usage(monkeypatch):
