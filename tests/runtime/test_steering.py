@@ -415,9 +415,9 @@ def test_make_row_refuses_an_unknown_mode_and_a_shift_without_magnitudes():
 
 def test_topk_with_k_past_the_site_width_amplifies_every_active_latent():
     model = GatedViT.from_timm("vit_tiny_patch16_224", timm_kwargs=TINY, sae_width=4, sae_k=2)
-    z = torch.tensor([[1.0, 0.0, 2.0, 3.0]])
+    z = torch.tensor([[1.0, 0.5, 2.0, 3.0], [1.0, 0.0, 2.0, 3.0]])
     scale, _ = S.topk_rows(z, 10, 0.0, model)
-    assert scale.tolist() == [[0.0, 1.0, 0.0, 0.0]]
+    assert scale.tolist() == [[0.0, 0.0, 0.0, 0.0], [0.0, 1.0, 0.0, 0.0]]
 
 
 def test_random_control_never_draws_a_latent_twice_when_topping_up():
@@ -442,8 +442,9 @@ def test_class_specificity_of_a_lone_class_and_of_a_class_without_images():
     assert scores.tolist() == [[2.0, 0.0, 1.0], [0.0, 0.0, 0.0]]
 
 
-def test_collect_latents_concatenates_the_sites_in_order_and_of_no_images_is_empty():
-    model = GatedViT.from_timm("vit_tiny_patch16_224", timm_kwargs=TINY, sae_blocks="all", sae_width=5, sae_k=2)
+def test_collect_latents_concatenates_the_sites_in_order_in_eval_mode_and_of_no_images_is_empty():
+    model = GatedViT.from_timm("vit_tiny_patch16_224", timm_kwargs=TINY, sae_blocks="all", sae_width=5, sae_k=2,
+                               gate_init_bias=0.0)  # (gates near 0.5: training-mode noise would change block 1's input)
     mean, std = (0.5,) * 3, (0.25,) * 3
     images = torch.rand(3, 3, 8, 8)
     with torch.no_grad():
@@ -451,6 +452,9 @@ def test_collect_latents_concatenates_the_sites_in_order_and_of_no_images_is_emp
     z = S.collect_latents(model, images, mean, std, batch_size=2)
     torch.testing.assert_close(z, torch.cat([latents[0], latents[1]], dim=1))
     assert S.collect_latents(model, torch.zeros(0, 3, 8, 8), mean, std).shape == (0, 10)
+    model.train()  # (a training model: the latents are still the inference gate's, and it stays training)
+    torch.testing.assert_close(S.collect_latents(model, images, mean, std), z)
+    assert model.training
 
 
 def test_measure_in_small_batches_matches_the_model_and_of_no_inputs_is_zero():
