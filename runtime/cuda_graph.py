@@ -13,6 +13,8 @@ from typing import Callable, Hashable
 
 import torch
 
+from headsteer.runtime.errors import InputError
+
 
 class CudaGraphForward:
     """Wraps `forward(*tensors) -> tuple of tensors`; calls with CUDA tensors of a signature seen
@@ -29,6 +31,9 @@ class CudaGraphForward:
     (e.g. copying their requests to the GPU) neither fails nor invalidates a capture."""
 
     def __init__(self, forward: Callable[..., tuple], warmup: int = 2, max_graphs: int = 16):
+        for name, value, least in (("warmup", warmup, 0), ("max_graphs", max_graphs, 1)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < least:
+                raise InputError(f"{name} must be an int >= {least}, got {value!r}")
         self.forward = forward
         self.warmup = warmup
         self.max_graphs = max_graphs

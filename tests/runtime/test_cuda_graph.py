@@ -22,6 +22,16 @@ def test_inputs_that_are_not_cuda_tensors_are_refused_before_any_work(inputs):
         CudaGraphForward(_never_called)(*inputs)
 
 
+@pytest.mark.parametrize("settings", [dict(max_graphs=0), dict(max_graphs=1.5), dict(max_graphs=True),
+                                      dict(warmup=-1), dict(warmup=None)])
+def test_bad_settings_are_refused_when_built(settings):
+    """max_graphs=0 used to pass and fail each first call with a bare StopIteration (evicting from
+    an empty cache)."""
+    name = next(iter(settings))
+    with pytest.raises(ValueError, match=name):
+        CudaGraphForward(_never_called, **settings)
+
+
 class _Recorder:
     """Stands in for torch.cuda's Stream, Event, CUDAGraph, graph, stream, device and
     current_stream, logging what each call asks the GPU to order."""
