@@ -20,9 +20,16 @@ def plot_paths(out: Path, whole_network: bool) -> list[Path]:
     return [_plot_path(out, name, suffix) for suffix in suffixes for name in PLOTS]
 
 
-def _save(fig, path: Path) -> None:
-    with atomic_path(path, suffix=path.suffix) as temp:
-        fig.savefig(temp, dpi=110, bbox_inches="tight")
+def _save_and_close(fig, path: Path) -> None:
+    """Save `fig` to `path` whole or not at all, and close it either way (pyplot keeps every open
+    figure alive)."""
+    import matplotlib.pyplot as plt
+
+    try:
+        with atomic_path(path, suffix=path.suffix) as temp:
+            fig.savefig(temp, dpi=110, bbox_inches="tight")
+    finally:
+        plt.close(fig)
 
 
 def write_plots(report: dict, out: Path) -> list[Path]:
@@ -55,8 +62,7 @@ def write_plots(report: dict, out: Path) -> list[Path]:
         ax.set_title(title)
         ax.legend(fontsize=8, loc="lower right")
         path = _plot_path(out, "per_class_usage", suffix)
-        _save(fig, path)
-        plt.close(fig)
+        _save_and_close(fig, path)
         written.append(path)
 
         heads = report["model"]["heads"]
@@ -82,7 +88,6 @@ def write_plots(report: dict, out: Path) -> list[Path]:
         fig.suptitle("final-block heads kept per class (* = kept by a majority)" + (" (every-block SAEs)" if suffix else ""),
                      fontsize=9)
         path = _plot_path(out, "kept_heads", suffix)
-        _save(fig, path)
-        plt.close(fig)
+        _save_and_close(fig, path)
         written.append(path)
     return written

@@ -45,7 +45,20 @@ def test_a_plot_that_fails_to_save_leaves_no_file(tmp_path, monkeypatch):
     with pytest.raises(OSError, match="disk full"):
         write_plots(_report(), tmp_path)
     assert list(tmp_path.iterdir()) == []
-    plt.close("all")
+
+
+def test_a_plot_that_fails_to_save_is_closed(tmp_path, monkeypatch):
+    """pyplot keeps every open figure alive: a service that retries write_plots after a full disk
+    would pile them up (and matplotlib warns past 20)."""
+    figures = plt.get_fignums()
+
+    def disk_full(self, path, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(Figure, "savefig", disk_full)
+    with pytest.raises(OSError, match="disk full"):
+        write_plots(_report(), tmp_path)
+    assert plt.get_fignums() == figures
 
 
 def test_bars_and_heatmaps_show_the_reports_numbers(tmp_path, monkeypatch):
