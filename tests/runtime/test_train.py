@@ -1,14 +1,16 @@
 """Training recipes on a tiny ViT and a few steps: they learn, they repeat, they resume from bundles."""
+import copy
 import json
 import re
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from headsteer.runtime import train as T
 from headsteer.runtime.bundle import load_bundle, save_bundle
 from headsteer.runtime.cli import main as cli_main
-from headsteer.runtime.data import load_data
+from headsteer.runtime.data import Splits, load_data
 from headsteer.runtime.errors import InputError
 from headsteer.runtime.gated_vit import SparseAutoencoder
 
@@ -479,3 +481,135 @@ def test_gates_recipe_keeps_a_gated_bundles_gates_and_saes(tmp_path):
     trained, _ = load_bundle(out)
     assert (trained.gate_blocks, trained.sae_blocks) == ([1], [1])
     assert torch.equal(trained.saes["1"].decoder_weight, model.saes["1"].decoder_weight)
+
+
+# -- helpers, schedules and the backbone recipe's own arithmetic --------------------------------------
+def small_splits(splits, train=64, val=16):
+    """The first `train` training and `val` validation images of `splits`: one or two batches."""
+    return Splits(splits.train.subset(range(train)), splits.val.subset(range(val)), splits.test.subset(range(val)),
+                  splits.mean, splits.std)
+
+
+def record_batch_seeds(dataset):
+    """Replace `dataset.batches` by one that records the shuffle seed of every call."""
+    seeds, real = [], dataset.batches
+
+    def batches(batch_size, *, shuffle=False, seed=0):
+        seeds.append(seed)
+        return real(batch_size, shuffle=shuffle, seed=seed)
+
+    dataset.batches = batches
+    return seeds
+
+
+@pytest.fixture
+def optimizers(monkeypatch):
+    """Every AdamW the recipes make, each recording its groups' learning rates at every step."""
+    made = []
+
+    class Recording(torch.optim.AdamW):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.lrs = []
+            made.append(self)
+
+        def step(self, closure=None):
+            self.lrs.append([group["lr"] for group in self.param_groups])
+            return super().step(closure)
+
+    monkeypatch.setattr(torch.optim, "AdamW", Recording)
+    return made
+
+
+def test_normalize_uses_each_channels_mean_and_std():
+    out = T.normalize(torch.ones(2, 3, 4, 4), (0.5, 0.25, 0.0), (0.25, 0.5, 2.0))
+    assert out[:, 0].eq(2.0).all() and out[:, 1].eq(1.5).all() and out[:, 2].eq(0.5).all()
+
+
+def test_random_shift_reaches_every_offset_with_zero_fill():
+    images = torch.zeros(300, 1, 5, 5)
+    images[:, :, 2, 2] = 1.0
+    out = T.random_shift(images, 2, torch.Generator().manual_seed(0))
+    assert {tuple(map(int, (o[0] == 1).nonzero()[0])) for o in out} == {(r, c) for r in range(5) for c in range(5)}
+    assert out.sum() == 300 and set(out.unique().tolist()) == {0.0, 1.0}
+    assert T.random_shift(images, 0, torch.Generator()) is images
+
+
+def test_cosine_lr_warms_up_then_decays_to_zero_and_stays_there():
+    lrs = [T.cosine_lr(step, 10, 1.0, 2) for step in range(12)]
+    assert lrs[:3] == [0.5, 1.0, 1.0]
+    assert lrs[6] == pytest.approx(0.5)  # halfway through the decay
+    assert lrs[10] == pytest.approx(0.0, abs=1e-12) and lrs[11] == pytest.approx(0.0, abs=1e-12)
+    assert all(a >= b for a, b in zip(lrs[1:], lrs[2:]))
+
+
+def test_patch_grid_problem_names_the_crop_and_the_next_multiple():
+    assert T.patch_grid_problem(16, 4) is None and T.patch_grid_problem((8, 12), 4) is None
+    assert T.patch_grid_problem(15, 4, dynamic_img_pad=True) is None
+    problem = T.patch_grid_problem(15, 4)
+    assert "crop every image to (12, 12)" in problem and "e.g. 16)" in problem, problem
+    assert "e.g. (8, 12)" in T.patch_grid_problem((8, 10), 4)
+
+
+def test_evaluate_model_counts_and_keeps_the_models_mode(splits):
+    model = T.add_gates(tiny_backbone(), gate_blocks=[1], gate_init_bias=-5.0)  # every head of block 1 pruned
+    val = splits.val.subset(range(20))
+    model.train()
+    result = T.evaluate_model(model, val, splits.mean, splits.std, batch_size=7)
+    assert model.training
+    logits = model.eval()(T.normalize(val.images, splits.mean, splits.std)).logits
+    assert result["accuracy"] == int((logits.argmax(-1) == val.labels).sum()) / 20
+    assert result["head_usage"] == 0.0 and result["block_usage"] == [0.0]
+    dense = T.evaluate_model(tiny_backbone(), val, splits.mean, splits.std)
+    assert set(dense) == {"accuracy"}  # no gate, no usage
+
+
+def test_rebuild_changes_the_sae_width_and_activation_keeping_the_rest():
+    model = T.rebuild(tiny_backbone(), gate_blocks=[1], sae_blocks=[1], sae_width=48, sae_activation="topk", sae_k=4)
+    wider = T.rebuild(model, sae_width=96)
+    assert (wider.saes["1"].width, wider.sae_k) == (96, 4)
+    relu = T.rebuild(model, sae_activation="relu")
+    assert relu.sae_k is None and relu.saes["1"].activation == "relu"
+    assert torch.equal(relu.saes["1"].decoder_weight, model.saes["1"].decoder_weight)
+    assert torch.equal(wider.gates["1"].fc2.weight, model.gates["1"].fc2.weight)
+
+
+def test_new_backbone_without_a_file_does_not_blame_a_checkpoint():
+    with pytest.raises(Exception) as info:
+        T.new_backbone(T.DEFAULT_TIMM_NAME, dict(TINY, embed_dim=25), seed=0)
+    assert "cannot load" not in str(info.value) and "None" not in str(info.value)
+
+
+def test_backbone_loss_is_the_label_smoothed_cross_entropy_of_shifted_images(splits):
+    data = small_splits(splits)
+    start = tiny_backbone()
+    expected = F.cross_entropy(start.vit(T.normalize(data.train.images, data.mean, data.std)), data.train.labels,
+                               label_smoothing=0.1)
+    config = T.BackboneConfig(epochs=1, batch_size=64, max_shift=0)
+    model, stage = T.train_backbone(copy.deepcopy(start), data, config, progress=False)
+    assert stage["loss"][0] == pytest.approx(expected.item(), rel=1e-5)
+    assert not model.training  # returned in eval mode
+    _, shifted = T.train_backbone(copy.deepcopy(start), data, T.BackboneConfig(epochs=1, batch_size=64), progress=False)
+    assert shifted["loss"][0] != pytest.approx(expected.item(), rel=1e-3)
+
+
+def test_backbone_decays_only_matrices_and_follows_the_cosine_schedule(splits, optimizers):
+    data = small_splits(splits)
+    seeds = record_batch_seeds(data.train)
+    config = T.BackboneConfig(epochs=2, batch_size=32, lr=1e-3, warmup_epochs=1, seed=2)
+    model, _ = T.train_backbone(tiny_backbone(), data, config, progress=False)
+    (optimizer,) = optimizers
+    decay, no_decay = optimizer.param_groups
+    assert {id(p) for p in decay["params"]} == {id(p) for p in model.vit.parameters() if p.dim() >= 2}
+    assert {id(p) for p in no_decay["params"]} == {id(p) for p in model.vit.parameters() if p.dim() < 2}
+    assert (decay["weight_decay"], no_decay["weight_decay"]) == (0.05, 0.0)
+    assert [lr for lr, _ in optimizer.lrs] == pytest.approx([T.cosine_lr(s, 4, 1e-3, 2) for s in range(4)])
+    assert len(seeds) == 2 and seeds[0] != seeds[1]  # a new data order each epoch
+
+
+def test_a_model_with_other_outputs_or_image_size_is_refused(splits):
+    with pytest.raises(InputError, match="12 outputs but the data has 10 classes"):
+        T.train_backbone(T.new_backbone(T.DEFAULT_TIMM_NAME, dict(TINY, num_classes=12)), splits, progress=False)
+    with pytest.raises(InputError, match=r"takes \(12, 12\) images but the data is \(8, 8\)"):
+        T.train_backbone(T.new_backbone(T.DEFAULT_TIMM_NAME, dict(TINY, img_size=12)), splits, progress=False)
+
