@@ -613,3 +613,69 @@ def test_a_model_with_other_outputs_or_image_size_is_refused(splits):
     with pytest.raises(InputError, match=r"takes \(12, 12\) images but the data is \(8, 8\)"):
         T.train_backbone(T.new_backbone(T.DEFAULT_TIMM_NAME, dict(TINY, img_size=12)), splits, progress=False)
 
+
+# -- gates -------------------------------------------------------------------------------------------
+def test_noise_schedule_is_linear_after_anneal_start():
+    assert [T.noise_schedule(e, 10, 0.5) for e in range(10)] == pytest.approx([1.0] * 5 + [0.8, 0.6, 0.4, 0.2, 0.0])
+    assert T.noise_schedule(0, 1, 0.5) == 1.0  # a single epoch keeps the full noise
+    assert [T.noise_schedule(e, 4, 0.0) for e in range(4)] == pytest.approx([0.75, 0.5, 0.25, 0.0])
+
+
+def test_usage_loss_is_the_distance_to_the_target_either_side():
+    weight = torch.tensor([[[1.0, 1.0, 0.0, 0.0], [1.0, 1.0, 1.0, 0.0]]])  # block usages 0.5, 0.75; model 0.625
+    assert T.usage_loss(weight, 0.6, "model") == pytest.approx(0.025)
+    assert T.usage_loss(weight, 0.7, "model") == pytest.approx(0.075)
+    assert T.usage_loss(weight, 0.6, "block") == pytest.approx(0.125)  # each block's own distance
+
+
+def test_gate_defaults_are_adavits():
+    config = T.GateConfig()
+    assert (config.temperature, config.usage_weight, config.usage_granularity) == (5.0, 2.0, "block")
+
+
+def test_gate_loss_is_cross_entropy_plus_weighted_usage_loss(splits):
+    data = small_splits(splits, train=1)  # batch 1: the Gumbel noise meets the one image whatever the order
+    start = T.add_gates(tiny_backbone())
+    with torch.no_grad():  # block 0 keeps about every head, block 1 about none: the two losses differ
+        start.gates["1"].fc2.bias.fill_(-5.0)
+    x = T.normalize(data.train.images, data.mean, data.std)
+    for granularity in ("block", "model"):
+        config = T.GateConfig(epochs=1, max_shift=0, usage_weight=3.0, target_usage=0.25,
+                              usage_granularity=granularity, seed=4)
+        torch.manual_seed(4)  # the Gumbel noise of the one step is the first draw after the recipe seeds
+        out = copy.deepcopy(start).train()(x)
+        expected = (F.cross_entropy(out.logits, data.train.labels, label_smoothing=0.1)
+                    + 3.0 * T.usage_loss(out.head_weight, 0.25, granularity))
+        _, stage = T.train_gates(copy.deepcopy(start), data, config, progress=False)
+        assert stage["loss"][0] == pytest.approx(expected.item(), rel=1e-5), granularity
+        assert stage["train_usage"][0] == pytest.approx(out.head_weight.mean().item())
+
+
+def test_gate_training_schedules_noise_lr_and_restores_the_model(splits, optimizers):
+    data = small_splits(splits)
+    model = T.add_gates(tiny_backbone())
+    noise, modes = [], []
+    model.gates["0"].register_forward_pre_hook(lambda gate, _: noise.append(gate.noise_scale))
+    model.vit.blocks[0].norm1.register_forward_pre_hook(lambda norm, _: modes.append(norm.training))
+    config = T.GateConfig(epochs=2, batch_size=32, lr=1e-2, backbone_lr=1e-3, temperature=2.0)
+    model, _ = T.train_gates(model, data, config, progress=False)
+    assert noise[:4] == [1.0, 1.0, 0.0, 0.0]  # then validation
+    assert all(gate.temperature == 2.0 and gate.noise_scale == 1.0 for gate in model.gates.values())
+    assert modes[:4] == [True] * 4 and not model.training
+    (optimizer,) = optimizers
+    expected = [[T.cosine_lr(s, 4, 1e-2, 2), T.cosine_lr(s, 4, 1e-3, 2)] for s in range(4)]  # warm-up: one epoch
+    assert [lr for lrs in optimizer.lrs for lr in lrs] == pytest.approx([lr for lrs in expected for lr in lrs])
+    noise.clear(), modes.clear()
+    model, _ = T.train_gates(model, data, T.GateConfig(epochs=1, batch_size=64, freeze_backbone=True), progress=False)
+    assert modes[0] is False  # a frozen backbone runs without dropout / drop-path noise
+    assert len(optimizers[1].param_groups) == 1
+    assert all(p.requires_grad for p in model.parameters())  # trainable again for any later recipe
+
+
+def test_gate_training_refuses_an_ungated_model_or_a_bad_target(splits):
+    with pytest.raises(InputError, match="no gated blocks"):
+        T.train_gates(tiny_backbone(), splits, T.GateConfig(epochs=1), progress=False)
+    for target in (0.0, 1.5):
+        with pytest.raises(InputError, match="target_usage must be in"):
+            T.train_gates(T.add_gates(tiny_backbone()), splits, T.GateConfig(epochs=1, target_usage=target),
+                          progress=False)
