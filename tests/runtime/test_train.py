@@ -679,3 +679,89 @@ def test_gate_training_refuses_an_ungated_model_or_a_bad_target(splits):
         with pytest.raises(InputError, match="target_usage must be in"):
             T.train_gates(T.add_gates(tiny_backbone()), splits, T.GateConfig(epochs=1, target_usage=target),
                           progress=False)
+
+
+# -- SAE -----------------------------------------------------------------------------------------------
+def test_decision_vectors_come_from_the_eval_model_and_leave_no_hook(splits):
+    model = T.add_gates(tiny_backbone(), gate_init_bias=0.0)  # in training mode the gates would draw noise
+    val = splits.val.subset(range(12))
+    model.eval()
+    expected = T.decision_vectors(model, val, splits.mean, splits.std, [1])
+    model.train()
+    e = T.decision_vectors(model, val, splits.mean, splits.std, [0, 1])
+    torch.testing.assert_close(e[1], expected[1], rtol=0, atol=0)
+    assert e[0].shape == (12, 24) and model.training
+    assert all(not block.norm1._forward_pre_hooks for block in model.vit.blocks)
+
+
+def test_training_encode_is_the_reference_encode():
+    e = torch.randn(16, 8) * 3
+    for activation, k in (("topk", 12), ("relu", None)):
+        sae = SparseAutoencoder(8, 16, activation, k)
+        with torch.no_grad():
+            sae.encoder_bias.normal_()
+            sae.decoder_bias.normal_()
+        torch.testing.assert_close(T._fast_encode(sae, e), sae.encode(e))
+
+
+def test_sae_width_defaults_to_four_times_the_model_width_and_activations_are_checked():
+    model = tiny_backbone()
+    assert (T.sae_width(model), T.sae_width(model, 10)) == (96, 10)
+    with pytest.raises(InputError, match=r"one of \('topk', 'relu'\), got 'gelu'"):
+        T.check_trainable_sae("gelu")
+
+
+def test_l1_makes_a_relu_sae_sparser():
+    e = torch.randn(128, 8)
+    l0 = []
+    for l1 in (0.0, 1.0):
+        sae = SparseAutoencoder(8, 32, "relu")
+        T.train_sae_on(sae, e, T.SAEConfig(activation="relu", l1=l1, epochs=10, batch_size=32, lr=0.02), progress=False)
+        l0.append(T.sae_metrics(sae, e)["l0"])
+    assert l0[1] < 0.5 * l0[0], l0
+
+
+def test_dead_latents_are_resampled_except_in_the_last_fifth(monkeypatch):
+    """A TopK(1) SAE of 64 latents on 16 vectors: most latents never fire and are resampled after ten
+    epochs, which is after the last fifth in a 10-epoch run. The loss is reported in raw units."""
+    e = torch.randn(16, 4) * 10 + 100
+    requested, real = [], torch.multinomial
+
+    def recording(weights, count, **kwargs):
+        requested.append(count)
+        return real(weights, count, **kwargs)
+
+    monkeypatch.setattr(torch, "multinomial", recording)
+    for epochs, resamplings in ((10, 0), (20, 1)):
+        requested.clear()
+        sae = SparseAutoencoder(4, 64, "topk", 1)
+        losses = T.train_sae_on(sae, e, T.SAEConfig(k=1, epochs=epochs, batch_size=8), progress=False)
+        assert len(requested) == resamplings and all(count > 0 for count in requested)
+        x_hat, _ = sae(e)
+        assert losses[-1] == pytest.approx(((x_hat - e) ** 2).sum(-1).mean().item(), rel=0.2)
+    assert T.sae_metrics(sae, e)["fve"] > 0.95
+
+
+def test_sae_training_starts_tied_and_centred():
+    """An SAE that was trained before (e.g. carried over by rebuild) starts again from a tied encoder,
+    unit decoder rows and zero biases: with no epoch the decoder bias is the data mean."""
+    e = torch.randn(32, 8) + 5
+    sae = SparseAutoencoder(8, 16, "topk", 4)
+    with torch.no_grad():
+        sae.encoder_weight.normal_(), sae.encoder_bias.normal_(), sae.decoder_weight.mul_(3), sae.decoder_bias.normal_()
+    assert T.train_sae_on(sae, e, T.SAEConfig(k=4, epochs=0), progress=False) == []
+    torch.testing.assert_close(sae.decoder_weight.norm(dim=1), torch.ones(16))
+    assert torch.equal(sae.encoder_weight, sae.decoder_weight) and not sae.encoder_bias.any()
+    torch.testing.assert_close(sae.decoder_bias, e.mean(0))
+
+
+def test_sae_recipe_reports_val_metrics_and_refuses_a_bad_width_before_work(splits, monkeypatch):
+    gated = T.add_gates(tiny_backbone())
+    model, stage = T.train_sae(gated, splits, (-1,), T.SAEConfig(activation="relu", epochs=2), progress=False)
+    assert model.sae_k is None and model.saes["1"].activation == "relu"
+    assert model.saes["1"].width == stage["config"]["width"] == 96  # 4 x the model's width, recorded
+    e_val = T.decision_vectors(model, splits.val, splits.mean, splits.std, [1])[1]
+    assert stage["sites"]["1"]["fve"] == pytest.approx(T.sae_metrics(model.saes["1"], e_val)["fve"])
+    monkeypatch.setattr(T, "decision_vectors", None)  # no decision vector is computed for a refused SAE
+    with pytest.raises(InputError, match="width must be at least 1, got 0"):
+        T.train_sae(gated, splits, (-1,), T.SAEConfig(width=0), progress=False)
