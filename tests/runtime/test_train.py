@@ -1,6 +1,7 @@
 """Training recipes on a tiny ViT and a few steps: they learn, they repeat, they resume from bundles."""
 import copy
 import json
+import pickle
 import re
 
 import pytest
@@ -105,9 +106,10 @@ def test_cli_recipes_chain_and_resume(tmp_path, capsys):
     assert cli_main(["train", "gates", "--from", b1, "--out", b2, "--epochs", "1", "--no-progress"]) == 0
     assert cli_main(["train", "sae", "--from", b2, "--out", b3, "--epochs", "3", "--width", "48", "--k", "4",
                      "--no-progress"]) == 0
-    assert cli_main(["train", "steering", "--from", b3, "--out", b4, "--no-progress"]) == 0
+    assert cli_main(["train", "steering", "--from", b3, "--out", b4, "--seed", "3", "--no-progress"]) == 0
     model, info = load_bundle(b4)
     assert [s["recipe"] for s in info.extra["stages"]] == ["backbone", "gates", "sae", "steering"]
+    assert info.extra["stages"][-1]["config"]["seed"] == 3  # the random-latent control's draws
     assert model.sae_blocks == [1] and model.gate_blocks == [0, 1]
     assert info.steering is not None and info.steering.scale.shape == (10, 48)
     assert len(info.steering.info) == 10 and "latents" in info.steering.info[0]
@@ -296,7 +298,8 @@ def test_pretrained_file_image_size_and_load_errors_before_data(vit_checkpoint, 
     capsys.readouterr()
     for argv in ([*train, str(path), "--embed-dim", "72", "--num-heads", "6"], [*train, str(corrupt)]):
         assert cli_main(argv) == 2
-        assert "cannot load" in capsys.readouterr().err
+        err = capsys.readouterr().err
+        assert "cannot load" in err and len(err) < 1000, err  # torch's 80 lines of size mismatches are cut short
     assert sizes == [(160, 160)] and not (tmp_path / "b").exists()
 
 
@@ -318,8 +321,10 @@ def test_pretrained_file_that_is_no_checkpoint_names_the_file_and_the_formats(vi
     torch.save({"opt": torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)}, optimizer)
     bad_safetensors = tmp_path / "bad.safetensors"
     bad_safetensors.write_bytes(b"not safetensors")
+    number = tmp_path / "number.pth"  # a pickle torch's legacy reader takes for a bad magic number
+    number.write_bytes(pickle.dumps(7, protocol=2))
     train = ["train", "backbone", "--timm-name", "test_vit", "--out", str(tmp_path / "b"), "--pretrained-file"]
-    for bad in (png, empty, truncated, optimizer, bad_safetensors):
+    for bad in (png, empty, truncated, optimizer, bad_safetensors, number):
         assert cli_main([*train, str(bad)]) == 2
         err = capsys.readouterr().err
         assert f"cannot load {bad}: not a checkpoint" in err and ".safetensors" in err and "torch.save" in err, err
@@ -377,6 +382,12 @@ def test_pretrained_file_of_other_keys_is_refused_before_training(vit_checkpoint
     (["backbone", "--mlp-ratio", "nan"], "--mlp-ratio must be a finite number"),
     (["gates", "--from", "SRC", "--seed", str(10**17)], "--seed must be an integer in [0, 2**32 - 1]"),
     (["gates", "--from", "SRC", "--seed", "-1"], "--seed must be an integer in [0, 2**32 - 1]"),
+    (["gates", "--from", "SRC", "--target-usage", "0"], "--target-usage must be in (0, 1]"),
+    (["gates", "--from", "SRC", "--usage-weight", "-1"], "--usage-weight must be >= 0"),
+    (["gates", "--from", "SRC", "--lr", "0"], "--lr must be positive, got 0.0"),
+    (["backbone", "--depth", "0"], "--depth must be positive"),
+    (["backbone", "--embed-dim", "25"], "--embed-dim 25 is not divisible by --num-heads 6"),
+    (["backbone", "--pretrained-file", "missing.pth"], "--pretrained-file missing.pth does not exist"),
 ])
 def test_bad_options_are_refused_before_work(argv, message, seed3_backbone, data_calls, tmp_path, capsys):
     argv = [seed3_backbone if a == "SRC" else a for a in argv]
@@ -765,3 +776,90 @@ def test_sae_recipe_reports_val_metrics_and_refuses_a_bad_width_before_work(spli
     monkeypatch.setattr(T, "decision_vectors", None)  # no decision vector is computed for a refused SAE
     with pytest.raises(InputError, match="width must be at least 1, got 0"):
         T.train_sae(gated, splits, (-1,), T.SAEConfig(width=0), progress=False)
+
+
+# -- bundle plumbing -----------------------------------------------------------------------------------
+def test_save_stage_refuses_what_it_must_not_replace(splits, tmp_path, monkeypatch):
+    folder = tmp_path / "notes"
+    folder.mkdir()
+    (folder / "notes.txt").write_text("precious")
+    with pytest.raises(InputError, match="notes"):
+        T.save_stage(tiny_backbone(), folder, splits, {})
+    assert [p.name for p in folder.iterdir()] == ["notes.txt"]
+    monkeypatch.chdir(folder)
+    with pytest.raises(InputError, match="is the current folder or one above it"):
+        T.save_stage(tiny_backbone(), ".", splits, {})
+    assert [p.name for p in folder.iterdir()] == ["notes.txt"]
+
+
+def test_json_safe_turns_non_finite_numbers_into_null():
+    value = dict(loss=[1.0, float("nan")], sites={1: dict(fve=float("inf"))}, shape=(2, float("-inf")))
+    assert T._json_safe(value) == dict(loss=[1.0, None], sites={"1": dict(fve=None)}, shape=[2, None])
+
+
+# -- options at their limits, and options that reach the recipe ------------------------------------------
+@pytest.fixture
+def gated_bundle(tmp_path):
+    """A tiny bundle gated at both blocks, no SAE, recording the digits split with seed 0."""
+    source = tmp_path / "gated"
+    save_bundle(T.add_gates(tiny_backbone()), source, class_names=[str(c) for c in range(10)],
+                extra=dict(data=dict(spec="digits", split_seed=0)))
+    return str(source)
+
+
+@pytest.mark.parametrize("argv", [
+    ["sae", "--from", "GATED", "--width", "4", "--k", "4"],
+    ["sae", "--from", "GATED", "--activation", "relu", "--k", "0"],  # a relu SAE has no k
+    ["gates", "--from", "GATED", "--target-usage", "1", "--usage-weight", "0"],
+    ["backbone", "--image-size", "8", "--patch-size", "8"],  # one patch
+])
+def test_options_at_their_limits_are_accepted(argv, gated_bundle, stopped_data, tmp_path, capsys):
+    argv = [gated_bundle if a == "GATED" else a for a in argv]
+    assert cli_main(["train", *argv, "--out", str(tmp_path / "o"), "--no-progress"]) == 2
+    assert "stopped before loading data" in capsys.readouterr().err and len(stopped_data) == 1
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["sae", "--width", "4", "--k", "5"], "--k 5 is larger than the SAE width 4"),
+    (["sae", "--epochs", "0"], "--epochs must be positive, got 0"),
+    (["steering"], "has no SAE; run `headsteer train sae` first"),
+])
+def test_options_beyond_their_limits_are_refused(argv, message, gated_bundle, stopped_data, tmp_path, capsys):
+    assert cli_main(["train", argv[0], "--from", gated_bundle, *argv[1:], "--out", str(tmp_path / "o")]) == 2
+    assert message in capsys.readouterr().err and stopped_data == []
+
+
+def test_a_new_backbone_splits_with_split_seed_else_seed(tmp_path, monkeypatch):
+    calls = []
+
+    def stop(spec, *, image_size=None, seed=0, progress=True, **kwargs):
+        calls.append((seed, progress))
+        raise InputError("stopped before loading data")
+
+    monkeypatch.setattr(T, "load_data", stop)
+    for split_seed in ([], ["--split-seed", "9"]):
+        argv = ["train", "backbone", "--seed", "4", *split_seed, "--out", str(tmp_path / "o"), "--no-progress"]
+        assert cli_main(argv) == 2
+    assert calls == [(4, False), (9, False)]
+
+
+def test_gate_options_reach_the_recipe(seed3_backbone, tmp_path):
+    out = tmp_path / "gates"
+    assert cli_main(["train", "gates", "--from", seed3_backbone, "--out", str(out), "--epochs", "1", "--lr", "0.01",
+                     "--target-usage", "0.6", "--usage-weight", "1.5", "--freeze-backbone", "--no-progress"]) == 0
+    model, info = load_bundle(out)
+    config = info.extra["stages"][-1]["config"]
+    assert (config["lr"], config["target_usage"], config["usage_weight"], config["freeze_backbone"]) == (0.01, 0.6, 1.5, True)
+    start = load_bundle(seed3_backbone)[0]
+    for (name, a), b in zip(start.vit.state_dict().items(), model.vit.state_dict().values()):
+        assert torch.equal(a, b), f"frozen backbone weight {name} changed"
+
+
+def test_sae_options_reach_the_recipe(gated_bundle, tmp_path):
+    out = tmp_path / "sae"
+    assert cli_main(["train", "sae", "--from", gated_bundle, "--out", str(out), "--activation", "relu", "--width", "16",
+                     "--epochs", "2", "--lr", "0.01", "--no-progress"]) == 0
+    model, info = load_bundle(out)
+    assert model.saes["1"].activation == "relu" and model.saes["1"].width == 16 and model.sae_k is None
+    config = info.extra["stages"][-1]["config"]
+    assert (config["activation"], config["epochs"], config["lr"]) == ("relu", 2, 0.01)
