@@ -802,6 +802,8 @@ def _check_args(args: argparse.Namespace) -> None:
         if value is not None and value <= 0:
             raise InputError(f"--{name} must be positive, got {value}")
     check_seed(args.seed, "--seed")  # (with --from it seeds training only, but the same range)
+    if args.split_seed is not None:  # (load_data would refuse it too, but as "seed", after probing a checkpoint)
+        check_seed(args.split_seed, "--split-seed")
     check_bundle_out(args.out)
     if args.recipe == "backbone":
         _check_backbone_args(args)

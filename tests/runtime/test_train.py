@@ -382,6 +382,7 @@ def test_pretrained_file_of_other_keys_is_refused_before_training(vit_checkpoint
     (["backbone", "--mlp-ratio", "nan"], "--mlp-ratio must be a finite number"),
     (["gates", "--from", "SRC", "--seed", str(10**17)], "--seed must be an integer in [0, 2**32 - 1]"),
     (["gates", "--from", "SRC", "--seed", "-1"], "--seed must be an integer in [0, 2**32 - 1]"),
+    (["backbone", "--split-seed", "-1"], "--split-seed must be an integer in [0, 2**32 - 1]"),
     (["gates", "--from", "SRC", "--target-usage", "0"], "--target-usage must be in (0, 1]"),
     (["gates", "--from", "SRC", "--usage-weight", "-1"], "--usage-weight must be >= 0"),
     (["gates", "--from", "SRC", "--lr", "0"], "--lr must be positive, got 0.0"),
