@@ -214,6 +214,11 @@ def test_class_names_must_match_the_bundle(tmp_path, data_calls, capsys):
     assert cli_main(["train", "backbone", "--from", str(source), "--out", str(out), "--epochs", "1",
                      "--no-progress"]) == 2
     assert "'zero'" in capsys.readouterr().err and not out.exists()
+    save_bundle(tiny_backbone(), source, class_names=[*map(str, range(9)), "nine"], overwrite=True,
+                extra=dict(data=dict(spec="digits", split_seed=0)))
+    assert cli_main(["train", "backbone", "--from", str(source), "--out", str(out), "--epochs", "1",
+                     "--no-progress"]) == 2
+    assert "the bundle's class 9 is 'nine' but the data's is '9'" in capsys.readouterr().err and not out.exists()
 
 
 def test_out_is_new_empty_or_a_bundle(tmp_path, data_calls, capsys):
@@ -353,6 +358,7 @@ def test_pretrained_file_of_other_keys_is_refused_before_training(vit_checkpoint
         err = capsys.readouterr().err
         assert f"cannot load {bad} into timm test_vit" in err and f"{keys} missing (cls_token, " in err, err
         assert unexpected in err and "stopped before loading data" not in err, err
+        assert err.count("cannot load") == 1, err  # headsteer's own error is not wrapped again
     assert sizes == [] and not (tmp_path / "b").exists()
     wrapped = tmp_path / "wrapped.pth"
     torch.save({"state_dict": state}, wrapped)
@@ -624,6 +630,11 @@ def test_a_model_with_other_outputs_or_image_size_is_refused(splits):
         T.train_backbone(T.new_backbone(T.DEFAULT_TIMM_NAME, dict(TINY, num_classes=12)), splits, progress=False)
     with pytest.raises(InputError, match=r"takes \(12, 12\) images but the data is \(8, 8\)"):
         T.train_backbone(T.new_backbone(T.DEFAULT_TIMM_NAME, dict(TINY, img_size=12)), splits, progress=False)
+    twelve = T.add_gates(T.new_backbone(T.DEFAULT_TIMM_NAME, dict(TINY, num_classes=12)))
+    with pytest.raises(InputError, match="12 outputs"):
+        T.train_gates(twelve, splits, progress=False)
+    with pytest.raises(InputError, match="12 outputs"):
+        T.train_sae(twelve, splits, progress=False)
 
 
 # -- gates -------------------------------------------------------------------------------------------
@@ -670,7 +681,8 @@ def test_gate_training_schedules_noise_lr_and_restores_the_model(splits, optimiz
     model.gates["0"].register_forward_pre_hook(lambda gate, _: noise.append(gate.noise_scale))
     model.vit.blocks[0].norm1.register_forward_pre_hook(lambda norm, _: modes.append(norm.training))
     config = T.GateConfig(epochs=2, batch_size=32, lr=1e-2, backbone_lr=1e-3, temperature=2.0)
-    model, _ = T.train_gates(model, data, config, progress=False)
+    model, stage = T.train_gates(model, data, config, progress=False)
+    assert 0.8 < stage["train_usage"][0] <= 1.0  # new gates keep about 95% of the heads
     assert noise[:4] == [1.0, 1.0, 0.0, 0.0]  # then validation
     assert all(gate.temperature == 2.0 and gate.noise_scale == 1.0 for gate in model.gates.values())
     assert modes[:4] == [True] * 4 and not model.training
@@ -702,6 +714,7 @@ def test_decision_vectors_come_from_the_eval_model_and_leave_no_hook(splits):
     model.train()
     e = T.decision_vectors(model, val, splits.mean, splits.std, [0, 1])
     torch.testing.assert_close(e[1], expected[1], rtol=0, atol=0)
+    assert T.decision_vectors(model, val.subset([]), splits.mean, splits.std, [1])[1].shape == (0, 24)
     assert e[0].shape == (12, 24) and model.training
     assert all(not block.norm1._forward_pre_hooks for block in model.vit.blocks)
 
@@ -774,6 +787,7 @@ def test_sae_recipe_reports_val_metrics_and_refuses_a_bad_width_before_work(spli
     assert model.saes["1"].width == stage["config"]["width"] == 96  # 4 x the model's width, recorded
     e_val = T.decision_vectors(model, splits.val, splits.mean, splits.std, [1])[1]
     assert stage["sites"]["1"]["fve"] == pytest.approx(T.sae_metrics(model.saes["1"], e_val)["fve"])
+    assert stage["sites"]["1"]["loss"] > 0  # the last epoch's training loss
     monkeypatch.setattr(T, "decision_vectors", None)  # no decision vector is computed for a refused SAE
     with pytest.raises(InputError, match="width must be at least 1, got 0"):
         T.train_sae(gated, splits, (-1,), T.SAEConfig(width=0), progress=False)
