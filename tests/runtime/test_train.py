@@ -596,6 +596,16 @@ def test_new_backbone_without_a_file_does_not_blame_a_checkpoint():
     with pytest.raises(Exception) as info:
         T.new_backbone(T.DEFAULT_TIMM_NAME, dict(TINY, embed_dim=25), seed=0)
     assert "cannot load" not in str(info.value) and "None" not in str(info.value)
+    assert T.new_backbone("test_vit", {}).embed_dim == 64  # empty kwargs: the timm model's own, not the digits ViT's
+
+
+def test_rebuild_needs_a_timm_name():
+    from headsteer.runtime.errors import BundleError
+    from headsteer.runtime.gated_vit import GatedViT
+
+    bare = GatedViT(tiny_backbone().vit, gate_blocks="none", sae_blocks="none")
+    with pytest.raises(BundleError, match="not built from a timm model name"):
+        T.rebuild(bare, gate_blocks="all")
 
 
 def test_backbone_loss_is_the_label_smoothed_cross_entropy_of_shifted_images(splits):
@@ -615,7 +625,10 @@ def test_backbone_decays_only_matrices_and_follows_the_cosine_schedule(splits, o
     data = small_splits(splits)
     seeds = record_batch_seeds(data.train)
     config = T.BackboneConfig(epochs=2, batch_size=32, lr=1e-3, warmup_epochs=1, seed=2)
-    model, _ = T.train_backbone(tiny_backbone(), data, config, progress=False)
+    start, modes = tiny_backbone().eval(), []  # e.g. loaded from a bundle
+    start.vit.blocks[0].norm1.register_forward_pre_hook(lambda norm, _: modes.append(norm.training))
+    model, _ = T.train_backbone(start, data, config, progress=False)
+    assert modes[:4] == [True] * 4  # trained in training mode (dropout, drop-path), validated in eval mode
     (optimizer,) = optimizers
     decay, no_decay = optimizer.param_groups
     assert {id(p) for p in decay["params"]} == {id(p) for p in model.vit.parameters() if p.dim() >= 2}
@@ -858,10 +871,11 @@ def test_a_new_backbone_splits_with_split_seed_else_seed(tmp_path, monkeypatch):
     assert calls == [(4, False), (9, False)]
 
 
-def test_gate_options_reach_the_recipe(seed3_backbone, tmp_path):
+def test_gate_options_reach_the_recipe(seed3_backbone, tmp_path, capsys):
     out = tmp_path / "gates"
     assert cli_main(["train", "gates", "--from", seed3_backbone, "--out", str(out), "--epochs", "1", "--lr", "0.01",
                      "--target-usage", "0.6", "--usage-weight", "1.5", "--freeze-backbone", "--no-progress"]) == 0
+    assert capsys.readouterr().err == ""  # no progress bar
     model, info = load_bundle(out)
     config = info.extra["stages"][-1]["config"]
     assert (config["lr"], config["target_usage"], config["usage_weight"], config["freeze_backbone"]) == (0.01, 0.6, 1.5, True)
