@@ -378,7 +378,8 @@ def noise_schedule(epoch: int, epochs: int, anneal_start: float) -> float:
 
 def add_gates(model: GatedViT, gate_blocks: Union[str, Sequence[int]] = "all", gate_init_bias: float = 3.0,
               seed: Optional[int] = None) -> GatedViT:
-    """`model` with head gates at `gate_blocks` (existing gates kept), no SAE; new gates' output
+    """`model` gated at exactly `gate_blocks`, no SAE: gates it already has at those blocks keep
+    their weights, gates at other blocks are dropped (as `rebuild` does); new gates' output
     bias starts at `gate_init_bias` (3.0: sigmoid 0.95, nearly every head kept). With `seed` the
     new gates are drawn from it (as train_sae draws new SAEs from its config's seed), not from
     the global RNG as earlier work left it."""

@@ -417,6 +417,8 @@ def test_add_gates_uses_gate_init_bias():
     grown = T.add_gates(kept, gate_blocks=[0, 1], gate_init_bias=-5.0)  # an existing gate is carried over
     assert torch.equal(grown.gates["1"].fc2.bias, kept.gates["1"].fc2.bias)
     assert torch.equal(grown.gates["0"].fc2.bias, torch.full((6,), -5.0))
+    moved = T.add_gates(kept, gate_blocks=[0])  # gated at exactly the blocks asked for
+    assert moved.gate_blocks == [0]
 
 
 @pytest.mark.parametrize("blocks, match", [("7", "index 7 is out of range"), ("abc", "must be 'all', 'none'"),
