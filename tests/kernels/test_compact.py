@@ -123,6 +123,13 @@ def test_head_major_weights_slices_one_head():
     assert torch.equal(bias_heads[head], torch.cat([qkv_bias[p * 12 + 4 : p * 12 + 8] for p in range(3)]))
 
 
+def test_runs_split_sorted_heads_into_stretches_of_consecutive_heads():
+    """(a shared head set of at most two runs is computed from views of the weights, no gather)"""
+    assert compact._runs([4]) == [(4, 5)]
+    assert compact._runs([0, 1, 2, 5, 6, 9]) == [(0, 3), (5, 7), (9, 10)]
+    assert compact._runs([1, 3, 4, 5]) == [(1, 2), (3, 6)]
+
+
 def _attention_and_inputs(batch=5, heads=4, dim=32):
     from timm.models.vision_transformer import Attention
 
