@@ -144,6 +144,20 @@ def test_sae_topk_ties_go_to_the_lower_latent(k):
     torch.testing.assert_close(got, want, rtol=0, atol=1e-12)
 
 
+@pytest.mark.parametrize("k", [3, 10, 21])
+def test_sae_topk_ties_go_to_the_lower_latent_in_a_wide_sae(k):
+    """SAEs are wide (4 D latents), and over 16 entries torch's default sort is not stable: the tie
+    rule must hold there too. A zero encoder makes every pre-activation exactly b_enc, drawn from
+    three values."""
+    dim, width = 4, 48
+    p = rand_sae(dim, width)
+    p["enc_weight"] = torch.zeros(width, dim, dtype=F64)
+    p["enc_bias"] = torch.tensor([0.25, 0.5, 1.0], dtype=F64)[torch.randint(0, 3, (width,))]
+    e = torch.randn(2, dim, dtype=F64)
+    got = reference.sae_encode(e, p["enc_weight"], p["enc_bias"], p["dec_bias"], "topk", k=k)
+    assert torch.equal(got, hand_sae_encode(e, p["enc_weight"], p["enc_bias"], p["dec_bias"], "topk", k=k))
+
+
 def test_sae_decode_and_unit_norm_decoder_rows():
     """`x_hat = W_dec z + b_dec` with W_dec's rows (one per latent) of unit norm, at init and after
     the projection training calls after each step."""
@@ -196,6 +210,19 @@ def test_identity_steering_gives_exactly_e_in_preserve_error_and_x_hat_in_recons
         assert torch.equal(got, reference.sae_decode(z, p["dec_weight"], p["dec_bias"]))
 
 
+def test_fp32_steering_of_a_bfloat16_sae_rounds_the_steered_latents_once():
+    """fp32 steering rows on a bf16 model: z' = z * scale + shift in fp32, rounded once to bf16;
+    the gate input stays bf16 in both modes."""
+    p = {key: value.bfloat16() for key, value in rand_sae(8, 12).items()}
+    e, z = torch.randn(3, 8).bfloat16(), F.relu(torch.randn(3, 12)).bfloat16()
+    scale, shift = 3 * torch.rand(3, 12), torch.randn(3, 12)
+    steered = (z.float() * scale + shift).bfloat16()
+    for mode, want in (("preserve-error", e + (steered - z) @ p["dec_weight"]),
+                       ("reconstruct", steered @ p["dec_weight"] + p["dec_bias"])):
+        got = reference.steer_gate_input(e, z, p["dec_weight"], p["dec_bias"], scale, shift, mode)
+        assert got.dtype == torch.bfloat16 and torch.equal(got, want), mode
+
+
 # -- 2. gate and keep --------------------------------------------------------------------------------
 @pytest.mark.parametrize("batch", [1, 4])
 def test_gate_logits_are_layernorm_mlp_with_erf_gelu(batch):
@@ -226,6 +253,11 @@ def test_keep_rule_threshold_and_budget_with_ties(heads, batch):
             assert (want.sum(-1) == int(math.floor(budget * heads + 0.5))).all()
     assert not reference.keep_from_logits(logits, 0.0).any()
     assert reference.keep_from_logits(logits, 1.0).all()
+
+
+def test_topk_mask_clamps_k_to_the_row():
+    scores = torch.tensor([[0.5, -1.0, 2.0], [1.0, 1.0, 1.0]])
+    assert reference.topk_mask(scores, 5).all() and not reference.topk_mask(scores, -2).any()
 
 
 @pytest.mark.parametrize("budget,heads,count", [(0.5, 1, 1), (0.25, 2, 1), (0.5, 3, 2), (1 / 6, 3, 1), (0.25, 6, 2), (0.75, 6, 5),
@@ -318,3 +350,4 @@ def test_heads_for_budget_counts_in_python_floats_for_any_number_type():
         for twice in range(1, 2 * heads):
             budget = np.float32(twice / (2 * heads))
             assert reference.heads_for_budget(budget, heads) == reference.heads_for_budget(float(budget), heads)
+
