@@ -351,3 +351,23 @@ def test_heads_for_budget_counts_in_python_floats_for_any_number_type():
             budget = np.float32(twice / (2 * heads))
             assert reference.heads_for_budget(budget, heads) == reference.heads_for_budget(float(budget), heads)
 
+
+def test_reference_refuses_arguments_the_spec_gives_no_meaning():
+    """A topk SAE without k or with k outside [0, S], a jumprelu SAE without its threshold, an
+    unknown activation or steering mode, a budget outside [0, 1]: ValueErrors naming the argument,
+    not a TypeError from inside torch nor a result computed some other way."""
+    p = rand_sae(6, 8)
+    e = torch.randn(2, 6, dtype=F64)
+    encode = (e, p["enc_weight"], p["enc_bias"], p["dec_bias"])
+    for k in (None, -1, 9):
+        with pytest.raises(ValueError, match=r"topk SAE needs 0 <= k <= 8, got"):
+            reference.sae_encode(*encode, "topk", k=k)
+    with pytest.raises(ValueError, match="jumprelu SAE needs a per-latent threshold"):
+        reference.sae_encode(*encode, "jumprelu")
+    with pytest.raises(ValueError, match="unknown SAE activation 'gelu'"):
+        reference.sae_encode(*encode, "gelu")
+    with pytest.raises(ValueError, match="unknown steering mode 'add'"):
+        reference.steer_gate_input(e, torch.rand(2, 8, dtype=F64), p["dec_weight"], p["dec_bias"], None, None, "add")
+    for budget in (-0.1, 1.5, float("nan")):
+        with pytest.raises(ValueError, match="head budget must be in"):
+            reference.heads_for_budget(budget, 6)
