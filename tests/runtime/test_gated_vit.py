@@ -100,12 +100,15 @@ def test_every_head_kept_is_timm_to_the_bit(variant, make, size):
             assert out.head_mask.all() and torch.equal(out.logits, vit.forward_head(features)), backend
 
 
+@pytest.mark.parametrize("dropouts", [dict(attn_drop_rate=0.5, proj_drop_rate=0.5),
+                                      dict(drop_path_rate=0.5, patch_drop_rate=0.5)], ids=["attention", "drop_path_patch_drop"])
 @pytest.mark.parametrize("backend", ["reference", "compact"])
-def test_training_applies_timms_attention_dropouts(backend):
+def test_training_applies_timms_attention_dropouts(backend, dropouts):
     """In training every backend takes the differentiable reference path with timm's attention
-    dropout (on the probabilities) and projection dropout: with every head kept and the same seed
-    the output is timm's non-fused training forward, to the bit."""
-    vit = VisionTransformer(**tiny_vit_kwargs(attn_drop_rate=0.5, proj_drop_rate=0.5))
+    dropout (on the probabilities) and projection dropout, and the forward keeps timm's patch
+    dropout and stochastic depth: with every head kept and the same seed the output is timm's
+    non-fused training forward, to the bit."""
+    vit = VisionTransformer(**tiny_vit_kwargs(**dropouts))
     _set_fused_attn(vit, False)
     model = GatedViT.from_timm(vit, sae_blocks="all").train()
     pixels = torch.randn(3, 3, 32, 32)
