@@ -428,6 +428,8 @@ def test_pretrained_file_whose_keys_do_not_match_is_an_input_error(tmp_path):
         (torch.randn(2, 3, 32, 32, dtype=torch.float64), {}, "pixel_values is torch.float64; the model's weights are torch.float32"),
         (torch.zeros(2, 3, 32, 32, dtype=torch.uint8), {}, "pixel_values is torch.uint8"),
         (torch.randn(2, 3, 32, 32), dict(budget=1.5), "budget must be"),
+        (torch.randn(2, 3, 32, 32), dict(budget=True), "budget must be a number in"),
+        (torch.randn(2, 3, 32, 32), dict(steer_shift=torch.zeros(1, 192)), r"steer_shift must be \[B, S_total\] = \[2, 192\], got \(1, 192\)"),
         (torch.randn(2, 3, 32, 32), dict(backend="cuda-magic"), "unknown backend"),
         # (another device: a torch RuntimeError from inside the forward, for steering after the blocks before it ran)
         (torch.randn(2, 3, 32, 32, device="meta"), {}, "pixel_values is on meta; the model is on cpu"),
@@ -445,9 +447,10 @@ def test_bad_inputs_are_clear_errors(pixels, kwargs, match):
     [
         (False, (37, 32), r"\(37, 32\) pixels; this dynamic-size model takes positive multiples of its patch size \(8, 8\)"),
         (False, (4, 8), r"\(4, 8\) pixels; this dynamic-size model takes positive multiples"),
+        (False, (0, 16), r"\(0, 16\) pixels; this dynamic-size model takes positive multiples"),
         (True, (0, 8), r"\(0, 8\) pixels; the model needs at least one pixel per side"),
     ],
-    ids=["not_a_multiple", "under_one_patch", "padded_empty"],
+    ids=["not_a_multiple", "under_one_patch", "empty", "padded_empty"],
 )
 def test_dynamic_img_size_refuses_sizes_timm_cannot_embed(pad, size, match):
     """dynamic_img_size lifts the fixed size, not the patch grid: without dynamic_img_pad timm
@@ -480,6 +483,14 @@ def test_bad_configuration_is_a_clear_error():
         GatedViT.from_timm(VisionTransformer(**tiny_vit_kwargs(depth=3)), gate_blocks=[0], sae_blocks=[2])
     with pytest.raises(InputError, match="out of range"):
         GatedViT.from_timm(VisionTransformer(**tiny_vit_kwargs()), gate_blocks=[5])
+
+
+def test_block_indices_at_both_ends_of_the_range():
+    vit = VisionTransformer(**tiny_vit_kwargs(depth=3))
+    assert GatedViT.from_timm(vit, gate_blocks=[-3, 2], sae_blocks=[-1]).gate_blocks == [0, 2]
+    for index in (3, -4):
+        with pytest.raises(InputError, match=f"gate_blocks index {index} is out of range for a model with 3 blocks"):
+            GatedViT.from_timm(vit, gate_blocks=[index])
 
 
 def test_block_slices_select_gated_blocks():
