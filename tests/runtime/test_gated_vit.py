@@ -286,6 +286,15 @@ def test_training_mask_is_straight_through_and_differentiable():
     assert model.gates["0"].fc2.weight.grad is not None and model.gates["0"].fc2.weight.grad.abs().sum() > 0
 
 
+def _gated_attention_vit() -> VisionTransformer:
+    """A ViT whose block 1 is timm's Attention with `gated=True` (a sigmoid gate over the output)."""
+    from timm.layers import Attention
+
+    vit = VisionTransformer(**tiny_vit_kwargs())
+    vit.blocks[1].attn = Attention(48, num_heads=3, qkv_bias=True, gated=True)
+    return vit
+
+
 @pytest.mark.parametrize(
     "make,match",
     [
@@ -295,12 +304,19 @@ def test_training_mask_is_straight_through_and_differentiable():
         (lambda: VisionTransformer(**tiny_vit_kwargs(scale_attn_norm=True)), r"blocks\.0\.attn\.norm"),
         (lambda: __import__("timm").create_model("vit_tiny_r_s16_p8_224", img_size=32, depth=1), "patch_embed is a HybridEmbed"),
         (lambda: VisionTransformer(**tiny_vit_kwargs(global_pool="")), r"global_pool='' .*per-token logits"),
+        (_gated_attention_vit, r"blocks\.1\.attn\.gate \(gated attention output\) is not supported"),
     ],
-    ids=["resnet", "res_post_block", "eva_rope", "scale_norm", "hybrid_cnn_stem", "no_pooling"],
+    ids=["resnet", "res_post_block", "eva_rope", "scale_norm", "hybrid_cnn_stem", "no_pooling", "gated_attention"],
 )
 def test_unsupported_models_are_named(make, match):
     with pytest.raises(UnsupportedModelError, match=match):
         GatedViT.from_timm(make())
+
+
+def test_pretrained_file_with_a_model_instance_is_an_input_error(tmp_path):
+    """(timm builds and loads only by name: the file would be ignored)"""
+    with pytest.raises(InputError, match="pretrained_file only applies when from_timm is given a model name"):
+        GatedViT.from_timm(VisionTransformer(**tiny_vit_kwargs()), pretrained_file=str(tmp_path / "weights.pth"))
 
 
 def test_unknown_timm_name_is_a_clear_error():
@@ -402,7 +418,7 @@ def test_pretrained_file_whose_keys_do_not_match_is_an_input_error(tmp_path):
     files = {
         "other_keys.pth": ({"a": torch.zeros(1)}, [f"{model_keys} missing (cls_token, pos_embed, ", "1 unexpected (a)"]),
         "resnet.pth": (timm.create_model("test_resnet").state_dict(), [f"{model_keys} missing (", " unexpected (conv1"]),
-        "deeper.pth": (_timm_state(depth=3), ["0 missing", "12 unexpected (blocks.2.norm1.weight, "]),
+        "deeper.pth": (_timm_state(depth=3), ["0 missing", "12 unexpected (blocks.2.norm1.weight, ", ", ... 7 more)"]),
         "partial.pth": ({k: v for k, v in state.items() if not k.startswith("blocks.1.")},
                         ["12 missing (blocks.1.norm1.weight, ", "0 unexpected"]),
     }
@@ -413,9 +429,21 @@ def test_pretrained_file_whose_keys_do_not_match_is_an_input_error(tmp_path):
             with pytest.raises(InputError) as caught:
                 GatedViT.from_timm(name, timm_kwargs=dict(kwargs, num_classes=num_classes), pretrained_file=str(path))
             message = str(caught.value)
-            assert f"cannot load {path} into timm {name}" in message, message
+            assert f"cannot load {path} into timm {name} with {{'img_size': 32, 'depth': 2}}: " in message, message
             assert all(part in message for part in parts), message
             assert "head." not in message and len(message) < 700, message
+
+
+def test_pretrained_file_timm_loads_leniently_loads(tmp_path):
+    """timm loads a SigLIP checkpoint non-strictly into another pooling (its attention-pool weights
+    have no place there): those unexpected keys are timm's choice, not an error; missing ones would be."""
+    name, kwargs = "vit_base_patch16_siglip_224", dict(img_size=32, patch_size=16, embed_dim=48, num_heads=3, depth=1)
+    state = __import__("timm").create_model(name, **kwargs).state_dict()  # global_pool="map"
+    assert any(key.startswith("attn_pool.") for key in state)
+    torch.save(state, tmp_path / "siglip.pth")
+    model = GatedViT.from_timm(name, timm_kwargs=dict(kwargs, global_pool="avg", fc_norm=False, num_classes=5),
+                               pretrained_file=str(tmp_path / "siglip.pth"))
+    assert torch.equal(model.vit.blocks[0].attn.qkv.weight, state["blocks.0.attn.qkv.weight"])
 
 
 @pytest.mark.parametrize(
