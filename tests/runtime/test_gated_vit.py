@@ -158,6 +158,18 @@ def test_batch_one_and_ungated_blocks_match_timm():
     assert out.head_mask.shape == (1, 2, 3)
 
 
+def test_a_fresh_model_keeps_every_head_and_is_timm():
+    """Fresh gates start at logit 3 (sigmoid ~0.95, as when fine-tuning from a dense model): before
+    any training the threshold rule keeps every head and the model is the dense one."""
+    vit = VisionTransformer(**tiny_vit_kwargs()).eval()
+    model = GatedViT.from_timm(vit).eval()
+    assert all(torch.equal(gate.fc2.bias, torch.full((3,), 3.0)) for gate in model.gates.values())
+    pixels = torch.randn(4, 3, 32, 32)
+    with torch.no_grad():
+        out = model(pixels)
+        assert out.head_mask.all() and (out.logits - vit(pixels)).abs().max() <= 1e-5
+
+
 def test_no_head_kept_leaves_only_projection_bias():
     """budget=0: every gated attention branch is exactly its output-projection bias."""
     vit = VisionTransformer(**tiny_vit_kwargs(init_values=0.5)).eval()
@@ -519,6 +531,29 @@ def test_block_indices_at_both_ends_of_the_range():
     for index in (3, -4):
         with pytest.raises(InputError, match=f"gate_blocks index {index} is out of range for a model with 3 blocks"):
             GatedViT.from_timm(vit, gate_blocks=[index])
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(sae_activation="gelu"), r"sae_activation must be one of \('topk', 'relu', 'jumprelu'\), got 'gelu'"),
+    (dict(sae_width=8, sae_k=0), "a topk SAE needs 1 <= sae_k <= sae_width=8, got 0"),
+    (dict(sae_width=8, sae_k=9), "a topk SAE needs 1 <= sae_k <= sae_width=8, got 9"),
+], ids=["activation", "k_zero", "k_over_width"])
+def test_bad_sae_configuration_is_a_clear_error(kwargs, match):
+    with pytest.raises(InputError, match=match):
+        GatedViT.from_timm(VisionTransformer(**tiny_vit_kwargs()), **kwargs)
+
+
+def test_default_sizes_follow_the_model_width():
+    """SAE width 4 D, TopK k = min(16, width), gate hidden width max(16, D / 4); only a JumpReLU
+    SAE trains its threshold (the others keep it, unused, for one bundle layout)."""
+    narrow = GatedViT.from_timm(VisionTransformer(**tiny_vit_kwargs()))  # D = 48
+    assert (narrow.sae_width, narrow.sae_k, narrow.gate_hidden) == (192, 16, 16)
+    assert narrow.gates["0"].fc1.out_features == 16 and narrow.saes["1"].encoder_weight.shape == (192, 48)
+    wide = GatedViT.from_timm(VisionTransformer(**tiny_vit_kwargs(embed_dim=128, num_heads=4, depth=1)), sae_width=8)
+    assert (wide.sae_k, wide.gate_hidden, wide.gates["0"].fc1.out_features) == (8, 32, 32)
+    for activation in ("topk", "relu", "jumprelu"):
+        sae = GatedViT.from_timm(VisionTransformer(**tiny_vit_kwargs()), sae_activation=activation, sae_width=8).saes["1"]
+        assert sae.threshold.requires_grad == (activation == "jumprelu"), activation
 
 
 def test_block_slices_select_gated_blocks():
