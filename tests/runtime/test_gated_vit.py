@@ -576,6 +576,20 @@ def test_training_with_a_budget_runs_on_every_backend():
         out.logits.sum().backward()
 
 
+def test_latents_returned_in_training_carry_the_gradients_the_gate_reads():
+    """In training, return_latents gives the z the steered gate read, with its graph: a loss on the
+    latents (the SAE's own) and the gate's steered input both reach the encoder."""
+    model = GatedViT.from_timm(VisionTransformer(**tiny_vit_kwargs()), sae_activation="relu", sae_width=16,
+                               gate_init_bias=0.0).train()
+    encoder = model.saes["1"].encoder_weight
+    out = model(torch.randn(2, 3, 32, 32), torch.full((2, 16), 3.0), return_latents=True)
+    out.latents[1].sum().backward(retain_graph=True)
+    assert encoder.grad is not None and encoder.grad.abs().sum() > 0
+    encoder.grad = None
+    out.gate_logits[:, 1].square().sum().backward()
+    assert encoder.grad is not None and encoder.grad.abs().sum() > 0
+
+
 @pytest.mark.parametrize("batch, blocks", [(1, 1), (5, 4), (3, 0)])
 def test_buffered_gate_decisions_equal_the_stacked_lists(batch, blocks):
     """At inference on the CPU each block's gate outputs are copied into preallocated buffers;
