@@ -169,6 +169,10 @@ def test_sae_decode_and_unit_norm_decoder_rows():
         sae.decoder_weight.mul_(torch.rand(40, 1) * 3 + 0.1)
         sae.normalize_decoder_()
     torch.testing.assert_close(sae.decoder_weight.norm(dim=1), torch.ones(40))
+    with torch.no_grad():  # a dead (all-zero) row stays zero, not NaN
+        sae.decoder_weight[7] = 0.0
+        sae.normalize_decoder_()
+    assert torch.equal(sae.decoder_weight[7], torch.zeros(16)) and sae.decoder_weight.isfinite().all()
     z = torch.randn(3, 40, dtype=F64)
     w, b = sae.decoder_weight.detach().double(), sae.decoder_bias.detach().double() + torch.randn(16, dtype=F64)
     want = torch.stack([sum(z[n, s] * w[s] for s in range(40)) + b for n in range(3)])
