@@ -298,12 +298,12 @@ def test_training_mask_is_straight_through_and_differentiable():
     assert model.gates["0"].fc2.weight.grad is not None and model.gates["0"].fc2.weight.grad.abs().sum() > 0
 
 
-def _gated_attention_vit() -> VisionTransformer:
-    """A ViT whose block 1 is timm's Attention with `gated=True` (a sigmoid gate over the output)."""
+def _with_block_1_attention(**kwargs) -> VisionTransformer:
+    """A ViT whose block 1 attention is timm's Attention built with other options."""
     from timm.layers import Attention
 
     vit = VisionTransformer(**tiny_vit_kwargs())
-    vit.blocks[1].attn = Attention(48, num_heads=3, qkv_bias=True, gated=True)
+    vit.blocks[1].attn = Attention(48, **dict(dict(num_heads=3, qkv_bias=True), **kwargs))
     return vit
 
 
@@ -316,9 +316,11 @@ def _gated_attention_vit() -> VisionTransformer:
         (lambda: VisionTransformer(**tiny_vit_kwargs(scale_attn_norm=True)), r"blocks\.0\.attn\.norm"),
         (lambda: __import__("timm").create_model("vit_tiny_r_s16_p8_224", img_size=32, depth=1), "patch_embed is a HybridEmbed"),
         (lambda: VisionTransformer(**tiny_vit_kwargs(global_pool="")), r"global_pool='' .*per-token logits"),
-        (_gated_attention_vit, r"blocks\.1\.attn\.gate \(gated attention output\) is not supported"),
+        (lambda: _with_block_1_attention(gated=True), r"blocks\.1\.attn\.gate \(gated attention output\) is not supported"),
+        (lambda: _with_block_1_attention(num_heads=4), r"blocks have different head counts \[3, 4\]"),
     ],
-    ids=["resnet", "res_post_block", "eva_rope", "scale_norm", "hybrid_cnn_stem", "no_pooling", "gated_attention"],
+    ids=["resnet", "res_post_block", "eva_rope", "scale_norm", "hybrid_cnn_stem", "no_pooling", "gated_attention",
+         "mixed_head_counts"],
 )
 def test_unsupported_models_are_named(make, match):
     with pytest.raises(UnsupportedModelError, match=match):
@@ -554,6 +556,12 @@ def test_default_sizes_follow_the_model_width():
     for activation in ("topk", "relu", "jumprelu"):
         sae = GatedViT.from_timm(VisionTransformer(**tiny_vit_kwargs()), sae_activation=activation, sae_width=8).saes["1"]
         assert sae.threshold.requires_grad == (activation == "jumprelu"), activation
+
+
+def test_a_single_int_selects_one_block():
+    vit = VisionTransformer(**tiny_vit_kwargs(depth=3))
+    model = GatedViT.from_timm(vit, gate_blocks=-2, sae_blocks=1)
+    assert model.gate_blocks == [1] and model.sae_blocks == [1]
 
 
 def test_block_slices_select_gated_blocks():
