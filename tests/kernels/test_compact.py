@@ -79,6 +79,10 @@ def test_compact_bfloat16_close_to_fp32_reference():
     out = compact.compact_head_attention(x.bfloat16(), keep, *low)
     assert out.dtype == torch.bfloat16
     torch.testing.assert_close(out.float(), expected, atol=0.1, rtol=0.05)
+    # the reference itself in bf16, weighted by an fp32 mask (a straight-through mask's dtype may differ)
+    masked = reference.head_attention(x.bfloat16(), keep.float(), *low)
+    assert masked.dtype == torch.bfloat16
+    torch.testing.assert_close(masked.float(), expected, atol=0.1, rtol=0.05)
 
 
 def test_compact_backend_sees_in_place_updates_of_the_qkv_bias():
