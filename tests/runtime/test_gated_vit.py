@@ -307,6 +307,17 @@ def _with_block_1_attention(**kwargs) -> VisionTransformer:
     return vit
 
 
+def test_training_usage_loss_alone_reaches_the_gates():
+    """The usage loss reads only head_weight: in training it is the straight-through mask, whose
+    gradient reaches every gate (on the CPU too, where inference buffers the decisions)."""
+    model = GatedViT.from_timm(VisionTransformer(**tiny_vit_kwargs()), gate_init_bias=0.0).train()
+    out = model(torch.randn(4, 3, 32, 32))
+    assert out.head_weight.requires_grad
+    out.head_weight.mean().backward()
+    for gate in model.gates.values():
+        assert gate.fc2.weight.grad is not None and gate.fc2.weight.grad.abs().sum() > 0
+
+
 @pytest.mark.parametrize(
     "make,match",
     [
