@@ -134,7 +134,7 @@ def test_training_mask_is_a_straight_through_gumbel_sigmoid_at_temperature_5():
     from headsteer.runtime.gated_vit import HeadGate
 
     gate = HeadGate(8, 4, 6)
-    assert gate.temperature == 5.0
+    assert gate.temperature == 5.0 and gate.noise_scale == 1.0  # the noise is on until annealed
     logits = (4 * torch.randn(6, 4, dtype=torch.float64)).requires_grad_()
     gate.noise_scale = 0.0
     weight = gate.straight_through(logits)
