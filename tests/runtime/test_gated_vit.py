@@ -451,7 +451,9 @@ def test_pretrained_file_whose_keys_do_not_match_is_an_input_error(tmp_path):
     and only logged it. It is an InputError naming the file and the missing and unexpected keys
     (a few of each, with counts), the classifier head aside."""
     import timm
+    from timm.models import _builder
 
+    loader = _builder.load_pretrained
     name, kwargs = PRETRAINED
     model_keys = len(_timm_state()) - 2  # head.weight, head.bias aside
     state = _timm_state(1)
@@ -473,6 +475,7 @@ def test_pretrained_file_whose_keys_do_not_match_is_an_input_error(tmp_path):
             assert f"cannot load {path} into timm {name} with {{'img_size': 32, 'depth': 2}}: " in message, message
             assert all(part in message for part in parts), message
             assert "head." not in message and len(message) < 700, message
+    assert _builder.load_pretrained is loader  # timm's loader is restored after each (failed) load
 
 
 def test_pretrained_file_timm_loads_leniently_loads(tmp_path):
