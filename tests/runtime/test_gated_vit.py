@@ -594,6 +594,17 @@ def test_a_single_int_selects_one_block():
     assert model.gate_blocks == [1] and model.sae_blocks == [1]
 
 
+def test_block_strings_list_indices_and_refuse_anything_else():
+    """The command line's forms: "0, 2," lists indices (spaces and a trailing comma allowed); a
+    word or a slice of four parts is an InputError, not Python's ValueError/TypeError."""
+    vit = VisionTransformer(**tiny_vit_kwargs(depth=4))
+    assert GatedViT.from_timm(vit, gate_blocks="0, 2,", sae_blocks=" -2").gate_blocks == [0, 2]
+    with pytest.raises(InputError, match=r"gate_blocks must be 'all', 'none', a slice like '1:' or indices like '0,3,-1', got '0,x'"):
+        GatedViT.from_timm(vit, gate_blocks="0,x")
+    with pytest.raises(InputError, match=r"gate_blocks slice must look like '1:' or '2:-1', got '1:2:3:4'"):
+        GatedViT.from_timm(vit, gate_blocks="1:2:3:4")
+
+
 def test_block_slices_select_gated_blocks():
     vit = VisionTransformer(**tiny_vit_kwargs(depth=4))
     assert GatedViT.from_timm(vit, gate_blocks="1:").gate_blocks == [1, 2, 3]
