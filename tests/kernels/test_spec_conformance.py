@@ -177,6 +177,9 @@ def test_sae_decode_and_unit_norm_decoder_rows():
     w, b = sae.decoder_weight.detach().double(), sae.decoder_bias.detach().double() + torch.randn(16, dtype=F64)
     want = torch.stack([sum(z[n, s] * w[s] for s in range(40)) + b for n in range(3)])
     torch.testing.assert_close(reference.sae_decode(z, w, b), want)
+    e = torch.randn(2, 16)
+    x_hat, latents = sae(e)  # forward: (x_hat, z)
+    assert torch.equal(latents, sae.encode(e)) and torch.equal(x_hat, sae.decode(latents))
 
 
 # -- 4. steering -------------------------------------------------------------------------------------
