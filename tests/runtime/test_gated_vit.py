@@ -314,12 +314,21 @@ def test_training_mask_is_straight_through_and_differentiable():
     assert model.gates["0"].fc2.weight.grad is not None and model.gates["0"].fc2.weight.grad.abs().sum() > 0
 
 
-def _with_block_1_attention(**kwargs) -> VisionTransformer:
-    """A ViT whose block 1 attention is timm's Attention built with other options."""
+def _with_block_1_attention(cls=None, **kwargs) -> VisionTransformer:
+    """A ViT whose block 1 attention is timm's Attention (or `cls`) built with other options."""
     from timm.layers import Attention
 
     vit = VisionTransformer(**tiny_vit_kwargs())
-    vit.blocks[1].attn = Attention(48, **dict(dict(num_heads=3, qkv_bias=True), **kwargs))
+    vit.blocks[1].attn = (cls or Attention)(48, **dict(dict(num_heads=3, qkv_bias=True), **kwargs))
+    return vit
+
+
+def _with_subclassed_block_1() -> VisionTransformer:
+    """(a subclass may override forward, which the wrapper would silently bypass)"""
+    from timm.models.vision_transformer import Block
+
+    vit = VisionTransformer(**tiny_vit_kwargs())
+    vit.blocks[1] = type("CustomBlock", (Block,), {})(48, 3, qkv_bias=True)
     return vit
 
 
@@ -345,9 +354,12 @@ def test_training_usage_loss_alone_reaches_the_gates():
         (lambda: VisionTransformer(**tiny_vit_kwargs(global_pool="")), r"global_pool='' .*per-token logits"),
         (lambda: _with_block_1_attention(gated=True), r"blocks\.1\.attn\.gate \(gated attention output\) is not supported"),
         (lambda: _with_block_1_attention(num_heads=4), r"blocks have different head counts \[3, 4\]"),
+        (lambda: _with_block_1_attention(type("CustomAttention", (__import__("timm").layers.Attention,), {})),
+         r"blocks\.1\.attn is a CustomAttention"),
+        (_with_subclassed_block_1, r"blocks\.1 is a CustomBlock"),
     ],
     ids=["resnet", "res_post_block", "eva_rope", "scale_norm", "hybrid_cnn_stem", "no_pooling", "gated_attention",
-         "mixed_head_counts"],
+         "mixed_head_counts", "attention_subclass", "block_subclass"],
 )
 def test_unsupported_models_are_named(make, match):
     with pytest.raises(UnsupportedModelError, match=match):
