@@ -547,6 +547,22 @@ def test_dynamic_img_size_refuses_sizes_timm_cannot_embed(pad, size, match):
         assert (model(pixels, budget=1.0).logits - model.vit(pixels)).abs().max() <= 1e-5
 
 
+def test_a_bfloat16_model_takes_fp32_steering_rows():
+    """Steering tables are stored in fp32: a bf16 model takes such rows (steering in fp32, z' rounded
+    once to bf16). A scale of 4 is exact in both dtypes, so bf16 rows steer the same."""
+    model = GatedViT.from_timm(VisionTransformer(**tiny_vit_kwargs()), sae_width=16, sae_k=4,
+                               gate_init_bias=0.0).eval().bfloat16()
+    pixels = torch.randn(2, 3, 32, 32).bfloat16()
+    scale = torch.full((2, 16), 4.0)
+    with torch.no_grad():
+        for backend in ("reference", "compact"):
+            base = model(pixels, backend=backend)
+            steered = model(pixels, scale, backend=backend)
+            assert steered.gate_logits.dtype == torch.bfloat16
+            assert torch.equal(steered.gate_logits, model(pixels, scale.bfloat16(), backend=backend).gate_logits)
+            assert not torch.equal(steered.gate_logits[:, 1], base.gate_logits[:, 1])
+
+
 def test_integer_steering_vectors_are_refused():
     model = GatedViT.from_timm(VisionTransformer(**tiny_vit_kwargs()), sae_blocks=(-1,)).eval()
     scale = torch.ones(2, model.steer_width, dtype=torch.long)
