@@ -391,6 +391,18 @@ def test_timm_kwargs_the_model_does_not_take_are_a_clear_error(name, kwargs, mat
         GatedViT.from_timm(name, timm_kwargs=kwargs)
 
 
+def test_other_type_errors_from_timm_are_not_reported_as_bad_options(monkeypatch):
+    """Only an unexpected keyword is the caller's option; any other TypeError is a bug to see whole."""
+    import timm
+
+    def broken(name, **kwargs):
+        raise TypeError("unsupported operand type(s) for +: 'int' and 'NoneType'")
+
+    monkeypatch.setattr(timm, "create_model", broken)
+    with pytest.raises(TypeError, match="unsupported operand"):
+        GatedViT.from_timm("vit_tiny_patch16_224", timm_kwargs=tiny_vit_kwargs())
+
+
 def test_timm_names_with_a_pretrained_tag_build():
     """timm.create_model takes "arch.tag" (the tag picks the pretrained config a weights file
     matches); from_timm takes the same names, and refuses an unknown tag clearly."""
