@@ -54,6 +54,7 @@ def test_flop_count_matches_hand_count():
     assert counts.head_flops(0) == counts.head_flops(1) == PER_HEAD
     batch = 4
     assert ideal_speedup(counts, torch.ones(batch, 2, 3, dtype=torch.bool), [0, 1], batch) == 1.0
+    assert ideal_speedup(counts, None, [0, 1], batch) == 1.0  # a dense row has no mask
     mask = torch.ones(batch, 2, 3, dtype=torch.bool)
     mask[0, 0, 1] = mask[2, 1, 0] = mask[2, 1, 2] = False  # 3 pruned (sample, block, head) triples
     expected = batch * TOTAL / (batch * TOTAL - 3 * PER_HEAD)
@@ -473,17 +474,52 @@ def test_flop_count_matches_torch_flop_counter(kwargs):
     """vit_flops against torch's own count of the matmuls (attention unfused, so that the counter
     sees q k^T and (.)v), including the attention-pool head of global_pool="map"."""
     import timm
-    from torch.utils.flop_counter import FlopCounterMode
 
     vit = timm.create_model("vit_tiny_patch16_224", **dict(TINY, **kwargs)).eval()
+    counts = vit_flops(vit)
+    assert counts.total == _torch_flops(vit, 32)
+    assert (counts.pool > 0) == (kwargs.get("global_pool") == "map")
+
+
+def _torch_flops(vit, img_size):
+    """torch's count of `vit`'s matmuls on one image (attention unfused, so that the counter sees
+    q k^T and (.)v)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
     for module in vit.modules():
         if hasattr(module, "fused_attn"):
             module.fused_attn = False
     with FlopCounterMode(display=False) as counter:
-        vit(torch.randn(1, 3, 32, 32))
-    counts = vit_flops(vit)
-    assert counts.total == counter.get_total_flops()
-    assert (counts.pool > 0) == (kwargs.get("global_pool") == "map")
+        vit(torch.randn(1, 3, img_size, img_size))
+    return counter.get_total_flops()
+
+
+def test_flop_count_of_an_attention_pool_with_several_latent_queries():
+    import timm
+    from timm.layers import AttentionPoolLatent
+
+    vit = timm.create_model("vit_tiny_patch16_224", **dict(TINY, global_pool="map")).eval()
+    vit.attn_pool = AttentionPoolLatent(48, num_heads=3, mlp_ratio=2.0, latent_len=3).eval()
+    assert vit_flops(vit).total == _torch_flops(vit, 32)
+
+
+def test_patch_size_of_a_patch_embed_storing_an_int():
+    import types
+
+    from headsteer.bench.flops import patch_size
+
+    assert patch_size(types.SimpleNamespace(patch_embed=types.SimpleNamespace(patch_size=16))) == (16, 16)
+
+
+def test_flop_count_of_an_odd_size_counts_the_padded_patches():
+    """With dynamic_img_pad, timm pads 36 px up to 40: 5x5 patches of 8 (not the 4x4 that fit
+    unpadded); `img_size` may be given as an int."""
+    import timm
+
+    vit = timm.create_model("vit_tiny_patch16_224", **dict(TINY, dynamic_img_size=True, dynamic_img_pad=True)).eval()
+    counts = vit_flops(vit, 36)
+    assert counts.tokens == 5 * 5 + 1
+    assert counts.total == _torch_flops(vit, 36)
 
 
 def test_gpu_checks_bench_invocation_is_valid(tmp_path, monkeypatch):
