@@ -248,6 +248,16 @@ BAD_SETTINGS = [
     (dict(dtype="float64"), "dtype"),
     (dict(clock="process", device="cpu", threads=2), "one thread"),
     (dict(bundle="some/bundle"), "exactly one"),
+    (dict(batches=()), "batch"),
+    (dict(batches=(True,)), "batch"),
+    (dict(img_sizes=(0,)), "image sizes"),
+    (dict(calibration_samples=0), "calibration_samples"),
+    (dict(usages=()), r"\[0, 1\]"),
+    (dict(usages=(-0.1,)), r"\[0, 1\]"),
+    (dict(clock="cpu"), "clock must be"),
+    (dict(model=42), "timm model name or a module"),
+    (dict(model=None, bundle="some/bundle"), "timm_kwargs cannot apply to a bundle"),
+    (dict(backends=["nope"]), "unknown backend"),
 ]
 
 
@@ -285,6 +295,33 @@ def test_process_clock_runs_on_one_cpu_thread():
     assert harness.check_config(_tiny_config(clock="process", device="cpu", threads=1)).type == "cpu"
 
 
+def test_process_clock_counts_torch_threads_when_none_are_given(monkeypatch):
+    from headsteer.runtime.errors import InputError
+
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 4)
+    with pytest.raises(InputError, match="with 4 threads"):
+        harness.check_config(_tiny_config(clock="process", device="cpu"))
+
+
+def test_a_cuda_index_past_the_last_gpu_is_refused(monkeypatch):
+    from headsteer.runtime.errors import InputError
+
+    _no_work(monkeypatch)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    with pytest.raises(InputError, match=r"only 1 CUDA device"):
+        harness.run_bench(_tiny_config(device="cuda:1"))
+
+
+def test_a_timm_module_takes_gated_kwargs():
+    """A plain timm module is wrapped by the bench, so gated_kwargs apply to it (unlike a GatedViT)."""
+    import timm
+
+    vit = timm.create_model("vit_tiny_patch16_224", **TINY)
+    config = _tiny_config(model=vit, timm_kwargs={}, gated_kwargs=dict(sae_blocks="none"))
+    assert harness.check_config(config).type == "cpu"
+
+
 def test_image_sizes_are_checked_before_anything_is_timed(monkeypatch, tmp_path):
     from headsteer.runtime.bundle import save_bundle
     from headsteer.runtime.errors import InputError
@@ -301,8 +338,16 @@ def test_image_sizes_are_checked_before_anything_is_timed(monkeypatch, tmp_path)
         harness.run_bench(_tiny_config(model=None, timm_kwargs={}, bundle=str(path), img_sizes=(32, 64)))
 
 
-def test_zero_warmups_report_the_untimed_call_that_ran():
+def test_an_image_of_one_patch_is_accepted():
+    from headsteer.runtime.gated_vit import GatedViT
+
+    model = GatedViT.from_timm("vit_tiny_patch16_224", timm_kwargs=TINY)
+    harness._check_img_sizes(_tiny_config(img_sizes=(8,)), model)  # the 8x8 patch itself: one token of image
+
+
+def test_zero_warmups_report_the_untimed_call_that_ran(capsys):
     report = harness.run_bench(_tiny_config(warmup=0))
+    assert capsys.readouterr().err == ""  # (progress=False: no progress bar)
     assert report["environment"]["warmup"] == 1
     assert "after 1 warm-up" in harness.markdown(report)
 
@@ -318,6 +363,7 @@ def test_a_module_input_is_left_as_it_was(monkeypatch):
     config = _tiny_config(model=model, timm_kwargs={}, dtype="bfloat16", threads=1, backends=["reference"])
     report = harness.run_bench(config)
     assert {r["backend"] for r in report["rows"]} == {"timm", "reference"}
+    assert report["environment"]["threads"] == 1  # measured with the threads asked for
     assert torch.get_num_threads() == threads  # restored
     assert torch.equal(torch.get_rng_state(), rng)  # the global RNG was not reseeded
     after = model.state_dict()
