@@ -78,6 +78,7 @@ def test_report_schema(report):
         # (all three are rounded to 4 decimals: a small efficiency is off by up to 5e-5 absolute)
         assert row["efficiency"] == pytest.approx(row["speedup_vs_timm"] / row["ideal_speedup"], rel=1e-3, abs=1e-4)
         assert row["img_size"] == 32
+        assert row["reps"] == 2  # every cell timed once per repetition
     json.dumps(report)  # serializable as is
     forced = {(r["backend"], r["batch"], r["target_usage"]) for r in rows if r["mode"] == "budget"}
     for backend in ("reference", "compact"):
@@ -169,6 +170,7 @@ def test_unavailable_backend_is_skipped_with_reason():
         harness.BACKEND_FACTORIES.pop("flux")
     assert report["environment"]["backends_skipped"] == {"flux": "needs a flux capacitor"}
     assert {r["backend"] for r in report["rows"]} == {"timm", "compact"}  # timm is always the baseline
+    assert "Skipped: flux: needs a flux capacitor" in harness.markdown(report)
 
 
 def test_cli_arguments_and_run(tmp_path, monkeypatch, report):
@@ -438,6 +440,56 @@ def test_report_paths_are_checked_before_any_work(tmp_path, monkeypatch, bad):
     with pytest.raises(InputError):
         harness.run(args)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["dir", "file"]  # nothing written
+
+
+def test_markdown_has_no_gate_section_without_gate_rows(report):
+    env = dict(report["environment"], backends_skipped={})
+    text = harness.markdown(dict(environment=env, rows=[_row("timm", "dense"), _row("compact", "budget", 0.5)]))
+    assert "**Forced head usage" in text and "Gate deciding" not in text
+
+
+def test_percentiles_interpolate_between_the_sorted_times():
+    times = [5.0, 1.0, 4.0, 2.0, 3.0]  # (numpy.percentile's default, linear)
+    assert harness._percentile(times, 50) == 3.0
+    assert harness._percentile(times, 90) == pytest.approx(4.6)
+    assert harness._percentile(times, 99) == pytest.approx(4.96)
+    assert harness._percentile([7.0], 99) == 7.0
+
+
+def test_rows_divide_the_timm_median_by_each_median():
+    """Speed-up = timm's median / the cell's median (medians, not means: an outlier moves neither);
+    the usage and ideal come from the cell's head mask, the per-sample range on gate rows only."""
+    import types
+
+    import timm
+
+    counts = vit_flops(timm.create_model("vit_tiny_patch16_224", **TINY))
+    device = torch.device("cpu")
+    mask = torch.ones(2, 2, 3, dtype=torch.bool)
+    mask[0, :, 1:] = False  # sample 0 keeps 1 head per block, sample 1 all 3
+    cells = [
+        harness._Cell(harness.TimmRunner("timm", None, device), "dense", 1.0, None, times=[3.0, 1.0, 90.0]),
+        harness._Cell(harness.GatedRunner("compact", None, device), "budget", 0.5, 0.5, times=[1.5, 0.5, 60.0],
+                      head_mask=mask),
+        harness._Cell(harness.GatedRunner("compact", None, device), "gate", 0.5, None, times=[1.0, 1.0, 1.0],
+                      head_mask=mask),
+    ]
+    timm_row, budget, gate = harness._rows(cells, counts, types.SimpleNamespace(gate_blocks=[0, 1]), (32, 32), 2)
+    assert timm_row["median_ms"] == 3.0 and timm_row["speedup_vs_timm"] == 1.0 and timm_row["usage"] == 1.0
+    assert budget["median_ms"] == 1.5 and budget["speedup_vs_timm"] == 2.0 and budget["reps"] == 3
+    assert budget["usage"] == pytest.approx(4 / 6, abs=1e-4)
+    ideal = 2 * TOTAL / (2 * TOTAL - 4 * PER_HEAD)
+    assert budget["ideal_speedup"] == pytest.approx(ideal, rel=1e-4)
+    assert budget["efficiency"] == pytest.approx(2.0 / ideal, rel=1e-3)
+    assert budget["images_per_s"] == pytest.approx(2 / 1.5e-3, rel=1e-4)
+    assert "usage_min" not in budget and "usage_min" not in timm_row
+    assert gate["speedup_vs_timm"] == 3.0
+    assert gate["usage_min"] == pytest.approx(1 / 3, abs=1e-4) and gate["usage_max"] == 1.0
+
+
+def test_plot_format_follows_the_suffix_png_without_one():
+    assert harness.plot_format("report") == "png"
+    assert harness.plot_format("report.SVG") == "svg"
 
 
 def test_plot_is_written_in_the_format_its_suffix_names(report, tmp_path):
