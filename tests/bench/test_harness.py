@@ -205,6 +205,27 @@ def test_cli_lists_refuse_an_empty_item(option, text, capsys):
     assert f"argument {option}: " in err and "empty item" in err and repr(text) in err, err
 
 
+@pytest.mark.parametrize("option, text", [("--batch", "0"), ("--img-size", "32,0"), ("--usage", "-0.5")])
+def test_cli_lists_refuse_values_out_of_range(option, text):
+    parser = argparse.ArgumentParser()
+    harness.add_arguments(parser)
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--model", "x", option, text])
+
+
+def test_cli_reps_and_warmup_override_quick():
+    args = _cli_args(None, "--reps", "7", "--warmup", "0", "--no-progress")
+    config = harness.config_from_args(args)
+    assert (config.reps, config.warmup, config.calibration_samples, config.progress) == (7, 0, 8, False)
+
+
+def test_cli_reports_a_refused_setting_on_one_line(capsys, monkeypatch):
+    monkeypatch.setattr(harness, "_load_model", lambda *args: pytest.fail("work started before the check"))
+    assert harness.main(["--model", "vit_tiny_patch16_224", "--reps", "0"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("headsteer bench: error: --reps must be") and err.count("\n") == 1, err
+
+
 def test_bundle_source(tmp_path):
     from headsteer.runtime.bundle import save_bundle
     from headsteer.runtime.gated_vit import GatedViT
