@@ -559,6 +559,94 @@ def test_a_failing_cell_is_reported_as_that_cell_on_one_line():
     assert "Failed: flaky: failed at usage 0.33" in text and "second line" not in text
 
 
+def test_a_failing_timm_baseline_stops_the_run_with_its_error(monkeypatch):
+    """Every speed-up divides timm's median: a timm that cannot run is fatal, with its own error."""
+    class Broken(harness.TimmRunner):
+        def __call__(self, x, steer_scale, steer_shift, budget):
+            raise RuntimeError("timm broke")
+
+    monkeypatch.setitem(harness.BACKEND_FACTORIES, "timm", Broken)
+    with pytest.raises(RuntimeError, match="timm broke"):
+        harness.run_bench(_tiny_config())
+
+
+def test_a_long_failure_reason_is_cut_to_300_characters():
+    reason = harness._one_line(RuntimeError("x" * 1000 + "\nsecond line"))
+    assert len(reason) == 300 and reason.startswith("RuntimeError: xxx") and reason.endswith("x...")
+
+
+class _GateOnly(harness.Runner):
+    """A backend that only runs the gate's threshold (like onnxruntime): no budget cells."""
+
+    supports_budget = False
+
+    def __call__(self, x, steer_scale, steer_shift, budget):
+        assert budget is None, "a gate-only backend was given a head budget"
+        return self.model(x, steer_scale, steer_shift, budget=None, backend="compact").head_mask
+
+
+def test_a_gate_only_backend_is_skipped_without_gate(monkeypatch):
+    monkeypatch.setitem(harness.BACKEND_FACTORIES, "gate-only", _GateOnly)
+    report = harness.run_bench(_tiny_config(backends=["gate-only"]))
+    assert report["environment"]["backends_skipped"] == {"gate-only": "runs the gate's threshold only: its rows appear with --gate"}
+    assert "backends_failed" not in report["environment"]
+    assert {r["backend"] for r in report["rows"]} == {"timm"}
+
+
+class _Recording(harness.Runner):
+    """compact, recording the budget of each call."""
+
+    calls = []
+
+    def __call__(self, x, steer_scale, steer_shift, budget):
+        self.calls.append(budget)
+        return self.model(x, steer_scale, steer_shift, budget=budget, backend="compact").head_mask
+
+
+def test_each_repetition_runs_every_cell_once_in_a_fresh_order(monkeypatch):
+    monkeypatch.setitem(harness.BACKEND_FACTORIES, "recording", _Recording)
+    monkeypatch.setattr(_Recording, "calls", [])
+    usages = (1.0, 0.67, 0.33, 0.0)
+    harness.run_bench(_tiny_config(backends=["recording"], usages=usages, reps=4, warmup=1))
+    calls = _Recording.calls
+    assert calls[:4] == list(usages)  # the warm-up, in grid order
+    repetitions = [calls[4 + 4 * i: 8 + 4 * i] for i in range(4)]
+    assert len(calls) == 20 and all(sorted(rep) == sorted(usages) for rep in repetitions)
+    assert len({tuple(rep) for rep in repetitions}) > 1  # shuffled per repetition
+
+
+def test_calibrated_gate_keeps_each_head_on_about_the_target_share():
+    """(Block 1 gated only: block 0's decision vector, the class token entering it, is the same for
+    every image, so no per-image quantile can split its heads.)"""
+    from headsteer.runtime.gated_vit import GatedViT
+
+    model = GatedViT.from_timm("vit_tiny_patch16_224", timm_kwargs=TINY, gate_blocks=(1,)).eval()
+    pixels = torch.randn(16, 3, 32, 32)
+    steer = harness.steering_vectors(model, 16, "cpu")
+    for target in (0.25, 1.0):
+        harness.calibrate_gate(model, target, pixels, steer)
+        with torch.inference_mode():
+            mask = model(pixels, *steer, budget=None, backend="compact").head_mask
+        assert mask.float().mean(dim=0).flatten().tolist() == pytest.approx([target] * 3, abs=0.07), target
+
+
+def test_steering_vectors_amplify_the_first_latents_of_each_sae_site():
+    from headsteer.runtime.gated_vit import GatedViT
+
+    model = GatedViT.from_timm("vit_tiny_patch16_224", timm_kwargs=TINY, sae_blocks=(0, 1), sae_width=16).eval()
+    scale, shift = harness.steering_vectors(model, 2, "cpu")
+    expected = torch.ones(2, 32)
+    expected[:, 0:8] = expected[:, 16:24] = 2.0
+    assert torch.equal(scale, expected) and torch.equal(shift, torch.zeros(2, 32))
+
+
+def test_process_clock_reads_process_time_in_ms(monkeypatch):
+    ticks = iter([10.0, 10.25])
+    monkeypatch.setattr(harness.time, "process_time", lambda: next(ticks))
+    elapsed, result = harness._Timer(torch.device("cpu"), "process")(lambda: "ran")
+    assert (elapsed, result) == (250.0, "ran")
+
+
 def test_onnxruntime_is_unavailable_for_16_bit_dtypes():
     pytest.importorskip("onnxruntime")
     from headsteer.runtime.gated_vit import GatedViT
