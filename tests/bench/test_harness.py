@@ -137,6 +137,7 @@ def test_reports_are_written_atomically(report, tmp_path, monkeypatch):
     for src, dst in renames:
         assert os.path.dirname(src) == os.path.dirname(dst) and src != dst
     assert "| compact |" in md.read_text() and "speed-up vs timm" in md.read_text()
+    assert md.read_text().endswith("|\n\n") and js.read_text().endswith("}\n")  # text files end in a newline
     assert json.loads(js.read_text())["rows"] == report["rows"]
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert sorted(p.name for p in tmp_path.rglob("*")) == ["out", "r.json", "r.md", "r.png"]  # no temp files left
@@ -447,7 +448,7 @@ def _cli_args(tmp_path, *extra):
     return parser.parse_args(["--model", "vit_tiny_patch16_224", "--quick", *extra])
 
 
-@pytest.mark.parametrize("bad", ["folder", "under_a_file", "plot_suffix", "same_file"])
+@pytest.mark.parametrize("bad", ["folder", "under_a_file", "plot_suffix", "same_file", "same_file_spelt_otherwise"])
 def test_report_paths_are_checked_before_any_work(tmp_path, monkeypatch, bad):
     from headsteer.runtime.errors import InputError
 
@@ -455,7 +456,8 @@ def test_report_paths_are_checked_before_any_work(tmp_path, monkeypatch, bad):
     (tmp_path / "file").write_text("x")
     paths = dict(json=str(tmp_path / "r.json"), md=str(tmp_path / "r.md"), plot=str(tmp_path / "r.png"))
     paths.update({"folder": dict(json=str(tmp_path / "dir")), "under_a_file": dict(md=str(tmp_path / "file" / "r.md")),
-                  "plot_suffix": dict(plot=str(tmp_path / "r.xyz")), "same_file": dict(md=paths["json"])}[bad])
+                  "plot_suffix": dict(plot=str(tmp_path / "r.xyz")), "same_file": dict(md=paths["json"]),
+                  "same_file_spelt_otherwise": dict(md=str(tmp_path / "dir" / ".." / "r.json"))}[bad])
     monkeypatch.setattr(harness, "run_bench", lambda config: pytest.fail("ran before the paths were checked"))
     args = _cli_args(tmp_path, "--json", paths["json"], "--md", paths["md"], "--plot", paths["plot"])
     with pytest.raises(InputError):
@@ -675,8 +677,8 @@ def test_onnxruntime_sessions_of_the_bench_do_not_spin():
     assert runner.environment()["onnxruntime"]["session_config"] == NO_SPINNING
 
 
-@pytest.mark.parametrize("kwargs", [dict(), dict(global_pool="map"), dict(global_pool="map", class_token=False, reg_tokens=2)],
-                         ids=["token", "map", "map-registers"])
+@pytest.mark.parametrize("kwargs", [dict(), dict(global_pool="map"), dict(global_pool="map", class_token=False, reg_tokens=2),
+                                    dict(in_chans=1)], ids=["token", "map", "map-registers", "one-channel"])
 def test_flop_count_matches_torch_flop_counter(kwargs):
     """vit_flops against torch's own count of the matmuls (attention unfused, so that the counter
     sees q k^T and (.)v), including the attention-pool head of global_pool="map"."""
@@ -697,7 +699,7 @@ def _torch_flops(vit, img_size):
         if hasattr(module, "fused_attn"):
             module.fused_attn = False
     with FlopCounterMode(display=False) as counter:
-        vit(torch.randn(1, 3, img_size, img_size))
+        vit(torch.randn(1, vit.patch_embed.proj.in_channels, img_size, img_size))
     return counter.get_total_flops()
 
 
