@@ -234,7 +234,7 @@ def test_bundle_source(tmp_path):
     model = GatedViT.from_timm("vit_tiny_patch16_224", timm_kwargs=TINY).eval()
     path = save_bundle(model, tmp_path / "bundle")
     config = harness.BenchConfig(bundle=str(path), backends=["compact"], batches=(2,), usages=(0.33,),
-                                 reps=1, warmup=1, progress=False)
+                                 reps=1, warmup=1, progress=False, dtype="bfloat16")  # (the bundle's model cast too)
     report = harness.run_bench(config)
     assert "bundle" in report["environment"]["model"] and "trained" in report["environment"]["weights"]
     assert {r["backend"] for r in report["rows"]} == {"timm", "compact"}
@@ -657,6 +657,35 @@ def test_onnxruntime_is_unavailable_for_16_bit_dtypes():
     with pytest.raises(harness.BackendUnavailable) as unavailable:
         harness.OnnxRuntimeRunner("onnxruntime", model, torch.device("cpu"))
     assert "float32" in str(unavailable.value) and "\n" not in str(unavailable.value)
+
+
+def test_onnxruntime_runs_the_gate_threshold_only_in_the_variant_named():
+    pytest.importorskip("onnxruntime")
+    from headsteer.runtime.gated_vit import GatedViT
+
+    model = GatedViT.from_timm("vit_tiny_patch16_224", timm_kwargs=TINY).eval()
+    cpu = torch.device("cpu")
+    assert harness.OnnxRuntimeRunner("onnxruntime", model, cpu).attention == "sparse"
+    masked = harness.OnnxRuntimeRunner("onnxruntime-masked", model, cpu)
+    assert masked.attention == "masked" and not masked.supports_budget
+    with pytest.raises(harness.BackendUnavailable, match="no head-budget input"):
+        masked(torch.randn(1, 3, 32, 32), None, None, 0.5)
+    assert masked._fn is None  # refused before exporting anything
+
+
+def test_backends_that_need_cuda_are_unavailable_on_the_cpu():
+    from headsteer.runtime.gated_vit import GatedViT
+
+    model = GatedViT.from_timm("vit_tiny_patch16_224", timm_kwargs=TINY).eval()
+    cpu = torch.device("cpu")
+    for name in ("timm-graph", "triton-graph", "triton"):
+        with pytest.raises(harness.BackendUnavailable, match="CUDA"):
+            harness.BACKEND_FACTORIES[name](name, model, cpu)
+    assert harness.default_backends(cpu) == ["timm", "reference", "compact"]
+    assert harness.default_backends(torch.device("cuda")) == ["timm", "reference", "compact", "triton"]
+    # (constructing a graph runner captures nothing yet)
+    assert harness.GraphRunner("timm-graph", model, torch.device("cuda")).dense
+    assert not harness.GraphRunner("triton-graph", model, torch.device("cuda")).dense
 
 
 def test_onnxruntime_sessions_of_the_bench_do_not_spin():
