@@ -387,8 +387,18 @@ def calibrate_gate(model, target: float, pixels: torch.Tensor, steer, iterations
     for _ in range(iterations):
         out = model(pixels, *steer, budget=None, backend="compact")
         for index, gate in enumerate(gates):
-            raw = out.gate_logits[:, index, :] - gate.fc2.bias  # [B, H] without the bias
-            cut = torch.quantile(raw.float(), 1.0 - target, dim=0)
+            raw = (out.gate_logits[:, index, :] - gate.fc2.bias).float()  # [B, H] without the bias
+            cut = torch.quantile(raw, 1.0 - target, dim=0)
+            # A head whose logit is the same on every image (block 0's gate sees the class token
+            # entering it, which no image changes) cannot be kept on a share of the images: keep
+            # the round(target * n) highest of those n heads on every image and prune the others,
+            # rather than leave it to the rounding of raw - cut (~0).
+            same = (raw == raw[:1]).all(dim=0)
+            if same.any():
+                values = raw[0, same]
+                keep = torch.zeros_like(values, dtype=torch.bool)
+                keep[values.argsort(descending=True)[: round(target * len(values))]] = True
+                cut[same] = torch.where(keep, values - 1.0, values + 1.0)
             gate.fc2.bias.copy_(-cut)
 
 

@@ -632,6 +632,22 @@ def test_calibrated_gate_keeps_each_head_on_about_the_target_share():
         assert mask.float().mean(dim=0).flatten().tolist() == pytest.approx([target] * 3, abs=0.07), target
 
 
+def test_calibrated_gate_splits_heads_whose_logit_is_the_same_on_every_image():
+    """Block 0's gate sees the class token entering it, the same for every image: no quantile can
+    keep its heads on a share of the images, so the target share of those heads is kept on all of
+    them (not whichever the rounding of a logit ~0 keeps)."""
+    from headsteer.runtime.gated_vit import GatedViT
+
+    model = GatedViT.from_timm("vit_tiny_patch16_224", timm_kwargs=TINY).eval()
+    pixels = torch.randn(16, 3, 32, 32)
+    steer = harness.steering_vectors(model, 16, "cpu")
+    for target, kept in ((0.33, 1), (0.67, 2), (0.1, 0)):
+        harness.calibrate_gate(model, target, pixels, steer)
+        with torch.inference_mode():
+            mask = model(pixels, *steer, budget=None, backend="compact").head_mask
+        assert mask[:, 0].sum(dim=-1).tolist() == [kept] * 16, target
+
+
 def test_steering_vectors_amplify_the_first_latents_of_each_sae_site():
     from headsteer.runtime.gated_vit import GatedViT
 
