@@ -641,11 +641,15 @@ def test_calibrated_gate_splits_heads_whose_logit_is_the_same_on_every_image():
     model = GatedViT.from_timm("vit_tiny_patch16_224", timm_kwargs=TINY).eval()
     pixels = torch.randn(16, 3, 32, 32)
     steer = harness.steering_vectors(model, 16, "cpu")
+    with torch.inference_mode():
+        raw = model(pixels[:1], *(v[:1] for v in steer), budget=None, backend="compact").gate_logits[0, 0]
+        ranked = (raw - model.gates["0"].fc2.bias).argsort(descending=True).tolist()
     for target, kept in ((0.33, 1), (0.67, 2), (0.1, 0)):
         harness.calibrate_gate(model, target, pixels, steer)
         with torch.inference_mode():
             mask = model(pixels, *steer, budget=None, backend="compact").head_mask
         assert mask[:, 0].sum(dim=-1).tolist() == [kept] * 16, target
+        assert sorted(mask[0, 0].nonzero().flatten().tolist()) == sorted(ranked[:kept])  # the highest logits
 
 
 def test_steering_vectors_amplify_the_first_latents_of_each_sae_site():
