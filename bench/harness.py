@@ -392,10 +392,13 @@ def calibrate_gate(model, target: float, pixels: torch.Tensor, steer, iterations
             # A head whose logit is the same on every image (block 0's gate sees the class token
             # entering it, which no image changes) cannot be kept on a share of the images: keep
             # the round(target * n) highest of those n heads on every image and prune the others,
-            # rather than leave it to the rounding of raw - cut (~0).
-            same = (raw == raw[:1]).all(dim=0)
+            # rather than leave it to the rounding of raw - cut (~0). "The same" allows rounding
+            # noise (a logit computed at another row of a batched matmul); the +-1 margin below
+            # dwarfs it.
+            spread = raw.amax(dim=0) - raw.amin(dim=0)
+            same = spread <= 1e-4 * raw.abs().amax(dim=0).clamp_min(1.0)
             if same.any():
-                values = raw[0, same]
+                values = raw[:, same].mean(dim=0)
                 keep = torch.zeros_like(values, dtype=torch.bool)
                 keep[values.argsort(descending=True)[: round(target * len(values))]] = True
                 cut[same] = torch.where(keep, values - 1.0, values + 1.0)

@@ -652,6 +652,30 @@ def test_calibrated_gate_splits_heads_whose_logit_is_the_same_on_every_image():
         assert sorted(mask[0, 0].nonzero().flatten().tolist()) == sorted(ranked[:kept])  # the highest logits
 
 
+def test_calibrated_gate_splits_image_independent_heads_through_rounding_noise():
+    """Another backend or batch size can round the same logit differently per image by an ulp or
+    so: those heads are still image-independent, split by rank, not by the noise."""
+    from headsteer.runtime.gated_vit import GatedViT
+
+    model = GatedViT.from_timm("vit_tiny_patch16_224", timm_kwargs=TINY).eval()
+    pixels = torch.randn(16, 3, 32, 32)
+    steer = harness.steering_vectors(model, 16, "cpu")
+    noise = torch.Generator().manual_seed(1)
+
+    class Noisy:
+        gates, gate_blocks = model.gates, model.gate_blocks
+
+        def __call__(self, *args, **kwargs):
+            out = model(*args, **kwargs)
+            out.gate_logits[:, 0] += 1e-6 * torch.randn(out.gate_logits[:, 0].shape, generator=noise)
+            return out
+
+    harness.calibrate_gate(Noisy(), 0.67, pixels, steer)
+    with torch.inference_mode():
+        mask = model(pixels, *steer, budget=None, backend="compact").head_mask
+    assert mask[:, 0].sum(dim=-1).tolist() == [2] * 16
+
+
 def test_steering_vectors_amplify_the_first_latents_of_each_sae_site():
     from headsteer.runtime.gated_vit import GatedViT
 
