@@ -1,13 +1,18 @@
 """The demo end to end with a tiny budget: every output is written, report.json has the issue's
 keys and fractions in [0, 1]."""
+import argparse
+import copy
 import json
+import os
+import types
 
 import pytest
 import torch
 
+from headsteer.runtime import demo as demo_module
 from headsteer.runtime import train as T
 from headsteer.runtime.bundle import load_bundle
-from headsteer.runtime.demo import DemoSettings, report_markdown, run_demo
+from headsteer.runtime.demo import DemoSettings, add_arguments, check_out, report_markdown, run_demo
 from headsteer.runtime.errors import InputError
 from headsteer.runtime.plots import plot_paths
 from headsteer.runtime.steering import SteeringConfig
@@ -182,6 +187,8 @@ def test_a_rerun_stopped_midway_leaves_no_report_of_the_bundles_it_replaced(tmp_
     old = [tmp_path / "report.json", tmp_path / "report.md", *plot_paths(tmp_path, whole_network=True)]
     for path in old:
         path.write_text("an earlier run's")
+    old[1].unlink()
+    old[1].symlink_to(tmp_path / "moved.md")  # a link to a report moved away goes too
     (tmp_path / "notes.txt").write_text("the user's")
 
     def stop(*args, **kwargs):
@@ -196,5 +203,162 @@ def test_a_rerun_stopped_midway_leaves_no_report_of_the_bundles_it_replaced(tmp_
             run_demo(tmp_path, settings, progress=False, log=lambda *_: None)
     finally:
         torch.set_num_threads(threads)
-    assert not [path for path in old if path.exists()]
+    assert not [path for path in old if os.path.lexists(path)]
     assert (tmp_path / "notes.txt").read_text() == "the user's"
+
+
+def _walk_floats(value):
+    if isinstance(value, float):
+        yield value
+    elif isinstance(value, dict):
+        for v in value.values():
+            yield from _walk_floats(v)
+    elif isinstance(value, list):
+        for v in value:
+            yield from _walk_floats(v)
+
+
+def test_demo_report_records_its_preset_and_rounds_every_number(demo):
+    _, report = demo
+    assert report["settings"]["quick"] is False  # tiny_settings keeps the "full" preset
+    floats = list(_walk_floats(report))
+    assert floats and all(x == round(x, 4) for x in floats)
+    assert all(x == round(x, 4) for row in report["per_class"] for x in row["unsteered"]["final_block_head_usage"])
+
+
+def test_demo_report_names_the_blocks_it_gated_and_steered(demo):
+    _, report = demo
+    assert report["model"]["gated_blocks"] == [0, 1]
+    assert report["sae"]["block"] == [1] and list(report["whole_network"]["sae"]) == ["0", "1"]
+
+
+def test_demo_setting_report_counts_each_column_and_applies_the_chosen_global_alpha(monkeypatch):
+    def part(correct, usage):
+        return dict(correct=correct, head_usage=usage, steered_block_usage=usage, final_block_usage=usage)
+
+    # meeting the target: per-class steering in row 0; the random control in rows 1 and 2; the
+    # global strategy in rows 0 and 2 (row 1 loses two images)
+    rows = [dict(unsteered=part(5, 1.0), steered=part(5, 0.5), random=part(5, 1.0), global_amplification=part(5, 0.5)),
+            dict(unsteered=part(5, 1.0), steered=part(5, 1.0), random=part(5, 0.5), global_amplification=part(3, 0.5)),
+            dict(unsteered=part(5, 1.0), steered=part(5, 1.0), random=part(5, 0.5), global_amplification=part(5, 0.5))]
+    seen = {}
+
+    def per_class_table(engine, dataset, steer, random_control=False, others=None):
+        seen.update(others)
+        return rows
+
+    monkeypatch.setattr(demo_module, "per_class_table", per_class_table)
+    monkeypatch.setattr(demo_module, "strategies_summary", lambda *args: {})
+    engine = types.SimpleNamespace(steer_width=4, model=types.SimpleNamespace(sae_blocks=[1]))
+    report = demo_module._setting_report(engine, [None] * 3, dict(global_amplification=dict(alpha=0.5)), 0)
+    assert report["classes_meeting_target"] == dict(per_class=1, random_latents=2, global_amplification=2, of=3)
+    scale, shift = seen["global_amplification"]
+    assert scale.shape == (3, 4) and (scale == 0.5).all() and (shift == 0).all()
+    assert report["latency"] is None
+
+
+def test_demo_markdown_shows_each_rows_measured_usage_drop_and_latency(demo):
+    report = copy.deepcopy(demo[1])
+    # (the tiny demo steers nothing: give a row of each setting usages and kept heads that differ)
+    for row, unsteered, steered in ((report["per_class"][0], 0.8, 0.4), (report["whole_network"]["per_class"][0], 0.9, 0.6)):
+        row["unsteered"].update(head_usage=unsteered, final_block_usage=unsteered - 0.1)
+        row["steered"].update(head_usage=steered, final_block_usage=steered - 0.1, kept_heads=[1, 2])
+    md = report_markdown(report)
+    last, whole = md.split("## Beyond the paper")
+    for section, rows, key in ((last, report["per_class"], "final_block_usage"),
+                               (whole, report["whole_network"]["per_class"], "head_usage")):
+        for r in rows:
+            line = next(line for line in section.splitlines() if line.startswith(f"| {r['class']} | {r['n_test']} |"))
+            u, s = r["unsteered"][key], r["steered"][key]
+            drop = (u - s) / u if u else 0.0
+            assert f"| {u:.3f} -> {s:.3f} | {drop:.0%} | {r['steered']['kept_heads']} |" in line, line
+    for lat, section in ((report["latency"], last), (report["whole_network"]["latency"], whole)):
+        assert (f"Latency (compact, {lat['threads']} thread(s), median of {lat['repeats']}): unsteered "
+                f"{lat['unsteered_ms_per_image']:.3f} ms/image") in section
+    side = whole.split("## Side by side")[1].splitlines()
+    assert sum(line.startswith(("| last block (paper) |", "| every block |")) for line in side) == 2
+    shifted = copy.deepcopy(report)
+    shifted["per_class"][0].update(mode="shift", beta=-1.0)
+    assert " | shift -1.0x class mean | " in report_markdown(shifted)
+
+
+def test_demo_refuses_a_bundle_folder_it_would_replace_only_where_it_writes_one(tmp_path):
+    settings = tiny_settings()
+    for name in ("stages/gates", "bundle_all"):
+        out = tmp_path / name.replace("/", "_")
+        (out / name).mkdir(parents=True)
+        (out / name / "notes.txt").write_text("precious")
+        with pytest.raises(InputError, match="not a headsteer bundle"):
+            check_out(out, settings)
+    settings.whole_network = False  # bundle_all is left alone then
+    check_out(tmp_path / "bundle_all", settings)
+
+
+def test_demo_seeds_every_stage_and_records_the_model_it_built(tmp_path):
+    """Another seed reaches the split and every stage; the image size and class count come from
+    the data when the timm kwargs leave them out, and the report records what was built."""
+    settings = tiny_settings()
+    settings.seed, settings.whole_network, settings.latency_repeats = 1, False, 0
+    settings.timm_kwargs = {k: v for k, v in TINY.items() if k not in ("img_size", "num_classes")}
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        report = run_demo(tmp_path, settings, progress=False, log=lambda *_: None)
+    finally:
+        torch.set_num_threads(threads)
+    assert report["data"]["split_seed"] == 1
+    assert {report["settings"][part]["seed"] for part in ("backbone", "gates", "sae", "steering")} == {1}
+    assert report["model"]["timm_kwargs"] == dict(settings.timm_kwargs, img_size=8, num_classes=10)
+    for name in ("stages/backbone", "stages/gates", "bundle"):
+        assert load_bundle(tmp_path / name)[1].extra["data"] == {"spec": "digits", "split_seed": 1}, name
+    assert "whole_network" not in report and not (tmp_path / "bundle_all").exists()
+
+
+def _demo_args(*argv):
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    return parser.parse_args(list(argv))
+
+
+def test_demo_command_passes_its_options_to_the_run(tmp_path, monkeypatch):
+    seen = []
+
+    def stop(out, settings, progress=True, log=print):
+        seen.append((out, settings, progress))
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(demo_module, "run_demo", stop)
+    threads = torch.get_num_threads()
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            demo_module.run(_demo_args("--out", str(tmp_path / "a"), "--quick", "--seed", "3", "--no-whole-network",
+                                       "--no-progress", "--threads", "1"))
+        with pytest.raises(KeyboardInterrupt):
+            demo_module.run(_demo_args("--out", str(tmp_path / "b")))
+    finally:
+        torch.set_num_threads(threads)
+    (_, quick, progress), (_, full, _) = seen
+    assert (quick.preset, quick.seed, quick.whole_network, progress) == ("quick", 3, False, False)
+    assert (full.preset, full.seed, full.whole_network) == ("full", 0, True)
+    for budget in (lambda s: s.backbone.epochs, lambda s: s.gates.epochs, lambda s: s.sae.epochs,
+                   lambda s: s.latency_repeats):
+        assert budget(quick) < budget(full)
+
+
+def test_demo_command_refuses_no_threads_before_any_work(tmp_path, monkeypatch):
+    monkeypatch.setattr(demo_module, "run_demo", lambda *a, **k: pytest.fail("ran"))
+    with pytest.raises(InputError, match="--threads must be >= 1, got 0"):
+        demo_module.run(_demo_args("--out", str(tmp_path / "out"), "--threads", "0"))
+    assert not (tmp_path / "out").exists()
+
+
+def test_demo_report_sae_metrics_are_each_bundles_own(demo):
+    out, report = demo
+
+    def recorded(name):
+        (stage,) = [s for s in load_bundle(out / name)[1].extra["stages"] if s["recipe"] == "sae"]
+        return stage["val"]
+
+    for reported, name in ((report["sae"], "bundle"), (report["whole_network"]["sae_mean"], "bundle_all")):
+        for key, value in recorded(name).items():
+            assert abs(reported[key] - value) < 1e-4, (name, key)
