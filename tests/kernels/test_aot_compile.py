@@ -41,6 +41,7 @@ def test_ptx_written_per_launch_without_debug_information(report):
     for path in files:
         text = path.read_text()
         assert ".entry" in text and ".loc" not in text and ".debug" not in text, path
+    assert not [path for path in files if " " in path.parent.name]  # variant names, spaces replaced
 
 
 def test_normalized_ptx_ignores_moved_lines_only():
@@ -151,3 +152,78 @@ def test_only_matching_no_variant_is_an_error(tmp_path):
     assert result.stderr.strip() == (
         "headsteer.kernels.aot: no kernel compiled (--only 'gate ViT-Z' matches no variant of --quick)")
     assert result.stdout == "" and not report.exists()
+
+
+def test_normalized_ptx_ignores_comments_file_paths_and_function_labels():
+    from headsteer.kernels.aot import normalized_ptx
+
+    def ptx(line: int, checkout: str) -> str:
+        return (f"//\n// Generated from {checkout}/kernels/k.py\n\t.file\t1 \"{checkout}/kernels/k.py\"\n"
+                f".entry k()\n{{\n$L__func_begin{line}:\n\tret;\n$L__func_end{line}:\n}}\n")
+
+    text = normalized_ptx(ptx(3, "/home/a"))
+    assert text == normalized_ptx(ptx(9, "/tmp/b")) and text.endswith("}\n") and "\tret;" in text
+
+
+PTXAS_OUTPUT = ("ptxas info    : 0 bytes gmem\nptxas info    : Compiling entry function '_k' for 'sm_90a'\n"
+                "ptxas info    : Function properties for _k\n    24 bytes stack frame, 16 bytes spill stores, 8 bytes "
+                "spill loads\nptxas info    : Used 168 registers, used 1 barriers, 400 bytes cmem[0]\n")
+
+
+@pytest.mark.parametrize("arch, gpu_name, tool", [(80, "sm_80", "ptxas"), (90, "sm_90a", "ptxas"),
+                                                  (100, "sm_100a", "ptxas_blackwell")])
+def test_ptxas_report_reads_registers_spills_and_stack(monkeypatch, arch, gpu_name, tool):
+    """ptxas -v prints its report on stderr; each number is read from its own line part, and the
+    target is the arch-specific (sm_XXa) one from Hopper on, with Blackwell's own ptxas."""
+    import types
+
+    import triton
+
+    from headsteer.kernels import aot
+
+    path = getattr(triton.knobs.nvidia, tool).path  # (found before subprocess is replaced: Triton runs it)
+    commands = []
+
+    def ptxas(command, **kwargs):
+        commands.append(command)
+        return subprocess.CompletedProcess(command, 0, stdout="", stderr=PTXAS_OUTPUT)
+
+    monkeypatch.setattr(aot, "subprocess", types.SimpleNamespace(run=ptxas))
+    kernel = type("Kernel", (), {"asm": {"ptx": ".entry _k() {}"}})()
+    assert aot.ptxas_report(kernel, arch) == dict(registers=168, spill_stores=16, spill_loads=8, stack_bytes=24)
+    (command,) = commands
+    assert command[0] == path and f"--gpu-name={gpu_name}" in command
+
+
+def test_compile_only_targets_the_gpu_inside_and_restores_everything_after(monkeypatch):
+    import torch
+    import triton
+    from triton.runtime.jit import JITFunction
+
+    from headsteer.kernels import aot
+
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    driver = triton.runtime.driver
+    previous, run = object(), JITFunction.run
+    monkeypatch.setattr(driver, "_active", previous)
+    cpu = torch.device("cpu")
+    with pytest.raises(KeyError):  # left by an error too
+        with aot.compile_only(80):
+            assert aot.targets_cuda(cpu) and aot.cuda_capability(cpu) == 80 and aot.fp32_dot_precision(cpu) == "tf32x3"
+            assert driver.active.get_current_target().arch == 80 and JITFunction.run is not run
+            raise KeyError
+    assert driver._active is previous and JITFunction.run is run
+    assert not aot.targets_cuda(cpu) and aot.cuda_capability(cpu) is None and aot.fp32_dot_precision(cpu) == "ieee"
+
+
+def test_interpreted_kernels_are_refused_before_compiling(monkeypatch, capsys):
+    from headsteer.kernels import aot
+
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setattr(aot, "compile_all", lambda *a, **k: pytest.fail("compiled"))
+    with pytest.raises(RuntimeError, match="TRITON_INTERPRET unset"):
+        with aot.compile_only():
+            pytest.fail("entered")
+    assert aot.main(["--quick"]) == 2
+    assert capsys.readouterr().err.strip() == (
+        "headsteer.kernels.aot: unset TRITON_INTERPRET; interpreted kernels are never compiled")
