@@ -34,17 +34,20 @@ def tiny_settings() -> DemoSettings:
     )
 
 
-@pytest.fixture(scope="module")
-def demo(tmp_path_factory):
+def _run_demo_on_one_thread(out, settings):
+    """run_demo with one torch thread (the tiny runs are faster so beside other tests), quietly."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    settings = tiny_settings()
-    out = tmp_path_factory.mktemp("demo")
     try:
-        report = run_demo(out, settings, progress=False, log=lambda *_: None)
+        return run_demo(out, settings, progress=False, log=lambda *_: None)
     finally:
         torch.set_num_threads(threads)
-    return out, report
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    out = tmp_path_factory.mktemp("demo")
+    return out, _run_demo_on_one_thread(out, tiny_settings())
 
 
 def _fractions(part, keys):
@@ -151,12 +154,7 @@ def test_demo_reports_an_sae_without_fve(tmp_path):
     settings = tiny_settings()
     settings.timm_kwargs = dict(TINY, depth=1)
     settings.whole_network, settings.latency_repeats = False, 0
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        report = run_demo(tmp_path, settings, progress=False, log=lambda *_: None)
-    finally:
-        torch.set_num_threads(threads)
+    report = _run_demo_on_one_thread(tmp_path, settings)
     assert report["sae"]["fve"] is None
     assert "FVE n/a" in (tmp_path / "report.md").read_text()
 
@@ -196,13 +194,8 @@ def test_a_rerun_stopped_midway_leaves_no_report_of_the_bundles_it_replaced(tmp_
         raise KeyboardInterrupt
 
     monkeypatch.setattr(T, "train_gates", stop)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        with pytest.raises(KeyboardInterrupt):
-            run_demo(tmp_path, settings, progress=False, log=lambda *_: None)
-    finally:
-        torch.set_num_threads(threads)
+    with pytest.raises(KeyboardInterrupt):
+        _run_demo_on_one_thread(tmp_path, settings)
     assert not [path for path in old if os.path.lexists(path)]
     assert (tmp_path / "notes.txt").read_text() == "the user's"
 
@@ -300,12 +293,7 @@ def test_demo_seeds_every_stage_and_records_the_model_it_built(tmp_path):
     settings = tiny_settings()
     settings.seed, settings.whole_network, settings.latency_repeats = 1, False, 0
     settings.timm_kwargs = {k: v for k, v in TINY.items() if k not in ("img_size", "num_classes")}
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        report = run_demo(tmp_path, settings, progress=False, log=lambda *_: None)
-    finally:
-        torch.set_num_threads(threads)
+    report = _run_demo_on_one_thread(tmp_path, settings)
     assert report["data"]["split_seed"] == 1
     assert {report["settings"][part]["seed"] for part in ("backbone", "gates", "sae", "steering")} == {1}
     assert report["model"]["timm_kwargs"] == dict(settings.timm_kwargs, img_size=8, num_classes=10)
