@@ -1,6 +1,5 @@
 """The demo end to end with a tiny budget: every output is written, report.json has the issue's
 keys and fractions in [0, 1]."""
-import argparse
 import copy
 import json
 import os
@@ -12,7 +11,8 @@ import torch
 from headsteer.runtime import demo as demo_module
 from headsteer.runtime import train as T
 from headsteer.runtime.bundle import load_bundle
-from headsteer.runtime.demo import DemoSettings, add_arguments, check_out, report_markdown, run_demo
+from headsteer.runtime.cli import build_parser
+from headsteer.runtime.demo import DemoSettings, check_out, report_markdown, run_demo
 from headsteer.runtime.errors import InputError
 from headsteer.runtime.plots import plot_paths
 from headsteer.runtime.steering import SteeringConfig
@@ -303,9 +303,8 @@ def test_demo_seeds_every_stage_and_records_the_model_it_built(tmp_path):
 
 
 def _demo_args(*argv):
-    parser = argparse.ArgumentParser()
-    add_arguments(parser)
-    return parser.parse_args(list(argv))
+    """`headsteer demo ARGV` as the command line parses it."""
+    return build_parser().parse_args(["demo", *argv])
 
 
 def test_demo_command_passes_its_options_to_the_run(tmp_path, monkeypatch):
