@@ -74,7 +74,7 @@ def external_data_path(onnx_path: Union[str, os.PathLike]) -> Path:
 
 def resolve_source(bundle_or_model, *, class_names=None, steering=None, mean=None, std=None) -> ExportSource:
     """Load a bundle directory, or take a GatedViT with optional class names, table, normalization."""
-    from headsteer.runtime.bundle import IMAGENET_MEAN, IMAGENET_STD, WEIGHTS_FILE, load_bundle
+    from headsteer.runtime.bundle import IMAGENET_MEAN, IMAGENET_STD, WEIGHTS_FILE, class_name_list, load_bundle
     from headsteer.runtime.gated_vit import GatedViT
 
     weights_sha256 = None
@@ -92,9 +92,7 @@ def resolve_source(bundle_or_model, *, class_names=None, steering=None, mean=Non
     else:
         raise InputError(f"to_onnx takes a bundle directory or a GatedViT, got {type(bundle_or_model).__name__}")
     num_classes = model.vit.num_classes
-    names = list(class_names) if class_names is not None else list(default_names)
-    if len(names) != num_classes:
-        raise InputError(f"{len(names)} class names for a model with {num_classes} classes")
+    names = class_name_list(class_names, num_classes) if class_names is not None else list(default_names)
     if steering is not None and steering.width != model.steer_width:
         raise InputError(f"steering table is {steering.width} wide; the model's steer_width is {model.steer_width}")
     return ExportSource(

@@ -57,6 +57,28 @@ def names_outside(names: Sequence[str], known: Sequence[str]) -> list[str]:
     return [name for name in names if name not in known]
 
 
+def class_name_list(class_names: Optional[Sequence[str]], num_classes: int) -> list[str]:
+    """`class_names` as a list of `num_classes` unique strings ("0", "1", ... when None); InputError
+    otherwise. A bare string is refused rather than read as one name per character."""
+    if class_names is None:
+        return [str(i) for i in range(num_classes)]
+    if isinstance(class_names, (str, bytes)):
+        raise InputError(f"class names must be a list of strings, got the single {type(class_names).__name__} "
+                         f"{class_names[:40]!r}")
+    class_names = list(class_names)
+    if len(class_names) != num_classes:
+        raise InputError(f"{len(class_names)} class names for a model with {num_classes} classes")
+    # (load refuses both: predictions and steering targets are class names, one per class)
+    odd = [name for name in class_names if not isinstance(name, str)]
+    if odd:
+        raise InputError(f"class names must be strings, got {type(odd[0]).__name__} {odd[0]!r} "
+                         "(e.g. class_names=[str(i) for i in range(num_classes)])")
+    repeated = repeated_names(class_names)
+    if repeated:
+        raise InputError(f"class names must be unique (a name picks one class), repeated: {repeated}")
+    return class_names
+
+
 def _plain_target(target):
     """A steer target with numpy/torch integers and 0-d tensors or arrays as Python ints; a bool
     (a 0-d bool one too, which operator.index would read as 1), a float or anything else is
@@ -80,6 +102,9 @@ class SteeringTable:
     info: list = field(default_factory=list)
 
     def __post_init__(self):
+        if isinstance(self.class_names, (str, bytes)):
+            raise InputError(f"steering table class names must be a list of strings, got the single "
+                             f"{type(self.class_names).__name__} {self.class_names[:40]!r}")
         rows = len(self.class_names)
         if self.scale.dim() != 2 or self.scale.shape != self.shift.shape or self.scale.shape[0] != rows:
             raise InputError(
@@ -222,17 +247,7 @@ def save_bundle(
             "the model has no classifier head (timm num_classes=0: its 'logits' are pooled features); "
             "a bundle classifies, so build it with num_classes set"
         )
-    class_names = list(class_names) if class_names is not None else [str(i) for i in range(num_classes)]
-    if len(class_names) != num_classes:
-        raise InputError(f"{len(class_names)} class names for a model with {num_classes} classes")
-    # (load refuses both: predictions and steering targets are class names, one per class)
-    odd = [name for name in class_names if not isinstance(name, str)]
-    if odd:
-        raise InputError(f"class names must be strings, got {type(odd[0]).__name__} {odd[0]!r} "
-                         "(e.g. class_names=[str(i) for i in range(num_classes)])")
-    repeated = repeated_names(class_names)
-    if repeated:
-        raise InputError(f"class names must be unique (a name picks one class), repeated: {repeated}")
+    class_names = class_name_list(class_names, num_classes)
     if steering is not None and steering.width != model.steer_width:
         raise InputError(f"steering table is {steering.width} wide; the model's steer_width is {model.steer_width}")
     if steering is not None:

@@ -136,6 +136,13 @@ def test_class_names_and_steering_given_with_a_bundle_are_checked_too(exported, 
     assert narrow.width == 64
     with pytest.raises(InputError, match="2 class names for a model with 5 classes"):
         to_onnx(exported.bundle, tmp_path / "m.onnx", class_names=["a", "b"])
+    # ... and held to what save_bundle holds them to: a list of unique strings, one per class
+    with pytest.raises(InputError, match="class names must be a list of strings, got the single str 'abcde'"):
+        to_onnx(exported.bundle, tmp_path / "m.onnx", class_names="abcde")
+    with pytest.raises(InputError, match=r"class names must be unique.*repeated: \['a'\]"):
+        to_onnx(exported.bundle, tmp_path / "m.onnx", class_names=["a", "a", "b", "c", "d"])
+    with pytest.raises(InputError, match="class names must be strings, got int 0"):
+        to_onnx(exported.model, tmp_path / "m.onnx", class_names=range(5))
     with pytest.raises(InputError, match="steering table is 64 wide; the model's steer_width is 128"):
         to_onnx(exported.bundle, tmp_path / "m.onnx", steering=narrow)
     assert list(tmp_path.iterdir()) == []

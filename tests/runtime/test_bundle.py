@@ -157,6 +157,10 @@ def test_save_validates_before_writing(tmp_path):
         save_bundle(model, tmp_path / "b", class_names=range(model.vit.num_classes))
     with pytest.raises(InputError, match=r"class names must be unique.*repeated: \['a'\]"):
         save_bundle(model, tmp_path / "b", class_names=["a"] * 2 + [str(i) for i in range(model.vit.num_classes - 2)])
+    # a bare string of one character per class was read as that many one-letter names
+    letters = "abcdefghijklmnopqrstuvwxyz"[:model.vit.num_classes]
+    with pytest.raises(InputError, match=r"class names must be a list of strings, got the single str 'abcdefg'"):
+        save_bundle(model, tmp_path / "b", class_names=letters)
     headless = GatedViT.from_timm("vit_tiny_patch16_224", timm_kwargs=tiny_vit_kwargs(num_classes=0))
     with pytest.raises(InputError, match=r"no classifier head \(timm num_classes=0"):
         save_bundle(headless, tmp_path / "b")  # (Engine.predict raised IndexError on its bundle)
@@ -173,6 +177,8 @@ def test_steering_table_lookup_errors():
         SteeringTable(["cat"], torch.ones(2, 4), torch.zeros(2, 4))
     with pytest.raises(InputError, match=r"class names must be unique .*repeated: \['cat'\]"):
         SteeringTable(["cat", "dog", "cat"], torch.ones(3, 4), torch.zeros(3, 4))
+    with pytest.raises(InputError, match=r"steering table class names must be a list of strings, got the single str 'ab'"):
+        SteeringTable("ab", torch.ones(2, 4), torch.zeros(2, 4))
     # a negative index is refused, not read from the end of the table as Python would
     with pytest.raises(InputError, match=r"steering class index -1 out of range \[0, 2\)"):
         table.rows([-1])
