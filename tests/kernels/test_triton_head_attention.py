@@ -295,6 +295,19 @@ def test_q_norm_only_and_identity_norms():
     run_and_check(branch, keep, 2, layer_norm(32, True, True, 8), nn.Identity())
 
 
+def test_qk_layer_norm_with_strided_parameters():
+    """q/k norm weights and biases that are strided views (every other element of a longer
+    vector) are read through their values, not as if contiguous."""
+    branch = make_branch(2, 9, 2, 32, 45)
+    g = torch.Generator().manual_seed(45)
+    norms = [layer_norm(32, True, True, 46), layer_norm(32, True, True, 47)]
+    for norm in norms:
+        norm.weight = nn.Parameter((1 + 0.3 * torch.randn(64, generator=g)).to(DEVICE)[::2])
+        norm.bias = nn.Parameter((0.3 * torch.randn(64, generator=g)).to(DEVICE)[::2])
+        assert not norm.weight.is_contiguous()
+    run_and_check(branch, make_mask("random", 2, 2, 45), 2, *norms)
+
+
 def test_unsupported_norm_is_refused():
     branch = make_branch(1, 5, 2, 32, 9)
     keep = make_mask("all", 1, 2, 0)
@@ -384,6 +397,24 @@ def test_weights_must_share_the_input_dtype():
                               branch["proj_weight"], None, 2)
 
 
+def test_malformed_inputs_are_refused_naming_the_argument(monkeypatch):
+    """Each malformed input is refused before any launch, naming it: x not [B, N, D], qkv_weight
+    with the wrong number of inputs, keep with one head too many, qkv_weight alone in another
+    dtype."""
+    monkeypatch.setattr(attention_module, "_qkv_kernel", None)  # any launch would fail differently
+    branch = make_branch(2, 5, 2, 32, 44)
+    x, qkv_weight, proj_weight = branch["x"], branch["qkv_weight"], branch["proj_weight"]
+    keep = make_mask("all", 2, 2, 0)
+    with pytest.raises(ValueError, match=r"x must be \[B, N, D\], got \(5, 64\)"):
+        triton_head_attention(x[0], keep, qkv_weight, None, proj_weight, None, 2)
+    with pytest.raises(ValueError, match=r"qkv_weight \(192, 32\) does not fit D=64"):
+        triton_head_attention(x, keep, qkv_weight[:, :32], None, proj_weight, None, 2)
+    with pytest.raises(ValueError, match=r"keep must be \[2, 2\], got \(2, 3\)"):
+        triton_head_attention(x, make_mask("all", 2, 3, 0), qkv_weight, None, proj_weight, None, 2)
+    with pytest.raises(TypeError, match="qkv_weight .* must have x's dtype"):
+        triton_head_attention(x, keep, qkv_weight.half(), None, proj_weight, None, 2)
+
+
 @pytest.mark.parametrize("length", [1, 5, 16, 17, 50, 64, 131, 197, 240, 577])
 @pytest.mark.parametrize("block,narrowest", [(64, 16), (32, 16), (128, 32), (16, 16)])
 def test_ragged_step_covers_the_ragged_end_in_one_pass(length, block, narrowest):
@@ -394,6 +425,10 @@ def test_ragged_step_covers_the_ragged_end_in_one_pass(length, block, narrowest)
         assert ragged <= step < 2 * max(narrowest, ragged)
     else:  # no ragged end: the kernel never takes the tail path
         assert step == block
+
+
+def test_ragged_step_is_never_wider_than_the_tile():
+    assert attention_module.ragged_step(17, 16, 64) == 16  # (`narrowest` past the tile gives way)
 
 
 def test_fit_tiles_keeps_the_tuned_defaults_and_shrinks_wide_rows():
@@ -409,6 +444,47 @@ def test_fit_tiles_keeps_the_tuned_defaults_and_shrinks_wide_rows():
     assert wide.attn_block_tail <= wide.attn_block_n
     huge = fit(TileConfig(qkv_block_n=256, qkv_block_k=256, attn_block_n=256, proj_block_o=256), 1024, 4)
     assert min(huge.qkv_block_n, huge.qkv_block_k, huge.attn_block_n, huge.proj_block_o) == 16
+
+
+def test_fit_tiles_rules_at_their_bounds():
+    """Each shrinking rule of `fit_tiles` as its docstring states it, on 16-bit rows of a 128-wide
+    head: the ragged query and key passes never wider than the tiles they end, the QKV weight tiles
+    counted in the shared-memory budget (3 x BLOCK_D rows per step), the projection's token tile
+    beside its column tile."""
+    fit = attention_module.fit_tiles
+    attention = fit(TileConfig(attn_block_m=128, attn_block_m_tail=128, attn_block_n=256, attn_block_tail=256), 128, 2)
+    assert (attention.attn_block_m, attention.attn_block_m_tail) == (64, 64)  # 2 x 128 x 128 > 128 x 32 x 4
+    assert (attention.attn_block_n, attention.attn_block_tail) == (64, 64)  # 8 x 128 x 128 x 2 > 200 KiB
+    # QKV: 3 x (32 + 3 x 128) x 128 x 2 bytes > 200 KiB, at 64-wide reduction steps 156 KiB
+    assert fit(TileConfig(qkv_block_k=256), 128, 2).qkv_block_k == 64
+    # projection: 3 x (64 + 256) x 128 x 2 bytes > 200 KiB, at 128 columns 144 KiB
+    assert fit(TileConfig(proj_block_t=64, proj_block_o=256), 128, 2).proj_block_o == 128
+
+
+def test_tiles_for_fits_the_dtypes_tiles_to_the_padded_head():
+    """fp32 launches fit TILES_FP32 to 4-byte rows, 16-bit ones TILES to 2-byte rows, both
+    at the head dim padded to a power of two (at least 16: tl.dot's narrowest tile)."""
+    fit = attention_module.fit_tiles
+    assert [attention_module.head_block(d) for d in (1, 8, 16, 17, 64, 80)] == [16, 16, 16, 32, 64, 128]
+    assert attention_module.tiles_for(80, torch.float32) == fit(attention_module.TILES_FP32, 128, 4)
+    assert attention_module.tiles_for(80, torch.float16) == fit(attention_module.TILES, 128, 2)
+    assert attention_module.tiles_for(128, torch.float32) != attention_module.tiles_for(128, torch.float16)
+
+
+def test_tile_config_swaps_the_defaults_inside_the_block_only():
+    """`tile_config` (tile sweeps, compile reports) launches with the given tiles inside its
+    block, keeps the fp32 defaults unless fp32 tiles are given, and restores both after, even
+    when the block raises."""
+    tiles, fp32_tiles = TileConfig(attn_block_m=32), TileConfig(attn_block_m=16)
+    defaults = attention_module.TILES, attention_module.TILES_FP32
+    with attention_module.tile_config(tiles):
+        assert (attention_module.TILES, attention_module.TILES_FP32) == (tiles, defaults[1])
+    assert (attention_module.TILES, attention_module.TILES_FP32) == defaults
+    with pytest.raises(RuntimeError, match="inside"):
+        with attention_module.tile_config(tiles, fp32_tiles):
+            assert (attention_module.TILES, attention_module.TILES_FP32) == (tiles, fp32_tiles)
+            raise RuntimeError("inside")
+    assert (attention_module.TILES, attention_module.TILES_FP32) == defaults
 
 
 @pytest.mark.parametrize("block_d", [32, 64, 128])
