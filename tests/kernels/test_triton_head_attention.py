@@ -365,6 +365,29 @@ def test_residual_and_layer_scale_shapes_are_checked():
         triton_head_attention(*args, residual=shared[:, :5], out=shared[:, 1:])
 
 
+def test_empty_batch_or_sequence_launches_nothing():
+    """B=0 or N=0: the output is the empty [B, N, D_out] tensor and there is no launch (a grid
+    of zero programs is an invalid CUDA launch)."""
+    branch = make_branch(2, 5, 2, 32, 48)
+    keep = make_mask("all", 2, 2, 0)
+    for x, mask in ((branch["x"][:0], keep[:0]), (branch["x"][:, :0], keep)):
+        out, launches = attention_module.head_attention_launches(x, mask, branch["qkv_weight"], branch["qkv_bias"],
+                                                                 branch["proj_weight"], branch["proj_bias"], 2)
+        assert launches == [] and out.shape == (*x.shape[:2], 64)
+
+
+def test_out_over_residual_memory_in_another_layout_is_refused():
+    """out starting at the residual's first element but laid out differently (its transpose in
+    the same buffer) would overwrite residual elements before other programs read them."""
+    branch = make_branch(2, 5, 2, 32, 49)
+    buffer = torch.zeros(2 * 5 * 64, device=DEVICE)
+    residual, out = buffer.view(2, 5, 64), buffer.view(2, 64, 5).transpose(1, 2)
+    assert out.data_ptr() == residual.data_ptr() and out.stride() != residual.stride()
+    with pytest.raises(ValueError, match="shares memory"):
+        triton_head_attention(branch["x"], make_mask("all", 2, 2, 0), branch["qkv_weight"], None,
+                              branch["proj_weight"], None, 2, residual=residual, out=out)
+
+
 def test_strided_bias_and_layer_scale_vectors():
     """Biases and the layer scale as strided views (every other element of a longer vector)."""
     branch = make_branch(3, 17, 3, 32, 23)
