@@ -254,9 +254,12 @@ def test_without_biases():
     run_and_check(branch, make_mask("random", 3, 3, 2), 3)
 
 
-def test_pruned_heads_are_never_read():
+@pytest.mark.parametrize("kept_list_max_heads", [8, 0])  # (the projection's kept-head list, its per-head branch)
+def test_pruned_heads_are_never_read(monkeypatch, kept_list_max_heads):
     """NaN weights of a head pruned in every sample (its Q/K/V rows and W_o columns) must not
     reach the output: a kernel that touched them, even to multiply by zero, would yield NaN."""
+    monkeypatch.setattr(attention_module, "TILES_FP32", dataclasses.replace(
+        attention_module.TILES_FP32, proj_kept_list_max_heads=kept_list_max_heads))
     heads, head_dim = 3, 32
     branch = make_branch(3, 17, heads, head_dim, 3)
     keep = make_mask("all", 3, heads, 0)
@@ -663,6 +666,34 @@ def test_fused_qk_tiles_with_one_norm(monkeypatch, which):
     branch = make_branch(3, 17, 3, 32, 38)
     norm = layer_norm(32, True, True, 39)
     run_and_check(branch, make_mask("random", 3, 3, 38), 3, *((norm, None) if which == "q" else (None, norm)))
+
+
+def test_launches_take_the_fused_qk_and_ragged_end_widths_they_are_given(monkeypatch):
+    """Choices that only change speed, so no comparison of outputs sees them, reach the kernels:
+    q|k as one MMA when the tiles ask for it and no q/k norm keeps them apart, and passes over
+    the ragged query and key ends as wide as `ragged_step` makes them (N=40: 8 queries past
+    32-query tiles take a 16-row pass, 40 keys under one 64-key step a whole 64-key one)."""
+    monkeypatch.setattr(attention_module, "TILES", dataclasses.replace(
+        attention_module.TILES, qkv_fuse_qk=True, attn_block_m=32, attn_block_m_tail=16, attn_block_n=64,
+        attn_block_tail=16))
+    launched = {}
+    for name in ("_qkv_kernel", "_attention_kernel"):
+        kernel = getattr(attention_module, name)
+
+        class Recording:
+            def __getitem__(self, grid, kernel=kernel, name=name):
+                def launch(*args, **kwargs):
+                    launched[name] = kwargs
+                    return kernel[grid](*args, **kwargs)
+                return launch
+
+        monkeypatch.setattr(attention_module, name, Recording())
+    branch = make_branch(1, 40, 1, 32, 50, torch.float16)
+    run_and_check(branch, make_mask("all", 1, 1, 50), 1)
+    assert launched["_qkv_kernel"]["FUSE_QK"]
+    assert (launched["_attention_kernel"]["BLOCK_M_TAIL"], launched["_attention_kernel"]["BLOCK_TAIL"]) == (16, 64)
+    run_and_check(branch, make_mask("all", 1, 1, 51), 1, None, layer_norm(32, True, True, 52, torch.float16))
+    assert not launched["_qkv_kernel"]["FUSE_QK"]
 
 
 def test_strided_last_dims_weights_and_keep():
