@@ -68,10 +68,16 @@ def test_cold_graph_timing_flushes_l2_before_each_call_and_subtracts_the_flush(m
     assert replays == [["flush 4096", "call"], ["flush 4096"]]
 
 
-def test_breakdown_times_each_kernel(tiny, capsys):
+def test_breakdown_times_each_kernel(tiny, capsys, monkeypatch):
+    from headsteer.kernels import triton_head_attention as attention
+
+    kept, real = [], attention.head_attention_launches
+    monkeypatch.setattr(attention, "head_attention_launches", lambda x, keep, *a: kept.append(keep.sum(1).tolist()) or
+                        real(x, keep, *a))
     results = bench.breakdown()
     rows = results["breakdown"]
     assert [(r["branch"], r["usage"]) for r in rows] == [("dense", None)] + [("sparse", u) for u in bench.USAGES + (0.0,)]
+    assert kept == [[k] * bench.BATCH for k in (2, 1, 1, 1, 0, 0)]  # each usage's round(u * 2) heads
     for row in rows:
         assert set(row) - {"model", "usage", "branch", "total"} == set(bench.BREAKDOWN_STAGES)
         assert row["total"] == pytest.approx(sum(row[stage] for stage in bench.BREAKDOWN_STAGES))
@@ -79,13 +85,26 @@ def test_breakdown_times_each_kernel(tiny, capsys):
     assert printed == bench.BREAKDOWN_HEADER.splitlines() + [bench.breakdown_row(row) for row in rows]
 
 
+def test_breakdown_row_formats_the_times():
+    row = dict(model="ViT-S", usage=None, branch="dense", qkv=10.04, attention=20.06, proj=3.0, total=33.1)
+    assert bench.breakdown_row(row) == "| ViT-S | dense |  | 10.0 | 20.1 | 3.0 | 33.1 |"
+    row.update(usage=0.33, branch="sparse", qkv=1.0, total=24.06)
+    assert bench.breakdown_row(row) == "| ViT-S | sparse | 0.33 | 1.0 | 20.1 | 3.0 | 24.1 |"
+    assert len(bench.breakdown_row(row).split("|")) == len(bench.BREAKDOWN_HEADER.splitlines()[0].split("|"))
+
+
+def test_failure_is_the_first_line_of_the_message():
+    assert bench.failure(ValueError("\n  out of resources\nsecond line")) == "ValueError: out of resources"
+    assert bench.failure(RuntimeError()) == "RuntimeError: "
+
+
 def test_dense_stages_compute_the_dense_branch(tiny):
     generator = torch.Generator().manual_seed(3)
     w = bench.make_block(2, 32, generator)
     x = torch.randn(3, 9, 32, generator=generator).to(bench.DEVICE, bench.DTYPE)
     (_, qkv), (_, attention), (_, proj) = bench.dense_stages(x, w, 2)
-    assert qkv().shape == (3, 9, 96)
-    assert proj().shape == (3, 9, 32)
+    torch.testing.assert_close(qkv(), torch.nn.functional.linear(x, w["qkv_w"], w["qkv_b"]))
+    torch.testing.assert_close(proj(), bench.dense_attention(x, w, 2))  # (on the attention's output)
     attention()
 
 
@@ -141,6 +160,14 @@ def test_profile_launches_each_kernel_once_in_order(tiny, capsys, monkeypatch):
                       "tiny sparse branch, usage 0.33", "tiny dense branch"]
     assert capsys.readouterr().out.splitlines() == [f"profiled launch: {label}" for label in labels]
     assert len(launches) == 4 and tiny == []  # the two sparse cases, twice each; no timer called
+
+
+def test_profile_prints_each_label_just_before_its_launch(monkeypatch, capsys):
+    monkeypatch.setattr(bench, "DEVICE", DEVICE)
+    monkeypatch.setattr(bench, "launch_cases", lambda: [(label, lambda label=label: print("ran", label)) for label in "ab"])
+    assert bench.profile_launches() == ["a", "b"]
+    assert capsys.readouterr().out.splitlines() == ["ran a", "ran b", "profiled launch: a", "ran a", "profiled launch: b",
+                                                    "ran b"]
 
 
 def test_sweeps_and_breakdown_take_short_graph_timings(tiny, monkeypatch):
@@ -230,6 +257,8 @@ def test_warm_up_covers_every_mode_and_variant():
     assert len(per_mode["sweep"]) == len(bench.sweep_variants()) * len(bench.MODELS)
     assert len(per_mode["gate-sweep"]) == len(bench.gate_sweep_variants()) * len(bench.MODELS)
     assert tasks.index(per_mode["gate-sweep"][0]) < tasks.index(per_mode["sweep"][0])  # slow compiles first
+    models = [(model, 0) for model in bench.MODELS]  # the table and the breakdown first, each model once
+    assert tasks[:2 * len(models)] == [("table", *m) for m in models] + [("breakdown", *m) for m in models]
 
 
 def test_warm_up_runs_tasks_in_parallel_processes_and_reports_each(capsys):
@@ -239,6 +268,14 @@ def test_warm_up_runs_tasks_in_parallel_processes_and_reports_each(capsys):
     lines = capsys.readouterr().out.splitlines()
     assert len(lines) == 3 and sum("RuntimeError: planned failure" in line for line in lines) == 1
     assert sum(line.endswith("short 0.5") for line in lines) == 1
+
+
+def test_warm_up_runs_jobs_processes_at_once(tmp_path, capsys):
+    """Two tasks that each wait for the other finish only in two processes at once."""
+    from tests.bench.warm_up_tasks import barrier_task
+
+    assert bench.warm_up(2, 50, task_function=barrier_task, tasks=[(str(tmp_path), 2)] * 2) == 2
+    assert "alone" not in capsys.readouterr().out
 
 
 def test_warm_up_stops_at_its_limit_and_ends_its_workers(capsys):
@@ -308,6 +345,119 @@ def test_warm_up_arguments_are_checked_first(capsys):
         assert "--jobs and --repeats must be at least 1" in capsys.readouterr().err
 
 
+def test_defaults_of_the_warm_up_and_host_options(monkeypatch):
+    """--jobs: one fewer than the CPUs, at least 1 and at most 16; --seconds 60; --repeats HOST_REPEATS."""
+    for cpus, jobs in ((1, 1), (None, 1), (8, 7), (64, 16)):
+        monkeypatch.setattr(bench.os, "cpu_count", lambda cpus=cpus: cpus)
+        args = bench.parse_args(["--warm-up"])
+        assert (args.mode, args.jobs, args.seconds) == ("warm_up", jobs, 60.0)
+    args = bench.parse_args(["--host"])
+    assert (args.mode, args.repeats) == ("host", bench.HOST_REPEATS) and bench.parse_args([]).mode == "table"
+    assert bench.parse_args(["--warm-up", "--jobs", "3", "--seconds", "0.5"]).jobs == 3
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--warm-up", "--seconds", "0"], "--seconds positive"), (["--md", "x.md", "--repeats", "2"], "--repeats does not "
+     "apply to the table (no mode option)"), (["--warm-up", "--json", "x"], "--json does not apply to --warm-up"),
+    (["--gate-sweep", "--jobs", "2", "--md", "x"], "--md, --jobs does not apply to --gate-sweep")])
+def test_bad_arguments_are_refused_saying_why(args, message, capsys):
+    with pytest.raises(SystemExit):
+        bench.parse_args(args)
+    assert message in capsys.readouterr().err
+
+
+def test_main_runs_the_mode_asked_for(tmp_path, monkeypatch, capsys):
+    """With CUDA (faked here), each mode runs its function with its options; --breakdown writes
+    its rows to --json; --host runs host_main with --repeats and --json."""
+    import json
+
+    ran = []
+    monkeypatch.setattr(bench.torch.cuda, "is_available", lambda: True)
+    for name in ("warm_up", "profile_launches", "sweep", "gate_sweep", "table_main", "host_main"):
+        monkeypatch.setattr(bench, name, lambda *a, name=name: ran.append((name, *a)) or 0)
+    monkeypatch.setattr(bench, "breakdown", lambda: ran.append(("breakdown",)) or {"breakdown": [{"qkv": 1.5}]})
+    out = tmp_path / "b.json"
+    for argv in (["--warm-up", "--jobs", "3", "--seconds", "7"], ["--profile"], ["--sweep"], ["--gate-sweep"],
+                 ["--breakdown", "--json", str(out)], ["--host", "--repeats", "5", "--json", str(out) + "2"]):
+        assert bench.main(argv) == 0
+    assert ran == [("warm_up", 3, 7.0), ("profile_launches",), ("sweep",), ("gate_sweep",), ("breakdown",),
+                   ("host_main", 5, str(out) + "2", ["--host", "--repeats", "5", "--json", str(out) + "2"])]
+    assert json.loads(out.read_text()) == {"breakdown": [{"qkv": 1.5}]}
+    ran.clear()
+    assert bench.main(["--breakdown"]) == 0 and bench.main(["--md", str(tmp_path / "t.md")]) == 0
+    assert ran[0] == ("breakdown",) and ran[1][0] == "table_main" and ran[1][1].md == str(tmp_path / "t.md")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["b.json"]
+
+
+def test_table_main_prints_and_writes_the_table(tmp_path, monkeypatch, capsys):
+    import json
+
+    results = {"attention": [], "gate": []}
+    monkeypatch.setattr(bench.torch.cuda, "get_device_name", lambda: "a GPU")
+    monkeypatch.setattr(bench, "run_benchmark", lambda: results)
+    argv = ["--json", str(tmp_path / "k.json"), "--md", str(tmp_path / "k.md")]
+    bench.table_main(bench.parse_args(argv), argv)
+    report = json.loads((tmp_path / "k.json").read_text())
+    assert report.pop("device") == "a GPU" and report.pop("command") == "python -m headsteer.bench.kernels " + " ".join(argv)
+    text = bench.markdown(results, "a GPU", report.pop("date"), "python -m headsteer.bench.kernels " + " ".join(argv))
+    assert report == results and (tmp_path / "k.md").read_text() == text and capsys.readouterr().out == text + "\n"
+
+
+def test_run_stamp_is_the_utc_minute_and_the_command(monkeypatch):
+    import datetime
+    import time
+
+    assert bench.run_stamp([])[1] == "python -m headsteer.bench.kernels"
+    assert bench.run_stamp(["--host", "--json", "h.json"])[1] == "python -m headsteer.bench.kernels --host --json h.json"
+    monkeypatch.setattr(bench.sys, "argv", ["kernels.py", "--sweep"])
+    assert bench.run_stamp(None)[1] == "python -m headsteer.bench.kernels --sweep"
+    monkeypatch.setenv("TZ", "Asia/Kathmandu")  # (UTC+05:45: no whole hour off)
+    time.tzset()
+    try:
+        stamp = datetime.datetime.strptime(bench.run_stamp([])[0], "%Y-%m-%d %H:%M UTC")
+    finally:
+        monkeypatch.undo()
+        time.tzset()
+    now = datetime.datetime.now(datetime.timezone.utc).replace(tzinfo=None)
+    assert abs(now - stamp) < datetime.timedelta(minutes=2)
+
+
+def test_host_main_without_cuda_times_inside_compile_only_and_records_where(tmp_path, monkeypatch):
+    import json
+
+    from headsteer.kernels import aot
+
+    if torch.cuda.is_available():
+        pytest.skip("checks the compile-only path of a machine without CUDA")
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)  # (compile_only refuses the interpreter)
+    monkeypatch.setattr(bench, "DEVICE", "cuda")
+    seen = []
+    monkeypatch.setattr(bench, "host_costs", lambda repeats: seen.append((repeats, bench.DEVICE, aot._COMPILE_ONLY_ARCH))
+                        or [{"launch": "a", "host_us": 1.0}])
+    argv = ["--host", "--repeats", "4", "--json", str(tmp_path / "h.json")]
+    assert bench.host_main(4, str(tmp_path / "h.json"), argv) == 0
+    assert seen == [(4, "cpu", 90)]
+    report = json.loads((tmp_path / "h.json").read_text())
+    assert report.pop("device").endswith(f" ({bench.os.cpu_count()} CPUs), no GPU") and report.pop("date")
+    import triton
+
+    assert report == dict(command="python -m headsteer.bench.kernels " + " ".join(argv), torch=torch.__version__,
+                          triton=triton.__version__, launched=False, host=[{"launch": "a", "host_us": 1.0}])
+    assert bench.host_main(4, None, None) == 0 and len(seen) == 2
+
+
+def test_markdown_rows_hold_each_number_in_its_column():
+    attention = dict(model="ViT-S", heads=6, dim=384, usage=0.33, heads_kept=2, dense_us=100.04, sparse_us=40.06,
+                     speedup=2.4974, dense_graph_us=90.0, sparse_graph_us=30.0, speedup_graph=3.0)
+    gate = dict(model="ViT-S", sae="none", gate_us=5.0, block_us=200.0, share=0.025, gate_graph_us=4.0,
+                block_graph_us=160.0, share_graph=0.025, gate_cold_graph_us=6.0, block_cold_graph_us=150.0,
+                share_cold_graph=0.04)
+    text = bench.markdown({"attention": [attention], "gate": [gate]}, "an H100", "2026-11-28 00:00 UTC", "python -m x")
+    assert "| ViT-S | 0.33 | 2/6 | 100.0 | 40.1 | 2.50x | 90.0 | 30.0 | 3.00x |" in text.splitlines()
+    assert "| ViT-S | none | 5.0 | 200.0 | 2.5% | 4.0 | 160.0 | 2.5% | 6.0 | 150.0 | 4.0% |" in text.splitlines()
+    assert "Measured on an H100, 2026-11-28 00:00 UTC, with `python -m x`" in text and f"Targets: {bench.TARGETS}." in text
+
+
 def test_modes_are_exclusive(capsys):
     with pytest.raises(SystemExit):
         bench.main(["--sweep", "--breakdown"])
@@ -334,6 +484,10 @@ def test_report_paths_are_checked_before_any_work(tmp_path, capsys, monkeypatch,
         with pytest.raises(SystemExit):
             bench.main([*mode, "--json", str(path)])
         assert "--json" in capsys.readouterr().err
+        if not mode:  # (the table also writes --md)
+            with pytest.raises(SystemExit):
+                bench.main(["--md", str(path)])
+            assert "--md" in capsys.readouterr().err
 
 
 def test_gpu_checks_invocations_are_valid(tmp_path):
@@ -368,3 +522,172 @@ def test_flops_count_the_padded_patches_of_a_dynamic_img_pad_model():
     counts = vit_flops(vit)
     assert counts.tokens == 13 * 13 + 1
     assert counts.total == counter.get_total_flops()
+
+
+# ---- stand-ins for the kernels: what each timed call is given (the calls themselves run elsewhere) ----
+
+
+@pytest.fixture
+def kernel_calls(monkeypatch):
+    """Replaces the sparse branch and the fused gate by recorders (nothing compiled or
+    interpreted): each call appends what it was given, and the tile and gate constants in force."""
+    from headsteer.kernels import triton_head_attention as attention
+    from headsteer.kernels import triton_sae_gate as gate
+
+    calls = []
+
+    def sparse(x, keep, w, heads):
+        calls.append(dict(kind="sparse", kept=keep.sum(1).tolist(), heads=heads, tiles=attention.TILES))
+        return torch.zeros_like(x)
+
+    def steer_gate(e, gate_params, sae, scale=None, shift=None, mode="preserve-error", budget=None):
+        calls.append(dict(kind="gate", e=e, gate=gate_params, sae=sae, scale=scale, shift=shift, budget=budget,
+                          block_s=gate.BLOCK_S, warps=gate.GATE_WARPS))
+        return e.float(), None
+
+    monkeypatch.setattr(bench, "sparse_attention", sparse)
+    monkeypatch.setattr(gate, "triton_sae_steer_gate", steer_gate)
+    return calls
+
+
+def test_benchmark_rows_hold_what_was_timed(tiny, kernel_calls, monkeypatch):
+    """Each row's numbers are the timings of its own calls (the fake timer numbers its calls:
+    eager n, graph n/2) and the ratios of those: the dense branch timed once per model, before the
+    sparse one at each usage; each gate with its own SAE and steering; the cold columns time
+    the same calls as the warm ones."""
+    monkeypatch.setattr(bench, "MODELS", {"tiny": (6, 48)})
+    cold = []
+
+    def fake_cold(fn, rep_ms=bench.GRAPH_REP_MS):
+        cold.append(fn())
+        tiny.append(fn)
+        return 100.0 + len(tiny)
+
+    monkeypatch.setattr(bench, "graph_timed_cold", fake_cold)
+    results = bench.run_benchmark()
+    attention = results["attention"]
+    assert [r["heads_kept"] for r in attention] == [6, 4, 3, 2, 1]
+    assert [c["kept"] for c in kernel_calls if c["kind"] == "sparse"] == [[k] * bench.BATCH for k in (6, 4, 3, 2, 1)]
+    for n, r in enumerate(attention, start=2):
+        assert (r["model"], r["heads"], r["dim"]) == ("tiny", 6, 48)
+        assert (r["dense_us"], r["dense_graph_us"], r["sparse_us"], r["sparse_graph_us"]) == (1.0, 0.5, n, n / 2)
+        assert r["speedup"] == pytest.approx(1.0 / n) and r["speedup_graph"] == pytest.approx(0.5 / (n / 2))
+    gates = [c for c in kernel_calls if c["kind"] == "gate"]
+    # each gate called eagerly, then cold, with the same arguments
+    assert all(all(a is b for a, b in zip(eager.values(), cold.values())) for eager, cold in zip(gates[::2], gates[1::2]))
+    gates = gates[::2]
+    assert [(g["sae"] is None, g["scale"] is None, g["shift"] is None, g["budget"]) for g in gates] == [
+        (True, True, True, None), (False, False, True, None), (False, False, False, None)]
+    assert gates[2]["scale"].float().mean() == pytest.approx(1.0, abs=0.1)  # the scale, not the shift
+    assert gates[2]["shift"].float().mean() == pytest.approx(0.0, abs=0.1)
+    # block: eager call 7, cold call 8; gates: eager 9, 11, 13, each cold right after it
+    for n, r in zip((9, 11, 13), results["gate"]):
+        assert (r["gate_us"], r["gate_graph_us"], r["block_us"], r["block_graph_us"]) == (n, n / 2, 7.0, 3.5)
+        assert (r["gate_cold_graph_us"], r["block_cold_graph_us"]) == (101.0 + n, 108.0)
+        assert r["share"] == pytest.approx(n / 7) and r["share_graph"] == pytest.approx(n / 7)
+        assert r["share_cold_graph"] == pytest.approx((101 + n) / 108)
+    block_eager = tiny[6]()
+    assert torch.equal(cold[0], block_eager) and block_eager.shape == (bench.BATCH, bench.TOKENS, 48)
+
+
+def test_dense_block_is_a_timm_block():
+    """`dense_block` (and its attention branch) compute timm's pre-norm ViT block with
+    `make_block`'s weights, which are scaled like trained ones (unit-variance outputs)."""
+    from timm.models.vision_transformer import Block
+
+    generator = torch.Generator().manual_seed(int(torch.randint(1 << 30, ())))
+    heads, dim = 4, 64
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(bench, "DEVICE", "cpu")
+        patch.setattr(bench, "DTYPE", torch.float32)
+        w = bench.make_block(heads, dim, generator)
+    block = Block(dim, heads, qkv_bias=True).eval()
+    names = dict(norm1_w="norm1.weight", norm1_b="norm1.bias", norm2_w="norm2.weight", norm2_b="norm2.bias",
+                 qkv_w="attn.qkv.weight", qkv_b="attn.qkv.bias", proj_w="attn.proj.weight", proj_b="attn.proj.bias",
+                 fc1_w="mlp.fc1.weight", fc1_b="mlp.fc1.bias", fc2_w="mlp.fc2.weight", fc2_b="mlp.fc2.bias")
+    block.load_state_dict({names[key]: value for key, value in w.items()})
+    x = torch.randn(3, 9, dim)
+    with torch.no_grad():
+        torch.testing.assert_close(bench.dense_block(x, w, heads), block(x), atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(bench.dense_attention(x, w, heads), block.attn(x), atol=1e-4, rtol=1e-4)
+        with pytest.MonkeyPatch.context() as patch:  # the sparse branch keeping every head: the same
+            patch.setattr(bench, "DEVICE", "cpu")
+            keep = bench.random_keep(1, heads, 1.0, generator)
+        torch.testing.assert_close(bench.sparse_attention(x[:1], keep, w, heads), block.attn(x[:1]), atol=1e-4, rtol=1e-4)
+    for key, value in w.items():
+        if key.endswith("_w") and value.dim() == 2:  # Linear weights: std fan_in**-0.5
+            assert value.std() * value.shape[1] ** 0.5 == pytest.approx(1.0, abs=0.15), key
+        elif key.endswith("_b"):
+            assert value.std() == pytest.approx(0.1, abs=0.04), key
+        else:
+            assert value.mean() == pytest.approx(1.0, abs=0.3), key
+
+
+def test_gate_params_are_the_runtime_defaults(monkeypatch):
+    """G = D/4 gate, then the S = 4D TopK k=16 SAE (unit-norm decoder rows) with a per-sample
+    steering scale (around 1) and shift (around 0)."""
+    monkeypatch.setattr(bench, "DEVICE", "cpu")
+    monkeypatch.setattr(bench, "BATCH", 5)
+    generator = torch.Generator().manual_seed(int(torch.randint(1 << 30, ())))
+    gate, sae, steering = bench.gate_params(64, 4, generator, False)
+    assert sae is None and steering == (None, None)
+    assert (gate["fc1_weight"].shape, gate["fc2_weight"].shape, gate["fc2_bias"].shape) == ((16, 64), (4, 16), (4,))
+    gate, sae, (scale, shift) = bench.gate_params(64, 4, generator, True)
+    assert gate["norm_weight"].dtype == bench.DTYPE and gate["fc1_weight"].shape == (16, 64)
+    assert (sae["activation"], sae["k"], sae["threshold"]) == ("topk", 16, None)
+    assert sae["enc_weight"].shape == (256, 64) and sae["dec_weight"].shape == (256, 64)
+    torch.testing.assert_close(sae["dec_weight"].float().norm(dim=1), torch.ones(256), atol=1e-2, rtol=0)
+    assert scale.shape == shift.shape == (5, 256)
+    assert scale.float().mean() == pytest.approx(1.0, abs=0.1) and shift.float().mean() == pytest.approx(0, abs=0.05)
+
+
+def test_sweep_times_each_fitted_tiling_at_usage_1_and_0_33(tiny, kernel_calls, capsys, monkeypatch):
+    """The defaults first, then variants that differ from them; each timing runs the tiles its line
+    names (fitted to the head size), on masks keeping every head, then round(0.33 * H)."""
+    from headsteer.kernels import triton_head_attention as attention
+
+    monkeypatch.setattr(bench, "MODELS", {"tiny": (6, 48)})
+    variants = bench.sweep_variants()
+    assert variants[0] is attention.TILES and all(v != attention.TILES for v in variants[1:])
+    bench.sweep()
+    lines = capsys.readouterr().out.splitlines()[1:]
+    assert len(kernel_calls) == 2 * len(lines)
+    for line, (full, third) in zip(lines, zip(kernel_calls[::2], kernel_calls[1::2])):
+        assert (full["kept"], third["kept"]) == ([6] * bench.BATCH, [2] * bench.BATCH)
+        assert full["tiles"] is third["tiles"] and line.endswith(f"  {full['tiles']}")
+
+
+def test_gate_sweep_times_each_variant_on_its_three_gates(tiny, kernel_calls, capsys):
+    """Under each variant's constants: the SAE with a steering scale, with a scale and a shift,
+    then the gate alone."""
+    from headsteer.kernels import triton_sae_gate as gate
+
+    variants = [dict(BLOCK_S=64), dict(GATE_WARPS=4)]
+    bench.gate_sweep(variants)
+    assert len(capsys.readouterr().out.splitlines()) == 2 and len(kernel_calls) == 6
+    assert [(c["block_s"], c["warps"]) for c in kernel_calls] == 3 * [(64, gate.GATE_WARPS)] + 3 * [(gate.BLOCK_S, 4)]
+    for sae, shift, alone in zip(kernel_calls[::3], kernel_calls[1::3], kernel_calls[2::3]):
+        assert sae["sae"] is shift["sae"] is not None and sae["scale"] is shift["scale"] is not None
+        assert sae["shift"] is None and shift["shift"] is not None and alone["sae"] is alone["scale"] is None
+        assert sae["scale"].float().mean() == pytest.approx(1.0, abs=0.1)  # the scale, not the shift
+        assert alone["gate"] is not sae["gate"]  # (a gate of its own)
+
+
+def test_launch_cases_launch_what_their_labels_say(tiny, kernel_calls, monkeypatch):
+    monkeypatch.setattr(bench, "MODELS", {"tiny": (6, 48)})
+    dense = []
+    monkeypatch.setattr(bench, "dense_attention", lambda x, w, heads: dense.append(heads))
+    for _, launch in bench.launch_cases():
+        launch()
+    with_sae, alone, full, third = kernel_calls
+    assert with_sae["sae"]["k"] == 16 and with_sae["scale"] is not None and with_sae["shift"] is None
+    assert alone["sae"] is alone["scale"] is alone["shift"] is None
+    assert with_sae["gate"]["fc1_weight"] is not alone["gate"]["fc1_weight"]
+    assert (full["kept"], third["kept"]) == ([6] * bench.BATCH, [2] * bench.BATCH) and dense == [6]
+
+
+def test_warm_up_stand_ins_launch_once_and_return_placeholders(monkeypatch):
+    monkeypatch.setattr(bench, "DEVICE", DEVICE)
+    calls = []
+    assert bench._launch_once(lambda: calls.append(1)) == 1.0 and calls == [1]
+    assert bench._launch_once_eager_and_graph(lambda: calls.append(2)) == (1.0, 1.0) and calls == [1, 2]

@@ -10,3 +10,17 @@ def sleep_task(task):
         return task, 0.0, "RuntimeError: planned failure"
     time.sleep(seconds)
     return task, float(seconds), ""
+
+
+def barrier_task(task):
+    """task = (folder, n): leave a file in the folder, then wait (up to a minute) until n tasks
+    have: n tasks finish together only when they run in n processes at once."""
+    import os
+    from pathlib import Path
+
+    folder, n = task
+    Path(folder, str(os.getpid())).touch()
+    deadline = time.monotonic() + 60
+    while len(os.listdir(folder)) < n and time.monotonic() < deadline:
+        time.sleep(0.02)
+    return task, 0.0, "" if len(os.listdir(folder)) >= n else "RuntimeError: alone"
