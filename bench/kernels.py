@@ -31,6 +31,7 @@ import dataclasses
 import datetime
 import io
 import json
+import math
 import os
 import statistics
 import sys
@@ -634,8 +635,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.jobs = max(1, min(16, (os.cpu_count() or 2) - 1)) if args.jobs is None else args.jobs
     args.seconds = 60.0 if args.seconds is None else args.seconds
     args.repeats = HOST_REPEATS if args.repeats is None else args.repeats
-    if args.jobs < 1 or args.seconds <= 0 or args.repeats < 1:
-        parser.error(f"--jobs and --repeats must be at least 1 and --seconds positive "
+    if args.jobs < 1 or not 0 < args.seconds < math.inf or args.repeats < 1:  # (nan and inf too)
+        parser.error(f"--jobs and --repeats must be at least 1 and --seconds positive and finite "
                      f"(got {args.jobs}, {args.repeats} and {args.seconds})")
     from headsteer.bench.harness import check_report_paths
     from headsteer.runtime.errors import InputError

@@ -357,7 +357,8 @@ def test_defaults_of_the_warm_up_and_host_options(monkeypatch):
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--warm-up", "--seconds", "0"], "--seconds positive"), (["--md", "x.md", "--repeats", "2"], "--repeats does not "
+    (["--warm-up", "--seconds", "0"], "--seconds positive"), (["--warm-up", "--seconds", "nan"], "--seconds positive"),
+    (["--warm-up", "--seconds", "inf"], "--seconds positive and finite"), (["--md", "x.md", "--repeats", "2"], "--repeats does not "
      "apply to the table (no mode option)"), (["--warm-up", "--json", "x"], "--json does not apply to --warm-up"),
     (["--gate-sweep", "--jobs", "2", "--md", "x"], "--md, --jobs does not apply to --gate-sweep")])
 def test_bad_arguments_are_refused_saying_why(args, message, capsys):
