@@ -285,7 +285,7 @@ def test_warm_up_stops_at_its_limit_and_ends_its_workers(capsys):
 
     start = time.monotonic()
     assert bench.warm_up(1, 2, task_function=sleep_task, tasks=[("long", 600), ("long", 600)]) == 0
-    assert time.monotonic() - start < 60  # the sleeping worker was terminated, not waited for
+    assert time.monotonic() - start < 20  # the sleeping worker was terminated, not waited for, right at the limit
     assert "stopped at its 2 s limit with 2 of 2 tasks unfinished" in capsys.readouterr().out
 
 
