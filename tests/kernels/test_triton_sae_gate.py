@@ -279,6 +279,37 @@ def test_bad_arguments_are_clear_errors():
         triton_sae_steer_gate(e, gate, make_sae(16, width, "topk", 64, k=width), torch.ones(width, device=DEVICE))
 
 
+def test_bad_shapes_and_outputs_are_refused_before_any_launch(recorded_launches):
+    """Every tensor the kernel would read past (it reads raw pointers by the shapes it is told) and
+    every output it could not write into is a ValueError naming it, before any launch."""
+    dim, width, batch, heads = 16, 40, 3, 4
+    gate, sae = make_gate(dim, 8, heads, 1), make_sae(dim, width, "jumprelu", 2)
+    e = torch.randn(batch, dim, device=DEVICE)
+    scale = torch.rand(batch, width, device=DEVICE)
+    logits = torch.empty(batch, heads, device=DEVICE)
+    keep = torch.empty(batch, heads, device=DEVICE, dtype=torch.bool)
+
+    def refused(match, e=e, gate=gate, sae=sae, scale=scale, out=None):
+        with pytest.raises(ValueError, match=match):
+            triton_sae_steer_gate(e, gate, sae, scale, out=out)
+
+    refused(r"decision vectors must be \[B, D\], got \(16,\)", e=e[0])
+    refused(r"decision vectors must be \[B, D\]", e=e[None])
+    refused("gate weights", gate=dict(gate, fc1_weight=gate["fc1_weight"][:, 1:]))
+    refused("gate weights", gate=dict(gate, fc2_weight=gate["fc2_weight"][:, 1:]))
+    refused("SAE weights", sae=dict(sae, enc_weight=sae["enc_weight"][:, 1:]))
+    refused("SAE weights", sae=dict(sae, dec_weight=sae["dec_weight"][1:]))
+    refused("jumprelu SAE needs a per-latent threshold", sae=dict(sae, threshold=None))
+    refused(rf"topk SAE needs 0 <= k <= {width}, got -1", sae=dict(sae, activation="topk", k=-1))
+    refused(rf"steer_scale must be \[B, {width}\]", scale=scale[:, 1:])
+    refused(rf"steer_scale must be \[B, {width}\]", scale=scale[None])
+    for bad_logits in (logits[1:], logits.double(), torch.empty(heads, batch, device=DEVICE).t()):
+        refused("out logits must be a contiguous float32", out=(bad_logits, keep))
+    for bad_keep in (keep[:, 1:], keep.int(), torch.empty(heads, batch, device=DEVICE, dtype=torch.bool).t()):
+        refused("out keep must be a contiguous bool", out=(logits, bad_keep))
+    assert recorded_launches == []
+
+
 @cuda_only
 def test_no_host_sync_and_graph_replay():
     dim, width, batch = 64, 128, 5
