@@ -599,6 +599,14 @@ def _flat_steering(steer: Optional[torch.Tensor], batch: int, width: int, name: 
     return steer.expand(batch, width)
 
 
+def _check_vectors(label: str, params: dict, **lengths: int) -> None:
+    """Refuse a parameter vector that is not [length] (absent ones pass: they are optional)."""
+    for name, length in lengths.items():
+        vector = params.get(name)
+        if vector is not None and vector.shape != (length,):
+            raise ValueError(f"{label}{name} must be [{length}], got {tuple(vector.shape)}")
+
+
 def gate_stages(tile_elements: int, element_bytes: int) -> int:
     """Pipeline depth of the gate's fc1/fc2 loop: GATE_STAGES, less where its S - 1 staged weight
     tiles (`tile_elements` per step) would pass _GATE_SHARED_BUDGET; 1 (plain loads) rather than
@@ -643,6 +651,8 @@ def triton_sae_steer_gate(
     hidden, num_heads = fc1_w.shape[0], fc2_w.shape[0]
     if fc1_w.shape[1] != dim or fc2_w.shape[1] != hidden:
         raise ValueError(f"gate weights {tuple(fc1_w.shape)}, {tuple(fc2_w.shape)} do not fit D={dim}")
+    # (the kernel reads every vector as [length]: a shorter one would be read past its end)
+    _check_vectors("gate ", gate_params, norm_weight=dim, norm_bias=dim, fc1_bias=hidden, fc2_bias=num_heads)
     budget_k = reference.heads_for_budget(budget, num_heads) if budget is not None else 0
     check_devices(e.device, dict(steer_scale=steer_scale, steer_shift=steer_shift),
                   dict(zip(("out[0]", "out[1]"), out or ())), ("gate ", gate_params), ("SAE ", sae_params or {}))
@@ -671,11 +681,12 @@ def triton_sae_steer_gate(
         if enc_w.shape != (width, dim) or dec_w.shape != (width, dim):
             raise ValueError(f"SAE weights must be [S, {dim}], got {tuple(enc_w.shape)} and {tuple(dec_w.shape)}")
         sae_k = sae.get("k") or 0
-        if activation == "topk" and not 0 <= sae_k <= width:
+        if activation == "topk" and (sae.get("k") is None or not 0 <= sae_k <= width):
             raise ValueError(f"topk SAE needs 0 <= k <= {width}, got {sae.get('k')}")
         threshold = sae.get("threshold")
         if activation == "jumprelu" and threshold is None:
             raise ValueError("jumprelu SAE needs a per-latent threshold")
+        _check_vectors("SAE ", sae, enc_bias=width, dec_bias=dim, **(dict(threshold=width) if activation == "jumprelu" else {}))
         scale = _flat_steering(steer_scale, batch, width, "steer_scale")
         shift = _flat_steering(steer_shift, batch, width, "steer_shift")
         reconstruct = mode == "reconstruct"

@@ -281,7 +281,8 @@ def test_bad_arguments_are_clear_errors():
 
 def test_bad_shapes_and_outputs_are_refused_before_any_launch(recorded_launches):
     """Every tensor the kernel would read past (it reads raw pointers by the shapes it is told) and
-    every output it could not write into is a ValueError naming it, before any launch."""
+    every output it could not write into is a ValueError naming it, before any launch; so is a
+    TopK SAE without k, which `reference.sae_encode` refuses too."""
     dim, width, batch, heads = 16, 40, 3, 4
     gate, sae = make_gate(dim, 8, heads, 1), make_sae(dim, width, "jumprelu", 2)
     e = torch.randn(batch, dim, device=DEVICE)
@@ -297,10 +298,15 @@ def test_bad_shapes_and_outputs_are_refused_before_any_launch(recorded_launches)
     refused(r"decision vectors must be \[B, D\]", e=e[None])
     refused("gate weights", gate=dict(gate, fc1_weight=gate["fc1_weight"][:, 1:]))
     refused("gate weights", gate=dict(gate, fc2_weight=gate["fc2_weight"][:, 1:]))
+    for name, size in (("norm_weight", dim), ("norm_bias", dim), ("fc1_bias", 8), ("fc2_bias", heads)):
+        refused(rf"gate {name} must be \[{size}\], got \({size - 1},\)", gate=dict(gate, **{name: gate[name][1:]}))
     refused("SAE weights", sae=dict(sae, enc_weight=sae["enc_weight"][:, 1:]))
     refused("SAE weights", sae=dict(sae, dec_weight=sae["dec_weight"][1:]))
+    for name, size in (("enc_bias", width), ("dec_bias", dim), ("threshold", width)):
+        refused(rf"SAE {name} must be \[{size}\], got \({size - 1},\)", sae=dict(sae, **{name: sae[name][1:]}))
     refused("jumprelu SAE needs a per-latent threshold", sae=dict(sae, threshold=None))
-    refused(rf"topk SAE needs 0 <= k <= {width}, got -1", sae=dict(sae, activation="topk", k=-1))
+    for k in (None, -1):
+        refused(rf"topk SAE needs 0 <= k <= {width}, got {k}", sae=dict(sae, activation="topk", k=k))
     refused(rf"steer_scale must be \[B, {width}\]", scale=scale[:, 1:])
     refused(rf"steer_scale must be \[B, {width}\]", scale=scale[None])
     for bad_logits in (logits[1:], logits.double(), torch.empty(heads, batch, device=DEVICE).t()):
