@@ -109,6 +109,22 @@ def test_gate_without_sae(budget, heads):
     run_and_check(e, make_gate(40, 24, heads, seed), None, None, None, "preserve-error", budget)
 
 
+def test_more_heads_than_one_16_wide_tile():
+    """H = 20: the heads tile is padded to 32, every head gets its logit and a budget ranks all 20."""
+    e = torch.randn(2, 24, generator=torch.Generator().manual_seed(191)).to(DEVICE)
+    run_and_check(e, make_gate(24, 16, 20, 192), None, None, None, "preserve-error", 0.5)
+
+
+def test_gate_without_norm_affine_or_biases():
+    """A gate whose LayerNorm has no weight or bias, or whose fc1/fc2 have no bias (None), computes
+    as the reference does without them, one absent at a time and all together."""
+    e = torch.randn(3, 24, generator=torch.Generator().manual_seed(195)).to(DEVICE)
+    names = ("norm_weight", "norm_bias", "fc1_bias", "fc2_bias")
+    for absent in [(name,) for name in names] + [names]:
+        gate = dict(make_gate(24, 16, 6, 196), **{name: None for name in absent})
+        run_and_check(e, gate, None, None, None, "preserve-error", None)
+
+
 def test_identity_steering_preserves_the_unsteered_gate():
     """preserve-error with identity steering is exactly the gate on e (the SAE is invisible)."""
     e = torch.randn(3, 32, generator=torch.Generator().manual_seed(5)).to(DEVICE)
@@ -243,12 +259,14 @@ def test_half_precision_inputs_compute_in_fp32(dtype):
     run_and_check(e, gate, sae, scale.to(dtype), shift.to(dtype), "preserve-error", None)
 
 
-def test_strided_gate_vectors_and_sae_biases():
-    """Gate norm/bias vectors and SAE biases given as strided views are read by their values."""
+@pytest.mark.parametrize("activation,k", [("topk", 4), ("jumprelu", None)])
+def test_strided_gate_vectors_and_sae_biases(activation, k):
+    """Gate norm/bias vectors, SAE biases and JumpReLU thresholds given as strided views are read by their values."""
     dim, width = 32, 48
     gate = make_gate(dim, 16, 3, 55)
-    sae = make_sae(dim, width, "topk", 56, k=4)
-    for params, names in ((gate, ("norm_weight", "norm_bias", "fc1_bias", "fc2_bias")), (sae, ("enc_bias", "dec_bias"))):
+    sae = make_sae(dim, width, activation, 56, k=k)
+    sae_names = ("enc_bias", "dec_bias") + (("threshold",) if activation == "jumprelu" else ())
+    for params, names in ((gate, ("norm_weight", "norm_bias", "fc1_bias", "fc2_bias")), (sae, sae_names)):
         for name in names:
             params[name] = params[name].repeat_interleave(2)[::2]  # same values, stride 2
     e = torch.randn(5, dim, generator=torch.Generator().manual_seed(57)).to(DEVICE)
@@ -311,9 +329,36 @@ def test_bad_shapes_and_outputs_are_refused_before_any_launch(recorded_launches)
     refused(rf"steer_scale must be \[B, {width}\]", scale=scale[None])
     for bad_logits in (logits[1:], logits.double(), torch.empty(heads, batch, device=DEVICE).t()):
         refused("out logits must be a contiguous float32", out=(bad_logits, keep))
-    for bad_keep in (keep[:, 1:], keep.int(), torch.empty(heads, batch, device=DEVICE, dtype=torch.bool).t()):
+    for bad_keep in (keep[1:], keep.int(), torch.empty(heads, batch, device=DEVICE, dtype=torch.bool).t()):
         refused("out keep must be a contiguous bool", out=(logits, bad_keep))
     assert recorded_launches == []
+
+
+def test_topk_candidates_up_to_the_register_limit_are_accepted(recorded_launches):
+    """Exactly MAX_TOPK_CANDIDATES candidates per row (S / 128 latent tiles x k = 128) still launch;
+    one more is refused (`test_bad_arguments_are_clear_errors`)."""
+    width, k = MAX_TOPK_CANDIDATES, 128
+    e = torch.randn(2, 16, device=DEVICE)
+    triton_sae_steer_gate(e, make_gate(16, 8, 3, 1), make_sae(16, width, "topk", 2, k=k), torch.ones(width, device=DEVICE))
+    assert [kwargs["BLOCK_C"] for _, kwargs in recorded_launches] == [MAX_TOPK_CANDIDATES]
+
+
+def test_an_empty_batch_gives_empty_outputs_without_a_launch(recorded_launches):
+    gate, sae = make_gate(16, 8, 3, 1), make_sae(16, 40, "topk", 2, k=4)
+    e = torch.randn(0, 16, device=DEVICE)
+    for sae_params, steering in ((None, (None, None)), (sae, make_steering("scale+shift", 0, 40, 3))):
+        logits, keep = triton_sae_steer_gate(e, gate, sae_params, *steering)
+        assert logits.shape == keep.shape == (0, 3) and logits.dtype == torch.float32 and keep.dtype == torch.bool
+    assert recorded_launches == []
+
+
+def test_gate_constants_are_restored_even_after_an_error():
+    defaults = (gate_module.BLOCK_S, gate_module.GATE_STAGES)
+    with pytest.raises(RuntimeError, match="inside"):
+        with gate_module.gate_constants(BLOCK_S=32, GATE_STAGES=1):
+            assert (gate_module.BLOCK_S, gate_module.GATE_STAGES) == (32, 1)
+            raise RuntimeError("inside")
+    assert (gate_module.BLOCK_S, gate_module.GATE_STAGES) == defaults
 
 
 @cuda_only
@@ -496,6 +541,28 @@ def test_wider_encoder_steps_match_reference(encoder_block_k, activation, k):
     scale, shift = make_steering("scale+shift", batch, width, 63)
     with gate_module.gate_constants(ENCODER_BLOCK_K=encoder_block_k, _ENCODER_SPLIT_FP16=DEVICE == "cpu"):
         run_and_check(e, gate, sae, scale, shift, "preserve-error", 0.4)
+
+
+def test_the_encoders_16bit_split_keeps_every_bit_of_e_minus_b_dec():
+    """The three-term split (hi + mid + lo) of the fp32 e - b_dec is exact: latent 1 reads
+    1 + 2**-11 + 2**-23, latent 0 reads 1 + 2**-11, apart only by the lo term's bit (hi = 1 + 2**-10,
+    mid = -2**-11, lo = 2**-23 in fp16), so TopK (k = 1) must select latent 1, where hi + mid
+    alone would tie them and select latent 0. (fp16 weights stand in for bf16 on the CPU.)"""
+    dim, width, batch = 16, 16, 2
+    sae = make_sae(dim, width, "topk", 201, k=1, dtype=torch.float16)
+    enc_weight = torch.zeros(width, dim)
+    enc_weight[0, 0] = enc_weight[1, 1] = 1.0
+    sae.update(enc_weight=enc_weight.to(DEVICE, torch.float16), enc_bias=torch.zeros(width, device=DEVICE, dtype=torch.float16),
+               dec_bias=torch.zeros(dim, device=DEVICE, dtype=torch.float16))
+    e = torch.zeros(batch, dim)
+    e[:, 0] = 1 + 2**-11
+    e[:, 1] = 1 + 2**-11 + 2**-23
+    e = e.to(DEVICE)
+    assert (e[:, 1] > e[:, 0]).all()  # (exact in fp32)
+    assert reference.sae_encode(e, *(sae[name].float() for name in ("enc_weight", "enc_bias", "dec_bias")), "topk", k=1)[:, 1].gt(0).all()
+    scale, shift = make_steering("scale", batch, width, 202)
+    with gate_module.gate_constants(_ENCODER_SPLIT_FP16=True, ENCODER_BLOCK_K=32):
+        run_and_check(e, make_gate(dim, 16, 6, 203), sae, scale, shift, "preserve-error", None)
 
 
 def test_wider_encoder_steps_only_on_the_16bit_split(recorded_launches):
