@@ -750,6 +750,23 @@ def test_layer_norm_eps_is_the_gates_own():
         run_and_check(e, gate, None, None, None, "preserve-error", None)
 
 
+def test_gelu_is_the_erf_form_to_fp32_precision():
+    """fc1's weights are zero, so its bias sets every hidden unit: half at sqrt(2), where GELU(erf) is
+    most sensitive to its constant 1/sqrt(2), half at 4, weighted by fc2 so the logits' sum cancels
+    to ~0 (small rounding) while the units' GELU errors add up: a constant off in its 5th digit
+    (0.7071) moves the logits by 3.5e-4, past the tolerance."""
+    dim, hidden, heads = 16, 256, 4
+    gate = make_gate(dim, hidden, heads, 211)
+    units = torch.tensor([2**0.5, 4.0]).repeat(hidden // 2)
+    at_sqrt2, at_4 = F.gelu(torch.tensor([2**0.5, 4.0], dtype=torch.float64))
+    gate["fc1_weight"] = torch.zeros(hidden, dim, device=DEVICE)
+    gate["fc1_bias"] = units.to(DEVICE)
+    gate["fc2_weight"] = torch.tensor([1.0, -float(at_sqrt2 / at_4)]).repeat(heads, hidden // 2).to(DEVICE)
+    gate["fc2_bias"] = 0.01 * torch.arange(1, heads + 1, device=DEVICE, dtype=torch.float32)  # logits ~ 0.01 .. 0.04
+    e = torch.randn(2, dim, generator=torch.Generator().manual_seed(212)).to(DEVICE)
+    run_and_check(e, gate, None, None, None, "preserve-error", None)
+
+
 @pytest.mark.parametrize("mode", reference.STEER_MODES)
 def test_shift_decode_covers_every_column(mode):
     """D = 50 over three latent tiles (S = 300): D / 3 rounded down is a power of two (16), so
