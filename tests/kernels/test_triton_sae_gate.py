@@ -601,6 +601,11 @@ def test_16bit_mma_follows_the_weights_dtype(recorded_launches, split_fp16):
         # (a 16-bit shift exactly when W_dec is 16-bit here)
         expected += [(encode and split_fp16, encode), (encode and split_fp16, False)]
     assert [(kwargs["ENCODE_16BIT"], kwargs["SHIFT_16BIT"]) for _, kwargs in recorded_launches] == expected
+    # a 16-bit shift beside an fp32 W_dec is not one 16-bit dtype either: 3xTF32
+    with gate_module.gate_constants(_ENCODER_SPLIT_FP16=split_fp16):
+        triton_sae_steer_gate(torch.randn(3, 24, device=DEVICE), make_gate(24, 8, 3, 1), make_sae(24, 40, "topk", 2, k=4),
+                              scale, scale.half())
+    assert recorded_launches[-1][1]["SHIFT_16BIT"] is False
 
 
 @pytest.mark.parametrize("chains", [1, 2, 4])
