@@ -680,9 +680,10 @@ def triton_sae_steer_gate(
         width = enc_w.shape[0]
         if enc_w.shape != (width, dim) or dec_w.shape != (width, dim):
             raise ValueError(f"SAE weights must be [S, {dim}], got {tuple(enc_w.shape)} and {tuple(dec_w.shape)}")
-        sae_k = sae.get("k") or 0
-        if activation == "topk" and (sae.get("k") is None or not 0 <= sae_k <= width):
-            raise ValueError(f"topk SAE needs 0 <= k <= {width}, got {sae.get('k')}")
+        sae_k = sae.get("k")
+        if activation == "topk" and (sae_k is None or not 0 <= sae_k <= width):
+            raise ValueError(f"topk SAE needs 0 <= k <= {width}, got {sae_k}")
+        sae_k = sae_k or 0
         threshold = sae.get("threshold")
         if activation == "jumprelu" and threshold is None:
             raise ValueError("jumprelu SAE needs a per-latent threshold")

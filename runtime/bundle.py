@@ -57,14 +57,19 @@ def names_outside(names: Sequence[str], known: Sequence[str]) -> list[str]:
     return [name for name in names if name not in known]
 
 
+def refuse_single_string(names, what: str) -> None:
+    """InputError for a bare str or bytes where a list of names belongs (Python would iterate it
+    as one name per character)."""
+    if isinstance(names, (str, bytes)):
+        raise InputError(f"{what} must be a list of strings, got the single {type(names).__name__} {names[:40]!r}")
+
+
 def class_name_list(class_names: Optional[Sequence[str]], num_classes: int) -> list[str]:
     """`class_names` as a list of `num_classes` unique strings ("0", "1", ... when None); InputError
     otherwise. A bare string is refused rather than read as one name per character."""
     if class_names is None:
         return [str(i) for i in range(num_classes)]
-    if isinstance(class_names, (str, bytes)):
-        raise InputError(f"class names must be a list of strings, got the single {type(class_names).__name__} "
-                         f"{class_names[:40]!r}")
+    refuse_single_string(class_names, "class names")
     class_names = list(class_names)
     if len(class_names) != num_classes:
         raise InputError(f"{len(class_names)} class names for a model with {num_classes} classes")
@@ -102,9 +107,7 @@ class SteeringTable:
     info: list = field(default_factory=list)
 
     def __post_init__(self):
-        if isinstance(self.class_names, (str, bytes)):
-            raise InputError(f"steering table class names must be a list of strings, got the single "
-                             f"{type(self.class_names).__name__} {self.class_names[:40]!r}")
+        refuse_single_string(self.class_names, "steering table class names")
         rows = len(self.class_names)
         if self.scale.dim() != 2 or self.scale.shape != self.shift.shape or self.scale.shape[0] != rows:
             raise InputError(
